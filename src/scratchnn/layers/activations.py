@@ -1,0 +1,415 @@
+"""Activation layers: the seed's ``Relu`` and ``Sigmoid``, and the other common ones.
+
+Each layer has the book's interface, ``forward(x)`` and ``backward(dout)``, and
+keeps only what its backward pass needs (said in a comment beside it). The
+checks that every layer shares live in :class:`scratchnn.layers.base.Layer`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_index
+
+from scratchnn import functional as F
+from scratchnn.backend import to_compute
+from scratchnn.layers.base import Layer
+
+
+class Relu(Layer):
+    """Rectified linear unit, the seed's "switch".
+
+    Forward: ``y = x`` where ``x > 0``, else ``0``.
+    Backward: ``dy/dx = 1`` where ``x > 0``, else ``0`` (so 0 at exactly 0, as in
+    the book and PyTorch).
+
+    Keeps ``mask``, a bool array of the input's shape, True where ``x <= 0``.
+    With ``packed=True`` the mask is kept at one bit per element (8 times less
+    memory than a bool array); ``mask`` still returns the bool array.
+    Integer dtypes are kept, as in the book's code; NaN passes through forward.
+
+    Shape: any; the output has the input's shape and dtype.
+
+    >>> relu = Relu()
+    >>> x = np.array([[1.0, -0.5], [-2.0, 3.0]])
+    >>> print(relu.forward(x))
+    [[1. 0.]
+     [0. 3.]]
+    >>> print(relu.mask)
+    [[False  True]
+     [ True False]]
+    >>> print(relu.backward(np.ones((2, 2))))
+    [[1. 0.]
+     [0. 1.]]
+    """
+
+    keeps_integer_dtype = True
+    hyperparameters = ("packed",)
+
+    def __init__(self, packed: bool = False) -> None:
+        super().__init__()
+        self.packed = bool(packed)
+        self._mask: np.ndarray | None = None
+        self._mask_shape: tuple[int, ...] = ()
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Bool array, True where the last forward's input was ``<= 0``; None before."""
+        if self._mask is None or not self.packed:
+            return self._mask
+        size = math.prod(self._mask_shape)
+        return np.unpackbits(self._mask, count=size).reshape(self._mask_shape).view(bool)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        mask = np.asarray(x <= 0)
+        # Keeps only the mask: the sign pattern is all that backward needs.
+        if self.packed:
+            self._mask, self._mask_shape = np.packbits(mask, axis=None), mask.shape
+        else:
+            self._mask = mask
+        return np.asarray(np.where(mask, np.zeros((), x.dtype), x))
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        return np.asarray(np.where(self.mask, np.zeros((), dout.dtype), dout))
+
+
+class Sigmoid(Layer):
+    """Logistic sigmoid, as in the seed.
+
+    Forward: ``y = 1 / (1 + exp(-x))``, computed without overflow for any finite x.
+    Backward: ``dy/dx = y (1 - y)``, from the kept output alone.
+
+    Keeps ``out``, the output of forward (handed out read-only, so that an
+    in-place edit by the caller cannot corrupt the gradient).
+
+    Shape: any; the output has the input's shape and floating dtype.
+
+    >>> sigmoid = Sigmoid()
+    >>> print(sigmoid.forward(np.array([-1.0, 0.0, 2.0])))
+    [0.26894142 0.5        0.88079708]
+    >>> print(sigmoid.backward(np.ones(3)))
+    [0.19661193 0.25       0.10499359]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.out = self._keep_output(F.sigmoid(to_compute(x)).astype(x.dtype, copy=False))
+        return self.out
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        y = to_compute(self.out)
+        return to_compute(dout) * (1.0 - y) * y
+
+
+class Tanh(Layer):
+    """Hyperbolic tangent.
+
+    Forward: ``y = tanh(x)``. Backward: ``dy/dx = 1 - y**2``, from the kept output.
+
+    Keeps ``out`` (read-only). Shape: any.
+
+    >>> tanh = Tanh()
+    >>> print(tanh.forward(np.array([-1.0, 0.0, 2.0])))
+    [-0.76159416  0.          0.96402758]
+    >>> print(tanh.backward(np.ones(3)))
+    [0.41997434 1.         0.07065082]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.out = self._keep_output(np.tanh(to_compute(x)).astype(x.dtype, copy=False))
+        return self.out
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        y = to_compute(self.out)
+        return to_compute(dout) * (1.0 - y * y)
+
+
+class LeakyRelu(Layer):
+    """Leaky ReLU with slope ``alpha`` for non-positive inputs (PyTorch's ``negative_slope``).
+
+    Forward: ``y = x`` where ``x > 0``, else ``alpha * x``.
+    Backward: ``dy/dx = 1`` where ``x > 0``, else ``alpha``.
+
+    Keeps ``mask`` (True where ``x <= 0``), as ``Relu`` does. Shape: any.
+
+    >>> leaky = LeakyRelu(alpha=0.1)
+    >>> leaky
+    LeakyRelu(alpha=0.1)
+    >>> print(leaky.forward(np.array([-2.0, 3.0])))
+    [-0.2  3. ]
+    >>> print(leaky.backward(np.ones(2)))
+    [0.1 1. ]
+    """
+
+    hyperparameters = ("alpha",)
+
+    def __init__(self, alpha: float = 0.01) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.mask: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.mask = np.asarray(x <= 0)
+        z = to_compute(x)
+        return np.asarray(np.where(self.mask, self.alpha * z, z)).astype(x.dtype, copy=False)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        g = to_compute(dout)
+        return np.asarray(np.where(self.mask, self.alpha * g, g))
+
+
+class Elu(Layer):
+    """Exponential linear unit.
+
+    Forward: ``y = x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
+    Backward: ``dy/dx = 1`` where ``x > 0``, else ``alpha * exp(x)``.
+
+    Keeps ``x`` (a private copy when the caller owns it): recovering
+    ``alpha * exp(x)`` from the output as ``y + alpha`` would cancel
+    catastrophically for very negative x. Shape: any.
+
+    >>> elu = Elu()
+    >>> print(elu.forward(np.array([-1.0, 2.0])))
+    [-0.63212056  2.        ]
+    >>> print(elu.backward(np.ones(2)))
+    [0.36787944 1.        ]
+    """
+
+    hyperparameters = ("alpha",)
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.x: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = self._keep_input(x)
+        z = to_compute(x)
+        # exp only of the non-positive part: exp of a large positive x would overflow.
+        negative = self.alpha * np.expm1(np.minimum(z, 0))
+        return np.asarray(np.where(z > 0, z, negative)).astype(x.dtype, copy=False)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        z, g = to_compute(self.x), to_compute(dout)
+        return np.asarray(np.where(z > 0, g, g * (self.alpha * np.exp(np.minimum(z, 0)))))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+# Beyond this |x| the tanh form has saturated to exactly +-1 in every dtype, so
+# clipping x there changes nothing but keeps x**3 from overflowing.
+_GELU_TANH_CLIP = 100.0
+# exp(-x**2 / 2) underflows to 0 in float64 well before |x| = 40.
+_GELU_PDF_CLIP = 40.0
+
+
+class Gelu(Layer):
+    """Gaussian error linear unit, exact (``approximate="none"``) or its tanh form.
+
+    Exact: ``y = x * Phi(x)`` with ``Phi(x) = erfc(-x / sqrt(2)) / 2``, the
+    standard normal CDF; ``dy/dx = Phi(x) + x * phi(x)`` with
+    ``phi(x) = exp(-x**2 / 2) / sqrt(2 pi)``.
+
+    Tanh form: ``y = x/2 * (1 + tanh(u))`` with
+    ``u = sqrt(2/pi) * (x + 0.044715 x**3)``;
+    ``dy/dx = (1 + t)/2 + x/2 * (1 - t**2) * sqrt(2/pi) * (1 + 3 * 0.044715 x**2)``
+    with ``t = tanh(u)``.
+
+    Keeps ``x`` (a private copy when the caller owns it). Shape: any.
+
+    >>> gelu = Gelu()
+    >>> print(gelu.forward(np.array([-1.0, 0.0, 2.0])))
+    [-0.15865525  0.          1.95449974]
+    >>> print(gelu.backward(np.ones(3)))
+    [-0.08331547  0.5         1.0852318 ]
+    >>> Gelu(approximate="tanh")
+    Gelu(approximate='tanh')
+    """
+
+    hyperparameters = ("approximate",)
+
+    def __init__(self, approximate: Literal["none", "tanh"] = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+        self.x: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = self._keep_input(x)
+        z = to_compute(x)
+        if self.approximate == "tanh":
+            out = 0.5 * z * (1.0 + self._tanh_u(z))
+        else:
+            out = z * self._cdf(z)
+        return np.asarray(out).astype(x.dtype, copy=False)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        z, g = to_compute(self.x), to_compute(dout)
+        if self.approximate == "tanh":
+            t = self._tanh_u(z)
+            zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
+            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * zc * zc)
+            return g * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
+        zc = np.minimum(np.abs(z), _GELU_PDF_CLIP)
+        pdf = np.exp(-0.5 * zc * zc) / math.sqrt(2.0 * math.pi)
+        return g * (self._cdf(z) + z * pdf)
+
+    @staticmethod
+    def _cdf(z: np.ndarray) -> np.ndarray:
+        # erfc keeps relative accuracy in the left tail, where 1 + erf(x) cancels.
+        return 0.5 * F.erfc(-z * (1.0 / math.sqrt(2.0)))
+
+    @staticmethod
+    def _tanh_u(z: np.ndarray) -> np.ndarray:
+        zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
+        return np.asarray(np.tanh(_SQRT_2_OVER_PI * (zc + _GELU_CUBIC * zc * zc * zc)))
+
+
+class Softplus(Layer):
+    """Softplus, a smooth ReLU: ``y = log(1 + exp(beta x)) / beta``.
+
+    Computed stably as ``max(x, 0) + log1p(exp(-beta |x|)) / beta`` for every
+    finite x, with no linear cut-off (PyTorch switches to ``y = x`` above
+    ``beta x > 20``; here the exact value is kept).
+    Backward: ``dy/dx = sigmoid(beta x) = 1 - exp(-beta y)``, from the kept output.
+
+    Keeps ``out`` (read-only). Shape: any.
+
+    >>> softplus = Softplus()
+    >>> print(softplus.forward(np.array([-1.0, 0.0, 2.0])))
+    [0.31326169 0.69314718 2.12692801]
+    >>> print(softplus.backward(np.ones(3)))
+    [0.26894142 0.5        0.88079708]
+    """
+
+    hyperparameters = ("beta",)
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        self.beta = float(beta)
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"Softplus: beta must be positive and finite, got {beta!r}")
+        self.out: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        z = to_compute(x)
+        # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right limit.
+        with np.errstate(over="ignore"):
+            tail = np.log1p(np.exp(-self.beta * np.abs(z))) / self.beta
+        self.out = self._keep_output(np.asarray(np.maximum(z, 0) + tail).astype(x.dtype))
+        return self.out
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        y = to_compute(self.out)
+        with np.errstate(over="ignore"):
+            slope = -np.expm1(-self.beta * y)
+        return to_compute(dout) * slope
+
+
+class Silu(Layer):
+    """Sigmoid-weighted linear unit (swish): ``y = x * sigmoid(x)``.
+
+    Backward: ``dy/dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``.
+
+    Keeps ``x`` (a private copy when the caller owns it) and recomputes ``s``
+    in backward, as PyTorch does. Shape: any.
+
+    >>> silu = Silu()
+    >>> print(silu.forward(np.array([-1.0, 0.0, 2.0])))
+    [-0.26894142  0.          1.76159416]
+    >>> print(silu.backward(np.ones(3)))
+    [0.07232949 0.5        1.09078425]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = self._keep_input(x)
+        z = to_compute(x)
+        return np.asarray(z * F.sigmoid(z)).astype(x.dtype, copy=False)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        z = to_compute(self.x)
+        s = F.sigmoid(z)
+        return to_compute(dout) * (s * (1.0 + z * (1.0 - s)))
+
+
+class Softmax(Layer):
+    """Softmax along ``axis``: ``y_i = exp(x_i - m) / sum_j exp(x_j - m)``, ``m = max_j x_j``.
+
+    Subtracting the maximum makes it stable for logits of any magnitude.
+    Backward: ``dx = y * (dout - sum(dout * y, axis))``, from the kept output.
+
+    Keeps ``out`` (read-only). Shape: any; a 0-d input is one logit (y = 1).
+
+    >>> softmax = Softmax()
+    >>> print(softmax.forward(np.array([1.0, 2.0, 3.0])))
+    [0.09003057 0.24472847 0.66524096]
+    >>> print(softmax.backward(np.array([1.0, 0.0, 0.0])))
+    [ 0.08192507 -0.02203304 -0.05989202]
+    """
+
+    hyperparameters = ("axis",)
+
+    def __init__(self, axis: int = -1) -> None:
+        super().__init__()
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
+        self.axis = int(axis)
+        self.out: np.ndarray | None = None
+
+    def _reduction_axis(self, ndim: int) -> int:
+        try:
+            return normalize_axis_index(self.axis, max(ndim, 1))
+        except np.exceptions.AxisError as error:
+            raise ValueError(f"Softmax: axis {self.axis} is out of range for {ndim}-d input") from error
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        axis = self._reduction_axis(x.ndim)
+        z = to_compute(x)
+        if z.ndim == 0 or z.size == 0:
+            out = np.ones_like(z)
+        else:
+            # x - max can overflow to -inf only where the exact exp is 0 anyway.
+            with np.errstate(over="ignore"):
+                e = np.exp(z - np.max(z, axis=axis, keepdims=True))
+            out = e / np.sum(e, axis=axis, keepdims=True)
+        self.out = self._keep_output(np.asarray(out).astype(x.dtype, copy=False))
+        return self.out
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        y, g = to_compute(self.out), to_compute(dout)
+        if y.ndim == 0:
+            return np.zeros_like(g)
+        axis = self._reduction_axis(y.ndim)
+        return y * (g - np.sum(g * y, axis=axis, keepdims=True))
+
+
+class Identity(Layer):
+    """The identity: ``y = x``, ``dy/dx = 1``. Keeps nothing.
+
+    Returns a read-only view of the input, so that it cannot write into it.
+
+    >>> print(Identity().forward([1.0, 2.0]))
+    [1. 2.]
+    """
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        view = x.view()
+        view.flags.writeable = False
+        return view
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        return dout.copy()

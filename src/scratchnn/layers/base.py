@@ -1,0 +1,139 @@
+"""The contract every layer keeps, checked in one place.
+
+A layer is one node of a computational graph, as in *Deep Learning from
+Scratch*: ``forward`` computes the output and keeps what ``backward`` needs;
+``backward(dout)`` takes the upstream gradient and returns the gradient with
+respect to each input. Subclasses write only the mathematics, in
+``_forward`` and ``_backward``; this base class does the checking around it:
+
+* inputs become arrays; unsupported dtypes raise ``TypeError`` naming the layer;
+* floating dtypes are kept, integer inputs become float64 unless the layer keeps
+  integer dtypes (``Relu``);
+* ``backward`` before ``forward`` raises ``RuntimeError``; a ``dout`` of another
+  shape than the output raises ``ValueError`` (no silent broadcasting);
+* ``backward`` returns new arrays of the inputs' dtypes and never writes into
+  ``dout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from scratchnn.backend import as_array, float_dtype_of
+
+
+class Layer:
+    """Base class of every layer: validation around ``_forward`` and ``_backward``.
+
+    Subclasses set ``n_inputs`` (1 for activations, 2 for ``MulLayer`` and
+    ``AddLayer``), list their hyperparameters in ``hyperparameters`` for
+    ``repr``, and implement ``_forward(*xs)`` and ``_backward(dout)``.
+    """
+
+    n_inputs: ClassVar[int] = 1
+    keeps_integer_dtype: ClassVar[bool] = False
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self._out_shape: tuple[int, ...] | None = None
+        self._out_dtype: np.dtype[Any] | None = None
+        self._in_dtypes: tuple[np.dtype[Any], ...] = ()
+        self._caller_owned: tuple[bool, ...] = ()
+
+    # -- the public contract -------------------------------------------------
+
+    def __call__(self, *inputs: Any) -> Any:
+        """``layer(x)`` is ``layer.forward(x)``."""
+        return self.forward(*inputs)
+
+    def forward(self, *inputs: Any) -> Any:
+        """Compute the output from the input(s) and keep what ``backward`` needs."""
+        name = type(self).__name__
+        if len(inputs) != self.n_inputs:
+            raise TypeError(
+                f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}"
+            )
+        self._out_shape = None  # a failure below must not leave a stale graph behind
+        xs = tuple(self._prepare_input(x) for x in inputs)
+        self._caller_owned = tuple(
+            isinstance(x, np.ndarray) and np.may_share_memory(x, prepared)
+            for x, prepared in zip(inputs, xs)
+        )
+        out = np.asarray(self._forward(*xs))
+        self._in_dtypes = tuple(x.dtype for x in xs)
+        self._out_shape = out.shape
+        self._out_dtype = out.dtype
+        return out
+
+    def backward(self, dout: Any = 1.0) -> Any:
+        """Return the gradient of the loss with respect to the input(s), given ``dout``."""
+        name = type(self).__name__
+        if self._out_shape is None or self._out_dtype is None:
+            raise RuntimeError(
+                f"{name}.backward() called before forward(): "
+                "run forward first so that the layer has something to differentiate"
+            )
+        dout = as_array(dout, who=f"{name}.backward", what="dout")
+        if dout.shape != self._out_shape:
+            raise ValueError(
+                f"{name}.backward: dout has shape {dout.shape}, but the output of "
+                f"forward has shape {self._out_shape}"
+            )
+        if self._out_dtype.kind == "f":
+            dout = dout.astype(self._out_dtype, copy=False)
+        grads = self._backward(dout)
+        if self.n_inputs == 1:
+            return self._finish_grad(grads, self._in_dtypes[0], dout)
+        return tuple(
+            self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes)
+        )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hyperparameters)
+        return f"{type(self).__name__}({args})"
+
+    # -- for subclasses --------------------------------------------------------
+
+    def _forward(self, *xs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _backward(self, dout: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _keep_input(self, x: np.ndarray, index: int = 0) -> np.ndarray:
+        """Return ``x`` safe to keep for ``backward``: a copy if the caller owns it.
+
+        Why: if we kept a view of the caller's array and the caller edited it
+        after ``forward``, ``backward`` would silently use the edited values.
+        """
+        return x.copy() if self._caller_owned[index] else x
+
+    @staticmethod
+    def _keep_output(out: np.ndarray) -> np.ndarray:
+        """Mark an output that ``backward`` needs read-only, and return it.
+
+        Why: the caller gets this very array; an in-place edit of it would
+        silently corrupt the gradient, so it raises instead.
+        """
+        out = np.asarray(out)
+        out.flags.writeable = False
+        return out
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _prepare_input(self, x: Any) -> np.ndarray:
+        array = as_array(x, who=type(self).__name__)
+        if self.keeps_integer_dtype and array.dtype.kind in "biu":
+            return array
+        return array.astype(float_dtype_of(array.dtype), copy=False)
+
+    @staticmethod
+    def _finish_grad(grad: np.ndarray, in_dtype: np.dtype[Any], dout: np.ndarray) -> np.ndarray:
+        grad = np.asarray(grad)
+        if in_dtype.kind == "f":
+            grad = grad.astype(in_dtype, copy=False)
+        if np.may_share_memory(grad, dout):
+            grad = grad.copy()
+        return grad
