@@ -205,7 +205,7 @@ class Elu(Layer):
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
-# Beyond this |x| the tanh form has saturated to exactly +-1 in every dtype, so
+# Beyond this |x| the tanh form has saturated to exactly 0 or 1 in every dtype, so
 # clipping x there changes nothing but keeps x**3 from overflowing.
 _GELU_TANH_CLIP = 100.0
 # exp(-x**2 / 2) underflows to 0 in float64 well before |x| = 40.
@@ -220,9 +220,10 @@ class Gelu(Layer):
     ``phi(x) = exp(-x**2 / 2) / sqrt(2 pi)``.
 
     Tanh form: ``y = x/2 * (1 + tanh(u))`` with
-    ``u = sqrt(2/pi) * (x + 0.044715 x**3)``;
-    ``dy/dx = (1 + t)/2 + x/2 * (1 - t**2) * sqrt(2/pi) * (1 + 3 * 0.044715 x**2)``
-    with ``t = tanh(u)``.
+    ``u = sqrt(2/pi) * (x + 0.044715 x**3)``, computed as ``x * sigmoid(2u)``
+    (the same number, without the cancellation of ``1 + tanh(u)`` in the left
+    tail); ``dy/dx = s + 2 x s (1 - s) * sqrt(2/pi) * (1 + 3 * 0.044715 x**2)``
+    with ``s = sigmoid(2u)``.
 
     Keeps ``x`` (a private copy when the caller owns it). Shape: any.
 
@@ -248,7 +249,7 @@ class Gelu(Layer):
         self.x = self._keep_input(x)
         z = to_compute(x)
         if self.approximate == "tanh":
-            out = 0.5 * z * (1.0 + self._tanh_u(z))
+            out = z * self._sigmoid_2u(z)
         else:
             out = z * self._cdf(z)
         return np.asarray(out).astype(x.dtype, copy=False)
@@ -256,10 +257,11 @@ class Gelu(Layer):
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         z, g = to_compute(self.x), to_compute(dout)
         if self.approximate == "tanh":
-            t = self._tanh_u(z)
+            s = self._sigmoid_2u(z)
             zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
             du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * zc * zc)
-            return g * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
+            # z multiplies last: s (1 - s) is exactly 0 wherever z is large enough to overflow
+            return g * (s + z * (2.0 * s * (1.0 - s) * du))
         zc = np.minimum(np.abs(z), _GELU_PDF_CLIP)
         pdf = np.exp(-0.5 * zc * zc) / math.sqrt(2.0 * math.pi)
         return g * (self._cdf(z) + z * pdf)
@@ -270,9 +272,10 @@ class Gelu(Layer):
         return 0.5 * F.erfc(-z * (1.0 / math.sqrt(2.0)))
 
     @staticmethod
-    def _tanh_u(z: np.ndarray) -> np.ndarray:
+    def _sigmoid_2u(z: np.ndarray) -> np.ndarray:
+        # (1 + tanh(u)) / 2 == sigmoid(2u); clipping only keeps z**3 finite.
         zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
-        return np.asarray(np.tanh(_SQRT_2_OVER_PI * (zc + _GELU_CUBIC * zc * zc * zc)))
+        return F.sigmoid((2.0 * _SQRT_2_OVER_PI) * (zc + _GELU_CUBIC * zc * zc * zc))
 
 
 class Softplus(Layer):
