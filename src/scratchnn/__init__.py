@@ -1,32 +1,48 @@
 """scratchnn: a NumPy neural-network library in the style of *Deep Learning from Scratch*."""
 
 from scratchnn.layers import (
+    Affine,
     Elu,
     Gelu,
     Identity,
     Layer,
     LeakyRelu,
+    Loss,
+    MeanSquaredError,
     Relu,
     Sigmoid,
+    SigmoidWithLoss,
     Silu,
     Softmax,
+    SoftmaxWithLoss,
     Softplus,
     Tanh,
 )
 
+from scratchnn.gradient_check import GradcheckResult, gradcheck
+from scratchnn.models import Sequential
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Affine",
     "Elu",
     "Gelu",
+    "GradcheckResult",
     "Identity",
     "Layer",
     "LeakyRelu",
+    "Loss",
+    "MeanSquaredError",
     "Relu",
+    "Sequential",
     "Sigmoid",
+    "SigmoidWithLoss",
     "Silu",
     "Softmax",
+    "SoftmaxWithLoss",
     "Softplus",
     "Tanh",
     "__version__",
+    "gradcheck",
 ]

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up scratchnn on a fresh Debian machine that has only python3:
+# the Debian packages (Fashion-MNIST, Graphviz, venv support), a virtual
+# environment in .venv and the package with the extras named in $1.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv python3-pip)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+spec="."
+if [ -n "$extras" ]; then spec=".[$extras]"; fi
+echo "setup: installing scratchnn${extras:+ with [$extras]} into .venv"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+.venv/bin/python -c "import scratchnn" # fail here, clearly, if the install did not work

@@ -1,0 +1,94 @@
+"""The fully connected layer of the book, ``Affine``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from scratchnn.backend import FLOAT_DTYPES, as_array
+from scratchnn.layers.base import Layer
+
+
+class Affine(Layer):
+    """Fully connected layer: ``out = x W + b``, as in the book.
+
+    Forward: ``x`` of shape (batch, in), or of any rank (batch, d1, d2, ...)
+    with ``d1 * d2 * ... = in``, which is flattened to (batch, in); a 1-d ``x``
+    of shape (in,) is one example and gives an output of shape (out,).
+    Backward: ``dx = dout W^T`` (in the input's shape), ``dW = x^T dout``,
+    ``db = sum(dout, axis=0)``; ``dW`` and ``db`` are kept on the layer.
+
+    It keeps the very arrays ``W`` and ``b`` it is given, not copies, so code
+    that updates a params dict in place (``params["W1"] -= lr * grad``), as the
+    book's ``TwoLayerNet`` does, trains the layer. The output has ``W``'s
+    dtype; ``dx`` has the input's.
+
+    Keeps ``x`` (flattened; a private copy when the caller owns it).
+
+    >>> layer = Affine(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), np.array([0.5, -0.5]))
+    >>> print(layer.forward(np.array([[1.0, 0.0, -1.0]])))
+    [[-3.5 -4.5]]
+    >>> print(layer.backward(np.array([[1.0, 1.0]])))
+    [[ 3.  7. 11.]]
+    >>> print(layer.dW.T, layer.db)
+    [[ 1.  0. -1.]
+     [ 1.  0. -1.]] [1. 1.]
+    """
+
+    def __init__(self, W: Any, b: Any) -> None:
+        super().__init__()
+        W = as_array(W, who="Affine", what="W")
+        b = as_array(b, who="Affine", what="b")
+        if W.dtype not in FLOAT_DTYPES or b.dtype != W.dtype:
+            raise TypeError(
+                f"Affine: W and b must share one float dtype, got {W.dtype} and {b.dtype}"
+            )
+        if W.ndim != 2 or b.shape != (W.shape[1],):
+            raise ValueError(
+                f"Affine: W must have shape (in, out) and b shape (out,); "
+                f"got W {W.shape} and b {b.shape}"
+            )
+        self.W = W
+        self.b = b
+        self.x: np.ndarray | None = None
+        self.dW: np.ndarray | None = None
+        self.db: np.ndarray | None = None
+        self._x_shape: tuple[int, ...] = ()
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The learnable arrays, by name: ``{"W": W, "b": b}`` (the same objects)."""
+        return {"W": self.W, "b": self.b}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray | None]:
+        """The gradients of the last backward, named like ``params``."""
+        return {"W": self.dW, "b": self.db}
+
+    def __repr__(self) -> str:
+        n_in, n_out = self.W.shape
+        return f"Affine({n_in}, {n_out}, dtype={self.W.dtype})"
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        n_in = self.W.shape[0]
+        single = x.ndim == 1
+        features = x.shape[0] if single else math.prod(x.shape[1:])
+        if x.ndim == 0 or features != n_in:
+            raise ValueError(
+                f"Affine: expected input of shape (batch, {n_in}), (batch, ...) with "
+                f"{n_in} features per example, or ({n_in},); got {x.shape}"
+            )
+        self._x_shape = x.shape
+        flat = x.reshape(1 if single else x.shape[0], n_in)
+        self.x = self._keep_input(flat) if np.may_share_memory(flat, x) else flat
+        out = self.x.astype(self.W.dtype, copy=False) @ self.W + self.b
+        return out[0] if single else out
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.x is not None
+        g = dout.reshape(-1, self.W.shape[1]).astype(self.W.dtype, copy=False)
+        self.dW = self.x.astype(self.W.dtype, copy=False).T @ g
+        self.db = g.sum(axis=0)
+        return (g @ self.W.T).reshape(self._x_shape)

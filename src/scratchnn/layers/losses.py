@@ -1,0 +1,197 @@
+"""Loss layers: ``forward(x, t)`` returns the mean loss as a float, ``backward(dout=1)`` returns ``dx``.
+
+The checks every loss shares (the prediction's dtype, the target's shape and
+values, backward before forward) live in :class:`Loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from scratchnn import functional as F
+from scratchnn.backend import as_array, float_dtype_of, to_compute
+
+
+class Loss:
+    """Base class of the loss layers: validation around ``_forward`` and ``_backward``.
+
+    ``target_kind`` says what ``t`` may be: "labels" (class indices, or rows of
+    class probabilities such as one-hot rows) or "values" (the prediction's shape).
+    """
+
+    target_kind: ClassVar[str] = "values"
+
+    def __init__(self) -> None:
+        self._x_shape: tuple[int, ...] | None = None
+        self._x_dtype: np.dtype[Any] | None = None
+
+    def __call__(self, x: Any, t: Any) -> float:
+        """``loss(x, t)`` is ``loss.forward(x, t)``."""
+        return self.forward(x, t)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def forward(self, x: Any, t: Any) -> float:
+        """The mean loss of predictions ``x`` against targets ``t``."""
+        name = type(self).__name__
+        self._x_shape = None
+        x = as_array(x, who=name, what="prediction")
+        x = x.astype(float_dtype_of(x.dtype), copy=False)
+        t = as_array(t, who=name, what="target")
+        if x.size == 0:
+            raise ValueError(f"{name}: the prediction is empty, shape {x.shape}")
+        t = self._check_target(x, t)
+        loss = self._forward(to_compute(x), t)
+        self._x_shape, self._x_dtype = x.shape, x.dtype
+        return float(loss)
+
+    def backward(self, dout: Any = 1.0) -> np.ndarray:
+        """The gradient of ``dout * loss`` with respect to the prediction."""
+        name = type(self).__name__
+        if self._x_shape is None or self._x_dtype is None:
+            raise RuntimeError(f"{name}.backward() called before forward()")
+        dout = as_array(dout, who=f"{name}.backward", what="dout")
+        if dout.size != 1:
+            raise ValueError(f"{name}.backward: dout must be a scalar, got shape {dout.shape}")
+        dx = self._backward(float(dout.reshape(())))
+        return np.asarray(dx).reshape(self._x_shape).astype(self._x_dtype, copy=False)
+
+    # -- for subclasses --------------------------------------------------------
+
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def _backward(self, dout: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_target(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        name = type(self).__name__
+        if self.target_kind == "labels" and t.shape == x.shape[:-1] and x.ndim >= 1:
+            if t.dtype.kind not in "iu":
+                raise ValueError(
+                    f"{name}: class-index labels must have an integer dtype, got {t.dtype}"
+                )
+            n_classes = x.shape[-1]
+            if t.size and (t.min() < 0 or t.max() >= n_classes):
+                raise ValueError(
+                    f"{name}: labels must lie in [0, {n_classes}), "
+                    f"got values from {t.min()} to {t.max()}"
+                )
+            return t
+        if t.shape != x.shape:
+            expected = f"{x.shape[:-1]} (class indices) or {x.shape}" if self.target_kind == "labels" else f"{x.shape}"
+            raise ValueError(f"{name}: target has shape {t.shape}, expected {expected}")
+        return t.astype(x.dtype, copy=False)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - np.max(x, axis=-1, keepdims=True)
+    return np.asarray(shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True)))
+
+
+class SoftmaxWithLoss(Loss):
+    """Softmax followed by the cross-entropy error, as one layer (the book's ``SoftmaxWithLoss``).
+
+    Forward: ``L = -(1/N) sum_n sum_k t_nk log y_nk`` with ``y = softmax(x)``
+    over the last axis, computed as a stable log-softmax (finite for logits of
+    any magnitude, unlike ``log(y + 1e-7)``). ``t`` holds class indices of
+    shape (N,) or rows of class probabilities (one-hot) of shape (N, K); a
+    single unbatched example (x of shape (K,)) has N = 1.
+    Backward: ``dx = dout * (y - t) / N``.
+
+    Keeps ``y`` (the softmax) and ``t`` (as one-hot rows when given indices).
+
+    >>> loss = SoftmaxWithLoss()
+    >>> round(loss.forward(np.array([[2.0, 1.0, 0.1]]), np.array([0])), 6)
+    0.41703
+    >>> print(loss.backward())
+    [[-0.34099886  0.24243297  0.09856589]]
+    """
+
+    target_kind = "labels"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.y: np.ndarray | None = None
+        self.t: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        log_y = _log_softmax(x)
+        if t.shape != x.shape:  # class indices: pick the log-probability of each label
+            t = np.eye(x.shape[-1], dtype=x.dtype)[t]
+        self.y, self.t = np.exp(log_y), t
+        n = log_y.size // log_y.shape[-1]
+        return float(-np.sum(t * log_y) / n)
+
+    def _backward(self, dout: float) -> np.ndarray:
+        assert self.y is not None and self.t is not None
+        n = self.y.size // self.y.shape[-1]
+        return (self.y - self.t) * (dout / n)
+
+
+class MeanSquaredError(Loss):
+    """Mean squared error over all elements: ``L = mean((x - t)**2)``, as PyTorch's ``mse_loss``.
+
+    (The book's ``mean_squared_error`` is ``0.5 * sum((y - t)**2)``; this is the
+    PyTorch convention.) Backward: ``dx = dout * 2 (x - t) / size``.
+
+    Keeps ``diff = x - t``.
+
+    >>> loss = MeanSquaredError()
+    >>> loss.forward(np.array([1.0, 2.0]), np.array([0.0, 4.0]))
+    2.5
+    >>> print(loss.backward())
+    [ 1. -2.]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.diff: np.ndarray | None = None
+
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        self.diff = x - t
+        return float(np.mean(self.diff * self.diff))
+
+    def _backward(self, dout: float) -> np.ndarray:
+        assert self.diff is not None
+        return self.diff * (2.0 * dout / self.diff.size)
+
+
+class SigmoidWithLoss(Loss):
+    """Sigmoid followed by binary cross-entropy, on logits (PyTorch's ``binary_cross_entropy_with_logits``).
+
+    Forward: ``L = mean(max(x, 0) - x t + log(1 + exp(-|x|)))``, which equals
+    ``mean(-t log y - (1 - t) log(1 - y))`` with ``y = sigmoid(x)`` but stays
+    finite for logits of any magnitude. ``t`` has the shape of ``x``, values in [0, 1].
+    Backward: ``dx = dout * (y - t) / size``.
+
+    Keeps ``y`` and ``t``.
+
+    >>> loss = SigmoidWithLoss()
+    >>> round(loss.forward(np.array([0.0, 2.0]), np.array([1.0, 0.0])), 6)
+    1.410038
+    >>> print(loss.backward())
+    [-0.25        0.44039854]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.y: np.ndarray | None = None
+        self.t: np.ndarray | None = None
+
+    def _check_target(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        t = super()._check_target(x, t)
+        if t.size and not (np.all(t >= 0) and np.all(t <= 1)):
+            raise ValueError(f"{type(self).__name__}: targets must lie in [0, 1]")
+        return t
+
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        self.y, self.t = F.sigmoid(x), t.astype(x.dtype, copy=False)
+        return float(np.mean(F.softplus(x) - x * self.t))
+
+    def _backward(self, dout: float) -> np.ndarray:
+        assert self.y is not None and self.t is not None
+        return (self.y - self.t) * (dout / self.y.size)

@@ -1,0 +1,139 @@
+"""Networks: ``Sequential`` with the book's methods, and ready-made MLPs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from scratchnn.layers.losses import Loss, SoftmaxWithLoss
+
+
+class Sequential:
+    """A stack of layers and a loss layer, with the book's network methods.
+
+    ``predict(x)`` runs the layers forward; ``loss(x, t)`` adds the loss layer;
+    ``accuracy(x, t)`` compares the arg-max of the prediction with the labels;
+    ``gradient(x, t)`` runs forward and backward and returns the gradients in a
+    dict keyed like ``params``.
+
+    ``params`` names each layer's arrays as the book's ``MultiLayerNet`` does:
+    ``W1``, ``b1`` for the first layer with parameters, ``W2``, ``b2`` for the
+    second, and so on. The dict holds the layers' own arrays, so an optimiser
+    that updates it in place trains the network.
+
+    ``train()`` and ``eval()`` set the mode of layers that have one (a
+    ``training`` attribute, as dropout and batch normalisation have).
+
+    >>> from scratchnn import Affine, Relu
+    >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
+    >>> sorted(net.params)
+    ['W1', 'b1']
+    >>> print(net.predict(np.array([[1.0, -1.0]])))
+    [[1. 0.]]
+    """
+
+    def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
+        for i, layer in enumerate(layers):
+            if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
+                raise TypeError(f"Sequential: layer {i} ({layer!r}) has no forward/backward methods")
+        if loss is not None and not isinstance(loss, Loss):
+            raise TypeError(f"Sequential: loss must be a Loss layer, got {loss!r}")
+        self.layers = list(layers)
+        self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
+        self.training = True
+
+    # -- the parameters ------------------------------------------------------------
+
+    def _parametrized(self) -> list[tuple[int, Any]]:
+        """(1-based number, layer) for each layer that has parameters."""
+        with_params = [layer for layer in self.layers if getattr(layer, "params", None)]
+        return list(enumerate(with_params, start=1))
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own arrays."""
+        return {f"{name}{k}": array for k, layer in self._parametrized() for name, array in layer.params.items()}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """The gradients of the last backward, keyed like ``params``."""
+        grads: dict[str, np.ndarray] = {}
+        for k, layer in self._parametrized():
+            for name, grad in layer.grads.items():
+                if grad is None:
+                    raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
+                grads[f"{name}{k}"] = grad
+        return grads
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every array a saved model needs: ``params`` plus non-learned buffers (running statistics)."""
+        state = dict(self.params)
+        for k, layer in self._parametrized():
+            for name, array in getattr(layer, "buffers", {}).items():
+                state[f"{name}{k}"] = array
+        return state
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Copy ``arrays`` into the network's own arrays, in place, checking names, shapes and dtypes."""
+        own = self.state()
+        missing, unexpected = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"Sequential.load_state: missing {missing}, unexpected {unexpected}")
+        for key, target in own.items():
+            source = np.asarray(arrays[key])
+            if source.shape != target.shape:
+                raise ValueError(
+                    f"Sequential.load_state: {key} has shape {source.shape}, the network's {target.shape}"
+                )
+            target[...] = source.astype(target.dtype, copy=False)
+
+    # -- the book's methods ----------------------------------------------------------
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Run every layer forward; return the scores before the loss layer."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return np.asarray(x)
+
+    def loss(self, x: Any, t: Any) -> float:
+        """The loss of the prediction for ``x`` against ``t``."""
+        return self.last_layer.forward(self.predict(x), t)
+
+    def accuracy(self, x: Any, t: Any) -> float:
+        """The fraction of examples whose arg-max prediction equals the label (index or one-hot)."""
+        y = np.argmax(self.predict(x), axis=-1)
+        t = np.asarray(t)
+        if t.ndim == y.ndim + 1:
+            t = np.argmax(t, axis=-1)
+        if t.shape != y.shape:
+            raise ValueError(f"Sequential.accuracy: labels have shape {t.shape}, predictions {y.shape}")
+        return float(np.mean(y == t)) if y.size else 0.0
+
+    def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
+        """Forward and backward; return the gradients keyed like ``params``."""
+        self.loss(x, t)
+        dout = self.last_layer.backward(1.0)
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return self.grads
+
+    # -- modes and display -----------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Sequential:
+        """Put the network (and every layer that has a mode) in training mode."""
+        self.training = bool(mode)
+        for layer in self.layers:
+            if hasattr(layer, "training"):
+                layer.training = self.training
+        return self
+
+    def eval(self) -> Sequential:
+        """Put the network in evaluation mode."""
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
+        lines.append(f"  loss: {self.last_layer!r}")
+        return "Sequential(\n" + "\n".join(lines) + "\n)"
