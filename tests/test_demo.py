@@ -1,0 +1,131 @@
+"""``scratchnn demo``: the notebook's printed cells, and a step table that agrees with the formulas.
+
+Oracles: the seed notebook's printed output, its ``Relu``/``Sigmoid`` code
+(verbatim formulas), and the sigmoid's derivative y (1 - y) in float64.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scratchnn.cli import main
+
+# The notebook's printed output of In [2] and In [3], character for character.
+NOTEBOOK_X = "[[ 1.  -0.5]\n [-2.   3. ]]"
+NOTEBOOK_MASK = "[[False  True]\n [ True False]]"
+SEED_X = np.array([[1.0, -0.5], [-2.0, 3.0]])
+
+ROW = re.compile(r"^\s+([1-4])\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$")
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def table_rows(out: str) -> list[tuple[int, str, float, float, float, str]]:
+    rows = []
+    for line in out.splitlines():
+        match = ROW.match(line)
+        if match:
+            step, node, output, local, grad, formula = match.groups()
+            rows.append((int(step), node, float(output), float(local), float(grad), formula))
+    return rows
+
+
+def test_demo_prints_the_notebook_cells_exactly(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(["demo"], capsys)
+    assert f">>> print(x)\n{NOTEBOOK_X}\n" in out
+    assert f">>> print(mask)\n{NOTEBOOK_MASK}\n" in out
+    assert f">>> print(relu.mask)\n{NOTEBOOK_MASK}\n" in out
+
+
+def test_demo_prints_relu_and_sigmoid_as_the_seed_code_computes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = run(["demo"], capsys)
+    # the seed's code: out[x <= 0] = 0; dout[mask] = 0; 1 / (1 + exp(-x)); dout * (1 - y) * y
+    relu_out = SEED_X.copy()
+    relu_out[SEED_X <= 0] = 0
+    relu_dx = np.ones_like(SEED_X)
+    relu_dx[SEED_X <= 0] = 0
+    y = 1 / (1 + np.exp(-SEED_X))
+    assert f">>> print(relu.forward(x))\n{relu_out}\n" in out
+    assert f">>> print(relu.backward(np.ones_like(x)))\n{relu_dx}\n" in out
+    assert f">>> print(sigmoid.forward(x))\n{y}\n" in out
+    assert f">>> print(sigmoid.backward(np.ones_like(x)))\n{1.0 * (1.0 - y) * y}\n" in out
+
+
+@pytest.mark.parametrize(("x", "dout"), [(1.0, 1.0), (0.5, 2.0), (-3.0, -0.5), (8.0, 1.0)])
+def test_step_table_agrees_with_the_formulas(
+    x: float, dout: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run(["demo", "--x", str(x), "--dout", str(dout)], capsys)
+    rows = table_rows(out)
+    assert [(r[0], r[1], r[5]) for r in rows] == [
+        (1, "/", "-y**2"), (2, "+1", "1"), (3, "exp", "exp(-x)"), (4, "×-1", "-1"),
+    ]  # fmt: skip
+    e = np.exp(-x)
+    y = 1.0 / (1.0 + e)
+    outputs = [y, 1.0 + e, e, -x]
+    locals_ = [-(y**2), 1.0, e, -1.0]
+    grad = dout
+    for (_, _, output, local, printed_grad, _), want_out, want_local in zip(
+        rows, outputs, locals_, strict=True
+    ):
+        grad *= want_local
+        # printed with 8 significant digits
+        assert output == pytest.approx(want_out, rel=1e-7)
+        assert local == pytest.approx(want_local, rel=1e-7)
+        assert printed_grad == pytest.approx(grad, rel=1e-7)
+    assert rows[-1][4] == pytest.approx(dout * y * (1 - y), rel=1e-7)
+    assert "the chain agrees" in out
+
+
+def test_demo_shows_where_the_chain_breaks(capsys: pytest.CaptureFixture[str]) -> None:
+    # -x = 800 > log(float64 max) = 709.78: exp(-x) overflows, the gradient turns NaN
+    out = run(["demo", "--x", "-800"], capsys)
+    grads = [r[4] for r in table_rows(out)]
+    assert grads[0] == 0.0 and np.isnan(grads[2]) and np.isnan(grads[3])
+    assert "the chain breaks" in out
+    # -x = 88.73 > log(float32 max) = 88.72
+    out = run(["demo", "--x", "-88.73", "--dtype", "float32"], capsys)
+    assert np.isnan(table_rows(out)[-1][4])
+    fused = float(re.search(r"fused Sigmoid = (\S+)", out).group(1))  # type: ignore[union-attr]
+    y = 1.0 / (1.0 + np.exp(88.73))
+    assert fused == pytest.approx(y * (1 - y), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required"),
+        (["bogus"], "invalid choice"),
+        (["demo", "--x", "abc"], "not a number"),
+        (["demo", "--x", "nan"], "finite"),
+        (["demo", "--dtype", "float16"], "invalid choice"),
+    ],
+)
+def test_bad_options_exit_non_zero_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and message in err
+
+
+def test_python_dash_m_runs_the_demo() -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "scratchnn", "demo"],
+        capture_output=True, text=True, encoding="utf-8", check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert NOTEBOOK_X in result.stdout and NOTEBOOK_MASK in result.stdout
+    assert result.stderr == ""
