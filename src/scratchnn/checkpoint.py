@@ -249,7 +249,7 @@ def _fsync_directory(directory: str) -> None:
 
 
 def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file: its tensors, in file order, and its string metadata.
+    """Read a safetensors file: its tensors, in header order, and its string metadata.
 
     The whole header is checked before any tensor is allocated: known dtypes,
     shapes of non-negative integers, offsets that cover the data exactly once
@@ -410,6 +410,7 @@ def _read_tensor(
 # -- training checkpoints ------------------------------------------------------------
 
 FORMAT_VERSION = "1"
+_MAX_EPOCH = 2**63 - 1  # an int64, so that any reader can hold it
 _KEY_FORMAT = "scratchnn.format"
 _KEY_VERSION = "scratchnn.format_version"
 _KEY_EPOCH = "scratchnn.epoch"
@@ -483,8 +484,10 @@ def save_checkpoint(
         raise TypeError(f"rng must be a np.random.Generator, got {type(rng).__name__}")
     if type(rng.bit_generator).__name__ not in _BIT_GENERATORS:
         raise TypeError(f"cannot save a {type(rng.bit_generator).__name__} bit generator")
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise TypeError(f"epoch must be a non-negative int, got {epoch!r}")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+        raise TypeError(f"epoch must be an int, got {epoch!r}")
+    if not 0 <= epoch <= _MAX_EPOCH:
+        raise ValueError(f"epoch must lie in [0, 2**63), got {epoch}")
     extra = _user_metadata(metadata)
     tensors = {_OPTIM + key: value for key, value in _named(optimizer_state, "optimizer_state")}
     tensors.update({_PARAM + key: value for key, value in _named(params, "params")})
@@ -514,18 +517,13 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
     fields = _check_format(name, metadata, "checkpoint")
     params, optimizer_state = _split_tensors(name, tensors, (_PARAM, _OPTIM))
     epoch_text, rng_json = fields[_KEY_EPOCH], _parse_json(name, fields[_KEY_RNG], "rng_state")
-    try:
-        # int() refuses strings of over 4300 digits with ValueError.
-        epoch = int(epoch_text) if re.fullmatch(r"0|[1-9][0-9]*", epoch_text) else -1
-    except ValueError:
-        epoch = -1
-    if epoch < 0:
-        raise CheckpointError(f"{name}: epoch {epoch_text[:40]!r} is not a non-negative integer")
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", epoch_text) or int(epoch_text) > _MAX_EPOCH:
+        raise CheckpointError(f"{name}: epoch {epoch_text[:40]!r} is not an integer in [0, 2**63)")
     checkpoint = Checkpoint(
         params=params,
         optimizer_state=optimizer_state,
         rng_state={},
-        epoch=epoch,
+        epoch=int(epoch_text),
         config=fields[_KEY_CONFIG],
         metadata={k: v for k, v in metadata.items() if k not in _RESERVED},
     )
