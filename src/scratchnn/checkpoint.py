@@ -28,7 +28,9 @@ fsynced). A process killed at any moment, even by SIGKILL, leaves the old
 complete file or the new complete file. A killed save can leave its temporary
 file behind; the next save to the same path deletes the temporary files whose
 process no longer runs (on POSIX systems). Concurrent saves to one path do not
-corrupt it: the last rename wins.
+corrupt it: the last rename wins. (A writer in another PID namespace or on
+another host sharing the directory can be taken for dead; its save then fails
+with ``FileNotFoundError``, and the file on disk stays complete.)
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "weights.safetensors")
@@ -213,7 +215,7 @@ def _remove_stale_temporaries(directory: str, filename: str) -> None:
     """Delete the temporary files of earlier saves to ``filename`` whose process has died."""
     if os.name != "posix":
         return  # without os.kill(pid, 0) we cannot tell a dead writer from a live one
-    pattern = re.compile(re.escape(f".{filename}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
+    pattern = re.compile(re.escape(f".{filename}.") + r"([0-9]+)\.[0-9a-f]{8}\.tmp")
     with contextlib.suppress(OSError):
         for entry in os.listdir(directory):
             match = pattern.fullmatch(entry)
