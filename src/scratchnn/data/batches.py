@@ -1,0 +1,78 @@
+"""Mini-batches for training: shuffled with an explicit NumPy Generator, never global state."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+def iterate_minibatches(
+    x: Any,
+    t: Any,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(x_batch, t_batch)`` pairs that cover ``x`` and ``t`` along their first axis.
+
+    With ``shuffle`` the order is a permutation drawn from ``rng`` (a fresh,
+    unseeded Generator when None), so the same seed gives the same batches bit
+    for bit; NumPy's global random state is neither used nor changed. Without
+    ``shuffle`` batches are views in the original order. The last batch is
+    smaller when ``batch_size`` does not divide the number of samples, unless
+    ``drop_last`` drops it.
+
+    Arguments are checked when called, not on the first batch: ``TypeError``
+    for a non-integer ``batch_size`` or an ``rng`` that is not a
+    ``numpy.random.Generator``; ``ValueError`` for ``batch_size < 1``, 0-d
+    arrays, or ``x`` and ``t`` of different lengths.
+
+    >>> x, t = np.arange(10).reshape(5, 2), np.arange(5)
+    >>> [tb.tolist() for _, tb in iterate_minibatches(x, t, 2, shuffle=False)]
+    [[0, 1], [2, 3], [4]]
+    >>> batches = iterate_minibatches(x, t, 2, rng=np.random.default_rng(0), drop_last=True)
+    >>> [tb.shape for _, tb in batches]
+    [(2,), (2,)]
+    """
+    if isinstance(batch_size, bool):
+        raise TypeError("batch_size must be an integer, got a bool")
+    try:
+        size = operator.index(batch_size)
+    except TypeError:
+        raise TypeError(f"batch_size must be an integer, got {type(batch_size).__name__}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            "rng must be a numpy.random.Generator (np.random.default_rng(seed)) or None, "
+            f"got {type(rng).__name__}"
+        )
+    # Arrays of any module (NumPy, CuPy) pass as they are; lists become NumPy arrays.
+    x = x if hasattr(x, "shape") else np.asarray(x)
+    t = t if hasattr(t, "shape") else np.asarray(t)
+    if len(x.shape) == 0 or len(t.shape) == 0:
+        raise ValueError("x and t must have at least one dimension, the samples")
+    if x.shape[0] != t.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} samples but t has {t.shape[0]}")
+    order = None
+    if shuffle:
+        order = (rng if rng is not None else np.random.default_rng()).permutation(x.shape[0])
+    return _batches(x, t, size, order, drop_last)
+
+
+def _batches(
+    x: Any, t: Any, size: int, order: np.ndarray | None, drop_last: bool
+) -> Iterator[tuple[Any, Any]]:
+    n = x.shape[0]
+    stop = n - n % size if drop_last else n
+    for start in range(0, stop, size):
+        if order is None:
+            yield x[start : start + size], t[start : start + size]
+        else:
+            index = order[start : start + size]
+            yield x[index], t[index]

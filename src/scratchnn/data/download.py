@@ -1,0 +1,244 @@
+"""Downloading MNIST and Fashion-MNIST, checked against pinned SHA-256 hashes.
+
+Each file is written to ``<name>.part`` and moved into place only once its hash
+matches, so the cache never holds a file that failed its check. An interrupted
+download resumes from its ``.part`` file with an HTTP ``Range`` request when the
+server allows it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+# The four files of each dataset, with the names both upstreams use.
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+DEFAULT_BASE_URLS: dict[str, str] = {
+    # Zalando Research's own repository, which the Fashion-MNIST README links.
+    "fashion-mnist": (
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+    ),
+    # yann.lecun.com no longer serves the files reliably; this is the mirror
+    # torchvision downloads from.
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+
+# SHA-256 of the upstream .gz files. Fashion-MNIST's equal those of Debian's
+# dataset-fashion-mnist package; MNIST's are those published by torchvision and
+# TensorFlow Datasets for the original files.
+SHA256: dict[str, dict[str, str]] = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": (
+            "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+        ),
+        "train-labels-idx1-ubyte.gz": (
+            "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
+        ),
+        "t10k-images-idx3-ubyte.gz": (
+            "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"
+        ),
+        "t10k-labels-idx1-ubyte.gz": (
+            "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
+        ),
+    },
+    "mnist": {
+        "train-images-idx3-ubyte.gz": (
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+        ),
+        "train-labels-idx1-ubyte.gz": (
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+        ),
+        "t10k-images-idx3-ubyte.gz": (
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+        ),
+        "t10k-labels-idx1-ubyte.gz": (
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+        ),
+    },
+}
+
+DATASET_NAMES = tuple(SHA256)
+
+# The largest real file is 26 MB; a server sending far more is not sending it.
+MAX_FILE_BYTES = 128 * 1024 * 1024
+_CHUNK = 1 << 16
+
+ProgressCallback = Callable[[str, int, "int | None"], None]
+
+
+def default_cache_dir(name: str) -> Path:
+    """Where :func:`download_dataset` stores ``name`` when no ``cache_dir`` is given.
+
+    ``$SCRATCHNN_DATA/<name>`` when that variable is set, else
+    ``$XDG_CACHE_HOME/scratchnn/<name>`` (``~/.cache/scratchnn/<name>``).
+    A subfolder per dataset, because MNIST and Fashion-MNIST use the same file names.
+    """
+    _check_name(name)
+    root = os.environ.get("SCRATCHNN_DATA")
+    if root:
+        return Path(root).expanduser() / name
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "scratchnn" / name
+
+
+def download_dataset(
+    name: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    base_url: str | None = None,
+    progress: ProgressCallback | None = None,
+    hashes: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download the four IDX files of ``name`` ("fashion-mnist" or "mnist"); return their folder.
+
+    Files already in ``cache_dir`` with the right SHA-256 are not downloaded
+    again. Each download goes to ``<file>.part`` and is moved into place only
+    after its hash matches; a file that fails the check is deleted and
+    ``ValueError`` names it. If a download is cut off, the ``.part`` file stays
+    and the next call resumes it with an HTTP ``Range`` request, or starts over
+    if the server ignores ranges or the resumed file fails its hash.
+
+    Arguments:
+        name: "fashion-mnist" or "mnist".
+        cache_dir: where to store the files; default :func:`default_cache_dir`.
+        base_url: the folder URL the file names are appended to (http or https);
+            default ``DEFAULT_BASE_URLS[name]``.
+        progress: called as ``progress(file_name, bytes_so_far, total_or_None)``
+            while downloading.
+        hashes: file name -> SHA-256 hex digest, replacing the pinned ``SHA256[name]``
+            (for mirrors of other files, and tests). Every file must have one.
+        timeout: seconds to wait on the network before giving up.
+
+    Raises ``ValueError`` for an unknown name, a bad URL or a hash mismatch, and
+    ``OSError`` (``ConnectionError``, ``urllib.error.URLError``) when the
+    download fails or is cut off; running again resumes it.
+    """
+    _check_name(name)
+    expected_hashes = dict(SHA256[name] if hashes is None else hashes)
+    for file_name in IDX_FILES:
+        digest = expected_hashes.get(file_name, "")
+        # A missing hash is a hard error: an unchecked download is never kept.
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest.lower()):
+            raise ValueError(f"no valid SHA-256 pinned for {name}/{file_name}: {digest!r}")
+    base = DEFAULT_BASE_URLS[name] if base_url is None else base_url
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise ValueError(f"base_url must be an http or https URL, got {base!r}")
+    if not base.endswith("/"):
+        base += "/"
+
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name in IDX_FILES:
+        target = folder / file_name
+        digest = expected_hashes[file_name].lower()
+        if target.is_file() and _sha256(target) == digest:
+            continue
+        _fetch_verified(base + file_name, target, digest, progress, timeout)
+    return folder
+
+
+def _check_name(name: str) -> None:
+    if name not in SHA256:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+
+
+def _fetch_verified(
+    url: str, target: Path, digest: str, progress: ProgressCallback | None, timeout: float
+) -> None:
+    """Download ``url`` into ``target`` through ``target.part``, resuming if possible."""
+    part = target.with_name(target.name + ".part")
+    resumed = part.is_file() and part.stat().st_size > 0
+    _download_to(url, part, progress, timeout, resume=resumed)
+    if _sha256(part) != digest and resumed:
+        # The old bytes may come from another version of the file; start over once.
+        part.unlink()
+        _download_to(url, part, progress, timeout, resume=False)
+    actual = _sha256(part)
+    if actual != digest:
+        part.unlink()
+        raise ValueError(
+            f"{target.name} downloaded from {url} has SHA-256 {actual}, expected {digest}; "
+            "the file was deleted"
+        )
+    os.replace(part, target)
+
+
+def _download_to(
+    url: str, part: Path, progress: ProgressCallback | None, timeout: float, *, resume: bool
+) -> None:
+    """Write ``url``'s body to ``part``, appending from its current size when ``resume``."""
+    offset = part.stat().st_size if resume else 0
+    headers = {"User-Agent": "scratchnn"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        request = urllib.request.Request(url, headers=headers)
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code != 416 or not offset:
+            raise
+        # 416: the range starts at or past the end, so the part file is of no use.
+        error.close()
+        return _download_to(url, part, progress, timeout, resume=False)
+    with response:
+        if offset and response.status == 206:
+            if _range_start(response.headers.get("Content-Range", "")) != offset:
+                response.close()
+                return _download_to(url, part, progress, timeout, resume=False)
+            mode, done = "ab", offset
+        else:
+            # The server ignored the range (200 and the whole file): start over.
+            mode, done = "wb", 0
+        length = response.headers.get("Content-Length", "")
+        total = done + int(length) if length.isdigit() else None
+        name = part.name.removesuffix(".part")
+        with open(part, mode) as out:
+            try:
+                while chunk := response.read(_CHUNK):
+                    done += len(chunk)
+                    if done > MAX_FILE_BYTES:
+                        break
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(name, done, total)
+            except http.client.HTTPException as error:
+                # IncompleteRead and friends are not OSErrors; callers expect one.
+                raise ConnectionError(f"download of {url} failed: {error!r}") from error
+    if done > MAX_FILE_BYTES:
+        part.unlink()
+        raise ValueError(f"{url} is larger than {MAX_FILE_BYTES} bytes; not kept")
+    # http.client returns b"" rather than raising when a body ends early.
+    if total is not None and done < total:
+        raise ConnectionError(
+            f"download of {url} was cut off after {done} of {total} bytes; "
+            f"run again to resume from {part}"
+        )
+    return None
+
+
+def _range_start(content_range: str) -> int | None:
+    """The first byte position in a ``Content-Range: bytes a-b/n`` header."""
+    unit, _, rest = content_range.partition(" ")
+    start = rest.partition("-")[0]
+    return int(start) if unit == "bytes" and start.isdigit() else None
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
