@@ -1,0 +1,510 @@
+"""Optimisers with the book's interface: ``update(params, grads)`` updates ``params`` in place.
+
+As in *Deep Learning from Scratch* (``common/optimizer.py``), ``params`` and
+``grads`` are dicts of arrays under the same names (``"W1"``, ``"b1"``, ...),
+and ``update`` changes the parameter arrays themselves, never the dict: layers
+hold references to these arrays, so rebinding ``params[key]`` would leave the
+layers training a stale copy.
+
+Each step follows ``torch.optim`` exactly (SGD, SGD with momentum or Nesterov
+momentum and ``dampening=0``, Adagrad, RMSprop, Adam), so in float64 the
+parameters agree with PyTorch's to rounding, step after step. Where the book's
+formulas differ from PyTorch's, the class docstring says how.
+
+Rules every optimiser keeps:
+
+* ``weight_decay`` is L2 regularisation added to the gradient,
+  ``g <- g + weight_decay * p``, as ``torch.optim`` does (not AdamW's
+  decoupled decay).
+* Only the parameters named in ``grads`` change; a parameter without a
+  gradient is left as it is (PyTorch's rule for ``p.grad is None``).
+* A gradient whose name is not in ``params``, or whose shape differs from its
+  parameter's, raises ``ValueError`` naming it, before any parameter changes.
+* Parameters keep their dtype: the hyperparameters are Python floats, which
+  NumPy 2 does not let promote a float32 array to float64.
+* The step runs in place with ``out=`` into one scratch array per parameter,
+  allocated on the first step, so a step allocates no parameter-sized arrays.
+* ``grads`` is never written to.
+
+The state (velocities, moments, step counts) is exported by ``state_dict()``
+as a flat dict of arrays named ``"<slot>/<param>"`` (``"v/W1"``, ``"m/W1"``,
+``"step/W1"``), which a checkpoint can store, and read back by
+``load_state_dict``; ``make_optimizer("adam", lr=...)`` builds one by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from scratchnn.backend import FLOAT_DTYPES, as_array, get_array_module
+
+__all__ = [
+    "SGD",
+    "AdaGrad",
+    "Adam",
+    "Momentum",
+    "Nesterov",
+    "Optimizer",
+    "RMSprop",
+    "make_optimizer",
+]
+
+
+def _real(who: str, name: str, value: object) -> float:
+    """``value`` as a finite Python float; bools, strings and the like raise ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{who}: {name} must be finite, got {result}")
+    return result
+
+
+def _nonnegative(who: str, name: str, value: object) -> float:
+    result = _real(who, name, value)
+    if result < 0.0:
+        raise ValueError(f"{who}: {name} must be >= 0, got {result}")
+    return result
+
+
+def _fraction(who: str, name: str, value: object) -> float:
+    """A decay rate in [0, 1): 1 would never forget, as PyTorch also refuses."""
+    result = _real(who, name, value)
+    if not 0.0 <= result < 1.0:
+        raise ValueError(f"{who}: {name} must be in [0, 1), got {result}")
+    return result
+
+
+class Optimizer:
+    """Base class: validation, weight decay, scratch space and state export.
+
+    A subclass lists its per-parameter state arrays in ``slots`` (each an
+    attribute holding a dict from parameter name to array, like the book's
+    ``self.v``), its hyperparameters in ``hyperparameter_names``, and writes
+    the mathematics in ``_step``.
+    """
+
+    slots: ClassVar[tuple[str, ...]] = ()
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+
+    def __init__(self, lr: float, weight_decay: float) -> None:
+        who = type(self).__name__
+        self.lr = _nonnegative(who, "lr", lr)
+        self.weight_decay = _nonnegative(who, "weight_decay", weight_decay)
+        # Scratch arrays, one per parameter, reused every step; not state.
+        self._work: dict[str, np.ndarray] = {}
+        self._decayed: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    def hyperparameters(self) -> dict[str, float]:
+        """The hyperparameters as Python floats, by their constructor names."""
+        return {name: float(getattr(self, name)) for name in self.hyperparameter_names}
+
+    # -- the update ------------------------------------------------------------------
+
+    def update(self, params: MutableMapping[str, Any], grads: Mapping[str, Any]) -> None:
+        """Update each ``params[key]`` that has a gradient ``grads[key]``, in place."""
+        # Check every pair before touching any parameter, so a bad call changes nothing.
+        checked = [self._check(key, params, grad) for key, grad in grads.items()]
+        for key, param, grad in checked:
+            work = self._scratch(self._work, key, param)
+            if self.weight_decay:
+                decayed = self._scratch(self._decayed, key, param)
+                np.multiply(param, self.weight_decay, out=decayed)
+                np.add(decayed, grad, out=decayed)
+                grad = decayed
+            self._step(key, param, grad, work)
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        """Change ``param`` in place; ``work`` is scratch of ``param``'s shape and dtype."""
+        raise NotImplementedError
+
+    def _check(
+        self, key: str, params: Mapping[str, Any], grad: Any
+    ) -> tuple[str, np.ndarray, np.ndarray]:
+        who = f"{type(self).__name__}.update"
+        if key not in params:
+            raise ValueError(
+                f"{who}: gradient {key!r} has no parameter of that name; "
+                f"params has {sorted(params)}"
+            )
+        param = params[key]
+        if getattr(param, "dtype", None) not in FLOAT_DTYPES or not hasattr(param, "shape"):
+            raise TypeError(
+                f"{who}: parameter {key!r} must be a float16/32/64 array to be updated in "
+                f"place, got {type(param).__name__} of dtype {getattr(param, 'dtype', None)}"
+            )
+        grad = as_array(grad, who=who, what=f"gradient {key!r}")
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"{who}: gradient {key!r} has shape {grad.shape}, "
+                f"its parameter has shape {param.shape}"
+            )
+        for slot in self.slots:
+            state = getattr(self, slot).get(key)
+            if state is not None and (state.shape != param.shape or state.dtype != param.dtype):
+                raise ValueError(
+                    f"{who}: state {slot}/{key} has shape {state.shape} and dtype "
+                    f"{state.dtype}, its parameter {param.shape} and {param.dtype}"
+                )
+        return key, param, grad
+
+    @staticmethod
+    def _scratch(store: dict[str, np.ndarray], key: str, like: np.ndarray) -> np.ndarray:
+        array = store.get(key)
+        if array is None or array.shape != like.shape or array.dtype != like.dtype:
+            array = store[key] = get_array_module(like).empty_like(like)
+        return array
+
+    def _state(self, slot: str, key: str, like: np.ndarray) -> np.ndarray:
+        """The state array ``slot`` of parameter ``key``, zeros on its first step."""
+        store: dict[str, np.ndarray] = getattr(self, slot)
+        if key not in store:
+            store[key] = get_array_module(like).zeros_like(like)
+        return store[key]
+
+    # -- state for checkpoints -------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the state arrays, named ``"<slot>/<param>"`` (``"v/W1"``)."""
+        return {
+            f"{slot}/{key}": array.copy()
+            for slot in self.slots
+            for key, array in getattr(self, slot).items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the state with copies of ``state`` (as ``state_dict`` gives it).
+
+        Every parameter must have every slot, of one shape and float dtype;
+        unknown names raise ``ValueError``. A failed load leaves the state as
+        it was. Shapes are checked against the parameters at the next
+        ``update``.
+        """
+        loaded = self._parse_state(state)
+        for slot in self.slots:
+            setattr(self, slot, loaded.get(slot, {}))
+
+    def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+        who = f"{type(self).__name__}.load_state_dict"
+        loaded: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in state.items():
+            slot, sep, key = name.partition("/")
+            if not sep or not key or slot not in self.slots:
+                expected = ", ".join(f"'{s}/<param>'" for s in self.slots) or "nothing"
+                raise ValueError(f"{who}: unexpected entry {name!r}; expected {expected}")
+            array = as_array(value, who=who, what=f"entry {name!r}")
+            if array.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{who}: entry {name!r} must be a float array, not {array.dtype}")
+            loaded.setdefault(slot, {})[key] = array.copy()
+        keys = set().union(*(arrays.keys() for arrays in loaded.values()))
+        for key in sorted(keys):
+            arrays = [(slot, loaded.get(slot, {}).get(key)) for slot in self.slots]
+            missing = [slot for slot, array in arrays if array is None]
+            if missing:
+                names = [f"{slot}/{key}" for slot in missing]
+                raise ValueError(f"{who}: parameter {key!r} lacks {names}")
+            if len({(a.shape, a.dtype) for _, a in arrays if a is not None}) > 1:
+                raise ValueError(f"{who}: the entries of {key!r} differ in shape or dtype")
+        return loaded
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent: ``p <- p - lr * g``.
+
+    The book's ``SGD``; ``torch.optim.SGD(lr=lr, weight_decay=wd)``.
+
+    >>> params = {"W": np.array([1.0, 2.0])}
+    >>> SGD(lr=0.1).update(params, {"W": np.array([1.0, -1.0])})
+    >>> params["W"]
+    array([0.9, 2.1])
+    """
+
+    def __init__(self, lr: float = 0.01, *, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        np.multiply(grad, self.lr, out=work)
+        np.subtract(param, work, out=param)
+
+
+class Momentum(Optimizer):
+    """SGD with momentum, in PyTorch's form: ``v <- momentum * v + g``; ``p <- p - lr * v``.
+
+    Matches ``torch.optim.SGD(lr, momentum, dampening=0, weight_decay=wd)``.
+
+    The book writes the velocity with the learning rate inside it:
+    ``v <- momentum * v - lr * g``; ``p <- p + v``. That is this ``v`` times
+    ``-lr``, so both give the same parameters while ``lr`` stays constant; they
+    part when ``lr`` changes during training (PyTorch's velocity is rescaled by
+    the new ``lr``, the book's keeps the old one).
+
+    >>> params = {"W": np.array([1.0])}
+    >>> opt = Momentum(lr=0.1, momentum=0.5)
+    >>> for _ in range(2):
+    ...     opt.update(params, {"W": np.array([1.0])})
+    >>> params["W"]   # 1 - 0.1 * 1 - 0.1 * (0.5 * 1 + 1)
+    array([0.75])
+    """
+
+    slots = ("v",)
+    hyperparameter_names = ("lr", "momentum", "weight_decay")
+
+    def __init__(
+        self, lr: float = 0.01, momentum: float = 0.9, *, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(lr, weight_decay)
+        self.momentum = _fraction(type(self).__name__, "momentum", momentum)
+        self.v: dict[str, np.ndarray] = {}
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        v = self._state("v", key, param)
+        np.multiply(v, self.momentum, out=v)
+        np.add(v, grad, out=v)
+        np.multiply(v, self.lr, out=work)
+        np.subtract(param, work, out=param)
+
+
+class Nesterov(Momentum):
+    """Nesterov momentum, in PyTorch's form: ``v <- momentum * v + g``;
+    ``p <- p - lr * (g + momentum * v)``.
+
+    Matches ``torch.optim.SGD(lr, momentum, dampening=0, nesterov=True,
+    weight_decay=wd)``, and, for a constant ``lr``, the formula of Bengio et
+    al. (arXiv:1212.0901) that the book cites, with the book's velocity
+    ``u = -lr * v``: ``p <- p + momentum**2 * u - (1 + momentum) * lr * g``,
+    then ``u <- momentum * u - lr * g``. The book's published code updates
+    ``u`` first and then uses the new ``u`` in the parameter step, which is
+    not that formula; this class follows the paper and PyTorch.
+
+    >>> params = {"W": np.array([1.0])}
+    >>> opt = Nesterov(lr=0.1, momentum=0.5)
+    >>> opt.update(params, {"W": np.array([1.0])})
+    >>> params["W"]   # 1 - 0.1 * (1 + 0.5 * 1)
+    array([0.85])
+    """
+
+    def __init__(
+        self, lr: float = 0.01, momentum: float = 0.9, *, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(lr, momentum, weight_decay=weight_decay)
+        if self.momentum == 0.0:
+            raise ValueError("Nesterov: momentum must be > 0 (with 0 it is plain SGD)")
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        v = self._state("v", key, param)
+        np.multiply(v, self.momentum, out=v)
+        np.add(v, grad, out=v)
+        np.multiply(v, self.momentum, out=work)
+        np.add(work, grad, out=work)
+        np.multiply(work, self.lr, out=work)
+        np.subtract(param, work, out=param)
+
+
+class AdaGrad(Optimizer):
+    """AdaGrad: ``h <- h + g * g``; ``p <- p - lr * g / (sqrt(h) + eps)``.
+
+    The book's ``AdaGrad`` and ``torch.optim.Adagrad(lr, eps=eps,
+    weight_decay=wd)`` (with ``lr_decay=0``, ``initial_accumulator_value=0``).
+    The default ``eps=1e-7`` is the book's; PyTorch's default is 1e-10.
+
+    >>> params = {"W": np.array([1.0, 1.0])}
+    >>> AdaGrad(lr=0.1, eps=0.0).update(params, {"W": np.array([3.0, -0.5])})
+    >>> params["W"]   # the first step moves every entry by lr * sign(g)
+    array([0.9, 1.1])
+    """
+
+    slots = ("h",)
+    hyperparameter_names = ("lr", "eps", "weight_decay")
+
+    def __init__(self, lr: float = 0.01, eps: float = 1e-7, *, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        self.eps = _nonnegative(type(self).__name__, "eps", eps)
+        self.h: dict[str, np.ndarray] = {}
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        h = self._state("h", key, param)
+        np.multiply(grad, grad, out=work)
+        np.add(h, work, out=h)
+        _descend(param, grad, h, self.lr, self.eps, work)
+
+
+class RMSprop(Optimizer):
+    """RMSprop: ``h <- decay_rate * h + (1 - decay_rate) * g * g``;
+    ``p <- p - lr * g / (sqrt(h) + eps)``.
+
+    The book's ``RMSprop`` and ``torch.optim.RMSprop(lr, alpha=decay_rate,
+    eps=eps, weight_decay=wd)`` (``momentum=0``, ``centered=False``). The
+    default ``eps=1e-7`` is the book's; PyTorch's default is 1e-8.
+
+    >>> params = {"W": np.array([1.0])}
+    >>> RMSprop(lr=0.01, decay_rate=0.75, eps=0.0).update(params, {"W": np.array([2.0])})
+    >>> params["W"]   # 1 - 0.01 * 2 / sqrt(0.25 * 4)
+    array([0.98])
+    """
+
+    slots = ("h",)
+    hyperparameter_names = ("lr", "decay_rate", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        lr: float = 0.01,
+        decay_rate: float = 0.99,
+        eps: float = 1e-7,
+        *,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(lr, weight_decay)
+        who = type(self).__name__
+        self.decay_rate = _fraction(who, "decay_rate", decay_rate)
+        self.eps = _nonnegative(who, "eps", eps)
+        self.h: dict[str, np.ndarray] = {}
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        h = self._state("h", key, param)
+        np.multiply(h, self.decay_rate, out=h)
+        np.multiply(grad, grad, out=work)
+        np.multiply(work, 1.0 - self.decay_rate, out=work)
+        np.add(h, work, out=h)
+        _descend(param, grad, h, self.lr, self.eps, work)
+
+
+def _descend(
+    param: np.ndarray, grad: np.ndarray, h: np.ndarray, lr: float, eps: float, work: np.ndarray
+) -> None:
+    """``param -= lr * grad / (sqrt(h) + eps)`` via ``work``: the step AdaGrad and RMSprop share."""
+    np.sqrt(h, out=work)
+    np.add(work, eps, out=work)
+    np.divide(grad, work, out=work)
+    np.multiply(work, lr, out=work)
+    np.subtract(param, work, out=param)
+
+
+class Adam(Optimizer):
+    """Adam with bias correction, exactly as ``torch.optim.Adam``.
+
+    With ``t`` the parameter's step count (from 1)::
+
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g * g
+        p <- p - lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t)) + eps)
+
+    ``eps`` is added after the square root of the bias-corrected ``v``, as
+    PyTorch does. The book folds the bias correction into the learning rate,
+    ``lr_t = lr * sqrt(1 - beta2**t) / (1 - beta1**t)``, and adds its ``eps``
+    (1e-7) to ``sqrt(v)`` before correction: the same step when ``eps = 0``,
+    and otherwise the book's ``eps`` acts as ``eps / sqrt(1 - beta2**t)``
+    here, a few times larger early in training. ``weight_decay`` is L2 (Adam's,
+    not AdamW's). Each parameter counts its own steps, as in PyTorch, so a
+    parameter that misses an update keeps its own bias correction.
+
+    >>> params = {"W": np.array([1.0, 1.0])}
+    >>> Adam(lr=0.1, eps=0.0).update(params, {"W": np.array([5.0, -0.01])})
+    >>> params["W"]   # the first step moves every entry by lr * sign(g)
+    array([0.9, 1.1])
+    """
+
+    slots = ("m", "v")
+    hyperparameter_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        lr: float = 0.001,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        *,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(lr, weight_decay)
+        who = type(self).__name__
+        self.beta1 = _fraction(who, "beta1", beta1)
+        self.beta2 = _fraction(who, "beta2", beta2)
+        self.eps = _nonnegative(who, "eps", eps)
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+        self.steps: dict[str, int] = {}
+
+    def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        m = self._state("m", key, param)
+        v = self._state("v", key, param)
+        t = self.steps[key] = self.steps.get(key, 0) + 1
+        # Python floats throughout: a NumPy float64 scalar would lift float32 work to float64.
+        step_size = self.lr / (1.0 - self.beta1**t)
+        sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
+
+        np.multiply(m, self.beta1, out=m)
+        np.multiply(grad, 1.0 - self.beta1, out=work)
+        np.add(m, work, out=m)
+
+        np.multiply(v, self.beta2, out=v)
+        np.multiply(grad, grad, out=work)
+        np.multiply(work, 1.0 - self.beta2, out=work)
+        np.add(v, work, out=v)
+
+        np.sqrt(v, out=work)
+        np.divide(work, sqrt_correction2, out=work)
+        np.add(work, self.eps, out=work)
+        np.divide(m, work, out=work)
+        np.multiply(work, step_size, out=work)
+        np.subtract(param, work, out=param)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``m/<param>``, ``v/<param>`` and the step count ``step/<param>`` (0-d int64)."""
+        state = super().state_dict()
+        for key, t in self.steps.items():
+            state[f"step/{key}"] = np.array(t, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``; each parameter also needs ``step/<param>`` >= 1."""
+        who = "Adam.load_state_dict"
+        steps: dict[str, int] = {}
+        moments: dict[str, Any] = {}
+        for name, value in state.items():
+            if not name.startswith("step/"):
+                moments[name] = value
+                continue
+            step = np.asarray(value)
+            if step.shape != () or step.dtype.kind not in "iu" or int(step) < 1:
+                raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")
+            steps[name[len("step/") :]] = int(step)
+        loaded = self._parse_state(moments)
+        if set(steps) != set(loaded.get("m", {})):
+            raise ValueError(
+                f"{who}: step counts for {sorted(steps)} but moments for "
+                f"{sorted(loaded.get('m', {}))}; each parameter needs both"
+            )
+        self.m, self.v, self.steps = loaded.get("m", {}), loaded.get("v", {}), steps
+
+
+_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD,
+    "momentum": Momentum,
+    "nesterov": Nesterov,
+    "adagrad": AdaGrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+}
+
+
+def make_optimizer(name: str, **kwargs: Any) -> Optimizer:
+    """Build an optimiser by name (any case): ``make_optimizer("adam", lr=1e-3)``.
+
+    Names: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adagrad"``,
+    ``"rmsprop"``, ``"adam"``; ``kwargs`` go to the class.
+
+    >>> make_optimizer("Momentum", lr=0.1)
+    Momentum(lr=0.1, momentum=0.9, weight_decay=0.0)
+    """
+    cls = _OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(_OPTIMIZERS)}")
+    return cls(**kwargs)
