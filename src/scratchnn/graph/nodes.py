@@ -107,7 +107,7 @@ class MulLayer(Layer):
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
 
-    def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x, 0)
         self.y = self._keep_input(y, 1)
         return np.asarray(to_compute(x) * to_compute(y)).astype(_result_dtype(x, y), copy=False)
@@ -148,7 +148,7 @@ class AddLayer(Layer):
         super().__init__()
         self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
-    def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self._shapes = (x.shape, y.shape)
         return np.asarray(to_compute(x) + to_compute(y)).astype(_result_dtype(x, y), copy=False)
 
@@ -187,7 +187,7 @@ class MulConstLayer(Layer):
         """The node's symbol in a drawing of the graph, such as ``×-1``."""
         return f"×{self.c:g}"
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.c * to_compute(x)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -221,7 +221,7 @@ class AddConstLayer(Layer):
         """The node's symbol in a drawing of the graph, such as ``+1``."""
         return f"+{self.c:g}" if self.c >= 0 else f"{self.c:g}"
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(to_compute(x) + self.c).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -258,7 +258,7 @@ class ExpLayer(Layer):
         super().__init__()
         self.out: np.ndarray | None = None
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         self.out = self._keep_output(np.exp(to_compute(x)).astype(x.dtype, copy=False))
         return self.out
 
@@ -291,7 +291,7 @@ class ReciprocalLayer(Layer):
         super().__init__()
         self.out: np.ndarray | None = None
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:  # type: ignore[override]
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         self.out = self._keep_output(np.asarray(1.0 / to_compute(x)).astype(x.dtype, copy=False))
         return self.out
 

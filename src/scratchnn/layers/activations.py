@@ -72,7 +72,9 @@ class Relu(Layer):
         return np.asarray(np.where(mask, np.zeros((), x.dtype), x))
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        return np.asarray(np.where(self.mask, np.zeros((), dout.dtype), dout))
+        mask = self.mask
+        assert mask is not None  # forward ran: the base checks it
+        return np.asarray(np.where(mask, np.zeros((), dout.dtype), dout))
 
 
 class Sigmoid(Layer):
@@ -102,6 +104,7 @@ class Sigmoid(Layer):
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
         return to_compute(dout) * (1.0 - y) * y
 
@@ -129,6 +132,7 @@ class Tanh(Layer):
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
         return to_compute(dout) * (1.0 - y * y)
 
@@ -163,6 +167,7 @@ class LeakyRelu(Layer):
         return np.asarray(np.where(self.mask, self.alpha * z, z)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.mask is not None  # forward ran: the base checks it
         g = to_compute(dout)
         return np.asarray(np.where(self.mask, self.alpha * g, g))
 
@@ -199,6 +204,7 @@ class Elu(Layer):
         return np.asarray(np.where(z > 0, z, negative)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
         return np.asarray(np.where(z > 0, g, g * (self.alpha * np.exp(np.minimum(z, 0)))))
 
@@ -255,6 +261,7 @@ class Gelu(Layer):
         return np.asarray(out).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
         if self.approximate == "tanh":
             s = self._sigmoid_2u(z)
@@ -313,6 +320,7 @@ class Softplus(Layer):
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
         with np.errstate(over="ignore"):
             slope = -np.expm1(-self.beta * y)
@@ -344,6 +352,7 @@ class Silu(Layer):
         return np.asarray(z * F.sigmoid(z)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.x is not None  # forward ran: the base checks it
         z = to_compute(self.x)
         s = F.sigmoid(z)
         return to_compute(dout) * (s * (1.0 + z * (1.0 - s)))
@@ -393,6 +402,7 @@ class Softmax(Layer):
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.out is not None  # forward ran: the base checks it
         y, g = to_compute(self.out), to_compute(dout)
         if y.ndim == 0:
             return np.zeros_like(g)

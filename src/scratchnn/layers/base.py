@@ -17,6 +17,7 @@ respect to each input. Subclasses write only the mathematics, in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -96,11 +97,10 @@ class Layer:
 
     # -- for subclasses --------------------------------------------------------
 
-    def _forward(self, *xs: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def _backward(self, dout: np.ndarray) -> Any:
-        raise NotImplementedError
+    # The layer's mathematics: ``_forward(*xs)`` returns the output and keeps what
+    # backward needs; ``_backward(dout)`` returns the input gradient(s).
+    _forward: Callable[..., np.ndarray]
+    _backward: Callable[[np.ndarray], Any]
 
     def _keep_input(self, x: np.ndarray, index: int = 0) -> np.ndarray:
         """Return ``x`` safe to keep for ``backward``: a copy if the caller owns it.
