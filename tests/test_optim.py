@@ -1,0 +1,478 @@
+"""Optimisers against torch.optim in float64, against the book's formulas, and their contract."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import scratchnn as snn
+from scratchnn.optim import (
+    SGD,
+    AdaGrad,
+    Adam,
+    Momentum,
+    Nesterov,
+    Optimizer,
+    RMSprop,
+    make_optimizer,
+)
+
+torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
+
+SHAPES = {"W1": (4, 3), "b1": (3,), "W2": (2, 3, 5), "s": ()}
+N_STEPS = 6
+
+# name -> (our optimiser from kwargs, torch's from (tensors, kwargs), hyperparameters)
+CASES: dict[str, tuple[Callable[..., Optimizer], Callable[..., Any], dict[str, float]]] = {
+    "sgd": (
+        SGD,
+        lambda ps, lr, weight_decay: torch.optim.SGD(ps, lr=lr, weight_decay=weight_decay),
+        {"lr": 0.1},
+    ),
+    "momentum": (
+        Momentum,
+        lambda ps, lr, momentum, weight_decay: torch.optim.SGD(
+            ps, lr=lr, momentum=momentum, weight_decay=weight_decay
+        ),
+        {"lr": 0.1, "momentum": 0.8},
+    ),
+    "nesterov": (
+        Nesterov,
+        lambda ps, lr, momentum, weight_decay: torch.optim.SGD(
+            ps, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay
+        ),
+        {"lr": 0.1, "momentum": 0.8},
+    ),
+    "adagrad": (
+        AdaGrad,
+        lambda ps, lr, eps, weight_decay: torch.optim.Adagrad(
+            ps, lr=lr, eps=eps, weight_decay=weight_decay
+        ),
+        {"lr": 0.1, "eps": 1e-3},
+    ),
+    "rmsprop": (
+        RMSprop,
+        lambda ps, lr, decay_rate, eps, weight_decay: torch.optim.RMSprop(
+            ps, lr=lr, alpha=decay_rate, eps=eps, weight_decay=weight_decay
+        ),
+        {"lr": 0.05, "decay_rate": 0.9, "eps": 1e-3},
+    ),
+    "adam": (
+        Adam,
+        lambda ps, lr, beta1, beta2, eps, weight_decay: torch.optim.Adam(
+            ps, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+        ),
+        {"lr": 0.05, "beta1": 0.8, "beta2": 0.95, "eps": 1e-3},
+    ),
+}
+
+
+def random_params(rng: np.random.Generator, dtype: Any = np.float64) -> dict[str, np.ndarray]:
+    return {
+        key: np.asarray(rng.standard_normal(shape), dtype=dtype) for key, shape in SHAPES.items()
+    }
+
+
+def random_grads(rng: np.random.Generator, dtype: Any = np.float64) -> dict[str, np.ndarray]:
+    # Gradients of changing scale, so that adaptive optimisers see varied moments.
+    return {
+        key: np.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 3.0), dtype=dtype)
+        for key, shape in SHAPES.items()
+    }
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-12) -> None:
+    """Relative error of the whole array, max |a - e| / max |e|, at most ``rtol``."""
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-300)
+    error = float(np.max(np.abs(actual - expected), initial=0.0)) / scale
+    assert error <= rtol, f"relative error {error:.3g} > {rtol:g}"
+
+
+# -- against torch.optim -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["plain", "weight_decay"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_step_for_step(name: str, weight_decay: float) -> None:
+    ours_cls, torch_cls, hyper = CASES[name]
+    rng = np.random.default_rng(42)
+    params = random_params(rng)
+    tensors = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    ours = ours_cls(**hyper, weight_decay=weight_decay)
+    theirs = torch_cls(list(tensors.values()), **hyper, weight_decay=weight_decay)
+    for _ in range(N_STEPS):
+        grads = random_grads(rng)
+        for key, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[key])
+        ours.update(params, grads)
+        theirs.step()
+        for key, tensor in tensors.items():
+            assert_close(params[key], tensor.detach().numpy())
+
+
+def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
+    rng = np.random.default_rng(3)
+    params = random_params(rng)
+    tensors = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    ours = Adam(lr=0.05)
+    theirs = torch.optim.Adam(list(tensors.values()), lr=0.05)
+    for step in range(N_STEPS):
+        grads = random_grads(rng)
+        if step % 2:
+            del grads["b1"]  # b1 has no gradient on odd steps: torch skips it (grad None)
+        for key, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[key]) if key in grads else None
+        ours.update(params, grads)
+        theirs.step()
+        for key, tensor in tensors.items():
+            assert_close(params[key], tensor.detach().numpy())
+    assert ours.steps == {"W1": N_STEPS, "b1": N_STEPS // 2, "W2": N_STEPS, "s": N_STEPS}
+
+
+# -- against the book's formulas (common/optimizer.py), float64 --------------------------
+
+
+def book_momentum(lr: float, momentum: float) -> Callable[[dict, dict], None]:
+    v: dict[str, np.ndarray] = {}
+
+    def update(params: dict, grads: dict) -> None:
+        for key in params:
+            v[key] = momentum * v.get(key, 0.0) - lr * grads[key]
+            params[key] += v[key]
+
+    return update
+
+
+def paper_nesterov(lr: float, momentum: float) -> Callable[[dict, dict], None]:
+    # Bengio et al. 2012 (arXiv:1212.0901), eq. 7, which the book cites, in the book's variables.
+    v: dict[str, np.ndarray] = {}
+
+    def update(params: dict, grads: dict) -> None:
+        for key in params:
+            old = v.get(key, np.zeros_like(params[key]))
+            params[key] += momentum * momentum * old - (1 + momentum) * lr * grads[key]
+            v[key] = momentum * old - lr * grads[key]
+
+    return update
+
+
+def book_adagrad(lr: float) -> Callable[[dict, dict], None]:
+    h: dict[str, np.ndarray] = {}
+
+    def update(params: dict, grads: dict) -> None:
+        for key in params:
+            h[key] = h.get(key, 0.0) + grads[key] * grads[key]
+            params[key] -= lr * grads[key] / (np.sqrt(h[key]) + 1e-7)
+
+    return update
+
+
+def book_rmsprop(lr: float, decay_rate: float) -> Callable[[dict, dict], None]:
+    h: dict[str, np.ndarray] = {}
+
+    def update(params: dict, grads: dict) -> None:
+        for key in params:
+            h[key] = decay_rate * h.get(key, 0.0) + (1 - decay_rate) * grads[key] * grads[key]
+            params[key] -= lr * grads[key] / (np.sqrt(h[key]) + 1e-7)
+
+    return update
+
+
+def book_adam(lr: float, beta1: float, beta2: float, eps: float) -> Callable[[dict, dict], None]:
+    m: dict[str, np.ndarray] = {}
+    v: dict[str, np.ndarray] = {}
+    t = [0]
+
+    def update(params: dict, grads: dict) -> None:
+        t[0] += 1
+        lr_t = lr * np.sqrt(1.0 - beta2 ** t[0]) / (1.0 - beta1 ** t[0])
+        for key in params:
+            m[key] = m.get(key, 0.0) + (1 - beta1) * (grads[key] - m.get(key, 0.0))
+            v[key] = v.get(key, 0.0) + (1 - beta2) * (grads[key] ** 2 - v.get(key, 0.0))
+            params[key] -= lr_t * m[key] / (np.sqrt(v[key]) + eps)
+
+    return update
+
+
+BOOK_CASES = {
+    "momentum": (lambda: Momentum(0.1, 0.8), lambda: book_momentum(0.1, 0.8)),
+    "nesterov": (lambda: Nesterov(0.1, 0.8), lambda: paper_nesterov(0.1, 0.8)),
+    # default eps: the book's 1e-7
+    "adagrad": (lambda: AdaGrad(0.1), lambda: book_adagrad(0.1)),
+    "rmsprop": (lambda: RMSprop(0.05, 0.9), lambda: book_rmsprop(0.05, 0.9)),
+    # the book adds eps before the bias correction, so the two agree when eps = 0
+    "adam": (lambda: Adam(0.05, 0.8, 0.95, eps=0.0), lambda: book_adam(0.05, 0.8, 0.95, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(BOOK_CASES))
+def test_equals_the_books_formula_for_constant_lr(name: str) -> None:
+    make_ours, make_book = BOOK_CASES[name]
+    ours, book = make_ours(), make_book()
+    rng = np.random.default_rng(7)
+    params = random_params(rng)
+    expected = {key: value.copy() for key, value in params.items()}
+    for _ in range(N_STEPS):
+        grads = random_grads(rng)
+        ours.update(params, grads)
+        book(expected, grads)
+        for key in params:
+            assert_close(params[key], expected[key])
+
+
+def test_adam_with_eps_differs_from_the_book_only_by_eps_placement() -> None:
+    # The book's eps added to sqrt(v) equals torch's eps / sqrt(1 - beta2**t): on step 1
+    # with beta2 = 0.75 that is 2 * eps, so the book's update equals ours with eps doubled.
+    params = {"W": np.array([0.5, -1.0, 2.0])}
+    expected = {"W": params["W"].copy()}
+    grads = {"W": np.array([1e-3, -2e-3, 4e-3])}
+    same_eps = {"W": params["W"].copy()}
+    Adam(0.1, 0.9, 0.75, eps=2e-3).update(params, grads)
+    Adam(0.1, 0.9, 0.75, eps=1e-3).update(same_eps, grads)
+    book_adam(0.1, 0.9, 0.75, 1e-3)(expected, grads)
+    assert_close(params["W"], expected["W"])
+    assert not np.allclose(same_eps["W"], expected["W"], rtol=1e-3, atol=0.0)
+
+
+# -- the in-place contract, dtypes, allocations -------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_updates_the_arrays_in_place_and_trains_a_layer(name: str) -> None:
+    rng = np.random.default_rng(0)
+    layer = snn.Affine(rng.standard_normal((3, 2)), rng.standard_normal(2))
+    params = {"W": layer.W, "b": layer.b}
+    before = {key: value.copy() for key, value in params.items()}
+    ids = {key: id(value) for key, value in params.items()}
+    optimizer = make_optimizer(name, lr=0.1)
+    for _ in range(3):
+        optimizer.update(params, {"W": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)})
+    assert {key: id(value) for key, value in params.items()} == ids
+    assert layer.W is params["W"] and layer.b is params["b"]
+    assert not np.array_equal(layer.W, before["W"])
+
+
+@pytest.mark.parametrize("grad_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["plain", "weight_decay"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_float32_parameters_stay_float32_and_follow_the_float64_path(
+    name: str, weight_decay: float, grad_dtype: Any
+) -> None:
+    ours_cls, _, hyper = CASES[name]
+    rng = np.random.default_rng(5)
+    params32 = random_params(rng, np.float32)
+    params64 = {key: value.astype(np.float64) for key, value in params32.items()}
+    ids = {key: id(value) for key, value in params32.items()}
+    opt32, opt64 = (
+        ours_cls(**hyper, weight_decay=weight_decay),
+        ours_cls(**hyper, weight_decay=weight_decay),
+    )
+    for _ in range(N_STEPS):
+        grads = random_grads(rng, grad_dtype)
+        opt32.update(params32, grads)
+        opt64.update(params64, {key: value.astype(np.float64) for key, value in grads.items()})
+    for key in params32:
+        assert params32[key].dtype == np.float32 and id(params32[key]) == ids[key]
+        assert_close(params32[key].astype(np.float64), params64[key], rtol=1e-5)
+    for array in opt32.state_dict().values():
+        assert array.dtype in (np.float32, np.int64)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_are_not_written_to(name: str) -> None:
+    rng = np.random.default_rng(9)
+    params = random_params(rng)
+    grads = random_grads(rng)
+    copies = {key: value.copy() for key, value in grads.items()}
+    optimizer = make_optimizer(name, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.update(params, grads)
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], copies[key])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_step_allocates_no_parameter_sized_arrays(name: str) -> None:
+    params = {"W": np.ones((500, 400))}  # 1.6 MB
+    grads = {"W": np.full((500, 400), 0.5)}
+    optimizer = make_optimizer(name, weight_decay=0.01)
+    optimizer.update(params, grads)  # the first step allocates state and scratch
+    tracemalloc.start()
+    try:
+        optimizer.update(params, grads)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < params["W"].nbytes // 4
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_gradients_raise_naming_the_key_and_change_nothing(name: str) -> None:
+    params = {"W": np.ones((2, 3)), "b": np.zeros(3)}
+    optimizer = make_optimizer(name)
+    with pytest.raises(ValueError, match="'bias'"):
+        optimizer.update(params, {"W": np.ones((2, 3)), "bias": np.ones(3)})
+    with pytest.raises(ValueError, match=r"'b'.*\(4,\)"):
+        optimizer.update(params, {"W": np.ones((2, 3)), "b": np.ones(4)})
+    with pytest.raises(TypeError, match="'W'"):
+        optimizer.update(params, {"W": np.ones((2, 3), dtype=complex)})
+    with pytest.raises(TypeError, match="'n'"):
+        optimizer.update({"n": np.ones(3, dtype=np.int64)}, {"n": np.ones(3)})
+    np.testing.assert_array_equal(params["W"], np.ones((2, 3)))  # the valid W was not stepped
+    assert optimizer.state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error"),
+    [
+        ("sgd", {"lr": -0.1}, ValueError),
+        ("sgd", {"lr": float("nan")}, ValueError),
+        ("sgd", {"lr": float("inf")}, ValueError),
+        ("sgd", {"lr": True}, TypeError),
+        ("sgd", {"lr": "0.1"}, TypeError),
+        ("sgd", {"weight_decay": -1e-4}, ValueError),
+        ("momentum", {"momentum": 1.0}, ValueError),
+        ("momentum", {"momentum": -0.1}, ValueError),
+        ("nesterov", {"momentum": 0.0}, ValueError),
+        ("adagrad", {"eps": -1e-7}, ValueError),
+        ("rmsprop", {"decay_rate": 1.0}, ValueError),
+        ("adam", {"beta1": 1.0}, ValueError),
+        ("adam", {"beta2": -0.5}, ValueError),
+        ("adam", {"eps": -1e-8}, ValueError),
+    ],
+    ids=str,
+)
+def test_bad_hyperparameters_raise_at_construction(
+    name: str, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        make_optimizer(name, **kwargs)
+
+
+def test_make_optimizer_builds_each_by_name_and_lists_the_names_when_unknown() -> None:
+    expected = {
+        "sgd": SGD,
+        "momentum": Momentum,
+        "nesterov": Nesterov,
+        "adagrad": AdaGrad,
+        "rmsprop": RMSprop,
+        "adam": Adam,
+    }
+    for name, cls in expected.items():
+        assert type(make_optimizer(name.upper())) is cls
+    assert make_optimizer("adam", lr=0.5, beta2=0.9).hyperparameters() == {
+        "lr": 0.5,
+        "beta1": 0.9,
+        "beta2": 0.9,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+    }
+    with pytest.raises(ValueError, match=r"adagrad.*adam.*momentum.*nesterov.*rmsprop.*sgd"):
+        make_optimizer("adamw")
+
+
+def test_defaults_and_repr_are_the_books() -> None:
+    assert repr(SGD()) == "SGD(lr=0.01, weight_decay=0.0)"
+    assert repr(Momentum()) == "Momentum(lr=0.01, momentum=0.9, weight_decay=0.0)"
+    assert AdaGrad().hyperparameters() == {"lr": 0.01, "eps": 1e-7, "weight_decay": 0.0}
+    assert RMSprop().hyperparameters()["decay_rate"] == 0.99
+    assert Adam().hyperparameters() == {
+        "lr": 0.001,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+    }
+
+
+# -- state for checkpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_saving_state_midway_continues_bit_identically(name: str) -> None:
+    rng = np.random.default_rng(11)
+    params = random_params(rng, np.float32)
+    grads = [random_grads(rng, np.float32) for _ in range(2 * N_STEPS)]
+    first = make_optimizer(name, lr=0.05, weight_decay=0.01)
+    for g in grads[:N_STEPS]:
+        first.update(params, g)
+    state = first.state_dict()
+    resumed_params = {key: value.copy() for key, value in params.items()}
+    for g in grads[N_STEPS:]:
+        first.update(params, g)
+
+    second = make_optimizer(name, **first.hyperparameters())
+    second.load_state_dict(state)
+    for g in grads[N_STEPS:]:
+        second.update(resumed_params, g)
+    for key in params:
+        np.testing.assert_array_equal(resumed_params[key], params[key])
+        assert resumed_params[key].dtype == np.float32
+
+
+def test_state_dict_names_and_copies() -> None:
+    rng = np.random.default_rng(2)
+    params = random_params(rng)
+    optimizer = Adam()
+    optimizer.update(params, random_grads(rng))
+    state = optimizer.state_dict()
+    assert set(state) == {f"{slot}/{key}" for slot in ("m", "v", "step") for key in SHAPES}
+    assert state["step/W1"].shape == () and state["step/W1"].dtype == np.int64
+    assert int(state["step/W1"]) == 1
+    # the export and the import are copies: changing them later does not reach the optimiser
+    state["m/W1"][...] = 123.0
+    assert not np.any(optimizer.m["W1"] == 123.0)
+    optimizer.load_state_dict(state)
+    state["m/W1"][...] = 0.0
+    assert np.all(optimizer.m["W1"] == 123.0)
+    assert SGD().state_dict() == {}
+    momentum = Momentum()
+    momentum.update(params, random_grads(rng))
+    assert set(momentum.state_dict()) == {f"v/{key}" for key in SHAPES}
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "match"),
+    [
+        ("sgd", {"v/W": np.zeros(2)}, "unexpected entry 'v/W'"),
+        ("momentum", {"m/W": np.zeros(2)}, "unexpected entry 'm/W'"),
+        ("momentum", {"vW": np.zeros(2)}, "unexpected entry 'vW'"),
+        ("momentum", {"v/W": np.zeros(2, dtype=np.int64)}, "float"),
+        ("adam", {"m/W": np.zeros(2), "step/W": np.array(1)}, r"lacks \['v/W'\]"),
+        ("adam", {"m/W": np.zeros(2), "v/W": np.zeros(3), "step/W": np.array(1)}, "shape"),
+        ("adam", {"m/W": np.zeros(2), "v/W": np.zeros(2)}, "step"),
+        ("adam", {"m/W": np.zeros(2), "v/W": np.zeros(2), "step/W": np.array(0)}, "step/W"),
+        ("adam", {"m/W": np.zeros(2), "v/W": np.zeros(2), "step/W": np.array(1.5)}, "step/W"),
+    ],
+    ids=str,
+)
+def test_load_state_dict_rejects_bad_state_and_keeps_the_old(
+    name: str, state: dict[str, np.ndarray], match: str
+) -> None:
+    optimizer = make_optimizer(name)
+    params = {"W": np.ones(2)}
+    optimizer.update(params, {"W": np.ones(2)})
+    before = optimizer.state_dict()
+    with pytest.raises(ValueError, match=match):
+        optimizer.load_state_dict(state)
+    after = optimizer.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_loaded_state_of_another_shape_raises_at_update_naming_the_key() -> None:
+    optimizer = Momentum()
+    optimizer.load_state_dict({"v/W": np.zeros(3)})
+    with pytest.raises(ValueError, match="v/W"):
+        optimizer.update({"W": np.ones(2)}, {"W": np.ones(2)})
+    optimizer.load_state_dict({"v/W": np.zeros(2, dtype=np.float32)})
+    with pytest.raises(ValueError, match="float32"):
+        optimizer.update({"W": np.ones(2)}, {"W": np.ones(2)})
