@@ -75,7 +75,7 @@ DATASET_NAMES = tuple(SHA256)
 MAX_FILE_BYTES = 128 * 1024 * 1024
 _CHUNK = 1 << 16
 
-ProgressCallback = Callable[[str, int, "int | None"], None]
+ProgressCallback = Callable[[str, int, int | None], None]
 
 
 def default_cache_dir(name: str) -> Path:
@@ -188,10 +188,10 @@ def _download_to(
         request = urllib.request.Request(url, headers=headers)
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
+        error.close()  # it holds the connection; the caller needs only the status
         if error.code != 416 or not offset:
             raise
         # 416: the range starts at or past the end, so the part file is of no use.
-        error.close()
         return _download_to(url, part, progress, timeout, resume=False)
     with response:
         if offset and response.status == 206:
