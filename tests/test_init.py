@@ -28,7 +28,7 @@ TARGETS: dict[str, tuple[Callable[..., np.ndarray], Callable[[int, int], float]]
     "glorot_normal": (glorot_normal, lambda n_in, n_out: math.sqrt(2.0 / (n_in + n_out))),
     "glorot_uniform": (glorot_uniform, lambda n_in, n_out: math.sqrt(2.0 / (n_in + n_out))),
     "std=0.01": (
-        lambda n_in, n_out, rng, dtype=np.float32: normal_std(n_in, n_out, rng, 0.01, dtype),
+        lambda n_in, n_out, rng, dtype=np.float32: normal_std(n_in, n_out, rng, dtype, std=0.01),
         lambda n_in, n_out: 0.01,
     ),
 }

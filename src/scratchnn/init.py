@@ -134,10 +134,14 @@ def normal_std(
     fan_in: int,
     fan_out: int,
     rng: np.random.Generator,
-    std: float = 0.01,
     dtype: DTypeLike = np.float32,
+    *,
+    std: float = 0.01,
 ) -> np.ndarray:
     """Normal weights with a fixed standard deviation: the book's ``weight_init_std * randn``.
+
+    ``std`` is keyword-only so that the positional arguments are those of
+    every other initialiser, ``(fan_in, fan_out, rng, dtype)``.
 
     >>> W = normal_std(2, 3, np.random.default_rng(0), std=0.01)
     >>> W.shape, bool(abs(W).max() < 0.05)
@@ -192,7 +196,7 @@ def make_initializer(name_or_std: str | float) -> Initializer:
     def fixed_std(
         fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
     ) -> np.ndarray:
-        return normal_std(fan_in, fan_out, rng, std=std, dtype=dtype)
+        return normal_std(fan_in, fan_out, rng, dtype, std=std)
 
     fixed_std.__qualname__ = fixed_std.__name__ = f"normal_std(std={std!r})"
     return fixed_std
