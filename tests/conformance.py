@@ -51,20 +51,29 @@ CASES: list[Case] = [
     Case("Sigmoid", snn.Sigmoid, torch.sigmoid),
     Case("Tanh", snn.Tanh, torch.tanh),
     Case("LeakyRelu", snn.LeakyRelu, lambda t: TF.leaky_relu(t, 0.01), kinks=(0.0,)),
-    Case("LeakyRelu(0.2)", lambda: snn.LeakyRelu(0.2), lambda t: TF.leaky_relu(t, 0.2), kinks=(0.0,)),
+    Case(
+        "LeakyRelu(0.2)", lambda: snn.LeakyRelu(0.2), lambda t: TF.leaky_relu(t, 0.2), kinks=(0.0,)
+    ),
     Case("Elu", snn.Elu, TF.elu, kinks=(0.0,)),
     Case("Elu(0.5)", lambda: snn.Elu(0.5), lambda t: TF.elu(t, 0.5), kinks=(0.0,)),
     # PyTorch computes Phi(x) as (1 + erf(x/sqrt 2))/2, which cancels in the left
     # tail (absolute error ~1e-16); ours uses erfc and is held to mpmath instead.
     Case("Gelu", snn.Gelu, TF.gelu, torch_atol_eps=8),
     # PyTorch's tanh form also cancels in 1 + tanh(u); ours is x * sigmoid(2u).
-    Case("Gelu(tanh)", lambda: snn.Gelu("tanh"), lambda t: TF.gelu(t, approximate="tanh"),
-         torch_atol_eps=8),
+    Case(
+        "Gelu(tanh)",
+        lambda: snn.Gelu("tanh"),
+        lambda t: TF.gelu(t, approximate="tanh"),
+        torch_atol_eps=8,
+    ),
     # PyTorch's softplus switches to y = x above beta*x > 20; its logaddexp is
     # the same function without that cut-off, which is what ours computes.
     Case("Softplus", snn.Softplus, lambda t: torch.logaddexp(t, torch.zeros_like(t))),
-    Case("Softplus(2)", lambda: snn.Softplus(2.0),
-         lambda t: torch.logaddexp(2 * t, torch.zeros_like(t)) / 2),
+    Case(
+        "Softplus(2)",
+        lambda: snn.Softplus(2.0),
+        lambda t: torch.logaddexp(2 * t, torch.zeros_like(t)) / 2,
+    ),
     Case("Silu", snn.Silu, TF.silu),
     Case("Softmax", snn.Softmax, lambda t: torch.softmax(t, dim=-1)),
     Case("Softmax(axis=0)", lambda: snn.Softmax(axis=0), lambda t: torch.softmax(t, dim=0)),

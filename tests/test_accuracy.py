@@ -42,7 +42,9 @@ def test_sigmoid_far_negative_tail() -> None:
 
 def test_sigmoid_backward_is_finite_everywhere() -> None:
     big = np.finfo(np.float64).max
-    x = np.concatenate([-np.geomspace(1e-300, 1e308, 300), np.geomspace(1e-300, 1e308, 300), [-big, big]])
+    x = np.concatenate(
+        [-np.geomspace(1e-300, 1e308, 300), np.geomspace(1e-300, 1e308, 300), [-big, big]]
+    )
     sigmoid = snn.Sigmoid()
     sigmoid.forward(x)
     with np.errstate(over="raise", divide="raise", invalid="raise"):

@@ -53,8 +53,10 @@ def sample(dtype: Any, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     if dtype is np.bool_:
         return np.asarray(rng.random(size).reshape(shape) < 0.5)
     if np.dtype(dtype).kind == "c":
-        return (rng.standard_normal(size) + 1j * rng.standard_normal(size)).astype(dtype).reshape(
-            shape
+        return (
+            (rng.standard_normal(size) + 1j * rng.standard_normal(size))
+            .astype(dtype)
+            .reshape(shape)
         )
     if np.dtype(dtype).kind == "f":
         return (rng.standard_normal(size) * 1e3).astype(dtype).reshape(shape)
@@ -238,7 +240,9 @@ CORRUPT: dict[str, tuple[Any, bytes, int | None, str]] = {
     "repeated key": (
         b'{"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},'
         b' "w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}',
-        b"", None, "repeated key",
+        b"",
+        None,
+        "repeated key",
     ),
     "NaN in header": (b'{"w": NaN}', b"", None, "NaN is not allowed"),
     "entry not an object": ({"w": [1, 2]}, b"", None, "entry must be a JSON object"),
@@ -258,10 +262,16 @@ CORRUPT: dict[str, tuple[Any, bytes, int | None, str]] = {
     "offsets three": ({"w": entry(offsets=[0, 4, 8])}, bytes(8), None, "two non-negative"),
     "offsets mismatch size": ({"w": entry(shape=[3])}, bytes(8), None, "needs 12 bytes"),
     "offsets overlap": (
-        {"a": entry(offsets=[0, 8]), "b": entry(offsets=[4, 12])}, bytes(12), None, "overlaps",
+        {"a": entry(offsets=[0, 8]), "b": entry(offsets=[4, 12])},
+        bytes(12),
+        None,
+        "overlaps",
     ),
     "offsets gap": (
-        {"a": entry(offsets=[0, 8]), "b": entry(offsets=[12, 20])}, bytes(20), None, "gap",
+        {"a": entry(offsets=[0, 8]), "b": entry(offsets=[12, 20])},
+        bytes(20),
+        None,
+        "gap",
     ),
     "offsets not from zero": ({"w": entry(offsets=[4, 12])}, bytes(12), None, "gap"),
     "trailing garbage": (F32_HEADER, bytes(8) + b"junk", None, "cover 8 bytes"),
@@ -534,12 +544,20 @@ BAD_CHECKPOINTS: dict[str, tuple[dict[str, str | None], dict[str, np.ndarray], s
     "rng a list": ({"scratchnn.rng_state": "[1, 2]"}, {}, "not a valid state"),
     "rng bad fields": (
         {"scratchnn.rng_state": '{"bit_generator": "PCG64", "state": {"state": "x"}}'},
-        {}, "not a valid state",
+        {},
+        "not a valid state",
     ),
     "rng bad array": (
-        {"scratchnn.rng_state": json.dumps({"bit_generator": "MT19937", "state": {
-            "key": {"__ndarray__": "uint32", "values": [-1, "x"]}, "pos": 0}})},
-        {}, "not a valid state",
+        {
+            "scratchnn.rng_state": json.dumps(
+                {
+                    "bit_generator": "MT19937",
+                    "state": {"key": {"__ndarray__": "uint32", "values": [-1, "x"]}, "pos": 0},
+                }
+            )
+        },
+        {},
+        "not a valid state",
     ),
     "unknown tensor": ({}, {"weights/W": np.zeros(1)}, "unexpected tensor 'weights/W'"),
 }

@@ -12,10 +12,6 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
 from conformance import (
     CASES,
     FLOAT_DTYPES,
@@ -25,6 +21,9 @@ from conformance import (
     random_input,
     torch_forward_backward,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 pytestmark = pytest.mark.parametrize("case", CASES, ids=str)
 
@@ -58,8 +57,12 @@ def test_matches_torch_lower_precision(case: Case, dtype: type, rtol: float, ato
     out, dx = forward_backward(case, x, dout)
     want_out, want_dx = torch_forward_backward(case, x, dout)
     assert out.dtype == dtype and dx.dtype == dtype
-    np.testing.assert_allclose(out.astype(np.float64), want_out.astype(np.float64), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(dx.astype(np.float64), want_dx.astype(np.float64), rtol=4 * rtol, atol=4 * atol)
+    np.testing.assert_allclose(
+        out.astype(np.float64), want_out.astype(np.float64), rtol=rtol, atol=atol
+    )
+    np.testing.assert_allclose(
+        dx.astype(np.float64), want_dx.astype(np.float64), rtol=4 * rtol, atol=4 * atol
+    )
 
 
 def test_numerical_gradient(case: Case) -> None:
@@ -150,7 +153,9 @@ def test_integer_inputs(case: Case, dtype: type) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [np.array([1 + 2j]), np.array(["a"]), np.array([object()], dtype=object)], ids=["complex", "str", "object"]
+    "bad",
+    [np.array([1 + 2j]), np.array(["a"]), np.array([object()], dtype=object)],
+    ids=["complex", "str", "object"],
 )
 def test_unsupported_dtypes_raise_type_error(case: Case, bad: np.ndarray) -> None:
     layer = case.make()

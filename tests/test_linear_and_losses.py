@@ -8,17 +8,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conformance import numerical_gradient
 
 import scratchnn as snn
-from conformance import numerical_gradient
 
 torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
 TF = torch.nn.functional
 
 
-def make_affine(n_in: int = 6, n_out: int = 4, dtype: Any = np.float64, seed: int = 0) -> snn.Affine:
+def make_affine(
+    n_in: int = 6, n_out: int = 4, dtype: Any = np.float64, seed: int = 0
+) -> snn.Affine:
     rng = np.random.default_rng(seed)
-    return snn.Affine(rng.standard_normal((n_in, n_out)).astype(dtype), rng.standard_normal(n_out).astype(dtype))
+    return snn.Affine(
+        rng.standard_normal((n_in, n_out)).astype(dtype), rng.standard_normal(n_out).astype(dtype)
+    )
 
 
 # -- Affine ------------------------------------------------------------------------------
@@ -58,8 +62,12 @@ def test_affine_numerical_gradients() -> None:
         return float(np.sum(layer.forward(values) * dout))
 
     np.testing.assert_allclose(dx, numerical_gradient(through, x.copy()), rtol=1e-7)
-    np.testing.assert_allclose(layer.dW, numerical_gradient(lambda _: through(x), layer.W), rtol=1e-7)
-    np.testing.assert_allclose(layer.db, numerical_gradient(lambda _: through(x), layer.b), rtol=1e-7)
+    np.testing.assert_allclose(
+        layer.dW, numerical_gradient(lambda _: through(x), layer.W), rtol=1e-7
+    )
+    np.testing.assert_allclose(
+        layer.db, numerical_gradient(lambda _: through(x), layer.b), rtol=1e-7
+    )
 
 
 def test_affine_keeps_the_arrays_it_is_given() -> None:
@@ -79,7 +87,12 @@ def test_affine_dtypes_and_no_mutation(dtype: Any) -> None:
     out = layer.forward(x)
     x[...] = 0.0  # the caller reuses its buffer: backward must still use the original x
     dx = layer.backward(dout)
-    assert out.dtype == dtype and dx.dtype == dtype and layer.dW is not None and layer.dW.dtype == dtype
+    assert (
+        out.dtype == dtype
+        and dx.dtype == dtype
+        and layer.dW is not None
+        and layer.dW.dtype == dtype
+    )
     np.testing.assert_allclose(layer.dW, x0.T.astype(np.float64) @ d0, rtol=1e-5)
     np.testing.assert_array_equal(dout, d0)
 
@@ -106,7 +119,14 @@ def one_hot(t: np.ndarray, k: int) -> np.ndarray:
     return np.eye(k)[t]
 
 
-LOSSES: list[tuple[str, Callable[[], snn.Loss], Callable[[np.random.Generator, tuple[int, ...]], np.ndarray], Callable[[Any, Any], Any]]] = [
+LOSSES: list[
+    tuple[
+        str,
+        Callable[[], snn.Loss],
+        Callable[[np.random.Generator, tuple[int, ...]], np.ndarray],
+        Callable[[Any, Any], Any],
+    ]
+] = [
     (
         "SoftmaxWithLoss(labels)",
         snn.SoftmaxWithLoss,
@@ -119,7 +139,12 @@ LOSSES: list[tuple[str, Callable[[], snn.Loss], Callable[[np.random.Generator, t
         lambda rng, shape: one_hot(rng.integers(0, shape[-1], shape[:-1]), shape[-1]),
         lambda x, t: TF.cross_entropy(x.reshape(-1, x.shape[-1]), t.reshape(-1, x.shape[-1])),
     ),
-    ("MeanSquaredError", snn.MeanSquaredError, lambda rng, shape: rng.standard_normal(shape), TF.mse_loss),
+    (
+        "MeanSquaredError",
+        snn.MeanSquaredError,
+        lambda rng, shape: rng.standard_normal(shape),
+        TF.mse_loss,
+    ),
     (
         "SigmoidWithLoss",
         snn.SigmoidWithLoss,
@@ -134,7 +159,9 @@ def loss_case(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-def torch_loss(fn: Callable[[Any, Any], Any], x: np.ndarray, t: np.ndarray, dout: float = 1.0) -> tuple[float, np.ndarray]:
+def torch_loss(
+    fn: Callable[[Any, Any], Any], x: np.ndarray, t: np.ndarray, dout: float = 1.0
+) -> tuple[float, np.ndarray]:
     xt = torch.tensor(x, requires_grad=True)
     value = fn(xt, torch.tensor(t))
     (value * dout).backward()
@@ -164,11 +191,13 @@ def test_loss_numerical_gradient(loss_case: Any) -> None:
     loss = make()
     loss.forward(x, t)
     dx = loss.backward()
-    np.testing.assert_allclose(dx, numerical_gradient(lambda v: make().forward(v, t), x.copy()), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(
+        dx, numerical_gradient(lambda v: make().forward(v, t), x.copy()), rtol=1e-6, atol=1e-10
+    )
 
 
 def test_loss_stable_for_huge_logits(loss_case: Any) -> None:
-    name, make, target, fn = loss_case
+    _, make, target, fn = loss_case
     rng = np.random.default_rng(6)
     x = 1e4 * rng.standard_normal((6, 4))
     t = target(rng, x.shape)
@@ -199,7 +228,7 @@ def test_loss_dtypes_and_no_mutation(loss_case: Any, dtype: Any) -> None:
 
 
 def test_loss_errors(loss_case: Any) -> None:
-    name, make, target, _ = loss_case
+    _, make, target, _ = loss_case
     loss = make()
     with pytest.raises(RuntimeError, match=type(loss).__name__):
         loss.backward()

@@ -16,17 +16,25 @@ ACTIVATIONS = [
 ]  # fmt: skip
 
 
-def small_network(activation: Any, rng: np.random.Generator, loss: snn.Loss | None = None) -> snn.Sequential:
+def small_network(
+    activation: Any, rng: np.random.Generator, loss: snn.Loss | None = None
+) -> snn.Sequential:
     sizes = [5, 7, 6, 3]
     layers: list[Any] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(snn.Affine(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), 0.1 * rng.standard_normal(n_out)))
+        layers.append(
+            snn.Affine(
+                rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), 0.1 * rng.standard_normal(n_out)
+            )
+        )
         if i < len(sizes) - 2:
             layers.append(activation())
     return snn.Sequential(layers, loss)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: getattr(a, "__name__", "Gelu(tanh)"))
+@pytest.mark.parametrize(
+    "activation", ACTIVATIONS, ids=lambda a: getattr(a, "__name__", "Gelu(tanh)")
+)
 def test_gradcheck_networks_of_every_activation(activation: Any) -> None:
     rng = np.random.default_rng(0)
     net = small_network(activation, rng)
@@ -124,7 +132,9 @@ def numerical_gradient(f: Any, x: np.ndarray) -> np.ndarray:
 class TwoLayerNet:
     """The book's TwoLayerNet, with scratchnn's layers in place of common.layers."""
 
-    def __init__(self, input_size: int, hidden_size: int, output_size: int, weight_init_std: float = 0.01) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, output_size: int, weight_init_std: float = 0.01
+    ) -> None:
         rng = np.random.default_rng(0)
         self.params = {
             "W1": weight_init_std * rng.standard_normal((input_size, hidden_size)),
@@ -154,7 +164,9 @@ class TwoLayerNet:
 
     def numerical_gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         loss_W = lambda W: self.loss(x, t)  # noqa: E731 - as in the book
-        return {key: numerical_gradient(loss_W, self.params[key]) for key in ("W1", "b1", "W2", "b2")}
+        return {
+            key: numerical_gradient(loss_W, self.params[key]) for key in ("W1", "b1", "W2", "b2")
+        }
 
     def gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         self.loss(x, t)

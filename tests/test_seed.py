@@ -108,7 +108,9 @@ def test_relu_edge_values() -> None:
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.smallest_subnormal, -info.max])
     relu = snn.Relu()
     out = relu.forward(x)
-    np.testing.assert_array_equal(out, [0.0, 0.0, np.inf, 0.0, np.nan, info.smallest_subnormal, 0.0])
+    np.testing.assert_array_equal(
+        out, [0.0, 0.0, np.inf, 0.0, np.nan, info.smallest_subnormal, 0.0]
+    )
     assert not np.signbit(out[1])  # the seed writes +0 where x <= 0, -0.0 included
     dx = relu.backward(np.full(x.shape, 2.0))
     np.testing.assert_array_equal(dx, [0.0, 0.0, 2.0, 0.0, 2.0, 2.0, 0.0])
@@ -139,7 +141,9 @@ def test_packed_mask_memory() -> None:
     assert kept is not None and kept.nbytes == math.ceil(n / 8)
     assert plain.mask is not None and plain.mask.nbytes == n  # the seed's bool mask
     assert plain.mask.nbytes / kept.nbytes == pytest.approx(8, rel=1e-5)
-    assert out.nbytes / kept.nbytes == pytest.approx(32, rel=1e-5)  # PyTorch keeps the float32 output
+    assert out.nbytes / kept.nbytes == pytest.approx(
+        32, rel=1e-5
+    )  # PyTorch keeps the float32 output
     np.testing.assert_array_equal(packed.mask, plain.mask)
 
 

@@ -1,5 +1,6 @@
 """scratchnn: a NumPy neural-network library in the style of *Deep Learning from Scratch*."""
 
+from scratchnn.gradient_check import GradcheckResult, gradcheck
 from scratchnn.layers import (
     Affine,
     Elu,
@@ -18,8 +19,6 @@ from scratchnn.layers import (
     Softplus,
     Tanh,
 )
-
-from scratchnn.gradient_check import GradcheckResult, gradcheck
 from scratchnn.models import Sequential
 
 __version__ = "0.1.0"

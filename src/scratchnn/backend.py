@@ -41,9 +41,9 @@ def get_array_module(*arrays: object) -> ModuleType:
     if "cupy" in kinds:
         if any(isinstance(a, np.ndarray) for a in arrays):
             raise TypeError("cannot mix NumPy and CuPy arrays in one call; move them to one device")
-        import cupy  # noqa: PLC0415 - optional, imported only for CuPy arrays
+        import cupy
 
-        return cupy  # type: ignore[no-any-return]
+        return cupy
     return np
 
 
@@ -58,7 +58,7 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
     array = value if isinstance(value, xp.ndarray) else xp.asarray(value)
     dtype = array.dtype
     if dtype.kind in "biu" or dtype in FLOAT_DTYPES:
-        return array  # type: ignore[no-any-return]
+        return array
     raise TypeError(
         f"{who}: unsupported {what} dtype {dtype}; "
         "expected float16, float32, float64, an integer or a bool dtype"

@@ -423,8 +423,13 @@ _PARAM, _OPTIM = "param/", "optim/"
 # The bit generators a state may name; a name from the file is never looked up freely.
 _BIT_GENERATORS: dict[str, type[np.random.BitGenerator]] = {
     cls.__name__: cls
-    for cls in (np.random.PCG64, np.random.PCG64DXSM, np.random.MT19937, np.random.Philox,
-                np.random.SFC64)
+    for cls in (
+        np.random.PCG64,
+        np.random.PCG64DXSM,
+        np.random.MT19937,
+        np.random.Philox,
+        np.random.SFC64,
+    )
 }
 
 
@@ -641,7 +646,7 @@ def _split_tensors(
     for key, array in tensors.items():
         for prefix, group in zip(prefixes, groups, strict=True):
             if key.startswith(prefix):
-                group[key[len(prefix):]] = array
+                group[key[len(prefix) :]] = array
                 break
         else:
             raise CheckpointError(f"{name}: unexpected tensor {key!r} (expected {prefixes})")

@@ -63,6 +63,178 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     demo.set_defaults(run=_run_demo)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _layer_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 256,128, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 256,128, got {text!r}")
+    return sizes
+
+
+# The options that define a network and its training; on --resume they come from the checkpoint.
+_RUN_OPTIONS = ("hidden", "activation", "init", "optimizer", "lr", "weight_decay", "iterations",
+                "batch_size", "dtype", "seed", "limit", "dataset")  # fmt: skip
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"scratchnn {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from scratchnn.checkpoint import CheckpointError
+    from scratchnn.runs import preset_config, train_run
+
+    given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
+    out = args.out if args.out is not None else f"runs/{args.preset}"
+    try:
+        if args.resume:
+            if given or args.preset != "default":
+                names = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset"
+                return _fail(
+                    "train",
+                    f"{names} cannot change a resumed run: its settings come from the checkpoint",
+                )
+            train_run(None, out, resume=True, epochs=args.epochs, data_path=args.data)
+        else:
+            config = preset_config(args.preset, epochs=args.epochs, **given)
+            config.check()
+            train_run(config, out, data_path=args.data)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        return _fail("train", str(error))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; continue with: scratchnn train --resume --out {out}", file=sys.stderr
+        )
+        return 130
+    return 0
+
+
+def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train an MLP on Fashion-MNIST (the main job)",
+        description=(
+            "Train a multi-layer perceptron on Fashion-MNIST with a progress bar, a "
+            "checkpoint after every epoch, and the model, history and learning curve "
+            "written to --out. Without options: the default preset, 784-256-128-10, "
+            "ReLU, He init, Adam lr 0.001, batch 128, 15 epochs."
+        ),
+    )
+    train.add_argument(
+        "--preset",
+        choices=["default", "book", "large"],
+        default="default",
+        help="default: 784-256-128-10 Adam; book: the book's 784-50-10 SGD "
+        "network, 10,000 iterations; large: 784-256-256-10 Adam",
+    )
+    train.add_argument("--hidden", type=_layer_sizes, help="hidden layer sizes, e.g. 256,128")
+    train.add_argument(
+        "--activation",
+        help="relu, sigmoid, tanh, leaky-relu, elu, gelu, gelu-tanh, "
+        "softplus, silu, softmax or identity",
+    )
+    train.add_argument(
+        "--init", help="he, xavier, glorot_normal, glorot_uniform, or a fixed std such as 0.01"
+    )
+    train.add_argument("--optimizer", help="sgd, momentum, nesterov, adagrad, rmsprop or adam")
+    train.add_argument("--lr", type=_finite_float, help="learning rate")
+    train.add_argument("--weight-decay", type=_finite_float, help="L2 weight decay (default 0)")
+    train.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    train.add_argument(
+        "--iterations", type=_positive_int, help="stop after this many optimiser steps"
+    )
+    train.add_argument("--batch-size", type=_positive_int, help="mini-batch size")
+    train.add_argument(
+        "--dtype", choices=["float32", "float64"], help="float32 (default) or float64"
+    )
+    train.add_argument("--seed", type=int, help="seed of the initial weights and the shuffling")
+    train.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
+    train.add_argument(
+        "--dataset", choices=["fashion-mnist", "mnist"], help="default fashion-mnist"
+    )
+    train.add_argument(
+        "--data",
+        help="directory with the IDX files (default: $SCRATCHNN_DATA, "
+        "the download cache, /usr/share/datasets/fashion-mnist)",
+    )
+    train.add_argument("--out", help="output directory (default runs/PRESET)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
+    train.set_defaults(run=_run_train)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from scratchnn.checkpoint import CheckpointError
+    from scratchnn.runs import evaluate_file, format_confusion
+
+    try:
+        accuracy, matrix, names = evaluate_file(args.checkpoint, data_path=args.data)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        return _fail("evaluate", str(error))
+    print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
+    print(format_confusion(matrix, names))
+    return 0
+
+
+def _add_evaluate_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="test accuracy and confusion matrix of a saved model or checkpoint",
+    )
+    evaluate.add_argument("checkpoint", help="a model.safetensors or checkpoint.safetensors file")
+    evaluate.add_argument("--data", help="directory with the IDX files")
+    evaluate.set_defaults(run=_run_evaluate)
+
+
+def _run_data_download(args: argparse.Namespace) -> int:
+    from scratchnn.data import download_dataset
+
+    reported: set[str] = set()
+
+    def report(file_name: str, done: int, total: int | None) -> None:
+        if total is not None and done >= total and file_name not in reported:
+            reported.add(file_name)
+            print(f"  {file_name}: {done:,} bytes", flush=True)
+
+    try:
+        path = download_dataset(args.name, args.dir, base_url=args.base_url, progress=report)
+    except (ValueError, OSError) as error:
+        return _fail("data download", str(error))
+    print(f"{args.name} is in {path}")
+    return 0
+
+
+def _add_data_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    data = subparsers.add_parser("data", help="data sets: download")
+    actions = data.add_subparsers(title="actions", dest="action", metavar="ACTION", required=True)
+    download = actions.add_parser(
+        "download",
+        help="download a data set into the cache, checking each file's SHA-256",
+    )
+    download.add_argument("name", choices=["fashion-mnist", "mnist"])
+    download.add_argument(
+        "--dir", help="target directory (default $SCRATCHNN_DATA or ~/.cache/scratchnn/NAME)"
+    )
+    download.add_argument(
+        "--base-url", help="a mirror: the folder URL the file names are appended to"
+    )
+    download.set_defaults(run=_run_data_download)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``scratchnn`` parser with every subcommand."""
     parser = _Parser(
@@ -75,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", metavar="COMMAND", required=True
     )
     _add_demo_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_evaluate_parser(subparsers)
+    _add_data_parser(subparsers)
     return parser
 
 

@@ -132,8 +132,7 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
     y = fused.forward(x_array)
     fused_grad = float(fused.backward(np.asarray(dout, dtype=dtype)))
     line = (
-        f"check: dout * y * (1 - y) from the fused Sigmoid = {_fmt(fused_grad)} "
-        f"(y = {_fmt(y)})\n"
+        f"check: dout * y * (1 - y) from the fused Sigmoid = {_fmt(fused_grad)} (y = {_fmt(y)})\n"
     )
     if np.isnan(chain_grad):
         return line + (

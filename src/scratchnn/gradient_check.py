@@ -89,4 +89,6 @@ def gradcheck(
             checked += 1
             if error >= worst.max_relative_error:
                 worst = GradcheckResult(error, key, tuple(int(i) for i in index), exact, numeric, 0)
-    return GradcheckResult(worst.max_relative_error, worst.key, worst.index, worst.analytic, worst.numeric, checked)
+    return GradcheckResult(
+        worst.max_relative_error, worst.key, worst.index, worst.analytic, worst.numeric, checked
+    )

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from scratchnn import layers
 from scratchnn.layers.losses import Loss, SoftmaxWithLoss
+
+# The activations a ready-made network can use, by the name the command line takes.
+ACTIVATIONS: dict[str, Any] = {
+    "relu": layers.Relu,
+    "sigmoid": layers.Sigmoid,
+    "tanh": layers.Tanh,
+    "leaky-relu": layers.LeakyRelu,
+    "elu": layers.Elu,
+    "gelu": layers.Gelu,
+    "gelu-tanh": lambda: layers.Gelu(approximate="tanh"),
+    "softplus": layers.Softplus,
+    "silu": layers.Silu,
+    "softmax": layers.Softmax,
+    "identity": layers.Identity,
+}
 
 
 class Sequential:
@@ -36,13 +53,19 @@ class Sequential:
 
     def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
         for i, layer in enumerate(layers):
-            if not (callable(getattr(layer, "forward", None)) and callable(getattr(layer, "backward", None))):
-                raise TypeError(f"Sequential: layer {i} ({layer!r}) has no forward/backward methods")
+            if not (
+                callable(getattr(layer, "forward", None))
+                and callable(getattr(layer, "backward", None))
+            ):
+                raise TypeError(
+                    f"Sequential: layer {i} ({layer!r}) has no forward/backward methods"
+                )
         if loss is not None and not isinstance(loss, Loss):
             raise TypeError(f"Sequential: loss must be a Loss layer, got {loss!r}")
         self.layers = list(layers)
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
+        self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
 
     # -- the parameters ------------------------------------------------------------
 
@@ -54,7 +77,11 @@ class Sequential:
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own arrays."""
-        return {f"{name}{k}": array for k, layer in self._parametrized() for name, array in layer.params.items()}
+        return {
+            f"{name}{k}": array
+            for k, layer in self._parametrized()
+            for name, array in layer.params.items()
+        }
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
@@ -99,7 +126,8 @@ class Sequential:
 
     def loss(self, x: Any, t: Any) -> float:
         """The loss of the prediction for ``x`` against ``t``."""
-        return self.last_layer.forward(self.predict(x), t)
+        self.last_loss = self.last_layer.forward(self.predict(x), t)
+        return self.last_loss
 
     def accuracy(self, x: Any, t: Any) -> float:
         """The fraction of examples whose arg-max prediction equals the label (index or one-hot)."""
@@ -108,7 +136,9 @@ class Sequential:
         if t.ndim == y.ndim + 1:
             t = np.argmax(t, axis=-1)
         if t.shape != y.shape:
-            raise ValueError(f"Sequential.accuracy: labels have shape {t.shape}, predictions {y.shape}")
+            raise ValueError(
+                f"Sequential.accuracy: labels have shape {t.shape}, predictions {y.shape}"
+            )
         return float(np.mean(y == t)) if y.size else 0.0
 
     def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
@@ -137,3 +167,44 @@ class Sequential:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+def mlp(
+    sizes: Sequence[int],
+    *,
+    activation: str = "relu",
+    init: str | float = "he",
+    rng: np.random.Generator,
+    dtype: Any = np.float32,
+    loss: Loss | None = None,
+) -> Sequential:
+    """A multi-layer perceptron: ``Affine`` layers of ``sizes`` with ``activation`` between them.
+
+    ``init`` names a weight initialiser of :mod:`scratchnn.init` ("he",
+    "xavier", ...) or is a fixed standard deviation, the book's
+    ``weight_init_std``; biases start at zero. Weights are drawn from ``rng``.
+
+    >>> net = mlp([784, 50, 10], rng=np.random.default_rng(0))
+    >>> print(net)
+    Sequential(
+      (0): Affine(784, 50, dtype=float32)
+      (1): Relu(packed=False)
+      (2): Affine(50, 10, dtype=float32)
+      loss: SoftmaxWithLoss()
+    )
+    """
+    from scratchnn.init import make_initializer
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    if len(sizes) < 2:
+        raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
+    initializer = make_initializer(init)
+    dtype = np.dtype(dtype)
+    stack: list[Any] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        W = initializer(int(n_in), int(n_out), rng, dtype)
+        stack.append(layers.Affine(W, np.zeros(int(n_out), dtype=dtype)))
+        if i < len(sizes) - 2:
+            stack.append(ACTIVATIONS[activation]())
+    return Sequential(stack, loss)

@@ -299,4 +299,3 @@ class ReciprocalLayer(Layer):
         assert self.out is not None  # the base ran forward first
         y = to_compute(self.out)
         return to_compute(dout) * -(y * y)
-

@@ -386,7 +386,9 @@ class Softmax(Layer):
         try:
             return normalize_axis_index(self.axis, max(ndim, 1))
         except np.exceptions.AxisError as error:
-            raise ValueError(f"Softmax: axis {self.axis} is out of range for {ndim}-d input") from error
+            raise ValueError(
+                f"Softmax: axis {self.axis} is out of range for {ndim}-d input"
+            ) from error
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         axis = self._reduction_axis(x.ndim)

@@ -53,9 +53,7 @@ class Layer:
         """Compute the output from the input(s) and keep what ``backward`` needs."""
         name = type(self).__name__
         if len(inputs) != self.n_inputs:
-            raise TypeError(
-                f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}"
-            )
+            raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         self._out_shape = None  # a failure below must not leave a stale graph behind
         xs = tuple(self._prepare_input(x) for x in inputs)
         self._caller_owned = tuple(
@@ -87,9 +85,7 @@ class Layer:
         grads = self._backward(dout)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
-        return tuple(
-            self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes)
-        )
+        return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hyperparameters)

@@ -82,7 +82,11 @@ class Loss:
                 )
             return t
         if t.shape != x.shape:
-            expected = f"{x.shape[:-1]} (class indices) or {x.shape}" if self.target_kind == "labels" else f"{x.shape}"
+            expected = (
+                f"{x.shape[:-1]} (class indices) or {x.shape}"
+                if self.target_kind == "labels"
+                else f"{x.shape}"
+            )
             raise ValueError(f"{name}: target has shape {t.shape}, expected {expected}")
         return t.astype(x.dtype, copy=False)
 

@@ -1,0 +1,355 @@
+"""A training run on disk: its configuration, presets, output files, checkpoints and resume.
+
+The output directory of a run holds:
+
+* ``checkpoint.safetensors``: weights, optimiser state, generator state, epoch,
+  configuration and history, rewritten atomically after every epoch (a run
+  killed at any moment leaves the last complete one);
+* ``model.safetensors``: the final weights and configuration;
+* ``history.json`` (one list per metric) and ``history.csv``;
+* ``learning_curve.png``: loss and accuracy per epoch, train against test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from scratchnn.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from scratchnn.models import ACTIVATIONS, Sequential, mlp
+from scratchnn.optim import make_optimizer
+from scratchnn.train import History, evaluate, fit, write_text_atomically
+
+DATASETS = ("fashion-mnist", "mnist")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+DTYPES = ("float32", "float64")
+CHECKPOINT_FILE = "checkpoint.safetensors"
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved in its checkpoints as JSON."""
+
+    dataset: str = "fashion-mnist"
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    activation: str = "relu"
+    init: str = "he"
+    optimizer: str = "adam"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    epochs: int = 15
+    iterations: int | None = None
+    batch_size: int = 128
+    dtype: str = "float32"
+    seed: int = 0
+    limit: int | None = None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if not self.hidden or any(int(n) < 1 for n in self.hidden):
+            raise ValueError(f"hidden layer sizes must be positive integers, got {self.hidden}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight decay must be zero or positive, got {self.weight_decay}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        mlp_init_check(self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown run settings {unknown}")
+        config = cls(**data)
+        config.check()
+        return config
+
+
+def mlp_init_check(init: str) -> None:
+    """Raise ``ValueError`` unless ``init`` names an initialiser or is a positive std."""
+    from scratchnn.init import make_initializer
+
+    try:
+        std = float(init)
+    except ValueError:
+        make_initializer(init)
+        return
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"a fixed weight_init_std must be positive, got {init}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 784-256-128-10, ReLU, He init, Adam: about 89% in about a minute on 2 cores.
+    "default": {},
+    # The book's chapter-5 network (train_neuralnet.py): 784-50-10, ReLU,
+    # weight_init_std 0.01, SGD lr 0.1, batch 100, 10,000 iterations.
+    "book": {
+        "hidden": [50],
+        "activation": "relu",
+        "init": "0.01",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "batch_size": 100,
+        "iterations": 10_000,
+        "epochs": 17,
+    },
+    # A larger MLP: 784-256-256-10 with Adam.
+    "large": {
+        "hidden": [256, 256],
+        "optimizer": "adam",
+        "lr": 0.001,
+        "batch_size": 128,
+        "epochs": 20,
+    },
+}
+
+
+def preset_config(name: str, **overrides: Any) -> RunConfig:
+    """The configuration of a preset, with ``overrides`` (None values ignored) applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return RunConfig(**settings)
+
+
+def check_writable_directory(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` if needed and prove it writable, else raise ``ValueError``."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to output directory {directory}: {error.strerror or error}"
+        ) from None
+    return directory
+
+
+def build_network(
+    config: RunConfig, rng: np.random.Generator, n_in: int = 784, n_out: int = 10
+) -> Sequential:
+    """The MLP a configuration describes, initialised from ``rng``."""
+    init: str | float = config.init
+    try:
+        init = float(config.init)
+    except ValueError:
+        pass
+    return mlp(
+        [n_in, *config.hidden, n_out],
+        activation=config.activation,
+        init=init,
+        rng=rng,
+        dtype=np.dtype(config.dtype),
+    )
+
+
+def load_data(
+    config: RunConfig, data_path: str | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The run's data set, normalised and flattened, in the run's dtype; ``limit`` cuts the training set."""
+    from scratchnn.data import load_fashion_mnist, load_mnist
+
+    loader = load_fashion_mnist if config.dataset == "fashion-mnist" else load_mnist
+    (x_train, t_train), (x_test, t_test) = loader(
+        data_path, normalize=True, flatten=True, one_hot_label=False
+    )
+    dtype = np.dtype(config.dtype)
+    if config.limit is not None:
+        x_train, t_train = x_train[: config.limit], t_train[: config.limit]
+    return (x_train.astype(dtype, copy=False), t_train), (x_test.astype(dtype, copy=False), t_test)
+
+
+def train_run(
+    config: RunConfig | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    epochs: int | None = None,
+    data_path: str | None = None,
+    stream: TextIO | None = None,
+    progress_stream: TextIO | None = None,
+) -> History:
+    """Train as ``config`` says, writing checkpoints and results into ``out_dir``.
+
+    With ``resume=True`` the run continues from ``out_dir/checkpoint.safetensors``
+    with the configuration saved there (``config`` must be None; ``epochs`` may
+    raise the number of epochs), and ends with the same weights, bit for bit,
+    as a run that was never stopped. Every setting and the output directory
+    are checked before any work starts.
+    """
+    stream = stream if stream is not None else sys.stdout
+    if (config is None) != resume:
+        raise ValueError(
+            "give a configuration for a new run, or resume=True to continue one, not both"
+        )
+    out = check_writable_directory(out_dir)
+    history: History | None = None
+    if resume:
+        if not (out / CHECKPOINT_FILE).exists():
+            raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
+        checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
+        config = RunConfig.from_dict(checkpoint.config)
+    assert config is not None
+    if epochs is not None:
+        config.epochs = epochs
+    config.check()
+    train_data, test_data = load_data(config, data_path)
+    rng = np.random.default_rng(config.seed)
+    network = build_network(config, rng, n_in=train_data[0].shape[1])
+    optimizer = make_optimizer(config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    if resume:
+        network.load_state(checkpoint.params)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        rng = checkpoint.rng()
+        history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
+        print(f"resuming {out} after epoch {len(history)} of {config.epochs}", file=stream)
+
+    def save_epoch(epoch: int, run_history: History) -> None:
+        save_checkpoint(
+            out / CHECKPOINT_FILE,
+            params=network.state(),
+            optimizer_state=optimizer.state_dict(),
+            rng=rng,
+            epoch=epoch,
+            config=config.to_dict(),
+            metadata={"history": run_history.to_json()},
+        )
+        write_text_atomically(out / "history.json", run_history.to_json() + "\n")
+        write_text_atomically(out / "history.csv", run_history.to_csv())
+        i = -1
+        print(
+            f"epoch {epoch:>3}/{config.epochs}  train loss {run_history.train_loss[i]:.4f} "
+            f"acc {100 * run_history.train_acc[i]:.2f}%  test loss {run_history.test_loss[i]:.4f} "
+            f"acc {100 * run_history.test_acc[i]:.2f}%  {run_history.seconds[i]:.1f}s",
+            file=stream,
+            flush=True,
+        )
+
+    history = fit(
+        network,
+        optimizer,
+        train_data,
+        test_data,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        rng=rng,
+        max_iterations=config.iterations,
+        history=history,
+        callbacks=[save_epoch],
+        progress_stream=progress_stream,
+    )
+    save_model(out / MODEL_FILE, network.state(), config.to_dict())
+    try:
+        from scratchnn.plots import plot_learning_curve
+
+        sizes = "-".join(str(n) for n in [train_data[0].shape[1], *config.hidden, 10])
+        plot_learning_curve(
+            history,
+            out / "learning_curve.png",
+            title=f"{config.dataset} MLP {sizes}, {config.activation}, {config.optimizer}",
+        )
+    except RuntimeError as error:  # matplotlib missing: the run itself still succeeded
+        print(f"note: no learning_curve.png ({error})", file=stream)
+    if len(history):
+        print(
+            f"final test accuracy {100 * history.test_acc[-1]:.2f}% after {len(history)} epochs",
+            file=stream,
+        )
+    print(
+        f"wrote {out / MODEL_FILE}, {out / CHECKPOINT_FILE}, history.json, history.csv, learning_curve.png in {out}",
+        file=stream,
+    )
+    return history
+
+
+def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
+    """Rebuild the network saved in a model or checkpoint file."""
+    params, config_dict = load_model(path)
+    config = RunConfig.from_dict(config_dict)
+    first = params.get("W1")
+    n_in = first.shape[0] if first is not None else 784
+    network = build_network(config, np.random.default_rng(0), n_in=n_in)
+    try:
+        network.load_state(params)
+    except ValueError as error:
+        raise ValueError(
+            f"{os.fspath(path)}: the weights do not fit the saved configuration: {error}"
+        ) from None
+    return network, config
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts of (true label, predicted label) pairs."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def evaluate_file(
+    path: str | os.PathLike[str], *, data_path: str | None = None
+) -> tuple[float, np.ndarray, list[str]]:
+    """Test accuracy, confusion matrix and class names of a saved model on its data set."""
+    from scratchnn.data import FASHION_MNIST_CLASSES
+
+    network, config = load_network(path)
+    _, (x_test, t_test) = load_data(config, data_path)
+    network.eval()
+    _, accuracy = evaluate(network, x_test, t_test)
+    predictions = np.concatenate(
+        [
+            np.argmax(network.predict(x_test[i : i + 1000]), axis=1)
+            for i in range(0, len(x_test), 1000)
+        ]
+    )
+    names = (
+        list(FASHION_MNIST_CLASSES)
+        if config.dataset == "fashion-mnist"
+        else [str(i) for i in range(10)]
+    )
+    return accuracy, confusion_matrix(t_test.astype(np.int64), predictions, 10), names
+
+
+def format_confusion(matrix: np.ndarray, names: list[str]) -> str:
+    """The confusion matrix as a text table: rows are true classes, columns predictions."""
+    width = max(5, *(len(str(v)) for v in matrix.ravel()))
+    label_width = max(len(n) for n in names)
+    header = " " * (label_width + 2) + " ".join(f"{i:>{width}}" for i in range(len(names)))
+    rows = [
+        f"{name:>{label_width}} |" + " ".join(f"{v:>{width}}" for v in row) + f"   ({i})"
+        for i, (name, row) in enumerate(zip(names, matrix))
+    ]
+    return "\n".join(["rows: true class, columns: predicted class", header, *rows])

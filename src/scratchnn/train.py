@@ -1,0 +1,175 @@
+"""The training loop: ``fit`` a network with an optimiser, and its history.
+
+``fit`` runs epochs of shuffled mini-batches (shuffled by a seeded
+``numpy.random.Generator``, so the same seed gives the same run bit for bit),
+evaluates on the training and test sets after each epoch, shows a progress
+bar on a terminal and calls back once per epoch, which is where the command
+line writes its checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from scratchnn.data.batches import iterate_minibatches
+from scratchnn.progress import ProgressBar
+
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+
+@dataclass
+class History:
+    """Per-epoch metrics, one list per metric (the layout of Keras's ``History.history``)."""
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def append(self, **row: float) -> None:
+        """Add one epoch's metrics (every key of ``HISTORY_KEYS``)."""
+        for key in HISTORY_KEYS:
+            value = row[key]
+            getattr(self, key).append(int(value) if key == "epoch" else float(value))
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {key: list(getattr(self, key)) for key in HISTORY_KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """Rebuild a history, checking that every metric is present and of one length."""
+        if not isinstance(data, dict) or set(HISTORY_KEYS) - set(data):
+            raise ValueError(f"history must have the keys {list(HISTORY_KEYS)}")
+        lengths = {len(data[key]) for key in HISTORY_KEYS}
+        if len(lengths) != 1:
+            raise ValueError("history lists have different lengths")
+        history = cls()
+        for key in HISTORY_KEYS:
+            getattr(history, key).extend(data[key])
+        return history
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(HISTORY_KEYS)
+        for i in range(len(self.epoch)):
+            writer.writerow([getattr(self, key)[i] for key in HISTORY_KEYS])
+        return buffer.getvalue()
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def evaluate(
+    network: Any, x: np.ndarray, t: np.ndarray, *, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Mean loss and accuracy of ``network`` on ``(x, t)``, in evaluation mode, in batches."""
+    was_training = getattr(network, "training", False)
+    network.eval()
+    total_loss, correct, n = 0.0, 0, len(x)
+    try:
+        for start in range(0, n, batch_size):
+            xb, tb = x[start : start + batch_size], t[start : start + batch_size]
+            scores = network.predict(xb)
+            total_loss += network.last_layer.forward(scores, tb) * len(xb)
+            labels = tb if tb.ndim == 1 else np.argmax(tb, axis=1)
+            correct += int(np.sum(np.argmax(scores, axis=1) == labels))
+    finally:
+        network.train(was_training)
+    return total_loss / max(n, 1), correct / max(n, 1)
+
+
+def fit(
+    network: Any,
+    optimizer: Any,
+    train_data: tuple[np.ndarray, np.ndarray],
+    test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    max_iterations: int | None = None,
+    history: History | None = None,
+    callbacks: Iterable[Callable[[int, History], None]] = (),
+    progress_stream: TextIO | None = None,
+) -> History:
+    """Train ``network`` with ``optimizer`` and return the history.
+
+    Each epoch shuffles ``train_data`` with ``rng`` and takes one optimiser step
+    per mini-batch; then it records the loss and accuracy on the training and
+    test data and the epoch's seconds, and calls every callback with
+    ``(epoch, history)``. A ``history`` passed in (from a checkpoint) is
+    continued: training starts at epoch ``len(history) + 1``.
+    ``max_iterations`` stops after that many optimiser steps in all (the
+    book's ``iters_num``); the last epoch may then be partial.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(
+            f"fit: epochs and batch_size must be positive, got {epochs} and {batch_size}"
+        )
+    x_train, t_train = train_data
+    history = history if history is not None else History()
+    batches_per_epoch = math.ceil(len(x_train) / batch_size)
+    iterations_done = len(history) * batches_per_epoch
+    for epoch in range(len(history) + 1, epochs + 1):
+        if max_iterations is not None and iterations_done >= max_iterations:
+            break
+        started = time.perf_counter()
+        network.train()
+        steps = batches_per_epoch
+        if max_iterations is not None:
+            steps = min(steps, max_iterations - iterations_done)
+        bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
+        running = 0.0
+        batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
+        for step, (xb, tb) in enumerate(batches, start=1):
+            grads = network.gradient(xb, tb)
+            optimizer.update(network.params, grads)
+            running += (network.last_loss - running) / step
+            bar.update(loss=running)
+            if step == steps:
+                break
+        iterations_done += steps
+        bar.close()
+        train_loss, train_acc = evaluate(network, x_train, t_train)
+        test_loss, test_acc = (
+            evaluate(network, *test_data) if test_data is not None else (math.nan, math.nan)
+        )
+        history.append(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            test_loss=test_loss,
+            test_acc=test_acc,
+            seconds=time.perf_counter() - started,
+        )
+        for callback in callbacks:
+            callback(epoch, history)
+    return history

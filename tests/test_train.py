@@ -1,0 +1,249 @@
+"""Training runs: learning on real data, reproducibility, checkpoints, resume, the command line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import scratchnn as snn
+from scratchnn.checkpoint import CheckpointError, load_checkpoint, load_model
+from scratchnn.cli import main
+from scratchnn.data import find_dataset_files
+from scratchnn.optim import make_optimizer
+from scratchnn.runs import RunConfig, preset_config, train_run
+from scratchnn.train import History, fit
+
+try:
+    find_dataset_files("fashion-mnist")
+    HAVE_DATA = True
+except FileNotFoundError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+)
+
+
+CENTRES = 3 * np.random.default_rng(123).standard_normal((10, 20))
+
+
+def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Ten Gaussian clusters in 20 dimensions: generated data a network can learn."""
+    centres = CENTRES
+    t = rng.integers(0, 10, n)
+    return (centres[t] + rng.standard_normal((n, 20))).astype(np.float32), t
+
+
+def small_config(**overrides: object) -> RunConfig:
+    settings: dict[str, object] = {"hidden": [32], "epochs": 2, "limit": 2000, "batch_size": 100}
+    settings.update(overrides)
+    return preset_config("default", **settings)
+
+
+def test_fit_learns_generated_data() -> None:
+    rng = np.random.default_rng(0)
+    train, test = blobs(2000, rng), blobs(500, rng)
+    net = snn.models.mlp([20, 32, 10], rng=rng)
+    history = fit(
+        net, make_optimizer("adam", lr=0.01), train, test, epochs=5, batch_size=50, rng=rng
+    )
+    assert len(history) == 5 and history.epoch == [1, 2, 3, 4, 5]
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0] or history.train_loss[-1] < 0.05
+    assert history.test_acc[-1] > 0.9  # chance is 0.1
+
+
+def test_fit_stops_after_max_iterations() -> None:
+    rng = np.random.default_rng(1)
+    net = snn.models.mlp([20, 8, 10], rng=rng)
+    calls: list[int] = []
+
+    class Counting:
+        def __init__(self) -> None:
+            self.inner = make_optimizer("sgd", lr=0.1)
+
+        def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+            calls.append(1)
+            self.inner.update(params, grads)
+
+    history = fit(
+        net, Counting(), blobs(1000, rng), epochs=10, batch_size=100, rng=rng, max_iterations=25
+    )
+    assert len(calls) == 25 and len(history) == 3  # two full epochs and a partial one
+
+
+@needs_data
+def test_a_small_network_learns_fashion_mnist(tmp_path: Path) -> None:
+    history = train_run(small_config(epochs=3), tmp_path, stream=io.StringIO())
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.test_acc[-1] > 0.7  # chance is 0.1; 2,000 examples and 3 epochs
+
+
+@needs_data
+def test_the_same_seed_gives_the_same_run_bit_for_bit(tmp_path: Path) -> None:
+    train_run(small_config(), tmp_path / "a", stream=io.StringIO())
+    train_run(small_config(), tmp_path / "b", stream=io.StringIO())
+    train_run(small_config(seed=1), tmp_path / "c", stream=io.StringIO())
+    a, _ = load_model(tmp_path / "a" / "model.safetensors")
+    b, _ = load_model(tmp_path / "b" / "model.safetensors")
+    c, _ = load_model(tmp_path / "c" / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["W1"], c["W1"])
+
+
+@needs_data
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    train_run(small_config(epochs=4), tmp_path / "straight", stream=io.StringIO())
+    train_run(small_config(epochs=2), tmp_path / "split", stream=io.StringIO())
+    history = train_run(None, tmp_path / "split", resume=True, epochs=4, stream=io.StringIO())
+    assert history.epoch == [1, 2, 3, 4]
+    straight, _ = load_model(tmp_path / "straight" / "model.safetensors")
+    split, _ = load_model(tmp_path / "split" / "model.safetensors")
+    assert all(np.array_equal(straight[k], split[k]) for k in straight)
+    saved = json.loads((tmp_path / "split" / "history.json").read_text())
+    assert (
+        saved["test_acc"]
+        == json.loads((tmp_path / "straight" / "history.json").read_text())["test_acc"]
+    )
+
+
+@needs_data
+def test_kill_9_mid_run_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path: Path) -> None:
+    args = ["train", "--hidden", "16", "--limit", "600", "--batch-size", "100", "--epochs", "16"]
+    straight = tmp_path / "straight"
+    assert main([*args, "--out", str(straight)]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scratchnn", *args, "--out", str(killed)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:  # wait for a few epochs, then kill in the middle of one
+        if line.startswith(b"epoch   5/"):
+            break
+    time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+    checkpoint = load_checkpoint(killed / "checkpoint.safetensors")
+    assert 5 <= checkpoint.epoch < 16
+    assert main(["train", "--resume", "--out", str(killed)]) == 0
+    a, _ = load_model(straight / "model.safetensors")
+    b, _ = load_model(killed / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_output_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["train", "--hidden", "16", "--limit", "500", "--epochs", "2", "--out", str(tmp_path)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "final test accuracy" in printed and str(tmp_path) in printed
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert list(history) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+    assert history["epoch"] == [1, 2] and all(len(v) == 2 for v in history.values())
+    csv_lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert (
+        csv_lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,seconds"
+        and len(csv_lines) == 3
+    )
+    png = (tmp_path / "learning_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 600 and height > 250
+    assert History.from_dict(history).test_acc == history["test_acc"]
+
+
+@needs_data
+def test_evaluate_prints_accuracy_and_confusion_matrix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["train", "--hidden", "16", "--limit", "500", "--epochs", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "model.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert f"test accuracy {100 * history['test_acc'][-1]:.2f}%" in printed
+    for name in ("T-shirt/top", "Trouser", "Ankle boot"):
+        assert name in printed
+    rows = [line for line in printed.splitlines() if "|" in line]
+    assert (
+        len(rows) == 10
+        and sum(int(v) for row in rows for v in row.split("|")[1].split()[:10]) == 10000
+    )
+
+
+def run_cli(argv: list[str]) -> int:
+    """``main(argv)``'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs"),
+        (["--lr", "-0.1"], "learning rate"),
+        (["--lr", "nan"], "lr"),
+        (["--activation", "swish"], "activation"),
+        (["--optimizer", "lbfgs"], "optimizer"),
+        (["--init", "zeros!"], "initializer"),
+        (["--hidden", "0"], "hidden"),
+        (["--batch-size", "-5"], "batch-size"),
+    ],
+)
+def test_bad_options_fail_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["train", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "output directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_of_a_corrupt_checkpoint_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert main(["train", "--resume", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.safetensors" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "checkpoint.safetensors")
+
+
+def test_resume_refuses_changed_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--resume", "--lr", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_book_preset_is_the_books_network() -> None:
+    config = preset_config("book")
+    assert config.hidden == [50] and config.activation == "relu" and config.init == "0.01"
+    assert config.optimizer == "sgd" and config.lr == 0.1 and config.batch_size == 100
+    assert config.iterations == 10_000
