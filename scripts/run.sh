@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "train"
-.venv/bin/scratchnn demo
+.venv/bin/scratchnn train "$@"

@@ -614,3 +614,9 @@ def test_save_checkpoint_refuses_bad_arguments(
 def test_epoch_accepts_numpy_integers(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt.safetensors", **{**make_run(), "epoch": np.int64(5)})
     assert load_checkpoint(tmp_path / "ckpt.safetensors").epoch == 5
+
+
+def test_saved_files_are_not_executable(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    save_safetensors(path, {"a": np.ones(2)})
+    assert os.stat(path).st_mode & 0o111 == 0

@@ -79,6 +79,27 @@ def test_fit_stops_after_max_iterations() -> None:
     assert len(calls) == 25 and len(history) == 3  # two full epochs and a partial one
 
 
+def test_lr_decay_schedule_depends_on_the_epoch_alone() -> None:
+    rng = np.random.default_rng(2)
+    net = snn.models.mlp([20, 8, 10], rng=rng)
+    seen: list[float] = []
+
+    class Recording:
+        lr = 0.5
+
+        def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+            seen.append(self.lr)
+
+    optimizer = Recording()
+    history = fit(net, optimizer, blobs(200, rng), epochs=2, batch_size=100, rng=rng, lr_decay=0.5)
+    assert seen == [0.5, 0.5, 0.25, 0.25]
+    seen.clear()
+    fit(net, optimizer, blobs(200, rng), epochs=3, batch_size=100, rng=rng, lr_decay=0.5, history=history)
+    assert seen == [0.125, 0.125] and optimizer.lr == 0.5  # epoch 3 only; the base rate is restored
+    with pytest.raises(ValueError, match="lr_decay"):
+        fit(net, optimizer, blobs(200, rng), epochs=1, batch_size=100, rng=rng, lr_decay=1.5)
+
+
 @needs_data
 def test_a_small_network_learns_fashion_mnist(tmp_path: Path) -> None:
     history = train_run(small_config(epochs=3), tmp_path, stream=io.StringIO())
@@ -205,6 +226,7 @@ def run_cli(argv: list[str]) -> int:
         (["--init", "zeros!"], "initializer"),
         (["--hidden", "0"], "hidden"),
         (["--batch-size", "-5"], "batch-size"),
+        (["--lr-decay", "1.5"], "decay"),
     ],
 )
 def test_bad_options_fail_with_one_line(

@@ -24,8 +24,12 @@ from scratchnn.models import Sequential
 __version__ = "0.1.0"
 
 __all__ = [
+    "AddConstLayer",
+    "AddLayer",
     "Affine",
+    "Chain",
     "Elu",
+    "ExpLayer",
     "Gelu",
     "GradcheckResult",
     "Identity",
@@ -33,6 +37,9 @@ __all__ = [
     "LeakyRelu",
     "Loss",
     "MeanSquaredError",
+    "MulConstLayer",
+    "MulLayer",
+    "ReciprocalLayer",
     "Relu",
     "Sequential",
     "Sigmoid",
@@ -44,4 +51,5 @@ __all__ = [
     "Tanh",
     "__version__",
     "gradcheck",
+    "mlp",
 ]

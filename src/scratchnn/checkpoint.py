@@ -195,7 +195,8 @@ def _atomic_write(path: str, header: bytes, arrays: list[np.ndarray]) -> None:
     _remove_stale_temporaries(directory, filename)
     temporary = os.path.join(directory, f".{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # O_EXCL: never write into a file that someone else is writing.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(temporary, flags, 0o666)  # a data file: rw for all, less the umask, never executable
     try:
         with open(fd, "wb") as file:
             file.write(header)

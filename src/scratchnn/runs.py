@@ -46,6 +46,7 @@ class RunConfig:
     init: str = "he"
     optimizer: str = "adam"
     lr: float = 0.001
+    lr_decay: float = 1.0
     weight_decay: float = 0.0
     epochs: int = 15
     iterations: int | None = None
@@ -70,6 +71,8 @@ class RunConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"the learning-rate decay must lie in (0, 1], got {self.lr_decay}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight decay must be zero or positive, got {self.weight_decay}")
         if self.epochs < 1:
@@ -112,8 +115,9 @@ def mlp_init_check(init: str) -> None:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 784-256-128-10, ReLU, He init, Adam: about 89% in about a minute on 2 cores.
-    "default": {},
+    # 784-256-128-10, ReLU, He init, Adam with the rate decayed by 0.85 each
+    # epoch, 15 epochs: about 89.5% in about a minute on 2 cores.
+    "default": {"lr_decay": 0.85},
     # The book's chapter-5 network (train_neuralnet.py): 784-50-10, ReLU,
     # weight_init_std 0.01, SGD lr 0.1, batch 100, 10,000 iterations.
     "book": {
@@ -131,6 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden": [256, 256],
         "optimizer": "adam",
         "lr": 0.001,
+        "lr_decay": 0.85,
         "batch_size": 128,
         "epochs": 20,
     },
@@ -268,6 +273,7 @@ def train_run(
         batch_size=config.batch_size,
         rng=rng,
         max_iterations=config.iterations,
+        lr_decay=config.lr_decay,
         history=history,
         callbacks=[save_epoch],
         progress_stream=progress_stream,

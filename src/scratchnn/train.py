@@ -116,6 +116,7 @@ def fit(
     batch_size: int,
     rng: np.random.Generator,
     max_iterations: int | None = None,
+    lr_decay: float = 1.0,
     history: History | None = None,
     callbacks: Iterable[Callable[[int, History], None]] = (),
     progress_stream: TextIO | None = None,
@@ -128,8 +129,16 @@ def fit(
     ``(epoch, history)``. A ``history`` passed in (from a checkpoint) is
     continued: training starts at epoch ``len(history) + 1``.
     ``max_iterations`` stops after that many optimiser steps in all (the
-    book's ``iters_num``); the last epoch may then be partial.
+    book's ``iters_num``); the last epoch may then be partial. ``lr_decay``
+    multiplies the optimiser's learning rate by that factor after every epoch
+    (epoch k runs at ``lr * lr_decay**(k - 1)``, a function of the epoch alone,
+    so a resumed run continues the same schedule).
     """
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"fit: lr_decay must lie in (0, 1], got {lr_decay}")
+    base_lr = getattr(optimizer, "lr", None)
+    if lr_decay != 1.0 and base_lr is None:
+        raise TypeError("fit: lr_decay needs an optimiser with an `lr` attribute")
     if epochs < 1 or batch_size < 1:
         raise ValueError(
             f"fit: epochs and batch_size must be positive, got {epochs} and {batch_size}"
@@ -142,6 +151,8 @@ def fit(
         if max_iterations is not None and iterations_done >= max_iterations:
             break
         started = time.perf_counter()
+        if base_lr is not None and lr_decay != 1.0:
+            optimizer.lr = base_lr * lr_decay ** (epoch - 1)
         network.train()
         steps = batches_per_epoch
         if max_iterations is not None:
@@ -172,4 +183,6 @@ def fit(
         )
         for callback in callbacks:
             callback(epoch, history)
+    if lr_decay != 1.0:
+        optimizer.lr = base_lr
     return history
