@@ -37,6 +37,8 @@ class Case:
     # PyTorch for layers where PyTorch's own formula is the less accurate one
     # (those layers are held to mpmath in test_accuracy.py instead).
     torch_atol_eps: float = 0.0
+    # False for primitive nodes that overflow by design (exp, 1/x).
+    finite_everywhere: bool = True
 
     def torch_atol(self, dtype: Any) -> float:
         return self.torch_atol_eps * float(np.finfo(dtype).eps)
@@ -78,6 +80,20 @@ CASES: list[Case] = [
     Case("Softmax", snn.Softmax, lambda t: torch.softmax(t, dim=-1)),
     Case("Softmax(axis=0)", lambda: snn.Softmax(axis=0), lambda t: torch.softmax(t, dim=0)),
     Case("Identity", snn.Identity, lambda t: t * 1),
+    # The seed's computational-graph nodes. exp and 1/x are the primitive nodes
+    # whose overflow the fused Sigmoid exists to avoid, so they are exempt from
+    # the range-ends test (tests/test_graph.py shows where they break).
+    Case("MulConstLayer(-1)", lambda: snn.MulConstLayer(-1.0), lambda t: t * -1.0),
+    Case("AddConstLayer(1)", lambda: snn.AddConstLayer(1.0), lambda t: t + 1.0),
+    Case("ExpLayer", snn.ExpLayer, torch.exp, finite_everywhere=False),
+    Case(
+        "ReciprocalLayer",
+        snn.ReciprocalLayer,
+        torch.reciprocal,
+        kinks=(0.0,),
+        scale=1.0,
+        finite_everywhere=False,
+    ),
 ]
 
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]

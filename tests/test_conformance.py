@@ -16,6 +16,7 @@ from conformance import (
     CASES,
     FLOAT_DTYPES,
     Case,
+    away_from_kinks,
     float_extremes,
     numerical_gradient,
     random_input,
@@ -81,7 +82,7 @@ def test_non_finite_inputs_match_torch(case: Case) -> None:
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0])
     if "Softmax" in case.name:
         x = x[:1]  # a softmax over infinities is NaN by definition; checked elsewhere
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # 1/0 is inf by definition
         out = case.make().forward(x)
     want, _ = torch_forward_backward(case, x, np.ones_like(x))
     np.testing.assert_allclose(out, want, rtol=1e-15, atol=0)  # inf and NaN must match exactly
@@ -143,6 +144,8 @@ def test_float_dtypes_are_kept(case: Case, dtype: type) -> None:
 @pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint8, np.bool_])
 def test_integer_inputs(case: Case, dtype: type) -> None:
     x = np.array([3, 0, 1, 2], dtype=dtype) if dtype != np.int8 else np.array([-3, 0, 1, 2], dtype)
+    if not case.finite_everywhere:
+        x = x[x != 0]  # 1/0: the primitive node's pole
     layer = case.make()
     out = layer.forward(x)
     expected_dtype = np.dtype(dtype) if case.keeps_int else np.dtype(np.float64)
@@ -234,6 +237,8 @@ def test_caller_edits_cannot_corrupt_backward(case: Case) -> None:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_no_warnings_or_non_finite_at_range_ends(case: Case, dtype: type) -> None:
+    if not case.finite_everywhere:
+        pytest.skip(f"{case.name} overflows by design: it is a primitive node of the seed's graph")
     x = float_extremes(dtype)
     if "axis=0" in case.name:
         x = x.reshape(-1, 1)
@@ -255,6 +260,8 @@ def test_no_warnings_or_non_finite_at_range_ends(case: Case, dtype: type) -> Non
     )
 )
 def test_property_shape_dtype_and_agreement_with_torch(case: Case, x: np.ndarray) -> None:
+    if not case.finite_everywhere:  # keep primitive nodes off their poles (1/x near 0)
+        x = away_from_kinks(x, case.kinks).astype(x.dtype)
     dout = np.ones_like(x)
     with warnings.catch_warnings(), np.errstate(over="raise", divide="raise", invalid="raise"):
         warnings.simplefilter("error")

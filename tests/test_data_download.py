@@ -259,3 +259,28 @@ def test_pinned_hashes() -> None:
         hashes_of({name: (debian / name).read_bytes() for name in IDX_FILES})
         == SHA256["fashion-mnist"]
     )
+
+
+def test_cli_download_with_the_pinned_hashes(
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The Debian package ships the upstream files, so serving them exercises the
+    # real pinned SHA-256s end to end through `scratchnn data download`.
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if not (debian / BIG).exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    from scratchnn.cli import main
+
+    for name in IDX_FILES:
+        server.files[name] = (debian / name).read_bytes()
+    target = tmp_path / "cache"
+    assert main(["data", "download", "fashion-mnist", "--base-url", server.url, "--dir", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert str(target) in printed
+    for name in IDX_FILES:
+        assert (target / name).read_bytes() == (debian / name).read_bytes()
+    server.files[BIG] = server.files[BIG][:-1] + b"\x00"  # a corrupted mirror, into a fresh folder
+    assert main(["data", "download", "fashion-mnist", "--base-url", server.url, "--dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert BIG in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad" / BIG).exists()

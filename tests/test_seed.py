@@ -171,3 +171,8 @@ def test_softmax_large_logits() -> None:
     with np.errstate(over="raise", divide="raise", invalid="raise"):
         y = snn.Softmax().forward(x)
     np.testing.assert_allclose(y, [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], atol=0)
+
+
+def test_every_public_name_exists() -> None:
+    missing = [name for name in snn.__all__ if not hasattr(snn, name)]
+    assert missing == []

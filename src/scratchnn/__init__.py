@@ -1,6 +1,15 @@
 """scratchnn: a NumPy neural-network library in the style of *Deep Learning from Scratch*."""
 
 from scratchnn.gradient_check import GradcheckResult, gradcheck
+from scratchnn.graph import (
+    AddConstLayer,
+    AddLayer,
+    Chain,
+    ExpLayer,
+    MulConstLayer,
+    MulLayer,
+    ReciprocalLayer,
+)
 from scratchnn.layers import (
     Affine,
     Elu,
@@ -19,7 +28,7 @@ from scratchnn.layers import (
     Softplus,
     Tanh,
 )
-from scratchnn.models import Sequential
+from scratchnn.models import Sequential, mlp
 
 __version__ = "0.1.0"
 
