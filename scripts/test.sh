@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "test,train"
-.venv/bin/ruff check src tests benchmarks
+lint_paths=(src tests)
+[ -d benchmarks ] && lint_paths+=(benchmarks)
+.venv/bin/ruff check "${lint_paths[@]}"
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
