@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
+
+from scratchnn.files import atomic_path
 
 
 def _pyplot() -> Any:
@@ -19,11 +20,9 @@ def _pyplot() -> Any:
 
 
 def save_figure_atomically(figure: Any, path: str | os.PathLike[str]) -> None:
-    """Save a matplotlib figure to a temporary name, then rename it over ``path``."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
-    os.replace(temporary, path)
+    """Save a matplotlib figure through a temporary file renamed over ``path``."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
 
 
 def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: str = "") -> None:

@@ -25,9 +25,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from scratchnn.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from scratchnn.files import write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, mlp
 from scratchnn.optim import make_optimizer
-from scratchnn.train import History, evaluate, fit, write_text_atomically
+from scratchnn.train import History, evaluate, fit
 
 DATASETS = ("fashion-mnist", "mnist")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
