@@ -69,12 +69,29 @@ class Relu(Layer):
             self._mask, self._mask_shape = np.packbits(mask, axis=None), mask.shape
         else:
             self._mask = mask
-        return np.asarray(np.where(mask, np.zeros((), x.dtype), x))
+        return _zero_where(mask, x)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         mask = self.mask
         assert mask is not None  # forward ran: the base checks it
-        return np.asarray(np.where(mask, np.zeros((), dout.dtype), dout))
+        return _zero_where(mask, dout)
+
+
+def _zero_where(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.where(mask, 0, values)``, bit for bit, in one branch-free pass.
+
+    Why not ``np.where``: on a random mask it mispredicts a branch per element
+    and runs about 10 times slower than this. ``values * ~mask`` would be as
+    fast but turns an infinite or NaN ``values`` entry under the mask into NaN.
+    Here each element's bits are ANDed with 0 (under the mask) or all ones: a
+    bool is 0 or 1, so as ``int8`` minus 1 it is -1 (all bits set) or 0, and
+    ``bitwise_and`` widens that int8 to the values' width with its sign.
+    """
+    keep_bits = mask.view(np.int8) - np.int8(1)
+    as_int = np.dtype(f"i{values.dtype.itemsize}")
+    out = np.empty(values.shape, values.dtype)
+    np.bitwise_and(values.view(as_int), keep_bits, out=out.view(as_int))
+    return out
 
 
 class Sigmoid(Layer):
