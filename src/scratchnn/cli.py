@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import NoReturn
 
@@ -240,6 +241,124 @@ def _add_data_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     download.set_defaults(run=_run_data_download)
 
 
+# The options each drawing takes beyond --out and --format; any other given option is an error.
+_GRAPH_OPTIONS = {
+    "sigmoid": ("x", "dout", "step", "form"),
+    "relu": ("x", "dout"),
+    "mul": ("dout",),
+    "add": ("dout",),
+    "network": ("sizes", "batch", "seed"),
+}
+
+
+def _run_graph(args: argparse.Namespace) -> int:
+    from scratchnn.graph.draw import DRAWINGS, FORMATS, GraphvizNotFoundError, render
+
+    allowed = _GRAPH_OPTIONS[args.name]
+    given = {
+        name: getattr(args, name)
+        for name in ("x", "dout", "step", "form", "sizes", "batch", "seed")
+        if getattr(args, name) is not None
+    }
+    wrong = [name for name in given if name not in allowed]
+    if wrong:
+        options = ", ".join("--" + name for name in wrong)
+        return _fail("graph", f"{options} does not apply to the {args.name} graph")
+    fmt = args.format
+    if args.out is not None:
+        suffix_format = FORMATS.get(os.path.splitext(args.out)[1].lower())
+        if fmt is None and suffix_format is None:
+            return _fail("graph", f"cannot tell the format of {args.out!r}: give --format")
+        if fmt is not None and suffix_format is not None and fmt != suffix_format:
+            return _fail("graph", f"--format {fmt} does not match the suffix of {args.out!r}")
+        fmt = fmt or suffix_format
+    fmt = fmt or "dot"
+    if fmt == "png" and args.out is None:
+        return _fail("graph", "PNG output needs --out")
+
+    try:
+        drawing = DRAWINGS[args.name](**given)
+    except ValueError as error:  # such as a --step outside 0..4
+        return _fail("graph", str(error))
+    try:
+        if args.out is not None:
+            drawing.save(args.out, fmt)
+            print(f"wrote {args.out}")
+        elif fmt == "mermaid":
+            sys.stdout.write(drawing.to_mermaid())
+        elif fmt == "svg":
+            sys.stdout.write(render(drawing.to_dot(), "svg").decode("utf-8"))
+        else:
+            sys.stdout.write(drawing.to_dot())
+    except GraphvizNotFoundError as error:
+        print(f"scratchnn graph: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        return _fail("graph", str(error))
+    return 0
+
+
+def _add_graph_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    graph = subparsers.add_parser(
+        "graph",
+        help="draw a computational graph with its forward values and backward gradients",
+        description=(
+            "Run a graph of scratchnn nodes or layers forward and backward and draw it: "
+            "each node its operation, each edge its forward value (black, above) and its "
+            "gradient (red, below). Writes DOT text (no program needed), Mermaid, or SVG "
+            "and PNG through Graphviz's dot. Without --out the DOT text goes to stdout."
+        ),
+    )
+    graph.add_argument(
+        "name", choices=list(_GRAPH_OPTIONS),
+        help="sigmoid (the seed's graph), relu (the switch), mul and add (the book's apple "
+        "shopping), network (a small Sequential)",
+    )  # fmt: skip
+    graph.add_argument("--x", type=_finite_float, help="the input (sigmoid, relu; default 0.5, 1)")
+    graph.add_argument("--dout", type=_finite_float, help="the upstream gradient dL/dy (default 1)")
+    graph.add_argument(
+        "--step", type=int,
+        help="sigmoid: draw only the first K of the seed's four backward steps (0 to 4)",
+    )  # fmt: skip
+    graph.add_argument(
+        "--form", choices=["detailed", "grouped"],
+        help="sigmoid: the four nodes ×-1, exp, +1, / (default) or one sigmoid node",
+    )  # fmt: skip
+    graph.add_argument("--sizes", type=_layer_sizes, help="network: layer sizes (default 3,4,2)")
+    graph.add_argument("--batch", type=_positive_int, help="network: examples in x (default 1)")
+    graph.add_argument("--seed", type=int, help="network: random seed of weights and x (default 0)")
+    graph.add_argument(
+        "--format", choices=["dot", "mermaid", "svg", "png"],
+        help="output format (default: from the suffix of --out, else dot)",
+    )  # fmt: skip
+    graph.add_argument("--out", help="the file to write (.dot, .gv, .mmd, .svg or .png)")
+    graph.set_defaults(run=_run_graph)
+
+
+def _run_plot_activations(args: argparse.Namespace) -> int:
+    from scratchnn.activation_plot import plot_activations
+
+    try:
+        path = plot_activations(args.out)
+    except (OSError, RuntimeError) as error:
+        return _fail("plot activations", str(error))
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_plot_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    plot = subparsers.add_parser("plot", help="plots: activations")
+    actions = plot.add_subparsers(title="plots", dest="plot", metavar="PLOT", required=True)
+    activations = actions.add_parser(
+        "activations",
+        help="every activation layer and its derivative (from its own backward) in one PNG",
+    )
+    activations.add_argument(
+        "--out", default="activations.png", help="the PNG to write (default activations.png)"
+    )
+    activations.set_defaults(run=_run_plot_activations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``scratchnn`` parser with every subcommand."""
     parser = _Parser(
@@ -255,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
     _add_data_parser(subparsers)
+    _add_graph_parser(subparsers)
+    _add_plot_parser(subparsers)
     return parser
 
 
