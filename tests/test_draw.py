@@ -419,3 +419,29 @@ def test_cli_argparse_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
         main(argv)
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@needs_dot
+def test_notebook_display_is_svg() -> None:
+    svg = relu_drawing(2.0)._repr_svg_()
+    assert svg is not None and "<svg" in svg and "switch on" in svg
+
+
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_committed_figures_show_the_chains_numbers(step: int) -> None:
+    # docs/figures/make_figures.py draws the sigmoid at x = 1, dL/dy = 1.
+    path = FIGURES / f"sigmoid-step{step}.svg"
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    root = ET.parse(path).getroot()
+    texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    chain = sigmoid_chain()
+    chain.forward(1.0)
+    chain.backward(1.0, steps=step)
+    drawn_grads = [t for t in texts if t != "?" and " = " not in t and t not in SEED_STEP_NODES]
+    expected = [f"{float(e.grad):.4g}" for e in chain.edges if e.grad is not None]
+    assert sorted(drawn_grads) == sorted(expected)
+    assert texts.count("?") == len(chain.edges) - 1 - step

@@ -252,7 +252,7 @@ _GRAPH_OPTIONS = {
 
 
 def _run_graph(args: argparse.Namespace) -> int:
-    from scratchnn.graph.draw import DRAWINGS, FORMATS, GraphvizNotFoundError, render
+    from scratchnn.graph.draw import DRAWINGS, FORMATS, render
 
     allowed = _GRAPH_OPTIONS[args.name]
     given = {
@@ -290,7 +290,7 @@ def _run_graph(args: argparse.Namespace) -> int:
             sys.stdout.write(render(drawing.to_dot(), "svg").decode("utf-8"))
         else:
             sys.stdout.write(drawing.to_dot())
-    except GraphvizNotFoundError as error:
+    except RuntimeError as error:  # no Graphviz (the DOT file is written), or dot failed
         print(f"scratchnn graph: {error}", file=sys.stderr)
         return 1
     except OSError as error:
