@@ -85,8 +85,8 @@ def _layer_sizes(text: str) -> list[int]:
 
 
 # The options that define a network and its training; on --resume they come from the checkpoint.
-_RUN_OPTIONS = ("hidden", "activation", "init", "optimizer", "lr", "lr_decay", "weight_decay", "iterations",
-                "batch_size", "dtype", "seed", "limit", "dataset")  # fmt: skip
+_RUN_OPTIONS = ("model", "hidden", "channels", "dropout", "activation", "init", "optimizer", "lr", "lr_decay",
+                "weight_decay", "iterations", "batch_size", "dtype", "seed", "limit", "dataset")  # fmt: skip
 
 
 def _fail(command: str, message: str) -> int:
@@ -99,10 +99,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from scratchnn.runs import preset_config, train_run
 
     given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
-    out = args.out if args.out is not None else f"runs/{args.preset}"
+    # --model cnn alone means the cnn preset; the other presets are MLPs.
+    preset = args.preset or ("cnn" if args.model == "cnn" else "default")
+    out = args.out if args.out is not None else f"runs/{preset}"
     try:
         if args.resume:
-            if given or args.preset != "default":
+            if given or args.preset is not None:
                 names = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset"
                 return _fail(
                     "train",
@@ -110,7 +112,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 )
             train_run(None, out, resume=True, epochs=args.epochs, data_path=args.data)
         else:
-            config = preset_config(args.preset, epochs=args.epochs, **given)
+            config = preset_config(preset, epochs=args.epochs, **given)
             config.check()
             train_run(config, out, data_path=args.data)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
@@ -136,10 +138,20 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     )
     train.add_argument(
         "--preset",
-        choices=["default", "book", "large"],
-        default="default",
+        choices=["default", "book", "large", "cnn"],
         help="default: 784-256-128-10 Adam; book: the book's 784-50-10 SGD "
-        "network, 10,000 iterations; large: 784-256-256-10 Adam",
+        "network, 10,000 iterations; large: 784-256-256-10 Adam; cnn: two conv blocks "
+        "(16, 32 channels) with batch norm, Adam, 10 epochs",
+    )
+    train.add_argument(
+        "--model", choices=["mlp", "cnn"],
+        help="mlp or cnn (alone, --model cnn selects the cnn preset)",
+    )  # fmt: skip
+    train.add_argument(
+        "--channels", type=_layer_sizes, help="cnn: channels of the conv blocks, e.g. 16,32"
+    )
+    train.add_argument(
+        "--dropout", type=_finite_float, help="cnn: dropout before the last layer (default 0)"
     )
     train.add_argument("--hidden", type=_layer_sizes, help="hidden layer sizes, e.g. 256,128")
     train.add_argument(

@@ -36,9 +36,11 @@ class Sequential:
     dict keyed like ``params``.
 
     ``params`` names each layer's arrays as the book's ``MultiLayerNet`` does:
-    ``W1``, ``b1`` for the first layer with parameters, ``W2``, ``b2`` for the
-    second, and so on. The dict holds the layers' own arrays, so an optimiser
-    that updates it in place trains the network.
+    ``W1``, ``b1`` for the first layer with weights (``Affine`` or ``Conv2d``),
+    ``W2``, ``b2`` for the second, and so on; batch normalisation layers are
+    numbered apart, ``gamma1``, ``beta1``, as in ``MultiLayerNetExtend``. The
+    dict holds the layers' own arrays, so an optimiser that updates it in place
+    trains the network.
 
     ``train()`` and ``eval()`` set the mode of layers that have one (a
     ``training`` attribute, as dropout and batch normalisation have).
@@ -70,9 +72,20 @@ class Sequential:
     # -- the parameters ------------------------------------------------------------
 
     def _parametrized(self) -> list[tuple[int, Any]]:
-        """(1-based number, layer) for each layer that has parameters."""
-        with_params = [layer for layer in self.layers if getattr(layer, "params", None)]
-        return list(enumerate(with_params, start=1))
+        """(1-based number, layer) for each layer that has parameters.
+
+        Layers are numbered per kind of parameters, as the book's
+        ``MultiLayerNetExtend``: ``W1, b1, gamma1, beta1, W2, b2, gamma2, ...``.
+        """
+        counts: dict[tuple[str, ...], int] = {}
+        numbered = []
+        for layer in self.layers:
+            params = getattr(layer, "params", None)
+            if params:
+                kind = tuple(params)
+                counts[kind] = counts.get(kind, 0) + 1
+                numbered.append((counts[kind], layer))
+        return numbered
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -207,4 +220,65 @@ def mlp(
         stack.append(layers.Affine(W, np.zeros(int(n_out), dtype=dtype)))
         if i < len(sizes) - 2:
             stack.append(ACTIVATIONS[activation]())
+    return Sequential(stack, loss)
+
+
+def cnn(
+    *,
+    rng: np.random.Generator,
+    channels: Sequence[int] = (16, 32),
+    hidden: int = 128,
+    dropout: float = 0.0,
+    in_shape: tuple[int, int, int] = (1, 28, 28),
+    n_classes: int = 10,
+    dtype: Any = np.float32,
+    loss: Loss | None = None,
+) -> Sequential:
+    """A small convolutional network for (N, 1, 28, 28) images, the book's ``SimpleConvNet`` grown.
+
+    One block per entry of ``channels``: ``Conv2d`` 3×3 (padding 1, so the
+    size is kept), ``BatchNorm``, ``Relu``, ``MaxPool2d(2)`` (halving the
+    size); then ``Flatten``, ``Affine`` to ``hidden`` units, ``Relu``,
+    ``Dropout(dropout)`` when ``dropout > 0``, and ``Affine`` to the classes.
+    He initialisation from ``rng`` (which the dropout layer also draws from).
+
+    >>> print(cnn(rng=np.random.default_rng(0), dropout=0.25))
+    Sequential(
+      (0): Conv2d(1, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dtype=float32)
+      (1): BatchNorm(16, eps=1e-05, momentum=0.1, dtype=float32)
+      (2): Relu(packed=False)
+      (3): MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0))
+      (4): Conv2d(16, 32, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dtype=float32)
+      (5): BatchNorm(32, eps=1e-05, momentum=0.1, dtype=float32)
+      (6): Relu(packed=False)
+      (7): MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0))
+      (8): Flatten()
+      (9): Affine(1568, 128, dtype=float32)
+      (10): Relu(packed=False)
+      (11): Dropout(p=0.25)
+      (12): Affine(128, 10, dtype=float32)
+      loss: SoftmaxWithLoss()
+    )
+    """
+    from scratchnn.init import he_normal
+
+    dtype = np.dtype(dtype)
+    c_in, h, w = in_shape
+    stack: list[Any] = []
+    for c_out in channels:
+        stack += [
+            layers.Conv2d(c_in, int(c_out), 3, padding=1, rng=rng, dtype=dtype),
+            layers.BatchNorm(int(c_out), dtype=dtype),
+            layers.Relu(),
+            layers.MaxPool2d(2),
+        ]
+        c_in, h, w = int(c_out), h // 2, w // 2
+    stack += [
+        layers.Flatten(),
+        layers.Affine(he_normal(c_in * h * w, hidden, rng, dtype), np.zeros(hidden, dtype)),
+        layers.Relu(),
+    ]
+    if dropout > 0:
+        stack.append(layers.Dropout(dropout, rng=rng))
+    stack.append(layers.Affine(he_normal(hidden, n_classes, rng, dtype), np.zeros(n_classes, dtype)))
     return Sequential(stack, loss)

@@ -26,11 +26,12 @@ import numpy as np
 
 from scratchnn.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from scratchnn.files import write_text_atomically
-from scratchnn.models import ACTIVATIONS, Sequential, mlp
+from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import History, evaluate, fit
 
 DATASETS = ("fashion-mnist", "mnist")
+MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 DTYPES = ("float32", "float64")
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -42,7 +43,12 @@ class RunConfig:
     """Everything that defines a training run; saved in its checkpoints as JSON."""
 
     dataset: str = "fashion-mnist"
+    # "mlp": Affine layers of sizes ``hidden``; "cnn": models.cnn with ``channels``,
+    # one hidden Affine layer of ``hidden[0]`` units and ``dropout`` before the last layer.
+    model: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [256, 128])
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    dropout: float = 0.0
     activation: str = "relu"
     init: str = "he"
     optimizer: str = "adam"
@@ -60,8 +66,16 @@ class RunConfig:
         """Raise ``ValueError`` naming the first bad setting."""
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         if not self.hidden or any(int(n) < 1 for n in self.hidden):
             raise ValueError(f"hidden layer sizes must be positive integers, got {self.hidden}")
+        if self.model == "cnn" and len(self.hidden) != 1:
+            raise ValueError(f"a cnn has one hidden Affine layer; got hidden sizes {self.hidden}")
+        if not self.channels or any(int(n) < 1 for n in self.channels):
+            raise ValueError(f"channels must be positive integers, got {self.channels}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}"
@@ -131,6 +145,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iterations": 10_000,
         "epochs": 17,
     },
+    # The convolutional network of models.cnn: two blocks of 3x3 Conv2d,
+    # BatchNorm, ReLU and 2x2 max pooling (16 and 32 channels), Affine 1568-128,
+    # ReLU, Affine 128-10; Adam with the rate decayed by 0.8 each epoch.
+    "cnn": {
+        "model": "cnn",
+        "hidden": [128],
+        "channels": [16, 32],
+        "optimizer": "adam",
+        "lr": 0.001,
+        "lr_decay": 0.8,
+        "batch_size": 128,
+        "epochs": 10,
+    },
     # A larger MLP: 784-256-256-10 with Adam.
     "large": {
         "hidden": [256, 256],
@@ -168,7 +195,19 @@ def check_writable_directory(path: str | os.PathLike[str]) -> Path:
 def build_network(
     config: RunConfig, rng: np.random.Generator, n_in: int = 784, n_out: int = 10
 ) -> Sequential:
-    """The MLP a configuration describes, initialised from ``rng``."""
+    """The network a configuration describes, initialised from ``rng``.
+
+    ``n_in`` is the MLP's input size; a CNN takes (N, 1, 28, 28) images.
+    """
+    if config.model == "cnn":
+        return cnn(
+            rng=rng,
+            channels=config.channels,
+            hidden=config.hidden[0],
+            dropout=config.dropout,
+            n_classes=n_out,
+            dtype=np.dtype(config.dtype),
+        )
     init: str | float = config.init
     try:
         init = float(config.init)
@@ -186,12 +225,15 @@ def build_network(
 def load_data(
     config: RunConfig, data_path: str | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The run's data set, normalised and flattened, in the run's dtype; ``limit`` cuts the training set."""
+    """The run's data set, normalised, in the run's dtype; ``limit`` cuts the training set.
+
+    Images are flattened to (N, 784) for an MLP and kept as (N, 1, 28, 28) for a CNN.
+    """
     from scratchnn.data import load_fashion_mnist, load_mnist
 
     loader = load_fashion_mnist if config.dataset == "fashion-mnist" else load_mnist
     (x_train, t_train), (x_test, t_test) = loader(
-        data_path, normalize=True, flatten=True, one_hot_label=False
+        data_path, normalize=True, flatten=config.model != "cnn", one_hot_label=False
     )
     dtype = np.dtype(config.dtype)
     if config.limit is not None:
@@ -241,6 +283,9 @@ def train_run(
         network.load_state(checkpoint.params)
         optimizer.load_state_dict(checkpoint.optimizer_state)
         rng = checkpoint.rng()
+        for layer in network.layers:
+            if hasattr(layer, "rng"):  # dropout draws from the run's generator, restored with it
+                layer.rng = rng
         history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
         print(f"resuming {out} after epoch {len(history)} of {config.epochs}", file=stream)
 
@@ -284,10 +329,14 @@ def train_run(
         from scratchnn.plots import plot_learning_curve
 
         sizes = "-".join(str(n) for n in [train_data[0].shape[1], *config.hidden, 10])
+        if config.model == "cnn":
+            sizes = f"CNN {','.join(map(str, config.channels))} channels, {config.hidden[0]} hidden"
+        else:
+            sizes = f"MLP {sizes}"
         plot_learning_curve(
             history,
             out / "learning_curve.png",
-            title=f"{config.dataset} MLP {sizes}, {config.activation}, {config.optimizer}",
+            title=f"{config.dataset} {sizes}, {config.activation}, {config.optimizer}",
         )
     except RuntimeError as error:  # matplotlib missing: the run itself still succeeded
         print(f"note: no learning_curve.png ({error})", file=stream)
@@ -308,7 +357,7 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
     params, config_dict = load_model(path)
     config = RunConfig.from_dict(config_dict)
     first = params.get("W1")
-    n_in = first.shape[0] if first is not None else 784
+    n_in = first.shape[0] if first is not None and first.ndim == 2 else 784
     network = build_network(config, np.random.default_rng(0), n_in=n_in)
     try:
         network.load_state(params)

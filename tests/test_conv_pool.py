@@ -1,0 +1,116 @@
+"""What Conv2d and the pools have beyond the conformance suite: initialisation, ties, NaN, settings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+import scratchnn as snn
+
+torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
+TF = torch.nn.functional
+
+
+def test_conv_he_initialisation_from_the_callers_generator() -> None:
+    layer = snn.Conv2d(16, 64, 5, rng=np.random.default_rng(0))
+    assert layer.W.shape == (64, 16, 5, 5) and layer.W.dtype == np.float32
+    assert layer.b.shape == (64,) and not layer.b.any()
+    expected = math.sqrt(2.0 / (16 * 5 * 5))  # He: sqrt(2 / fan_in), fan_in = C_in kh kw
+    assert abs(float(layer.W.std()) - expected) < 0.03 * expected
+    again = snn.Conv2d(16, 64, 5, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(layer.W, again.W)
+    small = snn.Conv2d(2, 3, 3, rng=np.random.default_rng(1), init=0.01, dtype=np.float64)
+    assert small.W.dtype == np.float64 and small.b.dtype == np.float64
+
+
+def test_conv_keeps_the_arrays_it_is_given_and_trains_through_params() -> None:
+    W, b = np.zeros((2, 1, 3, 3)), np.zeros(2)
+    layer = snn.Conv2d.from_weights(W, b, padding=1)
+    assert layer.params["W"] is W and layer.params["b"] is b
+    layer.params["b"] += 1.5  # an optimiser's in-place update
+    np.testing.assert_array_equal(layer.forward(np.ones((1, 1, 4, 4))), np.full((1, 2, 4, 4), 1.5))
+
+
+def test_conv_first_layer_skips_the_input_gradient() -> None:
+    rng = np.random.default_rng(2)
+    layer = snn.Conv2d(3, 4, 3, padding=1, rng=rng, dtype=np.float64)
+    x, dout = rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((2, 4, 5, 5))
+    layer.forward(x)
+    layer.backward(dout)
+    dW, db = layer.dW, layer.db
+    layer.forward(x)
+    assert layer.backward(dout, input_grad=False) is None
+    np.testing.assert_array_equal(layer.dW, dW)
+    np.testing.assert_array_equal(layer.db, db)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kernel_size": 3, "stride": 0}, "stride"),
+        ({"kernel_size": 3, "padding": -1}, "padding"),
+        ({"kernel_size": (3, 3, 3)}, "kernel_size"),
+    ],
+)
+def test_conv_bad_settings(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"Conv2d: {message}"):
+        snn.Conv2d(1, 1, rng=np.random.default_rng(0), **kwargs)
+
+
+def test_conv_from_weights_checks_shapes_and_dtypes() -> None:
+    with pytest.raises(ValueError, match=r"Conv2d.*\(out_channels, in_channels, kh, kw\)"):
+        snn.Conv2d.from_weights(np.ones((2, 3, 3)), np.ones(2))
+    with pytest.raises(TypeError, match=r"Conv2d.*float"):
+        snn.Conv2d.from_weights(np.ones((2, 1, 3, 3)), np.ones(2, dtype=np.float32))
+
+
+def test_repr() -> None:
+    conv = snn.Conv2d(3, 8, 3, stride=2, padding=1, rng=np.random.default_rng(0))
+    assert repr(conv) == (
+        "Conv2d(3, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dtype=float32)"
+    )
+    assert repr(snn.MaxPool2d(2)) == "MaxPool2d(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0))"
+    assert repr(snn.AvgPool2d(3, 1, 1)) == (
+        "AvgPool2d(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))"
+    )
+
+
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_ties_send_the_gradient_where_torch_does(k: int, s: int, p: int) -> None:
+    # after a ReLU, windows of zeros are common: each tie must go to PyTorch's choice
+    x = np.maximum(np.random.default_rng(3).integers(-2, 2, (2, 2, 6, 6)), 0).astype(np.float64)
+    dout_shape = snn.MaxPool2d(k, s, p).forward(x).shape
+    dout = np.random.default_rng(4).standard_normal(dout_shape)
+    pool = snn.MaxPool2d(k, s, p)
+    out = pool.forward(x)
+    dx = pool.backward(dout)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = TF.max_pool2d(xt, k, s, p)
+    yt.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out, yt.detach().numpy())
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-15)
+
+
+def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
+    x = np.array([[[[1.0, np.nan, 2.0, -np.inf], [0.0, 3.0, -np.inf, -np.inf]]]])
+    out = snn.MaxPool2d(2).forward(x)
+    want = TF.max_pool2d(torch.tensor(x), 2).numpy()
+    np.testing.assert_array_equal(out, want)  # NaN and inf compare equal position by position
+
+
+def test_pool_padding_larger_than_half_the_kernel_raises() -> None:
+    with pytest.raises(ValueError, match=r"MaxPool2d: padding .* half the kernel"):
+        snn.MaxPool2d(2, padding=2)
+    with pytest.raises(ValueError, match=r"AvgPool2d: stride"):
+        snn.AvgPool2d(2, stride=0)
+
+
+def test_avg_pool_counts_the_padding_as_torch() -> None:
+    x = np.ones((1, 1, 3, 3))
+    out = snn.AvgPool2d(3, 1, 1).forward(x)
+    np.testing.assert_allclose(out, TF.avg_pool2d(torch.tensor(x), 3, 1, 1).numpy(), rtol=1e-15)
+    assert out[0, 0, 0, 0] == pytest.approx(4 / 9)
