@@ -144,31 +144,33 @@ class BatchNorm(Layer):
         out += self.beta.astype(work).reshape(shape)  # in place: one image-sized temporary fewer
         return out.astype(x.dtype, copy=False)
 
-    def _param_grads(self, dout: np.ndarray) -> np.ndarray:
+    def _param_grads(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Set ``dgamma`` and ``dbeta``; return ``dout``, ``sum(dout)`` and ``sum(dout xhat)``.
+
+        The sums are returned in the work dtype: dx needs them unrounded.
+        """
         assert self.xhat is not None  # forward ran: the base checks it
         g = dout.astype(self.xhat.dtype, copy=False)
-        self.dbeta = g.sum(axis=self._axes).astype(self.gamma.dtype, copy=False)
-        dgamma = np.einsum("ncxy,ncxy->c" if g.ndim == 4 else "nc,nc->c", g, self.xhat)
-        self.dgamma = dgamma.astype(self.gamma.dtype, copy=False)
-        return g
+        sum_g = g.sum(axis=self._axes)
+        sum_gx = np.einsum("ncxy,ncxy->c" if g.ndim == 4 else "nc,nc->c", g, self.xhat)
+        self.dbeta = sum_g.astype(self.gamma.dtype)
+        self.dgamma = sum_gx.astype(self.gamma.dtype)
+        return g, sum_g, sum_gx
 
     def _backward_params(self, dout: np.ndarray) -> None:
         self._param_grads(dout)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        g = self._param_grads(dout)
-        assert self.xhat is not None and self.inv_std is not None and self.dbeta is not None
+        g, sum_g, sum_gx = self._param_grads(dout)
+        assert self.xhat is not None and self.inv_std is not None
         c = self.num_features
         shape = (1, c) + (1,) * (g.ndim - 2)
         scale = (self.gamma.astype(g.dtype) * self.inv_std).reshape(shape)
         if not self._trained:
             return g * scale
         m = g.size // c
-        # The sums in the work dtype, not in gamma's (dbeta/dgamma may have been rounded).
-        mean_g = g.sum(axis=self._axes).reshape(shape) / m
-        mean_gx = np.einsum("ncxy,ncxy->c" if g.ndim == 4 else "nc,nc->c", g, self.xhat)
-        dx = self.xhat * (mean_gx.reshape(shape) / m)
+        dx = self.xhat * (sum_gx.reshape(shape) / m)
         np.subtract(g, dx, out=dx)
-        dx -= mean_g
+        dx -= sum_g.reshape(shape) / m
         dx *= scale
         return dx
