@@ -54,8 +54,11 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
     Bool, integer and float16/32/64 arrays pass; anything else (complex,
     object, string, datetime, ``longdouble``) raises ``TypeError``.
     """
-    xp = get_array_module(value)
-    array = value if isinstance(value, xp.ndarray) else xp.asarray(value)
+    if type(value) is np.ndarray:  # the common case, without the module look-up
+        array = value
+    else:
+        xp = get_array_module(value)
+        array = value if isinstance(value, xp.ndarray) else xp.asarray(value)
     dtype = array.dtype
     if dtype.kind in "biu" or dtype in FLOAT_DTYPES:
         return array

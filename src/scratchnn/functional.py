@@ -24,8 +24,20 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     >>> print(sigmoid(np.array([-40.0, 0.0, 40.0])))
     [4.24835426e-18 5.00000000e-01 1.00000000e+00]
     """
-    e = np.exp(-np.abs(z))
-    return np.asarray(np.where(z >= 0, 1.0, e) / (1.0 + e))
+    z = np.asarray(z)
+    if z.dtype.kind != "f":
+        z = z.astype(np.float64)
+    # In place, one scratch array and the result: each temporary of NumPy's
+    # expression style would cost a pass over memory and a fresh allocation.
+    e = np.empty_like(z)
+    np.abs(z, out=e)
+    np.negative(e, out=e)
+    np.exp(e, out=e)  # exp(-|z|) in (0, 1]: it cannot overflow
+    y = np.add(e, 1.0, out=np.empty_like(z))
+    # The numerator, 1 where z >= 0 and e elsewhere, is max(e, z >= 0) since e <= 1:
+    # np.where would take a branch per element, mispredicted half the time.
+    np.maximum(e, np.greater_equal(z, 0), out=e)
+    return np.divide(e, y, out=y)
 
 
 def softplus(z: np.ndarray) -> np.ndarray:

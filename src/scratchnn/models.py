@@ -158,8 +158,13 @@ class Sequential:
         """Forward and backward; return the gradients keyed like ``params``."""
         self.loss(x, t)
         dout = self.last_layer.backward(1.0)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+        for i in reversed(range(len(self.layers))):
+            layer = self.layers[i]
+            if i == 0 and isinstance(layer, layers.Layer):
+                # The input is data: nothing needs its gradient, so the first layer skips dx.
+                layer.backward(dout, input_grad=False)
+            else:
+                dout = layer.backward(dout)
         return self.grads
 
     # -- modes and display -----------------------------------------------------------

@@ -445,15 +445,16 @@ class Adam(Optimizer):
         np.add(m, work, out=m)
 
         np.multiply(v, self.beta2, out=v)
-        np.multiply(grad, grad, out=work)
-        np.multiply(work, 1.0 - self.beta2, out=work)
+        np.multiply(grad, 1.0 - self.beta2, out=work)
+        np.multiply(work, grad, out=work)
         np.add(v, work, out=v)
 
+        # step_size * m / (sqrt(v) / c + eps) as m / (sqrt(v) / (c * step_size) + eps / step_size):
+        # the scalars fold together, which saves a pass over the parameter.
         np.sqrt(v, out=work)
-        np.divide(work, sqrt_correction2, out=work)
-        np.add(work, self.eps, out=work)
+        np.multiply(work, 1.0 / (sqrt_correction2 * step_size), out=work)
+        np.add(work, self.eps / step_size, out=work)
         np.divide(m, work, out=work)
-        np.multiply(work, step_size, out=work)
         np.subtract(param, work, out=param)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -123,7 +123,9 @@ class Sigmoid(Layer):
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
-        return to_compute(dout) * (1.0 - y) * y
+        dx = np.subtract(1.0, y, out=np.empty_like(y))
+        np.multiply(to_compute(dout), dx, out=dx)  # dout * (1 - y) * y, in one scratch array
+        return np.multiply(dx, y, out=dx)
 
 
 class Tanh(Layer):
@@ -151,7 +153,9 @@ class Tanh(Layer):
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
-        return to_compute(dout) * (1.0 - y * y)
+        dx = np.multiply(y, y, out=np.empty_like(y))
+        np.subtract(1.0, dx, out=dx)  # dout * (1 - y**2), in one scratch array
+        return np.multiply(to_compute(dout), dx, out=dx)
 
 
 class LeakyRelu(Layer):
@@ -181,12 +185,18 @@ class LeakyRelu(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.mask = np.asarray(x <= 0)
         z = to_compute(x)
-        return np.asarray(np.where(self.mask, self.alpha * z, z)).astype(x.dtype, copy=False)
+        # where(x <= 0, alpha x, x) is max(x, alpha x) for alpha <= 1 and min otherwise,
+        # value for value, without np.where's mispredicted branch per element.
+        out = np.multiply(z, self.alpha, out=np.empty_like(z))
+        (np.maximum if self.alpha <= 1.0 else np.minimum)(z, out, out=out)
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.mask is not None  # forward ran: the base checks it
         g = to_compute(dout)
-        return np.asarray(np.where(self.mask, self.alpha * g, g))
+        # dout times 1 or alpha, the factor looked up by the mask (0 or 1) as an index.
+        factors = np.array([1.0, self.alpha], dtype=g.dtype)
+        return np.multiply(g, factors[self.mask.view(np.uint8)])
 
 
 class Elu(Layer):

@@ -12,7 +12,9 @@ respect to each input. Subclasses write only the mathematics, in
 * ``backward`` before ``forward`` raises ``RuntimeError``; a ``dout`` of another
   shape than the output raises ``ValueError`` (no silent broadcasting);
 * ``backward`` returns new arrays of the inputs' dtypes and never writes into
-  ``dout``.
+  ``dout``; ``backward(dout, input_grad=False)`` computes only the layer's own
+  parameter gradients and returns None (a network's first layer, whose input
+  is data, as PyTorch skips inputs that do not require grad).
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ class Layer:
         self._out_dtype = out.dtype
         return out
 
-    def backward(self, dout: Any = 1.0) -> Any:
-        """Return the gradient of the loss with respect to the input(s), given ``dout``."""
+    def backward(self, dout: Any = 1.0, *, input_grad: bool = True) -> Any:
+        """Return the gradient of the loss with respect to the input(s), given ``dout``.
+
+        With ``input_grad=False``, compute only the gradients of the layer's own
+        parameters (``dW``, ``db``) and return None.
+        """
         name = type(self).__name__
         if self._out_shape is None or self._out_dtype is None:
             raise RuntimeError(
@@ -82,6 +88,9 @@ class Layer:
             )
         if self._out_dtype.kind == "f":
             dout = dout.astype(self._out_dtype, copy=False)
+        if not input_grad:
+            self._backward_params(dout)
+            return None
         grads = self._backward(dout)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
@@ -97,6 +106,13 @@ class Layer:
     # backward needs; ``_backward(dout)`` returns the input gradient(s).
     _forward: Callable[..., np.ndarray]
     _backward: Callable[[np.ndarray], Any]
+
+    def _backward_params(self, dout: np.ndarray) -> None:
+        """Compute the parameters' gradients without the input's; by default, all of backward.
+
+        A layer with parameters overrides it to skip the input gradient.
+        """
+        self._backward(dout)
 
     def _keep_input(self, x: np.ndarray, index: int = 0) -> np.ndarray:
         """Return ``x`` safe to keep for ``backward``: a copy if the caller owns it.

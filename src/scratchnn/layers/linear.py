@@ -83,12 +83,21 @@ class Affine(Layer):
         self._x_shape = x.shape
         flat = x.reshape(1 if single else x.shape[0], n_in)
         self.x = self._keep_input(flat) if np.may_share_memory(flat, x) else flat
-        out = self.x.astype(self.W.dtype, copy=False) @ self.W + self.b
+        out = self.x.astype(self.W.dtype, copy=False) @ self.W
+        np.add(out, self.b, out=out)  # in place: the product is a new array
         return out[0] if single else out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        g = self._param_grads(dout)
+        return (g @ self.W.T).reshape(self._x_shape)
+
+    def _backward_params(self, dout: np.ndarray) -> None:
+        self._param_grads(dout)
+
+    def _param_grads(self, dout: np.ndarray) -> np.ndarray:
+        """Set ``dW`` and ``db``; return ``dout`` as a (batch, out) matrix in W's dtype."""
         assert self.x is not None
         g = dout.reshape(-1, self.W.shape[1]).astype(self.W.dtype, copy=False)
         self.dW = self.x.astype(self.W.dtype, copy=False).T @ g
         self.db = g.sum(axis=0)
-        return (g @ self.W.T).reshape(self._x_shape)
+        return g
