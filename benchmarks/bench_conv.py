@@ -1,0 +1,120 @@
+"""Conv2d forward plus backward at the shapes of the cnn preset: scratchnn against PyTorch CPU.
+
+    .venv/bin/python benchmarks/bench_conv.py
+    .venv/bin/python benchmarks/bench_conv.py --batch 128 --rounds 15
+    .venv/bin/python benchmarks/bench_conv.py --threads 1     # needs threadpoolctl
+
+float32, batch 128, 3×3 kernels with padding 1, the two convolutions of
+``scratchnn.models.cnn`` (16 and 32 channels on Fashion-MNIST):
+
+* conv1: (N, 1, 28, 28) → (N, 16, 28, 28), the first layer: its input is
+  data, so neither framework computes dx (scratchnn's ``Sequential`` calls
+  ``backward(dout, input_grad=False)``; PyTorch's input does not require grad);
+* conv2: (N, 16, 14, 14) → (N, 32, 14, 14), with dx, dW and db.
+
+Both frameworks run in this one process, with the same number of threads
+(PyTorch's ``set_num_threads`` set to OpenBLAS's, or both set by
+``--threads``), on the same arrays and
+weights (checked to agree before timing). Each contender runs once per
+round in a rotating order; the ratio is the median of per-round ratios
+(below 1: scratchnn is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from _common import format_seconds, machine_report, paired_rounds, print_table
+
+import scratchnn as snn
+
+# name -> (C_in, C_out, H = W, input gradient needed)
+SHAPES: dict[str, tuple[int, int, int, bool]] = {
+    "conv1 1→16, 28×28 (no dx)": (1, 16, 28, False),
+    "conv2 16→32, 14×14": (16, 32, 14, True),
+}
+
+
+def blas_threads() -> int:
+    try:
+        import threadpoolctl
+
+        for pool in threadpoolctl.threadpool_info():
+            if pool.get("internal_api") == "openblas":
+                return int(pool["num_threads"])
+    except ImportError:
+        pass
+    return torch.get_num_threads()
+
+
+def contenders(
+    c_in: int, c_out: int, size: int, input_grad: bool, batch: int
+) -> dict[str, Callable[[], object]]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, c_in, size, size)).astype(np.float32)
+    dout = rng.standard_normal((batch, c_out, size, size)).astype(np.float32)
+    ours = snn.Conv2d(c_in, c_out, 3, padding=1, rng=rng)
+    theirs = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.from_numpy(ours.W))
+        theirs.bias.copy_(torch.from_numpy(ours.b))
+    xt = torch.from_numpy(x).requires_grad_(input_grad)
+    dt = torch.from_numpy(dout)
+
+    def scratchnn_step() -> None:
+        ours.forward(x)
+        ours.backward(dout, input_grad=input_grad)
+
+    def torch_step() -> None:
+        theirs.weight.grad = theirs.bias.grad = xt.grad = None
+        theirs(xt).backward(dt)
+
+    scratchnn_step()
+    torch_step()
+    assert ours.dW is not None and theirs.weight.grad is not None
+    scale = float(np.abs(ours.dW).max())
+    np.testing.assert_allclose(ours.dW, theirs.weight.grad.numpy(), atol=1e-4 * scale)
+    return {"scratchnn": scratchnn_step, "torch": torch_step}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--threads", type=int, help="threads for both (default: OpenBLAS's)")
+    args = parser.parse_args(argv)
+    limit: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if args.threads is not None:
+        import threadpoolctl
+
+        limit = threadpoolctl.threadpool_limits(args.threads, user_api="blas")
+    with limit:
+        run(args.batch, args.rounds)
+
+
+def run(batch: int, rounds: int) -> None:
+    torch.set_num_threads(blas_threads())
+    print(machine_report())
+    rows = []
+    for name, (c_in, c_out, size, input_grad) in SHAPES.items():
+        timing = paired_rounds(
+            contenders(c_in, c_out, size, input_grad, batch), rounds=rounds, min_seconds=0.2
+        )
+        rows.append(
+            [
+                name,
+                format_seconds(timing.median("scratchnn")),
+                format_seconds(timing.median("torch")),
+                f"{timing.ratio('scratchnn', 'torch'):.2f}",
+            ]
+        )
+    print(f"\nbatch {batch}, float32, forward + backward, median of {rounds} rounds\n")
+    print_table(["Conv2d 3×3, padding 1", "scratchnn", "torch", "scratchnn/torch"], rows)
+
+
+if __name__ == "__main__":
+    main()
