@@ -95,10 +95,11 @@ def accuracies(net: Any, model: Any) -> tuple[float, float]:
     return ours, theirs
 
 
-def peak_memory_growth(name: str, framework: str) -> int:
+def peak_memory_growth(name: str, framework: str, threads: int | None) -> int:
     """Bytes the peak resident set grows while one epoch trains, in a fresh process."""
+    thread_args = ["--threads", str(threads)] if threads else []
     result = subprocess.run(
-        [sys.executable, __file__, "--memory", name, framework],
+        [sys.executable, __file__, "--memory", name, framework, *thread_args],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return int(json.loads(result.stdout)["growth"])
@@ -129,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--torch-threads", type=int, help="PyTorch's threads (default: its own choice)"
+        "--threads", type=int, help="threads of PyTorch and of NumPy's OpenBLAS (default: theirs)"
     )
     args = parser.parse_args(argv)
-    if args.torch_threads:
-        # On a loaded machine PyTorch's thread pool waits for a busy core: 1 thread is steadier.
-        torch.set_num_threads(args.torch_threads)
+    if args.threads:
+        # On a loaded machine a thread pool waits for a busy core: 1 thread is steadier.
+        torch.set_num_threads(args.threads)
+        from threadpoolctl import threadpool_limits  # pip install threadpoolctl
+
+        threadpool_limits(args.threads, user_api="blas")  # holds until the process ends
     if args.memory:
         _memory_child(*args.memory)
         return
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[label].append(time.perf_counter() - started)
         ratios = sorted(a / b for a, b in zip(times["scratchnn"], times["torch"]))
         ours, theirs = accuracies(net, model)
-        memory = {fw: peak_memory_growth(name, fw) for fw in ("scratchnn", "torch")}
+        memory = {fw: peak_memory_growth(name, fw, args.threads) for fw in ("scratchnn", "torch")}
         spec = NETS[name]
         rows.append(
             [
