@@ -227,13 +227,26 @@ class Elu(Layer):
         self.x = self._keep_input(x)
         z = to_compute(x)
         # exp only of the non-positive part: exp of a large positive x would overflow.
-        negative = self.alpha * np.expm1(np.minimum(z, 0))
-        return np.asarray(np.where(z > 0, z, negative)).astype(x.dtype, copy=False)
+        out = np.minimum(z, 0, out=np.empty_like(z))
+        np.expm1(out, out=out)
+        np.multiply(out, self.alpha, out=out)
+        # max(x, 0) + alpha expm1(min(x, 0)) is exactly where(x > 0, x, alpha expm1(x)),
+        # one term being 0 on each side, without np.where's branch per element.
+        np.add(out, np.maximum(z, 0), out=out)
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
-        return np.asarray(np.where(z > 0, g, g * (self.alpha * np.exp(np.minimum(z, 0)))))
+        slope = np.minimum(z, 0, out=np.empty_like(z))
+        np.exp(slope, out=slope)
+        np.multiply(slope, self.alpha, out=slope)  # alpha exp(min(x, 0))
+        if not 0.0 <= self.alpha <= 1.0:
+            return np.asarray(np.where(z > 0, g, g * slope))
+        # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so max(slope, x > 0)
+        # is 1 where x > 0 and the slope elsewhere: the same factors, branch-free.
+        np.maximum(slope, np.greater(z, 0), out=slope)
+        return np.multiply(g, slope, out=slope)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
