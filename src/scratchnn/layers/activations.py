@@ -389,13 +389,19 @@ class Silu(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
         z = to_compute(x)
-        return np.asarray(z * F.sigmoid(z)).astype(x.dtype, copy=False)
+        s = F.sigmoid(z)
+        return np.multiply(z, s, out=s).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
         z = to_compute(self.x)
         s = F.sigmoid(z)
-        return to_compute(dout) * (s * (1.0 + z * (1.0 - s)))
+        # dout * (s * (1 + z * (1 - s))), in that order, in one scratch array
+        slope = np.subtract(1.0, s, out=np.empty_like(s))
+        np.multiply(z, slope, out=slope)
+        np.add(1.0, slope, out=slope)
+        np.multiply(s, slope, out=slope)
+        return np.multiply(to_compute(dout), slope, out=slope)
 
 
 class Softmax(Layer):
