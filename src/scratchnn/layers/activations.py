@@ -354,17 +354,26 @@ class Softplus(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         z = to_compute(x)
         # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right limit.
+        # In place, one array: max(x, 0) + log1p(exp(-beta |x|)) / beta.
+        out = np.abs(z, out=np.empty_like(z))
         with np.errstate(over="ignore"):
-            tail = np.log1p(np.exp(-self.beta * np.abs(z))) / self.beta
-        self.out = self._keep_output(np.asarray(np.maximum(z, 0) + tail).astype(x.dtype))
+            np.multiply(out, -self.beta, out=out)
+            np.exp(out, out=out)
+        np.log1p(out, out=out)
+        np.divide(out, self.beta, out=out)
+        np.add(out, np.maximum(z, 0), out=out)
+        self.out = self._keep_output(out.astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
         y = to_compute(self.out)
+        slope = np.empty_like(y)
         with np.errstate(over="ignore"):
-            slope = -np.expm1(-self.beta * y)
-        return to_compute(dout) * slope
+            np.multiply(y, -self.beta, out=slope)
+            np.expm1(slope, out=slope)
+        np.negative(slope, out=slope)  # -expm1(-beta y)
+        return np.multiply(to_compute(dout), slope, out=slope)
 
 
 class Silu(Layer):
