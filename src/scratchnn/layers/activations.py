@@ -452,9 +452,11 @@ class Softmax(Layer):
             out = np.ones_like(z)
         else:
             # x - max can overflow to -inf only where the exact exp is 0 anyway.
+            # In place, one array: each NumPy temporary would cost a pass and an allocation.
             with np.errstate(over="ignore"):
-                e = np.exp(z - np.max(z, axis=axis, keepdims=True))
-            out = e / np.sum(e, axis=axis, keepdims=True)
+                e = np.subtract(z, np.max(z, axis=axis, keepdims=True), out=np.empty_like(z))
+                np.exp(e, out=e)
+            out = np.divide(e, np.sum(e, axis=axis, keepdims=True), out=e)
         self.out = self._keep_output(np.asarray(out).astype(x.dtype, copy=False))
         return self.out
 
@@ -464,7 +466,9 @@ class Softmax(Layer):
         if y.ndim == 0:
             return np.zeros_like(g)
         axis = self._reduction_axis(y.ndim)
-        return y * (g - np.sum(g * y, axis=axis, keepdims=True))
+        dx = np.multiply(g, y, out=np.empty_like(g))  # y * (g - sum(g * y)), in one array
+        np.subtract(g, np.sum(dx, axis=axis, keepdims=True), out=dx)
+        return np.multiply(y, dx, out=dx)
 
 
 class Identity(Layer):
