@@ -5,12 +5,12 @@
     .venv/bin/python benchmarks/bench_conv.py --threads 1     # needs threadpoolctl
 
 float32, batch 128, 3×3 kernels with padding 1, the two convolutions of
-``scratchnn.models.cnn`` (16 and 32 channels on Fashion-MNIST):
+``scratchnn.models.cnn`` in the cnn preset (32 and 64 channels on Fashion-MNIST):
 
-* conv1: (N, 1, 28, 28) → (N, 16, 28, 28), the first layer: its input is
+* conv1: (N, 1, 28, 28) → (N, 32, 28, 28), the first layer: its input is
   data, so neither framework computes dx (scratchnn's ``Sequential`` calls
   ``backward(dout, input_grad=False)``; PyTorch's input does not require grad);
-* conv2: (N, 16, 14, 14) → (N, 32, 14, 14), with dx, dW and db.
+* conv2: (N, 32, 14, 14) → (N, 64, 14, 14), with dx, dW and db.
 
 Both frameworks run in this one process, with the same number of threads
 (PyTorch's ``set_num_threads`` set to OpenBLAS's, or both set by
@@ -34,8 +34,8 @@ import scratchnn as snn
 
 # name -> (C_in, C_out, H = W, input gradient needed)
 SHAPES: dict[str, tuple[int, int, int, bool]] = {
-    "conv1 1→16, 28×28 (no dx)": (1, 16, 28, False),
-    "conv2 16→32, 14×14": (16, 32, 14, True),
+    "conv1 1→32, 28×28 (no dx)": (1, 32, 28, False),
+    "conv2 32→64, 14×14": (32, 64, 14, True),
 }
 
 
