@@ -137,7 +137,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> No
 
 @needs_data
 def test_kill_9_mid_run_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path: Path) -> None:
-    args = ["train", "--hidden", "16", "--limit", "600", "--batch-size", "100", "--epochs", "16"]
+    args = ["train", "--hidden", "16", "--limit", "600", "--batch-size", "100", "--epochs", "30"]
     straight = tmp_path / "straight"
     assert main([*args, "--out", str(straight)]) == 0
     killed = tmp_path / "killed"
@@ -155,7 +155,7 @@ def test_kill_9_mid_run_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path
     process.wait(timeout=30)
     process.stdout.close()
     checkpoint = load_checkpoint(killed / "checkpoint.safetensors")
-    assert 5 <= checkpoint.epoch < 16
+    assert 5 <= checkpoint.epoch < 30
     assert main(["train", "--resume", "--out", str(killed)]) == 0
     a, _ = load_model(straight / "model.safetensors")
     b, _ = load_model(killed / "model.safetensors")
