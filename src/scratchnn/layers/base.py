@@ -149,3 +149,25 @@ class Layer:
         if np.may_share_memory(grad, dout):
             grad = grad.copy()
         return grad
+
+
+class WeightBiasLayer(Layer):
+    """A layer whose learnable arrays are a weight ``W`` and a bias ``b`` (Affine, Conv2d).
+
+    After ``backward`` it holds their gradients in ``dW`` and ``db``.
+    """
+
+    W: np.ndarray
+    b: np.ndarray
+    dW: np.ndarray | None
+    db: np.ndarray | None
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The learnable arrays, by name: ``{"W": W, "b": b}`` (the same objects)."""
+        return {"W": self.W, "b": self.b}
+
+    @property
+    def grads(self) -> dict[str, np.ndarray | None]:
+        """The gradients of the last backward, named like ``params``."""
+        return {"W": self.dW, "b": self.db}

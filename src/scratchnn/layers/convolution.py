@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from scratchnn.backend import FLOAT_DTYPES, as_array, compute_dtype_of, to_compute
-from scratchnn.layers.base import Layer
+from scratchnn.layers.base import WeightBiasLayer
 
 
 def pair(value: int | tuple[int, int], what: str, who: str, minimum: int = 1) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def window_slice(start: int, count: int, stride: int) -> slice:
     return slice(start, start + stride * (count - 1) + 1, stride)
 
 
-class Conv2d(Layer):
+class Conv2d(WeightBiasLayer):
     """2-d convolution (cross-correlation, as in the book and PyTorch) over NCHW images.
 
     Forward: ``out[n, o, i, j] = b[o] + sum_{c, p, q} W[o, c, p, q] *
@@ -147,7 +147,7 @@ class Conv2d(Layer):
         Conv2d(3, 4, kernel_size=(5, 5), stride=(2, 2), padding=(0, 0), dtype=float64)
         """
         layer = cls.__new__(cls)
-        Layer.__init__(layer)
+        WeightBiasLayer.__init__(layer)
         W = as_array(W, who="Conv2d", what="W")
         b = as_array(b, who="Conv2d", what="b")
         if W.dtype not in FLOAT_DTYPES or b.dtype != W.dtype:
@@ -180,16 +180,6 @@ class Conv2d(Layer):
     @property
     def kernel_size(self) -> tuple[int, int]:
         return int(self.W.shape[2]), int(self.W.shape[3])
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """The learnable arrays, by name: ``{"W": W, "b": b}`` (the same objects)."""
-        return {"W": self.W, "b": self.b}
-
-    @property
-    def grads(self) -> dict[str, np.ndarray | None]:
-        """The gradients of the last backward, named like ``params``."""
-        return {"W": self.dW, "b": self.db}
 
     def __repr__(self) -> str:
         out_c, in_c = self.W.shape[:2]

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from scratchnn.backend import FLOAT_DTYPES, as_array
-from scratchnn.layers.base import Layer
+from scratchnn.layers.base import WeightBiasLayer
 
 
-class Affine(Layer):
+class Affine(WeightBiasLayer):
     """Fully connected layer: ``out = x W + b``, as in the book.
 
     Forward: ``x`` of shape (batch, in), or of any rank (batch, d1, d2, ...)
@@ -56,16 +56,6 @@ class Affine(Layer):
         self.dW: np.ndarray | None = None
         self.db: np.ndarray | None = None
         self._x_shape: tuple[int, ...] = ()
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """The learnable arrays, by name: ``{"W": W, "b": b}`` (the same objects)."""
-        return {"W": self.W, "b": self.b}
-
-    @property
-    def grads(self) -> dict[str, np.ndarray | None]:
-        """The gradients of the last backward, named like ``params``."""
-        return {"W": self.dW, "b": self.db}
 
     def __repr__(self) -> str:
         n_in, n_out = self.W.shape
