@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import scratchnn as snn
+from scratchnn import functional as F
 
 mpmath = pytest.importorskip("mpmath", reason="mpmath (the high-precision oracle) is not installed")
 mpmath.mp.dps = 50
@@ -84,3 +85,37 @@ def test_softplus_without_cut_off() -> None:
     assert np.max(ulp_error(y[positive], [w for w, p in zip(want, positive) if p])) <= 4
     # 21 + log1p(exp(-21)): PyTorch would return exactly 21.0 here
     assert y[6] > 21.0
+
+
+def test_erfc_within_a_few_ulp_over_the_whole_float64_range() -> None:
+    # both signs, every binade down to the smallest normal, each interval's ends,
+    # and the right tail down to where erfc leaves the normal range (z ~ 26.5)
+    magnitudes = np.geomspace(np.finfo(np.float64).smallest_normal, 27.3, 500)
+    ends = [0.46875, 4.0, 26.5]
+    near_ends = [np.nextafter(e, d) for e in ends for d in (0.0, 30.0)]
+    x = np.concatenate([-magnitudes, magnitudes, np.linspace(-6.0, 27.3, 1500), ends, near_ends])
+    x = np.concatenate([x, -np.asarray(near_ends)])
+    y = F.erfc(x)
+    want = [mpmath.erfc(mpmath.mpf(v)) for v in x]
+    normal = y >= np.finfo(np.float64).smallest_normal
+    assert np.max(ulp_error(y[normal], [w for w, n in zip(want, normal) if n])) <= 6
+
+
+def test_erfc_float32_within_a_few_float32_ulp() -> None:
+    x = np.linspace(-4.0, 10.0, 20001, dtype=np.float32)
+    y = F.erfc(x)
+    assert y.dtype == np.float32
+    exact = np.array([float(mpmath.erfc(mpmath.mpf(float(v)))) for v in x])
+    normal = exact >= np.finfo(np.float32).smallest_normal
+    spacing = np.spacing(exact[normal].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(y[normal] - exact[normal]) / spacing) <= 10
+
+
+def test_erfc_at_the_ends() -> None:
+    for dtype in (np.float32, np.float64):
+        x = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 30.0, -30.0, 1e300], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            x = x.astype(dtype)
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            y = F.erfc(x)
+        np.testing.assert_array_equal(y, np.array([0, 2, np.nan, 1, 1, 0, 2, 0], dtype))

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
 from scratchnn import functional as F
+from scratchnn._threads import elementwise, flat, run_blocked
 from scratchnn.backend import to_compute
 from scratchnn.layers.base import Layer
 
@@ -63,22 +64,49 @@ class Relu(Layer):
         return np.unpackbits(self._mask, count=size).reshape(self._mask_shape).view(bool)
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        mask = np.asarray(x <= 0)
         # Keeps only the mask: the sign pattern is all that backward needs.
+        # Block by block, so that each block's mask is still in cache when it is used.
+        out = np.empty(x.shape, x.dtype)
+        xf, out_flat = flat(x), out.reshape(-1)
         if self.packed:
-            self._mask, self._mask_shape = np.packbits(mask, axis=None), mask.shape
+            packed = np.empty((x.size + 7) // 8, np.uint8)
+
+            def forward_block(start: int, stop: int) -> None:
+                mask = np.less_equal(xf[start:stop], 0)
+                packed[start // 8 : (stop + 7) // 8] = np.packbits(mask)
+                _zero_where(mask, xf[start:stop], out_flat[start:stop])
+
+            self._mask, self._mask_shape = packed, x.shape
         else:
-            self._mask = mask
-        return _zero_where(mask, x)
+            mask_flat = np.empty(x.size, bool)
+
+            def forward_block(start: int, stop: int) -> None:
+                mask = np.less_equal(xf[start:stop], 0, out=mask_flat[start:stop])
+                _zero_where(mask, xf[start:stop], out_flat[start:stop])
+
+            self._mask = mask_flat.reshape(x.shape)
+        run_blocked(forward_block, xf)
+        return out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        mask = self.mask
-        assert mask is not None  # forward ran: the base checks it
-        return _zero_where(mask, dout)
+        assert self._mask is not None  # forward ran: the base checks it
+        dx = np.empty(dout.shape, dout.dtype)
+        g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
+
+        def backward_block(start: int, stop: int) -> None:
+            if self.packed:
+                bits = np.unpackbits(kept[start // 8 : (stop + 7) // 8], count=stop - start)
+                mask = bits.view(bool)
+            else:
+                mask = kept[start:stop]
+            _zero_where(mask, g[start:stop], dx_flat[start:stop])
+
+        run_blocked(backward_block, g)
+        return dx
 
 
-def _zero_where(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``np.where(mask, 0, values)``, bit for bit, in one branch-free pass.
+def _zero_where(mask: np.ndarray, values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[...] = np.where(mask, 0, values)``, bit for bit, in one branch-free pass.
 
     Why not ``np.where``: on a random mask it mispredicts a branch per element
     and runs about 10 times slower than this. ``values * ~mask`` would be as
@@ -87,9 +115,8 @@ def _zero_where(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
     bool is 0 or 1, so as ``int8`` minus 1 it is -1 (all bits set) or 0, and
     ``bitwise_and`` widens that int8 to the values' width with its sign.
     """
-    keep_bits = mask.view(np.int8) - np.int8(1)
+    keep_bits = np.subtract(mask.view(np.int8), np.int8(1))
     as_int = np.dtype(f"i{values.dtype.itemsize}")
-    out = np.empty(values.shape, values.dtype)
     np.bitwise_and(values.view(as_int), keep_bits, out=out.view(as_int))
     return out
 
@@ -122,10 +149,13 @@ class Sigmoid(Layer):
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
-        y = to_compute(self.out)
-        dx = np.subtract(1.0, y, out=np.empty_like(y))
-        np.multiply(to_compute(dout), dx, out=dx)  # dout * (1 - y) * y, in one scratch array
-        return np.multiply(dx, y, out=dx)
+        return elementwise(_sigmoid_grad, to_compute(self.out), to_compute(dout))
+
+
+def _sigmoid_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    np.subtract(1.0, y, out=dx)
+    np.multiply(g, dx, out=dx)  # dout * (1 - y) * y, in the result's array
+    np.multiply(dx, y, out=dx)
 
 
 class Tanh(Layer):
@@ -152,10 +182,13 @@ class Tanh(Layer):
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
-        y = to_compute(self.out)
-        dx = np.multiply(y, y, out=np.empty_like(y))
-        np.subtract(1.0, dx, out=dx)  # dout * (1 - y**2), in one scratch array
-        return np.multiply(to_compute(dout), dx, out=dx)
+        return elementwise(_tanh_grad, to_compute(self.out), to_compute(dout))
+
+
+def _tanh_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    np.multiply(y, y, out=dx)
+    np.subtract(1.0, dx, out=dx)  # dout * (1 - y**2), in the result's array
+    np.multiply(g, dx, out=dx)
 
 
 class LeakyRelu(Layer):
@@ -183,20 +216,32 @@ class LeakyRelu(Layer):
         self.mask: np.ndarray | None = None
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.mask = np.asarray(x <= 0)
-        z = to_compute(x)
+        z = flat(to_compute(x))
+        mask, out = np.empty(z.size, bool), np.empty(z.size, z.dtype)
         # where(x <= 0, alpha x, x) is max(x, alpha x) for alpha <= 1 and min otherwise,
         # value for value, without np.where's mispredicted branch per element.
-        out = np.multiply(z, self.alpha, out=np.empty_like(z))
-        (np.maximum if self.alpha <= 1.0 else np.minimum)(z, out, out=out)
-        return out.astype(x.dtype, copy=False)
+        pick = np.maximum if self.alpha <= 1.0 else np.minimum
+
+        def forward_block(start: int, stop: int) -> None:
+            np.less_equal(z[start:stop], 0, out=mask[start:stop])
+            np.multiply(z[start:stop], self.alpha, out=out[start:stop])
+            pick(z[start:stop], out[start:stop], out=out[start:stop])
+
+        run_blocked(forward_block, z)
+        self.mask = mask.reshape(x.shape)
+        return out.reshape(x.shape).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.mask is not None  # forward ran: the base checks it
         g = to_compute(dout)
         # dout times 1 or alpha, the factor looked up by the mask (0 or 1) as an index.
         factors = np.array([1.0, self.alpha], dtype=g.dtype)
-        return np.multiply(g, factors[self.mask.view(np.uint8)])
+
+        def kernel(mask: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+            np.take(factors, mask.view(np.uint8), out=dx)
+            np.multiply(g, dx, out=dx)
+
+        return elementwise(kernel, self.mask, g, dtype=g.dtype)
 
 
 class Elu(Layer):
@@ -225,28 +270,37 @@ class Elu(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
-        z = to_compute(x)
-        # exp only of the non-positive part: exp of a large positive x would overflow.
-        out = np.minimum(z, 0, out=np.empty_like(z))
-        np.expm1(out, out=out)
-        np.multiply(out, self.alpha, out=out)
-        # max(x, 0) + alpha expm1(min(x, 0)) is exactly where(x > 0, x, alpha expm1(x)),
-        # one term being 0 on each side, without np.where's branch per element.
-        np.add(out, np.maximum(z, 0), out=out)
-        return out.astype(x.dtype, copy=False)
+        alpha = self.alpha
+
+        def kernel(z: np.ndarray, out: np.ndarray) -> None:
+            # exp only of the non-positive part: exp of a large positive x would overflow.
+            np.minimum(z, 0, out=out)
+            np.expm1(out, out=out)
+            np.multiply(out, alpha, out=out)
+            # max(x, 0) + alpha expm1(min(x, 0)) is exactly where(x > 0, x, alpha expm1(x)),
+            # one term being 0 on each side, without np.where's branch per element.
+            np.add(out, np.maximum(z, 0), out=out)
+
+        return elementwise(kernel, to_compute(x)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
-        slope = np.minimum(z, 0, out=np.empty_like(z))
-        np.exp(slope, out=slope)
-        np.multiply(slope, self.alpha, out=slope)  # alpha exp(min(x, 0))
-        if not 0.0 <= self.alpha <= 1.0:
-            return np.asarray(np.where(z > 0, g, g * slope))
-        # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so max(slope, x > 0)
-        # is 1 where x > 0 and the slope elsewhere: the same factors, branch-free.
-        np.maximum(slope, np.greater(z, 0), out=slope)
-        return np.multiply(g, slope, out=slope)
+        alpha = self.alpha
+
+        def kernel(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+            np.minimum(z, 0, out=slope)
+            np.exp(slope, out=slope)
+            np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
+            if not 0.0 <= alpha <= 1.0:
+                slope[...] = np.where(z > 0, g, g * slope)
+                return
+            # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so max(slope, x > 0)
+            # is 1 where x > 0 and the slope elsewhere: the same factors, branch-free.
+            np.maximum(slope, np.greater(z, 0), out=slope)
+            np.multiply(g, slope, out=slope)
+
+        return elementwise(kernel, z, g)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -295,34 +349,73 @@ class Gelu(Layer):
         self.x = self._keep_input(x)
         z = to_compute(x)
         if self.approximate == "tanh":
-            out = z * self._sigmoid_2u(z)
-        else:
-            out = z * self._cdf(z)
-        return np.asarray(out).astype(x.dtype, copy=False)
+            return elementwise(_gelu_tanh, z).astype(x.dtype, copy=False)
+        return elementwise(_gelu, z).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
-        if self.approximate == "tanh":
-            s = self._sigmoid_2u(z)
-            zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
-            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * zc * zc)
-            # z multiplies last: s (1 - s) is exactly 0 wherever z is large enough to overflow
-            return g * (s + z * (2.0 * s * (1.0 - s) * du))
-        zc = np.minimum(np.abs(z), _GELU_PDF_CLIP)
-        pdf = np.exp(-0.5 * zc * zc) / math.sqrt(2.0 * math.pi)
-        return g * (self._cdf(z) + z * pdf)
+        return elementwise(_gelu_tanh_grad if self.approximate == "tanh" else _gelu_grad, z, g)
 
-    @staticmethod
-    def _cdf(z: np.ndarray) -> np.ndarray:
-        # erfc keeps relative accuracy in the left tail, where 1 + erf(x) cancels.
-        return 0.5 * F.erfc(-z * (1.0 / math.sqrt(2.0)))
 
-    @staticmethod
-    def _sigmoid_2u(z: np.ndarray) -> np.ndarray:
-        # (1 + tanh(u)) / 2 == sigmoid(2u); clipping only keeps z**3 finite.
-        zc = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
-        return F.sigmoid((2.0 * _SQRT_2_OVER_PI) * (zc + _GELU_CUBIC * zc * zc * zc))
+def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
+    """``out = Phi(z) = erfc(-z / sqrt 2) / 2``: erfc keeps relative accuracy in the left
+    tail, where ``1 + erf`` cancels."""
+    F.erfc_into(np.multiply(z, -1.0 / math.sqrt(2.0)), out)
+    np.multiply(out, 0.5, out=out)
+
+
+def _gelu(z: np.ndarray, out: np.ndarray) -> None:
+    _gelu_cdf(z, out)
+    np.multiply(z, out, out=out)
+
+
+def _gelu_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    _gelu_cdf(z, dx)
+    pdf = np.abs(z)
+    np.minimum(pdf, _GELU_PDF_CLIP, out=pdf)
+    np.multiply(pdf, pdf, out=pdf)
+    np.multiply(pdf, -0.5, out=pdf)
+    np.exp(pdf, out=pdf)
+    np.divide(pdf, math.sqrt(2.0 * math.pi), out=pdf)
+    np.multiply(z, pdf, out=pdf)
+    np.add(dx, pdf, out=dx)
+    np.multiply(g, dx, out=dx)  # dout * (Phi + x phi)
+
+
+def _sigmoid_2u(z: np.ndarray, out: np.ndarray) -> None:
+    """``out = sigmoid(2u) = (1 + tanh(u)) / 2``; clipping only keeps ``z**3`` finite."""
+    u = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
+    np.multiply(u, u, out=out)
+    np.multiply(out, _GELU_CUBIC, out=out)
+    np.multiply(out, u, out=out)
+    np.add(u, out, out=u)
+    np.multiply(u, 2.0 * _SQRT_2_OVER_PI, out=u)
+    F.sigmoid_into(u, out)
+
+
+def _gelu_tanh(z: np.ndarray, out: np.ndarray) -> None:
+    _sigmoid_2u(z, out)
+    np.multiply(z, out, out=out)
+
+
+def _gelu_tanh_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    s = np.empty_like(z)
+    _sigmoid_2u(z, s)
+    du = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
+    np.multiply(du, du, out=du)
+    np.multiply(du, 3.0 * _GELU_CUBIC, out=du)
+    np.add(du, 1.0, out=du)
+    np.multiply(du, _SQRT_2_OVER_PI, out=du)  # du/dx
+    # 2 s (1 - s) du, then times z last: s (1 - s) is exactly 0 wherever z is large
+    # enough to overflow.
+    np.subtract(1.0, s, out=dx)
+    np.multiply(dx, s, out=dx)
+    np.multiply(dx, 2.0, out=dx)
+    np.multiply(dx, du, out=dx)
+    np.multiply(z, dx, out=dx)
+    np.add(s, dx, out=dx)
+    np.multiply(g, dx, out=dx)  # dout * (s + z 2 s (1 - s) du)
 
 
 class Softplus(Layer):
@@ -352,28 +445,35 @@ class Softplus(Layer):
         self.out: np.ndarray | None = None
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        z = to_compute(x)
-        # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right limit.
-        # In place, one array: max(x, 0) + log1p(exp(-beta |x|)) / beta.
-        out = np.abs(z, out=np.empty_like(z))
-        with np.errstate(over="ignore"):
-            np.multiply(out, -self.beta, out=out)
-            np.exp(out, out=out)
-        np.log1p(out, out=out)
-        np.divide(out, self.beta, out=out)
-        np.add(out, np.maximum(z, 0), out=out)
+        beta = self.beta
+
+        def kernel(z: np.ndarray, out: np.ndarray) -> None:
+            # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right
+            # limit. In place: max(x, 0) + log1p(exp(-beta |x|)) / beta.
+            np.abs(z, out=out)
+            with np.errstate(over="ignore"):
+                np.multiply(out, -beta, out=out)
+                np.exp(out, out=out)
+            np.log1p(out, out=out)
+            np.divide(out, beta, out=out)
+            np.add(out, np.maximum(z, 0), out=out)
+
+        out = elementwise(kernel, to_compute(x))
         self.out = self._keep_output(out.astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
-        y = to_compute(self.out)
-        slope = np.empty_like(y)
-        with np.errstate(over="ignore"):
-            np.multiply(y, -self.beta, out=slope)
-            np.expm1(slope, out=slope)
-        np.negative(slope, out=slope)  # -expm1(-beta y)
-        return np.multiply(to_compute(dout), slope, out=slope)
+        beta = self.beta
+
+        def kernel(y: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+            with np.errstate(over="ignore"):
+                np.multiply(y, -beta, out=slope)
+                np.expm1(slope, out=slope)
+            np.negative(slope, out=slope)  # -expm1(-beta y)
+            np.multiply(g, slope, out=slope)
+
+        return elementwise(kernel, to_compute(self.out), to_compute(dout))
 
 
 class Silu(Layer):
@@ -397,20 +497,26 @@ class Silu(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
-        z = to_compute(x)
-        s = F.sigmoid(z)
-        return np.multiply(z, s, out=s).astype(x.dtype, copy=False)
+        return elementwise(_silu, to_compute(x)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
-        z = to_compute(self.x)
-        s = F.sigmoid(z)
-        # dout * (s * (1 + z * (1 - s))), in that order, in one scratch array
-        slope = np.subtract(1.0, s, out=np.empty_like(s))
-        np.multiply(z, slope, out=slope)
-        np.add(1.0, slope, out=slope)
-        np.multiply(s, slope, out=slope)
-        return np.multiply(to_compute(dout), slope, out=slope)
+        return elementwise(_silu_grad, to_compute(self.x), to_compute(dout))
+
+
+def _silu(z: np.ndarray, out: np.ndarray) -> None:
+    F.sigmoid_into(z, out)
+    np.multiply(z, out, out=out)
+
+
+def _silu_grad(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+    s = F.sigmoid_into(z, np.empty_like(z))
+    # dout * (s * (1 + z * (1 - s))), in that order, in the result's array
+    np.subtract(1.0, s, out=slope)
+    np.multiply(z, slope, out=slope)
+    np.add(1.0, slope, out=slope)
+    np.multiply(s, slope, out=slope)
+    np.multiply(g, slope, out=slope)
 
 
 class Softmax(Layer):

@@ -1,0 +1,122 @@
+"""Blocked evaluation of element-wise kernels, on two threads for large arrays.
+
+An element-wise layer written as NumPy passes (``out=``, in place) reads and
+writes its arrays once per pass. On a large array each pass goes to main
+memory; on a block of a few thousand elements the passes after the first run
+in the core's cache. And NumPy's ufuncs release the GIL, so two threads can
+work on different blocks at once.
+
+:func:`run_blocked` runs a kernel on matching blocks of its arrays: the whole
+arrays at once when they are small (the plain single-threaded path, which is
+also the reference: the blocks compute the same values, element for element),
+block by block on the calling thread and one worker from a shared pool when
+they are large. The worker runs in a copy of the caller's context, so NumPy's
+``errstate`` (which is per context) applies there as it does in the caller:
+``np.errstate(all="raise")`` raises from the worker's blocks too, and a
+layer's own ``np.errstate(over="ignore")`` inside the kernel applies to every
+block.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# Bytes of one array's block: the kernels keep 3 to 6 block-sized arrays in
+# flight, which then stay within a core's 1 to 2 MiB L2 cache.
+BLOCK_BYTES = 1 << 17
+# Elements from which blocks pay for themselves on one thread, and from which
+# a second thread pays for its hand-over (about 30 µs). Measured on a 2-core
+# Xeon: see docs/benchmarks.md.
+BLOCKS_FROM = 1 << 18
+THREADS_FROM = 1 << 18
+THREADS = min(2, os.cpu_count() or 1)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="scratchnn")
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child inherits the pool object but not its thread.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def flat(array: np.ndarray) -> np.ndarray:
+    """A 1-d C-order view of ``array`` (a contiguous copy if it is not contiguous)."""
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def run_blocked(kernel: Callable[[int, int], object], like: np.ndarray) -> None:
+    """Call ``kernel(start, stop)`` for blocks ``[start, stop)`` that cover ``range(like.size)``.
+
+    The kernel computes the elements ``start:stop`` of its (1-d, contiguous)
+    outputs in place from the same elements of its inputs, and of nothing
+    else. Small arrays, and arrays of another module than NumPy, get one
+    call, ``kernel(0, size)``: the plain single-threaded path. Blocks hold
+    ``BLOCK_BYTES`` of ``like``'s items, a multiple of 8 elements (so a
+    packed bit mask splits at whole bytes).
+    """
+    size = like.size
+    if size < BLOCKS_FROM or type(like) is not np.ndarray:
+        kernel(0, size)
+        return
+    block = BLOCK_BYTES // like.itemsize
+    starts = iter(range(0, size, block))
+
+    def work() -> None:
+        # Both threads take the next free block from one iterator (its next()
+        # holds the GIL), so a thread slowed by other work on its core simply
+        # takes fewer blocks.
+        for start in starts:
+            kernel(start, min(start + block, size))
+
+    if size < THREADS_FROM or THREADS < 2:
+        work()
+        return
+    helper = _worker_pool().submit(contextvars.copy_context().run, work)
+    try:
+        work()
+    finally:
+        # Wait for the worker even when our blocks failed: nothing may write
+        # into the arrays after we return. Its own error, if any, is raised
+        # here unless ours is already on its way.
+        error = helper.exception()
+    if error is not None:
+        raise error
+
+
+def elementwise(
+    kernel: Callable[..., object], *inputs: np.ndarray, dtype: np.dtype | None = None
+) -> np.ndarray:
+    """A new array ``out`` of ``inputs[0]``'s shape, ``kernel(*inputs, out)`` run blockwise.
+
+    The inputs have one shape; the kernel writes its last argument in place
+    from the same elements of the others (see :func:`run_blocked`). ``out``
+    has ``dtype``, by default ``inputs[0]``'s.
+    """
+    out = np.empty(inputs[0].shape, dtype or inputs[0].dtype)
+    flats, out_flat = [flat(a) for a in inputs], out.reshape(-1)
+
+    def kernel_on_block(start: int, stop: int) -> None:
+        kernel(*(a[start:stop] for a in flats), out_flat[start:stop])
+
+    run_blocked(kernel_on_block, out_flat)
+    return out

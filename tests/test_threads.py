@@ -1,0 +1,103 @@
+"""The blocked, two-thread path gives the plain path's results and honours the caller's errstate."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import scratchnn as snn
+from scratchnn import _threads
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 64 bytes and threads from the first element, so small arrays take every path."""
+    monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
+    monkeypatch.setattr(_threads, "THREADS_FROM", 0)
+    monkeypatch.setattr(_threads, "THREADS", 2)
+
+
+LAYERS = {
+    "Relu": snn.Relu,
+    "Relu(packed)": lambda: snn.Relu(packed=True),
+    "Sigmoid": snn.Sigmoid,
+    "Tanh": snn.Tanh,
+    "LeakyRelu": snn.LeakyRelu,
+    "Elu": snn.Elu,
+    "Elu(2)": lambda: snn.Elu(2.0),
+    "Gelu": snn.Gelu,
+    "Gelu(tanh)": lambda: snn.Gelu("tanh"),
+    "Softplus": snn.Softplus,
+    "Silu": snn.Silu,
+}
+
+
+def forward_backward(make: object, x: np.ndarray, dout: np.ndarray) -> tuple[np.ndarray, ...]:
+    layer = make()  # type: ignore[operator]
+    return layer.forward(x), layer.backward(dout), getattr(layer, "mask", None)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_and_threads_give_the_plain_results(
+    name: str, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    x = (5 * rng.standard_normal((7, 101))).astype(dtype)  # 707 elements: a partial last block
+    x[0, :4] = [0.0, -0.0, 40.0, -40.0]
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    plain = forward_backward(LAYERS[name], x, dout)
+    monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
+    monkeypatch.setattr(_threads, "THREADS_FROM", 0)
+    monkeypatch.setattr(_threads, "THREADS", 2)
+    blocked = forward_backward(LAYERS[name], x, dout)
+    for want, got in zip(plain, blocked):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_worker_takes_blocks(tiny_blocks: None) -> None:
+    seen: set[str] = set()
+    done = np.zeros(10_000, bool)
+    worker_started = threading.Event()
+
+    def kernel(start: int, stop: int) -> None:
+        seen.add(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread():
+            worker_started.wait(timeout=10)  # leave the worker a block to take
+        else:
+            worker_started.set()
+        done[start:stop] = True
+
+    _threads.run_blocked(kernel, done)
+    assert done.all() and len(seen) == 2
+
+
+def test_errstate_raise_reaches_the_worker(tiny_blocks: None) -> None:
+    x = np.full(2_000, 1000.0)
+
+    def kernel(start: int, stop: int) -> None:
+        np.exp(x[start:stop])
+
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        _threads.run_blocked(kernel, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="ignore"):
+            _threads.run_blocked(kernel, x)  # the caller's "ignore" holds in the worker too
+
+
+@pytest.mark.parametrize("name", ["Softplus", "Sigmoid", "Gelu", "Gelu(tanh)", "Elu", "Silu"])
+def test_no_warnings_at_range_ends_on_threads(name: str, tiny_blocks: None) -> None:
+    info = np.finfo(np.float64)
+    x = np.tile([info.max, -info.max, 745.0, -745.0, 0.0, info.smallest_subnormal], 200)
+    with warnings.catch_warnings(), np.errstate(over="raise", divide="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        layer = LAYERS[name]()
+        out = layer.forward(x)
+        dx = layer.backward(np.ones_like(x))
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
