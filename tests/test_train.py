@@ -20,7 +20,7 @@ from scratchnn.cli import main
 from scratchnn.data import find_dataset_files
 from scratchnn.optim import make_optimizer
 from scratchnn.runs import RunConfig, preset_config, train_run
-from scratchnn.train import History, fit
+from scratchnn.train import History, evaluate, fit
 
 try:
     find_dataset_files("fashion-mnist")
@@ -99,6 +99,34 @@ def test_lr_decay_schedule_depends_on_the_epoch_alone() -> None:
     with pytest.raises(ValueError, match="lr_decay"):
         fit(net, optimizer, blobs(200, rng), epochs=1, batch_size=100, rng=rng, lr_decay=1.5)
 
+
+def test_training_metrics_use_a_fixed_subset_and_leave_the_shuffle_alone() -> None:
+    train, test = blobs(600, np.random.default_rng(3)), blobs(100, np.random.default_rng(4))
+    runs = {}
+    for size in (200, None):
+        rng = np.random.default_rng(5)
+        net = snn.models.mlp([20, 8, 10], rng=rng)
+        history = fit(
+            net,
+            make_optimizer("sgd", lr=0.1),
+            train,
+            test,
+            epochs=2,
+            batch_size=100,
+            rng=rng,
+            train_eval_size=size,
+            train_eval_seed=7,
+        )
+        runs[size] = (net, rng.random(), history)
+    (net_sub, draw_sub, h_sub), (net_all, draw_all, h_all) = runs[200], runs[None]
+    # The subset changes only what is measured: same weights, same generator state, same test.
+    np.testing.assert_array_equal(net_sub.params["W1"], net_all.params["W1"])
+    assert draw_sub == draw_all and h_sub.test_acc == h_all.test_acc
+    assert h_all.train_acc[-1] == evaluate(net_all, *train)[1]
+    chosen = np.sort(np.random.default_rng(7).choice(600, 200, replace=False))
+    assert h_sub.train_acc[-1] == evaluate(net_sub, train[0][chosen], train[1][chosen])[1]
+    with pytest.raises(ValueError, match="train_eval_size"):
+        fit(net_sub, make_optimizer("sgd"), train, epochs=1, batch_size=100, rng=rng, train_eval_size=0)
 
 @needs_data
 def test_a_small_network_learns_fashion_mnist(tmp_path: Path) -> None:

@@ -324,6 +324,7 @@ def train_run(
         history=history,
         callbacks=[save_epoch],
         progress_stream=progress_stream,
+        train_eval_seed=config.seed,
     )
     save_model(out / MODEL_FILE, network.state(), config.to_dict())
     try:

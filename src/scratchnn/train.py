@@ -4,7 +4,9 @@
 ``numpy.random.Generator``, so the same seed gives the same run bit for bit),
 evaluates on the training and test sets after each epoch, shows a progress
 bar on a terminal and calls back once per epoch, which is where the command
-line writes its checkpoints.
+line writes its checkpoints. The training-set metrics are taken on a fixed
+subset of 10,000 examples by default (``train_eval_size``), the test set is
+always evaluated whole.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from scratchnn.data.batches import iterate_minibatches
 from scratchnn.progress import ProgressBar
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+# How many training examples fit evaluates after each epoch, unless told otherwise.
+TRAIN_EVAL_SIZE = 10_000
 
 
 @dataclass
 class History:
-    """Per-epoch metrics, one list per metric (the layout of Keras's ``History.history``)."""
+    """Per-epoch metrics, one list per metric (the layout of Keras's ``History.history``).
+
+    ``train_loss`` and ``train_acc`` are measured after each epoch, in evaluation
+    mode, on the fixed subset of the training set that ``fit`` evaluates (by
+    default 10,000 examples, the same ones every epoch; all of them with
+    ``train_eval_size=None``); ``test_loss`` and ``test_acc`` on the whole test set.
+    """
 
     epoch: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
@@ -107,6 +117,8 @@ def fit(
     history: History | None = None,
     callbacks: Iterable[Callable[[int, History], None]] = (),
     progress_stream: TextIO | None = None,
+    train_eval_size: int | None = TRAIN_EVAL_SIZE,
+    train_eval_seed: int = 0,
 ) -> History:
     """Train ``network`` with ``optimizer`` and return the history.
 
@@ -120,6 +132,16 @@ def fit(
     multiplies the optimiser's learning rate by that factor after every epoch
     (epoch k runs at ``lr * lr_decay**(k - 1)``, a function of the epoch alone,
     so a resumed run continues the same schedule).
+
+    The training-set loss and accuracy of each epoch are those of a fixed
+    subset: ``train_eval_size`` examples drawn without replacement by
+    ``numpy.random.default_rng(train_eval_seed)``, in their order in the data;
+    the whole training set when ``train_eval_size`` is None or not smaller
+    than it. Evaluating all 60,000 images of Fashion-MNIST would cost a CNN
+    about a third of each epoch, and 10,000 examples estimate the accuracy to
+    about ±0.3 percentage points (one standard error). The subset has its own
+    generator, so it never moves ``rng``: a resumed run shuffles as one that
+    was never stopped.
     """
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"fit: lr_decay must lie in (0, 1], got {lr_decay}")
@@ -131,6 +153,15 @@ def fit(
             f"fit: epochs and batch_size must be positive, got {epochs} and {batch_size}"
         )
     x_train, t_train = train_data
+    if train_eval_size is not None and train_eval_size < 1:
+        raise ValueError(f"fit: train_eval_size must be positive or None, got {train_eval_size}")
+    x_eval, t_eval = x_train, t_train
+    if train_eval_size is not None and train_eval_size < len(x_train):
+        chosen = np.random.default_rng(train_eval_seed).choice(
+            len(x_train), train_eval_size, replace=False
+        )
+        chosen.sort()
+        x_eval, t_eval = x_train[chosen], t_train[chosen]
     history = history if history is not None else History()
     batches_per_epoch = math.ceil(len(x_train) / batch_size)
     iterations_done = len(history) * batches_per_epoch
@@ -156,7 +187,7 @@ def fit(
                 break
         iterations_done += steps
         bar.close()
-        train_loss, train_acc = evaluate(network, x_train, t_train)
+        train_loss, train_acc = evaluate(network, x_eval, t_eval)
         test_loss, test_acc = (
             evaluate(network, *test_data) if test_data is not None else (math.nan, math.nan)
         )
