@@ -95,6 +95,25 @@ def test_max_pool_ties_send_the_gradient_where_torch_does(k: int, s: int, p: int
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-15)
 
 
+
+@pytest.mark.parametrize(("k", "size"), [(2, 7), ((2, 3), (6, 9)), (3, 8), ((1, 2), (3, 5))])
+def test_max_pool_tiling_windows_with_ties_and_left_over_pixels_match_torch(
+    k: int | tuple[int, int], size: int | tuple[int, int]
+) -> None:
+    # stride = kernel and no padding take a faster path; left-over rows and columns get no gradient
+    h, w = (size, size) if isinstance(size, int) else size
+    x = np.maximum(np.random.default_rng(5).integers(-2, 3, (3, 2, h, w)), 0).astype(np.float32)
+    pool = snn.MaxPool2d(k)
+    out = pool.forward(x)
+    dout = np.random.default_rng(6).standard_normal(out.shape).astype(np.float32)
+    dx = pool.backward(dout)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = TF.max_pool2d(xt, k)
+    yt.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out, yt.detach().numpy())
+    np.testing.assert_array_equal(dx, xt.grad.numpy())
+
+
 def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
     x = np.array([[[[1.0, np.nan, 2.0, -np.inf], [0.0, 3.0, -np.inf, -np.inf]]]])
     out = snn.MaxPool2d(2).forward(x)

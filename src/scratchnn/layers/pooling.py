@@ -127,9 +127,13 @@ class MaxPool2d(_Pool2d):
         g = to_compute(dout)
         n, c, h, w = self._x_shape
         ph, pw = self.padding
-        dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
-        # Windows that do not overlap can write their share directly instead of adding.
+        # Windows that do not overlap can write their share directly instead of adding; when
+        # they also tile the input exactly (the usual 2×2), every pixel is written and the
+        # zeros would be a wasted pass over dx.
         disjoint = all(s >= k for s, k in zip(self.stride, self.kernel_size))
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        tiled = (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and h % kh == 0 and w % kw == 0
+        dxp = (np.empty if tiled else np.zeros)((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
         for k, rows, cols in self._offsets(self._x_shape):
             if disjoint:
                 np.multiply(g, self.argmax == k, out=dxp[:, :, rows, cols])
