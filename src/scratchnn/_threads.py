@@ -31,10 +31,13 @@ import numpy as np
 # flight, which then stay within a core's 1 to 2 MiB L2 cache.
 BLOCK_BYTES = 1 << 17
 # Elements from which blocks pay for themselves on one thread, and from which
-# a second thread pays for its hand-over (about 30 µs). Measured on a 2-core
-# Xeon: see docs/benchmarks.md.
+# a second thread pays. Measured on the project's 2-core Xeon VM (see
+# docs/benchmarks.md): blocks pay from about 3e5 elements; its two cores share
+# their vector units, so a second thread speeds up no SIMD arithmetic there,
+# and pays a little only on the largest arrays, by taking half of the page
+# faults of fresh output arrays. On a machine with real cores, lower it.
 BLOCKS_FROM = 1 << 18
-THREADS_FROM = 1 << 18
+THREADS_FROM = 1 << 23
 THREADS = min(2, os.cpu_count() or 1)
 
 _pool: ThreadPoolExecutor | None = None

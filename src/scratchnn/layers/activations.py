@@ -325,7 +325,9 @@ class Gelu(Layer):
     tail); ``dy/dx = s + 2 x s (1 - s) * sqrt(2/pi) * (1 + 3 * 0.044715 x**2)``
     with ``s = sigmoid(2u)``.
 
-    Keeps ``x`` (a private copy when the caller owns it). Shape: any.
+    Keeps ``x`` (a private copy when the caller owns it) and, in the exact
+    form, ``Phi(x)``: one more array of the input's size, which spares
+    backward a second erfc. Shape: any.
 
     >>> gelu = Gelu()
     >>> print(gelu.forward(np.array([-1.0, 0.0, 2.0])))
@@ -344,18 +346,33 @@ class Gelu(Layer):
             raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
         self.x: np.ndarray | None = None
+        self._cdf: np.ndarray | None = None
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
         z = to_compute(x)
         if self.approximate == "tanh":
             return elementwise(_gelu_tanh, z).astype(x.dtype, copy=False)
-        return elementwise(_gelu, z).astype(x.dtype, copy=False)
+        # Phi(x) is also kept (private, never handed out): backward then needs no
+        # second erfc, the most expensive part of both passes.
+        out, cdf = np.empty(z.shape, z.dtype), np.empty(z.shape, z.dtype)
+        zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
+
+        def forward_block(start: int, stop: int) -> None:
+            _gelu_cdf(zf[start:stop], cdf_flat[start:stop])
+            np.multiply(zf[start:stop], cdf_flat[start:stop], out=out_flat[start:stop])
+
+        run_blocked(forward_block, zf)
+        self._cdf = cdf
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
-        return elementwise(_gelu_tanh_grad if self.approximate == "tanh" else _gelu_grad, z, g)
+        if self.approximate == "tanh":
+            return elementwise(_gelu_tanh_grad, z, g)
+        assert self._cdf is not None
+        return elementwise(_gelu_grad, z, self._cdf, g)
 
 
 def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
@@ -365,21 +382,15 @@ def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
     np.multiply(out, 0.5, out=out)
 
 
-def _gelu(z: np.ndarray, out: np.ndarray) -> None:
-    _gelu_cdf(z, out)
-    np.multiply(z, out, out=out)
-
-
-def _gelu_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-    _gelu_cdf(z, dx)
-    pdf = np.abs(z)
+def _gelu_grad(z: np.ndarray, cdf: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    pdf = np.abs(z, out=dx)
     np.minimum(pdf, _GELU_PDF_CLIP, out=pdf)
     np.multiply(pdf, pdf, out=pdf)
     np.multiply(pdf, -0.5, out=pdf)
     np.exp(pdf, out=pdf)
     np.divide(pdf, math.sqrt(2.0 * math.pi), out=pdf)
     np.multiply(z, pdf, out=pdf)
-    np.add(dx, pdf, out=dx)
+    np.add(cdf, pdf, out=dx)
     np.multiply(g, dx, out=dx)  # dout * (Phi + x phi)
 
 
