@@ -205,10 +205,12 @@ class Conv2d(WeightBiasLayer):
                 col[:, p, q] = xp[:, :, rows, cols].transpose(1, 0, 2, 3)
         self.col = col.reshape(in_c * kh * kw, n * oh * ow)
         self._x_shape = x.shape
-        out = self.W.reshape(out_c, -1).astype(work, copy=False) @ self.col  # (C_out, N OH OW)
-        out += self.b.astype(work, copy=False)[:, None]
-        out = out.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3)
-        return np.ascontiguousarray(out, dtype=self.W.dtype)
+        product = self.W.reshape(out_c, -1).astype(work, copy=False) @ self.col  # (C_out, N OH OW)
+        # The bias is added in the one pass that transposes to NCHW, not in a pass of its own.
+        out = np.empty((n, out_c, oh, ow), dtype=self.W.dtype)
+        bias = self.b.astype(work, copy=False)[None, :, None, None]
+        np.add(product.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3), bias, out=out)
+        return out
 
     def _param_grads(self, dout: np.ndarray) -> np.ndarray:
         """Set ``dW`` and ``db``; return ``dout`` as a (C_out, N OH OW) matrix."""
