@@ -224,6 +224,23 @@ def test_equals_the_books_formula_for_constant_lr(name: str) -> None:
             assert_close(params[key], expected[key])
 
 
+def test_adam_first_moment_never_turns_subnormal_and_the_step_is_unchanged() -> None:
+    # A dead unit's gradient is 0 for good: m decays by beta1 a step, and would be
+    # subnormal (slow arithmetic) after about 800 float32 steps without the flush.
+    params = {"W": np.ones(4, np.float32)}
+    reference = {"W": np.ones(4)}
+    optimizer, exact = Adam(), Adam()
+    first = np.array([1e-3, -2.0, 5.0, 0.0])
+    optimizer.update(params, {"W": first.astype(np.float32)})
+    exact.update(reference, {"W": first})
+    for _ in range(1500):
+        optimizer.update(params, {"W": np.zeros(4, np.float32)})
+        exact.update(reference, {"W": np.zeros(4)})
+        m = np.abs(optimizer.m["W"])
+        assert not np.any((m > 0) & (m < np.finfo(np.float32).tiny))
+    np.testing.assert_allclose(params["W"], reference["W"], rtol=1e-6)
+
+
 def test_adam_with_eps_differs_from_the_book_only_by_eps_placement() -> None:
     # The book's eps added to sqrt(v) equals torch's eps / sqrt(1 - beta2**t): on step 1
     # with beta2 = 0.75 that is 2 * eps, so the book's update equals ours with eps doubled.

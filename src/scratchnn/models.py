@@ -155,8 +155,17 @@ class Sequential:
         return float(np.mean(y == t)) if y.size else 0.0
 
     def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
-        """Forward and backward; return the gradients keyed like ``params``."""
-        self.loss(x, t)
+        """Forward and backward; return the gradients keyed like ``params``.
+
+        The layers keep views of ``x`` and of the arrays between them, not copies:
+        nothing can change them between this call's forward and backward.
+        """
+        for layer in self.layers:
+            if isinstance(layer, layers.Layer):
+                x = layer._checked_forward((x,), borrowed=True)
+            else:
+                x = layer.forward(x)
+        self.last_loss = self.last_layer.forward(np.asarray(x), t)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn.backend import as_array, float_dtype_of
+from scratchnn.backend import FLOAT_DTYPES, as_array, float_dtype_of
 
 
 class Layer:
@@ -53,17 +53,29 @@ class Layer:
 
     def forward(self, *inputs: Any) -> Any:
         """Compute the output from the input(s) and keep what ``backward`` needs."""
-        name = type(self).__name__
+        return self._checked_forward(inputs, borrowed=False)
+
+    def _checked_forward(self, inputs: tuple[Any, ...], *, borrowed: bool) -> Any:
+        """``forward``; ``borrowed=True`` promises that the inputs stay unchanged until
+        ``backward``, so the layer may keep them without a copy.
+
+        ``Sequential.gradient`` borrows: it runs forward and backward in one call,
+        and the arrays between its layers never reach its caller.
+        """
         if len(inputs) != self.n_inputs:
+            name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         self._out_shape = None  # a failure below must not leave a stale graph behind
-        xs = tuple(self._prepare_input(x) for x in inputs)
-        self._caller_owned = tuple(
-            isinstance(x, np.ndarray) and np.may_share_memory(x, prepared)
-            for x, prepared in zip(inputs, xs)
-        )
+        xs = [self._prepare_input(x) for x in inputs]
+        if borrowed:
+            self._caller_owned = (False,) * len(xs)
+        else:
+            self._caller_owned = tuple(
+                prepared is x or (isinstance(x, np.ndarray) and np.may_share_memory(x, prepared))
+                for x, prepared in zip(inputs, xs)
+            )
         out = np.asarray(self._forward(*xs))
-        self._in_dtypes = tuple(x.dtype for x in xs)
+        self._in_dtypes = tuple([x.dtype for x in xs])
         self._out_shape = out.shape
         self._out_dtype = out.dtype
         return out
@@ -136,6 +148,8 @@ class Layer:
     # -- helpers -----------------------------------------------------------------
 
     def _prepare_input(self, x: Any) -> np.ndarray:
+        if type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
+            return x  # the common case, a float array: nothing to check or convert
         array = as_array(x, who=type(self).__name__)
         if self.keeps_integer_dtype and array.dtype.kind in "biu":
             return array

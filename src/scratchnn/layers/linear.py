@@ -62,18 +62,23 @@ class Affine(WeightBiasLayer):
         return f"Affine({n_in}, {n_out}, dtype={self.W.dtype})"
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        n_in = self.W.shape[0]
+        W = self.W
+        n_in = W.shape[0]
         single = x.ndim == 1
-        features = x.shape[0] if single else math.prod(x.shape[1:])
-        if x.ndim == 0 or features != n_in:
-            raise ValueError(
-                f"Affine: expected input of shape (batch, {n_in}), (batch, ...) with "
-                f"{n_in} features per example, or ({n_in},); got {x.shape}"
-            )
+        if x.ndim == 2 and x.shape[1] == n_in:  # (batch, in), the common case: no reshape
+            flat = x
+        else:
+            features = x.shape[0] if single else math.prod(x.shape[1:])
+            if x.ndim == 0 or features != n_in:
+                raise ValueError(
+                    f"Affine: expected input of shape (batch, {n_in}), (batch, ...) with "
+                    f"{n_in} features per example, or ({n_in},); got {x.shape}"
+                )
+            flat = x.reshape(1 if single else x.shape[0], n_in)
         self._x_shape = x.shape
-        flat = x.reshape(1 if single else x.shape[0], n_in)
         self.x = self._keep_input(flat) if np.may_share_memory(flat, x) else flat
-        out = self.x.astype(self.W.dtype, copy=False) @ self.W
+        xw = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
+        out = np.matmul(xw, W)
         np.add(out, self.b, out=out)  # in place: the product is a new array
         return out[0] if single else out
 
@@ -87,7 +92,11 @@ class Affine(WeightBiasLayer):
     def _param_grads(self, dout: np.ndarray) -> np.ndarray:
         """Set ``dW`` and ``db``; return ``dout`` as a (batch, out) matrix in W's dtype."""
         assert self.x is not None
-        g = dout.reshape(-1, self.W.shape[1]).astype(self.W.dtype, copy=False)
-        self.dW = self.x.astype(self.W.dtype, copy=False).T @ g
-        self.db = g.sum(axis=0)
+        W = self.W
+        g = dout if dout.ndim == 2 else dout.reshape(-1, W.shape[1])
+        if g.dtype != W.dtype:
+            g = g.astype(W.dtype)
+        x = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
+        self.dW = np.matmul(x.T, g)
+        self.db = np.add.reduce(g, axis=0)  # g.sum(axis=0) without np.sum's Python wrapper
         return g
