@@ -27,24 +27,140 @@ FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (
 )
 
 
+DEVICES = ("cpu", "cuda")
+
+_INSTALL_HINT = "pip install scratchnn[gpu]"
+
+
+def _module_kind(array: object) -> str:
+    """The top-level package of an array's type ("numpy", "cupy", ...)."""
+    return type(array).__module__.split(".")[0]
+
+
 def get_array_module(*arrays: object) -> ModuleType:
     """Return the array module (NumPy, or CuPy for CuPy arrays) of ``arrays``.
 
     CuPy is imported only when one of the arrays comes from it, so the library
     works without CuPy installed. Mixing NumPy and CuPy arrays raises
-    ``TypeError``.
+    ``TypeError``; Python numbers and NumPy scalars go with either.
 
     >>> get_array_module(np.zeros(3)).__name__
     'numpy'
     """
-    kinds = {type(a).__module__.split(".")[0] for a in arrays if hasattr(a, "__array__")}
+    kinds = {_module_kind(a) for a in arrays if hasattr(a, "__array__")}
     if "cupy" in kinds:
         if any(isinstance(a, np.ndarray) for a in arrays):
-            raise TypeError("cannot mix NumPy and CuPy arrays in one call; move them to one device")
+            raise TypeError(
+                "cannot mix NumPy (cpu) and CuPy (cuda) arrays in one call; move them to one "
+                "device first, e.g. with scratchnn.backend.to_device(array, 'cuda') or "
+                "network.to('cuda')"
+            )
         import cupy
 
         return cupy
     return np
+
+
+def import_cupy() -> ModuleType:
+    """CuPy, imported on first use, once a CUDA GPU is known to answer.
+
+    Raises ``RuntimeError`` saying how to install CuPy when it is missing, or
+    that no GPU is visible when CuPy is there but CUDA finds no device.
+    """
+    try:
+        import cupy
+    except ImportError as error:
+        raise RuntimeError(
+            f"device 'cuda' needs CuPy and an NVIDIA GPU; install it with `{_INSTALL_HINT}` "
+            f"(import cupy failed: {error})"
+        ) from None
+    try:
+        count = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as error:  # CuPy raises its own CUDA error types when no driver answers
+        raise RuntimeError(
+            f"device 'cuda': CuPy is installed but CUDA found no usable GPU ({error}); "
+            f"see `{_INSTALL_HINT}` and the NVIDIA driver"
+        ) from None
+    if count < 1:
+        raise RuntimeError("device 'cuda': CuPy is installed but CUDA sees no GPU")
+    return cupy
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is "cpu" or "cuda", else ``ValueError``."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    return device
+
+
+def device_of(array: object) -> str:
+    """ "cuda" for a CuPy array, "cpu" for anything else (NumPy arrays, numbers).
+
+    >>> device_of(np.zeros(2))
+    'cpu'
+    """
+    return "cuda" if _module_kind(array) == "cupy" else "cpu"
+
+
+def is_array(value: object) -> bool:
+    """True for a NumPy or CuPy array (not for scalars, lists or dtypes)."""
+    return isinstance(value, np.ndarray) or (
+        _module_kind(value) == "cupy" and hasattr(value, "shape")
+    )
+
+
+def to_device(array: Any, device: str) -> Any:
+    """``array`` on ``device`` ("cpu": a NumPy array; "cuda": a CuPy array).
+
+    An array already there is returned as it is, not copied; anything that is
+    not an array (a number, None) is returned unchanged. "cuda" without CuPy or
+    a GPU raises ``RuntimeError`` saying how to install it.
+
+    >>> x = np.arange(3.0)
+    >>> to_device(x, "cpu") is x
+    True
+    """
+    check_device(device)
+    if not is_array(array):
+        return array
+    if device_of(array) == device:
+        return array
+    if device == "cpu":
+        return get_array_module(array).asnumpy(array)
+    return import_cupy().asarray(array)
+
+
+def to_host(array: Any) -> Any:
+    """``to_device(array, "cpu")``: a NumPy array for checkpoints, printing and plotting."""
+    return to_device(array, "cpu")
+
+
+def move_arrays(obj: object, device: str) -> None:
+    """Move every array attribute of ``obj`` to ``device``, in place.
+
+    Arrays held directly (``W``, ``dW``, kept caches) are rebound to their moved
+    copies; dicts of arrays (an optimiser's ``v``, ``m``) are updated in place.
+    This is how a layer, a loss or an optimiser changes device with one call.
+    """
+    check_device(device)
+    for name, value in list(vars(obj).items()):
+        if is_array(value):
+            setattr(obj, name, to_device(value, device))
+        elif isinstance(value, dict):
+            for key, item in list(value.items()):
+                if is_array(item):
+                    value[key] = to_device(item, device)
+
+
+def as_result(value: Any) -> Any:
+    """An operation's result as an array of its own module.
+
+    NumPy turns 0-d results into scalars; those become 0-d arrays. CuPy arrays
+    pass unchanged (``np.asarray`` would try to copy them to the host).
+    """
+    if type(value) is np.ndarray:
+        return value
+    return np.asarray(value) if get_array_module(value) is np else value
 
 
 def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:

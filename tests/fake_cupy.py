@@ -1,0 +1,201 @@
+"""A stand-in for CuPy on a machine without a GPU, strict where CuPy is strict.
+
+Its arrays wrap NumPy arrays but behave as CuPy's do towards NumPy code:
+their type lives in a module named ``cupy``; ``np.asarray`` of one raises
+``TypeError`` (CuPy forbids implicit copies to the host); a ufunc or array
+function that mixes one with a NumPy array raises ``TypeError``; a NumPy
+ufunc that CuPy cannot run (``np.frompyfunc``'s) raises; the ``flags`` are
+read-only. NumPy functions called on them dispatch to this module (as CuPy's
+``__array_function__`` does), and results stay fake arrays.
+
+So a test that runs the library on these arrays finds, without a GPU, the code
+that hard-codes NumPy where CuPy would fail: creation functions without the
+array module, ``np.asarray`` of an input, read-only flags, mixed devices.
+What it cannot find: functions CuPy lacks or whose keywords differ, and the
+CUDA kernels themselves, which only a GPU runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+# The keywords of NumPy functions that CuPy's versions do not take.
+_UNSUPPORTED_KEYWORDS = {"unpackbits": {"count"}}
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """A NumPy array pretending to live on a GPU."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        assert type(array) is np.ndarray
+        self._a = array
+
+    # -- what CuPy forbids -------------------------------------------------------------
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError(
+            "Implicit conversion to a NumPy array is not allowed. "
+            "Please use `.get()` to construct a NumPy array explicitly."
+        )
+
+    @property
+    def flags(self) -> types.SimpleNamespace:
+        flags = self._a.flags
+        return types.SimpleNamespace(
+            c_contiguous=flags.c_contiguous, f_contiguous=flags.f_contiguous, owndata=True
+        )
+
+    # -- dispatch, as CuPy's ---------------------------------------------------------
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        if getattr(np, ufunc.__name__, None) is not ufunc:
+            raise TypeError(f"fake cupy: cannot run the ufunc {ufunc.__name__!r} on the GPU")
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
+        result = getattr(ufunc, method)(*(_unwrap(i) for i in inputs), **kwargs)
+        return _wrap(result)
+
+    def __array_function__(self, func: Any, types_: Any, args: Any, kwargs: Any) -> Any:
+        bad = _UNSUPPORTED_KEYWORDS.get(func.__name__, set()) & set(kwargs)
+        if bad:
+            raise TypeError(f"fake cupy: {func.__name__} takes no {sorted(bad)} on CuPy")
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+    # -- the array's own interface -----------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._a, name)
+        if callable(attribute):
+            return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+        return _wrap(attribute)
+
+    def __getitem__(self, index: Any) -> Any:
+        return _wrap(self._a[_unwrap(index)])
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._a[_unwrap(index)] = _unwrap(value)
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __float__(self) -> float:
+        return float(self._a)
+
+    def __int__(self) -> int:
+        return int(self._a)
+
+    def __index__(self) -> int:
+        return self._a.__index__()
+
+    def __bool__(self) -> bool:
+        return bool(self._a)
+
+    def __repr__(self) -> str:
+        return f"fake_cupy.{self._a!r}"
+
+    def get(self) -> np.ndarray:
+        return self._a.copy()
+
+    @property
+    def T(self) -> Any:
+        return _wrap(self._a.T)
+
+
+ndarray.__module__ = "cupy"
+
+
+def _unwrap(value: Any) -> Any:
+    """The NumPy arrays inside; a plain NumPy array here is a mix, which CuPy refuses."""
+    if isinstance(value, ndarray):
+        return value._a
+    if isinstance(value, np.ndarray):
+        raise TypeError(
+            "fake cupy: a NumPy array was mixed with CuPy arrays "
+            f"(shape {value.shape}, dtype {value.dtype})"
+        )
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _wrap(value: Any) -> Any:
+    if type(value) is np.ndarray:
+        return ndarray(value)
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def make_module() -> types.ModuleType:
+    """A fresh ``cupy`` module (and ``cupyx.scipy.special``) backed by NumPy."""
+    module = types.ModuleType("cupy")
+    module.ndarray = ndarray  # type: ignore[attr-defined]
+    module.__fake__ = True  # type: ignore[attr-defined]
+
+    def asarray(value: Any, dtype: Any = None) -> ndarray:
+        if isinstance(value, ndarray):
+            return value if dtype is None else ndarray(value._a.astype(dtype, copy=False))
+        return ndarray(np.array(value, dtype=dtype))
+
+    def ascontiguousarray(value: Any, dtype: Any = None) -> ndarray:
+        return ndarray(np.ascontiguousarray(_unwrap(asarray(value, dtype))))
+
+    def asnumpy(value: Any) -> np.ndarray:
+        return value.get() if isinstance(value, ndarray) else np.asarray(value)
+
+    module.asarray = asarray  # type: ignore[attr-defined]
+    module.array = lambda value, dtype=None, copy=True: ndarray(  # type: ignore[attr-defined]
+        np.array(_unwrap(value) if isinstance(value, ndarray) else value, dtype=dtype)
+    )
+    module.ascontiguousarray = ascontiguousarray  # type: ignore[attr-defined]
+    module.asnumpy = asnumpy  # type: ignore[attr-defined]
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    module.cuda = types.SimpleNamespace(runtime=runtime)  # type: ignore[attr-defined]
+
+    def missing(name: str) -> Any:
+        attribute = getattr(np, name)
+        if isinstance(attribute, np.ufunc):
+            return attribute  # dispatches back through __array_ufunc__
+        if callable(attribute) and not isinstance(attribute, type):
+            return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+        return attribute
+
+    module.__getattr__ = missing  # type: ignore[attr-defined]
+    return module
+
+
+def make_cupyx() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    import math
+
+    cupyx = types.ModuleType("cupyx")
+    scipy = types.ModuleType("cupyx.scipy")
+    special = types.ModuleType("cupyx.scipy.special")
+    erfc = np.frompyfunc(math.erfc, 1, 1)
+    special.erfc = lambda z: ndarray(  # type: ignore[attr-defined]
+        np.asarray(erfc(z._a), dtype=z._a.dtype)
+    )
+    cupyx.scipy = scipy  # type: ignore[attr-defined]
+    scipy.special = special  # type: ignore[attr-defined]
+    return cupyx, scipy, special
+
+
+def install(monkeypatch: Any) -> types.ModuleType:
+    """Put a fake ``cupy`` (and ``cupyx``) in ``sys.modules`` for one test; return it."""
+    module = make_module()
+    cupyx, scipy, special = make_cupyx()
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy", scipy)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.special", special)
+    return module
