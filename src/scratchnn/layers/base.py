@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn.backend import FLOAT_DTYPES, as_array, float_dtype_of
+from scratchnn.backend import FLOAT_DTYPES, as_array, as_result, float_dtype_of, is_array
 
 
 class Layer:
@@ -71,10 +71,10 @@ class Layer:
             self._caller_owned = (False,) * len(xs)
         else:
             self._caller_owned = tuple(
-                prepared is x or (isinstance(x, np.ndarray) and np.may_share_memory(x, prepared))
+                prepared is x or (is_array(x) and np.may_share_memory(x, prepared))
                 for x, prepared in zip(inputs, xs)
             )
-        out = np.asarray(self._forward(*xs))
+        out = as_result(self._forward(*xs))  # np.asarray would pull a CuPy array to the host
         self._in_dtypes = tuple([x.dtype for x in xs])
         self._out_shape = out.shape
         self._out_dtype = out.dtype
@@ -141,8 +141,9 @@ class Layer:
         Why: the caller gets this very array; an in-place edit of it would
         silently corrupt the gradient, so it raises instead.
         """
-        out = np.asarray(out)
-        out.flags.writeable = False
+        out = as_result(out)
+        if isinstance(out, np.ndarray):  # CuPy arrays cannot be made read-only
+            out.flags.writeable = False
         return out
 
     # -- helpers -----------------------------------------------------------------
@@ -157,7 +158,7 @@ class Layer:
 
     @staticmethod
     def _finish_grad(grad: np.ndarray, in_dtype: np.dtype[Any], dout: np.ndarray) -> np.ndarray:
-        grad = np.asarray(grad)
+        grad = as_result(grad)
         if in_dtype.kind == "f":
             grad = grad.astype(in_dtype, copy=False)
         if np.may_share_memory(grad, dout):
