@@ -74,7 +74,9 @@ class Layer:
                 prepared is x or (is_array(x) and np.may_share_memory(x, prepared))
                 for x, prepared in zip(inputs, xs)
             )
-        out = as_result(self._forward(*xs))  # np.asarray would pull a CuPy array to the host
+        # CuPy inputs take the layer's GPU path (fused kernels), beside the CPU one.
+        forward = self._forward if type(xs[0]) is np.ndarray else self._forward_gpu
+        out = as_result(forward(*xs))  # np.asarray would pull a CuPy array to the host
         self._in_dtypes = tuple([x.dtype for x in xs])
         self._out_shape = out.shape
         self._out_dtype = out.dtype
@@ -103,7 +105,7 @@ class Layer:
         if not input_grad:
             self._backward_params(dout)
             return None
-        grads = self._backward(dout)
+        grads = (self._backward if type(dout) is np.ndarray else self._backward_gpu)(dout)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
@@ -118,6 +120,14 @@ class Layer:
     # backward needs; ``_backward(dout)`` returns the input gradient(s).
     _forward: Callable[..., np.ndarray]
     _backward: Callable[[np.ndarray], Any]
+
+    def _forward_gpu(self, *xs: Any) -> Any:
+        """``_forward`` for CuPy arrays; by default the same code, written against the array module."""
+        return self._forward(*xs)
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        """``_backward`` for CuPy arrays; by default the same code."""
+        return self._backward(dout)
 
     def _backward_params(self, dout: np.ndarray) -> None:
         """Compute the parameters' gradients without the input's; by default, all of backward.
