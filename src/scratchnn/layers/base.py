@@ -75,7 +75,7 @@ class Layer:
                 for x, prepared in zip(inputs, xs)
             )
         # CuPy inputs take the layer's GPU path (fused kernels), beside the CPU one.
-        forward = self._forward if type(xs[0]) is np.ndarray else self._forward_gpu
+        forward = self._forward if isinstance(xs[0], np.ndarray) else self._forward_gpu
         out = as_result(forward(*xs))  # np.asarray would pull a CuPy array to the host
         self._in_dtypes = tuple([x.dtype for x in xs])
         self._out_shape = out.shape
@@ -105,7 +105,7 @@ class Layer:
         if not input_grad:
             self._backward_params(dout)
             return None
-        grads = (self._backward if type(dout) is np.ndarray else self._backward_gpu)(dout)
+        grads = (self._backward if isinstance(dout, np.ndarray) else self._backward_gpu)(dout)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
