@@ -5,7 +5,8 @@
 
 float32 throughout. PyTorch runs the module's forward and autograd's backward
 with its default threads; the seed's code (benchmarks/seed_layers.py) runs
-for Relu and Sigmoid. Each cell is a median over paired rounds; the ratios
+for Relu and Sigmoid. Where scratchnn's compiled kernels are built, the
+plain NumPy path (the kernels switched off) runs too, as "numpy". Each cell is a median over paired rounds; the ratios
 are medians of per-round ratios (below 1: scratchnn is faster).
 """
 
@@ -24,6 +25,7 @@ import torch
 from _common import format_seconds, machine_report, paired_rounds, print_table
 
 import scratchnn as snn
+from scratchnn import _fused
 
 # name -> (scratchnn factory, PyTorch module factory, seed factory or None)
 LAYERS: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any] | None]] = {
@@ -46,6 +48,20 @@ def numpy_step(layer: Any, x: np.ndarray, dout: np.ndarray) -> Callable[[], obje
     def step() -> object:
         layer.forward(x)
         return layer.backward(dout)
+
+    return step
+
+
+def numpy_only_step(layer: Any, x: np.ndarray, dout: np.ndarray) -> Callable[[], object]:
+    """The layer with the compiled kernels switched off: its plain NumPy passes."""
+
+    def step() -> object:
+        _fused.ENABLED = False
+        try:
+            layer.forward(x)
+            return layer.backward(dout)
+        finally:
+            _fused.ENABLED = True
 
     return step
 
@@ -76,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.torch_threads)
 
     print(machine_report())
+    kernels = _fused.ENABLED
+    print(f"compiled kernels: {'on' if kernels else 'off (not built, or SCRATCHNN_KERNELS=0)'}")
     print("float32; times are forward + backward per call; ratios below 1 favour scratchnn\n")
     rows = []
     rng = np.random.default_rng(0)
@@ -91,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                 "scratchnn": numpy_step(make(), x, dout),
                 "torch": torch_step(make_torch(), x, dout),
             }
+            if kernels:
+                contenders["numpy"] = numpy_only_step(make(), x, dout)
             if make_seed is not None:
                 contenders["seed"] = numpy_step(make_seed(), x, dout.copy())
             rounds = args.rounds if n < 10**7 else max(3, args.rounds // 2)
@@ -104,11 +124,13 @@ def main(argv: list[str] | None = None) -> None:
                     format_seconds(timing.median("torch")),
                     format_seconds(timing.median("seed")) if has_seed else "",
                     f"{timing.ratio('scratchnn', 'torch'):.2f}",
+                    f"{timing.ratio('numpy', 'torch'):.2f}" if kernels else "",
                     f"{timing.ratio('seed', 'scratchnn'):.1f}" if has_seed else "",
                 ]
             )
             print(f"  {name} {n}: done", file=sys.stderr, flush=True)
-    header = ["layer", "elements", "scratchnn", "torch", "seed", "scratchnn/torch", "seed/scratchnn"]
+    header = ["layer", "elements", "scratchnn", "torch", "seed", "scratchnn/torch", "numpy/torch",
+              "seed/scratchnn"]  # fmt: skip
     print_table(header, rows)
 
 

@@ -16,6 +16,7 @@ from scratchnn import _threads
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 bytes and threads from the first element, so small arrays take every path."""
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)
@@ -52,6 +53,7 @@ def test_blocks_and_threads_give_the_plain_results(
     dout = rng.standard_normal(x.shape).astype(dtype)
     plain = forward_backward(LAYERS[name], x, dout)
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)

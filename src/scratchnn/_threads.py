@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from scratchnn import _fused
+
 # Bytes of one array's block: the kernels keep 3 to 6 block-sized arrays in
 # flight, which then stay within a core's 1 to 2 MiB L2 cache.
 BLOCK_BYTES = 1 << 17
@@ -39,6 +41,13 @@ BLOCK_BYTES = 1 << 17
 BLOCKS_FROM = 1 << 18
 THREADS_FROM = 1 << 23
 THREADS = min(2, os.cpu_count() or 1)
+# A compiled kernel (scratchnn._fused) makes one pass, which blocks do not
+# speed up: it runs in one call below THREADS_FROM, and above in blocks this
+# large, for the second thread only (fewer blocks, less Python per element).
+# Measured, float32 Sigmoid forward + backward at 1.6e7: one call 77 ms,
+# 2 threads in 128 KiB blocks 93 ms, in 1 MiB blocks 46 ms (load 1.4).
+FUSED_BLOCK_BYTES = 1 << 20
+_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -67,7 +76,9 @@ def flat(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1)
 
 
-def run_blocked(kernel: Callable[[int, int], object], like: np.ndarray) -> None:
+def run_blocked(
+    kernel: Callable[[int, int], object], like: np.ndarray, fused: bool = True
+) -> None:
     """Call ``kernel(start, stop)`` for blocks ``[start, stop)`` that cover ``range(like.size)``.
 
     The kernel computes the elements ``start:stop`` of its (1-d, contiguous)
@@ -75,13 +86,16 @@ def run_blocked(kernel: Callable[[int, int], object], like: np.ndarray) -> None:
     else. Small arrays, and arrays of another module than NumPy, get one
     call, ``kernel(0, size)``: the plain single-threaded path. Blocks hold
     ``BLOCK_BYTES`` of ``like``'s items, a multiple of 8 elements (so a
-    packed bit mask splits at whole bytes).
+    packed bit mask splits at whole bytes). ``fused``: the kernel calls the
+    compiled kernels when they take ``like``'s dtype (float32, float64), so
+    that blocks pay only for the second thread (see ``FUSED_BLOCK_BYTES``).
     """
     size = like.size
-    if size < BLOCKS_FROM or type(like) is not np.ndarray:
+    compiled = fused and _fused.ENABLED and like.dtype in _FUSED_DTYPES
+    if size < (THREADS_FROM if compiled else BLOCKS_FROM) or type(like) is not np.ndarray:
         kernel(0, size)
         return
-    block = BLOCK_BYTES // like.itemsize
+    block = (FUSED_BLOCK_BYTES if compiled else BLOCK_BYTES) // like.itemsize
     starts = iter(range(0, size, block))
 
     def work() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from scratchnn import _fused
 from scratchnn._threads import flat, run_blocked
 
 
@@ -33,6 +34,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def sigmoid_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[...] = sigmoid(z)`` (see :func:`sigmoid`), for arrays of one shape; returns ``out``."""
+    if _fused.run("sigmoid", out, z):  # the same formula in one compiled pass
+        return out
     # In place, one scratch array and the result: each temporary of NumPy's
     # expression style would cost a pass over memory and a fresh allocation.
     e = np.empty_like(z)
@@ -73,7 +76,7 @@ def erfc(z: np.ndarray) -> np.ndarray:
         z = z.astype(np.float64)
     out = np.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
-    run_blocked(lambda lo, hi: erfc_into(zf[lo:hi], of[lo:hi]), zf)
+    run_blocked(lambda lo, hi: erfc_into(zf[lo:hi], of[lo:hi]), zf, fused=False)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
+from scratchnn import _fused
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
 from scratchnn.backend import to_compute
@@ -72,17 +73,21 @@ class Relu(Layer):
             packed = np.empty((x.size + 7) // 8, np.uint8)
 
             def forward_block(start: int, stop: int) -> None:
-                mask = np.less_equal(xf[start:stop], 0)
+                mask = np.empty(stop - start, bool)
+                if not _fused.run("relu", out_flat[start:stop], xf[start:stop], mask_out=mask):
+                    np.less_equal(xf[start:stop], 0, out=mask)
+                    _zero_where(mask, xf[start:stop], out_flat[start:stop])
                 packed[start // 8 : (stop + 7) // 8] = np.packbits(mask)
-                _zero_where(mask, xf[start:stop], out_flat[start:stop])
 
             self._mask, self._mask_shape = packed, x.shape
         else:
             mask_flat = np.empty(x.size, bool)
 
             def forward_block(start: int, stop: int) -> None:
-                mask = np.less_equal(xf[start:stop], 0, out=mask_flat[start:stop])
-                _zero_where(mask, xf[start:stop], out_flat[start:stop])
+                x_block, out_block = xf[start:stop], out_flat[start:stop]
+                if not _fused.run("relu", out_block, x_block, mask_out=mask_flat[start:stop]):
+                    mask = np.less_equal(x_block, 0, out=mask_flat[start:stop])
+                    _zero_where(mask, x_block, out_block)
 
             self._mask = mask_flat.reshape(x.shape)
         run_blocked(forward_block, xf)
@@ -99,7 +104,8 @@ class Relu(Layer):
                 mask = bits.view(bool)
             else:
                 mask = kept[start:stop]
-            _zero_where(mask, g[start:stop], dx_flat[start:stop])
+            if not _fused.run("relu_grad", dx_flat[start:stop], g=g[start:stop], mask_in=mask):
+                _zero_where(mask, g[start:stop], dx_flat[start:stop])
 
         run_blocked(backward_block, g)
         return dx
@@ -153,6 +159,8 @@ class Sigmoid(Layer):
 
 
 def _sigmoid_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    if _fused.run("sigmoid_grad", dx, y, g):  # the same operations in one compiled pass
+        return
     np.subtract(1.0, y, out=dx)
     np.multiply(g, dx, out=dx)  # dout * (1 - y) * y, in the result's array
     np.multiply(dx, y, out=dx)
@@ -186,6 +194,8 @@ class Tanh(Layer):
 
 
 def _tanh_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    if _fused.run("tanh_grad", dx, y, g):
+        return
     np.multiply(y, y, out=dx)
     np.subtract(1.0, dx, out=dx)  # dout * (1 - y**2), in the result's array
     np.multiply(g, dx, out=dx)
@@ -223,6 +233,9 @@ class LeakyRelu(Layer):
         pick = np.maximum if self.alpha <= 1.0 else np.minimum
 
         def forward_block(start: int, stop: int) -> None:
+            block = (out[start:stop], z[start:stop])
+            if _fused.run("leaky_relu", *block, mask_out=mask[start:stop], param=self.alpha):
+                return
             np.less_equal(z[start:stop], 0, out=mask[start:stop])
             np.multiply(z[start:stop], self.alpha, out=out[start:stop])
             pick(z[start:stop], out[start:stop], out=out[start:stop])
@@ -238,6 +251,8 @@ class LeakyRelu(Layer):
         factors = np.array([1.0, self.alpha], dtype=g.dtype)
 
         def kernel(mask: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+            if _fused.run("leaky_relu_grad", dx, g=g, mask_in=mask, param=self.alpha):
+                return
             np.take(factors, mask.view(np.uint8), out=dx)
             np.multiply(g, dx, out=dx)
 
@@ -273,6 +288,8 @@ class Elu(Layer):
         alpha = self.alpha
 
         def kernel(z: np.ndarray, out: np.ndarray) -> None:
+            if _fused.run("elu", out, z, param=alpha):
+                return
             # exp only of the non-positive part: exp of a large positive x would overflow.
             np.minimum(z, 0, out=out)
             np.expm1(out, out=out)
@@ -289,6 +306,8 @@ class Elu(Layer):
         alpha = self.alpha
 
         def kernel(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+            if _fused.run("elu_grad", slope, z, g, param=alpha):
+                return
             np.minimum(z, 0, out=slope)
             np.exp(slope, out=slope)
             np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
@@ -359,6 +378,9 @@ class Gelu(Layer):
         zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
 
         def forward_block(start: int, stop: int) -> None:
+            block = (out_flat[start:stop], zf[start:stop])
+            if _fused.run("gelu", *block, out2=cdf_flat[start:stop]):
+                return
             _gelu_cdf(zf[start:stop], cdf_flat[start:stop])
             np.multiply(zf[start:stop], cdf_flat[start:stop], out=out_flat[start:stop])
 
@@ -383,6 +405,8 @@ def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
 
 
 def _gelu_grad(z: np.ndarray, cdf: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    if _fused.run("gelu_grad", dx, z, g, h=cdf):
+        return
     pdf = np.abs(z, out=dx)
     np.minimum(pdf, _GELU_PDF_CLIP, out=pdf)
     np.multiply(pdf, pdf, out=pdf)
@@ -406,11 +430,15 @@ def _sigmoid_2u(z: np.ndarray, out: np.ndarray) -> None:
 
 
 def _gelu_tanh(z: np.ndarray, out: np.ndarray) -> None:
+    if _fused.run("gelu_tanh", out, z):
+        return
     _sigmoid_2u(z, out)
     np.multiply(z, out, out=out)
 
 
 def _gelu_tanh_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    if _fused.run("gelu_tanh_grad", dx, z, g):
+        return
     s = np.empty_like(z)
     _sigmoid_2u(z, s)
     du = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
@@ -459,6 +487,8 @@ class Softplus(Layer):
         beta = self.beta
 
         def kernel(z: np.ndarray, out: np.ndarray) -> None:
+            if _fused.run("softplus", out, z, param=beta):
+                return
             # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right
             # limit. In place: max(x, 0) + log1p(exp(-beta |x|)) / beta.
             np.abs(z, out=out)
@@ -478,6 +508,8 @@ class Softplus(Layer):
         beta = self.beta
 
         def kernel(y: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+            if _fused.run("softplus_grad", slope, y, g, param=beta):
+                return
             with np.errstate(over="ignore"):
                 np.multiply(y, -beta, out=slope)
                 np.expm1(slope, out=slope)
@@ -516,11 +548,15 @@ class Silu(Layer):
 
 
 def _silu(z: np.ndarray, out: np.ndarray) -> None:
+    if _fused.run("silu", out, z):
+        return
     F.sigmoid_into(z, out)
     np.multiply(z, out, out=out)
 
 
 def _silu_grad(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
+    if _fused.run("silu_grad", slope, z, g):
+        return
     s = F.sigmoid_into(z, np.empty_like(z))
     # dout * (s * (1 + z * (1 - s))), in that order, in the result's array
     np.subtract(1.0, s, out=slope)

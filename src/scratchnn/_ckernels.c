@@ -1,0 +1,329 @@
+/*
+ * Fused element-wise kernels for the activation layers: one pass over memory
+ * where the NumPy path (the reference, in layers/activations.py) makes 4 to 50.
+ *
+ * Optional: setup.py builds this file as the extension module
+ * scratchnn._ckernels when a C compiler and Python's headers are there, and
+ * scratchnn/_fused.py calls it. Without it, or with SCRATCHNN_KERNELS=0,
+ * every layer runs its NumPy passes. The arrays come in through the buffer
+ * protocol, so no NumPy header is needed either.
+ *
+ * Why it is written the way it is:
+ * - The exponentials come from glibc's libmvec (SIMD exp, expm1, log1p, tanh,
+ *   erfc, within a few ulp), which gcc calls from a `#pragma omp simd` loop
+ *   when the scalar function is declared `omp declare simd`. No -ffast-math:
+ *   NaN, infinities and signed zeros must come out as in the NumPy path.
+ * - target_clones builds each entry point for AVX-512, AVX2 and baseline
+ *   x86-64, and picks one at load time for the CPU it runs on.
+ * - Every element goes through the same vector code: the loops run over
+ *   fixed chunks of CHUNK elements, and the last partial chunk is copied into
+ *   a zero-padded buffer and run through the same chunk code. A scalar
+ *   remainder loop would call libm's scalar exp for a few elements, which can
+ *   round differently; then a block boundary could change a result, and the
+ *   blocked evaluation (_threads.py) must give the one-call result bit for bit.
+ * - Inputs are never written; outputs are fresh arrays from the caller.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#pragma omp declare simd notinbranch
+extern float expf(float);
+#pragma omp declare simd notinbranch
+extern double exp(double);
+#pragma omp declare simd notinbranch
+extern float expm1f(float);
+#pragma omp declare simd notinbranch
+extern double expm1(double);
+#pragma omp declare simd notinbranch
+extern float log1pf(float);
+#pragma omp declare simd notinbranch
+extern double log1p(double);
+#pragma omp declare simd notinbranch
+extern float tanhf(float);
+#pragma omp declare simd notinbranch
+extern double tanh(double);
+#pragma omp declare simd notinbranch
+extern float erfcf(float);
+#pragma omp declare simd notinbranch
+extern double erfc(double);
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* 16 floats fill one AVX-512 register, two AVX2 ones; 16 doubles two and four. */
+#define CHUNK 16
+
+/* The arguments every kernel takes, used or not: three inputs (x, dout and one
+ * more kept array h), a mask input, two outputs, a mask output and one
+ * parameter (alpha or beta). */
+#define ARGS(T) const T *restrict x, const T *restrict g, const T *restrict h,             \
+                const unsigned char *restrict m_in, T *restrict out, T *restrict out2,     \
+                unsigned char *restrict m_out, T p
+
+/*
+ * DEFINE(name, T, F, SUFFIX) defines the entry point name_SUFFIX over n
+ * elements from name##_BODY(T, F), the code for element i (F is the math
+ * functions' suffix: f for float, nothing for double).
+ *
+ * The chunk loop is a separate function, kept out of line, so that the full
+ * chunks and the zero-padded last chunk run through one compiled copy of it:
+ * two inlined copies may be vectorised differently (one was left scalar, calling
+ * libm instead of libmvec). It is cloned for the CPU (CLONES), the entry
+ * point need not be. Unused arguments (NULL) point at `out` instead, which is
+ * never read through them: the pointer arithmetic stays defined.
+ */
+#define DEFINE(name, T, F, SUFFIX)                                                        \
+    CLONES __attribute__((noinline)) static void name##_chunks_##SUFFIX(ARGS(T),          \
+                                                                        ptrdiff_t chunks) { \
+        for (ptrdiff_t c = 0; c < chunks; c++) {                                          \
+            _Pragma("omp simd") for (int i = 0; i < CHUNK; i++) { name##_BODY(T, F) }     \
+            x += CHUNK, g += CHUNK, h += CHUNK, m_in += CHUNK;                            \
+            out += CHUNK, out2 += CHUNK, m_out += CHUNK;                                  \
+        }                                                                                 \
+    }                                                                                     \
+    static void name##_##SUFFIX(const void *vx, const void *vg, const void *vh,            \
+                                const void *vm_in, void *vout, void *vout2, void *vm_out, \
+                                double param, ptrdiff_t n) {                              \
+        const T *x = vx, *g = vg, *h = vh;                                                \
+        const unsigned char *m_in = vm_in;                                                \
+        T *out = vout, *out2 = vout2, p = (T)param;                                       \
+        unsigned char *m_out = vm_out;                                                    \
+        unsigned char *spare = (unsigned char *)out;                                      \
+        x = x ? x : out, g = g ? g : out, h = h ? h : out;                                \
+        m_in = m_in ? m_in : spare, out2 = out2 ? out2 : out;                             \
+        m_out = m_out ? m_out : spare;                                                    \
+        ptrdiff_t full = n / CHUNK * CHUNK, rest = n - full;                              \
+        name##_chunks_##SUFFIX(x, g, h, m_in, out, out2, m_out, p, full / CHUNK);         \
+        if (rest == 0) return;                                                            \
+        T bx[CHUNK] = {0}, bg[CHUNK] = {0}, bh[CHUNK] = {0}, bo[CHUNK], bo2[CHUNK];       \
+        unsigned char bm_in[CHUNK] = {0}, bm_out[CHUNK];                                  \
+        memcpy(bx, x + full, rest * sizeof(T));                                           \
+        memcpy(bg, g + full, rest * sizeof(T));                                           \
+        memcpy(bh, h + full, rest * sizeof(T));                                           \
+        memcpy(bm_in, m_in + full, rest);                                                 \
+        name##_chunks_##SUFFIX(bx, bg, bh, bm_in, bo, bo2, bm_out, p, 1);                 \
+        memcpy(out + full, bo, rest * sizeof(T));                                         \
+        if (out2 != out) memcpy(out2 + full, bo2, rest * sizeof(T));                      \
+        if (m_out != spare) memcpy(m_out + full, bm_out, rest);                           \
+    }
+
+#define BOTH(name) DEFINE(name, float, f, f32) DEFINE(name, double, , f64)
+
+#define MATH(fn, F) fn##F
+
+/* A NaN fails every comparison, so `c ? a : b` with the comparison chosen
+ * below keeps NaN wherever the NumPy path's np.minimum/np.maximum/np.clip
+ * propagate it (C's fmin/fmax would drop it). */
+
+/* sigmoid(x) = 1/(1+e) for x >= 0, e/(1+e) for x < 0, with e = exp(-|x|) <= 1. */
+#define SIGMOID(T, F, v) ({                                                               \
+        T e_ = MATH(exp, F)(-MATH(fabs, F)(v));                                           \
+        ((v) >= 0 ? (T)1 : e_) / ((T)1 + e_); })
+
+/* Sigmoid forward: out = sigmoid(x). Backward (x = y, the kept output): dout (1 - y) y. */
+#define sigmoid_BODY(T, F) out[i] = SIGMOID(T, F, x[i]);
+#define sigmoid_grad_BODY(T, F) out[i] = g[i] * ((T)1 - x[i]) * x[i];
+BOTH(sigmoid)
+BOTH(sigmoid_grad)
+
+/* Tanh backward from the kept output y: dout (1 - y^2). */
+#define tanh_grad_BODY(T, F) out[i] = g[i] * ((T)1 - x[i] * x[i]);
+BOTH(tanh_grad)
+
+/* Relu: the mask (x <= 0) and x or +0; backward dout or +0 by the mask. NaN
+ * passes forward; under the mask an infinite or NaN dout still gives 0. */
+#define relu_BODY(T, F) m_out[i] = x[i] <= 0; out[i] = x[i] <= 0 ? (T)0 : x[i];
+#define relu_grad_BODY(T, F) out[i] = m_in[i] ? (T)0 : g[i];
+BOTH(relu)
+BOTH(relu_grad)
+
+/* LeakyRelu(alpha = p): the mask (x <= 0) and x or alpha x; backward dout or alpha dout. */
+#define leaky_relu_BODY(T, F) m_out[i] = x[i] <= 0; out[i] = x[i] > 0 ? x[i] : p * x[i];
+#define leaky_relu_grad_BODY(T, F) out[i] = g[i] * (m_in[i] ? p : (T)1);
+BOTH(leaky_relu)
+BOTH(leaky_relu_grad)
+
+/* Elu(alpha = p): max(x, 0) + alpha expm1(min(x, 0)); backward dout, or dout alpha
+ * exp(x) where x <= 0. exp only of the non-positive part, which cannot overflow. */
+#define elu_BODY(T, F)                                                                    \
+    T lo = x[i] > 0 ? (T)0 : x[i];                                                        \
+    out[i] = (x[i] > 0 ? x[i] : (T)0) + p * MATH(expm1, F)(lo);
+#define elu_grad_BODY(T, F)                                                               \
+    T lo = x[i] > 0 ? (T)0 : x[i];                                                        \
+    T slope = p * MATH(exp, F)(lo);                                                       \
+    out[i] = x[i] > 0 ? g[i] : g[i] * slope;
+BOTH(elu)
+BOTH(elu_grad)
+
+/* Softplus(beta = p): max(x, 0) + log1p(exp(-beta |x|)) / beta; backward from the
+ * kept output y: dout (-expm1(-beta y)). */
+#define softplus_BODY(T, F)                                                               \
+    T t = MATH(log1p, F)(MATH(exp, F)(MATH(fabs, F)(x[i]) * -p)) / p;                     \
+    out[i] = t + (x[i] > 0 ? x[i] : (T)0);
+#define softplus_grad_BODY(T, F) out[i] = g[i] * -MATH(expm1, F)(x[i] * -p);
+BOTH(softplus)
+BOTH(softplus_grad)
+
+/* Silu: x sigmoid(x); backward dout s (1 + x (1 - s)), s recomputed. */
+#define silu_BODY(T, F) out[i] = x[i] * SIGMOID(T, F, x[i]);
+#define silu_grad_BODY(T, F)                                                              \
+    T s = SIGMOID(T, F, x[i]);                                                            \
+    out[i] = g[i] * (s * ((T)1 + x[i] * ((T)1 - s)));
+BOTH(silu)
+BOTH(silu_grad)
+
+/* Gelu, tanh form: x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), x clipped to
+ * [-100, 100] inside u only (it has saturated there; the clip keeps x^3 finite). */
+#define GELU_U2(T, c)                                                                     \
+    T c = x[i] > 100 ? (T)100 : x[i];                                                     \
+    c = c < -100 ? (T)-100 : c;                                                           \
+    T u2 = (c + c * c * (T)0.044715 * c) * (T)(2 * 0.79788456080286535588);
+#define gelu_tanh_BODY(T, F) GELU_U2(T, c) out[i] = x[i] * SIGMOID(T, F, u2);
+/* dout (s + x 2 s (1 - s) du), du = sqrt(2/pi) (1 + 3 0.044715 x^2): x multiplies
+ * last, since s (1 - s) is exactly 0 wherever x is large enough to overflow. */
+#define gelu_tanh_grad_BODY(T, F)                                                         \
+    GELU_U2(T, c)                                                                         \
+    T s = SIGMOID(T, F, u2);                                                              \
+    T du = (c * c * (T)(3 * 0.044715) + (T)1) * (T)0.79788456080286535588;                \
+    out[i] = g[i] * (s + x[i] * (((T)1 - s) * s * (T)2 * du));
+BOTH(gelu_tanh)
+BOTH(gelu_tanh_grad)
+
+/* Gelu, exact: Phi(x) = erfc(-x / sqrt 2) / 2 into out2 (kept for backward) and
+ * x Phi(x) into out; backward (h = Phi) dout (Phi + x phi) with phi(x) =
+ * exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64. */
+#define gelu_BODY(T, F)                                                                   \
+    T cdf = MATH(erfc, F)(x[i] * (T)-0.70710678118654752440) * (T)0.5;                    \
+    out2[i] = cdf;                                                                        \
+    out[i] = x[i] * cdf;
+#define gelu_grad_BODY(T, F)                                                              \
+    T a = MATH(fabs, F)(x[i]);                                                            \
+    a = a > 40 ? (T)40 : a;                                                               \
+    T pdf = MATH(exp, F)(a * a * (T)-0.5) / (T)2.50662827463100050242;                    \
+    out[i] = g[i] * (h[i] + x[i] * pdf);
+BOTH(gelu)
+BOTH(gelu_grad)
+
+/* ---- The Python module: run(kernel, out, x, g, h, mask_in, out2, mask_out, param) ---- */
+
+typedef void (*kernel_fn)(const void *, const void *, const void *, const void *, void *,
+                          void *, void *, double, ptrdiff_t);
+
+/* One row per kernel: its name, its float and its double entry point. The
+ * module exports the names in this order, as NAMES; run() takes the index. */
+#define ROW(name) {#name, name##_f32, name##_f64}
+static const struct {
+    const char *name;
+    kernel_fn f32, f64;
+} KERNELS[] = {
+    ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
+    ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
+    ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
+    ROW(gelu), ROW(gelu_grad),
+};
+#define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
+
+/* Takes the buffer of `arg` if it is a C-contiguous array of `format` items
+ * (any when NULL) with `size` bytes (any when negative), writable for
+ * outputs: 1 when it fits or `arg` is None, 0 (holding nothing) when not. */
+static int take(PyObject *arg, Py_buffer *view, int writable, const char *format,
+                Py_ssize_t size) {
+    if (arg == Py_None) return 1;
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(arg, view, flags) != 0) {
+        PyErr_Clear();  /* not an array the kernels can take: the NumPy path will */
+        return 0;
+    }
+    if (view->format == NULL || (format != NULL && strcmp(view->format, format) != 0)
+        || (size >= 0 && view->len != size)) {
+        PyBuffer_Release(view);
+        view->obj = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+/* run(kernel, out, x, g, h, mask_in, out2, mask_out, param) -> bool: False,
+ * touching nothing, when an array is not what the kernel takes (another
+ * dtype, not C-contiguous, another size); then the caller runs NumPy. */
+static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 9 arguments");
+        return NULL;
+    }
+    Py_ssize_t kernel = PyLong_AsSsize_t(args[0]);
+    double param = PyFloat_AsDouble(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (kernel < 0 || kernel >= N_KERNELS) {
+        PyErr_SetString(PyExc_IndexError, "no such kernel");
+        return NULL;
+    }
+    Py_buffer views[7];
+    for (int i = 0; i < 7; i++) views[i].obj = NULL, views[i].buf = NULL;  /* None: NULL */
+    int fits = 0;
+    /* out (args[1]) sets the dtype and the size; the others must match it. */
+    if (args[1] != Py_None && take(args[1], &views[0], 1, NULL, -1)
+        && (strcmp(views[0].format, "f") == 0 || strcmp(views[0].format, "d") == 0)) {
+        const char *format = views[0].format;
+        Py_ssize_t len = views[0].len, n = len / views[0].itemsize;
+        fits = take(args[2], &views[1], 0, format, len)
+               && take(args[3], &views[2], 0, format, len)
+               && take(args[4], &views[3], 0, format, len)
+               && take(args[5], &views[4], 0, "?", n)
+               && take(args[6], &views[5], 1, format, len)
+               && take(args[7], &views[6], 1, "?", n);
+        if (fits) {
+            kernel_fn fn = views[0].itemsize == 4 ? KERNELS[kernel].f32 : KERNELS[kernel].f64;
+            /* The loop reads and writes only these buffers: other threads may run. */
+            Py_BEGIN_ALLOW_THREADS
+            fn(views[1].buf, views[2].buf, views[3].buf, views[4].buf, views[0].buf,
+               views[5].buf, views[6].buf, param, n);
+            Py_END_ALLOW_THREADS
+        }
+    }
+    for (int i = 0; i < 7; i++)
+        if (views[i].obj != NULL) PyBuffer_Release(&views[i]);
+    return PyBool_FromLong(fits);
+}
+
+static PyMethodDef methods[] = {
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
+     "run(kernel, out, x, g, h, mask_in, out2, mask_out, param) -> bool"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ckernels", "Fused activation kernels (see _ckernels.c).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__ckernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *names = PyTuple_New(N_KERNELS);
+    if (names == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < N_KERNELS; i++) {
+        PyObject *name = PyUnicode_FromString(KERNELS[i].name);
+        if (name == NULL) {
+            Py_DECREF(names);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    if (PyModule_AddObject(m, "NAMES", names) != 0) {
+        Py_DECREF(names);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

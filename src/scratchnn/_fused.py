@@ -1,0 +1,73 @@
+"""The optional compiled kernels: one fused pass per activation, NumPy as the fallback.
+
+``_ckernels.c`` holds, for each activation, a forward and a backward loop
+over float32 or float64 arrays, vectorised through glibc's libmvec. It is
+built as the extension module ``scratchnn._ckernels`` when scratchnn is
+installed on a machine with a C compiler (see ``setup.py``).
+
+The layers call :func:`run` on each block of their flat arrays; it returns
+False whenever the kernels cannot take the call (not built, switched off,
+another dtype, layout or array type), and the layer then runs its NumPy
+passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
+environment, or ``ENABLED = False`` here, switches the kernels off.
+
+The kernels never raise or warn: where the NumPy path overflows harmlessly
+(and ignores it under its own ``np.errstate``), they give the same values
+without touching NumPy's floating-point state, so ``np.errstate(all="raise")``
+around a layer raises only on the NumPy path.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+
+def _load() -> ModuleType | None:
+    try:
+        from scratchnn import _ckernels  # type: ignore[attr-defined]
+    except ImportError:  # not built here (no compiler), or built for another machine
+        return None
+    return _ckernels
+
+
+_MODULE = _load()
+_INDEX: dict[str, int] = {name: i for i, name in enumerate(_MODULE.NAMES)} if _MODULE else {}
+ENABLED = _MODULE is not None and os.environ.get("SCRATCHNN_KERNELS", "1") != "0"
+
+
+def available() -> bool:
+    """Whether the compiled kernels were built and load on this machine."""
+    return _MODULE is not None
+
+
+def run(
+    name: str,
+    out: np.ndarray,
+    x: np.ndarray | None = None,
+    g: np.ndarray | None = None,
+    h: np.ndarray | None = None,
+    mask_in: np.ndarray | None = None,
+    out2: np.ndarray | None = None,
+    mask_out: np.ndarray | None = None,
+    param: float = 0.0,
+) -> bool:
+    """Run kernel ``name`` over matching 1-d arrays of one size; False if it cannot.
+
+    ``x``, ``g`` and ``h`` are the float inputs, ``mask_in`` and ``mask_out``
+    bool arrays (True where ``x <= 0``), ``out`` and ``out2`` the float
+    outputs, ``param`` the layer's alpha or beta. ``out`` sets the dtype
+    (float32 or float64), which the other float arrays share; every array is
+    C-contiguous with ``out``'s size, or the call returns False untouched.
+    Only ``out``, ``out2`` and ``mask_out`` are written.
+    """
+    if not ENABLED or type(out) is not np.ndarray:
+        return False
+    assert _MODULE is not None
+    # The extension checks dtypes, sizes and contiguity through the buffer
+    # protocol, in about a microsecond for all the arrays together.
+    return bool(
+        _MODULE.run(_INDEX[name], out, x, g, h, mask_in, out2, mask_out, float(param))
+    )

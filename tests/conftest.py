@@ -1,0 +1,31 @@
+"""Runs the conformance and thread suites on both paths: the compiled kernels and plain NumPy."""
+
+from __future__ import annotations
+
+import pytest
+
+from scratchnn import _fused
+
+# Every layer must keep the same contract whichever path computes it.
+_BOTH_PATHS = {"test_conformance", "test_threads"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__ not in _BOTH_PATHS:
+        return
+    compiled = pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(
+            not _fused.available(), reason="compiled kernels not built (no C compiler?)"
+        ),
+    )
+    metafunc.parametrize("kernel_path", [compiled, "numpy"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The path under test ("compiled" or "numpy") where a module runs on both, else None."""
+    path = getattr(request, "param", None)
+    if path is not None:
+        monkeypatch.setattr(_fused, "ENABLED", path == "compiled")
+    return path
