@@ -82,6 +82,21 @@ def test_params_are_the_layers_own_arrays_and_keyed_like_the_book() -> None:
     assert all(grads[k].shape == net.params[k].shape for k in grads)
 
 
+def test_params_follow_changes_to_the_layer_list() -> None:
+    rng = np.random.default_rng(4)
+    net = small_network(snn.Relu, rng)
+    assert list(net.params) == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    replacement = snn.Affine(np.ones((5, 7)), np.zeros(7))
+    net.layers[0] = replacement
+    assert net.params["W1"] is replacement.W
+    del net.layers[-2:]
+    assert list(net.params) == ["W1", "b1", "W2", "b2"]
+    net.layers.append(snn.Affine(np.ones((6, 2)), np.zeros(2)))
+    assert list(net.params) == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    grads = net.gradient(rng.standard_normal((4, 5)), rng.integers(0, 2, 4))
+    assert list(grads) == list(net.params)
+
+
 def test_accuracy_with_labels_and_one_hot() -> None:
     net = snn.Sequential([snn.Identity()])
     scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn import layers
+from scratchnn.backend import as_result, check_device, device_of, move_arrays, to_device
 from scratchnn.layers.losses import Loss, SoftmaxWithLoss
 
 # The activations a ready-made network can use, by the name the command line takes.
@@ -68,6 +69,9 @@ class Sequential:
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
         self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
+        # (the layers, their numbering) as last computed: numbering asks every layer for
+        # its params, a cost paid twice a training step otherwise
+        self._numbered: tuple[tuple[Any, ...], list[tuple[int, Any]]] = ((), [])
 
     # -- the parameters ------------------------------------------------------------
 
@@ -77,14 +81,18 @@ class Sequential:
         Layers are numbered per kind of parameters, as the book's
         ``MultiLayerNetExtend``: ``W1, b1, gamma1, beta1, W2, b2, gamma2, ...``.
         """
+        current = tuple(self.layers)
+        if current == self._numbered[0]:  # compares layer by layer, identity first
+            return self._numbered[1]
         counts: dict[tuple[str, ...], int] = {}
         numbered = []
-        for layer in self.layers:
+        for layer in current:
             params = getattr(layer, "params", None)
             if params:
                 kind = tuple(params)
                 counts[kind] = counts.get(kind, 0) + 1
                 numbered.append((counts[kind], layer))
+        self._numbered = (current, numbered)
         return numbered
 
     @property
@@ -122,7 +130,8 @@ class Sequential:
         if missing or unexpected:
             raise ValueError(f"Sequential.load_state: missing {missing}, unexpected {unexpected}")
         for key, target in own.items():
-            source = np.asarray(arrays[key])
+            # A checkpoint's host arrays go to the network's device (and back).
+            source = to_device(as_result(arrays[key]), device_of(target))
             if source.shape != target.shape:
                 raise ValueError(
                     f"Sequential.load_state: {key} has shape {source.shape}, the network's {target.shape}"
@@ -135,7 +144,7 @@ class Sequential:
         """Run every layer forward; return the scores before the loss layer."""
         for layer in self.layers:
             x = layer.forward(x)
-        return np.asarray(x)
+        return as_result(x)
 
     def loss(self, x: Any, t: Any) -> float:
         """The loss of the prediction for ``x`` against ``t``."""
@@ -145,7 +154,7 @@ class Sequential:
     def accuracy(self, x: Any, t: Any) -> float:
         """The fraction of examples whose arg-max prediction equals the label (index or one-hot)."""
         y = np.argmax(self.predict(x), axis=-1)
-        t = np.asarray(t)
+        t = as_result(t)
         if t.ndim == y.ndim + 1:
             t = np.argmax(t, axis=-1)
         if t.shape != y.shape:
@@ -165,7 +174,7 @@ class Sequential:
                 x = layer._checked_forward((x,), borrowed=True)
             else:
                 x = layer.forward(x)
-        self.last_loss = self.last_layer.forward(np.asarray(x), t)
+        self.last_loss = self.last_layer.forward(as_result(x), t)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
@@ -189,6 +198,23 @@ class Sequential:
     def eval(self) -> Sequential:
         """Put the network in evaluation mode."""
         return self.train(False)
+
+    def to(self, device: str) -> Sequential:
+        """Move every layer's arrays (parameters, gradients, buffers, caches) to ``device``.
+
+        ``"cuda"`` needs CuPy and a GPU (``pip install scratchnn[gpu]``); ``"cpu"``
+        brings them back as NumPy arrays. Returns the network, moved in place:
+        ``params`` then holds the moved arrays, so build the optimiser's view of
+        them after moving (its own state moves with ``optimizer.to``).
+
+        >>> from scratchnn import Affine
+        >>> Sequential([Affine(np.eye(2), np.zeros(2))]).to("cpu").params["W1"].shape
+        (2, 2)
+        """
+        check_device(device)
+        for layer in [*self.layers, self.last_layer]:
+            move_arrays(layer, device)
+        return self
 
     def __repr__(self) -> str:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
