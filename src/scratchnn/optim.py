@@ -40,7 +40,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn.backend import FLOAT_DTYPES, as_array, get_array_module
+from scratchnn import kernels
+from scratchnn.backend import (
+    FLOAT_DTYPES,
+    as_array,
+    device_of,
+    get_array_module,
+    move_arrays,
+    to_device,
+)
 
 __all__ = [
     "SGD",
@@ -114,6 +122,9 @@ class Optimizer:
         # Check every pair before touching any parameter, so a bad call changes nothing.
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
         for key, param, grad in checked:
+            if not isinstance(param, np.ndarray):  # CuPy: the whole step in one fused kernel
+                self._step_gpu(key, param, grad)
+                continue
             work = self._scratch(self._work, key, param)
             if self.weight_decay:
                 decayed = self._scratch(self._decayed, key, param)
@@ -125,6 +136,22 @@ class Optimizer:
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
         """Change ``param`` in place; ``work`` is scratch of ``param``'s shape and dtype."""
         raise NotImplementedError
+
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        """The step as an op of :mod:`scratchnn.kernels`: its name, state arrays and scalars."""
+        raise NotImplementedError
+
+    def _step_gpu(self, key: str, param: Any, grad: Any) -> None:
+        """The step on CuPy arrays: one kernel reads and writes each array once, decay included."""
+        name, states, scalars = self._fused_step(key, param)
+        if self.weight_decay:
+            name, scalars = name + "_wd", {**scalars, "weight_decay": self.weight_decay}
+        kernels.run(name, param, grad, *states, **scalars)
+
+    def to(self, device: str) -> Optimizer:
+        """Move the state (velocities, moments) to ``device``, as ``Sequential.to`` moves a network."""
+        move_arrays(self, device)
+        return self
 
     def _check(
         self, key: str, params: Mapping[str, Any], grad: Any
@@ -168,6 +195,8 @@ class Optimizer:
         store: dict[str, np.ndarray] = getattr(self, slot)
         if key not in store:
             store[key] = get_array_module(like).zeros_like(like)
+        elif type(store[key]) is not type(like):  # loaded from a checkpoint on the other device
+            store[key] = to_device(store[key], device_of(like))
         return store[key]
 
     # -- state for checkpoints -------------------------------------------------------
@@ -234,6 +263,9 @@ class SGD(Optimizer):
         np.multiply(grad, self.lr, out=work)
         np.subtract(param, work, out=param)
 
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        return "sgd", [], {"lr": self.lr}
+
 
 class Momentum(Optimizer):
     """SGD with momentum, in PyTorch's form: ``v <- momentum * v + g``; ``p <- p - lr * v``.
@@ -270,6 +302,10 @@ class Momentum(Optimizer):
         np.add(v, grad, out=v)
         np.multiply(v, self.lr, out=work)
         np.subtract(param, work, out=param)
+
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        v = self._state("v", key, param)
+        return type(self).__name__.lower(), [v], {"lr": self.lr, "momentum": self.momentum}
 
 
 class Nesterov(Momentum):
@@ -335,6 +371,9 @@ class AdaGrad(Optimizer):
         np.add(h, work, out=h)
         _descend(param, grad, h, self.lr, self.eps, work)
 
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        return "adagrad", [self._state("h", key, param)], {"lr": self.lr, "eps": self.eps}
+
 
 class RMSprop(Optimizer):
     """RMSprop: ``h <- decay_rate * h + (1 - decay_rate) * g * g``;
@@ -374,6 +413,11 @@ class RMSprop(Optimizer):
         np.multiply(work, 1.0 - self.decay_rate, out=work)
         np.add(h, work, out=h)
         _descend(param, grad, h, self.lr, self.eps, work)
+
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        scalars = {"lr": self.lr, "eps": self.eps, "decay": self.decay_rate}
+        scalars["one_minus_decay"] = 1.0 - self.decay_rate
+        return "rmsprop", [self._state("h", key, param)], scalars
 
 
 def _descend(
@@ -459,6 +503,22 @@ class Adam(Optimizer):
 
         if self.beta1 > 0.0 and t % _flush_interval(self.beta1) == 0:
             _flush_near_subnormal(m, work)
+
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        # The same folded scalars as _step. No flush: GPUs run subnormals at full speed.
+        m, v = self._state("m", key, param), self._state("v", key, param)
+        t = self.steps[key] = self.steps.get(key, 0) + 1
+        step_size = self.lr / (1.0 - self.beta1**t)
+        sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
+        scalars = {
+            "beta1": self.beta1,
+            "one_minus_beta1": 1.0 - self.beta1,
+            "beta2": self.beta2,
+            "one_minus_beta2": 1.0 - self.beta2,
+            "inv_scale": 1.0 / (sqrt_correction2 * step_size),
+            "eps_scaled": self.eps / step_size,
+        }
+        return "adam", [m, v], scalars
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``m/<param>``, ``v/<param>`` and the step count ``step/<param>`` (0-d int64)."""

@@ -8,15 +8,15 @@ checks that every layer shares live in :class:`scratchnn.layers.base.Layer`.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
-from scratchnn import _fused
+from scratchnn import _fused, kernels
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
-from scratchnn.backend import to_compute
+from scratchnn.backend import as_result, get_array_module, to_compute
 from scratchnn.layers.base import Layer
 
 
@@ -62,7 +62,21 @@ class Relu(Layer):
         if self._mask is None or not self.packed:
             return self._mask
         size = math.prod(self._mask_shape)
+        if not isinstance(self._mask, np.ndarray):  # CuPy's unpackbits has no count
+            bits = get_array_module(self._mask).unpackbits(self._mask)[:size]
+            return bits.reshape(self._mask_shape).view(bool)
         return np.unpackbits(self._mask, count=size).reshape(self._mask_shape).view(bool)
+
+    # -- CuPy: one fused kernel each way (scratchnn.kernels), the mask kept as on the CPU --
+
+    def _forward_gpu(self, x: Any) -> Any:
+        y, mask = kernels.run("relu_forward", x)
+        self._mask = get_array_module(mask).packbits(mask) if self.packed else mask
+        self._mask_shape = x.shape
+        return y
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        return kernels.run("relu_backward", dout, self.mask)[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # Keeps only the mask: the sign pattern is all that backward needs.
@@ -149,6 +163,14 @@ class Sigmoid(Layer):
         super().__init__()
         self.out: np.ndarray | None = None
 
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        self.out = kernels.run("sigmoid_forward", to_compute(x))[0].astype(x.dtype, copy=False)
+        return self.out
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.out is not None  # forward ran: the base checks it
+        return kernels.run("sigmoid_backward", to_compute(dout), to_compute(self.out))[0]
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.out = self._keep_output(F.sigmoid(to_compute(x)).astype(x.dtype, copy=False))
         return self.out
@@ -183,6 +205,14 @@ class Tanh(Layer):
     def __init__(self) -> None:
         super().__init__()
         self.out: np.ndarray | None = None
+
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        self.out = kernels.run("tanh_forward", to_compute(x))[0].astype(x.dtype, copy=False)
+        return self.out
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.out is not None  # forward ran: the base checks it
+        return kernels.run("tanh_backward", to_compute(dout), to_compute(self.out))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.out = self._keep_output(np.tanh(to_compute(x)).astype(x.dtype, copy=False))
@@ -224,6 +254,13 @@ class LeakyRelu(Layer):
         super().__init__()
         self.alpha = float(alpha)
         self.mask: np.ndarray | None = None
+
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        y, self.mask = kernels.run("leaky_relu_forward", to_compute(x), alpha=self.alpha)
+        return y.astype(x.dtype, copy=False)
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        return kernels.run("leaky_relu_backward", to_compute(dout), self.mask, alpha=self.alpha)[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         z = flat(to_compute(x))
@@ -282,6 +319,16 @@ class Elu(Layer):
         super().__init__()
         self.alpha = float(alpha)
         self.x: np.ndarray | None = None
+
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        self.x = self._keep_input(x)
+        y = kernels.run("elu_forward", to_compute(x), alpha=self.alpha)[0]
+        return y.astype(x.dtype, copy=False)
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.x is not None  # forward ran: the base checks it
+        z = to_compute(self.x)
+        return kernels.run("elu_backward", to_compute(dout), z, alpha=self.alpha)[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
@@ -366,6 +413,17 @@ class Gelu(Layer):
         self.approximate = approximate
         self.x: np.ndarray | None = None
         self._cdf: np.ndarray | None = None
+
+    # CuPy: one fused kernel each way; erfc is cheap on a GPU, so Phi(x) is not kept.
+    def _forward_gpu(self, x: Any) -> Any:
+        self.x = self._keep_input(x)
+        name = "gelu_tanh_forward" if self.approximate == "tanh" else "gelu_forward"
+        return kernels.run(name, to_compute(x))[0].astype(x.dtype, copy=False)
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.x is not None  # forward ran: the base checks it
+        name = "gelu_tanh_backward" if self.approximate == "tanh" else "gelu_backward"
+        return kernels.run(name, to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
@@ -483,6 +541,16 @@ class Softplus(Layer):
             raise ValueError(f"Softplus: beta must be positive and finite, got {beta!r}")
         self.out: np.ndarray | None = None
 
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        y = kernels.run("softplus_forward", to_compute(x), beta=self.beta)[0]
+        self.out = y.astype(x.dtype, copy=False)
+        return self.out
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.out is not None  # forward ran: the base checks it
+        y = to_compute(self.out)
+        return kernels.run("softplus_backward", to_compute(dout), y, beta=self.beta)[0]
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         beta = self.beta
 
@@ -537,6 +605,14 @@ class Silu(Layer):
     def __init__(self) -> None:
         super().__init__()
         self.x: np.ndarray | None = None
+
+    def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
+        self.x = self._keep_input(x)
+        return kernels.run("silu_forward", to_compute(x))[0].astype(x.dtype, copy=False)
+
+    def _backward_gpu(self, dout: Any) -> Any:
+        assert self.x is not None  # forward ran: the base checks it
+        return kernels.run("silu_backward", to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
@@ -610,7 +686,7 @@ class Softmax(Layer):
                 e = np.subtract(z, np.max(z, axis=axis, keepdims=True), out=np.empty_like(z))
                 np.exp(e, out=e)
             out = np.divide(e, np.sum(e, axis=axis, keepdims=True), out=e)
-        self.out = self._keep_output(np.asarray(out).astype(x.dtype, copy=False))
+        self.out = self._keep_output(as_result(out).astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -635,7 +711,8 @@ class Identity(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         view = x.view()
-        view.flags.writeable = False
+        if isinstance(view, np.ndarray):  # CuPy arrays cannot be made read-only
+            view.flags.writeable = False
         return view
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:

@@ -11,7 +11,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scratchnn import functional as F
-from scratchnn.backend import FLOAT_DTYPES, as_array, float_dtype_of, to_compute
+from scratchnn.backend import (
+    FLOAT_DTYPES,
+    as_array,
+    as_result,
+    float_dtype_of,
+    get_array_module,
+    to_compute,
+)
 
 
 class Loss:
@@ -60,7 +67,7 @@ class Loss:
                 raise ValueError(f"{name}.backward: dout must be a scalar, got shape {dout.shape}")
             dout = float(dout.reshape(()))
         dx = self._backward(dout)
-        return np.asarray(dx).reshape(self._x_shape).astype(self._x_dtype, copy=False)
+        return as_result(dx).reshape(self._x_shape).astype(self._x_dtype, copy=False)
 
     # -- for subclasses --------------------------------------------------------
 
@@ -128,12 +135,13 @@ class SoftmaxWithLoss(Loss):
         # passes, so each step below is the cheapest call found for short rows.
         n_classes = x.shape[-1]
         x2 = x.reshape(-1, n_classes)
-        rows = np.arange(len(x2))
+        xp = get_array_module(x)  # NumPy or CuPy: index and sum arrays on x's device
+        rows = xp.arange(len(x2))
         # The row maxima through argmax and a gather: a third of the time of np.max along
         # a short last axis, and the same values (a NaN, which argmax picks, included).
         shifted = x2 - x2[rows, x2.argmax(axis=1)][:, np.newaxis]
         y = np.exp(shifted)
-        total = y @ np.ones(n_classes, y.dtype)  # the row sums, again faster than np.sum
+        total = y @ xp.ones(n_classes, y.dtype)  # the row sums, again faster than np.sum
         y /= total[:, np.newaxis]
         self.y, self.t = y.reshape(x.shape), t
         if t.shape != x.shape:  # class indices: -log y at each label is log(total) - shifted
@@ -150,7 +158,7 @@ class SoftmaxWithLoss(Loss):
             return (y - t) * (dout / n)
         # y minus the one-hot rows of the labels, without building those rows.
         dx = y.copy()
-        dx.reshape(-1, y.shape[-1])[np.arange(n), t.reshape(-1)] -= 1.0
+        dx.reshape(-1, y.shape[-1])[get_array_module(y).arange(n), t.reshape(-1)] -= 1.0
         dx *= dout / n
         return dx
 
