@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn.backend import device_of, to_device
+
 
 def iterate_minibatches(
     x: Any,
@@ -62,6 +64,9 @@ def iterate_minibatches(
     order = None
     if shuffle:
         order = (rng if rng is not None else np.random.default_rng()).permutation(x.shape[0])
+        # Drawn on the host (the same seed gives the same batches on every device), then
+        # moved once to the data's device: CuPy indexes only with its own arrays.
+        order = to_device(order, device_of(x))
     return _batches(x, t, size, order, drop_last)
 
 
