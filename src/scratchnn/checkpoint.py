@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn.backend import to_host
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -137,6 +139,8 @@ def _prepare(
         _check_text(name, "tensor name")
         if name == _METADATA_KEY:
             raise ValueError(f"tensor name {name!r} is reserved for the metadata")
+        # A GPU array is written from its host copy: a checkpoint made on the GPU loads anywhere.
+        array = to_host(array)
         if not isinstance(array, np.ndarray):
             raise TypeError(
                 f"tensor {name!r} is a {type(array).__name__}, not a NumPy array; "
