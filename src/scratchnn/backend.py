@@ -61,28 +61,32 @@ def get_array_module(*arrays: object) -> ModuleType:
     return np
 
 
+class DeviceUnavailableError(RuntimeError):
+    """Device "cuda" was asked for, but CuPy or a CUDA GPU is missing."""
+
+
 def import_cupy() -> ModuleType:
     """CuPy, imported on first use, once a CUDA GPU is known to answer.
 
-    Raises ``RuntimeError`` saying how to install CuPy when it is missing, or
+    Raises ``DeviceUnavailableError`` (a ``RuntimeError``) saying how to install CuPy when it is missing, or
     that no GPU is visible when CuPy is there but CUDA finds no device.
     """
     try:
         import cupy
     except ImportError as error:
-        raise RuntimeError(
+        raise DeviceUnavailableError(
             f"device 'cuda' needs CuPy and an NVIDIA GPU; install it with `{_INSTALL_HINT}` "
             f"(import cupy failed: {error})"
         ) from None
     try:
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as error:  # CuPy raises its own CUDA error types when no driver answers
-        raise RuntimeError(
+        raise DeviceUnavailableError(
             f"device 'cuda': CuPy is installed but CUDA found no usable GPU ({error}); "
             f"see `{_INSTALL_HINT}` and the NVIDIA driver"
         ) from None
     if count < 1:
-        raise RuntimeError("device 'cuda': CuPy is installed but CUDA sees no GPU")
+        raise DeviceUnavailableError("device 'cuda': CuPy is installed but CUDA sees no GPU")
     return cupy
 
 

@@ -95,6 +95,7 @@ def _fail(command: str, message: str) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from scratchnn.backend import DeviceUnavailableError
     from scratchnn.checkpoint import CheckpointError
     from scratchnn.runs import preset_config, train_run
 
@@ -110,12 +111,14 @@ def _run_train(args: argparse.Namespace) -> int:
                     "train",
                     f"{names} cannot change a resumed run: its settings come from the checkpoint",
                 )
-            train_run(None, out, resume=True, epochs=args.epochs, data_path=args.data)
+            train_run(
+                None, out, resume=True, epochs=args.epochs, data_path=args.data, device=args.device
+            )
         else:
             config = preset_config(preset, epochs=args.epochs, **given)
             config.check()
-            train_run(config, out, data_path=args.data)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+            train_run(config, out, data_path=args.data, device=args.device)
+    except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("train", str(error))
     except KeyboardInterrupt:
         print(
@@ -189,6 +192,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         "the download cache, /usr/share/datasets/fashion-mnist)",
     )
     train.add_argument("--out", help="output directory (default runs/PRESET)")
+    train.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (NumPy, the default) or cuda (an NVIDIA GPU through CuPy: "
+        "pip install scratchnn[gpu])",
+    )
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )

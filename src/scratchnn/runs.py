@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from scratchnn.backend import check_device, import_cupy, to_device
 from scratchnn.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from scratchnn.files import write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
@@ -251,8 +252,13 @@ def train_run(
     data_path: str | None = None,
     stream: TextIO | None = None,
     progress_stream: TextIO | None = None,
+    device: str = "cpu",
 ) -> History:
     """Train as ``config`` says, writing checkpoints and results into ``out_dir``.
+
+    ``device="cuda"`` trains on the GPU through CuPy: the network, the optimiser
+    state and the data move there once, before the first epoch; checkpoints
+    are written from host copies, so a run can resume on either device.
 
     With ``resume=True`` the run continues from ``out_dir/checkpoint.safetensors``
     with the configuration saved there (``config`` must be None; ``epochs`` may
@@ -265,6 +271,8 @@ def train_run(
         raise ValueError(
             "give a configuration for a new run, or resume=True to continue one, not both"
         )
+    if check_device(device) == "cuda":
+        import_cupy()  # before any work: a missing CuPy or GPU is one clear error
     out = check_writable_directory(out_dir)
     history: History | None = None
     if resume:
@@ -289,6 +297,11 @@ def train_run(
                 layer.rng = rng
         history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
         print(f"resuming {out} after epoch {len(history)} of {config.epochs}", file=stream)
+    network.to(device)
+    optimizer.to(device)
+    # The data set moves to the device once; each batch is then a slice on the device.
+    train_data = (to_device(train_data[0], device), to_device(train_data[1], device))
+    test_data = (to_device(test_data[0], device), to_device(test_data[1], device))
 
     def save_epoch(epoch: int, run_history: History) -> None:
         save_checkpoint(

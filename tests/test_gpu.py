@@ -1,0 +1,311 @@
+"""The GPU path: every layer, optimiser and network on CuPy against NumPy float64.
+
+Each test runs twice: on ``fake`` (tests/fake_cupy.py, CuPy's strictness on
+NumPy arrays, so it runs everywhere and finds NumPy hard-coded where CuPy
+would fail) and on ``cuda`` (real CuPy and the fused CUDA kernels), which
+skips with its reason where no GPU is present. Inputs are fresh random
+numbers, never zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import fake_cupy
+import numpy as np
+import pytest
+from conformance import CASES, Case, away_from_kinks
+
+import scratchnn as snn
+from scratchnn.backend import device_of, get_array_module, to_device, to_host
+from scratchnn.kernels import OPS
+from scratchnn.kernels.cuda import source
+from scratchnn.optim import make_optimizer
+
+
+def _real_cupy_reason() -> str | None:
+    """Why the real-CuPy tests cannot run here, or None when they can."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install scratchnn[gpu]); GPU tests need an NVIDIA GPU"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy is installed but CUDA sees no GPU"
+    except Exception as error:
+        return f"CuPy is installed but CUDA is not usable: {error}"
+    return None
+
+
+@pytest.fixture(params=["fake", "cuda"])
+def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The array module of the device under test: the fake CuPy, or the real one."""
+    if request.param == "fake":
+        return fake_cupy.install(monkeypatch)
+    reason = _real_cupy_reason()
+    if reason is not None:
+        print(f"skipping the real-GPU run: {reason}")
+        pytest.skip(reason)
+    import cupy
+
+    return cupy
+
+
+# -- every element-wise layer on the device -------------------------------------------------
+
+_ON_DEVICE = {
+    "Relu", "Relu(packed)", "Sigmoid", "Tanh", "LeakyRelu", "LeakyRelu(0.2)", "Elu", "Elu(0.5)",
+    "Gelu", "Gelu(tanh)", "Softplus", "Softplus(2)", "Silu", "Softmax", "Softmax(axis=0)",
+    "Identity",
+}  # fmt: skip
+DEVICE_CASES = [case for case in CASES if case.name in _ON_DEVICE]
+TOLERANCE = {np.float64: (1e-12, 1e-14), np.float32: (2e-6, 1e-6)}
+
+
+def _inputs(case: Case, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = away_from_kinks(case.scale * rng.standard_normal(shape), case.kinks)
+    return x, rng.standard_normal(shape)
+
+
+def _close(actual: Any, expected: np.ndarray, dtype: Any) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    np.testing.assert_allclose(to_host(actual).astype(np.float64), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(7, 33), (4, 256), (3,)], ids=str)
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=str)
+def test_layer_on_device_matches_numpy_float64(
+    case: Case, shape: tuple[int, ...], dtype: Any, gpu: Any
+) -> None:
+    x, dout = _inputs(case, shape, seed=len(case.name) * 1000 + shape[0])
+    reference = case.make()
+    y64, dx64 = reference.forward(x), reference.backward(dout)
+    layer = case.make()
+    y = layer.forward(gpu.asarray(x.astype(dtype)))
+    dx = layer.backward(gpu.asarray(dout.astype(dtype)))
+    for result in (y, dx):
+        assert device_of(result) == "cuda" and result.dtype == dtype and result.shape == shape
+    _close(y, y64, dtype)
+    _close(dx, dx64, dtype)
+    if hasattr(reference, "mask") and reference.mask is not None:
+        assert (to_host(layer.mask) == reference.mask).all()
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=str)
+def test_non_contiguous_device_input(case: Case, gpu: Any) -> None:
+    x, dout = _inputs(case, (6, 40), seed=7)
+    reference = case.make()
+    y64, dx64 = reference.forward(x[:, ::2]), reference.backward(dout[:, ::2])
+    layer = case.make()
+    y = layer.forward(gpu.asarray(x)[:, ::2])
+    dx = layer.backward(gpu.asarray(dout)[:, ::2])
+    _close(y, y64, np.float64)
+    _close(dx, dx64, np.float64)
+
+
+def test_integer_relu_on_device(gpu: Any) -> None:
+    x = np.random.default_rng(3).integers(-5, 5, (4, 5)).astype(np.int32)
+    y = snn.Relu().forward(gpu.asarray(x))
+    assert y.dtype == np.int32 and (to_host(y) == np.maximum(x, 0)).all()
+
+
+# -- optimisers ---------------------------------------------------------------------------
+
+OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_optimizer_on_device_matches_numpy_float64(
+    name: str, weight_decay: float, dtype: Any, gpu: Any
+) -> None:
+    rng = np.random.default_rng(11)
+    params = {"W": rng.standard_normal((5, 7)), "b": rng.standard_normal(7)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+    on_host = {k: v.copy() for k, v in params.items()}
+    on_device = {k: gpu.asarray(v.astype(dtype)) for k, v in params.items()}
+    host_opt = make_optimizer(name, lr=0.05, weight_decay=weight_decay)
+    device_opt = make_optimizer(name, lr=0.05, weight_decay=weight_decay)
+    for step in grads:
+        host_opt.update(on_host, step)
+        device_opt.update(on_device, {k: gpu.asarray(v.astype(dtype)) for k, v in step.items()})
+    for key in params:
+        assert device_of(on_device[key]) == "cuda"
+        rtol, atol = (1e-12, 1e-14) if dtype == np.float64 else (1e-5, 1e-6)
+        np.testing.assert_allclose(to_host(on_device[key]), on_host[key], rtol=rtol, atol=atol)
+    state = device_opt.state_dict()
+    assert all(device_of(v) == "cuda" or v.ndim == 0 for v in state.values())
+
+
+# -- networks, devices, training, checkpoints ----------------------------------------------
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = 3 * np.random.default_rng(123).standard_normal((10, 20))
+    t = rng.integers(0, 10, n)
+    return (centres[t] + rng.standard_normal((n, 20))).astype(np.float32), t
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "gelu", "softplus"])
+def test_network_gradient_on_device_matches_cpu(activation: str, gpu: Any) -> None:
+    x, t = _blobs(64, 1)
+    net = snn.mlp(
+        [20, 16, 10], activation=activation, rng=np.random.default_rng(0), dtype=np.float64
+    )
+    expected = {k: v.copy() for k, v in net.gradient(x.astype(np.float64), t).items()}
+    expected_loss = net.last_loss
+    net.to("cuda")
+    assert all(device_of(v) == "cuda" for v in net.params.values())
+    grads = net.gradient(gpu.asarray(x.astype(np.float64)), gpu.asarray(t))
+    assert net.last_loss == pytest.approx(expected_loss, rel=1e-12)
+    for key, value in expected.items():
+        np.testing.assert_allclose(to_host(grads[key]), value, rtol=1e-9, atol=1e-12)
+    net.to("cpu")
+    assert all(isinstance(v, np.ndarray) for v in net.params.values())
+    assert all(isinstance(v, np.ndarray) for v in net.grads.values())
+
+
+def test_training_on_device_follows_the_cpu_run(gpu: Any) -> None:
+    from scratchnn.train import fit
+
+    (x, t), (xt, tt) = _blobs(400, 2), _blobs(100, 3)
+    runs = []
+    for device in ("cpu", "cuda"):
+        net = snn.mlp([20, 16, 10], rng=np.random.default_rng(0), dtype=np.float64).to(device)
+        optimizer = make_optimizer("adam", lr=0.01).to(device)
+        data = [to_device(a, device) for a in (x.astype(np.float64), t, xt.astype(np.float64), tt)]
+        history = fit(
+            net, optimizer, (data[0], data[1]), (data[2], data[3]),
+            epochs=2, batch_size=50, rng=np.random.default_rng(5),
+        )  # fmt: skip
+        runs.append((history, {k: to_host(v) for k, v in net.params.items()}))
+    (cpu_history, cpu_params), (gpu_history, gpu_params) = runs
+    assert gpu_history.test_acc == pytest.approx(cpu_history.test_acc, abs=1e-9)
+    for key, value in cpu_params.items():
+        np.testing.assert_allclose(gpu_params[key], value, rtol=1e-8, atol=1e-10)
+
+
+def test_checkpoint_written_on_device_loads_on_cpu_and_back(gpu: Any, tmp_path: Path) -> None:
+    from scratchnn.checkpoint import load_checkpoint, save_checkpoint
+
+    x, t = _blobs(50, 4)
+    net = snn.mlp([20, 8, 10], rng=np.random.default_rng(0)).to("cuda")
+    optimizer = make_optimizer("momentum", lr=0.1)
+    optimizer.update(net.params, net.gradient(gpu.asarray(x), gpu.asarray(t)))
+    save_checkpoint(
+        tmp_path / "c.safetensors", params=net.state(), optimizer_state=optimizer.state_dict(),
+        rng=np.random.default_rng(1), epoch=1, config={}, metadata={},
+    )  # fmt: skip
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    on_cpu = snn.mlp([20, 8, 10], rng=np.random.default_rng(9))
+    on_cpu.load_state(loaded.params)
+    for key, value in net.state().items():
+        assert isinstance(loaded.params[key], np.ndarray)
+        np.testing.assert_array_equal(on_cpu.state()[key], to_host(value))
+    back = snn.mlp([20, 8, 10], rng=np.random.default_rng(9)).to("cuda")
+    back.load_state(loaded.params)
+    assert all(device_of(v) == "cuda" for v in back.state().values())
+    resumed = make_optimizer("momentum", lr=0.1)
+    resumed.load_state_dict(loaded.optimizer_state)
+    resumed.update(back.params, back.gradient(gpu.asarray(x), gpu.asarray(t)))  # host state moves
+
+
+# -- CPU-only behaviour: imports, errors, the command line --------------------------------------
+
+
+def test_importing_scratchnn_does_not_import_cupy() -> None:
+    code = (
+        "import sys, scratchnn, scratchnn.kernels, scratchnn.kernels.cuda, scratchnn.cli, "
+        "scratchnn.runs, scratchnn.checkpoint\n"
+        "print('cupy' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def test_cuda_without_cupy_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install scratchnn\[gpu\]"):
+        to_device(np.zeros(3), "cuda")
+    with pytest.raises(RuntimeError, match=r"pip install scratchnn\[gpu\]"):
+        snn.mlp([4, 2], rng=np.random.default_rng(0)).to("cuda")
+
+
+def test_cuda_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = fake_cupy.install(monkeypatch)
+    module.cuda.runtime.getDeviceCount = lambda: 0
+    with pytest.raises(RuntimeError, match="no GPU"):
+        to_device(np.zeros(3), "cuda")
+
+
+def test_mixing_numpy_and_cupy_arrays_raises_type_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = fake_cupy.install(monkeypatch)
+    with pytest.raises(TypeError, match="cannot mix NumPy"):
+        get_array_module(np.zeros(2), gpu.zeros(2))
+    net = snn.mlp([4, 3], rng=np.random.default_rng(0)).to("cuda")
+    with pytest.raises(TypeError):
+        net.predict(np.ones((2, 4), np.float32))
+
+
+def test_unknown_device_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        to_device(np.zeros(2), "tpu")
+
+
+def test_to_cpu_is_a_no_op_on_cpu() -> None:
+    net = snn.mlp([4, 3], rng=np.random.default_rng(0))
+    W = net.params["W1"]
+    assert net.to("cpu") is net and net.params["W1"] is W
+    x = np.ones(3)
+    assert to_device(x, "cpu") is x and to_host(x) is x and device_of(x) == "cpu"
+
+
+def test_cli_device_cuda_without_cupy_fails_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from scratchnn.cli import main
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install scratchnn[gpu]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scratchnn.cli import main
+    from scratchnn.data import find_dataset_files
+
+    try:
+        find_dataset_files("fashion-mnist")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    argv = ["train", "--device", "cpu", "--hidden", "16", "--limit", "500", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "model.safetensors").exists()
+
+
+# -- the CUDA sources: compiled without a GPU where nvcc is installed ------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
+    # Each source in its own namespace, so one nvcc run checks them all.
+    text = "\n".join(f"namespace k_{name} {{\n{source(op, dtype)}}}" for name, op in OPS.items())
+    path = tmp_path / "kernels.cu"
+    path.write_text(text)
+    result = subprocess.run(
+        ["nvcc", "-ptx", "-o", os.devnull, str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
