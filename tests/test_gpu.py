@@ -25,6 +25,7 @@ import scratchnn as snn
 from scratchnn.backend import device_of, get_array_module, to_device, to_host
 from scratchnn.kernels import OPS
 from scratchnn.kernels.cuda import source
+from scratchnn.models import cnn
 from scratchnn.optim import make_optimizer
 
 
@@ -309,3 +310,23 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
         ["nvcc", "-ptx", "-o", os.devnull, str(path)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cnn_gradient_on_device_matches_cpu(dropout: float, gpu: Any) -> None:
+    rng = np.random.default_rng(8)
+    x, t = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
+    nets = []
+    for device in ("cpu", "cuda"):
+        net = cnn(
+            rng=np.random.default_rng(0), channels=(3, 4), hidden=8, dropout=dropout,
+            dtype=np.float64,
+        ).to(device)  # fmt: skip
+        grads = net.gradient(to_device(x, device), to_device(t, device))
+        nets.append(({k: to_host(v) for k, v in grads.items()}, net.last_loss))
+        net.eval()
+        nets.append(({"scores": to_host(net.predict(to_device(x, device)))}, 0.0))
+    for (expected, expected_loss), (actual, loss) in [(nets[0], nets[2]), (nets[1], nets[3])]:
+        assert loss == pytest.approx(expected_loss, rel=1e-12)
+        for key, value in expected.items():
+            np.testing.assert_allclose(actual[key], value, rtol=1e-9, atol=1e-12)

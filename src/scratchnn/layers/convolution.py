@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn.backend import FLOAT_DTYPES, as_array, compute_dtype_of, to_compute
+from scratchnn.backend import (
+    FLOAT_DTYPES,
+    as_array,
+    compute_dtype_of,
+    get_array_module,
+    to_compute,
+)
 from scratchnn.layers.base import WeightBiasLayer
 
 
@@ -53,7 +59,7 @@ def pad_images(x: np.ndarray, pad: tuple[int, int], value: float = 0.0) -> np.nd
     if pad == (0, 0):
         return x
     n, c, h, w = x.shape
-    padded = np.full((n, c, h + 2 * pad[0], w + 2 * pad[1]), value, dtype=x.dtype)
+    padded = get_array_module(x).full((n, c, h + 2 * pad[0], w + 2 * pad[1]), value, dtype=x.dtype)
     padded[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + w] = x
     return padded
 
@@ -197,7 +203,7 @@ class Conv2d(WeightBiasLayer):
         work = compute_dtype_of(np.result_type(x.dtype, self.W.dtype))
         xp = pad_images(x.astype(work, copy=False), self.padding)
         # Keeps col, (C kh kw, N OH OW): dW is col times dout. It is a new array, never the caller's.
-        col = np.empty((in_c, kh, kw, n, oh, ow), dtype=work)
+        col = get_array_module(x).empty((in_c, kh, kw, n, oh, ow), dtype=work)
         for p in range(kh):
             rows = window_slice(p, oh, self.stride[0])
             for q in range(kw):
@@ -207,7 +213,7 @@ class Conv2d(WeightBiasLayer):
         self._x_shape = x.shape
         product = self.W.reshape(out_c, -1).astype(work, copy=False) @ self.col  # (C_out, N OH OW)
         # The bias is added in the one pass that transposes to NCHW, not in a pass of its own.
-        out = np.empty((n, out_c, oh, ow), dtype=self.W.dtype)
+        out = get_array_module(x).empty((n, out_c, oh, ow), dtype=self.W.dtype)
         bias = self.b.astype(work, copy=False)[None, :, None, None]
         np.add(product.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3), bias, out=out)
         return out
@@ -217,7 +223,7 @@ class Conv2d(WeightBiasLayer):
         assert self.col is not None  # forward ran: the base checks it
         out_c = self.W.shape[0]
         g = to_compute(dout).astype(self.col.dtype, copy=False)
-        g = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(out_c, -1)
+        g = get_array_module(g).ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(out_c, -1)
         # col @ g.T rather than g @ col.T: OpenBLAS runs this orientation about 1.5 times faster.
         self.dW = (self.col @ g.T).T.reshape(self.W.shape).astype(self.W.dtype)
         self.db = g.sum(axis=1).astype(self.W.dtype, copy=False)
@@ -235,10 +241,11 @@ class Conv2d(WeightBiasLayer):
         dcol = self.W.reshape(out_c, -1).astype(g.dtype, copy=False).T @ g
         dcol = dcol.reshape(in_c, kh, kw, n, oh, ow)
         # Scatter in col's own (C, N, H, W) order, so each add is contiguous; transpose once at the end.
-        dxp = np.zeros((in_c, n, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+        dxp = get_array_module(g).zeros((in_c, n, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
         for p in range(kh):
             rows = window_slice(p, oh, self.stride[0])
             for q in range(kw):
                 cols = window_slice(q, ow, self.stride[1])
                 dxp[:, :, rows, cols] += dcol[:, p, q]
-        return np.ascontiguousarray(dxp[:, :, ph : ph + h, pw : pw + w].transpose(1, 0, 2, 3))
+        cropped = dxp[:, :, ph : ph + h, pw : pw + w]
+        return get_array_module(dxp).ascontiguousarray(cropped.transpose(1, 0, 2, 3))

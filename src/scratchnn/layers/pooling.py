@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from scratchnn.backend import to_compute
+from scratchnn.backend import get_array_module, to_compute
 from scratchnn.layers.base import Layer
 from scratchnn.layers.convolution import check_images, output_size, pad_images, pair, window_slice
 
@@ -111,8 +111,9 @@ class MaxPool2d(_Pool2d):
         # on ties), or the first NaN. argmax counts the offsets before the first winner.
         nan = np.isnan(out)
         any_nan = bool(nan.any())
-        argmax = np.zeros(out.shape, dtype=np.min_scalar_type(len(windows) - 1))
-        not_yet = np.ones(out.shape, dtype=bool)
+        module = get_array_module(out)  # NumPy or CuPy
+        argmax = module.zeros(out.shape, dtype=np.min_scalar_type(len(windows) - 1))
+        not_yet = module.ones(out.shape, dtype=bool)
         for window in windows[:-1]:
             won = window == out
             if any_nan:
@@ -133,7 +134,10 @@ class MaxPool2d(_Pool2d):
         disjoint = all(s >= k for s, k in zip(self.stride, self.kernel_size))
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         tiled = (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and h % kh == 0 and w % kw == 0
-        dxp = (np.empty if tiled else np.zeros)((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+        module = get_array_module(g)  # NumPy or CuPy
+        dxp = (module.empty if tiled else module.zeros)(
+            (n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype
+        )
         for k, rows, cols in self._offsets(self._x_shape):
             if disjoint:
                 np.multiply(g, self.argmax == k, out=dxp[:, :, rows, cols])
@@ -208,7 +212,8 @@ class Flatten(Layer):
         view = x.reshape(x.shape[0], -1) if x.shape[0] else x.reshape(0, math.prod(x.shape[1:]))
         if np.may_share_memory(view, x):
             view = view.view()
-            view.flags.writeable = False
+            if isinstance(view, np.ndarray):  # CuPy arrays cannot be made read-only
+                view.flags.writeable = False
         return view
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:

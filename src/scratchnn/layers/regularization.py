@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from scratchnn.backend import to_compute
+from scratchnn.backend import device_of, get_array_module, to_compute, to_device
 from scratchnn.layers.base import Layer
 
 
@@ -66,6 +66,9 @@ class Dropout(Layer):
         if self._mask is None:
             return None
         size = math.prod(self._mask_shape)
+        if not isinstance(self._mask, np.ndarray):  # CuPy's unpackbits has no count
+            bits = get_array_module(self._mask).unpackbits(self._mask)[:size]
+            return bits.reshape(self._mask_shape).view(bool)
         return np.unpackbits(self._mask, count=size).reshape(self._mask_shape).view(bool)
 
     def _scale(self, values: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -79,13 +82,16 @@ class Dropout(Layer):
         if not self.training:
             self._mask = None
             view = x.view()
-            view.flags.writeable = False
+            if isinstance(view, np.ndarray):  # CuPy arrays cannot be made read-only
+                view.flags.writeable = False
             return view
         # Draw in float32 for float32 and float16 inputs: half the bytes of float64 draws.
         draw_dtype = np.float64 if x.dtype == np.float64 else np.float32
         keep = self.rng.random(x.shape, dtype=draw_dtype) >= self.p
+        # Drawn on the host from the run's generator (the same masks on every device).
+        keep = to_device(keep, device_of(x))
         # Keeps only the mask, packed: backward needs nothing else.
-        self._mask, self._mask_shape = np.packbits(keep, axis=None), keep.shape
+        self._mask, self._mask_shape = get_array_module(keep).packbits(keep), keep.shape
         return self._scale(x, keep).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
