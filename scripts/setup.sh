@@ -14,6 +14,11 @@ missing=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
 command -v dot >/dev/null 2>&1 || missing+=(graphviz)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv python3-pip)
+# A C compiler and Python's headers build the optional compiled kernels
+# (src/scratchnn/_ckernels.c); without them every layer runs its NumPy passes.
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
+    >/dev/null 2>&1 || missing+=(python3-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
@@ -30,3 +35,5 @@ echo "setup: installing scratchnn${extras:+ with [$extras]} into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c "import scratchnn" # fail here, clearly, if the install did not work
+.venv/bin/python -c "from scratchnn import _fused; raise SystemExit(not _fused.available())" \
+    || echo "setup: the compiled kernels were not built; the layers run their NumPy passes"

@@ -179,19 +179,26 @@ BOTH(softplus_grad)
 BOTH(silu)
 BOTH(silu_grad)
 
+/* The constants as the NumPy path computes them (math.sqrt(2 / math.pi) and so on),
+ * not as exact decimals: Gelu's left tail turns an ulp of x / sqrt 2 into about
+ * x^2 ulps of the result, so the two paths must start from the same double. */
+#define SQRT_2_OVER_PI sqrt(2.0 / M_PI)
+#define ONE_OVER_SQRT_2 (1.0 / sqrt(2.0))
+#define SQRT_2_PI sqrt(2.0 * M_PI)
+
 /* Gelu, tanh form: x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), x clipped to
  * [-100, 100] inside u only (it has saturated there; the clip keeps x^3 finite). */
 #define GELU_U2(T, c)                                                                     \
     T c = x[i] > 100 ? (T)100 : x[i];                                                     \
     c = c < -100 ? (T)-100 : c;                                                           \
-    T u2 = (c + c * c * (T)0.044715 * c) * (T)(2 * 0.79788456080286535588);
+    T u2 = (c + c * c * (T)0.044715 * c) * (T)(2.0 * SQRT_2_OVER_PI);
 #define gelu_tanh_BODY(T, F) GELU_U2(T, c) out[i] = x[i] * SIGMOID(T, F, u2);
 /* dout (s + x 2 s (1 - s) du), du = sqrt(2/pi) (1 + 3 0.044715 x^2): x multiplies
  * last, since s (1 - s) is exactly 0 wherever x is large enough to overflow. */
 #define gelu_tanh_grad_BODY(T, F)                                                         \
     GELU_U2(T, c)                                                                         \
     T s = SIGMOID(T, F, u2);                                                              \
-    T du = (c * c * (T)(3 * 0.044715) + (T)1) * (T)0.79788456080286535588;                \
+    T du = (c * c * (T)(3 * 0.044715) + (T)1) * (T)SQRT_2_OVER_PI;                        \
     out[i] = g[i] * (s + x[i] * (((T)1 - s) * s * (T)2 * du));
 BOTH(gelu_tanh)
 BOTH(gelu_tanh_grad)
@@ -200,13 +207,13 @@ BOTH(gelu_tanh_grad)
  * x Phi(x) into out; backward (h = Phi) dout (Phi + x phi) with phi(x) =
  * exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64. */
 #define gelu_BODY(T, F)                                                                   \
-    T cdf = MATH(erfc, F)(x[i] * (T)-0.70710678118654752440) * (T)0.5;                    \
+    T cdf = MATH(erfc, F)(x[i] * (T)-ONE_OVER_SQRT_2) * (T)0.5;                           \
     out2[i] = cdf;                                                                        \
     out[i] = x[i] * cdf;
 #define gelu_grad_BODY(T, F)                                                              \
     T a = MATH(fabs, F)(x[i]);                                                            \
     a = a > 40 ? (T)40 : a;                                                               \
-    T pdf = MATH(exp, F)(a * a * (T)-0.5) / (T)2.50662827463100050242;                    \
+    T pdf = MATH(exp, F)(a * a * (T)-0.5) / (T)SQRT_2_PI;                                 \
     out[i] = g[i] * (h[i] + x[i] * pdf);
 BOTH(gelu)
 BOTH(gelu_grad)

@@ -1,0 +1,121 @@
+"""The compiled kernels against the NumPy path they replace, value for value.
+
+The conformance suite (run on both paths, see conftest.py) holds each path
+to PyTorch; here the two paths are held to each other over the whole range
+of each dtype: the same NaN, infinities and zeros, and finite values within
+a few units in the last place (the NumPy path and libmvec round their
+exponentials differently; every other step rounds the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import scratchnn as snn
+from scratchnn import _fused
+
+pytestmark = pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built")
+
+LAYERS: dict[str, Callable[[], snn.Layer]] = {
+    "Relu": snn.Relu,
+    "Relu(packed)": lambda: snn.Relu(packed=True),
+    "Sigmoid": snn.Sigmoid,
+    "Tanh": snn.Tanh,
+    "LeakyRelu": snn.LeakyRelu,
+    "LeakyRelu(2)": lambda: snn.LeakyRelu(2.0),
+    "Elu": snn.Elu,
+    "Elu(2)": lambda: snn.Elu(2.0),
+    "Gelu": snn.Gelu,
+    "Gelu(tanh)": lambda: snn.Gelu("tanh"),
+    "Softplus": snn.Softplus,
+    "Softplus(3)": lambda: snn.Softplus(3.0),
+    "Silu": snn.Silu,
+}
+
+
+def wide_input(dtype: type) -> np.ndarray:
+    """Typical values, every binade of both signs, and the ends of the range."""
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(7)
+    # (to max / 4: geomspace's own arithmetic overflows at max)
+    magnitudes = np.geomspace(float(info.smallest_subnormal), float(info.max) / 4, 3000)
+    ends = [0.0, -0.0, np.inf, -np.inf, np.nan, info.max, -info.max, info.tiny, -info.tiny]
+    values: list[Any] = [4 * rng.standard_normal(5000), rng.uniform(-800, 800, 2000), magnitudes,
+              -magnitudes, ends]  # fmt: skip
+    return np.concatenate(values).astype(dtype)
+
+
+def forward_backward(
+    make: Callable[[], snn.Layer], x: np.ndarray, dout: np.ndarray, compiled: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fused, "ENABLED", compiled)
+        layer = make()
+        return layer.forward(x), layer.backward(dout)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_matches_numpy(name: str, dtype: type) -> None:
+    x = wide_input(dtype)
+    dout: np.ndarray = np.random.default_rng(8).standard_normal(x.size).astype(dtype)
+    x_before, dout_before = x.copy(), dout.copy()
+    with np.errstate(all="ignore"):  # the NumPy path may overflow where it means to
+        want_out, want_dx = forward_backward(LAYERS[name], x, dout, compiled=False)
+    got_out, got_dx = forward_backward(LAYERS[name], x, dout, compiled=True)
+    np.testing.assert_array_equal(x, x_before)  # inputs are never written
+    np.testing.assert_array_equal(dout, dout_before)
+    eps = float(np.finfo(dtype).eps)
+    tiny = float(np.finfo(dtype).tiny)
+    # Forward: a few ulps (16 allowed; 11 seen, float32 Silu with a subnormal sigmoid),
+    # absolute below the normal range. assert_allclose also requires NaN and inf alike.
+    np.testing.assert_allclose(got_out, want_out, rtol=16 * eps, atol=16 * eps * tiny)
+    # Backward: where dx nearly cancels (1 - y near 1, Phi + x phi near 0) a few ulps
+    # of its terms are many ulps of dx, so the slack is relative to dout.
+    finite = np.isfinite(want_dx)
+    np.testing.assert_array_equal(np.isnan(got_dx), np.isnan(want_dx))
+    np.testing.assert_array_equal(got_dx[~finite & ~np.isnan(want_dx)],
+                                  want_dx[~finite & ~np.isnan(want_dx)])  # fmt: skip
+    slack = 16 * eps * (np.abs(want_dx[finite]) + np.abs(dout[finite]))
+    assert np.all(np.abs(got_dx[finite] - want_dx[finite]) <= slack)
+
+
+def test_signed_zeros_and_masks_match() -> None:
+    x = np.array([0.0, -0.0, 1.0, -1.0, np.nan])
+    for make in (snn.Relu, snn.LeakyRelu, lambda: snn.Relu(packed=True)):
+        numpy_path = make()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fused, "ENABLED", False)
+            want = numpy_path.forward(x)
+        compiled = make()
+        got = compiled.forward(x)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+        np.testing.assert_array_equal(compiled.mask, numpy_path.mask)
+
+
+def test_run_refuses_what_it_cannot_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "ENABLED", True)  # even under SCRATCHNN_KERNELS=0
+    x = np.linspace(-2, 2, 32, dtype=np.float32)
+    out = np.empty_like(x)
+    assert _fused.run("sigmoid", out, x)
+    np.testing.assert_allclose(out, 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6)
+    refused: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.empty(32), x),  # float64 out, float32 x
+        (out, x.astype(np.float16)),
+        (np.empty(32, np.float16), x.astype(np.float16)),
+        (out, np.linspace(-2, 2, 64, dtype=np.float32)[::2]),  # not contiguous
+        (out, x[:31]),  # another size
+        (out, x.astype(">f4")),  # not native byte order
+        (np.empty(32, np.int32), x.astype(np.int32)),
+    ]
+    for bad_out, bad_x in refused:
+        assert not _fused.run("sigmoid", bad_out, bad_x)
+    read_only = np.empty_like(x)
+    read_only.flags.writeable = False
+    assert not _fused.run("sigmoid", read_only, x)
+    monkeypatch.setattr(_fused, "ENABLED", False)
+    assert not _fused.run("sigmoid", out, x)
