@@ -330,3 +330,15 @@ def test_cnn_gradient_on_device_matches_cpu(dropout: float, gpu: Any) -> None:
         assert loss == pytest.approx(expected_loss, rel=1e-12)
         for key, value in expected.items():
             np.testing.assert_allclose(actual[key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["he", "xavier", "glorot_normal", "glorot_uniform", 0.01])
+def test_initializers_give_the_same_weights_on_every_device(name: Any, gpu: Any) -> None:
+    from scratchnn.init import make_initializer, zeros
+
+    initializer = make_initializer(name)
+    on_host = initializer(30, 20, np.random.default_rng(4))
+    on_device = initializer(30, 20, np.random.default_rng(4), device="cuda")
+    assert device_of(on_device) == "cuda" and on_device.dtype == np.float32
+    np.testing.assert_array_equal(to_host(on_device), on_host)
+    assert device_of(zeros(5, device="cuda")) == "cuda"

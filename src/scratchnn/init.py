@@ -5,6 +5,10 @@ book's ``W`` layout (``out = x W + b``), in ``dtype`` (float32 by default).
 The numbers are drawn in float64 and rounded once to ``dtype``, so one seed
 gives the same weights in every dtype, up to that rounding.
 
+``device="cuda"`` returns the weights as a CuPy array on the GPU; they are
+still drawn on the host from ``rng``, so one seed gives the same weights on
+every device.
+
 Randomness comes only from the ``rng`` argument, never from NumPy's global
 state (``np.random.randn``, as the book uses): a run is reproducible from its
 seed, and code elsewhere that draws from the global state is not disturbed.
@@ -37,7 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn.backend import FLOAT_DTYPES
+from scratchnn.backend import FLOAT_DTYPES, check_device, to_device
 
 __all__ = [
     "Initializer",
@@ -55,13 +59,24 @@ class Initializer(Protocol):
     """What ``make_initializer`` returns: ``(fan_in, fan_out, rng, dtype) -> W``."""
 
     def __call__(
-        self, fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = ...
-    ) -> np.ndarray: ...
+        self,
+        fan_in: int,
+        fan_out: int,
+        rng: np.random.Generator,
+        dtype: DTypeLike = ...,
+        *,
+        device: str = ...,
+    ) -> Any: ...
 
 
 def he_normal(
-    fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
-) -> np.ndarray:
+    fan_in: int,
+    fan_out: int,
+    rng: np.random.Generator,
+    dtype: DTypeLike = np.float32,
+    *,
+    device: str = "cpu",
+) -> Any:
     """Normal weights with standard deviation ``sqrt(2 / fan_in)``: the book's "he"/"relu".
 
     >>> W = he_normal(784, 100, np.random.default_rng(0))
@@ -71,13 +86,18 @@ def he_normal(
     0.051
     """
     return _normal(
-        fan_in, fan_out, rng, dtype, "he_normal", lambda n_in, n_out: math.sqrt(2.0 / n_in)
+        fan_in, fan_out, rng, dtype, "he_normal", lambda n_in, n_out: math.sqrt(2.0 / n_in), device
     )
 
 
 def xavier_normal(
-    fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
-) -> np.ndarray:
+    fan_in: int,
+    fan_out: int,
+    rng: np.random.Generator,
+    dtype: DTypeLike = np.float32,
+    *,
+    device: str = "cpu",
+) -> Any:
     """Normal weights with standard deviation ``sqrt(1 / fan_in)``: the book's "xavier"/"sigmoid".
 
     Not PyTorch's ``xavier_normal_``, which is ``glorot_normal`` here.
@@ -87,13 +107,24 @@ def xavier_normal(
     0.05
     """
     return _normal(
-        fan_in, fan_out, rng, dtype, "xavier_normal", lambda n_in, n_out: math.sqrt(1.0 / n_in)
+        fan_in,
+        fan_out,
+        rng,
+        dtype,
+        "xavier_normal",
+        lambda n_in, n_out: math.sqrt(1.0 / n_in),
+        device,
     )
 
 
 def glorot_normal(
-    fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
-) -> np.ndarray:
+    fan_in: int,
+    fan_out: int,
+    rng: np.random.Generator,
+    dtype: DTypeLike = np.float32,
+    *,
+    device: str = "cpu",
+) -> Any:
     """Normal weights with standard deviation ``sqrt(2 / (fan_in + fan_out))``.
 
     As ``torch.nn.init.xavier_normal_`` with gain 1.
@@ -109,12 +140,18 @@ def glorot_normal(
         dtype,
         "glorot_normal",
         lambda n_in, n_out: math.sqrt(2.0 / (n_in + n_out)),
+        device,
     )
 
 
 def glorot_uniform(
-    fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
-) -> np.ndarray:
+    fan_in: int,
+    fan_out: int,
+    rng: np.random.Generator,
+    dtype: DTypeLike = np.float32,
+    *,
+    device: str = "cpu",
+) -> Any:
     """Uniform weights on ``[-a, a]``, ``a = sqrt(6 / (fan_in + fan_out))``.
 
     As ``torch.nn.init.xavier_uniform_`` with gain 1; the standard deviation is
@@ -125,9 +162,9 @@ def glorot_uniform(
     True
     """
     who = "glorot_uniform"
-    fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype)
+    fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
     bound = math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=(fan_in, fan_out)).astype(out_dtype)
+    return to_device(rng.uniform(-bound, bound, size=(fan_in, fan_out)).astype(out_dtype), device)
 
 
 def normal_std(
@@ -137,7 +174,8 @@ def normal_std(
     dtype: DTypeLike = np.float32,
     *,
     std: float = 0.01,
-) -> np.ndarray:
+    device: str = "cpu",
+) -> Any:
     """Normal weights with a fixed standard deviation: the book's ``weight_init_std * randn``.
 
     ``std`` is keyword-only so that the positional arguments are those of
@@ -148,16 +186,17 @@ def normal_std(
     ((2, 3), True)
     """
     checked = _check_std("normal_std", std)
-    return _normal(fan_in, fan_out, rng, dtype, "normal_std", lambda n_in, n_out: checked)
+    return _normal(fan_in, fan_out, rng, dtype, "normal_std", lambda n_in, n_out: checked, device)
 
 
-def zeros(size: int, dtype: DTypeLike = np.float32) -> np.ndarray:
+def zeros(size: int, dtype: DTypeLike = np.float32, *, device: str = "cpu") -> Any:
     """A bias vector of ``size`` zeros, as the book starts every ``b``.
 
     >>> zeros(3)
     array([0., 0., 0.], dtype=float32)
     """
-    return np.zeros(_positive_int("zeros", "size", size), dtype=_float_dtype("zeros", dtype))
+    bias = np.zeros(_positive_int("zeros", "size", size), dtype=_float_dtype("zeros", dtype))
+    return to_device(bias, device)
 
 
 _BY_NAME: dict[str, Initializer] = {
@@ -194,9 +233,14 @@ def make_initializer(name_or_std: str | float) -> Initializer:
     std = _check_std("make_initializer", name_or_std)
 
     def fixed_std(
-        fan_in: int, fan_out: int, rng: np.random.Generator, dtype: DTypeLike = np.float32
-    ) -> np.ndarray:
-        return normal_std(fan_in, fan_out, rng, dtype, std=std)
+        fan_in: int,
+        fan_out: int,
+        rng: np.random.Generator,
+        dtype: DTypeLike = np.float32,
+        *,
+        device: str = "cpu",
+    ) -> Any:
+        return normal_std(fan_in, fan_out, rng, dtype, std=std, device=device)
 
     fixed_std.__qualname__ = fixed_std.__name__ = f"normal_std(std={std!r})"
     return fixed_std
@@ -212,17 +256,19 @@ def _normal(
     dtype: DTypeLike,
     who: str,
     std_of: Callable[[int, int], float],
-) -> np.ndarray:
+    device: str = "cpu",
+) -> Any:
     """Draw from ``N(0, std_of(fan_in, fan_out)**2)`` once the arguments are checked."""
-    fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype)
+    fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
     weights = rng.standard_normal((fan_in, fan_out))
     weights *= std_of(fan_in, fan_out)
-    return weights.astype(out_dtype)
+    return to_device(weights.astype(out_dtype), device)
 
 
 def _check(
-    who: str, fan_in: object, fan_out: object, rng: object, dtype: DTypeLike
+    who: str, fan_in: object, fan_out: object, rng: object, dtype: DTypeLike, device: str = "cpu"
 ) -> tuple[int, int, np.dtype[Any]]:
+    check_device(device)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(
             f"{who}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
