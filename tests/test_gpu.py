@@ -342,3 +342,50 @@ def test_initializers_give_the_same_weights_on_every_device(name: Any, gpu: Any)
     assert device_of(on_device) == "cuda" and on_device.dtype == np.float32
     np.testing.assert_array_equal(to_host(on_device), on_host)
     assert device_of(zeros(5, device="cuda")) == "cuda"
+
+
+# -- benchmarks/gpu.py: its no-GPU exit and its correctness checks, on the fake device ------------
+
+
+def _benchmark_module() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("benchmark_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    code = (
+        "import sys, runpy; sys.modules['cupy'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "no GPU to measure here" in result.stdout
+
+
+def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cupy.install(monkeypatch)
+    benchmark = _benchmark_module()
+    checks = benchmark.check_all("cuda", shapes=(((50, 37), 1), ((4096,), 1), ((8, 26), 2)))
+    failed = [(c.name, c.error) for c in checks if not c.ok]
+    assert not failed and len(checks) > 100
+
+
+def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
+    torch = pytest.importorskip("torch")
+    benchmark = _benchmark_module()
+    rng = np.random.default_rng(0)
+    net = snn.mlp([30, 16, 10], rng=rng)
+    model = benchmark._torch_mlp(torch, net, "cpu")
+    x, t = rng.standard_normal((8, 30)).astype(np.float32), rng.integers(0, 10, 8)
+    expected = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)), torch.as_tensor(t))
+    assert net.loss(x, t) == pytest.approx(expected.item(), rel=1e-5)

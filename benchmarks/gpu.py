@@ -1,0 +1,439 @@
+"""scratchnn on an NVIDIA GPU (CuPy) against NumPy float64 and PyTorch, in one run.
+
+    python3 benchmarks/gpu.py [--data DIR] [--epochs 3] [--repeats 30]
+
+1. Correctness first: every layer, loss and optimiser on the GPU against the
+   same code on NumPy in float64, on fresh random inputs (never zeros), in
+   float64 and float32, with shapes that take the kernels' vector path and
+   their scalar tail. Nothing is timed unless all of it passes.
+2. Timings, each the median of ``--repeats`` CUDA-event measurements after a
+   warm-up: every activation's forward+backward at 2**26 float32 against
+   PyTorch autograd; a device copy of the same size (the bandwidth floor);
+   the MLP step 784-1024-1024-10, batch 512, SGD, against PyTorch; and
+   Fashion-MNIST epochs of ``scratchnn train``'s default network
+   (784-256-128-10, ReLU, Adam 1e-3, batch 128) against PyTorch with the
+   same initial weights and the same batches, with both test accuracies.
+3. The card, the versions and a short table, printed last.
+
+Without a GPU (or without CuPy) it says so and exits with status 0.
+It runs from a checkout: ``PYTHONPATH=src python3 benchmarks/gpu.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import scratchnn as snn
+from scratchnn.backend import device_of, to_device, to_host
+from scratchnn.kernels import OPS
+from scratchnn.models import cnn, mlp
+from scratchnn.optim import make_optimizer
+
+N_BIG = 2**26
+
+# (name, layer factory, forward op of scratchnn.kernels, PyTorch function and its kwargs)
+ACTIVATIONS: list[tuple[str, Callable[[], Any], str, tuple[str, dict[str, Any]]]] = [
+    ("Relu", snn.Relu, "relu_forward", ("torch.relu", {})),
+    ("Sigmoid", snn.Sigmoid, "sigmoid_forward", ("torch.sigmoid", {})),
+    ("Tanh", snn.Tanh, "tanh_forward", ("torch.tanh", {})),
+    ("LeakyRelu", snn.LeakyRelu, "leaky_relu_forward", ("F.leaky_relu", {"negative_slope": 0.01})),
+    ("Elu", snn.Elu, "elu_forward", ("F.elu", {})),
+    ("Gelu", snn.Gelu, "gelu_forward", ("F.gelu", {})),
+    (
+        "Gelu(tanh)",
+        lambda: snn.Gelu("tanh"),
+        "gelu_tanh_forward",
+        ("F.gelu", {"approximate": "tanh"}),
+    ),
+    ("Softplus", snn.Softplus, "softplus_forward", ("F.softplus", {})),
+    ("Silu", snn.Silu, "silu_forward", ("F.silu", {})),
+]
+OTHER_LAYERS: list[tuple[str, Callable[[], Any]]] = [
+    ("Relu(packed)", lambda: snn.Relu(packed=True)),
+    ("LeakyRelu(2)", lambda: snn.LeakyRelu(2.0)),
+    ("Elu(0.5)", lambda: snn.Elu(0.5)),
+    ("Softplus(2)", lambda: snn.Softplus(2.0)),
+    ("Softmax", snn.Softmax),
+    ("Softmax(axis=0)", lambda: snn.Softmax(axis=0)),
+    ("Identity", snn.Identity),
+]
+
+
+# -- 1. correctness -----------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    error: float  # worst error, relative to the float64 result's scale
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+
+def _error(actual: Any, expected: np.ndarray) -> float:
+    actual = to_host(actual).astype(np.float64)
+    if actual.shape != expected.shape:
+        return math.inf
+    scale = np.maximum(np.abs(expected), 1.0)
+    return float(np.max(np.abs(actual - expected) / scale)) if expected.size else 0.0
+
+
+def _random(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 3.0) -> np.ndarray:
+    x = scale * rng.standard_normal(shape)
+    # Away from the kinks at 0 (ReLU, ELU): a float32 rounding must not flip a side.
+    return np.where(np.abs(x) < 1e-2, np.copysign(1e-2, x), x)
+
+
+# (source shape, step along the last axis): odd sizes take the kernels' scalar tail, 2**20
+# their vector path, and a step of 2 gives a non-contiguous view.
+LAYER_SHAPES = (((1000, 37), 1), ((1 << 20,), 1), ((64, 260), 2))
+
+
+def check_layers(device: str = "cuda", shapes: Any = LAYER_SHAPES) -> list[Check]:
+    """Every element-wise layer forward and backward on ``device`` against NumPy float64."""
+    checks = []
+    rng = np.random.default_rng()
+    factories = [(name, make) for name, make, _, _ in ACTIVATIONS] + OTHER_LAYERS
+    for shape, step in shapes:
+        for name, make in factories:
+            source = _random(rng, shape)
+            x = source[..., ::step]
+            dout = rng.standard_normal(x.shape)
+            reference = make()
+            y64, dx64 = reference.forward(x), reference.backward(dout)
+            for dtype, tolerance in ((np.float64, 1e-12), (np.float32, 2e-6)):
+                layer = make()
+                y = layer.forward(to_device(source.astype(dtype), device)[..., ::step])
+                dx = layer.backward(to_device(dout.astype(dtype), device))
+                where = all(device_of(a) == device for a in (y, dx))
+                error = max(_error(y, y64), _error(dx, dx64)) if where else math.inf
+                label = f"{name} {np.dtype(dtype).name} {x.shape}{' strided' * (step > 1)}"
+                checks.append(Check(label, error, tolerance))
+    return checks
+
+
+def check_optimizers(device: str = "cuda") -> list[Check]:
+    """Three steps of every optimiser, with and without weight decay, on ``device``."""
+    checks = []
+    rng = np.random.default_rng()
+    for name in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"):
+        for weight_decay in (0.0, 0.01):
+            for dtype, tolerance in ((np.float64, 1e-12), (np.float32, 1e-5)):
+                params = {"W": rng.standard_normal((301, 17)), "b": rng.standard_normal(17)}
+                steps = [
+                    {k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in "abc"
+                ]
+                host = {k: v.copy() for k, v in params.items()}
+                dev = {k: to_device(v.astype(dtype), device) for k, v in params.items()}
+                host_opt = make_optimizer(name, lr=0.01, weight_decay=weight_decay)
+                dev_opt = make_optimizer(name, lr=0.01, weight_decay=weight_decay)
+                for grads in steps:
+                    host_opt.update(host, grads)
+                    dev_opt.update(
+                        dev, {k: to_device(g.astype(dtype), device) for k, g in grads.items()}
+                    )
+                error = max(_error(dev[k], host[k]) for k in params)
+                label = f"{name} wd={weight_decay} {np.dtype(dtype).name}"
+                checks.append(Check(label, error, tolerance))
+    return checks
+
+
+def check_networks(device: str = "cuda") -> list[Check]:
+    """Gradients of an MLP (each loss) and of a CNN (conv, pooling, batch norm, dropout)."""
+    checks = []
+    rng = np.random.default_rng()
+    x, t = rng.standard_normal((64, 20)), rng.integers(0, 10, 64)
+    losses: list[tuple[str, Callable[[], Any], Any]] = [
+        ("SoftmaxWithLoss", snn.SoftmaxWithLoss, t),
+        ("MeanSquaredError", snn.MeanSquaredError, rng.standard_normal((64, 10))),
+        ("SigmoidWithLoss", snn.SigmoidWithLoss, rng.random((64, 10))),
+    ]
+    for loss_name, make_loss, target in losses:
+        for activation in ("relu", "gelu", "tanh"):
+            nets = [
+                mlp(
+                    [20, 32, 10],
+                    activation=activation,
+                    rng=np.random.default_rng(1),
+                    dtype=np.float64,
+                    loss=make_loss(),
+                ).to(d)
+                for d in ("cpu", device)
+            ]
+            expected = nets[0].gradient(x, target)
+            got = nets[1].gradient(to_device(x, device), to_device(target, device))
+            error = max(_error(got[k], expected[k]) for k in expected)
+            error = max(error, abs(nets[1].last_loss - nets[0].last_loss) / abs(nets[0].last_loss))
+            checks.append(Check(f"MLP {activation} {loss_name} float64", error, 1e-10))
+    images, labels = rng.standard_normal((8, 1, 28, 28)), rng.integers(0, 10, 8)
+    for dropout in (0.0, 0.3):
+        nets = [
+            cnn(
+                rng=np.random.default_rng(2),
+                channels=(4, 8),
+                hidden=16,
+                dropout=dropout,
+                dtype=np.float64,
+            ).to(d)
+            for d in ("cpu", device)
+        ]
+        expected = nets[0].gradient(images, labels)
+        got = nets[1].gradient(to_device(images, device), to_device(labels, device))
+        error = max(_error(got[k], expected[k]) for k in expected)
+        checks.append(Check(f"CNN dropout={dropout} float64", error, 1e-10))
+    return checks
+
+
+def check_all(device: str = "cuda", shapes: Any = LAYER_SHAPES) -> list[Check]:
+    return check_layers(device, shapes) + check_optimizers(device) + check_networks(device)
+
+
+# -- 2. timings ---------------------------------------------------------------------------------
+
+
+def median_ms(fn: Callable[[], Any], event: Callable[[], Any], elapsed: Callable[[Any, Any], float],
+              repeats: int, warmup: int = 3) -> float:  # fmt: skip
+    """The median over ``repeats`` runs of ``fn``, each timed by a pair of CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = event(), event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(elapsed(start, stop))
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    what: str
+    ours: float
+    torch: float | None
+    note: str = ""
+
+
+def time_activations(cupy: Any, torch: Any, repeats: int) -> list[Row]:
+    def cupy_time(fn: Callable[[], Any]) -> float:
+        return median_ms(fn, cupy.cuda.Event, cupy.cuda.get_elapsed_time, repeats)
+
+    def torch_time(fn: Callable[[], Any]) -> float:
+        return median_ms(
+            fn,
+            lambda: torch.cuda.Event(enable_timing=True),
+            lambda a, b: a.elapsed_time(b),
+            repeats,
+        )
+
+    rng = cupy.random.default_rng(0)
+    x = rng.standard_normal(N_BIG, dtype=cupy.float32) * 3
+    dout = rng.standard_normal(N_BIG, dtype=cupy.float32)
+    y = cupy.empty_like(x)
+    copy_ms = cupy_time(lambda: cupy.copyto(y, x))
+    tx, ty = torch.as_tensor(x, device="cuda"), torch.as_tensor(y, device="cuda")  # shared memory
+    copy_torch = torch_time(lambda: ty.copy_(tx))
+    rows = [Row("device copy 2^26 f32 (read+write)", copy_ms, copy_torch,
+                f"{2 * 4 * N_BIG / copy_ms / 1e6:.0f} GB/s")]  # fmt: skip
+    tx, tg = tx.clone(), torch.as_tensor(dout, device="cuda").clone()
+    functional = torch.nn.functional
+    for name, make, op_name, (torch_name, kwargs) in ACTIVATIONS:
+        layer = make()
+
+        def ours(layer: Any = layer) -> None:
+            # borrowed=True as inside Sequential.gradient: the input is not copied to be kept.
+            layer._checked_forward((x,), borrowed=True)
+            layer.backward(dout)
+
+        module, _, attribute = torch_name.partition(".")
+        fn = getattr(torch if module == "torch" else functional, attribute)
+        leaf = tx.detach().requires_grad_()
+
+        def theirs(fn: Any = fn, kwargs: dict[str, Any] = kwargs, leaf: Any = leaf) -> None:
+            leaf.grad = None
+            fn(leaf, **kwargs).backward(tg)
+
+        # Bytes our two kernels move: each op's arrays once (masks are one byte per element).
+        forward, backward = OPS[op_name], OPS[op_name.replace("_forward", "_backward")]
+        arrays = [*forward.inputs, *forward.outputs, *backward.inputs, *backward.outputs]
+        masks = forward.masks | backward.masks
+        traffic = sum(1 if a in masks else 4 for a in arrays) * N_BIG
+        ms = cupy_time(ours)
+        rows.append(Row(f"{name} fwd+bwd 2^26 f32", ms, torch_time(theirs),
+                        f"{traffic / ms / 1e6:.0f} GB/s, {ms / copy_ms:.2f} copies"))  # fmt: skip
+    return rows
+
+
+def _torch_mlp(torch: Any, net: Any, device: str) -> Any:
+    """A PyTorch copy of an MLP of Affine and Relu layers, with the same weights."""
+    modules = []
+    for layer in net.layers:
+        if isinstance(layer, snn.Affine):
+            linear = torch.nn.Linear(*layer.W.shape)
+            with torch.no_grad():
+                linear.weight.copy_(torch.as_tensor(to_host(layer.W).T.copy()))
+                linear.bias.copy_(torch.as_tensor(to_host(layer.b)))
+            modules.append(linear)
+        else:
+            modules.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*modules).to(device)
+
+
+def time_mlp_step(cupy: Any, torch: Any, repeats: int) -> list[Row]:
+    rng = np.random.default_rng(0)
+    net = mlp([784, 1024, 1024, 10], rng=rng).to("cuda")
+    model = _torch_mlp(torch, net, "cuda")
+    x_host, t_host = rng.standard_normal((512, 784)).astype(np.float32), rng.integers(0, 10, 512)
+    x, t = cupy.asarray(x_host), cupy.asarray(t_host)
+    tx, tt = torch.as_tensor(x_host, device="cuda"), torch.as_tensor(t_host, device="cuda")
+    optimizer = make_optimizer("sgd", lr=0.01)
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    first_loss = float(net.loss(x, t))
+    torch_loss = torch.nn.functional.cross_entropy(model(tx), tt).item()
+    if abs(first_loss - torch_loss) > 1e-4 * abs(torch_loss):
+        raise SystemExit(f"MLP: scratchnn loss {first_loss} differs from PyTorch's {torch_loss}")
+
+    def ours() -> None:
+        optimizer.update(net.params, net.gradient(x, t))
+
+    def theirs() -> None:
+        torch_opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(tx), tt).backward()
+        torch_opt.step()
+
+    ms = median_ms(ours, cupy.cuda.Event, cupy.cuda.get_elapsed_time, repeats)
+    torch_ms = median_ms(theirs, lambda: torch.cuda.Event(enable_timing=True),
+                         lambda a, b: a.elapsed_time(b), repeats)  # fmt: skip
+    note = "scratchnn reads the loss (one sync) each step; PyTorch does not"
+    return [Row("MLP step 784-1024-1024-10 b512 SGD", ms, torch_ms, note)]
+
+
+def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Row]:
+    from scratchnn.data import load_fashion_mnist
+
+    try:
+        (x_train, t_train), (x_test, t_test) = load_fashion_mnist(data, normalize=True)
+    except FileNotFoundError as error:
+        return [Row(f"Fashion-MNIST epoch: skipped ({error})", math.nan, None)]
+    x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
+    net = mlp([784, 256, 128, 10], rng=np.random.default_rng(0)).to("cuda")
+    model = _torch_mlp(torch, net, "cuda")
+    optimizer = make_optimizer("adam", lr=1e-3)
+    torch_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gx, gt = cupy.asarray(x_train), cupy.asarray(t_train.astype(np.int64))
+    tx, tt = torch.as_tensor(x_train, device="cuda"), torch.as_tensor(t_train, device="cuda").long()
+    test_gx, test_tx = cupy.asarray(x_test), torch.as_tensor(x_test, device="cuda")
+    ours_s, theirs_s = [], []
+    for epoch in range(epochs):
+        # The same batches for both: one order per epoch, drawn on the host.
+        order = np.random.default_rng(100 + epoch).permutation(len(x_train))
+        started = time.perf_counter()
+        for start in range(0, len(order), 128):
+            index = cupy.asarray(order[start : start + 128])
+            optimizer.update(net.params, net.gradient(gx[index], gt[index]))
+        cupy.cuda.Device().synchronize()
+        ours_s.append(time.perf_counter() - started)
+        torch_order = torch.as_tensor(order, device="cuda")
+        started = time.perf_counter()
+        for start in range(0, len(order), 128):
+            index = torch_order[start : start + 128]
+            torch_opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(tx[index]), tt[index]).backward()
+            torch_opt.step()
+        torch.cuda.synchronize()
+        theirs_s.append(time.perf_counter() - started)
+    net.eval()
+    ours_acc = float(cupy.mean(cupy.argmax(net.predict(test_gx), axis=1) == cupy.asarray(t_test)))
+    with torch.no_grad():
+        predicted = model(test_tx).argmax(dim=1).cpu().numpy()
+    torch_acc = float(np.mean(predicted == t_test))
+    note = (f"median of {epochs}; test acc {100 * ours_acc:.2f}% vs {100 * torch_acc:.2f}% "
+            f"after {epochs} epochs")  # fmt: skip
+    return [Row("Fashion-MNIST epoch 784-256-128-10 Adam b128", 1e3 * statistics.median(ours_s),
+                1e3 * statistics.median(theirs_s), note)]  # fmt: skip
+
+
+# -- 3. the report ------------------------------------------------------------------------------
+
+
+def gpu_unavailable_reason() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install scratchnn[gpu])"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CUDA sees no GPU"
+    except Exception as error:
+        return f"CUDA is not usable: {error}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"benchmarks/gpu.py: no GPU to measure here: {reason}. Nothing was run.")
+        return 0
+    import cupy
+
+    started = time.perf_counter()
+    checks = check_all("cuda")
+    failed = [c for c in checks if not c.ok]
+    worst = max(checks, key=lambda c: c.error / c.tolerance)
+    print(f"correctness: {len(checks) - len(failed)}/{len(checks)} checks pass "
+          f"(worst {worst.name}: {worst.error:.2e}, tolerance {worst.tolerance:.0e}) "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
+    for check in failed:
+        print(f"  FAIL {check.name}: error {check.error:.3e} > {check.tolerance:.0e}")
+    if failed:
+        return 1
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ImportError("PyTorch has no CUDA")
+    except ImportError as error:
+        print(f"no PyTorch with CUDA ({error}): no comparisons")
+        return 0
+    rows = time_activations(cupy, torch, args.repeats)
+    rows += time_mlp_step(cupy, torch, args.repeats)
+    rows += time_epochs(cupy, torch, args.data, args.epochs)
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print()
+    print(f"card: {props['name'].decode()}, {props['multiProcessorCount']} SMs, "
+          f"{props['totalGlobalMem'] / 2**30:.0f} GiB; CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
+          f"driver {cupy.cuda.runtime.driverGetVersion()}")  # fmt: skip
+    print(f"versions: scratchnn {snn.__version__}, CuPy {cupy.__version__}, "
+          f"PyTorch {torch.__version__}, NumPy {np.__version__}, Python {sys.version.split()[0]}")  # fmt: skip
+    print(f"times: ms, median of {args.repeats} CUDA-event runs (epochs: wall clock)")
+    print(f"{'':44} {'scratchnn':>10} {'PyTorch':>10} {'ratio':>6}  note")
+    for row in rows:
+        ratio = f"{row.ours / row.torch:6.2f}" if row.torch else "      "
+        torch_ms = f"{row.torch:10.3f}" if row.torch else " " * 10
+        print(f"{row.what:44} {row.ours:10.3f} {torch_ms} {ratio}  {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
