@@ -186,7 +186,7 @@ def test_training_on_device_follows_the_cpu_run(gpu: Any) -> None:
         data = [to_device(a, device) for a in (x.astype(np.float64), t, xt.astype(np.float64), tt)]
         history = fit(
             net, optimizer, (data[0], data[1]), (data[2], data[3]),
-            epochs=2, batch_size=50, rng=np.random.default_rng(5),
+            epochs=2, batch_size=50, rng=np.random.default_rng(5), train_eval_size=300,
         )  # fmt: skip
         runs.append((history, {k: to_host(v) for k, v in net.params.items()}))
     (cpu_history, cpu_params), (gpu_history, gpu_params) = runs

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
 from scratchnn.progress import ProgressBar
 
@@ -165,6 +166,7 @@ def fit(
             len(x_train), train_eval_size, replace=False
         )
         chosen.sort()
+        chosen = to_device(chosen, device_of(x_train))  # CuPy indexes only with its own arrays
         x_eval, t_eval = x_train[chosen], t_train[chosen]
     history = history if history is not None else History()
     batches_per_epoch = math.ceil(len(x_train) / batch_size)
