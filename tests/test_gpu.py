@@ -478,3 +478,22 @@ def test_every_kernel_source_computes_its_op_on_the_cpu(dtype: Any, tmp_path: Pa
                 np.testing.assert_allclose(
                     got, want, rtol=rtol, atol=rtol, err_msg=f"{name} {output}"
                 )
+
+
+def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
+    gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.checkpoint import load_model
+    from scratchnn.cli import main
+    from scratchnn.data import find_dataset_files
+
+    try:
+        find_dataset_files("fashion-mnist")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    argv = ["train", "--hidden", "16", "--limit", "500", "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cuda", "--epochs", "1"]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "2"]) == 0
+    params, _ = load_model(tmp_path / "model.safetensors")
+    assert all(isinstance(v, np.ndarray) for v in params.values())
+    assert "epoch   2/2" in capsys.readouterr().out
