@@ -1,0 +1,17 @@
+#!/bin/bash
+# The one GPU check: correctness and timings (benchmarks/gpu.py), then the GPU tests.
+# Run from the repository root on a machine with an NVIDIA GPU, CuPy and PyTorch with CUDA,
+# with Fashion-MNIST's four .gz files in .gpu-data/fashion-mnist (a copy of
+# /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or the current folder).
+set -o pipefail
+out=${OUT:-.}
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 benchmarks/gpu.py --data .gpu-data/fashion-mnist 2>&1 | tee "$out/gpu-benchmark.log"
+benchmark=$?
+# Only the real-GPU variants ("cuda" in their ids); the CPU ones ran where the code was written.
+python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py -k cuda 2>&1 | tail -60 \
+    | tee "$out/gpu-tests.log"
+tests=$?
+echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
+exit $((benchmark || tests))
