@@ -13,8 +13,9 @@
  *   erfc, within a few ulp), which gcc calls from a `#pragma omp simd` loop
  *   when the scalar function is declared `omp declare simd`. No -ffast-math:
  *   NaN, infinities and signed zeros must come out as in the NumPy path.
- * - target_clones builds each entry point for AVX-512, AVX2 and baseline
- *   x86-64, and picks one at load time for the CPU it runs on.
+ * - target_clones builds each chunk loop for AVX-512, AVX2 and baseline
+ *   x86-64, and picks one at load time for the CPU it runs on, so a build
+ *   never uses an instruction the running CPU lacks.
  * - Every element goes through the same vector code: the loops run over
  *   fixed chunks of CHUNK elements, and the last partial chunk is copied into
  *   a zero-padded buffer and run through the same chunk code. A scalar
