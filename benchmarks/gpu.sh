@@ -2,9 +2,9 @@
 # The one GPU check: correctness and timings (benchmarks/gpu.py), then the GPU tests.
 # Run from the repository root on a machine with an NVIDIA GPU, CuPy and PyTorch with CUDA,
 # with Fashion-MNIST's four .gz files in .gpu-data/fashion-mnist (a copy of
-# /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or the current folder).
+# /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or /tmp).
 set -o pipefail
-out=${OUT:-.}
+out=${OUT:-/tmp}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 benchmarks/gpu.py --data .gpu-data/fashion-mnist 2>&1 | tee "$out/gpu-benchmark.log"
