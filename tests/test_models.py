@@ -97,6 +97,17 @@ def test_params_follow_changes_to_the_layer_list() -> None:
     assert list(grads) == list(net.params)
 
 
+def test_gradient_borrows_the_batch_and_forward_still_copies_it() -> None:
+    rng = np.random.default_rng(5)
+    net = small_network(snn.Relu, rng)
+    x = rng.standard_normal((4, 5))
+    net.gradient(x, rng.integers(0, 3, 4))
+    # forward and backward ran in one call, so nothing could change x in between
+    assert net.layers[0].x is x
+    net.layers[0].forward(x)
+    assert not np.shares_memory(net.layers[0].x, x)
+
+
 def test_accuracy_with_labels_and_one_hot() -> None:
     net = snn.Sequential([snn.Identity()])
     scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
