@@ -17,6 +17,7 @@ def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 64 bytes and threads from the first element, so small arrays take every path."""
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
     monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "FUSED_THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)
@@ -54,6 +55,7 @@ def test_blocks_and_threads_give_the_plain_results(
     plain = forward_backward(LAYERS[name], x, dout)
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
     monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
+    monkeypatch.setattr(_threads, "FUSED_THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)
