@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from scratchnn import _fused
+from scratchnn import _buffers, _fused
 
 # Bytes of one array's block: the kernels keep 3 to 6 block-sized arrays in
 # flight, which then stay within a core's 1 to 2 MiB L2 cache.
@@ -133,7 +133,7 @@ def elementwise(
     from the same elements of the others (see :func:`run_blocked`). ``out``
     has ``dtype``, by default ``inputs[0]``'s.
     """
-    out = np.empty(inputs[0].shape, dtype or inputs[0].dtype)
+    out = _buffers.empty(inputs[0].shape, dtype or inputs[0].dtype)
     flats, out_flat = [flat(a) for a in inputs], out.reshape(-1)
 
     def kernel_on_block(start: int, stop: int) -> None:

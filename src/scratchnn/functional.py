@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scratchnn import _fused, kernels
+from scratchnn import _buffers, _fused, kernels
 from scratchnn._threads import flat, run_blocked
 from scratchnn.backend import as_result, get_array_module
 
@@ -29,7 +29,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype.kind != "f":
         z = z.astype(np.float64)
-    out = np.empty(z.shape, z.dtype)
+    out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: sigmoid_into(zf[lo:hi], of[lo:hi]), zf)
     return out
@@ -81,7 +81,7 @@ def erfc(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype.kind != "f":
         z = z.astype(np.float64)
-    out = np.empty(z.shape, z.dtype)
+    out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: erfc_into(zf[lo:hi], of[lo:hi]), zf, fused=False)
     return out

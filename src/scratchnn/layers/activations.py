@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
-from scratchnn import _fused, kernels
+from scratchnn import _buffers, _fused, kernels
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
 from scratchnn.backend import as_result, get_array_module, to_compute
@@ -81,7 +81,7 @@ class Relu(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # Keeps only the mask: the sign pattern is all that backward needs.
         # Block by block, so that each block's mask is still in cache when it is used.
-        out = np.empty(x.shape, x.dtype)
+        out = _buffers.empty(x.shape, x.dtype)
         xf, out_flat = flat(x), out.reshape(-1)
         if self.packed:
             packed = np.empty((x.size + 7) // 8, np.uint8)
@@ -95,7 +95,7 @@ class Relu(Layer):
 
             self._mask, self._mask_shape = packed, x.shape
         else:
-            mask_flat = np.empty(x.size, bool)
+            mask_flat = _buffers.empty((x.size,), bool)
 
             def forward_block(start: int, stop: int) -> None:
                 x_block, out_block = xf[start:stop], out_flat[start:stop]
@@ -109,7 +109,7 @@ class Relu(Layer):
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self._mask is not None  # forward ran: the base checks it
-        dx = np.empty(dout.shape, dout.dtype)
+        dx = _buffers.empty(dout.shape, dout.dtype)
         g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
 
         def backward_block(start: int, stop: int) -> None:
@@ -264,7 +264,7 @@ class LeakyRelu(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         z = flat(to_compute(x))
-        mask, out = np.empty(z.size, bool), np.empty(z.size, z.dtype)
+        mask, out = _buffers.empty((z.size,), bool), _buffers.empty((z.size,), z.dtype)
         # where(x <= 0, alpha x, x) is max(x, alpha x) for alpha <= 1 and min otherwise,
         # value for value, without np.where's mispredicted branch per element.
         pick = np.maximum if self.alpha <= 1.0 else np.minimum
@@ -432,7 +432,7 @@ class Gelu(Layer):
             return elementwise(_gelu_tanh, z).astype(x.dtype, copy=False)
         # Phi(x) is also kept (private, never handed out): backward then needs no
         # second erfc, the most expensive part of both passes.
-        out, cdf = np.empty(z.shape, z.dtype), np.empty(z.shape, z.dtype)
+        out, cdf = _buffers.empty(z.shape, z.dtype), _buffers.empty(z.shape, z.dtype)
         zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
 
         def forward_block(start: int, stop: int) -> None:

@@ -1,0 +1,93 @@
+"""Large output arrays reused once nobody holds them, instead of fresh memory each call.
+
+Every ``forward`` and ``backward`` returns a new array, as PyTorch does: the
+caller may keep it. But a new large array is new memory: glibc hands arrays
+above 32 MiB straight from the kernel (``mmap``) and gives them back on
+``free``, and the kernel zeroes every page before the first write touches
+it. On the project's machine a fresh 64 MB array costs about as much again
+as writing it (``benchmarks/bench_bandwidth.py``: ``x.copy()`` reaches 0.53
+of ``np.copyto`` into an existing buffer).
+
+:func:`empty` therefore keeps the memory of large outputs in a small pool and
+hands it out again, as a new array, once no array made from it is alive any
+more. That is decided by reference count, never by guessing: every array
+:func:`empty` returns is a view of one of the pool's buffers and holds a
+reference to it, and so does every view, slice or buffer export made from
+that array; a buffer is reused only when the pool's own references are the
+only ones left. A caller who keeps an output, or any view of it, keeps its
+memory out of the pool. The pool holds at most ``POOL_BYTES`` of buffers
+(the least recently used beyond it are dropped and freed when their last
+array dies); :func:`clear` empties it.
+
+Small arrays are left to NumPy and malloc, which reuse them already.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+# From this many bytes an output comes from the pool. Below, malloc's heap
+# recycles freed arrays itself (its mmap threshold rises to the size of the
+# largest array freed, up to 32 MiB); from a few MiB up the pool also saves
+# malloc's work of splitting and merging large chunks.
+MIN_BYTES = 1 << 20
+# Most bytes of buffers the pool keeps, in use or free.
+POOL_BYTES = 1 << 28
+
+_buffers: list[np.ndarray] = []  # least recently handed out first
+_lock = threading.Lock()
+# References to a free buffer while _take looks at it: the list's, the loop
+# variable's and getrefcount's own argument.
+_FREE_REFCOUNT = 3
+
+
+def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A new, uninitialised C-contiguous array, like ``np.empty(shape, dtype)``.
+
+    Arrays of ``MIN_BYTES`` to ``POOL_BYTES`` reuse the memory of an earlier one of the
+    same size that no array uses any more; smaller ones are plain ``np.empty``.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not MIN_BYTES <= nbytes <= POOL_BYTES:
+        return np.empty(shape, dtype)
+    with _lock:
+        buffer = _take(nbytes)
+        # The view is made under the lock: until it exists, another thread
+        # could find the same buffer free.
+        return buffer.view(dtype).reshape(shape)
+
+
+def _take(nbytes: int) -> np.ndarray:
+    # A plain index loop: enumerate() would hold a reference of its own.
+    for index in range(len(_buffers)):
+        buffer = _buffers[index]
+        if buffer.nbytes == nbytes and sys.getrefcount(buffer) == _FREE_REFCOUNT:
+            del _buffers[index]
+            _buffers.append(buffer)  # most recently used last
+            return buffer
+    buffer = np.empty(nbytes, np.uint8)
+    _buffers.append(buffer)
+    held = sum(b.nbytes for b in _buffers)
+    while held > POOL_BYTES:
+        # Forget the least recently used: if an array still uses it, its
+        # memory is freed when that array dies, as any NumPy array's is.
+        held -= _buffers.pop(0).nbytes
+    return buffer
+
+
+def clear() -> None:
+    """Drop every buffer of the pool (those in use are freed when their arrays die)."""
+    with _lock:
+        _buffers.clear()
+
+
+def held_bytes() -> int:
+    """Bytes of the buffers the pool holds now, in use or free."""
+    with _lock:
+        return sum(b.nbytes for b in _buffers)
