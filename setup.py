@@ -16,8 +16,10 @@ kernels = Extension(
     # -ffp-contract=off: no fused multiply-adds, so each arithmetic step rounds as
     # NumPy's does and only exp, erfc and the like differ from the NumPy path.
     # No -ffast-math: NaN, infinities and signed zeros must stay exact.
+    # -pthread: the kernels' one worker thread (see "Two threads" in the C file).
     extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math",
-                        "-ffp-contract=off", "-fopenmp-simd"],
+                        "-ffp-contract=off", "-fopenmp-simd", "-pthread"],
+    extra_link_args=["-pthread"],
     libraries=["mvec", "m"],
     optional=True,
 )

@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 
 import scratchnn as snn
-from scratchnn import _threads
+from scratchnn import _fused, _threads
 
 
 @pytest.fixture
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 64 bytes and threads from the first element, so small arrays take every path."""
+    """Blocks of 64 bytes (16 elements in C) and threads from the first element, so small
+    arrays take every path."""
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
-    monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
-    monkeypatch.setattr(_threads, "FUSED_THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)
+    monkeypatch.setattr(_fused, "BLOCK", 16)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    monkeypatch.setattr(_fused, "THREADS", 2)
 
 
 LAYERS = {
@@ -54,11 +56,12 @@ def test_blocks_and_threads_give_the_plain_results(
     dout = rng.standard_normal(x.shape).astype(dtype)
     plain = forward_backward(LAYERS[name], x, dout)
     monkeypatch.setattr(_threads, "BLOCK_BYTES", 64)
-    monkeypatch.setattr(_threads, "FUSED_BLOCK_BYTES", 64)
-    monkeypatch.setattr(_threads, "FUSED_THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "BLOCKS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS_FROM", 0)
     monkeypatch.setattr(_threads, "THREADS", 2)
+    monkeypatch.setattr(_fused, "BLOCK", 16)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    monkeypatch.setattr(_fused, "THREADS", 2)
     blocked = forward_backward(LAYERS[name], x, dout)
     for want, got in zip(plain, blocked):
         np.testing.assert_array_equal(got, want)
@@ -105,3 +108,56 @@ def test_no_warnings_at_range_ends_on_threads(name: str, tiny_blocks: None) -> N
         out = layer.forward(x)
         dx = layer.backward(np.ones_like(x))
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
+
+
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_compiled_kernels_on_two_threads_match_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of 16 elements shared by the caller and the C worker: the one-call results, bit
+    for bit, and the worker really ran some of them."""
+    rng = np.random.default_rng(1)
+    x = (5 * rng.standard_normal(300_007)).astype(np.float32)  # a partial last block
+    x[:4] = [0.0, -0.0, 40.0, -40.0]
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    monkeypatch.setattr(_fused, "THREADS", 1)
+    one = forward_backward(LAYERS[name], x, dout)
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    monkeypatch.setattr(_fused, "BLOCK", 16)
+    assert _fused._MODULE is not None
+    before = _fused._MODULE.worker_blocks()
+    for _ in range(20):  # the worker may sleep through a call; not through twenty
+        two = forward_backward(LAYERS[name], x, dout)
+        for want, got in zip(one, two):
+            np.testing.assert_array_equal(got, want)
+        if _fused._MODULE.worker_blocks() > before:
+            break
+    assert _fused._MODULE.worker_blocks() > before
+
+
+def _sigmoid_in_child(queue: object) -> None:
+    x = np.linspace(-5, 5, 200_000, dtype=np.float32)
+    queue.put(float(snn.Sigmoid().forward(x).sum()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+def test_a_forked_child_starts_its_own_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    x = np.linspace(-5, 5, 200_000, dtype=np.float32)
+    expected = float(snn.Sigmoid().forward(x).sum())  # the parent's worker is running now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_sigmoid_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in a two-thread kernel call")
+    assert child.exitcode == 0 and queue.get(timeout=5) == expected

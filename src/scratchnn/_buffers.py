@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn import _fused
+
 # From this many bytes an output comes from the pool. Below, malloc's heap
 # recycles freed arrays itself (its mmap threshold rises to the size of the
 # largest array freed, up to 32 MiB); from a few MiB up the pool also saves
@@ -63,9 +65,22 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return buffer.view(dtype).reshape(shape)
 
 
+def copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of NumPy array ``array``, its memory from :func:`empty`.
+
+    Float arrays in C order are copied by the compiled kernels where they are
+    built, which split large arrays over two threads (``np.copyto`` runs on one).
+    """
+    out = empty(array.shape, array.dtype)
+    if not (array.flags.c_contiguous and _fused.run("copy", out.reshape(-1), array.reshape(-1))):
+        np.copyto(out, array)
+    return out
+
+
 def _take(nbytes: int) -> np.ndarray:
+    # The most recently used free buffer first: it is the likeliest to be in cache.
     # A plain index loop: enumerate() would hold a reference of its own.
-    for index in range(len(_buffers)):
+    for index in range(len(_buffers) - 1, -1, -1):
         buffer = _buffers[index]
         if buffer.nbytes == nbytes and sys.getrefcount(buffer) == _FREE_REFCOUNT:
             del _buffers[index]

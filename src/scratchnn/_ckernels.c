@@ -28,8 +28,11 @@
 #include <Python.h>
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 #pragma omp declare simd notinbranch
 extern float expf(float);
@@ -128,6 +131,10 @@ extern double erfc(double);
         T e_ = MATH(exp, F)(-MATH(fabs, F)(v));                                           \
         ((v) >= 0 ? (T)1 : e_) / ((T)1 + e_); })
 
+/* A copy, for arrays a layer keeps for backward: one pass on two threads. */
+#define copy_BODY(T, F) out[i] = x[i];
+BOTH(copy)
+
 /* Sigmoid forward: out = sigmoid(x). Backward (x = y, the kept output): dout (1 - y) y. */
 #define sigmoid_BODY(T, F) out[i] = SIGMOID(T, F, x[i]);
 #define sigmoid_grad_BODY(T, F) out[i] = g[i] * ((T)1 - x[i]) * x[i];
@@ -219,10 +226,159 @@ BOTH(gelu_tanh_grad)
 BOTH(gelu)
 BOTH(gelu_grad)
 
-/* ---- The Python module: run(kernel, out, x, g, h, mask_in, out2, mask_out, param) ---- */
-
+/* ---- Two threads: the caller and one worker share a call's blocks ----
+ *
+ * A call on `threads` = 2 splits its n elements into blocks of `block`
+ * elements (a multiple of CHUNK, so every element goes through the same chunk
+ * code as in one call: the results are bit for bit those of one call) and
+ * the caller and a single worker thread take the next free block from an
+ * atomic counter until none is left; a thread slowed by other work on its
+ * core simply takes fewer. PyTorch splits its element-wise loops the same way
+ * over its OpenMP threads from 32768 elements; a pool in C costs a few
+ * microseconds per call where handing blocks to a Python thread cost tens.
+ *
+ * The worker spins for SPIN_NS after each job (a layer's backward usually
+ * follows its forward within microseconds), then sleeps on a condition
+ * variable. One caller at a time uses it (`busy`); a second caller, from
+ * another Python thread, runs on its own thread. After fork() the child has
+ * no worker: it starts a new one when it needs one.
+ */
 typedef void (*kernel_fn)(const void *, const void *, const void *, const void *, void *,
                           void *, void *, double, ptrdiff_t);
+
+struct job {
+    kernel_fn fn;
+    const char *x, *g, *h, *m_in;
+    char *out, *out2, *m_out;
+    ptrdiff_t itemsize, n, block, blocks;
+    double param;
+};
+
+#define SPIN_NS 200000L
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static struct job job;
+static atomic_long posted;       /* jobs posted so far */
+static atomic_long claimed;      /* the last job a thread claimed for the worker's part */
+static atomic_long finished;     /* the last job the worker finished */
+static atomic_ptrdiff_t next_block;
+static atomic_int sleeping;
+static atomic_flag busy = ATOMIC_FLAG_INIT;
+static int worker_running;       /* guarded by `busy` */
+
+/* Element offset `start` of an array, or NULL where the kernel does not use it. */
+#define AT(p, start, size) ((p) ? (p) + (start) * (size) : NULL)
+
+static atomic_long worker_blocks; /* blocks the worker has run, for the tests */
+
+/* Runs free blocks of j until none is left; returns how many it ran. */
+static long take_blocks(const struct job *j) {
+    for (long taken = 0;; taken++) {
+        ptrdiff_t b = atomic_fetch_add(&next_block, 1);
+        if (b >= j->blocks) return taken;
+        ptrdiff_t start = b * j->block;
+        ptrdiff_t stop = start + j->block < j->n ? start + j->block : j->n;
+        ptrdiff_t s = j->itemsize;
+        j->fn(AT(j->x, start, s), AT(j->g, start, s), AT(j->h, start, s), AT(j->m_in, start, 1),
+              AT(j->out, start, s), AT(j->out2, start, s), AT(j->m_out, start, 1), j->param,
+              stop - start);
+    }
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static inline void pause_cpu(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    long done = atomic_load(&posted);
+    for (;;) {
+        long deadline = now_ns() + SPIN_NS;
+        for (int spins = 0; atomic_load(&posted) == done; spins++) {
+            pause_cpu();
+            if ((spins & 63) == 63 && now_ns() > deadline) {
+                pthread_mutex_lock(&lock);
+                /* sleeping is set before posted is read again: a caller that posts
+                 * after this read sees sleeping and signals under the lock. */
+                atomic_store(&sleeping, 1);
+                while (atomic_load(&posted) == done) pthread_cond_wait(&wake, &lock);
+                atomic_store(&sleeping, 0);
+                pthread_mutex_unlock(&lock);
+            }
+        }
+        done = atomic_load(&posted);
+        long expected = done - 1;
+        /* Claim the job unless the caller has already finished every block and
+         * taken it back; then the worker must not touch `job` at all. */
+        if (atomic_compare_exchange_strong(&claimed, &expected, done)) {
+            atomic_fetch_add(&worker_blocks, take_blocks(&job));
+            atomic_store(&finished, done);
+        }
+    }
+    return NULL;
+}
+
+static void forget_worker(void) {
+    /* In a forked child the worker thread does not exist. */
+    pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_wake = PTHREAD_COND_INITIALIZER;
+    lock = fresh_lock;
+    wake = fresh_wake;
+    atomic_store(&sleeping, 0);
+    /* A call in flight on another thread of the parent has no thread here:
+     * its job counts as claimed and finished. */
+    atomic_store(&claimed, atomic_load(&posted));
+    atomic_store(&finished, atomic_load(&posted));
+    atomic_flag_clear(&busy);
+    worker_running = 0;
+}
+
+/* Runs j over its blocks on the caller and the worker; 0 if the worker is in
+ * use or cannot be started (the caller then runs the job in one call). */
+static int run_on_two_threads(const struct job *j) {
+    if (atomic_flag_test_and_set(&busy)) return 0;
+    if (!worker_running) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attr, worker_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) {
+            atomic_flag_clear(&busy);
+            return 0;
+        }
+        worker_running = 1;
+    }
+    job = *j;
+    atomic_store(&next_block, 0);
+    long mine = atomic_load(&posted) + 1;
+    atomic_store(&posted, mine);
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_signal(&wake);
+        pthread_mutex_unlock(&lock);
+    }
+    take_blocks(j);
+    long expected = mine - 1;
+    if (!atomic_compare_exchange_strong(&claimed, &expected, mine)) {
+        /* The worker claimed the job: wait until it has finished its block. */
+        while (atomic_load(&finished) != mine) pause_cpu();
+    }
+    atomic_flag_clear(&busy);
+    return 1;
+}
+
+/* ---- The Python module: run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) ---- */
 
 /* One row per kernel: its name, its float and its double entry point. The
  * module exports the names in this order, as NAMES; run() takes the index. */
@@ -234,7 +390,7 @@ static const struct {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
     ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
-    ROW(gelu), ROW(gelu_grad),
+    ROW(gelu), ROW(gelu_grad), ROW(copy),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
 
@@ -258,22 +414,27 @@ static int take(PyObject *arg, Py_buffer *view, int writable, const char *format
     return 1;
 }
 
-/* run(kernel, out, x, g, h, mask_in, out2, mask_out, param) -> bool: False,
- * touching nothing, when an array is not what the kernel takes (another
- * dtype, not C-contiguous, another size); then the caller runs NumPy. */
+/* run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) -> bool:
+ * False, touching nothing, when an array is not what the kernel takes (another
+ * dtype, not C-contiguous, another size); then the caller runs NumPy. With
+ * threads = 2 and more than `block` elements, the caller and the worker share
+ * the blocks (see above); `block` is rounded up to a multiple of CHUNK. */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 9 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 11 arguments");
         return NULL;
     }
     Py_ssize_t kernel = PyLong_AsSsize_t(args[0]);
     double param = PyFloat_AsDouble(args[8]);
+    Py_ssize_t threads = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
     if (PyErr_Occurred()) return NULL;
     if (kernel < 0 || kernel >= N_KERNELS) {
         PyErr_SetString(PyExc_IndexError, "no such kernel");
         return NULL;
     }
+    block = block < CHUNK ? CHUNK : (block + CHUNK - 1) / CHUNK * CHUNK;
     Py_buffer views[7];
     for (int i = 0; i < 7; i++) views[i].obj = NULL, views[i].buf = NULL;  /* None: NULL */
     int fits = 0;
@@ -289,11 +450,17 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                && take(args[6], &views[5], 1, format, len)
                && take(args[7], &views[6], 1, "?", n);
         if (fits) {
-            kernel_fn fn = views[0].itemsize == 4 ? KERNELS[kernel].f32 : KERNELS[kernel].f64;
-            /* The loop reads and writes only these buffers: other threads may run. */
+            struct job j = {
+                .fn = views[0].itemsize == 4 ? KERNELS[kernel].f32 : KERNELS[kernel].f64,
+                .x = views[1].buf, .g = views[2].buf, .h = views[3].buf, .m_in = views[4].buf,
+                .out = views[0].buf, .out2 = views[5].buf, .m_out = views[6].buf,
+                .itemsize = views[0].itemsize, .n = n, .block = block,
+                .blocks = (n + block - 1) / block, .param = param,
+            };
+            /* The loops read and write only these buffers: other threads may run. */
             Py_BEGIN_ALLOW_THREADS
-            fn(views[1].buf, views[2].buf, views[3].buf, views[4].buf, views[0].buf,
-               views[5].buf, views[6].buf, param, n);
+            if (threads < 2 || j.blocks < 2 || !run_on_two_threads(&j))
+                j.fn(j.x, j.g, j.h, j.m_in, j.out, j.out2, j.m_out, param, n);
             Py_END_ALLOW_THREADS
         }
     }
@@ -302,9 +469,17 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(fits);
 }
 
+/* worker_blocks() -> int: how many blocks the worker thread has run so far. */
+static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyLong_FromLong(atomic_load(&worker_blocks));
+}
+
 static PyMethodDef methods[] = {
+    {"worker_blocks", get_worker_blocks, METH_NOARGS,
+     "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
-     "run(kernel, out, x, g, h, mask_in, out2, mask_out, param) -> bool"},
+     "run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -316,6 +491,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__ckernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
+    pthread_atfork(NULL, NULL, forget_worker);
     PyObject *names = PyTuple_New(N_KERNELS);
     if (names == NULL) goto fail;
     for (Py_ssize_t i = 0; i < N_KERNELS; i++) {

@@ -34,6 +34,14 @@ def _load() -> ModuleType | None:
 
 
 _MODULE = _load()
+# A call of THREADS_FROM elements or more runs on THREADS threads, the caller
+# and one worker in C taking blocks of BLOCK elements in turn (see "Two
+# threads" in _ckernels.c). PyTorch splits its element-wise loops from 32768
+# elements; measured here (docs/benchmarks.md) the second thread pays from
+# about THREADS_FROM.
+THREADS = min(2, os.cpu_count() or 1)
+THREADS_FROM = 1 << 16
+BLOCK = 1 << 14
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(_MODULE.NAMES)} if _MODULE else {}
 ENABLED = _MODULE is not None and os.environ.get("SCRATCHNN_KERNELS", "1") != "0"
 
@@ -58,7 +66,8 @@ def run(
 
     ``x``, ``g`` and ``h`` are the float inputs, ``mask_in`` and ``mask_out``
     bool arrays (True where ``x <= 0``), ``out`` and ``out2`` the float
-    outputs, ``param`` the layer's alpha or beta. ``out`` sets the dtype
+    outputs, ``param`` the layer's alpha or beta. Large arrays run on two
+    threads (``THREADS_FROM``), bit for bit as on one. ``out`` sets the dtype
     (float32 or float64), which the other float arrays share; every array is
     C-contiguous with ``out``'s size, or the call returns False untouched.
     Only ``out``, ``out2`` and ``mask_out`` are written.
@@ -68,6 +77,9 @@ def run(
     assert _MODULE is not None
     # The extension checks dtypes, sizes and contiguity through the buffer
     # protocol, in about a microsecond for all the arrays together.
+    threads = THREADS if out.size >= THREADS_FROM else 1
     return bool(
-        _MODULE.run(_INDEX[name], out, x, g, h, mask_in, out2, mask_out, float(param))
+        _MODULE.run(
+            _INDEX[name], out, x, g, h, mask_in, out2, mask_out, float(param), threads, BLOCK
+        )
     )

@@ -42,15 +42,8 @@ BLOCKS_FROM = 1 << 18
 THREADS_FROM = 1 << 23
 THREADS = min(2, os.cpu_count() or 1)
 # A compiled kernel (scratchnn._fused) makes one pass, which blocks do not
-# speed up: it runs in one call below FUSED_THREADS_FROM elements, and above
-# in blocks of FUSED_BLOCK_BYTES on two threads (large blocks: less Python per
-# element). Unlike NumPy's passes, it gains from the second core here.
-# Measured, float32 forward + backward, one call against 2 threads in 1 MiB
-# blocks (load 0.4): Sigmoid 0.69 / 0.61 ms at 2^19 elements, 1.52 / 1.07 ms
-# at 1e6, 77 / 46 ms at 1.6e7 (load 1.4); Gelu 1.44 / 1.38, 3.00 / 2.06 ms;
-# Relu 0.49 / 0.56, 0.86 / 0.81 ms. At 3e5 two threads lose (0.43 / 0.53 ms).
-FUSED_THREADS_FROM = 1 << 19
-FUSED_BLOCK_BYTES = 1 << 20
+# speed up, and splits large arrays over two threads itself, in C: it gets one
+# call for the whole array.
 _FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _pool: ThreadPoolExecutor | None = None
@@ -91,15 +84,15 @@ def run_blocked(
     call, ``kernel(0, size)``: the plain single-threaded path. Blocks hold
     ``BLOCK_BYTES`` of ``like``'s items, a multiple of 8 elements (so a
     packed bit mask splits at whole bytes). ``fused``: the kernel calls the
-    compiled kernels when they take ``like``'s dtype (float32, float64), so
-    that blocks pay only for the second thread (see ``FUSED_BLOCK_BYTES``).
+    compiled kernels when they take ``like``'s dtype (float32, float64); they
+    then get the whole array in one call and use two threads themselves.
     """
     size = like.size
     compiled = fused and _fused.ENABLED and like.dtype in _FUSED_DTYPES
-    if size < (FUSED_THREADS_FROM if compiled else BLOCKS_FROM) or type(like) is not np.ndarray:
+    if compiled or size < BLOCKS_FROM or type(like) is not np.ndarray:
         kernel(0, size)
         return
-    block = (FUSED_BLOCK_BYTES if compiled else BLOCK_BYTES) // like.itemsize
+    block = BLOCK_BYTES // like.itemsize
     starts = iter(range(0, size, block))
 
     def work() -> None:
@@ -109,7 +102,7 @@ def run_blocked(
         for start in starts:
             kernel(start, min(start + block, size))
 
-    if size < (FUSED_THREADS_FROM if compiled else THREADS_FROM) or THREADS < 2:
+    if size < THREADS_FROM or THREADS < 2:
         work()
         return
     helper = _worker_pool().submit(contextvars.copy_context().run, work)

@@ -104,7 +104,8 @@ class Relu(Layer):
                     _zero_where(mask, x_block, out_block)
 
             self._mask = mask_flat.reshape(x.shape)
-        run_blocked(forward_block, xf)
+        # The packed mask is packed block by block, while each block's bools are in cache.
+        run_blocked(forward_block, xf, fused=not self.packed)
         return out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -121,7 +122,7 @@ class Relu(Layer):
             if not _fused.run("relu_grad", dx_flat[start:stop], g=g[start:stop], mask_in=mask):
                 _zero_where(mask, g[start:stop], dx_flat[start:stop])
 
-        run_blocked(backward_block, g)
+        run_blocked(backward_block, g, fused=not self.packed)
         return dx
 
 
@@ -716,4 +717,4 @@ class Identity(Layer):
         return view
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        return dout.copy()
+        return _buffers.copy(dout) if type(dout) is np.ndarray else dout.copy()

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from scratchnn import _buffers
 from scratchnn.backend import FLOAT_DTYPES, as_array, as_result, float_dtype_of, is_array
 
 
@@ -142,7 +143,9 @@ class Layer:
         Why: if we kept a view of the caller's array and the caller edited it
         after ``forward``, ``backward`` would silently use the edited values.
         """
-        return x.copy() if self._caller_owned[index] else x
+        if not self._caller_owned[index]:
+            return x
+        return _buffers.copy(x) if type(x) is np.ndarray else x.copy()
 
     @staticmethod
     def _keep_output(out: np.ndarray) -> np.ndarray:
