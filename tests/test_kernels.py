@@ -119,3 +119,35 @@ def test_run_refuses_what_it_cannot_take(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not _fused.run("sigmoid", read_only, x)
     monkeypatch.setattr(_fused, "ENABLED", False)
     assert not _fused.run("sigmoid", out, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("cols", [1, 7, 1000])
+def test_softmax_rows_match_numpy(cols: int, dtype: type) -> None:
+    rng = np.random.default_rng(cols)
+    info = np.finfo(dtype)
+    x = (4 * rng.standard_normal((40, cols))).astype(dtype)
+    x[1] *= 1e3  # saturated rows
+    x[2, 0], x[3, -1], x[4, :] = np.nan, np.inf, -np.inf  # NaN rows, as NumPy's max gives
+    x[5, 0], x[6, :] = info.max, -info.max
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    with np.errstate(all="ignore"):
+        want_out, want_dx = forward_backward(snn.Softmax, x, dout, compiled=False)
+    got_out, got_dx = forward_backward(snn.Softmax, x, dout, compiled=True)
+    eps = float(np.finfo(dtype).eps)
+    # The row sums add in another order than NumPy's pairwise sum: a few ulps.
+    np.testing.assert_allclose(got_out, want_out, rtol=64 * eps, atol=64 * eps * float(info.tiny))
+    finite = np.isfinite(want_dx)
+    np.testing.assert_array_equal(np.isnan(got_dx), np.isnan(want_dx))
+    slack = 64 * eps * (np.abs(dout) * np.abs(want_out)).sum(axis=1, keepdims=True) * cols
+    assert np.all(np.abs(got_dx - want_dx)[finite] <= np.broadcast_to(slack, x.shape)[finite])
+
+
+def test_softmax_kernel_refuses_partial_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    x = np.linspace(-2, 2, 30, dtype=np.float32)
+    out = np.empty_like(x)
+    assert _fused.run("softmax", out, x, param=10)
+    np.testing.assert_allclose(out.reshape(3, 10).sum(axis=1), 1.0, rtol=1e-6)
+    for bad in (7, 0, -10, 2.5):
+        assert not _fused.run("softmax", out, x, param=bad)

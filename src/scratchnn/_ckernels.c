@@ -141,7 +141,10 @@ BOTH(copy)
 BOTH(sigmoid)
 BOTH(sigmoid_grad)
 
-/* Tanh backward from the kept output y: dout (1 - y^2). */
+/* Tanh forward (libmvec's tanh); backward from the kept output y: dout (1 - y^2). */
+#define tanh_BODY(T, F) out[i] = MATH(tanh, F)(x[i]);
+BOTH(tanh)
+
 #define tanh_grad_BODY(T, F) out[i] = g[i] * ((T)1 - x[i] * x[i]);
 BOTH(tanh_grad)
 
@@ -225,6 +228,52 @@ BOTH(gelu_tanh_grad)
     out[i] = g[i] * (h[i] + x[i] * pdf);
 BOTH(gelu)
 BOTH(gelu_grad)
+
+/* Softmax along rows of `p` elements (the last axis): the kernel gets whole rows.
+ * y = exp(x - max) / sum(exp(x - max)), the sum over the row; backward from the
+ * kept output y: dx = y (dout - sum(dout y)). Every lane of a NaN or +inf row
+ * comes out NaN, as on the NumPy path (its max, then x - max, is NaN there). */
+#define ROWS(T, F, SUFFIX)                                                                \
+    CLONES static void softmax_##SUFFIX(const void *vx, const void *vg, const void *vh,   \
+                                        const void *vm_in, void *vout, void *vout2,       \
+                                        void *vm_out, double param, ptrdiff_t n) {        \
+        (void)vg, (void)vh, (void)vm_in, (void)vout2, (void)vm_out;                       \
+        const T *x = vx;                                                                  \
+        T *out = vout;                                                                    \
+        ptrdiff_t cols = (ptrdiff_t)param;                                                \
+        for (ptrdiff_t r = 0; r < n; r += cols) {                                         \
+            const T *restrict xr = x + r;                                                 \
+            T *restrict yr = out + r;                                                     \
+            T m = xr[0], sum = 0;                                                         \
+            _Pragma("omp simd reduction(max:m)") for (ptrdiff_t j = 0; j < cols; j++)     \
+                m = xr[j] > m ? xr[j] : m;                                                \
+            _Pragma("omp simd reduction(+:sum)") for (ptrdiff_t j = 0; j < cols; j++) {   \
+                yr[j] = MATH(exp, F)(xr[j] - m);                                          \
+                sum += yr[j];                                                             \
+            }                                                                             \
+            _Pragma("omp simd") for (ptrdiff_t j = 0; j < cols; j++) yr[j] = yr[j] / sum; \
+        }                                                                                 \
+    }                                                                                     \
+    CLONES static void softmax_grad_##SUFFIX(const void *vx, const void *vg,              \
+                                             const void *vh, const void *vm_in,           \
+                                             void *vout, void *vout2, void *vm_out,       \
+                                             double param, ptrdiff_t n) {                 \
+        (void)vh, (void)vm_in, (void)vout2, (void)vm_out;                                 \
+        const T *y = vx, *g = vg;                                                         \
+        T *out = vout;                                                                    \
+        ptrdiff_t cols = (ptrdiff_t)param;                                                \
+        for (ptrdiff_t r = 0; r < n; r += cols) {                                         \
+            const T *restrict yr = y + r, *restrict gr = g + r;                           \
+            T *restrict dr = out + r;                                                     \
+            T dot = 0;                                                                    \
+            _Pragma("omp simd reduction(+:dot)") for (ptrdiff_t j = 0; j < cols; j++)     \
+                dot += gr[j] * yr[j];                                                     \
+            _Pragma("omp simd") for (ptrdiff_t j = 0; j < cols; j++)                      \
+                dr[j] = yr[j] * (gr[j] - dot);                                            \
+        }                                                                                 \
+    }
+ROWS(float, f, f32)
+ROWS(double, , f64)
 
 /* ---- Two threads: the caller and one worker share a call's blocks ----
  *
@@ -382,15 +431,18 @@ static int run_on_two_threads(const struct job *j) {
 
 /* One row per kernel: its name, its float and its double entry point. The
  * module exports the names in this order, as NAMES; run() takes the index. */
-#define ROW(name) {#name, name##_f32, name##_f64}
+#define ROW(name) {#name, name##_f32, name##_f64, 0}
+/* A kernel over whole rows of `param` elements (softmax) */
+#define ROWWISE(name) {#name, name##_f32, name##_f64, 1}
 static const struct {
     const char *name;
     kernel_fn f32, f64;
+    int rows;
 } KERNELS[] = {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
     ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
-    ROW(gelu), ROW(gelu_grad), ROW(copy),
+    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
 
@@ -449,6 +501,12 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                && take(args[5], &views[4], 0, "?", n)
                && take(args[6], &views[5], 1, format, len)
                && take(args[7], &views[6], 1, "?", n);
+        if (fits && KERNELS[kernel].rows) {
+            /* Whole rows: param is the row length; blocks hold whole rows. */
+            Py_ssize_t cols = (Py_ssize_t)param;
+            fits = param == (double)cols && cols > 0 && n % cols == 0;
+            if (fits) block = (block + cols - 1) / cols * cols;
+        }
         if (fits) {
             struct job j = {
                 .fn = views[0].itemsize == 4 ? KERNELS[kernel].f32 : KERNELS[kernel].f64,

@@ -216,12 +216,17 @@ class Tanh(Layer):
         return kernels.run("tanh_backward", to_compute(dout), to_compute(self.out))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.out = self._keep_output(np.tanh(to_compute(x)).astype(x.dtype, copy=False))
+        self.out = self._keep_output(elementwise(_tanh, to_compute(x)).astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
         return elementwise(_tanh_grad, to_compute(self.out), to_compute(dout))
+
+
+def _tanh(z: np.ndarray, out: np.ndarray) -> None:
+    if not _fused.run("tanh", out, z):  # libmvec's tanh, on two threads when large
+        np.tanh(z, out=out)
 
 
 def _tanh_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
@@ -675,11 +680,22 @@ class Softmax(Layer):
                 f"Softmax: axis {self.axis} is out of range for {ndim}-d input"
             ) from error
 
+    @staticmethod
+    def _rows(like: np.ndarray, axis: int) -> np.ndarray | None:
+        """A flat output for the compiled row kernels, or None: they take the last axis only."""
+        if not _fused.ENABLED or not isinstance(like, np.ndarray) or axis != like.ndim - 1:
+            return None
+        return _buffers.empty((like.size,), like.dtype)
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         axis = self._reduction_axis(x.ndim)
         z = to_compute(x)
         if z.ndim == 0 or z.size == 0:
             out = np.ones_like(z)
+        elif (rows := self._rows(z, axis)) is not None and _fused.run(
+            "softmax", rows, flat(z), param=z.shape[-1]
+        ):
+            out = rows.reshape(z.shape)  # the same formula, one compiled pass per row
         else:
             # x - max can overflow to -inf only where the exact exp is 0 anyway.
             # In place, one array: each NumPy temporary would cost a pass and an allocation.
@@ -696,6 +712,9 @@ class Softmax(Layer):
         if y.ndim == 0:
             return np.zeros_like(g)
         axis = self._reduction_axis(y.ndim)
+        rows = self._rows(g, axis)
+        if rows is not None and _fused.run("softmax_grad", rows, flat(y), flat(g), param=y.shape[-1]):
+            return rows.reshape(g.shape)
         dx = np.multiply(g, y, out=np.empty_like(g))  # y * (g - sum(g * y)), in one array
         np.subtract(g, np.sum(dx, axis=axis, keepdims=True), out=dx)
         return np.multiply(y, dx, out=dx)
