@@ -151,3 +151,21 @@ def test_softmax_kernel_refuses_partial_rows(monkeypatch: pytest.MonkeyPatch) ->
     np.testing.assert_allclose(out.reshape(3, 10).sum(axis=1), 1.0, rtol=1e-6)
     for bad in (7, 0, -10, 2.5):
         assert not _fused.run("softmax", out, x, param=bad)
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 1023, 1024, 1025, 100_003])
+def test_packed_relu_bits_match_numpy_packbits(size: int) -> None:
+    """The compiled packed kernels keep np.packbits' layout: first element in the high
+    bit, the last byte padded with zeros; backward unpacks it to the same gradient."""
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal(size).astype(np.float32)
+    x[::5] = 0.0
+    dout = rng.standard_normal(size).astype(np.float32)
+    layer = snn.Relu(packed=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fused, "ENABLED", True)
+        out = layer.forward(x)
+        dx = layer.backward(dout)
+    np.testing.assert_array_equal(layer._mask, np.packbits(x <= 0))
+    np.testing.assert_array_equal(out, np.where(x > 0, x, 0))
+    np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0))

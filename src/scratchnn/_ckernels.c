@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 
@@ -229,6 +230,71 @@ BOTH(gelu_tanh_grad)
 BOTH(gelu)
 BOTH(gelu_grad)
 
+/* Relu with its mask packed to one bit per element, as np.packbits packs it (the
+ * first element in the high bit, the last byte padded with zeros): the relu
+ * kernels above run on pieces of PIECE elements with a bool mask on the stack,
+ * which is packed (forward) or unpacked (backward) beside them, in cache. */
+#define PIECE 1024
+
+static void pack_bits(const unsigned char *restrict bools, unsigned char *restrict bits,
+                      ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i += 8) {
+        uint64_t eight = 0;  /* 8 bools of 0 or 1, the first in the low byte */
+        if (n - i >= 8)
+            memcpy(&eight, bools + i, 8);  /* a constant size: one load, no call */
+        else
+            memcpy(&eight, bools + i, (size_t)(n - i));
+        /* The multiply moves bool k to bit 63 - k without carries (distinct bit
+         * positions for every partial product below bit 56). */
+        bits[i / 8] = (unsigned char)((eight * 0x8040201008040201ULL) >> 56);
+    }
+}
+
+static void unpack_bits(const unsigned char *restrict bits, unsigned char *restrict bools,
+                        ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i += 8) {
+        /* The byte in all 8 lanes, lane k keeping bit 7 - k; adding 0x7f sets a
+         * lane's top bit exactly where that bit was set (no carry between lanes). */
+        uint64_t lanes = (bits[i / 8] * 0x0101010101010101ULL) & 0x0102040810204080ULL;
+        lanes = ((lanes + 0x7f7f7f7f7f7f7f7fULL) >> 7) & 0x0101010101010101ULL;
+        if (n - i >= 8)
+            memcpy(bools + i, &lanes, 8);
+        else
+            memcpy(bools + i, &lanes, (size_t)(n - i));
+    }
+}
+
+#define PACKED(T, SUFFIX)                                                                 \
+    static void relu_packed_##SUFFIX(const void *vx, const void *vg, const void *vh,      \
+                                     const void *vm_in, void *vout, void *vout2,          \
+                                     void *vm_out, double param, ptrdiff_t n) {           \
+        (void)vg, (void)vh, (void)vm_in, (void)vout2;                                     \
+        const T *x = vx;                                                                  \
+        T *out = vout;                                                                    \
+        unsigned char bools[PIECE], *bits = vm_out;                                       \
+        for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
+            ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
+            relu_##SUFFIX(x + s, NULL, NULL, NULL, out + s, NULL, bools, param, len);     \
+            pack_bits(bools, bits + s / 8, len);                                          \
+        }                                                                                 \
+    }                                                                                     \
+    static void relu_packed_grad_##SUFFIX(const void *vx, const void *vg, const void *vh, \
+                                          const void *vm_in, void *vout, void *vout2,     \
+                                          void *vm_out, double param, ptrdiff_t n) {      \
+        (void)vx, (void)vh, (void)vout2, (void)vm_out;                                    \
+        const T *g = vg;                                                                  \
+        T *out = vout;                                                                    \
+        const unsigned char *bits = vm_in;                                                \
+        unsigned char bools[PIECE];                                                       \
+        for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
+            ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
+            unpack_bits(bits + s / 8, bools, len);                                        \
+            relu_grad_##SUFFIX(NULL, g + s, NULL, bools, out + s, NULL, NULL, param, len); \
+        }                                                                                 \
+    }
+PACKED(float, f32)
+PACKED(double, f64)
+
 /* Softmax along rows of `p` elements (the last axis): the kernel gets whole rows.
  * y = exp(x - max) / sum(exp(x - max)), the sum over the row; backward from the
  * kept output y: dx = y (dout - sum(dout y)). Every lane of a NaN or +inf row
@@ -300,6 +366,7 @@ struct job {
     const char *x, *g, *h, *m_in;
     char *out, *out2, *m_out;
     ptrdiff_t itemsize, n, block, blocks;
+    int bits;  /* masks hold a bit per element: a block starts at byte start / 8 */
     double param;
 };
 
@@ -329,8 +396,9 @@ static long take_blocks(const struct job *j) {
         ptrdiff_t start = b * j->block;
         ptrdiff_t stop = start + j->block < j->n ? start + j->block : j->n;
         ptrdiff_t s = j->itemsize;
-        j->fn(AT(j->x, start, s), AT(j->g, start, s), AT(j->h, start, s), AT(j->m_in, start, 1),
-              AT(j->out, start, s), AT(j->out2, start, s), AT(j->m_out, start, 1), j->param,
+        ptrdiff_t m = j->bits ? start / 8 : start;  /* blocks are multiples of CHUNK */
+        j->fn(AT(j->x, start, s), AT(j->g, start, s), AT(j->h, start, s), AT(j->m_in, m, 1),
+              AT(j->out, start, s), AT(j->out2, start, s), AT(j->m_out, m, 1), j->param,
               stop - start);
     }
 }
@@ -431,18 +499,21 @@ static int run_on_two_threads(const struct job *j) {
 
 /* One row per kernel: its name, its float and its double entry point. The
  * module exports the names in this order, as NAMES; run() takes the index. */
-#define ROW(name) {#name, name##_f32, name##_f64, 0}
+#define ROW(name) {#name, name##_f32, name##_f64, 0, 0}
 /* A kernel over whole rows of `param` elements (softmax) */
-#define ROWWISE(name) {#name, name##_f32, name##_f64, 1}
+#define ROWWISE(name) {#name, name##_f32, name##_f64, 1, 0}
+/* A kernel whose masks are packed bits, uint8 arrays of ceil(n / 8) bytes */
+#define BITWISE(name) {#name, name##_f32, name##_f64, 0, 1}
 static const struct {
     const char *name;
     kernel_fn f32, f64;
-    int rows;
+    int rows, bits;
 } KERNELS[] = {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
     ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
     ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad),
+    BITWISE(relu_packed), BITWISE(relu_packed_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
 
@@ -495,12 +566,15 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         && (strcmp(views[0].format, "f") == 0 || strcmp(views[0].format, "d") == 0)) {
         const char *format = views[0].format;
         Py_ssize_t len = views[0].len, n = len / views[0].itemsize;
+        int bits = KERNELS[kernel].bits;
+        const char *mask_format = bits ? "B" : "?";
+        Py_ssize_t mask_len = bits ? (n + 7) / 8 : n;
         fits = take(args[2], &views[1], 0, format, len)
                && take(args[3], &views[2], 0, format, len)
                && take(args[4], &views[3], 0, format, len)
-               && take(args[5], &views[4], 0, "?", n)
+               && take(args[5], &views[4], 0, mask_format, mask_len)
                && take(args[6], &views[5], 1, format, len)
-               && take(args[7], &views[6], 1, "?", n);
+               && take(args[7], &views[6], 1, mask_format, mask_len);
         if (fits && KERNELS[kernel].rows) {
             /* Whole rows: param is the row length; blocks hold whole rows. */
             Py_ssize_t cols = (Py_ssize_t)param;
@@ -513,7 +587,7 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                 .x = views[1].buf, .g = views[2].buf, .h = views[3].buf, .m_in = views[4].buf,
                 .out = views[0].buf, .out2 = views[5].buf, .m_out = views[6].buf,
                 .itemsize = views[0].itemsize, .n = n, .block = block,
-                .blocks = (n + block - 1) / block, .param = param,
+                .blocks = (n + block - 1) / block, .bits = bits, .param = param,
             };
             /* The loops read and write only these buffers: other threads may run. */
             Py_BEGIN_ALLOW_THREADS

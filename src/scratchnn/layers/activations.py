@@ -85,33 +85,37 @@ class Relu(Layer):
         xf, out_flat = flat(x), out.reshape(-1)
         if self.packed:
             packed = np.empty((x.size + 7) // 8, np.uint8)
+            self._mask, self._mask_shape = packed, x.shape
+            if _fused.run("relu_packed", out_flat, xf, mask_out=packed):
+                return out  # one compiled pass, packing beside it
 
             def forward_block(start: int, stop: int) -> None:
-                mask = np.empty(stop - start, bool)
-                if not _fused.run("relu", out_flat[start:stop], xf[start:stop], mask_out=mask):
-                    np.less_equal(xf[start:stop], 0, out=mask)
-                    _zero_where(mask, xf[start:stop], out_flat[start:stop])
+                mask = np.less_equal(xf[start:stop], 0)
+                _zero_where(mask, xf[start:stop], out_flat[start:stop])
                 packed[start // 8 : (stop + 7) // 8] = np.packbits(mask)
 
-            self._mask, self._mask_shape = packed, x.shape
-        else:
-            mask_flat = _buffers.empty((x.size,), bool)
+            # Packed block by block, while each block's bools are in cache.
+            run_blocked(forward_block, xf, fused=False)
+            return out
+        mask_flat = _buffers.empty((x.size,), bool)
 
-            def forward_block(start: int, stop: int) -> None:
-                x_block, out_block = xf[start:stop], out_flat[start:stop]
-                if not _fused.run("relu", out_block, x_block, mask_out=mask_flat[start:stop]):
-                    mask = np.less_equal(x_block, 0, out=mask_flat[start:stop])
-                    _zero_where(mask, x_block, out_block)
+        def forward_unpacked(start: int, stop: int) -> None:
+            x_block, out_block = xf[start:stop], out_flat[start:stop]
+            if not _fused.run("relu", out_block, x_block, mask_out=mask_flat[start:stop]):
+                mask = np.less_equal(x_block, 0, out=mask_flat[start:stop])
+                _zero_where(mask, x_block, out_block)
 
-            self._mask = mask_flat.reshape(x.shape)
-        # The packed mask is packed block by block, while each block's bools are in cache.
-        run_blocked(forward_block, xf, fused=not self.packed)
+        self._mask = mask_flat.reshape(x.shape)
+        run_blocked(forward_unpacked, xf)
         return out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self._mask is not None  # forward ran: the base checks it
         dx = _buffers.empty(dout.shape, dout.dtype)
         g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
+
+        if self.packed and _fused.run("relu_packed_grad", dx_flat, g=g, mask_in=kept):
+            return dx
 
         def backward_block(start: int, stop: int) -> None:
             if self.packed:
