@@ -169,3 +169,44 @@ def test_packed_relu_bits_match_numpy_packbits(size: int) -> None:
     np.testing.assert_array_equal(layer._mask, np.packbits(x <= 0))
     np.testing.assert_array_equal(out, np.where(x > 0, x, 0))
     np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("size", [5, 16, 1000, 100_003])
+def test_compiled_optimiser_steps_match_numpy_bit_for_bit(name: str, dtype: type, size: int) -> None:
+    from scratchnn import optim
+
+    rng = np.random.default_rng(size)
+    start = rng.standard_normal(size).astype(dtype)
+    grads = [rng.standard_normal(size).astype(dtype) * 10.0**-k for k in range(6)]
+    results = []
+    for compiled in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fused, "ENABLED", compiled)
+            patch.setattr(_fused, "THREADS_FROM", 64)  # two threads from small sizes
+            patch.setattr(_fused, "BLOCK", 32)
+            params = {"W": start.copy()}
+            opt = getattr(optim, name)(lr=0.01)
+            for grad in grads:
+                opt.update(params, {"W": grad})
+            results.append((params["W"], *[getattr(opt, s).get("W") for s in opt.slots]))
+    for want, got in zip(*results):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_compiled_steps_leave_strided_and_aliased_arrays_to_numpy() -> None:
+    from scratchnn import optim
+
+    base = np.arange(20, dtype=np.float32)
+    params = {"W": base[::2]}  # not contiguous: its flat view would be a copy
+    optim.SGD(lr=0.5).update(params, {"W": np.ones(10, np.float32)})
+    np.testing.assert_array_equal(base[::2], np.arange(0, 20, 2, dtype=np.float32) - 0.5)
+    np.testing.assert_array_equal(base[1::2], np.arange(1, 20, 2, dtype=np.float32))
+    same = np.full(8, 2.0, np.float32)
+    optim.SGD(lr=0.25).update({"W": same}, {"W": same})  # the gradient is the parameter
+    np.testing.assert_array_equal(same, np.full(8, 1.5, np.float32))
+    # ...while contiguous, separate arrays do take the compiled step
+    w, g = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
+    assert optim._compiled_step("sgd", w, g, (), (0.25,))
+    np.testing.assert_array_equal(w, np.full(8, 0.5, np.float32))

@@ -66,11 +66,13 @@ extern double erfc(double);
 #define CHUNK 16
 
 /* The arguments every kernel takes, used or not: three inputs (x, dout and one
- * more kept array h), a mask input, two outputs, a mask output and one
- * parameter (alpha or beta). */
+ * more kept array h), a mask input, three outputs (the optimisers' steps read
+ * them too: parameter and state arrays), a mask output and up to NPARAMS
+ * scalars ps, of which p = ps[0] is the layer's alpha or beta. */
+#define NPARAMS 6
 #define ARGS(T) const T *restrict x, const T *restrict g, const T *restrict h,             \
                 const unsigned char *restrict m_in, T *restrict out, T *restrict out2,     \
-                unsigned char *restrict m_out, T p
+                T *restrict out3, unsigned char *restrict m_out, const T *restrict ps
 
 /*
  * DEFINE(name, T, F, SUFFIX) defines the entry point name_SUFFIX over n
@@ -87,35 +89,44 @@ extern double erfc(double);
 #define DEFINE(name, T, F, SUFFIX)                                                        \
     CLONES __attribute__((noinline)) static void name##_chunks_##SUFFIX(ARGS(T),          \
                                                                         ptrdiff_t chunks) { \
+        const T p = ps[0];                                                                \
+        (void)p;                                                                          \
         for (ptrdiff_t c = 0; c < chunks; c++) {                                          \
             _Pragma("omp simd") for (int i = 0; i < CHUNK; i++) { name##_BODY(T, F) }     \
             x += CHUNK, g += CHUNK, h += CHUNK, m_in += CHUNK;                            \
-            out += CHUNK, out2 += CHUNK, m_out += CHUNK;                                  \
+            out += CHUNK, out2 += CHUNK, out3 += CHUNK, m_out += CHUNK;                   \
         }                                                                                 \
     }                                                                                     \
     static void name##_##SUFFIX(const void *vx, const void *vg, const void *vh,            \
-                                const void *vm_in, void *vout, void *vout2, void *vm_out, \
-                                double param, ptrdiff_t n) {                              \
+                                const void *vm_in, void *vout, void *vout2, void *vout3,  \
+                                void *vm_out, const double *params, ptrdiff_t n) {        \
         const T *x = vx, *g = vg, *h = vh;                                                \
         const unsigned char *m_in = vm_in;                                                \
-        T *out = vout, *out2 = vout2, p = (T)param;                                       \
+        T *out = vout, *out2 = vout2, *out3 = vout3, ps[NPARAMS];                         \
+        for (int k = 0; k < NPARAMS; k++) ps[k] = (T)params[k];                           \
         unsigned char *m_out = vm_out;                                                    \
         unsigned char *spare = (unsigned char *)out;                                      \
         x = x ? x : out, g = g ? g : out, h = h ? h : out;                                \
-        m_in = m_in ? m_in : spare, out2 = out2 ? out2 : out;                             \
+        m_in = m_in ? m_in : spare, out2 = out2 ? out2 : out, out3 = out3 ? out3 : out;   \
         m_out = m_out ? m_out : spare;                                                    \
         ptrdiff_t full = n / CHUNK * CHUNK, rest = n - full;                              \
-        name##_chunks_##SUFFIX(x, g, h, m_in, out, out2, m_out, p, full / CHUNK);         \
+        name##_chunks_##SUFFIX(x, g, h, m_in, out, out2, out3, m_out, ps, full / CHUNK);  \
         if (rest == 0) return;                                                            \
-        T bx[CHUNK] = {0}, bg[CHUNK] = {0}, bh[CHUNK] = {0}, bo[CHUNK], bo2[CHUNK];       \
+        /* Outputs are copied in too: the optimisers' steps read them. */                 \
+        T bx[CHUNK] = {0}, bg[CHUNK] = {0}, bh[CHUNK] = {0};                              \
+        T bo[CHUNK] = {0}, bo2[CHUNK] = {0}, bo3[CHUNK] = {0};                            \
         unsigned char bm_in[CHUNK] = {0}, bm_out[CHUNK];                                  \
         memcpy(bx, x + full, rest * sizeof(T));                                           \
         memcpy(bg, g + full, rest * sizeof(T));                                           \
         memcpy(bh, h + full, rest * sizeof(T));                                           \
+        memcpy(bo, out + full, rest * sizeof(T));                                         \
+        memcpy(bo2, out2 + full, rest * sizeof(T));                                       \
+        memcpy(bo3, out3 + full, rest * sizeof(T));                                       \
         memcpy(bm_in, m_in + full, rest);                                                 \
-        name##_chunks_##SUFFIX(bx, bg, bh, bm_in, bo, bo2, bm_out, p, 1);                 \
+        name##_chunks_##SUFFIX(bx, bg, bh, bm_in, bo, bo2, bo3, bm_out, ps, 1);           \
         memcpy(out + full, bo, rest * sizeof(T));                                         \
         if (out2 != out) memcpy(out2 + full, bo2, rest * sizeof(T));                      \
+        if (out3 != out) memcpy(out3 + full, bo3, rest * sizeof(T));                      \
         if (m_out != spare) memcpy(m_out + full, bm_out, rest);                           \
     }
 
@@ -230,6 +241,22 @@ BOTH(gelu_tanh_grad)
 BOTH(gelu)
 BOTH(gelu_grad)
 
+/* The optimisers' steps, in place: out is the parameter, g its gradient, out2 and
+ * out3 the state; the same operations in the same order as their NumPy paths
+ * (optim.py), each rounded as there.
+ * SGD(lr = p): p <- p - lr g. */
+#define sgd_BODY(T, F) out[i] = out[i] - g[i] * p;
+BOTH(sgd)
+/* Adam, with ps = (beta1, 1 - beta1, beta2, 1 - beta2, 1 / (c2 step), eps / step):
+ * m <- beta1 m + (1 - beta1) g; v <- beta2 v + ((1 - beta2) g) g;
+ * p <- p - m / (sqrt(v) / (c2 step) + eps / step). */
+#define adam_BODY(T, F)                                                                   \
+    T m = out2[i] * ps[0] + g[i] * ps[1];                                                 \
+    T v = out3[i] * ps[2] + g[i] * ps[3] * g[i];                                          \
+    out2[i] = m, out3[i] = v;                                                             \
+    out[i] = out[i] - m / (MATH(sqrt, F)(v) * ps[4] + ps[5]);
+BOTH(adam)
+
 /* Relu with its mask packed to one bit per element, as np.packbits packs it (the
  * first element in the high bit, the last byte padded with zeros): the relu
  * kernels above run on pieces of PIECE elements with a bool mask on the stack,
@@ -267,21 +294,23 @@ static void unpack_bits(const unsigned char *restrict bits, unsigned char *restr
 #define PACKED(T, SUFFIX)                                                                 \
     static void relu_packed_##SUFFIX(const void *vx, const void *vg, const void *vh,      \
                                      const void *vm_in, void *vout, void *vout2,          \
-                                     void *vm_out, double param, ptrdiff_t n) {           \
-        (void)vg, (void)vh, (void)vm_in, (void)vout2;                                     \
+                                     void *vout3, void *vm_out, const double *params,     \
+                                     ptrdiff_t n) {                                       \
+        (void)vg, (void)vh, (void)vm_in, (void)vout2, (void)vout3;                        \
         const T *x = vx;                                                                  \
         T *out = vout;                                                                    \
         unsigned char bools[PIECE], *bits = vm_out;                                       \
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
-            relu_##SUFFIX(x + s, NULL, NULL, NULL, out + s, NULL, bools, param, len);     \
+            relu_##SUFFIX(x + s, NULL, NULL, NULL, out + s, NULL, NULL, bools, params, len); \
             pack_bits(bools, bits + s / 8, len);                                          \
         }                                                                                 \
     }                                                                                     \
     static void relu_packed_grad_##SUFFIX(const void *vx, const void *vg, const void *vh, \
                                           const void *vm_in, void *vout, void *vout2,     \
-                                          void *vm_out, double param, ptrdiff_t n) {      \
-        (void)vx, (void)vh, (void)vout2, (void)vm_out;                                    \
+                                          void *vout3, void *vm_out,                      \
+                                          const double *params, ptrdiff_t n) {            \
+        (void)vx, (void)vh, (void)vout2, (void)vout3, (void)vm_out;                       \
         const T *g = vg;                                                                  \
         T *out = vout;                                                                    \
         const unsigned char *bits = vm_in;                                                \
@@ -289,7 +318,8 @@ static void unpack_bits(const unsigned char *restrict bits, unsigned char *restr
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
             unpack_bits(bits + s / 8, bools, len);                                        \
-            relu_grad_##SUFFIX(NULL, g + s, NULL, bools, out + s, NULL, NULL, param, len); \
+            relu_grad_##SUFFIX(NULL, g + s, NULL, bools, out + s, NULL, NULL, NULL, params,  \
+                               len);                                                      \
         }                                                                                 \
     }
 PACKED(float, f32)
@@ -302,11 +332,12 @@ PACKED(double, f64)
 #define ROWS(T, F, SUFFIX)                                                                \
     CLONES static void softmax_##SUFFIX(const void *vx, const void *vg, const void *vh,   \
                                         const void *vm_in, void *vout, void *vout2,       \
-                                        void *vm_out, double param, ptrdiff_t n) {        \
-        (void)vg, (void)vh, (void)vm_in, (void)vout2, (void)vm_out;                       \
+                                        void *vout3, void *vm_out, const double *params,  \
+                                        ptrdiff_t n) {                                    \
+        (void)vg, (void)vh, (void)vm_in, (void)vout2, (void)vout3, (void)vm_out;          \
         const T *x = vx;                                                                  \
         T *out = vout;                                                                    \
-        ptrdiff_t cols = (ptrdiff_t)param;                                                \
+        ptrdiff_t cols = (ptrdiff_t)params[0];                                            \
         for (ptrdiff_t r = 0; r < n; r += cols) {                                         \
             const T *restrict xr = x + r;                                                 \
             T *restrict yr = out + r;                                                     \
@@ -322,12 +353,13 @@ PACKED(double, f64)
     }                                                                                     \
     CLONES static void softmax_grad_##SUFFIX(const void *vx, const void *vg,              \
                                              const void *vh, const void *vm_in,           \
-                                             void *vout, void *vout2, void *vm_out,       \
-                                             double param, ptrdiff_t n) {                 \
-        (void)vh, (void)vm_in, (void)vout2, (void)vm_out;                                 \
+                                             void *vout, void *vout2, void *vout3,        \
+                                             void *vm_out, const double *params,          \
+                                             ptrdiff_t n) {                               \
+        (void)vh, (void)vm_in, (void)vout2, (void)vout3, (void)vm_out;                    \
         const T *y = vx, *g = vg;                                                         \
         T *out = vout;                                                                    \
-        ptrdiff_t cols = (ptrdiff_t)param;                                                \
+        ptrdiff_t cols = (ptrdiff_t)params[0];                                            \
         for (ptrdiff_t r = 0; r < n; r += cols) {                                         \
             const T *restrict yr = y + r, *restrict gr = g + r;                           \
             T *restrict dr = out + r;                                                     \
@@ -359,15 +391,15 @@ ROWS(double, , f64)
  * no worker: it starts a new one when it needs one.
  */
 typedef void (*kernel_fn)(const void *, const void *, const void *, const void *, void *,
-                          void *, void *, double, ptrdiff_t);
+                          void *, void *, void *, const double *, ptrdiff_t);
 
 struct job {
     kernel_fn fn;
     const char *x, *g, *h, *m_in;
-    char *out, *out2, *m_out;
+    char *out, *out2, *out3, *m_out;
     ptrdiff_t itemsize, n, block, blocks;
     int bits;  /* masks hold a bit per element: a block starts at byte start / 8 */
-    double param;
+    double params[NPARAMS];
 };
 
 #define SPIN_NS 200000L
@@ -398,8 +430,8 @@ static long take_blocks(const struct job *j) {
         ptrdiff_t s = j->itemsize;
         ptrdiff_t m = j->bits ? start / 8 : start;  /* blocks are multiples of CHUNK */
         j->fn(AT(j->x, start, s), AT(j->g, start, s), AT(j->h, start, s), AT(j->m_in, m, 1),
-              AT(j->out, start, s), AT(j->out2, start, s), AT(j->m_out, m, 1), j->param,
-              stop - start);
+              AT(j->out, start, s), AT(j->out2, start, s), AT(j->out3, start, s),
+              AT(j->m_out, m, 1), j->params, stop - start);
     }
 }
 
@@ -495,7 +527,7 @@ static int run_on_two_threads(const struct job *j) {
     return 1;
 }
 
-/* ---- The Python module: run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) ---- */
+/* ---- The Python module: run(kernel, out, x, g, h, mask_in, out2, out3, mask_out, params, threads, block) ---- */
 
 /* One row per kernel: its name, its float and its double entry point. The
  * module exports the names in this order, as NAMES; run() takes the index. */
@@ -512,7 +544,7 @@ static const struct {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
     ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
-    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad),
+    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam),
     BITWISE(relu_packed), BITWISE(relu_packed_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
@@ -537,29 +569,38 @@ static int take(PyObject *arg, Py_buffer *view, int writable, const char *format
     return 1;
 }
 
-/* run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) -> bool:
- * False, touching nothing, when an array is not what the kernel takes (another
- * dtype, not C-contiguous, another size); then the caller runs NumPy. With
- * threads = 2 and more than `block` elements, the caller and the worker share
- * the blocks (see above); `block` is rounded up to a multiple of CHUNK. */
+/* run(kernel, out, x, g, h, mask_in, out2, out3, mask_out, params, threads, block)
+ * -> bool: False, touching nothing, when an array is not what the kernel takes
+ * (another dtype, not C-contiguous, another size); then the caller runs NumPy.
+ * params is a tuple of up to NPARAMS floats. With threads = 2 and more than
+ * `block` elements, the caller and the worker share the blocks (see above);
+ * `block` is rounded up to a multiple of CHUNK. */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "run() takes 11 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 12 arguments");
         return NULL;
     }
     Py_ssize_t kernel = PyLong_AsSsize_t(args[0]);
-    double param = PyFloat_AsDouble(args[8]);
-    Py_ssize_t threads = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t block = PyLong_AsSsize_t(args[10]);
+    Py_ssize_t threads = PyLong_AsSsize_t(args[10]);
+    Py_ssize_t block = PyLong_AsSsize_t(args[11]);
     if (PyErr_Occurred()) return NULL;
     if (kernel < 0 || kernel >= N_KERNELS) {
         PyErr_SetString(PyExc_IndexError, "no such kernel");
         return NULL;
     }
+    double params[NPARAMS] = {0};
+    if (!PyTuple_Check(args[9]) || PyTuple_GET_SIZE(args[9]) > NPARAMS) {
+        PyErr_SetString(PyExc_TypeError, "params must be a tuple of at most 6 floats");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(args[9]); k++) {
+        params[k] = PyFloat_AsDouble(PyTuple_GET_ITEM(args[9], k));
+        if (PyErr_Occurred()) return NULL;
+    }
     block = block < CHUNK ? CHUNK : (block + CHUNK - 1) / CHUNK * CHUNK;
-    Py_buffer views[7];
-    for (int i = 0; i < 7; i++) views[i].obj = NULL, views[i].buf = NULL;  /* None: NULL */
+    Py_buffer views[8];
+    for (int i = 0; i < 8; i++) views[i].obj = NULL, views[i].buf = NULL;  /* None: NULL */
     int fits = 0;
     /* out (args[1]) sets the dtype and the size; the others must match it. */
     if (args[1] != Py_None && take(args[1], &views[0], 1, NULL, -1)
@@ -574,29 +615,31 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                && take(args[4], &views[3], 0, format, len)
                && take(args[5], &views[4], 0, mask_format, mask_len)
                && take(args[6], &views[5], 1, format, len)
-               && take(args[7], &views[6], 1, mask_format, mask_len);
+               && take(args[7], &views[6], 1, format, len)
+               && take(args[8], &views[7], 1, mask_format, mask_len);
         if (fits && KERNELS[kernel].rows) {
-            /* Whole rows: param is the row length; blocks hold whole rows. */
-            Py_ssize_t cols = (Py_ssize_t)param;
-            fits = param == (double)cols && cols > 0 && n % cols == 0;
+            /* Whole rows: params[0] is the row length; blocks hold whole rows. */
+            Py_ssize_t cols = (Py_ssize_t)params[0];
+            fits = params[0] == (double)cols && cols > 0 && n % cols == 0;
             if (fits) block = (block + cols - 1) / cols * cols;
         }
         if (fits) {
             struct job j = {
                 .fn = views[0].itemsize == 4 ? KERNELS[kernel].f32 : KERNELS[kernel].f64,
                 .x = views[1].buf, .g = views[2].buf, .h = views[3].buf, .m_in = views[4].buf,
-                .out = views[0].buf, .out2 = views[5].buf, .m_out = views[6].buf,
-                .itemsize = views[0].itemsize, .n = n, .block = block,
-                .blocks = (n + block - 1) / block, .bits = bits, .param = param,
+                .out = views[0].buf, .out2 = views[5].buf, .out3 = views[6].buf,
+                .m_out = views[7].buf, .itemsize = views[0].itemsize, .n = n, .block = block,
+                .blocks = (n + block - 1) / block, .bits = bits,
             };
+            memcpy(j.params, params, sizeof params);
             /* The loops read and write only these buffers: other threads may run. */
             Py_BEGIN_ALLOW_THREADS
             if (threads < 2 || j.blocks < 2 || !run_on_two_threads(&j))
-                j.fn(j.x, j.g, j.h, j.m_in, j.out, j.out2, j.m_out, param, n);
+                j.fn(j.x, j.g, j.h, j.m_in, j.out, j.out2, j.out3, j.m_out, j.params, n);
             Py_END_ALLOW_THREADS
         }
     }
-    for (int i = 0; i < 7; i++)
+    for (int i = 0; i < 8; i++)
         if (views[i].obj != NULL) PyBuffer_Release(&views[i]);
     return PyBool_FromLong(fits);
 }
@@ -611,7 +654,7 @@ static PyMethodDef methods[] = {
     {"worker_blocks", get_worker_blocks, METH_NOARGS,
      "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
-     "run(kernel, out, x, g, h, mask_in, out2, mask_out, param, threads, block) -> bool"},
+     "run(kernel, out, x, g, h, mask_in, out2, out3, mask_out, params, threads, block) -> bool"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -60,26 +60,30 @@ def run(
     mask_in: np.ndarray | None = None,
     out2: np.ndarray | None = None,
     mask_out: np.ndarray | None = None,
-    param: float = 0.0,
+    param: float | tuple[float, ...] = 0.0,
+    out3: np.ndarray | None = None,
 ) -> bool:
     """Run kernel ``name`` over matching 1-d arrays of one size; False if it cannot.
 
     ``x``, ``g`` and ``h`` are the float inputs, ``mask_in`` and ``mask_out``
-    bool arrays (True where ``x <= 0``), ``out`` and ``out2`` the float
-    outputs, ``param`` the layer's alpha or beta. Large arrays run on two
-    threads (``THREADS_FROM``), bit for bit as on one. ``out`` sets the dtype
-    (float32 or float64), which the other float arrays share; every array is
+    bool arrays (True where ``x <= 0``; uint8 packed bits for the packed Relu),
+    ``out``, ``out2`` and ``out3`` the float outputs (the optimisers' steps
+    read them too: parameter and state), ``param`` the layer's alpha or beta,
+    or a tuple of up to 6 scalars. Large arrays run on two threads
+    (``THREADS_FROM``), bit for bit as on one. ``out`` sets the dtype (float32
+    or float64), which the other float arrays share; every array is
     C-contiguous with ``out``'s size, or the call returns False untouched.
-    Only ``out``, ``out2`` and ``mask_out`` are written.
+    Only ``out``, ``out2``, ``out3`` and ``mask_out`` are written.
     """
     if not ENABLED or type(out) is not np.ndarray:
         return False
     assert _MODULE is not None
+    params = tuple(map(float, param)) if isinstance(param, tuple) else (float(param),)
     # The extension checks dtypes, sizes and contiguity through the buffer
     # protocol, in about a microsecond for all the arrays together.
     threads = THREADS if out.size >= THREADS_FROM else 1
     return bool(
         _MODULE.run(
-            _INDEX[name], out, x, g, h, mask_in, out2, mask_out, float(param), threads, BLOCK
+            _INDEX[name], out, x, g, h, mask_in, out2, out3, mask_out, params, threads, BLOCK
         )
     )

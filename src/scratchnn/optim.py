@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn import kernels
+from scratchnn import _fused, kernels
 from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
@@ -245,6 +245,30 @@ class Optimizer:
         return loaded
 
 
+def _compiled_step(
+    name: str,
+    param: np.ndarray,
+    grad: np.ndarray,
+    states: tuple[np.ndarray, ...],
+    scalars: tuple[float, ...],
+) -> bool:
+    """Run optimiser step ``name`` of the compiled kernels in place; False if they cannot.
+
+    Every array it writes (``param`` and ``states``) must be C-contiguous, so that
+    its flat view is the array itself, and ``grad`` must not share memory with
+    ``param`` (the kernels read and write through distinct pointers).
+    """
+    written = (param, *states)
+    if not _fused.ENABLED or not all(a.flags.c_contiguous for a in written):
+        return False
+    if np.may_share_memory(param, grad):
+        return False
+    flats = [a.reshape(-1) for a in written]
+    g = np.ascontiguousarray(grad).reshape(-1)
+    out2, out3 = [*flats[1:], None, None][:2]
+    return _fused.run(name, flats[0], g=g, out2=out2, out3=out3, param=scalars)
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent: ``p <- p - lr * g``.
 
@@ -260,6 +284,8 @@ class SGD(Optimizer):
         super().__init__(lr, weight_decay)
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
+        if _compiled_step("sgd", param, grad, (), (self.lr,)):
+            return  # the same two operations in one compiled pass
         np.multiply(grad, self.lr, out=work)
         np.subtract(param, work, out=param)
 
@@ -483,23 +509,26 @@ class Adam(Optimizer):
         # Python floats throughout: a NumPy float64 scalar would lift float32 work to float64.
         step_size = self.lr / (1.0 - self.beta1**t)
         sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
-
-        np.multiply(m, self.beta1, out=m)
-        np.multiply(grad, 1.0 - self.beta1, out=work)
-        np.add(m, work, out=m)
-
-        np.multiply(v, self.beta2, out=v)
-        np.multiply(grad, 1.0 - self.beta2, out=work)
-        np.multiply(work, grad, out=work)
-        np.add(v, work, out=v)
-
         # step_size * m / (sqrt(v) / c + eps) as m / (sqrt(v) / (c * step_size) + eps / step_size):
         # the scalars fold together, which saves a pass over the parameter.
-        np.sqrt(v, out=work)
-        np.multiply(work, 1.0 / (sqrt_correction2 * step_size), out=work)
-        np.add(work, self.eps / step_size, out=work)
-        np.divide(m, work, out=work)
-        np.subtract(param, work, out=param)
+        inv_scale, eps_scaled = 1.0 / (sqrt_correction2 * step_size), self.eps / step_size
+        scalars = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, inv_scale, eps_scaled)
+        # The same 12 operations in one compiled pass where the kernels take the arrays.
+        if not _compiled_step("adam", param, grad, (m, v), scalars):
+            np.multiply(m, self.beta1, out=m)
+            np.multiply(grad, 1.0 - self.beta1, out=work)
+            np.add(m, work, out=m)
+
+            np.multiply(v, self.beta2, out=v)
+            np.multiply(grad, 1.0 - self.beta2, out=work)
+            np.multiply(work, grad, out=work)
+            np.add(v, work, out=v)
+
+            np.sqrt(v, out=work)
+            np.multiply(work, inv_scale, out=work)
+            np.add(work, eps_scaled, out=work)
+            np.divide(m, work, out=work)
+            np.subtract(param, work, out=param)
 
         if self.beta1 > 0.0 and t % _flush_interval(self.beta1) == 0:
             _flush_near_subnormal(m, work)
