@@ -7,7 +7,7 @@ import pytest
 from scratchnn import _fused
 
 # Every layer must keep the same contract whichever path computes it.
-_BOTH_PATHS = {"test_conformance", "test_threads", "test_optim"}
+_BOTH_PATHS = {"test_conformance", "test_cnn_layers", "test_threads", "test_optim"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

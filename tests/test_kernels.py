@@ -210,3 +210,39 @@ def test_compiled_steps_leave_strided_and_aliased_arrays_to_numpy() -> None:
     w, g = np.ones(8, np.float32), np.full(8, 2.0, np.float32)
     assert optim._compiled_step("sgd", w, g, (), (0.25,))
     np.testing.assert_array_equal(w, np.full(8, 0.5, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "c_in, c_out, k, s, p, hw",
+    [(1, 4, 3, 1, 1, (28, 28)), (3, 5, 3, 1, 0, (7, 6)), (2, 3, (3, 2), (2, 1), (1, 0), (9, 8)),
+     (1, 2, 5, 3, 2, (9, 8)), (4, 2, 1, 2, 0, (5, 5)), (2, 2, 2, 2, 1, (4, 7))],
+)  # fmt: skip
+def test_compiled_im2col_and_col2im_match_numpy_bit_for_bit(
+    c_in: int, c_out: int, k: Any, s: Any, p: Any, hw: tuple[int, int], dtype: type
+) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, c_in, *hw)).astype(dtype)
+    results = []
+    for compiled in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fused, "ENABLED", compiled)
+            patch.setattr(_fused, "THREADS_FROM", 0)  # both threads, even here
+            layer = snn.Conv2d(c_in, c_out, k, s, p, rng=np.random.default_rng(4), dtype=dtype)
+            out = layer.forward(x)
+            dout = np.random.default_rng(5).standard_normal(out.shape).astype(dtype)
+            results.append((out, layer.backward(dout), layer.dW, layer.col))
+    for want, got in zip(*results):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_conv_kernel_refuses_mismatched_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "ENABLED", True)  # even under SCRATCHNN_KERNELS=0
+    dims = (2, 1, 4, 4, 3, 3, 1, 1, 1, 1, 4, 4)
+    x = np.ones((2, 1, 4, 4), np.float32)
+    col = np.empty((1, 3, 3, 2, 4, 4), np.float32)
+    assert _fused.conv("im2col", x, col, dims)
+    assert not _fused.conv("im2col", x, col.astype(np.float64), dims)
+    assert not _fused.conv("im2col", x[:1], col, dims)
+    assert not _fused.conv("im2col", x, col, (*dims[:6], 0, 1, 1, 1, 4, 4))  # stride 0
+    assert not _fused.conv("col2im", col, np.empty((2, 1, 4, 5), np.float32), dims)

@@ -394,6 +394,9 @@ typedef void (*kernel_fn)(const void *, const void *, const void *, const void *
                           void *, void *, void *, const double *, ptrdiff_t);
 
 struct job {
+    /* Runs block b of the job: element-wise kernels by default (task NULL). */
+    void (*task)(const struct job *, ptrdiff_t b);
+    ptrdiff_t dims[12];  /* the task's sizes (im2col, col2im) */
     kernel_fn fn;
     const char *x, *g, *h, *m_in;
     char *out, *out2, *out3, *m_out;
@@ -425,6 +428,10 @@ static long take_blocks(const struct job *j) {
     for (long taken = 0;; taken++) {
         ptrdiff_t b = atomic_fetch_add(&next_block, 1);
         if (b >= j->blocks) return taken;
+        if (j->task != NULL) {
+            j->task(j, b);
+            continue;
+        }
         ptrdiff_t start = b * j->block;
         ptrdiff_t stop = start + j->block < j->n ? start + j->block : j->n;
         ptrdiff_t s = j->itemsize;
@@ -644,6 +651,122 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(fits);
 }
 
+/* ---- Convolution: im2col and col2im, for Conv2d (layers/convolution.py) ----
+ *
+ * dims = (N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW). im2col fills col, of
+ * shape (C, kh, kw, N, OH, OW), from x (N, C, H, W), reading zeros outside the
+ * image (the padding) without a padded copy; one block per row (c, p, q) of
+ * col. col2im sums dcol, of col's shape, back into dx (N, C, H, W): one block
+ * per channel c, whose N planes stay in cache while its kh kw rows of dcol
+ * stream by, the kernel offsets added in the NumPy path's order (p, then q,
+ * onto zeros), so the sums are bit for bit the same. */
+#define CONV(T, SUFFIX)                                                                   \
+    static void im2col_block_##SUFFIX(const struct job *j, ptrdiff_t b) {                 \
+        const ptrdiff_t *d = j->dims;                                                     \
+        ptrdiff_t N = d[0], C = d[1], H = d[2], W = d[3], kh = d[4], kw = d[5];           \
+        ptrdiff_t sh = d[6], sw = d[7], ph = d[8], pw = d[9], OH = d[10], OW = d[11];     \
+        ptrdiff_t c = b / (kh * kw), p = b / kw % kh, q = b % kw;                         \
+        const T *x = (const T *)j->x;                                                     \
+        T *dst = (T *)j->out + b * N * OH * OW;                                           \
+        /* the columns j whose x = j sw + q - pw lies in [0, W) */                        \
+        ptrdiff_t j0 = pw - q > 0 ? (pw - q + sw - 1) / sw : 0;                           \
+        ptrdiff_t j1 = W + pw - q > 0 ? (W + pw - q + sw - 1) / sw : 0;                   \
+        j1 = j1 < OW ? j1 : OW, j0 = j0 < j1 ? j0 : j1;                                   \
+        for (ptrdiff_t n = 0; n < N; n++) {                                               \
+            const T *plane = x + (n * C + c) * H * W;                                     \
+            for (ptrdiff_t i = 0; i < OH; i++, dst += OW) {                               \
+                ptrdiff_t y = i * sh + p - ph;                                            \
+                if (y < 0 || y >= H) {                                                    \
+                    memset(dst, 0, OW * sizeof(T));                                       \
+                    continue;                                                             \
+                }                                                                         \
+                const T *src = plane + y * W;                                             \
+                for (ptrdiff_t jj = 0; jj < j0; jj++) dst[jj] = 0;                        \
+                /* rows are short (OW): a loop, not a memcpy call per row */              \
+                if (sw == 1)                                                              \
+                    for (ptrdiff_t jj = j0; jj < j1; jj++) dst[jj] = src[jj + q - pw];    \
+                else                                                                      \
+                    for (ptrdiff_t jj = j0; jj < j1; jj++) dst[jj] = src[jj * sw + q - pw]; \
+                for (ptrdiff_t jj = j1; jj < OW; jj++) dst[jj] = 0;                       \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    static void col2im_block_##SUFFIX(const struct job *j, ptrdiff_t c) {                 \
+        const ptrdiff_t *d = j->dims;                                                     \
+        ptrdiff_t N = d[0], C = d[1], H = d[2], W = d[3], kh = d[4], kw = d[5];           \
+        ptrdiff_t sh = d[6], sw = d[7], ph = d[8], pw = d[9], OH = d[10], OW = d[11];     \
+        const T *dcol = (const T *)j->x;                                                  \
+        T *dx = (T *)j->out;                                                              \
+        for (ptrdiff_t n = 0; n < N; n++)                                                 \
+            memset(dx + (n * C + c) * H * W, 0, H * W * sizeof(T));                       \
+        /* Channel c's planes (N of them, in cache) take its kh kw rows of dcol, each  */  \
+        /* read once from start to end. */                                               \
+        for (ptrdiff_t p = 0; p < kh; p++)                                                \
+            for (ptrdiff_t q = 0; q < kw; q++) {                                          \
+                const T *src = dcol + ((c * kh + p) * kw + q) * N * OH * OW;              \
+                ptrdiff_t j0 = pw - q > 0 ? (pw - q + sw - 1) / sw : 0;                   \
+                ptrdiff_t j1 = W + pw - q > 0 ? (W + pw - q + sw - 1) / sw : 0;           \
+                j1 = j1 < OW ? j1 : OW;                                                   \
+                for (ptrdiff_t n = 0; n < N; n++) {                                       \
+                    T *plane = dx + (n * C + c) * H * W;                                  \
+                    for (ptrdiff_t i = 0; i < OH; i++) {                                  \
+                        ptrdiff_t y = i * sh + p - ph;                                    \
+                        if (y < 0 || y >= H) continue;                                    \
+                        T *row = plane + y * W;                                           \
+                        const T *from = src + (n * OH + i) * OW;                          \
+                        if (sw == 1)                                                      \
+                            for (ptrdiff_t jj = j0; jj < j1; jj++) row[jj + q - pw] += from[jj]; \
+                        else                                                              \
+                            for (ptrdiff_t jj = j0; jj < j1; jj++)                        \
+                                row[jj * sw + q - pw] += from[jj];                        \
+                    }                                                                     \
+                }                                                                         \
+            }                                                                             \
+    }
+CONV(float, f32)
+CONV(double, f64)
+
+/* conv(which, src, dst, dims, threads) -> bool: im2col (which = 0, src x, dst col)
+ * or col2im (which = 1, src dcol, dst dx) over C-contiguous float32 or float64
+ * buffers of one format and the sizes dims implies; False, touching nothing,
+ * when they are not. */
+static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5 || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 12) {
+        PyErr_SetString(PyExc_TypeError, "conv(which, src, dst, dims (12 ints), threads)");
+        return NULL;
+    }
+    long which = PyLong_AsLong(args[0]);
+    Py_ssize_t threads = PyLong_AsSsize_t(args[4]);
+    struct job j = {0};
+    for (int k = 0; k < 12; k++) j.dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[3], k));
+    if (PyErr_Occurred()) return NULL;
+    const ptrdiff_t *d = j.dims;
+    for (int k = 0; k < 12; k++)
+        if (d[k] < (k >= 6 && k < 8 ? 1 : 0)) return PyBool_FromLong(0);  /* strides >= 1 */
+    ptrdiff_t image = d[0] * d[1] * d[2] * d[3];
+    ptrdiff_t columns = d[1] * d[4] * d[5] * d[0] * d[10] * d[11];
+    Py_buffer src = {0}, dst = {0};
+    int fits = take(args[1], &src, 0, NULL, -1) && src.obj != NULL
+               && (strcmp(src.format, "f") == 0 || strcmp(src.format, "d") == 0)
+               && take(args[2], &dst, 1, src.format, (which ? image : columns) * src.itemsize)
+               && dst.obj != NULL && src.len == (which ? columns : image) * src.itemsize;
+    if (fits) {
+        int f32 = src.itemsize == 4;
+        j.task = which ? (f32 ? col2im_block_f32 : col2im_block_f64)
+                       : (f32 ? im2col_block_f32 : im2col_block_f64);
+        j.x = src.buf, j.out = dst.buf;
+        j.blocks = which ? d[1] : d[1] * d[4] * d[5];
+        Py_BEGIN_ALLOW_THREADS
+        if (threads < 2 || j.blocks < 2 || !run_on_two_threads(&j))
+            for (ptrdiff_t b = 0; b < j.blocks; b++) j.task(&j, b);
+        Py_END_ALLOW_THREADS
+    }
+    if (src.obj != NULL) PyBuffer_Release(&src);
+    if (dst.obj != NULL) PyBuffer_Release(&dst);
+    return PyBool_FromLong(fits);
+}
+
 /* worker_blocks() -> int: how many blocks the worker thread has run so far. */
 static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -653,6 +776,8 @@ static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"worker_blocks", get_worker_blocks, METH_NOARGS,
      "worker_blocks() -> int: blocks the worker thread has run so far"},
+    {"conv", (PyCFunction)(void (*)(void))conv, METH_FASTCALL,
+     "conv(which, src, dst, dims, threads) -> bool: im2col (0) or col2im (1)"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(kernel, out, x, g, h, mask_in, out2, out3, mask_out, params, threads, block) -> bool"},
     {NULL, NULL, 0, NULL},

@@ -87,3 +87,18 @@ def run(
             _INDEX[name], out, x, g, h, mask_in, out2, out3, mask_out, params, threads, BLOCK
         )
     )
+
+
+def conv(which: str, src: np.ndarray, dst: np.ndarray, dims: tuple[int, ...]) -> bool:
+    """im2col (``which="im2col"``: ``src`` x, ``dst`` col) or col2im (``"col2im"``: ``src``
+    dcol, ``dst`` dx) for Conv2d; False, touching nothing, if the kernels cannot take them.
+
+    ``dims`` is (N, C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, OH, OW); x and dx
+    are (N, C, H, W), col and dcol (C, kh, kw, N, OH, OW), all C-contiguous arrays of one
+    float dtype (see "Convolution" in _ckernels.c).
+    """
+    if not ENABLED or type(src) is not np.ndarray or type(dst) is not np.ndarray:
+        return False
+    assert _MODULE is not None
+    threads = THREADS if dst.size >= THREADS_FROM else 1
+    return bool(_MODULE.conv(0 if which == "im2col" else 1, src, dst, dims, threads))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from scratchnn import _buffers, _fused
 from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
@@ -201,14 +202,20 @@ class Conv2d(WeightBiasLayer):
         oh = output_size(h, kh, self.stride[0], self.padding[0])
         ow = output_size(w, kw, self.stride[1], self.padding[1])
         work = compute_dtype_of(np.result_type(x.dtype, self.W.dtype))
-        xp = pad_images(x.astype(work, copy=False), self.padding)
+        xw = x.astype(work, copy=False)
         # Keeps col, (C kh kw, N OH OW): dW is col times dout. It is a new array, never the caller's.
-        col = get_array_module(x).empty((in_c, kh, kw, n, oh, ow), dtype=work)
-        for p in range(kh):
-            rows = window_slice(p, oh, self.stride[0])
-            for q in range(kw):
-                cols = window_slice(q, ow, self.stride[1])
-                col[:, p, q] = xp[:, :, rows, cols].transpose(1, 0, 2, 3)
+        on_cpu = isinstance(x, np.ndarray)
+        shape = (in_c, kh, kw, n, oh, ow)
+        col = _buffers.empty(shape, work) if on_cpu else get_array_module(x).empty(shape, work)
+        dims = (n, in_c, h, w, kh, kw, *self.stride, *self.padding, oh, ow)
+        # The compiled im2col reads the padding as zeros, without a padded copy.
+        if not (on_cpu and _fused.conv("im2col", np.ascontiguousarray(xw), col, dims)):
+            xp = pad_images(xw, self.padding)
+            for p in range(kh):
+                rows = window_slice(p, oh, self.stride[0])
+                for q in range(kw):
+                    cols = window_slice(q, ow, self.stride[1])
+                    col[:, p, q] = xp[:, :, rows, cols].transpose(1, 0, 2, 3)
         self.col = col.reshape(in_c * kh * kw, n * oh * ow)
         self._x_shape = x.shape
         product = self.W.reshape(out_c, -1).astype(work, copy=False) @ self.col  # (C_out, N OH OW)
@@ -239,6 +246,12 @@ class Conv2d(WeightBiasLayer):
         oh, ow = dout.shape[2:]
         ph, pw = self.padding
         dcol = self.W.reshape(out_c, -1).astype(g.dtype, copy=False).T @ g
+        if isinstance(dcol, np.ndarray):
+            # The compiled col2im adds in the same order, straight into NCHW.
+            dx = np.empty((n, in_c, h, w), dtype=g.dtype)
+            dims = (n, in_c, h, w, kh, kw, *self.stride, ph, pw, oh, ow)
+            if _fused.conv("col2im", np.ascontiguousarray(dcol), dx, dims):
+                return dx
         dcol = dcol.reshape(in_c, kh, kw, n, oh, ow)
         # Scatter in col's own (C, N, H, W) order, so each add is contiguous; transpose once at the end.
         dxp = get_array_module(g).zeros((in_c, n, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
