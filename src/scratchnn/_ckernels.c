@@ -240,6 +240,9 @@ BOTH(gelu_tanh_grad)
     out[i] = g[i] * (h[i] + x[i] * pdf);
 BOTH(gelu)
 BOTH(gelu_grad)
+/* The same forward, also copying x into out3 (a layer keeps it for backward). */
+#define gelu_keep_BODY(T, F) out3[i] = x[i]; gelu_BODY(T, F)
+BOTH(gelu_keep)
 
 /* The optimisers' steps, in place: out is the parameter, g its gradient, out2 and
  * out3 the state; the same operations in the same order as their NumPy paths
@@ -551,7 +554,7 @@ static const struct {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
     ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
-    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam),
+    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam), ROW(gelu_keep),
     BITWISE(relu_packed), BITWISE(relu_packed_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))

@@ -436,14 +436,22 @@ class Gelu(Layer):
         return kernels.run(name, to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.x = self._keep_input(x)
         z = to_compute(x)
         if self.approximate == "tanh":
+            self.x = self._keep_input(x)
             return elementwise(_gelu_tanh, z).astype(x.dtype, copy=False)
         # Phi(x) is also kept (private, never handed out): backward then needs no
         # second erfc, the most expensive part of both passes.
         out, cdf = _buffers.empty(z.shape, z.dtype), _buffers.empty(z.shape, z.dtype)
         zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
+        self._cdf = cdf
+        if self._caller_owned[0] and z.dtype == x.dtype:
+            # The copy of x that backward needs, written in the same compiled pass.
+            kept = _buffers.empty(x.shape, x.dtype)
+            if _fused.run("gelu_keep", out_flat, zf, out2=cdf_flat, out3=kept.reshape(-1)):
+                self.x = kept
+                return out
+        self.x = self._keep_input(x)
 
         def forward_block(start: int, stop: int) -> None:
             block = (out_flat[start:stop], zf[start:stop])
@@ -453,7 +461,6 @@ class Gelu(Layer):
             np.multiply(zf[start:stop], cdf_flat[start:stop], out=out_flat[start:stop])
 
         run_blocked(forward_block, zf)
-        self._cdf = cdf
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
