@@ -497,3 +497,35 @@ def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
     params, _ = load_model(tmp_path / "model.safetensors")
     assert all(isinstance(v, np.ndarray) for v in params.values())
     assert "epoch   2/2" in capsys.readouterr().out
+
+
+def test_cli_evaluates_on_the_device_as_on_the_cpu(
+    gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.cli import main
+    from scratchnn.data import find_dataset_files
+
+    try:
+        find_dataset_files("fashion-mnist")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    argv = ["train", "--hidden", "16", "--limit", "500", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    model = str(tmp_path / "model.safetensors")
+    assert main(["evaluate", model]) == 0
+    on_cpu = capsys.readouterr().out
+    assert main(["evaluate", model, "--device", "cuda"]) == 0
+    on_device = capsys.readouterr().out
+    assert "test accuracy" in on_cpu and on_device == on_cpu  # same accuracy, same matrix
+
+
+def test_cli_evaluate_on_cuda_without_cupy_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scratchnn.cli import main
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    code = main(["evaluate", str(tmp_path / "model.safetensors"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install scratchnn[gpu]" in err and len(err.strip().splitlines()) == 1

@@ -206,12 +206,15 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from scratchnn.backend import DeviceUnavailableError
     from scratchnn.checkpoint import CheckpointError
     from scratchnn.runs import evaluate_file, format_confusion
 
     try:
-        accuracy, matrix, names = evaluate_file(args.checkpoint, data_path=args.data)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        accuracy, matrix, names = evaluate_file(
+            args.checkpoint, data_path=args.data, device=args.device
+        )
+    except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("evaluate", str(error))
     print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
     print(format_confusion(matrix, names))
@@ -225,6 +228,12 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
     )
     evaluate.add_argument("checkpoint", help="a model.safetensors or checkpoint.safetensors file")
     evaluate.add_argument("--data", help="directory with the IDX files")
+    evaluate.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (NumPy, the default) or cuda (an NVIDIA GPU through CuPy)",
+    )
     evaluate.set_defaults(run=_run_evaluate)
 
 

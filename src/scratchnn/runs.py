@@ -391,18 +391,26 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int
 
 
 def evaluate_file(
-    path: str | os.PathLike[str], *, data_path: str | None = None
+    path: str | os.PathLike[str], *, data_path: str | None = None, device: str = "cpu"
 ) -> tuple[float, np.ndarray, list[str]]:
-    """Test accuracy, confusion matrix and class names of a saved model on its data set."""
+    """Test accuracy, confusion matrix and class names of a saved model on its data set.
+
+    ``device="cuda"`` evaluates on the GPU through CuPy: the network and the test
+    images move there once; the confusion matrix is counted on the host.
+    """
     from scratchnn.data import FASHION_MNIST_CLASSES
 
+    if check_device(device) == "cuda":
+        import_cupy()  # before any work: a missing CuPy or GPU is one clear error
     network, config = load_network(path)
     _, (x_test, t_test) = load_data(config, data_path)
+    network.to(device)
+    x_on_device, t_on_device = to_device(x_test, device), to_device(t_test, device)
     network.eval()
-    _, accuracy = evaluate(network, x_test, t_test)
+    _, accuracy = evaluate(network, x_on_device, t_on_device)
     predictions = np.concatenate(
         [
-            np.argmax(network.predict(x_test[i : i + 1000]), axis=1)
+            to_device(network.predict(x_on_device[i : i + 1000]).argmax(axis=1), "cpu")
             for i in range(0, len(x_test), 1000)
         ]
     )
