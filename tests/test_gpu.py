@@ -283,14 +283,19 @@ def test_cli_device_cuda_without_cupy_fails_with_one_line(
     assert "pip install scratchnn[gpu]" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from scratchnn.cli import main
+def require_fashion_mnist() -> None:
+    """Skip, saying why, where Debian's Fashion-MNIST is not installed."""
     from scratchnn.data import find_dataset_files
 
     try:
         find_dataset_files("fashion-mnist")
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scratchnn.cli import main
+    require_fashion_mnist()
     argv = ["train", "--device", "cpu", "--hidden", "16", "--limit", "500", "--epochs", "1"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     assert (tmp_path / "model.safetensors").exists()
@@ -485,12 +490,7 @@ def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
 ) -> None:
     from scratchnn.checkpoint import load_model
     from scratchnn.cli import main
-    from scratchnn.data import find_dataset_files
-
-    try:
-        find_dataset_files("fashion-mnist")
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     argv = ["train", "--hidden", "16", "--limit", "500", "--out", str(tmp_path)]
     assert main([*argv, "--device", "cuda", "--epochs", "1"]) == 0
     assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "2"]) == 0
@@ -503,12 +503,7 @@ def test_cli_evaluates_on_the_device_as_on_the_cpu(
     gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from scratchnn.cli import main
-    from scratchnn.data import find_dataset_files
-
-    try:
-        find_dataset_files("fashion-mnist")
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    require_fashion_mnist()
     argv = ["train", "--hidden", "16", "--limit", "500", "--epochs", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     capsys.readouterr()
