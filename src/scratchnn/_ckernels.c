@@ -1,6 +1,9 @@
 /*
- * Fused element-wise kernels for the activation layers: one pass over memory
- * where the NumPy path (the reference, in layers/activations.py) makes 4 to 50.
+ * Fused kernels: one pass over memory where the NumPy path (the reference)
+ * makes 4 to 50. Each activation's forward and backward (layers/activations.py),
+ * Softmax by rows, the SGD and Adam steps (optim.py), and Conv2d's im2col and
+ * col2im (layers/convolution.py); large calls run on two threads (see "Two
+ * threads" below).
  *
  * Optional: setup.py builds this file as the extension module
  * scratchnn._ckernels when a C compiler and Python's headers are there, and
@@ -20,9 +23,10 @@
  *   fixed chunks of CHUNK elements, and the last partial chunk is copied into
  *   a zero-padded buffer and run through the same chunk code. A scalar
  *   remainder loop would call libm's scalar exp for a few elements, which can
- *   round differently; then a block boundary could change a result, and the
- *   blocked evaluation (_threads.py) must give the one-call result bit for bit.
- * - Inputs are never written; outputs are fresh arrays from the caller.
+ *   round differently; then a block boundary could change a result, and
+ *   the blocks of a two-thread call must give the one-call result bit for bit.
+ * - Inputs are never written; outputs are arrays from the caller (the
+ *   optimisers' steps update their parameter and state arrays in place).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
