@@ -153,22 +153,39 @@ def test_softmax_kernel_refuses_partial_rows(monkeypatch: pytest.MonkeyPatch) ->
         assert not _fused.run("softmax", out, x, param=bad)
 
 
-@pytest.mark.parametrize("size", [1, 7, 8, 9, 1023, 1024, 1025, 100_003])
-def test_packed_relu_bits_match_numpy_packbits(size: int) -> None:
+@pytest.fixture(params=["avx512", "portable"])
+def packed_path(request: pytest.FixtureRequest) -> Any:
+    """The packed Relu kernels' AVX-512 path (where the CPU has it) or their portable one."""
+    assert _fused._MODULE is not None
+    before = _fused._MODULE.packed_avx512(None)
+    if request.param == "avx512" and not _fused._MODULE.packed_avx512(True):
+        _fused._MODULE.packed_avx512(before)
+        pytest.skip("this CPU has no AVX-512: only the portable path runs here")
+    if request.param == "portable":
+        _fused._MODULE.packed_avx512(False)
+    yield request.param
+    _fused._MODULE.packed_avx512(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 100_003])
+def test_packed_relu_bits_match_numpy_packbits(size: int, dtype: type, packed_path: str) -> None:
     """The compiled packed kernels keep np.packbits' layout: first element in the high
     bit, the last byte padded with zeros; backward unpacks it to the same gradient."""
     rng = np.random.default_rng(size)
-    x = rng.standard_normal(size).astype(np.float32)
+    x = rng.standard_normal(size).astype(dtype)
     x[::5] = 0.0
-    dout = rng.standard_normal(size).astype(np.float32)
+    x[1::7] = np.nan  # not <= 0: passes forward, its gradient passes backward
+    dout = rng.standard_normal(size).astype(dtype)
     layer = snn.Relu(packed=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_fused, "ENABLED", True)
         out = layer.forward(x)
         dx = layer.backward(dout)
     np.testing.assert_array_equal(layer._mask, np.packbits(x <= 0))
-    np.testing.assert_array_equal(out, np.where(x > 0, x, 0))
-    np.testing.assert_array_equal(dx, np.where(x > 0, dout, 0))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(out, np.where(x <= 0, 0, x))
+        np.testing.assert_array_equal(dx, np.where(x <= 0, 0, dout))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)

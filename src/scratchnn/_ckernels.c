@@ -298,6 +298,108 @@ static void unpack_bits(const unsigned char *restrict bits, unsigned char *restr
     }
 }
 
+/* On CPUs with AVX-512 the packed kernels need no bool array at all: a vector
+ * compare yields the mask bits directly (element k in bit k), which a table
+ * reverses within each byte into np.packbits' order (element 0 in the high
+ * bit); backward turns the bytes back into a mask register that selects 0
+ * or dout. The same values and bits as the portable code below. */
+static unsigned char REVERSED[256];  /* each byte with its bits in reverse order */
+static int use_avx512;              /* set once, when the module loads */
+
+static void init_packed(void) {
+    for (int b = 0; b < 256; b++) {
+        unsigned char r = 0;
+        for (int k = 0; k < 8; k++) r |= (unsigned char)(((b >> k) & 1) << (7 - k));
+        REVERSED[b] = r;
+    }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f");
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define HAVE_AVX512_PACKED 1
+__attribute__((target("avx512f"))) static void relu_packed_avx512_f32(
+    const float *x, float *out, unsigned char *bits, ptrdiff_t n) {
+    const __m512 zero = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ);  /* NaN: not <= 0 */
+        _mm512_storeu_ps(out + i, _mm512_mask_mov_ps(v, m, zero));
+        bits[i / 8] = REVERSED[m & 0xff];
+        bits[i / 8 + 1] = REVERSED[m >> 8];
+    }
+    if (i < n) {
+        __mmask16 live = (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(live, x + i);
+        __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ) & live;  /* padding bits 0 */
+        _mm512_mask_storeu_ps(out + i, live, _mm512_mask_mov_ps(v, m, zero));
+        bits[i / 8] = REVERSED[m & 0xff];
+        if (n - i > 8) bits[i / 8 + 1] = REVERSED[m >> 8];
+    }
+}
+__attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f32(
+    const float *g, float *out, const unsigned char *bits, ptrdiff_t n) {
+    const __m512 zero = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = (__mmask16)(REVERSED[bits[i / 8]] | REVERSED[bits[i / 8 + 1]] << 8);
+        _mm512_storeu_ps(out + i, _mm512_mask_mov_ps(_mm512_loadu_ps(g + i), m, zero));
+    }
+    if (i < n) {
+        __mmask16 live = (__mmask16)((1u << (n - i)) - 1);
+        unsigned high = n - i > 8 ? REVERSED[bits[i / 8 + 1]] : 0;
+        __mmask16 m = (__mmask16)(REVERSED[bits[i / 8]] | high << 8);
+        __m512 v = _mm512_maskz_loadu_ps(live, g + i);
+        _mm512_mask_storeu_ps(out + i, live, _mm512_mask_mov_ps(v, m, zero));
+    }
+}
+__attribute__((target("avx512f"))) static void relu_packed_avx512_f64(
+    const double *x, double *out, unsigned char *bits, ptrdiff_t n) {
+    const __m512d zero = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d v = _mm512_loadu_pd(x + i);
+        __mmask8 m = _mm512_cmp_pd_mask(v, zero, _CMP_LE_OQ);
+        _mm512_storeu_pd(out + i, _mm512_mask_mov_pd(v, m, zero));
+        bits[i / 8] = REVERSED[m];
+    }
+    if (i < n) {
+        __mmask8 live = (__mmask8)((1u << (n - i)) - 1);
+        __m512d v = _mm512_maskz_loadu_pd(live, x + i);
+        __mmask8 m = _mm512_cmp_pd_mask(v, zero, _CMP_LE_OQ) & live;
+        _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, m, zero));
+        bits[i / 8] = REVERSED[m];
+    }
+}
+__attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f64(
+    const double *g, double *out, const unsigned char *bits, ptrdiff_t n) {
+    const __m512d zero = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __mmask8 m = REVERSED[bits[i / 8]];
+        _mm512_storeu_pd(out + i, _mm512_mask_mov_pd(_mm512_loadu_pd(g + i), m, zero));
+    }
+    if (i < n) {
+        __mmask8 live = (__mmask8)((1u << (n - i)) - 1);
+        __mmask8 m = REVERSED[bits[i / 8]];
+        __m512d v = _mm512_maskz_loadu_pd(live, g + i);
+        _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, m, zero));
+    }
+}
+#endif
+
+/* AVX512_PACKED(call): runs call and is true where the AVX-512 path exists and the
+ * CPU has it; false (nothing run) elsewhere. */
+#ifdef HAVE_AVX512_PACKED
+#define AVX512_PACKED(call) (use_avx512 ? ((call), 1) : 0)
+#else
+#define AVX512_PACKED(call) 0
+#endif
+
 #define PACKED(T, SUFFIX)                                                                 \
     static void relu_packed_##SUFFIX(const void *vx, const void *vg, const void *vh,      \
                                      const void *vm_in, void *vout, void *vout2,          \
@@ -307,6 +409,7 @@ static void unpack_bits(const unsigned char *restrict bits, unsigned char *restr
         const T *x = vx;                                                                  \
         T *out = vout;                                                                    \
         unsigned char bools[PIECE], *bits = vm_out;                                       \
+        if (AVX512_PACKED(relu_packed_avx512_##SUFFIX(x, out, bits, n))) return;          \
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
             relu_##SUFFIX(x + s, NULL, NULL, NULL, out + s, NULL, NULL, bools, params, len); \
@@ -322,6 +425,7 @@ static void unpack_bits(const unsigned char *restrict bits, unsigned char *restr
         T *out = vout;                                                                    \
         const unsigned char *bits = vm_in;                                                \
         unsigned char bools[PIECE];                                                       \
+        if (AVX512_PACKED(relu_packed_grad_avx512_##SUFFIX(g, out, bits, n))) return;     \
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
             unpack_bits(bits + s / 8, bools, len);                                        \
@@ -774,6 +878,22 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(fits);
 }
 
+/* packed_avx512(on) -> bool: whether the packed Relu kernels take their AVX-512
+ * path; `on` (None: leave it) switches it, for the tests of the portable path.
+ * It stays off where the CPU lacks AVX-512. */
+static PyObject *packed_avx512(PyObject *self, PyObject *on) {
+    (void)self;
+    if (on != Py_None) {
+        int want = PyObject_IsTrue(on);
+        if (want < 0) return NULL;
+        use_avx512 = 0;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+        use_avx512 = want && __builtin_cpu_supports("avx512f");
+#endif
+    }
+    return PyBool_FromLong(use_avx512);
+}
+
 /* worker_blocks() -> int: how many blocks the worker thread has run so far. */
 static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -781,6 +901,8 @@ static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
+    {"packed_avx512", packed_avx512, METH_O,
+     "packed_avx512(on) -> bool: the packed Relu kernels' AVX-512 path (on=None: query)"},
     {"worker_blocks", get_worker_blocks, METH_NOARGS,
      "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"conv", (PyCFunction)(void (*)(void))conv, METH_FASTCALL,
@@ -799,6 +921,7 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     pthread_atfork(NULL, NULL, forget_worker);
+    init_packed();
     PyObject *names = PyTuple_New(N_KERNELS);
     if (names == NULL) goto fail;
     for (Py_ssize_t i = 0; i < N_KERNELS; i++) {
