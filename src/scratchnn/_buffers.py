@@ -33,10 +33,10 @@ import numpy as np
 
 from scratchnn import _fused
 
-# From this many bytes an output comes from the pool. Below, malloc's heap
-# recycles freed arrays itself (its mmap threshold rises to the size of the
-# largest array freed, up to 32 MiB); from a few MiB up the pool also saves
-# malloc's work of splitting and merging large chunks.
+# From this many bytes an output comes from the pool; below, NumPy and malloc
+# recycle freed arrays well. (malloc's heap also recycles arrays up to 32 MiB
+# once one of that size has been freed, its mmap threshold rising to it, but
+# may hand their pages back; the pool keeps them.)
 MIN_BYTES = 1 << 20
 # Most bytes of buffers the pool keeps, in use or free.
 POOL_BYTES = 1 << 28

@@ -1,14 +1,16 @@
-"""The optional compiled kernels: one fused pass per activation, NumPy as the fallback.
+"""The optional compiled kernels: one fused pass where NumPy makes several, NumPy as the fallback.
 
-``_ckernels.c`` holds, for each activation, a forward and a backward loop
-over float32 or float64 arrays, vectorised through glibc's libmvec. It is
-built as the extension module ``scratchnn._ckernels`` when scratchnn is
-installed on a machine with a C compiler (see ``setup.py``).
+``_ckernels.c`` holds, over float32 or float64 arrays, a forward and a
+backward loop for each activation (vectorised through glibc's libmvec),
+Softmax by rows, the SGD and Adam steps, and Conv2d's im2col and col2im;
+calls of ``THREADS_FROM`` elements or more run on two threads. It is built
+as the extension module ``scratchnn._ckernels`` when scratchnn is installed
+on a machine with a C compiler (see ``setup.py``).
 
-The layers call :func:`run` on each block of their flat arrays; it returns
-False whenever the kernels cannot take the call (not built, switched off,
-another dtype, layout or array type), and the layer then runs its NumPy
-passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
+The layers call :func:`run` (and Conv2d :func:`conv`) on their flat arrays;
+these return False whenever the kernels cannot take the call (not built,
+switched off, another dtype, layout or array type), and the caller then runs
+its NumPy passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
 environment, or ``ENABLED = False`` here, switches the kernels off.
 
 The kernels never raise or warn: where the NumPy path overflows harmlessly
