@@ -161,3 +161,32 @@ def test_a_forked_child_starts_its_own_worker(monkeypatch: pytest.MonkeyPatch) -
         child.kill()
         pytest.fail("the forked child hung in a two-thread kernel call")
     assert child.exitcode == 0 and queue.get(timeout=5) == expected
+
+
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+def test_python_threads_calling_the_kernels_at_once_get_their_own_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One caller at a time shares the C worker; the others run on their own thread. Each
+    thread's results are those of a lone call."""
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    monkeypatch.setattr(_fused, "BLOCK", 64)
+    rng = np.random.default_rng(2)
+    inputs = [rng.standard_normal(50_000).astype(np.float32) for _ in range(4)]
+    expected = [forward_backward(snn.Sigmoid, x, x) for x in inputs]
+    failures: list[str] = []
+
+    def work(index: int) -> None:
+        for _ in range(30):
+            got = forward_backward(snn.Sigmoid, inputs[index], inputs[index])
+            if not all(np.array_equal(a, b) for a, b in zip(got[:2], expected[index][:2])):
+                failures.append(f"thread {index}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
