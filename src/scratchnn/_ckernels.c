@@ -321,21 +321,16 @@ static void init_packed(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define HAVE_AVX512_PACKED 1
+/* Each loop runs whole vectors and the last partial one through the same body:
+ * `live` masks the lanes past n out of every load, store and mask bit. */
 __attribute__((target("avx512f"))) static void relu_packed_avx512_f32(
     const float *x, float *out, unsigned char *bits, ptrdiff_t n) {
     const __m512 zero = _mm512_setzero_ps();
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(x + i);
-        __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ);  /* NaN: not <= 0 */
-        _mm512_storeu_ps(out + i, _mm512_mask_mov_ps(v, m, zero));
-        bits[i / 8] = REVERSED[m & 0xff];
-        bits[i / 8 + 1] = REVERSED[m >> 8];
-    }
-    if (i < n) {
-        __mmask16 live = (__mmask16)((1u << (n - i)) - 1);
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        __mmask16 live = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 v = _mm512_maskz_loadu_ps(live, x + i);
-        __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ) & live;  /* padding bits 0 */
+        /* x <= 0, NaN not; the bits past n stay 0, as np.packbits pads */
+        __mmask16 m = _mm512_cmp_ps_mask(v, zero, _CMP_LE_OQ) & live;
         _mm512_mask_storeu_ps(out + i, live, _mm512_mask_mov_ps(v, m, zero));
         bits[i / 8] = REVERSED[m & 0xff];
         if (n - i > 8) bits[i / 8 + 1] = REVERSED[m >> 8];
@@ -344,13 +339,8 @@ __attribute__((target("avx512f"))) static void relu_packed_avx512_f32(
 __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f32(
     const float *g, float *out, const unsigned char *bits, ptrdiff_t n) {
     const __m512 zero = _mm512_setzero_ps();
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __mmask16 m = (__mmask16)(REVERSED[bits[i / 8]] | REVERSED[bits[i / 8 + 1]] << 8);
-        _mm512_storeu_ps(out + i, _mm512_mask_mov_ps(_mm512_loadu_ps(g + i), m, zero));
-    }
-    if (i < n) {
-        __mmask16 live = (__mmask16)((1u << (n - i)) - 1);
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        __mmask16 live = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
         unsigned high = n - i > 8 ? REVERSED[bits[i / 8 + 1]] : 0;
         __mmask16 m = (__mmask16)(REVERSED[bits[i / 8]] | high << 8);
         __m512 v = _mm512_maskz_loadu_ps(live, g + i);
@@ -360,15 +350,8 @@ __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f32(
 __attribute__((target("avx512f"))) static void relu_packed_avx512_f64(
     const double *x, double *out, unsigned char *bits, ptrdiff_t n) {
     const __m512d zero = _mm512_setzero_pd();
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m512d v = _mm512_loadu_pd(x + i);
-        __mmask8 m = _mm512_cmp_pd_mask(v, zero, _CMP_LE_OQ);
-        _mm512_storeu_pd(out + i, _mm512_mask_mov_pd(v, m, zero));
-        bits[i / 8] = REVERSED[m];
-    }
-    if (i < n) {
-        __mmask8 live = (__mmask8)((1u << (n - i)) - 1);
+    for (ptrdiff_t i = 0; i < n; i += 8) {
+        __mmask8 live = n - i >= 8 ? 0xff : (__mmask8)((1u << (n - i)) - 1);
         __m512d v = _mm512_maskz_loadu_pd(live, x + i);
         __mmask8 m = _mm512_cmp_pd_mask(v, zero, _CMP_LE_OQ) & live;
         _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, m, zero));
@@ -378,16 +361,10 @@ __attribute__((target("avx512f"))) static void relu_packed_avx512_f64(
 __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f64(
     const double *g, double *out, const unsigned char *bits, ptrdiff_t n) {
     const __m512d zero = _mm512_setzero_pd();
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __mmask8 m = REVERSED[bits[i / 8]];
-        _mm512_storeu_pd(out + i, _mm512_mask_mov_pd(_mm512_loadu_pd(g + i), m, zero));
-    }
-    if (i < n) {
-        __mmask8 live = (__mmask8)((1u << (n - i)) - 1);
-        __mmask8 m = REVERSED[bits[i / 8]];
+    for (ptrdiff_t i = 0; i < n; i += 8) {
+        __mmask8 live = n - i >= 8 ? 0xff : (__mmask8)((1u << (n - i)) - 1);
         __m512d v = _mm512_maskz_loadu_pd(live, g + i);
-        _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, m, zero));
+        _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, REVERSED[bits[i / 8]], zero));
     }
 }
 #endif
