@@ -445,7 +445,7 @@ class Gelu(Layer):
         out, cdf = _buffers.empty(z.shape, z.dtype), _buffers.empty(z.shape, z.dtype)
         zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
         self._cdf = cdf
-        if self._caller_owned[0] and z.dtype == x.dtype:
+        if _fused.ENABLED and self._caller_owned[0] and z.dtype == x.dtype:
             # The copy of x that backward needs, written in the same compiled pass.
             kept = _buffers.empty(x.shape, x.dtype)
             if _fused.run("gelu_keep", out_flat, zf, out2=cdf_flat, out3=kept.reshape(-1)):
