@@ -212,8 +212,12 @@ def test_compiled_optimiser_steps_match_numpy_bit_for_bit(name: str, dtype: type
         np.testing.assert_array_equal(got, want)
 
 
-def test_compiled_steps_leave_strided_and_aliased_arrays_to_numpy() -> None:
+def test_compiled_steps_leave_strided_and_aliased_arrays_to_numpy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from scratchnn import optim
+
+    monkeypatch.setattr(_fused, "ENABLED", True)  # even under SCRATCHNN_KERNELS=0
 
     base = np.arange(20, dtype=np.float32)
     params = {"W": base[::2]}  # not contiguous: its flat view would be a copy

@@ -65,12 +65,22 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return buffer.view(dtype).reshape(shape)
 
 
+def empty_like(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """:func:`empty` of ``array``'s shape, and of its dtype unless ``dtype`` is given."""
+    dtype = array.dtype if dtype is None else np.dtype(dtype)
+    if array.size * dtype.itemsize < MIN_BYTES:  # the common small case, without the lock
+        return np.empty(array.shape, dtype)
+    return empty(array.shape, dtype)
+
+
 def copy(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of NumPy array ``array``, its memory from :func:`empty`.
 
     Float arrays in C order are copied by the compiled kernels where they are
     built, which split large arrays over two threads (``np.copyto`` runs on one).
     """
+    if array.size < _fused.THREADS_FROM and array.nbytes < MIN_BYTES:
+        return array.copy()  # one thread, fresh small memory: NumPy's own copy
     out = empty(array.shape, array.dtype)
     if not (array.flags.c_contiguous and _fused.run("copy", out.reshape(-1), array.reshape(-1))):
         np.copyto(out, array)

@@ -26,6 +26,8 @@ from types import ModuleType
 
 import numpy as np
 
+from scratchnn import _buffers
+
 
 def _load() -> ModuleType | None:
     try:
@@ -46,6 +48,7 @@ THREADS_FROM = 1 << 16
 BLOCK = 1 << 14
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(_MODULE.NAMES)} if _MODULE else {}
 ENABLED = _MODULE is not None and os.environ.get("SCRATCHNN_KERNELS", "1") != "0"
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def available() -> bool:
@@ -65,7 +68,7 @@ def run(
     param: float | tuple[float, ...] = 0.0,
     out3: np.ndarray | None = None,
 ) -> bool:
-    """Run kernel ``name`` over matching 1-d arrays of one size; False if it cannot.
+    """Run kernel ``name`` over C-contiguous arrays of one size; False if it cannot.
 
     ``x``, ``g`` and ``h`` are the float inputs, ``mask_in`` and ``mask_out``
     bool arrays (True where ``x <= 0``; uint8 packed bits for the packed Relu),
@@ -89,6 +92,26 @@ def run(
             _INDEX[name], out, x, g, h, mask_in, out2, out3, mask_out, params, threads, BLOCK
         )
     )
+
+
+def apply(name: str, x: np.ndarray, *more: np.ndarray, param: float = 0.0) -> np.ndarray | None:
+    """A new array of ``x``'s shape and dtype computed by kernel ``name`` from ``x``
+    and up to two more arrays (its ``g`` and ``h``); None if the kernels cannot
+    take them (see :func:`run`).
+
+    The short path for the layers' common call, one NumPy array in and one out:
+    the arrays may have any shape, as long as they are C-contiguous.
+    """
+    if not ENABLED or type(x) is not np.ndarray or x.dtype not in _DTYPES or len(more) > 2:
+        return None
+    assert _MODULE is not None
+    g, h = (*more, None, None)[:2]
+    out = _buffers.empty_like(x)
+    threads = THREADS if x.size >= THREADS_FROM else 1
+    arrays = (out, x, g, h, None, None, None, None)
+    if _MODULE.run(_INDEX[name], *arrays, (float(param),), threads, BLOCK):
+        return out
+    return None
 
 
 def conv(which: str, src: np.ndarray, dst: np.ndarray, dims: tuple[int, ...]) -> bool:

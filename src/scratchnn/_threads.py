@@ -118,14 +118,24 @@ def run_blocked(
 
 
 def elementwise(
-    kernel: Callable[..., object], *inputs: np.ndarray, dtype: np.dtype | None = None
+    kernel: Callable[..., object],
+    *inputs: np.ndarray,
+    dtype: np.dtype | None = None,
+    compiled: str | None = None,
+    param: float = 0.0,
 ) -> np.ndarray:
     """A new array ``out`` of ``inputs[0]``'s shape, ``kernel(*inputs, out)`` run blockwise.
 
     The inputs have one shape; the kernel writes its last argument in place
     from the same elements of the others (see :func:`run_blocked`). ``out``
-    has ``dtype``, by default ``inputs[0]``'s.
+    has ``dtype``, by default ``inputs[0]``'s. ``compiled`` names the compiled
+    kernel that computes the same from the inputs as its x, g and h (and
+    ``param``): where it takes them, it runs alone, in one call.
     """
+    if compiled is not None and dtype is None:
+        result = _fused.apply(compiled, *inputs, param=param)
+        if result is not None:
+            return result
     out = _buffers.empty(inputs[0].shape, dtype or inputs[0].dtype)
     flats, out_flat = [flat(a) for a in inputs], out.reshape(-1)
 

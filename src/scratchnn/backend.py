@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (
     np.dtype(np.float16),
     np.dtype(np.float32),
@@ -209,4 +210,6 @@ def compute_dtype_of(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 def to_compute(x: np.ndarray) -> np.ndarray:
     """``x`` in the dtype its computation runs in (float16 is lifted to float32)."""
+    if x.dtype == _FLOAT32 or x.dtype == _FLOAT64:  # the common case, returned as it is
+        return x
     return x.astype(compute_dtype_of(x.dtype), copy=False)

@@ -80,42 +80,38 @@ class Relu(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # Keeps only the mask: the sign pattern is all that backward needs.
-        # Block by block, so that each block's mask is still in cache when it is used.
-        out = _buffers.empty(x.shape, x.dtype)
-        xf, out_flat = flat(x), out.reshape(-1)
+        out = _buffers.empty_like(x)
         if self.packed:
             packed = np.empty((x.size + 7) // 8, np.uint8)
             self._mask, self._mask_shape = packed, x.shape
-            if _fused.run("relu_packed", out_flat, xf, mask_out=packed):
+            if _fused.run("relu_packed", out, x, mask_out=packed):
                 return out  # one compiled pass, packing beside it
+        else:
+            self._mask = _buffers.empty_like(x, bool)
+            if _fused.run("relu", out, x, mask_out=self._mask):
+                return out
+        # NumPy's passes, block by block, so that each block's mask is still in
+        # cache when it is used (and packed).
+        xf, out_flat, kept = flat(x), out.reshape(-1), self._mask.reshape(-1)
 
-            def forward_block(start: int, stop: int) -> None:
+        def forward_block(start: int, stop: int) -> None:
+            if self.packed:
                 mask = np.less_equal(xf[start:stop], 0)
-                _zero_where(mask, xf[start:stop], out_flat[start:stop])
-                packed[start // 8 : (stop + 7) // 8] = np.packbits(mask)
+                kept[start // 8 : (stop + 7) // 8] = np.packbits(mask)
+            else:
+                mask = np.less_equal(xf[start:stop], 0, out=kept[start:stop])
+            _zero_where(mask, xf[start:stop], out_flat[start:stop])
 
-            # Packed block by block, while each block's bools are in cache.
-            run_blocked(forward_block, xf, fused=False)
-            return out
-        mask_flat = _buffers.empty((x.size,), bool)
-
-        def forward_unpacked(start: int, stop: int) -> None:
-            x_block, out_block = xf[start:stop], out_flat[start:stop]
-            if not _fused.run("relu", out_block, x_block, mask_out=mask_flat[start:stop]):
-                mask = np.less_equal(x_block, 0, out=mask_flat[start:stop])
-                _zero_where(mask, x_block, out_block)
-
-        self._mask = mask_flat.reshape(x.shape)
-        run_blocked(forward_unpacked, xf)
+        run_blocked(forward_block, xf, fused=False)
         return out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self._mask is not None  # forward ran: the base checks it
-        dx = _buffers.empty(dout.shape, dout.dtype)
-        g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
-
-        if self.packed and _fused.run("relu_packed_grad", dx_flat, g=g, mask_in=kept):
+        dx = _buffers.empty_like(dout)
+        kernel = "relu_packed_grad" if self.packed else "relu_grad"
+        if _fused.run(kernel, dx, g=dout, mask_in=self._mask):
             return dx
+        g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
 
         def backward_block(start: int, stop: int) -> None:
             if self.packed:
@@ -123,10 +119,9 @@ class Relu(Layer):
                 mask = bits.view(bool)
             else:
                 mask = kept[start:stop]
-            if not _fused.run("relu_grad", dx_flat[start:stop], g=g[start:stop], mask_in=mask):
-                _zero_where(mask, g[start:stop], dx_flat[start:stop])
+            _zero_where(mask, g[start:stop], dx_flat[start:stop])
 
-        run_blocked(backward_block, g, fused=not self.packed)
+        run_blocked(backward_block, g, fused=False)
         return dx
 
 
@@ -177,12 +172,16 @@ class Sigmoid(Layer):
         return kernels.run("sigmoid_backward", to_compute(dout), to_compute(self.out))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.out = self._keep_output(F.sigmoid(to_compute(x)).astype(x.dtype, copy=False))
+        out = _fused.apply("sigmoid", x)  # one compiled pass, or None: NumPy's passes
+        if out is None:
+            out = F.sigmoid(to_compute(x)).astype(x.dtype, copy=False)
+        self.out = self._keep_output(out)
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
-        return elementwise(_sigmoid_grad, to_compute(self.out), to_compute(dout))
+        y, g = to_compute(self.out), to_compute(dout)
+        return elementwise(_sigmoid_grad, y, g, compiled="sigmoid_grad")
 
 
 def _sigmoid_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
@@ -220,12 +219,14 @@ class Tanh(Layer):
         return kernels.run("tanh_backward", to_compute(dout), to_compute(self.out))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.out = self._keep_output(elementwise(_tanh, to_compute(x)).astype(x.dtype, copy=False))
+        out = elementwise(_tanh, to_compute(x), compiled="tanh")
+        self.out = self._keep_output(out.astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.out is not None  # forward ran: the base checks it
-        return elementwise(_tanh_grad, to_compute(self.out), to_compute(dout))
+        y, g = to_compute(self.out), to_compute(dout)
+        return elementwise(_tanh_grad, y, g, compiled="tanh_grad")
 
 
 def _tanh(z: np.ndarray, out: np.ndarray) -> None:
@@ -355,7 +356,8 @@ class Elu(Layer):
             # one term being 0 on each side, without np.where's branch per element.
             np.add(out, np.maximum(z, 0), out=out)
 
-        return elementwise(kernel, to_compute(x)).astype(x.dtype, copy=False)
+        out = elementwise(kernel, to_compute(x), compiled="elu", param=alpha)
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
@@ -376,7 +378,7 @@ class Elu(Layer):
             np.maximum(slope, np.greater(z, 0), out=slope)
             np.multiply(g, slope, out=slope)
 
-        return elementwise(kernel, z, g)
+        return elementwise(kernel, z, g, compiled="elu_grad", param=alpha)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -439,7 +441,7 @@ class Gelu(Layer):
         z = to_compute(x)
         if self.approximate == "tanh":
             self.x = self._keep_input(x)
-            return elementwise(_gelu_tanh, z).astype(x.dtype, copy=False)
+            return elementwise(_gelu_tanh, z, compiled="gelu_tanh").astype(x.dtype, copy=False)
         # Phi(x) is also kept (private, never handed out): backward then needs no
         # second erfc, the most expensive part of both passes.
         out, cdf = _buffers.empty(z.shape, z.dtype), _buffers.empty(z.shape, z.dtype)
@@ -467,9 +469,9 @@ class Gelu(Layer):
         assert self.x is not None  # forward ran: the base checks it
         z, g = to_compute(self.x), to_compute(dout)
         if self.approximate == "tanh":
-            return elementwise(_gelu_tanh_grad, z, g)
+            return elementwise(_gelu_tanh_grad, z, g, compiled="gelu_tanh_grad")
         assert self._cdf is not None
-        return elementwise(_gelu_grad, z, self._cdf, g)
+        return elementwise(_gelu_grad, z, g, self._cdf, compiled="gelu_grad")
 
 
 def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
@@ -479,7 +481,7 @@ def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
     np.multiply(out, 0.5, out=out)
 
 
-def _gelu_grad(z: np.ndarray, cdf: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+def _gelu_grad(z: np.ndarray, g: np.ndarray, cdf: np.ndarray, dx: np.ndarray) -> None:
     if _fused.run("gelu_grad", dx, z, g, h=cdf):
         return
     pdf = np.abs(z, out=dx)
@@ -584,7 +586,7 @@ class Softplus(Layer):
             np.divide(out, beta, out=out)
             np.add(out, np.maximum(z, 0), out=out)
 
-        out = elementwise(kernel, to_compute(x))
+        out = elementwise(kernel, to_compute(x), compiled="softplus", param=beta)
         self.out = self._keep_output(out.astype(x.dtype, copy=False))
         return self.out
 
@@ -601,7 +603,8 @@ class Softplus(Layer):
             np.negative(slope, out=slope)  # -expm1(-beta y)
             np.multiply(g, slope, out=slope)
 
-        return elementwise(kernel, to_compute(self.out), to_compute(dout))
+        y, g = to_compute(self.out), to_compute(dout)
+        return elementwise(kernel, y, g, compiled="softplus_grad", param=beta)
 
 
 class Silu(Layer):
@@ -633,11 +636,12 @@ class Silu(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x)
-        return elementwise(_silu, to_compute(x)).astype(x.dtype, copy=False)
+        return elementwise(_silu, to_compute(x), compiled="silu").astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.x is not None  # forward ran: the base checks it
-        return elementwise(_silu_grad, to_compute(self.x), to_compute(dout))
+        z, g = to_compute(self.x), to_compute(dout)
+        return elementwise(_silu_grad, z, g, compiled="silu_grad")
 
 
 def _silu(z: np.ndarray, out: np.ndarray) -> None:

@@ -67,6 +67,21 @@ class Layer:
             name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         self._out_shape = None  # a failure below must not leave a stale graph behind
+        x = inputs[0]
+        if len(inputs) == 1 and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
+            # The common case, one float NumPy array: nothing to check or convert.
+            self._caller_owned = (not borrowed,)
+            out = self._forward(x)
+            self._in_dtypes = (x.dtype,)
+        else:
+            out = self._general_forward(inputs, borrowed)
+        if type(out) is not np.ndarray:
+            out = as_result(out)  # np.asarray would pull a CuPy array to the host
+        self._out_shape = out.shape
+        self._out_dtype = out.dtype
+        return out
+
+    def _general_forward(self, inputs: tuple[Any, ...], borrowed: bool) -> Any:
         xs = [self._prepare_input(x) for x in inputs]
         if borrowed:
             self._caller_owned = (False,) * len(xs)
@@ -77,10 +92,8 @@ class Layer:
             )
         # CuPy inputs take the layer's GPU path (fused kernels), beside the CPU one.
         forward = self._forward if isinstance(xs[0], np.ndarray) else self._forward_gpu
-        out = as_result(forward(*xs))  # np.asarray would pull a CuPy array to the host
+        out = forward(*xs)
         self._in_dtypes = tuple([x.dtype for x in xs])
-        self._out_shape = out.shape
-        self._out_dtype = out.dtype
         return out
 
     def backward(self, dout: Any = 1.0, *, input_grad: bool = True) -> Any:
@@ -89,24 +102,28 @@ class Layer:
         With ``input_grad=False``, compute only the gradients of the layer's own
         parameters (``dW``, ``db``) and return None.
         """
-        name = type(self).__name__
         if self._out_shape is None or self._out_dtype is None:
             raise RuntimeError(
-                f"{name}.backward() called before forward(): "
+                f"{type(self).__name__}.backward() called before forward(): "
                 "run forward first so that the layer has something to differentiate"
             )
-        dout = as_array(dout, who=f"{name}.backward", what="dout")
+        if not (type(dout) is np.ndarray and dout.dtype == self._out_dtype):
+            # (the common case, a NumPy array of the output's dtype, needs no conversion)
+            dout = as_array(dout, who=f"{type(self).__name__}.backward", what="dout")
+            if self._out_dtype.kind == "f":
+                dout = dout.astype(self._out_dtype, copy=False)
         if dout.shape != self._out_shape:
             raise ValueError(
-                f"{name}.backward: dout has shape {dout.shape}, but the output of "
-                f"forward has shape {self._out_shape}"
+                f"{type(self).__name__}.backward: dout has shape {dout.shape}, but the "
+                f"output of forward has shape {self._out_shape}"
             )
-        if self._out_dtype.kind == "f":
-            dout = dout.astype(self._out_dtype, copy=False)
         if not input_grad:
             self._backward_params(dout)
             return None
-        grads = (self._backward if isinstance(dout, np.ndarray) else self._backward_gpu)(dout)
+        if type(dout) is np.ndarray:
+            grads = self._backward(dout)
+        else:
+            grads = self._backward_gpu(dout)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
@@ -171,9 +188,10 @@ class Layer:
 
     @staticmethod
     def _finish_grad(grad: np.ndarray, in_dtype: np.dtype[Any], dout: np.ndarray) -> np.ndarray:
-        grad = as_result(grad)
-        if in_dtype.kind == "f":
-            grad = grad.astype(in_dtype, copy=False)
+        if type(grad) is not np.ndarray:
+            grad = as_result(grad)
+        if in_dtype.kind == "f" and grad.dtype != in_dtype:
+            grad = grad.astype(in_dtype)
         if np.may_share_memory(grad, dout):
             grad = grad.copy()
         return grad
