@@ -177,17 +177,18 @@ BOTH(relu_grad)
 BOTH(leaky_relu)
 BOTH(leaky_relu_grad)
 
-/* Elu(alpha = p): max(x, 0) + alpha expm1(min(x, 0)); backward dout, or dout alpha
- * exp(x) where x <= 0. exp only of the non-positive part, which cannot overflow. */
+/* The layers that keep their slope dy/dx (Elu, Silu, Gelu) compute it in the
+ * forward pass, into out2, beside the output; backward is then dout times it. */
+#define slope_grad_BODY(T, F) out[i] = g[i] * x[i];
+BOTH(slope_grad)
+
+/* Elu(alpha = p): max(x, 0) + alpha expm1(min(x, 0)); slope 1, or alpha exp(x) where
+ * x <= 0. exp only of the non-positive part, which cannot overflow. */
 #define elu_BODY(T, F)                                                                    \
     T lo = x[i] > 0 ? (T)0 : x[i];                                                        \
-    out[i] = (x[i] > 0 ? x[i] : (T)0) + p * MATH(expm1, F)(lo);
-#define elu_grad_BODY(T, F)                                                               \
-    T lo = x[i] > 0 ? (T)0 : x[i];                                                        \
-    T slope = p * MATH(exp, F)(lo);                                                       \
-    out[i] = x[i] > 0 ? g[i] : g[i] * slope;
+    out[i] = (x[i] > 0 ? x[i] : (T)0) + p * MATH(expm1, F)(lo);                           \
+    out2[i] = x[i] > 0 ? (T)1 : p * MATH(exp, F)(lo);
 BOTH(elu)
-BOTH(elu_grad)
 
 /* Softplus(beta = p): max(x, 0) + log1p(exp(-beta |x|)) / beta; backward from the
  * kept output y: dout (-expm1(-beta y)). */
@@ -198,13 +199,12 @@ BOTH(elu_grad)
 BOTH(softplus)
 BOTH(softplus_grad)
 
-/* Silu: x sigmoid(x); backward dout s (1 + x (1 - s)), s recomputed. */
-#define silu_BODY(T, F) out[i] = x[i] * SIGMOID(T, F, x[i]);
-#define silu_grad_BODY(T, F)                                                              \
+/* Silu: x s with s = sigmoid(x); slope s (1 + x (1 - s)). */
+#define silu_BODY(T, F)                                                                   \
     T s = SIGMOID(T, F, x[i]);                                                            \
-    out[i] = g[i] * (s * ((T)1 + x[i] * ((T)1 - s)));
+    out[i] = x[i] * s;                                                                    \
+    out2[i] = s * ((T)1 + x[i] * ((T)1 - s));
 BOTH(silu)
-BOTH(silu_grad)
 
 /* The constants as the NumPy path computes them (math.sqrt(2 / math.pi) and so on),
  * not as exact decimals: Gelu's left tail turns an ulp of x / sqrt 2 into about
@@ -219,34 +219,27 @@ BOTH(silu_grad)
     T c = x[i] > 100 ? (T)100 : x[i];                                                     \
     c = c < -100 ? (T)-100 : c;                                                           \
     T u2 = (c + c * c * (T)0.044715 * c) * (T)(2.0 * SQRT_2_OVER_PI);
-#define gelu_tanh_BODY(T, F) GELU_U2(T, c) out[i] = x[i] * SIGMOID(T, F, u2);
-/* dout (s + x 2 s (1 - s) du), du = sqrt(2/pi) (1 + 3 0.044715 x^2): x multiplies
- * last, since s (1 - s) is exactly 0 wherever x is large enough to overflow. */
-#define gelu_tanh_grad_BODY(T, F)                                                         \
+/* x s with s = sigmoid(2u); slope s + x 2 s (1 - s) du, du = sqrt(2/pi) (1 + 3 0.044715
+ * x^2): x multiplies last, since s (1 - s) is exactly 0 wherever x is large enough
+ * to overflow. */
+#define gelu_tanh_BODY(T, F)                                                              \
     GELU_U2(T, c)                                                                         \
     T s = SIGMOID(T, F, u2);                                                              \
     T du = (c * c * (T)(3 * 0.044715) + (T)1) * (T)SQRT_2_OVER_PI;                        \
-    out[i] = g[i] * (s + x[i] * (((T)1 - s) * s * (T)2 * du));
+    out[i] = x[i] * s;                                                                    \
+    out2[i] = s + x[i] * (((T)1 - s) * s * (T)2 * du);
 BOTH(gelu_tanh)
-BOTH(gelu_tanh_grad)
 
-/* Gelu, exact: Phi(x) = erfc(-x / sqrt 2) / 2 into out2 (kept for backward) and
- * x Phi(x) into out; backward (h = Phi) dout (Phi + x phi) with phi(x) =
- * exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64. */
+/* Gelu, exact: x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2; slope Phi + x phi with
+ * phi(x) = exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64. */
 #define gelu_BODY(T, F)                                                                   \
     T cdf = MATH(erfc, F)(x[i] * (T)-ONE_OVER_SQRT_2) * (T)0.5;                           \
-    out2[i] = cdf;                                                                        \
-    out[i] = x[i] * cdf;
-#define gelu_grad_BODY(T, F)                                                              \
     T a = MATH(fabs, F)(x[i]);                                                            \
     a = a > 40 ? (T)40 : a;                                                               \
     T pdf = MATH(exp, F)(a * a * (T)-0.5) / (T)SQRT_2_PI;                                 \
-    out[i] = g[i] * (h[i] + x[i] * pdf);
+    out[i] = x[i] * cdf;                                                                  \
+    out2[i] = cdf + x[i] * pdf;
 BOTH(gelu)
-BOTH(gelu_grad)
-/* The same forward, also copying x into out3 (a layer keeps it for backward). */
-#define gelu_keep_BODY(T, F) out3[i] = x[i]; gelu_BODY(T, F)
-BOTH(gelu_keep)
 
 /* The optimisers' steps, in place: out is the parameter, g its gradient, out2 and
  * out3 the state; the same operations in the same order as their NumPy paths
@@ -466,9 +459,12 @@ ROWS(double, , f64)
  * A call on `threads` = 2 splits its n elements into blocks of `block`
  * elements (a multiple of CHUNK, so every element goes through the same chunk
  * code as in one call: the results are bit for bit those of one call) and
- * the caller and a single worker thread take the next free block from an
- * atomic counter until none is left; a thread slowed by other work on its
- * core simply takes fewer. PyTorch splits its element-wise loops the same way
+ * the caller and a single worker thread take free blocks until none is left:
+ * the caller from the front, the worker from the back, both ends held in one
+ * atomic word. A thread slowed by other work on its core simply takes fewer;
+ * when both run at one speed each takes the same half of the arrays call after
+ * call, so a layer's backward finds the blocks its forward wrote (and the
+ * caller's input) still in that core's cache. PyTorch splits its element-wise loops the same way
  * over its OpenMP threads from 32768 elements; a pool in C costs a few
  * microseconds per call where handing blocks to a Python thread cost tens.
  *
@@ -501,7 +497,10 @@ static struct job job;
 static atomic_long posted;       /* jobs posted so far */
 static atomic_long claimed;      /* the last job a thread claimed for the worker's part */
 static atomic_long finished;     /* the last job the worker finished */
-static atomic_ptrdiff_t next_block;
+/* Blocks taken from the front (high 32 bits) and from the back (low 32 bits). */
+static atomic_llong ends_taken;
+#define FRONT_BLOCK (1LL << 32)
+#define MAX_BLOCKS ((1LL << 31) - 1)
 static atomic_int sleeping;
 static atomic_flag busy = ATOMIC_FLAG_INIT;
 static int worker_running;       /* guarded by `busy` */
@@ -511,11 +510,17 @@ static int worker_running;       /* guarded by `busy` */
 
 static atomic_long worker_blocks; /* blocks the worker has run, for the tests */
 
-/* Runs free blocks of j until none is left; returns how many it ran. */
-static long take_blocks(const struct job *j) {
+/* Runs free blocks of j, from the front or the back, until none is left;
+ * returns how many it ran. */
+static long take_blocks(const struct job *j, int from_back) {
     for (long taken = 0;; taken++) {
-        ptrdiff_t b = atomic_fetch_add(&next_block, 1);
-        if (b >= j->blocks) return taken;
+        long long ends = atomic_load(&ends_taken), front, back;
+        do {
+            front = ends >> 32, back = ends & 0xffffffffLL;
+            if (front + back >= j->blocks) return taken;
+        } while (!atomic_compare_exchange_weak(&ends_taken, &ends,
+                                               ends + (from_back ? 1 : FRONT_BLOCK)));
+        ptrdiff_t b = from_back ? j->blocks - 1 - back : front;
         if (j->task != NULL) {
             j->task(j, b);
             continue;
@@ -564,7 +569,7 @@ static void *worker_main(void *unused) {
         /* Claim the job unless the caller has already finished every block and
          * taken it back; then the worker must not touch `job` at all. */
         if (atomic_compare_exchange_strong(&claimed, &expected, done)) {
-            atomic_fetch_add(&worker_blocks, take_blocks(&job));
+            atomic_fetch_add(&worker_blocks, take_blocks(&job, 1));
             atomic_store(&finished, done);
         }
     }
@@ -604,7 +609,7 @@ static int run_on_two_threads(const struct job *j) {
         worker_running = 1;
     }
     job = *j;
-    atomic_store(&next_block, 0);
+    atomic_store(&ends_taken, 0);
     long mine = atomic_load(&posted) + 1;
     atomic_store(&posted, mine);
     if (atomic_load(&sleeping)) {
@@ -612,7 +617,7 @@ static int run_on_two_threads(const struct job *j) {
         pthread_cond_signal(&wake);
         pthread_mutex_unlock(&lock);
     }
-    take_blocks(j);
+    take_blocks(j, 0);
     long expected = mine - 1;
     if (!atomic_compare_exchange_strong(&claimed, &expected, mine)) {
         /* The worker claimed the job: wait until it has finished its block. */
@@ -637,9 +642,9 @@ static const struct {
     int rows, bits;
 } KERNELS[] = {
     ROW(sigmoid), ROW(sigmoid_grad), ROW(tanh_grad), ROW(relu), ROW(relu_grad),
-    ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(elu_grad), ROW(softplus),
-    ROW(softplus_grad), ROW(silu), ROW(silu_grad), ROW(gelu_tanh), ROW(gelu_tanh_grad),
-    ROW(gelu), ROW(gelu_grad), ROW(copy), ROW(tanh), ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam), ROW(gelu_keep),
+    ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(softplus), ROW(softplus_grad),
+    ROW(silu), ROW(gelu_tanh), ROW(gelu), ROW(slope_grad), ROW(copy), ROW(tanh),
+    ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam),
     BITWISE(relu_packed), BITWISE(relu_packed_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
@@ -729,7 +734,7 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             memcpy(j.params, params, sizeof params);
             /* The loops read and write only these buffers: other threads may run. */
             Py_BEGIN_ALLOW_THREADS
-            if (threads < 2 || j.blocks < 2 || !run_on_two_threads(&j))
+            if (threads < 2 || j.blocks < 2 || j.blocks > MAX_BLOCKS || !run_on_two_threads(&j))
                 j.fn(j.x, j.g, j.h, j.m_in, j.out, j.out2, j.out3, j.m_out, j.params, n);
             Py_END_ALLOW_THREADS
         }
@@ -846,7 +851,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         j.x = src.buf, j.out = dst.buf;
         j.blocks = which ? d[1] : d[1] * d[4] * d[5];
         Py_BEGIN_ALLOW_THREADS
-        if (threads < 2 || j.blocks < 2 || !run_on_two_threads(&j))
+        if (threads < 2 || j.blocks < 2 || j.blocks > MAX_BLOCKS || !run_on_two_threads(&j))
             for (ptrdiff_t b = 0; b < j.blocks; b++) j.task(&j, b);
         Py_END_ALLOW_THREADS
     }

@@ -8,6 +8,7 @@ checks that every layer shares live in :class:`scratchnn.layers.base.Layer`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -313,9 +314,10 @@ class Elu(Layer):
     Forward: ``y = x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
     Backward: ``dy/dx = 1`` where ``x > 0``, else ``alpha * exp(x)``.
 
-    Keeps ``x`` (a private copy when the caller owns it): recovering
-    ``alpha * exp(x)`` from the output as ``y + alpha`` would cancel
-    catastrophically for very negative x. Shape: any.
+    Keeps ``slope``, dy/dx at each input, computed in forward beside the
+    output (recovering ``alpha * exp(x)`` from the output as ``y + alpha``
+    would cancel catastrophically for very negative x); backward is then
+    ``dout * slope``. Shape: any.
 
     >>> elu = Elu()
     >>> print(elu.forward(np.array([-1.0, 2.0])))
@@ -329,7 +331,8 @@ class Elu(Layer):
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__()
         self.alpha = float(alpha)
-        self.x: np.ndarray | None = None
+        self.slope: np.ndarray | None = None
+        self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
         self.x = self._keep_input(x)
@@ -342,43 +345,66 @@ class Elu(Layer):
         return kernels.run("elu_backward", to_compute(dout), z, alpha=self.alpha)[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.x = self._keep_input(x)
         alpha = self.alpha
 
-        def kernel(z: np.ndarray, out: np.ndarray) -> None:
-            if _fused.run("elu", out, z, param=alpha):
-                return
+        def kernel(z: np.ndarray, out: np.ndarray, slope: np.ndarray) -> None:
             # exp only of the non-positive part: exp of a large positive x would overflow.
-            np.minimum(z, 0, out=out)
-            np.expm1(out, out=out)
+            np.minimum(z, 0, out=slope)
+            np.expm1(slope, out=out)
             np.multiply(out, alpha, out=out)
             # max(x, 0) + alpha expm1(min(x, 0)) is exactly where(x > 0, x, alpha expm1(x)),
             # one term being 0 on each side, without np.where's branch per element.
             np.add(out, np.maximum(z, 0), out=out)
-
-        out = elementwise(kernel, to_compute(x), compiled="elu", param=alpha)
-        return out.astype(x.dtype, copy=False)
-
-    def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.x is not None  # forward ran: the base checks it
-        z, g = to_compute(self.x), to_compute(dout)
-        alpha = self.alpha
-
-        def kernel(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
-            if _fused.run("elu_grad", slope, z, g, param=alpha):
-                return
-            np.minimum(z, 0, out=slope)
             np.exp(slope, out=slope)
             np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
             if not 0.0 <= alpha <= 1.0:
-                slope[...] = np.where(z > 0, g, g * slope)
+                slope[...] = np.where(z > 0, 1.0, slope)
                 return
             # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so max(slope, x > 0)
-            # is 1 where x > 0 and the slope elsewhere: the same factors, branch-free.
+            # is 1 where x > 0 and the slope elsewhere: the same values, branch-free.
             np.maximum(slope, np.greater(z, 0), out=slope)
-            np.multiply(g, slope, out=slope)
 
-        return elementwise(kernel, z, g, compiled="elu_grad", param=alpha)
+        out, self.slope = _output_and_slope("elu", to_compute(x), kernel, param=alpha)
+        return out.astype(x.dtype, copy=False)
+
+    def _backward(self, dout: np.ndarray) -> np.ndarray:
+        assert self.slope is not None  # forward ran: the base checks it
+        return _times_slope(self.slope, dout)
+
+
+def _output_and_slope(
+    name: str,
+    z: np.ndarray,
+    kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+    param: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's output and its slope dy/dx, both new arrays of ``z``'s shape and dtype.
+
+    One pass of compiled kernel ``name`` (writing the slope as its ``out2``)
+    where it takes ``z``; else ``kernel(z, out, slope)``, NumPy's passes, block by block.
+    Why the slope: backward then reads one kept array and multiplies, where
+    keeping x would cost a copy of it in forward and the transcendental
+    functions again in backward.
+    """
+    out, slope = _buffers.empty_like(z), _buffers.empty_like(z)
+    if _fused.run(name, out, z, out2=slope, param=param):
+        return out, slope
+    zf, out_flat, slope_flat = flat(z), out.reshape(-1), slope.reshape(-1)
+
+    def kernel_on_block(start: int, stop: int) -> None:
+        kernel(zf[start:stop], out_flat[start:stop], slope_flat[start:stop])
+
+    run_blocked(kernel_on_block, zf, fused=False)
+    return out, slope
+
+
+def _times_slope(slope: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    """``dout * slope``, the backward pass of a layer that keeps its slope."""
+
+    def kernel(slope: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+        np.multiply(g, slope, out=dx)
+
+    return elementwise(kernel, slope, to_compute(dout), compiled="slope_grad")
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -403,9 +429,9 @@ class Gelu(Layer):
     tail); ``dy/dx = s + 2 x s (1 - s) * sqrt(2/pi) * (1 + 3 * 0.044715 x**2)``
     with ``s = sigmoid(2u)``.
 
-    Keeps ``x`` (a private copy when the caller owns it) and, in the exact
-    form, ``Phi(x)``: one more array of the input's size, which spares
-    backward a second erfc. Shape: any.
+    Keeps ``slope``, dy/dx at each input, computed in forward beside the
+    output from the same Phi (or s); backward is then ``dout * slope``,
+    with no second erfc or exp. Shape: any.
 
     >>> gelu = Gelu()
     >>> print(gelu.forward(np.array([-1.0, 0.0, 2.0])))
@@ -423,10 +449,10 @@ class Gelu(Layer):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"Gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
-        self.x: np.ndarray | None = None
-        self._cdf: np.ndarray | None = None
+        self.slope: np.ndarray | None = None
+        self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
-    # CuPy: one fused kernel each way; erfc is cheap on a GPU, so Phi(x) is not kept.
+    # CuPy: one fused kernel each way; erfc is cheap on a GPU, so x alone is kept.
     def _forward_gpu(self, x: Any) -> Any:
         self.x = self._keep_input(x)
         name = "gelu_tanh_forward" if self.approximate == "tanh" else "gelu_forward"
@@ -438,61 +464,32 @@ class Gelu(Layer):
         return kernels.run(name, to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        z = to_compute(x)
         if self.approximate == "tanh":
-            self.x = self._keep_input(x)
-            return elementwise(_gelu_tanh, z, compiled="gelu_tanh").astype(x.dtype, copy=False)
-        # Phi(x) is also kept (private, never handed out): backward then needs no
-        # second erfc, the most expensive part of both passes.
-        out, cdf = _buffers.empty(z.shape, z.dtype), _buffers.empty(z.shape, z.dtype)
-        zf, out_flat, cdf_flat = flat(z), out.reshape(-1), cdf.reshape(-1)
-        self._cdf = cdf
-        if _fused.ENABLED and self._caller_owned[0] and z.dtype == x.dtype:
-            # The copy of x that backward needs, written in the same compiled pass.
-            kept = _buffers.empty(x.shape, x.dtype)
-            if _fused.run("gelu_keep", out_flat, zf, out2=cdf_flat, out3=kept.reshape(-1)):
-                self.x = kept
-                return out
-        self.x = self._keep_input(x)
-
-        def forward_block(start: int, stop: int) -> None:
-            block = (out_flat[start:stop], zf[start:stop])
-            if _fused.run("gelu", *block, out2=cdf_flat[start:stop]):
-                return
-            _gelu_cdf(zf[start:stop], cdf_flat[start:stop])
-            np.multiply(zf[start:stop], cdf_flat[start:stop], out=out_flat[start:stop])
-
-        run_blocked(forward_block, zf)
+            out, self.slope = _output_and_slope("gelu_tanh", to_compute(x), _gelu_tanh)
+        else:
+            out, self.slope = _output_and_slope("gelu", to_compute(x), _gelu)
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.x is not None  # forward ran: the base checks it
-        z, g = to_compute(self.x), to_compute(dout)
-        if self.approximate == "tanh":
-            return elementwise(_gelu_tanh_grad, z, g, compiled="gelu_tanh_grad")
-        assert self._cdf is not None
-        return elementwise(_gelu_grad, z, g, self._cdf, compiled="gelu_grad")
+        assert self.slope is not None  # forward ran: the base checks it
+        return _times_slope(self.slope, dout)
 
 
-def _gelu_cdf(z: np.ndarray, out: np.ndarray) -> None:
-    """``out = Phi(z) = erfc(-z / sqrt 2) / 2``: erfc keeps relative accuracy in the left
-    tail, where ``1 + erf`` cancels."""
-    F.erfc_into(np.multiply(z, -1.0 / math.sqrt(2.0)), out)
-    np.multiply(out, 0.5, out=out)
-
-
-def _gelu_grad(z: np.ndarray, g: np.ndarray, cdf: np.ndarray, dx: np.ndarray) -> None:
-    if _fused.run("gelu_grad", dx, z, g, h=cdf):
-        return
-    pdf = np.abs(z, out=dx)
+def _gelu(z: np.ndarray, out: np.ndarray, slope: np.ndarray) -> None:
+    """``out = z Phi(z)`` and ``slope = Phi(z) + z phi(z)``, with ``Phi(z) = erfc(-z /
+    sqrt 2) / 2``: erfc keeps relative accuracy in the left tail, where ``1 + erf`` cancels."""
+    cdf = slope
+    F.erfc_into(np.multiply(z, -1.0 / math.sqrt(2.0)), cdf)
+    np.multiply(cdf, 0.5, out=cdf)
+    np.multiply(z, cdf, out=out)
+    pdf = np.abs(z)
     np.minimum(pdf, _GELU_PDF_CLIP, out=pdf)
     np.multiply(pdf, pdf, out=pdf)
     np.multiply(pdf, -0.5, out=pdf)
     np.exp(pdf, out=pdf)
     np.divide(pdf, math.sqrt(2.0 * math.pi), out=pdf)
     np.multiply(z, pdf, out=pdf)
-    np.add(cdf, pdf, out=dx)
-    np.multiply(g, dx, out=dx)  # dout * (Phi + x phi)
+    np.add(cdf, pdf, out=slope)  # Phi + x phi
 
 
 def _sigmoid_2u(z: np.ndarray, out: np.ndarray) -> None:
@@ -506,18 +503,11 @@ def _sigmoid_2u(z: np.ndarray, out: np.ndarray) -> None:
     F.sigmoid_into(u, out)
 
 
-def _gelu_tanh(z: np.ndarray, out: np.ndarray) -> None:
-    if _fused.run("gelu_tanh", out, z):
-        return
-    _sigmoid_2u(z, out)
-    np.multiply(z, out, out=out)
-
-
-def _gelu_tanh_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-    if _fused.run("gelu_tanh_grad", dx, z, g):
-        return
+def _gelu_tanh(z: np.ndarray, out: np.ndarray, slope: np.ndarray) -> None:
+    """``out = z s`` and ``slope = s + z 2 s (1 - s) du`` with ``s = sigmoid(2u)``."""
     s = np.empty_like(z)
     _sigmoid_2u(z, s)
+    np.multiply(z, s, out=out)
     du = np.clip(z, -_GELU_TANH_CLIP, _GELU_TANH_CLIP)
     np.multiply(du, du, out=du)
     np.multiply(du, 3.0 * _GELU_CUBIC, out=du)
@@ -525,13 +515,12 @@ def _gelu_tanh_grad(z: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
     np.multiply(du, _SQRT_2_OVER_PI, out=du)  # du/dx
     # 2 s (1 - s) du, then times z last: s (1 - s) is exactly 0 wherever z is large
     # enough to overflow.
-    np.subtract(1.0, s, out=dx)
-    np.multiply(dx, s, out=dx)
-    np.multiply(dx, 2.0, out=dx)
-    np.multiply(dx, du, out=dx)
-    np.multiply(z, dx, out=dx)
-    np.add(s, dx, out=dx)
-    np.multiply(g, dx, out=dx)  # dout * (s + z 2 s (1 - s) du)
+    np.subtract(1.0, s, out=slope)
+    np.multiply(slope, s, out=slope)
+    np.multiply(slope, 2.0, out=slope)
+    np.multiply(slope, du, out=slope)
+    np.multiply(z, slope, out=slope)
+    np.add(s, slope, out=slope)
 
 
 class Softplus(Layer):
@@ -612,8 +601,8 @@ class Silu(Layer):
 
     Backward: ``dy/dx = s (1 + x (1 - s))`` with ``s = sigmoid(x)``.
 
-    Keeps ``x`` (a private copy when the caller owns it) and recomputes ``s``
-    in backward, as PyTorch does. Shape: any.
+    Keeps ``slope``, dy/dx at each input, computed in forward from the same
+    ``s`` as the output; backward is then ``dout * slope``. Shape: any.
 
     >>> silu = Silu()
     >>> print(silu.forward(np.array([-1.0, 0.0, 2.0])))
@@ -624,7 +613,8 @@ class Silu(Layer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.x: np.ndarray | None = None
+        self.slope: np.ndarray | None = None
+        self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
         self.x = self._keep_input(x)
@@ -635,32 +625,22 @@ class Silu(Layer):
         return kernels.run("silu_backward", to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.x = self._keep_input(x)
-        return elementwise(_silu, to_compute(x), compiled="silu").astype(x.dtype, copy=False)
+        out, self.slope = _output_and_slope("silu", to_compute(x), _silu)
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.x is not None  # forward ran: the base checks it
-        z, g = to_compute(self.x), to_compute(dout)
-        return elementwise(_silu_grad, z, g, compiled="silu_grad")
+        assert self.slope is not None  # forward ran: the base checks it
+        return _times_slope(self.slope, dout)
 
 
-def _silu(z: np.ndarray, out: np.ndarray) -> None:
-    if _fused.run("silu", out, z):
-        return
-    F.sigmoid_into(z, out)
-    np.multiply(z, out, out=out)
-
-
-def _silu_grad(z: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
-    if _fused.run("silu_grad", slope, z, g):
-        return
+def _silu(z: np.ndarray, out: np.ndarray, slope: np.ndarray) -> None:
+    """``out = z s`` and ``slope = s (1 + z (1 - s))``, with ``s = sigmoid(z)``."""
     s = F.sigmoid_into(z, np.empty_like(z))
-    # dout * (s * (1 + z * (1 - s))), in that order, in the result's array
+    np.multiply(z, s, out=out)
     np.subtract(1.0, s, out=slope)
     np.multiply(z, slope, out=slope)
     np.add(1.0, slope, out=slope)
     np.multiply(s, slope, out=slope)
-    np.multiply(g, slope, out=slope)
 
 
 class Softmax(Layer):
