@@ -407,17 +407,19 @@ PACKED(float, f32)
 PACKED(double, f64)
 
 /* Softmax along rows of `p` elements (the last axis): the kernel gets whole rows.
- * y = exp(x - max) / sum(exp(x - max)), the sum over the row; backward from the
- * kept output y: dx = y (dout - sum(dout y)). Every lane of a NaN or +inf row
- * comes out NaN, as on the NumPy path (its max, then x - max, is NaN there). */
+ * y = exp(x - max) / sum(exp(x - max)), the sum over the row, and where out2 is
+ * given, log y = (x - max) - log(sum) into it (SoftmaxWithLoss's cross-entropy,
+ * finite where y underflows); backward from the kept output y:
+ * dx = y (dout - sum(dout y)). Every lane of a NaN or +inf row comes out NaN,
+ * as on the NumPy path (its max, then x - max, is NaN there). */
 #define ROWS(T, F, SUFFIX)                                                                \
     CLONES static void softmax_##SUFFIX(const void *vx, const void *vg, const void *vh,   \
                                         const void *vm_in, void *vout, void *vout2,       \
                                         void *vout3, void *vm_out, const double *params,  \
                                         ptrdiff_t n) {                                    \
-        (void)vg, (void)vh, (void)vm_in, (void)vout2, (void)vout3, (void)vm_out;          \
+        (void)vg, (void)vh, (void)vm_in, (void)vout3, (void)vm_out;                       \
         const T *x = vx;                                                                  \
-        T *out = vout;                                                                    \
+        T *out = vout, *log_y = vout2;                                                    \
         ptrdiff_t cols = (ptrdiff_t)params[0];                                            \
         for (ptrdiff_t r = 0; r < n; r += cols) {                                         \
             const T *restrict xr = x + r;                                                 \
@@ -425,11 +427,31 @@ PACKED(double, f64)
             T m = xr[0], sum = 0;                                                         \
             _Pragma("omp simd reduction(max:m)") for (ptrdiff_t j = 0; j < cols; j++)     \
                 m = xr[j] > m ? xr[j] : m;                                                \
-            _Pragma("omp simd reduction(+:sum)") for (ptrdiff_t j = 0; j < cols; j++) {   \
+            /* The last partial chunk goes through a padded copy (its padding left \
+             * out of the sum): a scalar remainder loop would call libm's slow      \
+             * scalar exp, most of the time for short rows (10 classes). */         \
+            ptrdiff_t full = cols / CHUNK * CHUNK;                                        \
+            _Pragma("omp simd reduction(+:sum)") for (ptrdiff_t j = 0; j < full; j++) {   \
                 yr[j] = MATH(exp, F)(xr[j] - m);                                          \
                 sum += yr[j];                                                             \
             }                                                                             \
+            if (full < cols) {                                                            \
+                int len = (int)(cols - full);                                             \
+                T shifted[CHUNK], e[CHUNK];                                               \
+                for (int j = 0; j < CHUNK; j++) shifted[j] = m; /* exp(m - m) = 1: fast */ \
+                memcpy(shifted, xr + full, len * sizeof(T));                              \
+                _Pragma("omp simd reduction(+:sum)") for (int j = 0; j < CHUNK; j++) {    \
+                    e[j] = MATH(exp, F)(shifted[j] - m);                                  \
+                    sum += j < len ? e[j] : (T)0;                                         \
+                }                                                                         \
+                memcpy(yr + full, e, len * sizeof(T));                                    \
+            }                                                                             \
             _Pragma("omp simd") for (ptrdiff_t j = 0; j < cols; j++) yr[j] = yr[j] / sum; \
+            if (log_y == NULL) continue;                                                  \
+            T log_sum = MATH(log, F)(sum);                                                \
+            T *restrict lr = log_y + r;                                                   \
+            _Pragma("omp simd") for (ptrdiff_t j = 0; j < cols; j++)                      \
+                lr[j] = (xr[j] - m) - log_sum;                                            \
         }                                                                                 \
     }                                                                                     \
     CLONES static void softmax_grad_##SUFFIX(const void *vx, const void *vg,              \
