@@ -130,10 +130,13 @@ def elementwise(
     from the same elements of the others (see :func:`run_blocked`). ``out``
     has ``dtype``, by default ``inputs[0]``'s. ``compiled`` names the compiled
     kernel that computes the same from the inputs as its x, g and h (and
-    ``param``): where it takes them, it runs alone, in one call.
+    ``param``): where it takes them, it runs instead, in one call, and
+    ``kernel`` is the NumPy path.
     """
-    if compiled is not None and dtype is None:
-        result = _fused.apply(compiled, *inputs, param=param)
+    if compiled is not None and dtype is None and _fused.ENABLED:
+        # (the kernels take C-contiguous arrays of any shape: others are copied once)
+        contiguous = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
+        result = _fused.apply(compiled, *contiguous, param=param)
         if result is not None:
             return result
     out = _buffers.empty(inputs[0].shape, dtype or inputs[0].dtype)

@@ -186,8 +186,6 @@ class Sigmoid(Layer):
 
 
 def _sigmoid_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-    if _fused.run("sigmoid_grad", dx, y, g):  # the same operations in one compiled pass
-        return
     np.subtract(1.0, y, out=dx)
     np.multiply(g, dx, out=dx)  # dout * (1 - y) * y, in the result's array
     np.multiply(dx, y, out=dx)
@@ -231,13 +229,10 @@ class Tanh(Layer):
 
 
 def _tanh(z: np.ndarray, out: np.ndarray) -> None:
-    if not _fused.run("tanh", out, z):  # libmvec's tanh, on two threads when large
-        np.tanh(z, out=out)
+    np.tanh(z, out=out)
 
 
 def _tanh_grad(y: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-    if _fused.run("tanh_grad", dx, y, g):
-        return
     np.multiply(y, y, out=dx)
     np.subtract(1.0, dx, out=dx)  # dout * (1 - y**2), in the result's array
     np.multiply(g, dx, out=dx)
@@ -275,33 +270,33 @@ class LeakyRelu(Layer):
         return kernels.run("leaky_relu_backward", to_compute(dout), self.mask, alpha=self.alpha)[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        z = flat(to_compute(x))
-        mask, out = _buffers.empty((z.size,), bool), _buffers.empty((z.size,), z.dtype)
+        z = to_compute(x)
+        out, self.mask = _buffers.empty_like(z), _buffers.empty_like(z, bool)
+        if _fused.run("leaky_relu", out, z, mask_out=self.mask, param=self.alpha):
+            return out.astype(x.dtype, copy=False)  # one compiled pass, the mask beside it
+        zf, out_flat, mask = flat(z), out.reshape(-1), self.mask.reshape(-1)
         # where(x <= 0, alpha x, x) is max(x, alpha x) for alpha <= 1 and min otherwise,
         # value for value, without np.where's mispredicted branch per element.
         pick = np.maximum if self.alpha <= 1.0 else np.minimum
 
         def forward_block(start: int, stop: int) -> None:
-            block = (out[start:stop], z[start:stop])
-            if _fused.run("leaky_relu", *block, mask_out=mask[start:stop], param=self.alpha):
-                return
-            np.less_equal(z[start:stop], 0, out=mask[start:stop])
-            np.multiply(z[start:stop], self.alpha, out=out[start:stop])
-            pick(z[start:stop], out[start:stop], out=out[start:stop])
+            np.less_equal(zf[start:stop], 0, out=mask[start:stop])
+            np.multiply(zf[start:stop], self.alpha, out=out_flat[start:stop])
+            pick(zf[start:stop], out_flat[start:stop], out=out_flat[start:stop])
 
-        run_blocked(forward_block, z)
-        self.mask = mask.reshape(x.shape)
-        return out.reshape(x.shape).astype(x.dtype, copy=False)
+        run_blocked(forward_block, zf, fused=False)
+        return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.mask is not None  # forward ran: the base checks it
         g = to_compute(dout)
+        dx = _buffers.empty_like(g)
+        if _fused.run("leaky_relu_grad", dx, g=g, mask_in=self.mask, param=self.alpha):
+            return dx
         # dout times 1 or alpha, the factor looked up by the mask (0 or 1) as an index.
         factors = np.array([1.0, self.alpha], dtype=g.dtype)
 
         def kernel(mask: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-            if _fused.run("leaky_relu_grad", dx, g=g, mask_in=mask, param=self.alpha):
-                return
             np.take(factors, mask.view(np.uint8), out=dx)
             np.multiply(g, dx, out=dx)
 
@@ -563,8 +558,6 @@ class Softplus(Layer):
         beta = self.beta
 
         def kernel(z: np.ndarray, out: np.ndarray) -> None:
-            if _fused.run("softplus", out, z, param=beta):
-                return
             # beta * x may overflow to -inf for huge |x|; exp(-inf) = 0 is then the right
             # limit. In place: max(x, 0) + log1p(exp(-beta |x|)) / beta.
             np.abs(z, out=out)
@@ -584,8 +577,6 @@ class Softplus(Layer):
         beta = self.beta
 
         def kernel(y: np.ndarray, g: np.ndarray, slope: np.ndarray) -> None:
-            if _fused.run("softplus_grad", slope, y, g, param=beta):
-                return
             with np.errstate(over="ignore"):
                 np.multiply(y, -beta, out=slope)
                 np.expm1(slope, out=slope)
