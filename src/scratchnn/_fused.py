@@ -2,15 +2,16 @@
 
 ``_ckernels.c`` holds, over float32 or float64 arrays, a forward and a
 backward loop for each activation (vectorised through glibc's libmvec),
-Softmax by rows, the SGD and Adam steps, and Conv2d's im2col and col2im;
+Softmax by rows (with log-softmax for SoftmaxWithLoss), the SGD and Adam steps, and Conv2d's im2col and col2im;
 calls of ``THREADS_FROM`` elements or more run on two threads. It is built
 as the extension module ``scratchnn._ckernels`` when scratchnn is installed
 on a machine with a C compiler (see ``setup.py``).
 
-The layers call :func:`run` (and Conv2d :func:`conv`) on their flat arrays;
-these return False whenever the kernels cannot take the call (not built,
-switched off, another dtype, layout or array type), and the caller then runs
-its NumPy passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
+The layers call :func:`run` (and Conv2d :func:`conv`) on their C-contiguous
+arrays of any shape, or :func:`apply` for a new output of the input's shape;
+these return False (None) whenever the kernels cannot take the call (not
+built, switched off, another dtype, layout or array type), and the caller
+then runs its NumPy passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
 environment, or ``ENABLED = False`` here, switches the kernels off.
 
 The kernels never raise or warn: where the NumPy path overflows harmlessly
