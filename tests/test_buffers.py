@@ -127,3 +127,19 @@ def test_shapes_and_dtypes_are_as_asked():
     a = _buffers.empty((2, BIG // 2), np.float64)
     assert a.shape == (2, BIG // 2) and a.dtype == np.float64 and a.flags.c_contiguous
     assert a.flags.writeable
+
+
+def test_empty_like_and_copy_take_the_pool_only_for_large_arrays():
+    small = np.arange(12.0).reshape(3, 4)
+    assert _buffers.empty_like(small).base is None  # plain np.empty below MIN_BYTES
+    assert _buffers.empty_like(small, bool).dtype == np.bool_
+    large = np.ones((2, BIG), np.float32)
+    held = _buffers.held_bytes()
+    like = _buffers.empty_like(large)
+    assert like.shape == large.shape and like.dtype == np.float32 and like.flags.c_contiguous
+    assert _buffers.held_bytes() > held  # a view of a pool buffer
+    # Copies are C-ordered and equal, from any layout, small or large.
+    for source in (small.T, large[:, ::2], np.asfortranarray(large)):
+        copied = _buffers.copy(source)
+        assert copied.flags.c_contiguous and not np.shares_memory(copied, source)
+        np.testing.assert_array_equal(copied, source)

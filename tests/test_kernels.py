@@ -143,6 +143,31 @@ def test_softmax_rows_match_numpy(cols: int, dtype: type) -> None:
     assert np.all(np.abs(got_dx - want_dx)[finite] <= np.broadcast_to(slack, x.shape)[finite])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("cols", [1, 7, 10, 16, 17, 1000])
+def test_softmax_rows_give_log_softmax_where_asked(
+    cols: int, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """out2 = log y = (x - max) - log(sum), against float64 NumPy: finite where y underflows,
+    rows of every length (whole 16-element chunks and a padded last one)."""
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    rng = np.random.default_rng(cols)
+    x = (4 * rng.standard_normal((30, cols))).astype(dtype)
+    x[1] *= 300  # y underflows to 0 in most of this row; log y stays finite
+    y, log_y = np.empty_like(x), np.empty_like(x)
+    assert _fused.run("softmax", y, x, out2=log_y, param=cols)
+    x64 = x.astype(np.float64)
+    shifted = x64 - x64.max(axis=1, keepdims=True)
+    want = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    eps = float(np.finfo(dtype).eps)
+    assert np.all(np.isfinite(log_y))
+    np.testing.assert_allclose(log_y, want, rtol=8 * eps, atol=8 * eps)
+    np.testing.assert_allclose(y, np.exp(want), rtol=64 * eps, atol=float(np.finfo(dtype).tiny))
+    without = np.empty_like(x)
+    assert _fused.run("softmax", without, x, param=cols)
+    np.testing.assert_array_equal(without, y)  # asking for log y changes nothing in y
+
+
 def test_softmax_kernel_refuses_partial_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_fused, "ENABLED", True)
     x = np.linspace(-2, 2, 30, dtype=np.float32)
