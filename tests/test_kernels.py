@@ -292,3 +292,55 @@ def test_conv_kernel_refuses_mismatched_buffers(monkeypatch: pytest.MonkeyPatch)
     assert not _fused.conv("im2col", x[:1], col, dims)
     assert not _fused.conv("im2col", x, col, (*dims[:6], 0, 1, 1, 1, 4, 4))  # stride 0
     assert not _fused.conv("col2im", col, np.empty((2, 1, 4, 5), np.float32), dims)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    ("kernel", "stride", "hw"),
+    [(2, 2, (28, 28)), (2, 2, (7, 9)), (3, 3, (10, 11)), ((1, 2), None, (5, 6)), (2, 3, (8, 8)),
+     (3, (3, 4), (9, 13)), (1, 1, (4, 5))],
+)  # fmt: skip
+def test_compiled_max_pooling_matches_numpy_bit_for_bit(
+    kernel: Any, stride: Any, hw: tuple[int, int], dtype: type
+) -> None:
+    """Disjoint windows: the compiled pass gives the NumPy path's maxima, argmax (first
+    on ties, first NaN) and gradient (zeros between windows, -0.0 and NaN as written)."""
+    rng = np.random.default_rng(sum(hw))
+    x = rng.integers(-3, 4, (3, 4, *hw)).astype(dtype)  # small integers: many ties
+    x[0, 0, 0, :3] = [np.nan, 1.0, np.nan]
+    x[1, 1, 1, :2] = [np.inf, -np.inf]
+    dout_shape = snn.MaxPool2d(kernel, stride).forward(x).shape
+    dout = rng.standard_normal(dout_shape).astype(dtype)
+    dout.flat[:3] = [np.inf, np.nan, -0.0]
+
+    def run(compiled: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fused, "ENABLED", compiled)
+            pool = snn.MaxPool2d(kernel, stride)
+            out = pool.forward(x)
+            assert pool.argmax is not None
+            with np.errstate(invalid="ignore"):  # inf * 0 on the NumPy path
+                return out, pool.argmax.copy(), pool.backward(dout)
+
+    want, got = run(False), run(True)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and w.shape == g.shape
+        np.testing.assert_array_equal(g, w)
+        if w.dtype.kind == "f":
+            np.testing.assert_array_equal(np.signbit(g), np.signbit(w))
+
+
+def test_compiled_max_pooling_leaves_overlap_and_padding_to_numpy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_fused, "ENABLED", True)  # even under SCRATCHNN_KERNELS=0
+    x = np.zeros((1, 1, 6, 6), np.float32)
+    assert _fused.pool("max", x, np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 3, 3), np.uint8),
+                       (1, 1, 6, 6, 2, 2, 2, 2, 3, 3))  # fmt: skip
+    for which in ("max", "max_grad"):
+        for dims in [(1, 1, 6, 6, 3, 3, 2, 2, 2, 2),  # overlapping windows
+                     (1, 1, 6, 6, 2, 2, 2, 2, 2, 2),  # OH, OW not what the sizes give
+                     (1, 1, 6, 6, 17, 17, 17, 17, 1, 1)]:  # windows past the image  # fmt: skip
+            src = x if which == "max" else np.zeros((1, 1, 2, 2), np.float32)
+            dst = np.zeros((1, 1, 2, 2), np.float32) if which == "max" else x.copy()
+            assert not _fused.pool(which, src, dst, np.zeros((1, 1, 2, 2), np.uint8), dims)

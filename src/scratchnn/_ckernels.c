@@ -882,6 +882,175 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(fits);
 }
 
+/* ---- Max pooling over disjoint windows without padding, for MaxPool2d (layers/pooling.py) ----
+ *
+ * dims = (N, C, H, W, kh, kw, sh, sw, OH, OW), strides at least the kernel, so a
+ * pixel lies in at most one window. One block per plane (n, c). Forward: the
+ * maximum as the NumPy path's chain of np.maximum takes it (m = m >= v or m is
+ * NaN ? m : v: the first NaN propagates), and argmax, the offset p kw + q of the
+ * first value equal to it (or of the first NaN): PyTorch's choice on ties.
+ * Backward: each window's pixels get dout times (offset == argmax), as the NumPy
+ * path's np.multiply(g, argmax == k) writes them (so -0.0 and NaN alike);
+ * pixels in no window get 0. */
+#define POOL(T, SUFFIX)                                                                   \
+    CLONES static void maxpool_block_##SUFFIX(const struct job *j, ptrdiff_t b) {         \
+        const ptrdiff_t *d = j->dims;                                                     \
+        ptrdiff_t H = d[2], W = d[3], kh = d[4], kw = d[5], sh = d[6], sw = d[7];         \
+        ptrdiff_t OH = d[8], OW = d[9], K = kh * kw;                                      \
+        const T *plane = (const T *)j->x + b * H * W;                                     \
+        T *out = (T *)j->out + b * OH * OW;                                               \
+        unsigned char *arg = (unsigned char *)j->m_out + b * OH * OW;                     \
+        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {                                   \
+            /* The usual 2x2 pooling: 16 windows at a time copied apart (a, b above,  \
+             * c, e below; rows are short, 14 windows at 28 pixels), then vector      \
+             * selects: the larger, the earlier on ties, then the first NaN if any,   \
+             * as the chain of np.maximum gives it. (Written so: gcc leaves NaN tests \
+             * of intermediate maxima unvectorised.) */                               \
+            for (ptrdiff_t i = 0; i < OH; i++) {                                          \
+                const T *r0 = plane + 2 * i * W, *r1 = r0 + W;                            \
+                for (ptrdiff_t j0 = 0; j0 < OW; j0 += CHUNK) {                            \
+                    int len = OW - j0 < CHUNK ? (int)(OW - j0) : CHUNK;                   \
+                    T a[CHUNK] = {0}, bb[CHUNK] = {0}, c[CHUNK] = {0}, e[CHUNK] = {0}, m[CHUNK]; \
+                    unsigned char won[CHUNK];                                             \
+                    for (int t = 0; t < len; t++) {                                       \
+                        ptrdiff_t k = 2 * (j0 + t);                                       \
+                        a[t] = r0[k], bb[t] = r0[k + 1], c[t] = r1[k], e[t] = r1[k + 1];  \
+                    }                                                                     \
+                    _Pragma("omp simd") for (int t = 0; t < CHUNK; t++) {                 \
+                        T v = bb[t] > a[t] ? bb[t] : a[t];                                \
+                        v = c[t] > v ? c[t] : v;                                          \
+                        v = e[t] > v ? e[t] : v;                                          \
+                        T nan = a[t] != a[t] ? a[t] : bb[t] != bb[t] ? bb[t]              \
+                                : c[t] != c[t] ? c[t] : e[t];                             \
+                        v = nan != nan ? nan : v;                                         \
+                        m[t] = v;                                                         \
+                        won[t] = (unsigned char)(a[t] == v || a[t] != a[t]     ? 0        \
+                                                 : bb[t] == v || bb[t] != bb[t] ? 1       \
+                                                 : c[t] == v || c[t] != c[t]   ? 2 : 3);  \
+                    }                                                                     \
+                    memcpy(out + i * OW + j0, m, len * sizeof(T));                        \
+                    memcpy(arg + i * OW + j0, won, len);                                  \
+                }                                                                         \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (ptrdiff_t i = 0; i < OH; i++)                                                \
+            for (ptrdiff_t jj = 0; jj < OW; jj++) {                                       \
+                const T *w0 = plane + i * sh * W + jj * sw;                               \
+                T m = w0[0];                                                              \
+                for (ptrdiff_t p = 0; p < kh; p++)                                        \
+                    for (ptrdiff_t q = p == 0; q < kw; q++) {                             \
+                        T v = w0[p * W + q];                                              \
+                        m = (m >= v || m != m) ? m : v;                                   \
+                    }                                                                     \
+                ptrdiff_t won = K - 1;                                                    \
+                for (ptrdiff_t p = 0, k = 0; p < kh && won == K - 1; p++)                 \
+                    for (ptrdiff_t q = 0; q < kw && k < K - 1; q++, k++) {                \
+                        T v = w0[p * W + q];                                              \
+                        if (m != m ? v != v : v == m) {                                   \
+                            won = k;                                                      \
+                            break;                                                        \
+                        }                                                                 \
+                    }                                                                     \
+                out[i * OW + jj] = m;                                                     \
+                arg[i * OW + jj] = (unsigned char)won;                                    \
+            }                                                                             \
+    }                                                                                     \
+    CLONES static void maxpool_grad_block_##SUFFIX(const struct job *j, ptrdiff_t b) {    \
+        const ptrdiff_t *d = j->dims;                                                     \
+        ptrdiff_t H = d[2], W = d[3], kh = d[4], kw = d[5], sh = d[6], sw = d[7];         \
+        ptrdiff_t OH = d[8], OW = d[9];                                                   \
+        const T *g = (const T *)j->x + b * OH * OW;                                       \
+        const unsigned char *arg = (const unsigned char *)j->m_in + b * OH * OW;          \
+        T *dx = (T *)j->out + b * H * W;                                                  \
+        if (!(sh == kh && sw == kw && OH * kh == H && OW * kw == W))                      \
+            memset(dx, 0, H * W * sizeof(T)); /* pixels in no window */                   \
+        if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {                                   \
+            /* 16 windows at a time in vector registers, then put in place. */           \
+            for (ptrdiff_t i = 0; i < OH; i++) {                                          \
+                T *r0 = dx + 2 * i * W, *r1 = r0 + W;                                     \
+                for (ptrdiff_t j0 = 0; j0 < OW; j0 += CHUNK) {                            \
+                    int len = OW - j0 < CHUNK ? (int)(OW - j0) : CHUNK;                   \
+                    T gv[CHUNK] = {0}, a[CHUNK], bb[CHUNK], c[CHUNK], e[CHUNK];           \
+                    unsigned char won[CHUNK] = {0};                                       \
+                    memcpy(gv, g + i * OW + j0, len * sizeof(T));                         \
+                    memcpy(won, arg + i * OW + j0, len);                                  \
+                    _Pragma("omp simd") for (int t = 0; t < CHUNK; t++) {                 \
+                        a[t] = gv[t] * (T)(won[t] == 0);                                  \
+                        bb[t] = gv[t] * (T)(won[t] == 1);                                 \
+                        c[t] = gv[t] * (T)(won[t] == 2);                                  \
+                        e[t] = gv[t] * (T)(won[t] == 3);                                  \
+                    }                                                                     \
+                    for (int t = 0; t < len; t++) {                                       \
+                        ptrdiff_t k = 2 * (j0 + t);                                       \
+                        r0[k] = a[t], r0[k + 1] = bb[t], r1[k] = c[t], r1[k + 1] = e[t];  \
+                    }                                                                     \
+                }                                                                         \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (ptrdiff_t i = 0; i < OH; i++)                                                \
+            for (ptrdiff_t jj = 0; jj < OW; jj++) {                                       \
+                T gv = g[i * OW + jj];                                                    \
+                ptrdiff_t won = arg[i * OW + jj];                                         \
+                T *w0 = dx + i * sh * W + jj * sw;                                        \
+                for (ptrdiff_t p = 0; p < kh; p++)                                        \
+                    for (ptrdiff_t q = 0; q < kw; q++)                                    \
+                        w0[p * W + q] = gv * (T)(p * kw + q == won);                      \
+            }                                                                             \
+    }
+POOL(float, f32)
+POOL(double, f64)
+
+/* pool(which, src, dst, argmax, dims, threads) -> bool: max pooling forward (which =
+ * 0: src x, dst out, argmax written) or backward (1: src dout, argmax read, dst dx),
+ * over C-contiguous float32 or float64 buffers of one format and uint8 argmax, of
+ * the sizes dims implies; False, touching nothing, when they are not or when the
+ * windows are not disjoint, whole and at most 256 pixels. */
+static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6 || !PyTuple_Check(args[4]) || PyTuple_GET_SIZE(args[4]) != 10) {
+        PyErr_SetString(PyExc_TypeError, "pool(which, src, dst, argmax, dims (10 ints), threads)");
+        return NULL;
+    }
+    long which = PyLong_AsLong(args[0]);
+    Py_ssize_t threads = PyLong_AsSsize_t(args[5]);
+    struct job j = {0};
+    for (int k = 0; k < 10; k++) j.dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[4], k));
+    if (PyErr_Occurred()) return NULL;
+    const ptrdiff_t *d = j.dims;
+    ptrdiff_t N = d[0], C = d[1], H = d[2], W = d[3], kh = d[4], kw = d[5];
+    ptrdiff_t sh = d[6], sw = d[7], OH = d[8], OW = d[9];
+    int shape_ok = N >= 0 && C >= 0 && kh >= 1 && kw >= 1 && kh * kw <= 256 && sh >= kh
+                   && sw >= kw && OH >= 1 && OW >= 1 && (OH - 1) * sh + kh <= H
+                   && (OW - 1) * sw + kw <= W && OH == (H - kh) / sh + 1
+                   && OW == (W - kw) / sw + 1;
+    if (!shape_ok) return PyBool_FromLong(0);
+    ptrdiff_t image = N * C * H * W, pooled = N * C * OH * OW;
+    Py_buffer src = {0}, dst = {0}, arg = {0};
+    int fits = take(args[1], &src, 0, NULL, -1) && src.obj != NULL
+               && (strcmp(src.format, "f") == 0 || strcmp(src.format, "d") == 0)
+               && src.len == (which ? pooled : image) * src.itemsize
+               && take(args[2], &dst, 1, src.format, (which ? image : pooled) * src.itemsize)
+               && dst.obj != NULL && take(args[3], &arg, !which, "B", pooled) && arg.obj != NULL;
+    if (fits) {
+        int f32 = src.itemsize == 4;
+        j.task = which ? (f32 ? maxpool_grad_block_f32 : maxpool_grad_block_f64)
+                       : (f32 ? maxpool_block_f32 : maxpool_block_f64);
+        j.x = src.buf, j.out = dst.buf;
+        if (which) j.m_in = arg.buf; else j.m_out = arg.buf;
+        j.blocks = N * C;
+        Py_BEGIN_ALLOW_THREADS
+        if (threads < 2 || j.blocks < 2 || j.blocks > MAX_BLOCKS || !run_on_two_threads(&j))
+            for (ptrdiff_t b = 0; b < j.blocks; b++) j.task(&j, b);
+        Py_END_ALLOW_THREADS
+    }
+    if (src.obj != NULL) PyBuffer_Release(&src);
+    if (dst.obj != NULL) PyBuffer_Release(&dst);
+    if (arg.obj != NULL) PyBuffer_Release(&arg);
+    return PyBool_FromLong(fits);
+}
+
 /* packed_avx512(on) -> bool: whether the packed Relu kernels take their AVX-512
  * path; `on` (None: leave it) switches it, for the tests of the portable path.
  * It stays off where the CPU lacks AVX-512. */
@@ -911,6 +1080,8 @@ static PyMethodDef methods[] = {
      "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"conv", (PyCFunction)(void (*)(void))conv, METH_FASTCALL,
      "conv(which, src, dst, dims, threads) -> bool: im2col (0) or col2im (1)"},
+    {"pool", (PyCFunction)(void (*)(void))pool, METH_FASTCALL,
+     "pool(which, src, dst, argmax, dims, threads) -> bool: max pooling (0) or its gradient (1)"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(kernel, out, x, g, h, mask_in, out2, out3, mask_out, params, threads, block) -> bool"},
     {NULL, NULL, 0, NULL},

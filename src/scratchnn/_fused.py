@@ -128,3 +128,23 @@ def conv(which: str, src: np.ndarray, dst: np.ndarray, dims: tuple[int, ...]) ->
     assert _MODULE is not None
     threads = THREADS if dst.size >= THREADS_FROM else 1
     return bool(_MODULE.conv(0 if which == "im2col" else 1, src, dst, dims, threads))
+
+
+def pool(
+    which: str, src: np.ndarray, dst: np.ndarray, argmax: np.ndarray, dims: tuple[int, ...]
+) -> bool:
+    """Max pooling (``which="max"``: ``src`` x, ``dst`` out, ``argmax`` written) or its
+    gradient (``"max_grad"``: ``src`` dout, ``argmax`` read, ``dst`` dx) for MaxPool2d;
+    False, touching nothing, if the kernels cannot take them.
+
+    ``dims`` is (N, C, H, W, kh, kw, stride_h, stride_w, OH, OW): windows that do not
+    overlap (strides at least the kernel), no padding, at most 256 pixels; x and dx
+    are (N, C, H, W), out and dout (N, C, OH, OW), C-contiguous arrays of one float
+    dtype, argmax uint8 of out's shape (see "Max pooling" in _ckernels.c).
+    """
+    if not ENABLED or not all(type(a) is np.ndarray for a in (src, dst, argmax)):
+        return False
+    assert _MODULE is not None
+    threads = THREADS if max(src.size, dst.size) >= THREADS_FROM else 1
+    return bool(_MODULE.pool(0 if which == "max" else 1, src, dst, argmax, dims, threads))
+

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from scratchnn import _buffers, _fused
 from scratchnn.backend import get_array_module, to_compute
 from scratchnn.layers.base import Layer
 from scratchnn.layers.convolution import check_images, output_size, pad_images, pair, window_slice
@@ -100,8 +101,24 @@ class MaxPool2d(_Pool2d):
         super().__init__(kernel_size, stride, padding)
         self.argmax: np.ndarray | None = None
 
+    def _compiled_dims(self) -> tuple[int, ...] | None:
+        """The compiled kernels' dims for this input: windows that do not overlap, no
+        padding, at most 256 pixels (the usual 2×2); None where the NumPy path runs."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        if self.padding != (0, 0) or sh < kh or sw < kw or kh * kw > 256:
+            return None
+        return (*self._x_shape, kh, kw, sh, sw, *self._out_hw(self._x_shape))
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         self._check(x)
+        dims = self._compiled_dims()
+        if dims is not None and isinstance(x, np.ndarray):
+            n, c, oh, ow = dims[0], dims[1], dims[8], dims[9]
+            out = _buffers.empty((n, c, oh, ow), x.dtype)
+            argmax = _buffers.empty((n, c, oh, ow), np.uint8)
+            if _fused.pool("max", np.ascontiguousarray(x), out, argmax, dims):
+                self.argmax = argmax  # one compiled pass: the maxima and which offset won
+                return out
         xp = pad_images(x, self.padding, -np.inf)
         windows = [xp[:, :, rows, cols] for _, rows, cols in self._offsets(x.shape)]
         out = windows[0].copy()
@@ -127,6 +144,11 @@ class MaxPool2d(_Pool2d):
         assert self.argmax is not None  # forward ran: the base checks it
         g = to_compute(dout)
         n, c, h, w = self._x_shape
+        dims = self._compiled_dims()
+        if dims is not None and isinstance(g, np.ndarray):
+            dx = _buffers.empty((n, c, h, w), g.dtype)
+            if _fused.pool("max_grad", np.ascontiguousarray(g), dx, self.argmax, dims):
+                return dx
         ph, pw = self.padding
         # Windows that do not overlap can write their share directly instead of adding; when
         # they also tile the input exactly (the usual 2×2), every pixel is written and the
