@@ -8,12 +8,13 @@ steps, Conv2d's im2col and col2im, and max pooling; calls of
 as the extension module ``scratchnn._ckernels`` when scratchnn is installed
 on a machine with a C compiler (see ``setup.py``).
 
-The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`) on their C-contiguous
-arrays of any shape, or :func:`apply` for a new output of the input's shape;
-these return False (None) whenever the kernels cannot take the call (not
-built, switched off, another dtype, layout or array type), and the caller
-then runs its NumPy passes, which stay the reference. ``SCRATCHNN_KERNELS=0`` in the
-environment, or ``ENABLED = False`` here, switches the kernels off.
+The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`)
+on their C-contiguous arrays of any shape, or :func:`apply` for a new output
+of the input's shape; these return False (None) whenever the kernels cannot
+take the call (not built, switched off, another dtype, layout or array
+type), and the caller then runs its NumPy passes, which stay the reference.
+``SCRATCHNN_KERNELS=0`` in the environment, or ``ENABLED = False`` here,
+switches the kernels off.
 
 The kernels never raise or warn: where the NumPy path overflows harmlessly
 (and ignores it under its own ``np.errstate``), they give the same values

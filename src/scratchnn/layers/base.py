@@ -120,7 +120,7 @@ class Layer:
         if not input_grad:
             self._backward_params(dout)
             return None
-        if type(dout) is np.ndarray:
+        if isinstance(dout, np.ndarray):  # (a NumPy subclass, np.memmap say, included)
             grads = self._backward(dout)
         else:
             grads = self._backward_gpu(dout)
