@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -190,3 +191,30 @@ def test_python_threads_calling_the_kernels_at_once_get_their_own_results(
     for thread in threads:
         thread.join()
     assert not failures
+
+
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+@pytest.mark.parametrize("make", [lambda: snn.MaxPool2d(2), lambda: snn.MaxPool2d(3, (3, 4))])
+def test_max_pooling_on_two_threads_matches_one(
+    make: Callable[[], snn.Layer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pooling's blocks (one per image plane) shared by the caller and the C worker give the
+    one-thread results bit for bit, and the worker really ran some of them."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-5, 6, (16, 8, 28, 28)).astype(np.float32)  # ties everywhere
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    monkeypatch.setattr(_fused, "THREADS", 1)
+    pool = make()
+    dout = rng.standard_normal(pool.forward(x).shape).astype(np.float32)
+    one = forward_backward(make, x, dout)
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    assert _fused._MODULE is not None
+    before = _fused._MODULE.worker_blocks()
+    for _ in range(20):  # the worker may sleep through a call; not through twenty
+        two = forward_backward(make, x, dout)
+        for want, got in zip(one, two):
+            np.testing.assert_array_equal(got, want)
+        if _fused._MODULE.worker_blocks() > before:
+            break
+    assert _fused._MODULE.worker_blocks() > before
