@@ -841,6 +841,22 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 CONV(float, f32)
 CONV(double, f64)
 
+/* The dims tuple of conv() and pool() into j->dims: 0, with Python's error set,
+ * unless they are `count` ints. */
+static int read_dims(PyObject *tuple, Py_ssize_t count, struct job *j) {
+    for (Py_ssize_t k = 0; k < count; k++) j->dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, k));
+    return !PyErr_Occurred();
+}
+
+/* Runs j's blocks without the GIL: on the caller and the worker where asked and
+ * there are blocks to share, else one after the other. */
+static void run_tasks(struct job *j, Py_ssize_t threads) {
+    Py_BEGIN_ALLOW_THREADS
+    if (threads < 2 || j->blocks < 2 || j->blocks > MAX_BLOCKS || !run_on_two_threads(j))
+        for (ptrdiff_t b = 0; b < j->blocks; b++) j->task(j, b);
+    Py_END_ALLOW_THREADS
+}
+
 /* conv(which, src, dst, dims, threads) -> bool: im2col (which = 0, src x, dst col)
  * or col2im (which = 1, src dcol, dst dx) over C-contiguous float32 or float64
  * buffers of one format and the sizes dims implies; False, touching nothing,
@@ -854,8 +870,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long which = PyLong_AsLong(args[0]);
     Py_ssize_t threads = PyLong_AsSsize_t(args[4]);
     struct job j = {0};
-    for (int k = 0; k < 12; k++) j.dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[3], k));
-    if (PyErr_Occurred()) return NULL;
+    if (!read_dims(args[3], 12, &j)) return NULL;
     const ptrdiff_t *d = j.dims;
     for (int k = 0; k < 12; k++)
         if (d[k] < (k >= 6 && k < 8 ? 1 : 0)) return PyBool_FromLong(0);  /* strides >= 1 */
@@ -872,10 +887,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                        : (f32 ? im2col_block_f32 : im2col_block_f64);
         j.x = src.buf, j.out = dst.buf;
         j.blocks = which ? d[1] : d[1] * d[4] * d[5];
-        Py_BEGIN_ALLOW_THREADS
-        if (threads < 2 || j.blocks < 2 || j.blocks > MAX_BLOCKS || !run_on_two_threads(&j))
-            for (ptrdiff_t b = 0; b < j.blocks; b++) j.task(&j, b);
-        Py_END_ALLOW_THREADS
+        run_tasks(&j, threads);
     }
     if (src.obj != NULL) PyBuffer_Release(&src);
     if (dst.obj != NULL) PyBuffer_Release(&dst);
@@ -1016,8 +1028,7 @@ static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long which = PyLong_AsLong(args[0]);
     Py_ssize_t threads = PyLong_AsSsize_t(args[5]);
     struct job j = {0};
-    for (int k = 0; k < 10; k++) j.dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[4], k));
-    if (PyErr_Occurred()) return NULL;
+    if (!read_dims(args[4], 10, &j)) return NULL;
     const ptrdiff_t *d = j.dims;
     ptrdiff_t N = d[0], C = d[1], H = d[2], W = d[3], kh = d[4], kw = d[5];
     ptrdiff_t sh = d[6], sw = d[7], OH = d[8], OW = d[9];
@@ -1040,10 +1051,7 @@ static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         j.x = src.buf, j.out = dst.buf;
         if (which) j.m_in = arg.buf; else j.m_out = arg.buf;
         j.blocks = N * C;
-        Py_BEGIN_ALLOW_THREADS
-        if (threads < 2 || j.blocks < 2 || j.blocks > MAX_BLOCKS || !run_on_two_threads(&j))
-            for (ptrdiff_t b = 0; b < j.blocks; b++) j.task(&j, b);
-        Py_END_ALLOW_THREADS
+        run_tasks(&j, threads);
     }
     if (src.obj != NULL) PyBuffer_Release(&src);
     if (dst.obj != NULL) PyBuffer_Release(&dst);
