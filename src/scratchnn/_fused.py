@@ -3,13 +3,13 @@
 ``_ckernels.c`` holds, over float32 or float64 arrays, a forward and a
 backward loop for each activation (vectorised through glibc's libmvec),
 Softmax by rows (with log-softmax for SoftmaxWithLoss), the SGD and Adam
-steps, Conv2d's im2col and col2im, max pooling and BatchNorm's training
-pass; calls of ``THREADS_FROM`` elements or more run on two threads. It is built
+steps, Conv2d's im2col and col2im, and max pooling; calls of
+``THREADS_FROM`` elements or more run on two threads. It is built
 as the extension module ``scratchnn._ckernels`` when scratchnn is installed
 on a machine with a C compiler (see ``setup.py``).
 
-The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`,
-BatchNorm :func:`batchnorm`) on their C-contiguous arrays of any shape, or :func:`apply` for a new output
+The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`)
+on their C-contiguous arrays of any shape, or :func:`apply` for a new output
 of the input's shape; these return False (None) whenever the kernels cannot
 take the call (not built, switched off, another dtype, layout or array
 type), and the caller then runs its NumPy passes, which stay the reference.
