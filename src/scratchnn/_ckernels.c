@@ -841,74 +841,6 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 CONV(float, f32)
 CONV(double, f64)
 
-/* ---- BatchNorm in training mode over NCHW images, for layers/normalization.py ----
- *
- * dims = (N, C, HW); one block per channel c, whose N planes of HW values it
- * reads. stats is (C, 5) of the images' float type. Forward (x -> xhat, out):
- * reads gamma and beta from stats[c][0..1]; the mean and the biased variance
- * (sums in double, then rounded), inv_std = 1 / sqrt(var + eps), xhat = (x -
- * mean) inv_std, out = xhat gamma + beta; writes mean, var and inv_std into
- * stats[c][2..4]. Backward (g = dout, h = xhat -> dx): reads gamma and inv_std
- * (stats[c][0], [4]); sum(g) and sum(g xhat) into stats[c][2..3] (dbeta and
- * dgamma); dx = ((g - xhat sum(g xhat) / m) - sum(g) / m) gamma inv_std. The
- * element-wise steps are the NumPy path's, in its order; its sums are
- * float pairwise sums, these double ones: results agree to a few ulps. */
-#define BATCHNORM(T, F, SUFFIX)                                                           \
-    CLONES static void batchnorm_block_##SUFFIX(const struct job *j, ptrdiff_t c) {       \
-        ptrdiff_t N = j->dims[0], C = j->dims[1], HW = j->dims[2], m = N * HW;            \
-        const T *x = (const T *)j->x;                                                     \
-        T *out = (T *)j->out, *xhat = (T *)j->out2, *stats = (T *)j->out3 + 5 * c;        \
-        double sum = 0, squares = 0;                                                      \
-        for (ptrdiff_t n = 0; n < N; n++) {                                               \
-            const T *p = x + (n * C + c) * HW;                                            \
-            _Pragma("omp simd reduction(+:sum)") for (ptrdiff_t k = 0; k < HW; k++)       \
-                sum += (double)p[k];                                                      \
-        }                                                                                 \
-        T mean = (T)(sum / (double)m);                                                    \
-        for (ptrdiff_t n = 0; n < N; n++) {                                               \
-            const T *p = x + (n * C + c) * HW;                                            \
-            _Pragma("omp simd reduction(+:squares)") for (ptrdiff_t k = 0; k < HW; k++) { \
-                double centred = (double)p[k] - (double)mean;                             \
-                squares += centred * centred;                                             \
-            }                                                                             \
-        }                                                                                 \
-        T var = (T)(squares / (double)m);                                                 \
-        T inv_std = (T)1 / MATH(sqrt, F)(var + (T)j->params[0]);                          \
-        T gamma = stats[0], beta = stats[1];                                              \
-        for (ptrdiff_t n = 0; n < N; n++) {                                               \
-            ptrdiff_t at = (n * C + c) * HW;                                              \
-            _Pragma("omp simd") for (ptrdiff_t k = 0; k < HW; k++) {                      \
-                T xh = (x[at + k] - mean) * inv_std;                                      \
-                xhat[at + k] = xh;                                                        \
-                out[at + k] = xh * gamma + beta;                                          \
-            }                                                                             \
-        }                                                                                 \
-        stats[2] = mean, stats[3] = var, stats[4] = inv_std;                              \
-    }                                                                                     \
-    CLONES static void batchnorm_grad_block_##SUFFIX(const struct job *j, ptrdiff_t c) {  \
-        ptrdiff_t N = j->dims[0], C = j->dims[1], HW = j->dims[2], m = N * HW;            \
-        const T *g = (const T *)j->x, *xhat = (const T *)j->h;                            \
-        T *dx = (T *)j->out, *stats = (T *)j->out3 + 5 * c;                               \
-        double sum_g = 0, sum_gx = 0;                                                     \
-        for (ptrdiff_t n = 0; n < N; n++) {                                               \
-            ptrdiff_t at = (n * C + c) * HW;                                              \
-            _Pragma("omp simd reduction(+:sum_g, sum_gx)")                                \
-            for (ptrdiff_t k = 0; k < HW; k++) {                                          \
-                sum_g += (double)g[at + k];                                               \
-                sum_gx += (double)g[at + k] * (double)xhat[at + k];                       \
-            }                                                                             \
-        }                                                                                 \
-        stats[2] = (T)sum_g, stats[3] = (T)sum_gx;                                        \
-        T a = stats[3] / (T)m, b = stats[2] / (T)m, scale = stats[0] * stats[4];          \
-        for (ptrdiff_t n = 0; n < N; n++) {                                               \
-            ptrdiff_t at = (n * C + c) * HW;                                              \
-            _Pragma("omp simd") for (ptrdiff_t k = 0; k < HW; k++)                        \
-                dx[at + k] = ((g[at + k] - xhat[at + k] * a) - b) * scale;                \
-        }                                                                                 \
-    }
-BATCHNORM(float, f, f32)
-BATCHNORM(double, , f64)
-
 /* The dims tuple of conv() and pool() into j->dims: 0, with Python's error set,
  * unless they are `count` ints. */
 static int read_dims(PyObject *tuple, Py_ssize_t count, struct job *j) {
@@ -1127,48 +1059,6 @@ static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(fits);
 }
 
-/* batchnorm(which, src, xhat, dst, stats, dims, eps, threads) -> bool: BatchNorm's
- * training forward (which = 0: src x, xhat and dst out written) or backward (1:
- * src dout, xhat read, dst dx), over C-contiguous float32 or float64 buffers of
- * one format: images of N C HW values, stats of C 5; False, touching nothing,
- * when they are not. */
-static PyObject *batchnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 8 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "batchnorm(which, src, xhat, dst, stats, dims (3 ints), eps, threads)");
-        return NULL;
-    }
-    long which = PyLong_AsLong(args[0]);
-    double eps = PyFloat_AsDouble(args[6]);
-    Py_ssize_t threads = PyLong_AsSsize_t(args[7]);
-    struct job j = {0};
-    if (PyErr_Occurred() || !read_dims(args[5], 3, &j)) return NULL;
-    ptrdiff_t N = j.dims[0], C = j.dims[1], HW = j.dims[2];
-    if (N < 1 || C < 1 || HW < 1 || N * HW < 2) return PyBool_FromLong(0);
-    Py_buffer src = {0}, xhat = {0}, dst = {0}, stats = {0};
-    int fits = take(args[1], &src, 0, NULL, -1) && src.obj != NULL
-               && (strcmp(src.format, "f") == 0 || strcmp(src.format, "d") == 0)
-               && src.len == N * C * HW * src.itemsize
-               && take(args[2], &xhat, !which, src.format, src.len) && xhat.obj != NULL
-               && take(args[3], &dst, 1, src.format, src.len) && dst.obj != NULL
-               && take(args[4], &stats, 1, src.format, 5 * C * src.itemsize) && stats.obj != NULL;
-    if (fits) {
-        int f32 = src.itemsize == 4;
-        j.task = which ? (f32 ? batchnorm_grad_block_f32 : batchnorm_grad_block_f64)
-                       : (f32 ? batchnorm_block_f32 : batchnorm_block_f64);
-        j.x = src.buf, j.out = dst.buf, j.out3 = stats.buf;
-        if (which) j.h = xhat.buf; else j.out2 = xhat.buf;
-        j.params[0] = eps;
-        j.blocks = C;
-        run_tasks(&j, threads);
-    }
-    Py_buffer *views[] = {&src, &xhat, &dst, &stats};
-    for (int k = 0; k < 4; k++)
-        if (views[k]->obj != NULL) PyBuffer_Release(views[k]);
-    return PyBool_FromLong(fits);
-}
-
 /* packed_avx512(on) -> bool: whether the packed Relu kernels take their AVX-512
  * path; `on` (None: leave it) switches it, for the tests of the portable path.
  * It stays off where the CPU lacks AVX-512. */
@@ -1198,8 +1088,6 @@ static PyMethodDef methods[] = {
      "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"conv", (PyCFunction)(void (*)(void))conv, METH_FASTCALL,
      "conv(which, src, dst, dims, threads) -> bool: im2col (0) or col2im (1)"},
-    {"batchnorm", (PyCFunction)(void (*)(void))batchnorm, METH_FASTCALL,
-     "batchnorm(which, src, xhat, dst, stats, dims, eps, threads) -> bool: BatchNorm's training pass"},
     {"pool", (PyCFunction)(void (*)(void))pool, METH_FASTCALL,
      "pool(which, src, dst, argmax, dims, threads) -> bool: max pooling (0) or its gradient (1)"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,

@@ -150,31 +150,3 @@ def pool(
     threads = THREADS if max(src.size, dst.size) >= THREADS_FROM else 1
     return bool(_MODULE.pool(0 if which == "max" else 1, src, dst, argmax, dims, threads))
 
-
-def batchnorm(
-    which: str,
-    src: np.ndarray,
-    xhat: np.ndarray,
-    dst: np.ndarray,
-    stats: np.ndarray,
-    dims: tuple[int, int, int],
-    eps: float,
-) -> bool:
-    """BatchNorm's training forward (``which="forward"``: ``src`` x; ``xhat`` and ``dst``
-    out written) or backward (``"backward"``: ``src`` dout, ``xhat`` read, ``dst`` dx),
-    per channel; False, touching nothing, if the kernels cannot take them.
-
-    ``dims`` is (N, C, H W): the images are (N, C, H, W), C-contiguous, of one float
-    dtype, and ``stats`` (C, 5) of that dtype: gamma, beta (forward) or gamma and
-    inv_std (backward, at 0 and 4) in, the mean, variance and inv_std (forward, at
-    2 to 4) or the sums of dout and of dout xhat (backward, at 2 and 3) out (see
-    "BatchNorm" in _ckernels.c).
-    """
-    arrays = (src, xhat, dst, stats)
-    if not ENABLED or not all(type(a) is np.ndarray for a in arrays):
-        return False
-    assert _MODULE is not None
-    threads = THREADS if src.size >= THREADS_FROM else 1
-    code = 0 if which == "forward" else 1
-    return bool(_MODULE.batchnorm(code, src, xhat, dst, stats, dims, float(eps), threads))
-
