@@ -1,4 +1,4 @@
-"""Runs the conformance, loss, kept-slope, thread and optimiser suites on both paths: compiled and plain NumPy."""
+"""Runs the conformance, loss, BatchNorm, kept-slope, thread and optimiser suites on both paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from scratchnn import _fused
 # Every layer must keep the same contract whichever path computes it.
 _BOTH_PATHS = {
     "test_conformance", "test_cnn_layers", "test_threads", "test_optim", "test_linear_and_losses",
-    "test_kept_slope",
+    "test_kept_slope", "test_batchnorm",
 }
 
 

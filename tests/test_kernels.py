@@ -344,3 +344,40 @@ def test_compiled_max_pooling_leaves_overlap_and_padding_to_numpy(
             src = x if which == "max" else np.zeros((1, 1, 2, 2), np.float32)
             dst = np.zeros((1, 1, 2, 2), np.float32) if which == "max" else x.copy()
             assert not _fused.pool(which, src, dst, np.zeros((1, 1, 2, 2), np.uint8), dims)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(8, 3, 5, 7), (128, 4, 14, 14), (2, 1, 1, 1)])
+def test_compiled_batchnorm_matches_numpy(shape: tuple[int, ...], dtype: type) -> None:
+    """Training forward and backward per channel: output, xhat, running statistics, dx,
+    dgamma and dbeta within a few ulps of the NumPy path (its sums are float pairwise,
+    the kernels' double), on inputs far from zero mean."""
+    rng = np.random.default_rng(len(shape) + shape[0])
+    x = (3 * rng.standard_normal(shape) + 5).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+
+    def run(compiled: bool) -> list[np.ndarray]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_fused, "ENABLED", compiled)
+            layer = snn.BatchNorm(shape[1], dtype=dtype)
+            layer.gamma[...] = rng.uniform(0.5, 2.0, shape[1])
+            layer.beta[...] = rng.uniform(-1.0, 1.0, shape[1])
+            out = layer.forward(x)
+            dx = layer.backward(dout)
+            assert layer.xhat is not None and layer.dgamma is not None
+            assert layer.dbeta is not None
+            return [out, layer.xhat, layer.running_mean, layer.running_var, dx, layer.dgamma,
+                    layer.dbeta]  # fmt: skip
+
+    state = rng.bit_generator.state
+    want = run(False)
+    rng.bit_generator.state = state  # the same gamma and beta
+    got = run(True)
+    eps = float(np.finfo(dtype).eps)
+    for name, w, g in zip(["out", "xhat", "mean", "var", "dx", "dgamma", "dbeta"], want, got):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        # dx and the sums are differences of sums: their slack is relative to dout's scale.
+        scale = np.sqrt(np.mean(np.square(w, dtype=np.float64))) if name in ("dx", "dgamma",
+                                                                             "dbeta") else 0.0
+        np.testing.assert_allclose(g, w, rtol=64 * eps, atol=64 * eps * max(scale, 1.0),
+                                   err_msg=name)  # fmt: skip

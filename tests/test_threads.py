@@ -218,3 +218,32 @@ def test_max_pooling_on_two_threads_matches_one(
         if _fused._MODULE.worker_blocks() > before:
             break
     assert _fused._MODULE.worker_blocks() > before
+
+
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+def test_batchnorm_on_two_threads_matches_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BatchNorm's per-image blocks on the caller and the C worker: its sums are combined over
+    the images in one order, so the one-thread results come out bit for bit."""
+    rng = np.random.default_rng(5)
+    x = (2 * rng.standard_normal((32, 6, 9, 9)) + 1).astype(np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    monkeypatch.setattr(_fused, "ENABLED", True)
+
+    def run() -> tuple[np.ndarray, ...]:
+        layer = snn.BatchNorm(6)
+        out, dx = layer.forward(x), layer.backward(dout)
+        assert layer.dgamma is not None and layer.dbeta is not None
+        return out, dx, layer.dgamma, layer.dbeta, layer.running_mean, layer.running_var
+
+    monkeypatch.setattr(_fused, "THREADS", 1)
+    one = run()
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    assert _fused._MODULE is not None
+    before = _fused._MODULE.worker_blocks()
+    for _ in range(20):  # the worker may sleep through a call; not through twenty
+        for want, got in zip(one, run()):
+            np.testing.assert_array_equal(got, want)
+        if _fused._MODULE.worker_blocks() > before:
+            break
+    assert _fused._MODULE.worker_blocks() > before

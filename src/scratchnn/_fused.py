@@ -3,13 +3,13 @@
 ``_ckernels.c`` holds, over float32 or float64 arrays, a forward and a
 backward loop for each activation (vectorised through glibc's libmvec),
 Softmax by rows (with log-softmax for SoftmaxWithLoss), the SGD and Adam
-steps, Conv2d's im2col and col2im, and max pooling; calls of
-``THREADS_FROM`` elements or more run on two threads. It is built
+steps, Conv2d's im2col and col2im, max pooling and BatchNorm's training
+pass; calls of ``THREADS_FROM`` elements or more run on two threads. It is built
 as the extension module ``scratchnn._ckernels`` when scratchnn is installed
 on a machine with a C compiler (see ``setup.py``).
 
-The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`)
-on their C-contiguous arrays of any shape, or :func:`apply` for a new output
+The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`,
+BatchNorm :func:`batchnorm`) on their C-contiguous arrays of any shape, or :func:`apply` for a new output
 of the input's shape; these return False (None) whenever the kernels cannot
 take the call (not built, switched off, another dtype, layout or array
 type), and the caller then runs its NumPy passes, which stay the reference.
@@ -149,4 +149,32 @@ def pool(
     assert _MODULE is not None
     threads = THREADS if max(src.size, dst.size) >= THREADS_FROM else 1
     return bool(_MODULE.pool(0 if which == "max" else 1, src, dst, argmax, dims, threads))
+
+
+def batchnorm(
+    which: str,
+    src: np.ndarray,
+    xhat: np.ndarray,
+    dst: np.ndarray,
+    stats: np.ndarray,
+    dims: tuple[int, int, int],
+    eps: float,
+) -> bool:
+    """BatchNorm's training forward (``which="forward"``: ``src`` x; ``xhat`` and ``dst``
+    out written) or backward (``"backward"``: ``src`` dout, ``xhat`` read, ``dst`` dx),
+    per channel; False, touching nothing, if the kernels cannot take them.
+
+    ``dims`` is (N, C, H W): the images are (N, C, H, W), C-contiguous, of one float
+    dtype, and ``stats`` (C, 5) of that dtype: gamma, beta (forward) or gamma and
+    inv_std (backward, at 0 and 4) in, the mean, variance and inv_std (forward, at
+    2 to 4) or the sums of dout and of dout xhat (backward, at 2 and 3) out (see
+    "BatchNorm" in _ckernels.c).
+    """
+    arrays = (src, xhat, dst, stats)
+    if not ENABLED or not all(type(a) is np.ndarray for a in arrays):
+        return False
+    assert _MODULE is not None
+    threads = THREADS if src.size >= THREADS_FROM else 1
+    code = 0 if which == "forward" else 1
+    return bool(_MODULE.batchnorm(code, src, xhat, dst, stats, dims, float(eps), threads))
 

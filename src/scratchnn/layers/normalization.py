@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numpy.typing import DTypeLike
 
+from scratchnn import _buffers, _fused
 from scratchnn.backend import FLOAT_DTYPES, compute_dtype_of
 from scratchnn.layers.base import Layer
 
@@ -125,15 +126,16 @@ class BatchNorm(Layer):
                 raise ValueError(
                     f"BatchNorm: training needs more than one value per channel; got {x.shape}"
                 )
+            compiled = self._compiled_forward(z)
+            if compiled is not None:
+                return compiled.astype(x.dtype, copy=False)
             mean = z.mean(axis=axes)
             centred = z - mean.reshape(shape)
             var = np.einsum("ncxy,ncxy->c" if x.ndim == 4 else "nc,nc->c", centred, centred) / m
             inv_std = 1.0 / np.sqrt(var + self.eps)
             centred *= inv_std.reshape(shape)
             xhat = centred
-            mo = self.momentum
-            self.running_mean[...] = (1 - mo) * self.running_mean + mo * mean
-            self.running_var[...] = (1 - mo) * self.running_var + mo * var * (m / (m - 1))
+            self._update_running(mean, var, m)
         else:
             inv_std = 1.0 / np.sqrt(self.running_var.astype(work) + self.eps)
             xhat = (z - self.running_mean.astype(work).reshape(shape)) * inv_std.reshape(shape)
@@ -143,6 +145,28 @@ class BatchNorm(Layer):
         out = xhat * self.gamma.astype(work).reshape(shape)
         out += self.beta.astype(work).reshape(shape)  # in place: one image-sized temporary fewer
         return out.astype(x.dtype, copy=False)
+
+    def _update_running(self, mean: np.ndarray, var: np.ndarray, m: int) -> None:
+        mo = self.momentum
+        self.running_mean[...] = (1 - mo) * self.running_mean + mo * mean
+        self.running_var[...] = (1 - mo) * self.running_var + mo * var * (m / (m - 1))
+
+    def _compiled_forward(self, z: np.ndarray) -> np.ndarray | None:
+        """Training forward of (N, C, H, W) images in one compiled pass per channel (the
+        statistics, xhat and the output); None where the kernels cannot take ``z``."""
+        if type(z) is not np.ndarray or z.ndim != 4 or not _fused.ENABLED:
+            return None
+        n, c, h, w = z.shape
+        stats = np.empty((c, 5), z.dtype)
+        stats[:, 0], stats[:, 1] = self.gamma, self.beta
+        z = np.ascontiguousarray(z)
+        xhat, out = _buffers.empty_like(z), _buffers.empty_like(z)
+        if not _fused.batchnorm("forward", z, xhat, out, stats, (n, c, h * w), self.eps):
+            return None
+        self._update_running(stats[:, 2], stats[:, 3], n * h * w)
+        self._axes, self._trained = (0, 2, 3), True
+        self.xhat, self.inv_std = xhat, stats[:, 4].copy()
+        return out
 
     def _param_grads(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Set ``dgamma`` and ``dbeta``; return ``dout``, ``sum(dout)`` and ``sum(dout xhat)``.
@@ -161,6 +185,18 @@ class BatchNorm(Layer):
         self._param_grads(dout)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
+        xhat = self.xhat
+        if self._trained and type(xhat) is np.ndarray and xhat.ndim == 4 and _fused.ENABLED:
+            # One compiled pass per channel: both sums (dbeta, dgamma), then dx.
+            g = np.ascontiguousarray(dout, dtype=xhat.dtype)
+            stats = np.empty((self.num_features, 5), g.dtype)
+            stats[:, 0], stats[:, 4] = self.gamma, self.inv_std
+            n, c, h, w = g.shape
+            dx = _buffers.empty_like(g)
+            if _fused.batchnorm("backward", g, xhat, dx, stats, (n, c, h * w), self.eps):
+                self.dbeta = stats[:, 2].astype(self.gamma.dtype)
+                self.dgamma = stats[:, 3].astype(self.gamma.dtype)
+                return dx
         g, sum_g, sum_gx = self._param_grads(dout)
         assert self.xhat is not None and self.inv_std is not None
         c = self.num_features
