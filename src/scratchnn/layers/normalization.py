@@ -152,8 +152,8 @@ class BatchNorm(Layer):
         self.running_var[...] = (1 - mo) * self.running_var + mo * var * (m / (m - 1))
 
     def _compiled_forward(self, z: np.ndarray) -> np.ndarray | None:
-        """Training forward of (N, C, H, W) images in one compiled pass per channel (the
-        statistics, xhat and the output); None where the kernels cannot take ``z``."""
+        """Training forward of (N, C, H, W) images in compiled passes that stream them (the
+        statistics, then xhat and the output); None where the kernels cannot take ``z``."""
         if type(z) is not np.ndarray or z.ndim != 4 or not _fused.ENABLED:
             return None
         n, c, h, w = z.shape
@@ -187,7 +187,7 @@ class BatchNorm(Layer):
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         xhat = self.xhat
         if self._trained and type(xhat) is np.ndarray and xhat.ndim == 4 and _fused.ENABLED:
-            # One compiled pass per channel: both sums (dbeta, dgamma), then dx.
+            # Compiled passes over the images: both sums (dbeta, dgamma), then dx.
             g = np.ascontiguousarray(dout, dtype=xhat.dtype)
             stats = np.empty((self.num_features, 5), g.dtype)
             stats[:, 0], stats[:, 4] = self.gamma, self.inv_std
