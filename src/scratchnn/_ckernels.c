@@ -842,11 +842,28 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 CONV(float, f32)
 CONV(double, f64)
 
-/* The dims tuple of conv() and pool() into j->dims: 0, with Python's error set,
- * unless they are `count` ints. */
-static int read_dims(PyObject *tuple, Py_ssize_t count, struct job *j) {
-    for (Py_ssize_t k = 0; k < count; k++) j->dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, k));
+/* The front that conv(), pool() and batchnorm() share: `nargs` must be `want`,
+ * with `which` first, `threads` last and at `dims_at` a tuple of `ndims` ints,
+ * read into j->dims. 0, with Python's error set (TypeError naming `usage`),
+ * when the call is not so. */
+static int read_call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                     Py_ssize_t dims_at, Py_ssize_t ndims, const char *usage, long *which,
+                     Py_ssize_t *threads, struct job *j) {
+    if (nargs != want || !PyTuple_Check(args[dims_at]) || PyTuple_GET_SIZE(args[dims_at]) != ndims) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return 0;
+    }
+    *which = PyLong_AsLong(args[0]);
+    *threads = PyLong_AsSsize_t(args[want - 1]);
+    for (Py_ssize_t k = 0; k < ndims; k++)
+        j->dims[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[dims_at], k));
     return !PyErr_Occurred();
+}
+
+/* Releases the views that take() filled (obj set), of n. */
+static void release(Py_buffer *const *views, int n) {
+    for (int k = 0; k < n; k++)
+        if (views[k]->obj != NULL) PyBuffer_Release(views[k]);
 }
 
 /* Runs j's blocks without the GIL: on the caller and the worker where asked and
@@ -982,14 +999,12 @@ BATCHNORM(double, , f64)
  * when they are not. */
 static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5 || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 12) {
-        PyErr_SetString(PyExc_TypeError, "conv(which, src, dst, dims (12 ints), threads)");
-        return NULL;
-    }
-    long which = PyLong_AsLong(args[0]);
-    Py_ssize_t threads = PyLong_AsSsize_t(args[4]);
+    long which;
+    Py_ssize_t threads;
     struct job j = {0};
-    if (!read_dims(args[3], 12, &j)) return NULL;
+    if (!read_call(args, nargs, 5, 3, 12, "conv(which, src, dst, dims (12 ints), threads)",
+                   &which, &threads, &j))
+        return NULL;
     const ptrdiff_t *d = j.dims;
     for (int k = 0; k < 12; k++)
         if (d[k] < (k >= 6 && k < 8 ? 1 : 0)) return PyBool_FromLong(0);  /* strides >= 1 */
@@ -1008,8 +1023,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         j.blocks = which ? d[1] : d[1] * d[4] * d[5];
         run_tasks(&j, threads);
     }
-    if (src.obj != NULL) PyBuffer_Release(&src);
-    if (dst.obj != NULL) PyBuffer_Release(&dst);
+    release((Py_buffer *[]){&src, &dst}, 2);
     return PyBool_FromLong(fits);
 }
 
@@ -1140,14 +1154,12 @@ POOL(double, f64)
  * windows are not disjoint, whole and at most 256 pixels. */
 static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 6 || !PyTuple_Check(args[4]) || PyTuple_GET_SIZE(args[4]) != 10) {
-        PyErr_SetString(PyExc_TypeError, "pool(which, src, dst, argmax, dims (10 ints), threads)");
-        return NULL;
-    }
-    long which = PyLong_AsLong(args[0]);
-    Py_ssize_t threads = PyLong_AsSsize_t(args[5]);
+    long which;
+    Py_ssize_t threads;
     struct job j = {0};
-    if (!read_dims(args[4], 10, &j)) return NULL;
+    if (!read_call(args, nargs, 6, 4, 10, "pool(which, src, dst, argmax, dims (10 ints), threads)",
+                   &which, &threads, &j))
+        return NULL;
     const ptrdiff_t *d = j.dims;
     ptrdiff_t N = d[0], C = d[1], H = d[2], W = d[3], kh = d[4], kw = d[5];
     ptrdiff_t sh = d[6], sw = d[7], OH = d[8], OW = d[9];
@@ -1172,9 +1184,7 @@ static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         j.blocks = N * C;
         run_tasks(&j, threads);
     }
-    if (src.obj != NULL) PyBuffer_Release(&src);
-    if (dst.obj != NULL) PyBuffer_Release(&dst);
-    if (arg.obj != NULL) PyBuffer_Release(&arg);
+    release((Py_buffer *[]){&src, &dst, &arg}, 3);
     return PyBool_FromLong(fits);
 }
 
@@ -1185,16 +1195,15 @@ static PyObject *pool(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
  * when they are not. */
 static PyObject *batchnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 8 || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 3) {
-        PyErr_SetString(PyExc_TypeError,
-                        "batchnorm(which, src, xhat, dst, stats, dims (3 ints), eps, threads)");
-        return NULL;
-    }
-    long which = PyLong_AsLong(args[0]);
-    double eps = PyFloat_AsDouble(args[6]);
-    Py_ssize_t threads = PyLong_AsSsize_t(args[7]);
+    long which;
+    Py_ssize_t threads;
     struct job j = {0};
-    if (PyErr_Occurred() || !read_dims(args[5], 3, &j)) return NULL;
+    if (!read_call(args, nargs, 8, 5, 3,
+                   "batchnorm(which, src, xhat, dst, stats, dims (3 ints), eps, threads)",
+                   &which, &threads, &j))
+        return NULL;
+    double eps = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred()) return NULL;
     ptrdiff_t N = j.dims[0], C = j.dims[1], HW = j.dims[2];
     if (N < 1 || C < 1 || HW < 1 || N * HW < 2) return PyBool_FromLong(0);
     double *partial = malloc((size_t)(2 * N * C) * sizeof(double));
@@ -1214,9 +1223,7 @@ static PyObject *batchnorm(PyObject *self, PyObject *const *args, Py_ssize_t nar
         else batchnorm_f64(&j, (int)which, threads);
     }
     free(partial);
-    Py_buffer *views[] = {&src, &xhat, &dst, &stats};
-    for (int k = 0; k < 4; k++)
-        if (views[k]->obj != NULL) PyBuffer_Release(views[k]);
+    release((Py_buffer *[]){&src, &xhat, &dst, &stats}, 4);
     return PyBool_FromLong(fits);
 }
 
