@@ -87,9 +87,11 @@ class Conv2d(WeightBiasLayer):
 
     How: im2col, as the book's, with one copy per kernel offset (a loop over
     kh × kw, never over the batch or the output pixels) into a matrix
-    ``col`` of shape (C_in kh kw, N OH OW); then one matrix product each for
-    the output, ``dW`` and ``dcol``. ``col`` is what backward keeps: ``dW``
-    needs exactly it, and rebuilding it would cost a second im2col.
+    ``col`` of shape (C_in kh kw, N OH OW), with a row of ones under it for
+    the bias; then one matrix product each for the output (``[W | b] col``,
+    the bias added), ``dW`` and ``db`` (``dout col^T``: db is the column of
+    the ones) and ``dcol``. ``col`` is what backward keeps: ``dW`` needs
+    exactly it, and rebuilding it would cost a second im2col.
 
     Weights are drawn from ``rng`` with ``init`` (default He: standard
     deviation ``sqrt(2 / (C_in kh kw))``), biases start at zero. Like
@@ -203,26 +205,33 @@ class Conv2d(WeightBiasLayer):
         ow = output_size(w, kw, self.stride[1], self.padding[1])
         work = compute_dtype_of(np.result_type(x.dtype, self.W.dtype))
         xw = x.astype(work, copy=False)
-        # Keeps col, (C kh kw, N OH OW): dW is col times dout. It is a new array, never the caller's.
+        # Keeps col, (C kh kw + 1, N OH OW): dW is col times dout. It is a new array, never
+        # the caller's. Its last row is ones, the input that the bias multiplies: the matrix
+        # products then add the bias and sum db, instead of a pass of their own each.
+        xp = get_array_module(x)
         on_cpu = isinstance(x, np.ndarray)
-        shape = (in_c, kh, kw, n, oh, ow)
-        col = _buffers.empty(shape, work) if on_cpu else get_array_module(x).empty(shape, work)
+        k = in_c * kh * kw
+        shape = (k + 1, n * oh * ow)
+        col = _buffers.empty(shape, work) if on_cpu else xp.empty(shape, work)
+        windows = col[:k].reshape(in_c, kh, kw, n, oh, ow)
         dims = (n, in_c, h, w, kh, kw, *self.stride, *self.padding, oh, ow)
         # The compiled im2col reads the padding as zeros, without a padded copy.
-        if not (on_cpu and _fused.conv("im2col", np.ascontiguousarray(xw), col, dims)):
-            xp = pad_images(xw, self.padding)
+        if not (on_cpu and _fused.conv("im2col", np.ascontiguousarray(xw), windows, dims)):
+            padded = pad_images(xw, self.padding)
             for p in range(kh):
                 rows = window_slice(p, oh, self.stride[0])
                 for q in range(kw):
                     cols = window_slice(q, ow, self.stride[1])
-                    col[:, p, q] = xp[:, :, rows, cols].transpose(1, 0, 2, 3)
-        self.col = col.reshape(in_c * kh * kw, n * oh * ow)
+                    windows[:, p, q] = padded[:, :, rows, cols].transpose(1, 0, 2, 3)
+        col[k] = 1.0
+        self.col = col
         self._x_shape = x.shape
-        product = self.W.reshape(out_c, -1).astype(work, copy=False) @ self.col  # (C_out, N OH OW)
-        # The bias is added in the one pass that transposes to NCHW, not in a pass of its own.
-        out = get_array_module(x).empty((n, out_c, oh, ow), dtype=self.W.dtype)
-        bias = self.b.astype(work, copy=False)[None, :, None, None]
-        np.add(product.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3), bias, out=out)
+        weights = xp.empty((out_c, k + 1), work)  # [W | b]
+        weights[:, :k] = self.W.reshape(out_c, k)
+        weights[:, k] = self.b
+        product = weights @ col  # (C_out, N OH OW), the bias added
+        out = xp.empty((n, out_c, oh, ow), dtype=self.W.dtype)
+        xp.copyto(out, product.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3))
         return out
 
     def _param_grads(self, dout: np.ndarray) -> np.ndarray:
@@ -232,8 +241,10 @@ class Conv2d(WeightBiasLayer):
         g = to_compute(dout).astype(self.col.dtype, copy=False)
         g = get_array_module(g).ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(out_c, -1)
         # col @ g.T rather than g @ col.T: OpenBLAS runs this orientation about 1.5 times faster.
-        self.dW = (self.col @ g.T).T.reshape(self.W.shape).astype(self.W.dtype)
-        self.db = g.sum(axis=1).astype(self.W.dtype, copy=False)
+        # Its last column, from col's row of ones, is db: the sum of dout over N, OH and OW.
+        grads = (self.col @ g.T).T
+        self.dW = grads[:, :-1].reshape(self.W.shape).astype(self.W.dtype)
+        self.db = grads[:, -1].astype(self.W.dtype)
         return g
 
     def _backward_params(self, dout: np.ndarray) -> None:
