@@ -788,6 +788,28 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         ptrdiff_t j0 = pw - q > 0 ? (pw - q + sw - 1) / sw : 0;                           \
         ptrdiff_t j1 = W + pw - q > 0 ? (W + pw - q + sw - 1) / sw : 0;                   \
         j1 = j1 < OW ? j1 : OW, j0 = j0 < j1 ? j0 : j1;                                   \
+        if (sh == 1 && sw == 1 && OW == W) {                                              \
+            /* The usual "same" convolution: col's plane is x's plane shifted by */       \
+            /* (p - ph) rows and (q - pw) columns, one contiguous copy; then zeros */     \
+            /* over the rows and columns that fall outside the image. */                  \
+            ptrdiff_t i0 = ph - p > 0 ? ph - p : 0, i1 = H + ph - p;                       \
+            i1 = i1 < OH ? i1 : OH, i0 = i0 < i1 ? i0 : i1;                                \
+            ptrdiff_t first = i1 > i0 ? i0 * OW + j0 : 0;                                  \
+            ptrdiff_t last = i1 > i0 ? (i1 - 1) * OW + j1 : 0;                             \
+            ptrdiff_t shift = (p - ph) * W + q - pw;                                       \
+            for (ptrdiff_t n = 0; n < N; n++, dst += OH * OW) {                           \
+                const T *plane = x + (n * C + c) * H * W;                                 \
+                memset(dst, 0, first * sizeof(T));                                        \
+                if (last > first) memcpy(dst + first, plane + first + shift,               \
+                                         (last - first) * sizeof(T));                     \
+                memset(dst + last, 0, (OH * OW - last) * sizeof(T));                      \
+                for (ptrdiff_t i = i0; i < i1; i++) {                                     \
+                    for (ptrdiff_t jj = 0; jj < j0; jj++) dst[i * OW + jj] = 0;           \
+                    for (ptrdiff_t jj = j1; jj < OW; jj++) dst[i * OW + jj] = 0;          \
+                }                                                                         \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
         for (ptrdiff_t n = 0; n < N; n++) {                                               \
             const T *plane = x + (n * C + c) * H * W;                                     \
             for (ptrdiff_t i = 0; i < OH; i++, dst += OW) {                               \
