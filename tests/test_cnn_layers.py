@@ -79,6 +79,8 @@ CASES = [
         ((3, 1, 7, 6), (3, 2, 1, 1)),
     ),
     Case("Conv2d(1,2,5,s3,p2)", conv(1, 2, 5, 3, 2), conv_fn, (2, 1, 9, 8), ((2, 1, 9),)),
+    # 72 inputs per window, at least PER_IMAGE_BELOW: one product over the batch, not per image
+    Case("Conv2d(8,3,3,p1)", conv(8, 3, 3, 1, 1), conv_fn, (2, 8, 5, 4), ((2, 3, 5, 4),)),
     Case(
         "MaxPool2d(2)",
         lambda dtype: snn.MaxPool2d(2),

@@ -48,6 +48,34 @@ def test_conv_first_layer_skips_the_input_gradient() -> None:
 
 
 @pytest.mark.parametrize(
+    "c_in, k, s, p", [(1, 3, 1, 1), (3, 3, 1, 0), (2, (3, 2), (2, 1), (1, 0)), (8, 3, 1, 1)]
+)
+def test_conv_per_image_and_whole_batch_products_agree_with_torch(
+    c_in: int, k: Any, s: Any, p: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of multiplying (see PER_IMAGE_BELOW) on each shape, float32 against float64 torch."""
+    from scratchnn.layers import convolution
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, c_in, 9, 8)).astype(np.float32)
+    W = rng.standard_normal((4, c_in, *((k, k) if isinstance(k, int) else k)))
+    b = rng.standard_normal(4)
+    xt, Wt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, W, b))
+    yt = TF.conv2d(xt, Wt, bt, stride=s, padding=p)
+    dout = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(dout, dtype=torch.float64))
+    want = [t.detach().numpy() for t in (yt, xt.grad, Wt.grad, bt.grad)]
+    for below in (0, 10**9):  # one product for the batch, then one per image
+        monkeypatch.setattr(convolution, "PER_IMAGE_BELOW", below)
+        layer = snn.Conv2d.from_weights(W.astype(np.float32), b.astype(np.float32), s, p)
+        got = [layer.forward(x), layer.backward(dout), layer.dW, layer.db]
+        assert layer._per_image == (below > 0)
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"kernel_size": 0}, "kernel_size"),

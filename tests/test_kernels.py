@@ -265,7 +265,8 @@ def test_compiled_steps_leave_strided_and_aliased_arrays_to_numpy(
      (1, 2, 5, 3, 2, (9, 8)), (4, 2, 1, 2, 0, (5, 5)), (2, 2, 2, 2, 1, (4, 7)),
      # stride 1 and OW == W, the kernels' contiguous "same" path, windows past every edge
      (2, 3, 5, 1, 2, (1, 1)), (2, 3, 5, 1, 2, (2, 3)), (1, 2, (3, 5), 1, (0, 2), (4, 3)),
-     (2, 2, (5, 1), 1, (1, 0), (3, 6)), (1, 1, 7, 1, 3, (2, 2)), (3, 2, 3, 1, 1, (14, 14))],
+     (2, 2, (5, 1), 1, (1, 0), (3, 6)), (1, 1, 7, 1, 3, (2, 2)), (3, 2, 3, 1, 1, (14, 14)),
+     (8, 3, 3, 1, 1, (6, 5))],  # 72 inputs per window: one product over the batch
 )  # fmt: skip
 def test_compiled_im2col_and_col2im_match_numpy_bit_for_bit(
     c_in: int, c_out: int, k: Any, s: Any, p: Any, hw: tuple[int, int], dtype: type
