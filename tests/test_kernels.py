@@ -179,22 +179,22 @@ def test_softmax_kernel_refuses_partial_rows(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(params=["avx512", "portable"])
-def packed_path(request: pytest.FixtureRequest) -> Any:
-    """The packed Relu kernels' AVX-512 path (where the CPU has it) or their portable one."""
+def avx512_path(request: pytest.FixtureRequest) -> Any:
+    """The kernels' AVX-512 paths (where the CPU has AVX-512) or their portable ones."""
     assert _fused._MODULE is not None
-    before = _fused._MODULE.packed_avx512(None)
-    if request.param == "avx512" and not _fused._MODULE.packed_avx512(True):
-        _fused._MODULE.packed_avx512(before)
+    before = _fused._MODULE.avx512(None)
+    if request.param == "avx512" and not _fused._MODULE.avx512(True):
+        _fused._MODULE.avx512(before)
         pytest.skip("this CPU has no AVX-512: only the portable path runs here")
     if request.param == "portable":
-        _fused._MODULE.packed_avx512(False)
+        _fused._MODULE.avx512(False)
     yield request.param
-    _fused._MODULE.packed_avx512(before)
+    _fused._MODULE.avx512(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 100_003])
-def test_packed_relu_bits_match_numpy_packbits(size: int, dtype: type, packed_path: str) -> None:
+def test_packed_relu_bits_match_numpy_packbits(size: int, dtype: type, avx512_path: str) -> None:
     """The compiled packed kernels keep np.packbits' layout: first element in the high
     bit, the last byte padded with zeros; backward unpacks it to the same gradient."""
     rng = np.random.default_rng(size)
@@ -302,15 +302,16 @@ def test_conv_kernel_refuses_mismatched_buffers(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("kernel", "stride", "hw"),
     [(2, 2, (28, 28)), (2, 2, (7, 9)), (3, 3, (10, 11)), ((1, 2), None, (5, 6)), (2, 3, (8, 8)),
-     (3, (3, 4), (9, 13)), (1, 1, (4, 5))],
+     (3, (3, 4), (9, 13)), (1, 1, (4, 5)), (2, 2, (6, 70)), (2, 2, (5, 33)), (2, 2, (2, 3))],
 )  # fmt: skip
 def test_compiled_max_pooling_matches_numpy_bit_for_bit(
-    kernel: Any, stride: Any, hw: tuple[int, int], dtype: type
+    kernel: Any, stride: Any, hw: tuple[int, int], dtype: type, avx512_path: str
 ) -> None:
     """Disjoint windows: the compiled pass gives the NumPy path's maxima, argmax (first
     on ties, first NaN) and gradient (zeros between windows, -0.0 and NaN as written)."""
     rng = np.random.default_rng(sum(hw))
     x = rng.integers(-3, 4, (3, 4, *hw)).astype(dtype)  # small integers: many ties
+    x[rng.random(x.shape) < 0.03] = np.nan  # NaN at every position of a window
     x[0, 0, 0, :3] = [np.nan, 1.0, np.nan]
     x[1, 1, 1, :2] = [np.inf, -np.inf]
     dout_shape = snn.MaxPool2d(kernel, stride).forward(x).shape

@@ -314,7 +314,7 @@ static void init_packed(void) {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define HAVE_AVX512_PACKED 1
+#define HAVE_AVX512 1
 /* Each loop runs whole vectors and the last partial one through the same body:
  * `live` masks the lanes past n out of every load, store and mask bit. */
 __attribute__((target("avx512f"))) static void relu_packed_avx512_f32(
@@ -361,14 +361,96 @@ __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f64(
         _mm512_mask_storeu_pd(out + i, live, _mm512_mask_mov_pd(v, REVERSED[bits[i / 8]], zero));
     }
 }
+
+/* The 2x2 max pooling of float planes (see "Max pooling" below for what it computes,
+ * bit for bit as the portable loop): 16 windows at a time, each pair of rows loaded
+ * as 32 pixels and split into even and odd columns by one permute each. */
+static const int EVEN[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+static const int ODD[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+static const int LOW[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const int HIGH[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+static __mmask16 first_lanes(ptrdiff_t n) {
+    return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+__attribute__((target("avx512f"))) static void maxpool2x2_avx512_f32(
+    const float *plane, float *out, unsigned char *arg, ptrdiff_t W, ptrdiff_t OH,
+    ptrdiff_t OW) {
+    const __m512i even = _mm512_loadu_si512(EVEN), odd = _mm512_loadu_si512(ODD);
+    for (ptrdiff_t i = 0; i < OH; i++) {
+        const float *r0 = plane + 2 * i * W, *r1 = r0 + W;
+        for (ptrdiff_t j0 = 0; j0 < OW; j0 += 16) {
+            ptrdiff_t len = OW - j0 < 16 ? OW - j0 : 16;
+            __mmask16 lo = first_lanes(2 * len), hi = first_lanes(2 * len - 16);
+            __m512 top0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * j0);
+            __m512 top1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * j0 + 16);
+            __m512 bottom0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j0);
+            __m512 bottom1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j0 + 16);
+            __m512 a = _mm512_permutex2var_ps(top0, even, top1);
+            __m512 b = _mm512_permutex2var_ps(top0, odd, top1);
+            __m512 c = _mm512_permutex2var_ps(bottom0, even, bottom1);
+            __m512 e = _mm512_permutex2var_ps(bottom0, odd, bottom1);
+            /* the larger, the earlier on ties; then the first NaN, if any */
+            __m512 v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(b, a, _CMP_GT_OQ), a, b);
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, v, _CMP_GT_OQ), v, c);
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(e, v, _CMP_GT_OQ), v, e);
+            __mmask16 a_nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+            __mmask16 b_nan = _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+            __mmask16 c_nan = _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q);
+            __m512 nan = _mm512_mask_blend_ps(c_nan, e, c);
+            nan = _mm512_mask_blend_ps(b_nan, nan, b);
+            nan = _mm512_mask_blend_ps(a_nan, nan, a);
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(nan, nan, _CMP_UNORD_Q), v, nan);
+            /* argmax: the first of a, b, c equal to v or NaN, else e */
+            __m512i won = _mm512_set1_epi32(3);
+            won = _mm512_mask_mov_epi32(won, _mm512_cmp_ps_mask(c, v, _CMP_EQ_OQ) | c_nan,
+                                        _mm512_set1_epi32(2));
+            won = _mm512_mask_mov_epi32(won, _mm512_cmp_ps_mask(b, v, _CMP_EQ_OQ) | b_nan,
+                                        _mm512_set1_epi32(1));
+            won = _mm512_mask_mov_epi32(won, _mm512_cmp_ps_mask(a, v, _CMP_EQ_OQ) | a_nan,
+                                        _mm512_setzero_si512());
+            _mm512_mask_storeu_ps(out + i * OW + j0, first_lanes(len), v);
+            unsigned char bytes[16];
+            _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(won));
+            memcpy(arg + i * OW + j0, bytes, (size_t)len);
+        }
+    }
+}
+/* Backward: each window's four pixels get dout times (offset == argmax), as the
+ * portable loop writes them (so -0.0 and NaN alike), interleaved back by permutes. */
+__attribute__((target("avx512f"))) static void maxpool2x2_grad_avx512_f32(
+    const float *g, const unsigned char *arg, float *dx, ptrdiff_t W, ptrdiff_t OH,
+    ptrdiff_t OW) {
+    const __m512i low = _mm512_loadu_si512(LOW), high = _mm512_loadu_si512(HIGH);
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (ptrdiff_t i = 0; i < OH; i++) {
+        float *r0 = dx + 2 * i * W, *r1 = r0 + W;
+        for (ptrdiff_t j0 = 0; j0 < OW; j0 += 16) {
+            ptrdiff_t len = OW - j0 < 16 ? OW - j0 : 16;
+            __mmask16 lo = first_lanes(2 * len), hi = first_lanes(2 * len - 16);
+            __m512 gv = _mm512_maskz_loadu_ps(first_lanes(len), g + i * OW + j0);
+            unsigned char bytes[16] = {0};
+            memcpy(bytes, arg + i * OW + j0, (size_t)len);
+            __m512i won = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
+            __m512 w[4];
+            for (int k = 0; k < 4; k++) {
+                __mmask16 is_k = _mm512_cmpeq_epi32_mask(won, _mm512_set1_epi32(k));
+                w[k] = _mm512_mul_ps(gv, _mm512_mask_blend_ps(is_k, zero, one));
+            }
+            _mm512_mask_storeu_ps(r0 + 2 * j0, lo, _mm512_permutex2var_ps(w[0], low, w[1]));
+            _mm512_mask_storeu_ps(r0 + 2 * j0 + 16, hi, _mm512_permutex2var_ps(w[0], high, w[1]));
+            _mm512_mask_storeu_ps(r1 + 2 * j0, lo, _mm512_permutex2var_ps(w[2], low, w[3]));
+            _mm512_mask_storeu_ps(r1 + 2 * j0 + 16, hi, _mm512_permutex2var_ps(w[2], high, w[3]));
+        }
+    }
+}
 #endif
 
-/* AVX512_PACKED(call): runs call and is true where the AVX-512 path exists and the
+/* AVX512(call): runs call and is true where the AVX-512 path exists and the
  * CPU has it; false (nothing run) elsewhere. */
-#ifdef HAVE_AVX512_PACKED
-#define AVX512_PACKED(call) (use_avx512 ? ((call), 1) : 0)
+#ifdef HAVE_AVX512
+#define AVX512(call) (use_avx512 ? ((call), 1) : 0)
 #else
-#define AVX512_PACKED(call) 0
+#define AVX512(call) 0
 #endif
 
 #define PACKED(T, SUFFIX)                                                                 \
@@ -380,7 +462,7 @@ __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f64(
         const T *x = vx;                                                                  \
         T *out = vout;                                                                    \
         unsigned char bools[PIECE], *bits = vm_out;                                       \
-        if (AVX512_PACKED(relu_packed_avx512_##SUFFIX(x, out, bits, n))) return;          \
+        if (AVX512(relu_packed_avx512_##SUFFIX(x, out, bits, n))) return;          \
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
             relu_##SUFFIX(x + s, NULL, NULL, NULL, out + s, NULL, NULL, bools, params, len); \
@@ -396,7 +478,7 @@ __attribute__((target("avx512f"))) static void relu_packed_grad_avx512_f64(
         T *out = vout;                                                                    \
         const unsigned char *bits = vm_in;                                                \
         unsigned char bools[PIECE];                                                       \
-        if (AVX512_PACKED(relu_packed_grad_avx512_##SUFFIX(g, out, bits, n))) return;     \
+        if (AVX512(relu_packed_grad_avx512_##SUFFIX(g, out, bits, n))) return;     \
         for (ptrdiff_t s = 0; s < n; s += PIECE) {                                        \
             ptrdiff_t len = n - s < PIECE ? n - s : PIECE;                                \
             unpack_bits(bits + s / 8, bools, len);                                        \
@@ -1059,6 +1141,10 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
  * Backward: each window's pixels get dout times (offset == argmax), as the NumPy
  * path's np.multiply(g, argmax == k) writes them (so -0.0 and NaN alike);
  * pixels in no window get 0. */
+#define MAXPOOL2X2_f32(...) AVX512(maxpool2x2_avx512_f32(__VA_ARGS__))
+#define MAXPOOL2X2_GRAD_f32(...) AVX512(maxpool2x2_grad_avx512_f32(__VA_ARGS__))
+#define MAXPOOL2X2_f64(...) 0
+#define MAXPOOL2X2_GRAD_f64(...) 0
 #define POOL(T, SUFFIX)                                                                   \
     CLONES static void maxpool_block_##SUFFIX(const struct job *j, ptrdiff_t b) {         \
         const ptrdiff_t *d = j->dims;                                                     \
@@ -1068,6 +1154,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         T *out = (T *)j->out + b * OH * OW;                                               \
         unsigned char *arg = (unsigned char *)j->m_out + b * OH * OW;                     \
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {                                   \
+            if (MAXPOOL2X2_##SUFFIX(plane, out, arg, W, OH, OW)) return;                  \
             /* The usual 2x2 pooling: 16 windows at a time copied apart (a, b above,  \
              * c, e below; rows are short, 14 windows at 28 pixels), then vector      \
              * selects: the larger, the earlier on ties, then the first NaN if any,   \
@@ -1133,6 +1220,7 @@ static PyObject *conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (!(sh == kh && sw == kw && OH * kh == H && OW * kw == W))                      \
             memset(dx, 0, H * W * sizeof(T)); /* pixels in no window */                   \
         if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {                                   \
+            if (MAXPOOL2X2_GRAD_##SUFFIX(g, arg, dx, W, OH, OW)) return;                  \
             /* 16 windows at a time in vector registers, then put in place. */           \
             for (ptrdiff_t i = 0; i < OH; i++) {                                          \
                 T *r0 = dx + 2 * i * W, *r1 = r0 + W;                                     \
@@ -1249,10 +1337,11 @@ static PyObject *batchnorm(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyBool_FromLong(fits);
 }
 
-/* packed_avx512(on) -> bool: whether the packed Relu kernels take their AVX-512
- * path; `on` (None: leave it) switches it, for the tests of the portable path.
+/* avx512(on) -> bool: whether the kernels with an AVX-512 path (the packed Relu, the
+ * 2x2 max pooling) take it; `on` (None: leave it) switches it, for the tests of the
+ * portable path.
  * It stays off where the CPU lacks AVX-512. */
-static PyObject *packed_avx512(PyObject *self, PyObject *on) {
+static PyObject *avx512(PyObject *self, PyObject *on) {
     (void)self;
     if (on != Py_None) {
         int want = PyObject_IsTrue(on);
@@ -1272,8 +1361,8 @@ static PyObject *get_worker_blocks(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"packed_avx512", packed_avx512, METH_O,
-     "packed_avx512(on) -> bool: the packed Relu kernels' AVX-512 path (on=None: query)"},
+    {"avx512", avx512, METH_O,
+     "avx512(on) -> bool: the kernels' AVX-512 paths (on=None: query)"},
     {"worker_blocks", get_worker_blocks, METH_NOARGS,
      "worker_blocks() -> int: blocks the worker thread has run so far"},
     {"conv", (PyCFunction)(void (*)(void))conv, METH_FASTCALL,
