@@ -75,6 +75,35 @@ def test_conv_per_image_and_whole_batch_products_agree_with_torch(
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_conv_dx_in_pieces_is_dx_in_one(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward's dcol in pieces of whole images (DCOL_PIECE_BYTES): one image each, uneven
+    pieces and one piece give the same dx, bit for bit, and PyTorch's within float32."""
+    from scratchnn import _fused
+    from scratchnn.layers import convolution
+
+    if compiled and not _fused.available():
+        pytest.skip("compiled kernels not built (no C compiler?)")
+    monkeypatch.setattr(_fused, "ENABLED", compiled)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((7, 8, 6, 5)).astype(np.float32)  # 72 inputs: one product
+    layer = snn.Conv2d(8, 4, 3, 1, 1, rng=rng)
+    dout = rng.standard_normal((7, 4, 6, 5)).astype(np.float32)
+    image_bytes = 72 * 6 * 5 * 4
+    results = []
+    for piece in (1, 3 * image_bytes, 10**9):  # 7 pieces; 3 of 3, 3 and 1 images; one
+        monkeypatch.setattr(convolution, "DCOL_PIECE_BYTES", piece)
+        layer.forward(x)
+        results.append(layer.backward(dout))
+    for dx in results[1:]:
+        np.testing.assert_array_equal(dx, results[0])
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    Wt = torch.tensor(layer.W, dtype=torch.float64)
+    TF.conv2d(xt, Wt, padding=1).backward(torch.tensor(dout, dtype=torch.float64))
+    assert xt.grad is not None
+    np.testing.assert_allclose(results[0], xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
