@@ -75,6 +75,18 @@ def test_conv_per_image_and_whole_batch_products_agree_with_torch(
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
 
 
+@pytest.mark.parametrize("c_in", [1, 8], ids=["per image", "one product"])
+def test_conv_empty_batch_gives_empty_dx_and_zero_gradients(c_in: int) -> None:
+    layer = snn.Conv2d(c_in, 4, 3, padding=1, rng=np.random.default_rng(0))
+    out = layer.forward(np.zeros((0, c_in, 5, 6), np.float32))
+    assert out.shape == (0, 4, 5, 6)
+    dx = layer.backward(np.zeros(out.shape, np.float32))
+    assert dx.shape == (0, c_in, 5, 6) and dx.dtype == np.float32
+    assert layer.dW is not None and layer.db is not None
+    np.testing.assert_array_equal(layer.dW, np.zeros((4, c_in, 3, 3), np.float32))
+    np.testing.assert_array_equal(layer.db, np.zeros(4, np.float32))
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 def test_conv_dx_in_pieces_is_dx_in_one(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Backward's dcol in pieces of whole images (DCOL_PIECE_BYTES): one image each, uneven

@@ -258,13 +258,13 @@ class Conv2d(WeightBiasLayer):
         ``dcol`` takes (per image: (N, C_out, OH OW), its own layout)."""
         col = self.col
         assert col is not None  # forward ran: the base checks it
-        n, out_c = dout.shape[:2]
+        n, out_c, oh, ow = dout.shape
         g = to_compute(dout).astype(col.dtype, copy=False)
         # The last column of the products, from col's row of ones, is db: dout summed over
         # N, OH and OW.
         if self._per_image:
-            g = np.ascontiguousarray(g).reshape(n, out_c, -1)
-            images = col.reshape(col.shape[0], n, -1).transpose(1, 2, 0)  # (N, OH OW, K + 1)
+            g = np.ascontiguousarray(g).reshape(n, out_c, oh * ow)
+            images = col.reshape(col.shape[0], n, oh * ow).transpose(1, 2, 0)  # (N, OH OW, K + 1)
             grads = np.matmul(g, images).sum(axis=0)
         else:
             g = get_array_module(g).ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(out_c, -1)
@@ -291,13 +291,13 @@ class Conv2d(WeightBiasLayer):
         if self._per_image:  # each image's dcol, written into its slice of (C kh kw, N OH OW)
             dcol = np.empty((k, n, pixels), g.dtype)
             np.matmul(weights_t, g, out=dcol.transpose(1, 0, 2))
-            self._col2im(dcol.reshape(k, -1), dx, out_size)
+            self._col2im(dcol.reshape(k, n * pixels), dx, out_size)
             return dx
         # dcol in pieces of about DCOL_PIECE_BYTES, each summed into its images' dx while
         # it is still in cache (on the GPU, one piece).
         size = n * k * pixels * g.dtype.itemsize
-        pieces = -(-size // DCOL_PIECE_BYTES) if isinstance(g, np.ndarray) else 1
-        step = -(-n // pieces)
+        pieces = max(1, -(-size // DCOL_PIECE_BYTES)) if isinstance(g, np.ndarray) else 1
+        step = max(1, -(-n // pieces))
         for start in range(0, n, step):
             stop = min(n, start + step)
             piece = weights_t @ g[:, start * pixels : stop * pixels]
