@@ -77,10 +77,21 @@ def window_slice(start: int, count: int, stride: int) -> slice:
 # col and reads or writes NCHW directly. Measured at batch 128 (docs/benchmarks.md):
 # 27 inputs, forward + dW 1.4 to 1.9 times faster; 72 even; 288 1.3 times slower.
 PER_IMAGE_BELOW = 64
-# Backward computes dcol (C_in kh kw, N OH OW) in pieces of about this many bytes, whole
-# images each, and sums each into dx before the next: read back while still in the cache,
-# not from memory. conv2 of the cnn preset (29 MB of dcol, 4 pieces): 0.82 of one piece.
+# Wide convolutions on the CPU compute their products in pieces of whole images, each
+# used while still in the cache: forward's product (C_out, N OH OW) in pieces of about
+# PRODUCT_PIECE_BYTES, each copied to NCHW, and backward's dcol (C_in kh kw, N OH OW) in
+# pieces of about DCOL_PIECE_BYTES, each summed into dx. conv2 of the cnn preset (batch
+# 128), 4 pieces each: forward product and copy 0.73, dcol and col2im 0.82 of one piece.
+PRODUCT_PIECE_BYTES = 2 << 20
 DCOL_PIECE_BYTES = 8 << 20
+
+
+def _images_per_piece(n: int, image_bytes: int, piece_bytes: int, on_cpu: bool) -> int:
+    """How many of ``n`` images make a piece of about ``piece_bytes``, pieces evened out."""
+    if not on_cpu:
+        return max(n, 1)
+    pieces = max(1, -(-n * image_bytes // piece_bytes))
+    return max(1, -(-n // pieces))
 
 
 class Conv2d(WeightBiasLayer):
@@ -248,9 +259,15 @@ class Conv2d(WeightBiasLayer):
             # Each image's product, on its slice of col: (N, C_out, OH OW), NCHW already.
             product = np.matmul(weights, col.reshape(k + 1, n, oh * ow).transpose(1, 0, 2))
             return product.reshape(n, out_c, oh, ow).astype(self.W.dtype, copy=False)
-        product = weights @ col  # (C_out, N OH OW), the bias added
+        # The product (C_out, N OH OW), the bias added, in pieces of about
+        # PRODUCT_PIECE_BYTES, each copied to NCHW while in cache (on the GPU, one piece).
         out = xp.empty((n, out_c, oh, ow), dtype=self.W.dtype)
-        xp.copyto(out, product.reshape(out_c, n, oh, ow).transpose(1, 0, 2, 3))
+        pixels = oh * ow
+        step = _images_per_piece(n, out_c * pixels * col.itemsize, PRODUCT_PIECE_BYTES, on_cpu)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            product = weights @ col[:, start * pixels : stop * pixels]
+            xp.copyto(out[start:stop], product.reshape(out_c, -1, oh, ow).transpose(1, 0, 2, 3))
         return out
 
     def _param_grads(self, dout: np.ndarray) -> np.ndarray:
@@ -295,9 +312,8 @@ class Conv2d(WeightBiasLayer):
             return dx
         # dcol in pieces of about DCOL_PIECE_BYTES, each summed into its images' dx while
         # it is still in cache (on the GPU, one piece).
-        size = n * k * pixels * g.dtype.itemsize
-        pieces = max(1, -(-size // DCOL_PIECE_BYTES)) if isinstance(g, np.ndarray) else 1
-        step = max(1, -(-n // pieces))
+        on_cpu = isinstance(g, np.ndarray)
+        step = _images_per_piece(n, k * pixels * g.dtype.itemsize, DCOL_PIECE_BYTES, on_cpu)
         for start in range(0, n, step):
             stop = min(n, start + step)
             piece = weights_t @ g[:, start * pixels : stop * pixels]
