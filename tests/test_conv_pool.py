@@ -87,9 +87,10 @@ def test_conv_empty_batch_gives_empty_dx_and_zero_gradients(c_in: int) -> None:
     np.testing.assert_array_equal(layer.db, np.zeros(4, np.float32))
 
 
+@pytest.mark.parametrize("stride, padding", [(1, 1), ((2, 1), (0, 2))], ids=["same", "strided"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 def test_conv_products_in_pieces_match_torch(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch
+    compiled: bool, stride: Any, padding: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forward's product and backward's dcol in pieces of whole images (PRODUCT_PIECE_BYTES,
     DCOL_PIECE_BYTES): one image each, uneven pieces and one piece give PyTorch's output
@@ -102,13 +103,14 @@ def test_conv_products_in_pieces_match_torch(
     monkeypatch.setattr(_fused, "ENABLED", compiled)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((7, 8, 6, 5)).astype(np.float32)  # 72 inputs: one product
-    layer = snn.Conv2d(8, 4, 3, 1, 1, rng=rng)
+    layer = snn.Conv2d(8, 4, 3, stride, padding, rng=rng)
     layer.b[...] = rng.standard_normal(4)
-    dout = rng.standard_normal((7, 4, 6, 5)).astype(np.float32)
-    dcol_bytes, product_bytes = 72 * 6 * 5 * 4, 4 * 6 * 5 * 4  # per image
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     Wt, bt = (torch.tensor(a, dtype=torch.float64) for a in (layer.W, layer.b))
-    yt = TF.conv2d(xt, Wt, bt, padding=1)
+    yt = TF.conv2d(xt, Wt, bt, stride=stride, padding=padding)
+    dout = rng.standard_normal(yt.shape).astype(np.float32)
+    pixels = yt.shape[2] * yt.shape[3]
+    dcol_bytes, product_bytes = 72 * pixels * 4, 4 * pixels * 4  # per image
     yt.backward(torch.tensor(dout, dtype=torch.float64))
     assert xt.grad is not None
     for images in (1, 3, 10**6):  # 7 pieces; 3 of 3, 3 and 1 images; one
