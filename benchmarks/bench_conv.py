@@ -1,4 +1,4 @@
-"""Conv2d forward plus backward at the shapes of the cnn preset: scratchnn against PyTorch CPU.
+"""Conv2d at the cnn preset's shapes, and its whole training step: scratchnn against PyTorch CPU.
 
     .venv/bin/python benchmarks/bench_conv.py
     .venv/bin/python benchmarks/bench_conv.py --batch 128 --rounds 15
@@ -10,7 +10,11 @@ float32, batch 128, 3×3 kernels with padding 1, the two convolutions of
 * conv1: (N, 1, 28, 28) → (N, 32, 28, 28), the first layer: its input is
   data, so neither framework computes dx (scratchnn's ``Sequential`` calls
   ``backward(dout, input_grad=False)``; PyTorch's input does not require grad);
-* conv2: (N, 32, 14, 14) → (N, 64, 14, 14), with dx, dW and db.
+* conv2: (N, 32, 14, 14) → (N, 64, 14, 14), with dx, dW and db;
+* the cnn preset's network (``scratchnn train --model cnn``: both blocks,
+  dropout, the two Affine layers) and one Adam step, in training mode in
+  both frameworks (dropout on, BatchNorm on the batch's statistics), the
+  same weights, its loss checked to agree with dropout off.
 
 Both frameworks run in this one process, with the same number of threads
 (PyTorch's ``set_num_threads`` set to OpenBLAS's, or both set by
@@ -81,6 +85,69 @@ def contenders(
     return {"scratchnn": scratchnn_step, "torch": torch_step}
 
 
+def torch_copy(net: snn.Sequential) -> torch.nn.Sequential:
+    """The same network in PyTorch, with the same weights (Affine's W is Linear's weight^T)."""
+    modules: list[torch.nn.Module] = []
+    for layer in net.layers:
+        if isinstance(layer, snn.Conv2d):
+            module: torch.nn.Module = torch.nn.Conv2d(
+                layer.W.shape[1], layer.W.shape[0], layer.kernel_size, layer.stride, layer.padding
+            )
+            weights = {"weight": layer.W, "bias": layer.b}
+        elif isinstance(layer, snn.Affine):
+            module = torch.nn.Linear(*layer.W.shape)
+            weights = {"weight": layer.W.T, "bias": layer.b}
+        elif isinstance(layer, snn.BatchNorm):
+            module = torch.nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum)
+            weights = {"weight": layer.gamma, "bias": layer.beta}
+        elif isinstance(layer, snn.MaxPool2d):
+            module, weights = torch.nn.MaxPool2d(layer.kernel_size, layer.stride), {}
+        elif isinstance(layer, snn.Relu):
+            module, weights = torch.nn.ReLU(), {}
+        elif isinstance(layer, snn.Flatten):
+            module, weights = torch.nn.Flatten(), {}
+        elif isinstance(layer, snn.Dropout):
+            module, weights = torch.nn.Dropout(layer.p), {}
+        else:
+            raise TypeError(f"no PyTorch counterpart for {layer!r}")
+        with torch.no_grad():
+            for name, array in weights.items():
+                getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        modules.append(module)
+    return torch.nn.Sequential(*modules)
+
+
+def step_contenders(batch: int) -> dict[str, Callable[[], object]]:
+    """One training step of the cnn preset's network (Adam 1e-3, dropout on) in each."""
+    from scratchnn.optim import make_optimizer
+    from scratchnn.runs import build_network, preset_config
+
+    rng = np.random.default_rng(0)
+    net = build_network(preset_config("cnn"), rng)
+    model = torch_copy(net)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    t = rng.integers(0, 10, batch)
+    xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+    # The same function before any step: the losses agree with dropout off.
+    net.eval(), model.eval()
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(model(xt), tt))
+    np.testing.assert_allclose(float(net.loss(x, t)), want, rtol=1e-4)
+    net.train(), model.train()
+    optimizer = make_optimizer("adam", lr=1e-3)
+    torch_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def scratchnn_step() -> None:
+        optimizer.update(net.params, net.gradient(x, t))
+
+    def torch_step() -> None:
+        torch_optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(xt), tt).backward()
+        torch_optimizer.step()
+
+    return {"scratchnn": scratchnn_step, "torch": torch_step}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -112,8 +179,19 @@ def run(batch: int, rounds: int) -> None:
                 f"{timing.ratio('scratchnn', 'torch'):.2f}",
             ]
         )
+    timing = paired_rounds(step_contenders(batch), rounds=rounds, min_seconds=0.2)
+    rows.append(
+        [
+            "cnn preset's training step (Adam)",
+            format_seconds(timing.median("scratchnn")),
+            format_seconds(timing.median("torch")),
+            f"{timing.ratio('scratchnn', 'torch'):.2f}",
+        ]
+    )
     print(f"\nbatch {batch}, float32, forward + backward, median of {rounds} rounds\n")
-    print_table(["Conv2d 3×3, padding 1", "scratchnn", "torch", "scratchnn/torch"], rows)
+    print_table(
+        ["Conv2d 3×3, padding 1; the network", "scratchnn", "torch", "scratchnn/torch"], rows
+    )
 
 
 if __name__ == "__main__":
