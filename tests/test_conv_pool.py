@@ -69,7 +69,7 @@ def test_conv_per_image_and_whole_batch_products_agree_with_torch(
         monkeypatch.setattr(convolution, "PER_IMAGE_BELOW", below)
         layer = snn.Conv2d.from_weights(W.astype(np.float32), b.astype(np.float32), s, p)
         got = [layer.forward(x), layer.backward(dout), layer.dW, layer.db]
-        assert layer._per_image == (below > 0)
+        assert convolution._per_image(layer.col) == (below > 0)
         for g, w in zip(got, want):
             assert g.dtype == np.float32
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())

@@ -524,3 +524,21 @@ def test_cli_evaluate_on_cuda_without_cupy_fails_with_one_line(
     code = main(["evaluate", str(tmp_path / "model.safetensors"), "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install scratchnn[gpu]" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("c_in", [1, 8], ids=["per image", "one product"])
+def test_conv_moved_to_the_device_between_forward_and_backward(c_in: int, gpu: Any) -> None:
+    """Conv2d decides how to multiply from where its kept col lives, not from the forward."""
+    from scratchnn.backend import move_arrays
+
+    rng = np.random.default_rng(9)
+    x, dout = rng.standard_normal((3, c_in, 5, 6)), rng.standard_normal((3, 2, 5, 6))
+    layer = snn.Conv2d(c_in, 2, 3, padding=1, rng=np.random.default_rng(0), dtype=np.float64)
+    layer.forward(x)
+    want = [layer.backward(dout), layer.dW, layer.db]
+    layer.forward(x)
+    move_arrays(layer, "cuda")
+    got = [layer.backward(to_device(dout, "cuda")), layer.dW, layer.db]
+    for g, w in zip(got, want):
+        assert device_of(g) == "cuda"
+        np.testing.assert_allclose(to_host(g), w, rtol=1e-12, atol=1e-12)

@@ -86,6 +86,14 @@ PRODUCT_PIECE_BYTES = 2 << 20
 DCOL_PIECE_BYTES = 8 << 20
 
 
+def _per_image(col: Any) -> bool:
+    """Whether the products with ``col`` run image by image: see PER_IMAGE_BELOW.
+
+    Decided from ``col`` itself, so a layer moved to another device between forward
+    and backward multiplies as its arrays allow."""
+    return isinstance(col, np.ndarray) and col.shape[0] - 1 < PER_IMAGE_BELOW
+
+
 def _images_per_piece(n: int, image_bytes: int, piece_bytes: int, on_cpu: bool) -> int:
     """How many of ``n`` images make a piece of about ``piece_bytes``, pieces evened out."""
     if not on_cpu:
@@ -208,7 +216,6 @@ class Conv2d(WeightBiasLayer):
         self.dW: np.ndarray | None = None
         self.db: np.ndarray | None = None
         self.col: np.ndarray | None = None
-        self._per_image = False  # how the last forward multiplied: see PER_IMAGE_BELOW
         self._x_shape: tuple[int, ...] = ()
 
     @property
@@ -254,8 +261,7 @@ class Conv2d(WeightBiasLayer):
         weights = xp.empty((out_c, k + 1), work)  # [W | b]
         weights[:, :k] = self.W.reshape(out_c, k)
         weights[:, k] = self.b
-        self._per_image = on_cpu and k < PER_IMAGE_BELOW
-        if self._per_image:
+        if _per_image(col):
             # Each image's product, on its slice of col: (N, C_out, OH OW), NCHW already.
             product = np.matmul(weights, col.reshape(k + 1, n, oh * ow).transpose(1, 0, 2))
             return product.reshape(n, out_c, oh, ow).astype(self.W.dtype, copy=False)
@@ -279,7 +285,7 @@ class Conv2d(WeightBiasLayer):
         g = to_compute(dout).astype(col.dtype, copy=False)
         # The last column of the products, from col's row of ones, is db: dout summed over
         # N, OH and OW.
-        if self._per_image:
+        if _per_image(col):
             g = np.ascontiguousarray(g).reshape(n, out_c, oh * ow)
             images = col.reshape(col.shape[0], n, oh * ow).transpose(1, 2, 0)  # (N, OH OW, K + 1)
             grads = np.matmul(g, images).sum(axis=0)
@@ -305,7 +311,7 @@ class Conv2d(WeightBiasLayer):
         k = weights_t.shape[0]
         xp = get_array_module(g)
         dx = xp.empty((n, in_c, h, w), dtype=g.dtype)
-        if self._per_image:  # each image's dcol, written into its slice of (C kh kw, N OH OW)
+        if _per_image(self.col):  # each image's dcol, into its slice of (C kh kw, N OH OW)
             dcol = np.empty((k, n, pixels), g.dtype)
             np.matmul(weights_t, g, out=dcol.transpose(1, 0, 2))
             self._col2im(dcol.reshape(k, n * pixels), dx, out_size)
