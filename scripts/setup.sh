@@ -15,7 +15,7 @@ missing=()
 command -v dot >/dev/null 2>&1 || missing+=(graphviz)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv python3-pip)
 # A C compiler and Python's headers build the optional compiled kernels
-# (src/scratchnn/_ckernels.c); without them every layer runs its NumPy passes.
+# (src/ckernels/); without them every layer runs its NumPy passes.
 command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
     >/dev/null 2>&1 || missing+=(python3-dev)

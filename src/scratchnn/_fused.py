@@ -1,12 +1,13 @@
 """The optional compiled kernels: one fused pass where NumPy makes several, NumPy as the fallback.
 
-``_ckernels.c`` holds, over float32 or float64 arrays, a forward and a
-backward loop for each activation (vectorised through glibc's libmvec),
-Softmax by rows (with log-softmax for SoftmaxWithLoss), the SGD and Adam
-steps, Conv2d's im2col and col2im, max pooling and BatchNorm's training
-pass; calls of ``THREADS_FROM`` elements or more run on two threads. It is built
-as the extension module ``scratchnn._ckernels`` when scratchnn is installed
-on a machine with a C compiler (see ``setup.py``).
+The C files in ``src/ckernels/`` (one per concept; ``ckernels.h`` lists
+them) hold, over float32 or float64 arrays, a forward and a backward loop
+for each activation (vectorised through glibc's libmvec), Softmax by rows
+(with log-softmax for SoftmaxWithLoss), the SGD and Adam steps, Conv2d's
+im2col and col2im, max pooling and BatchNorm's training pass; calls of
+``THREADS_FROM`` elements or more run on two threads. They are built as the
+extension module ``scratchnn._ckernels`` when scratchnn is installed on a
+machine with a C compiler (see ``setup.py``).
 
 The layers call :func:`run` (Conv2d :func:`conv`, MaxPool2d :func:`pool`,
 BatchNorm :func:`batchnorm`) on their C-contiguous arrays of any shape, or :func:`apply` for a new output
@@ -42,8 +43,8 @@ def _load() -> ModuleType | None:
 
 _MODULE = _load()
 # A call of THREADS_FROM elements or more runs on THREADS threads, the caller
-# and one worker in C taking blocks of BLOCK elements in turn (see "Two
-# threads" in _ckernels.c). PyTorch splits its element-wise loops from 32768
+# and one worker in C taking blocks of BLOCK elements in turn (see
+# src/ckernels/threads.c). PyTorch splits its element-wise loops from 32768
 # elements; measured here (docs/benchmarks.md) the second thread pays from
 # about THREADS_FROM.
 THREADS = min(2, os.cpu_count() or 1)
@@ -123,7 +124,7 @@ def conv(which: str, src: np.ndarray, dst: np.ndarray, dims: tuple[int, ...]) ->
 
     ``dims`` is (N, C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, OH, OW); x and dx
     are (N, C, H, W), col and dcol (C, kh, kw, N, OH, OW), all C-contiguous arrays of one
-    float dtype (see "Convolution" in _ckernels.c).
+    float dtype (see src/ckernels/convolution.c).
     """
     if not ENABLED or type(src) is not np.ndarray or type(dst) is not np.ndarray:
         return False
@@ -142,7 +143,7 @@ def pool(
     ``dims`` is (N, C, H, W, kh, kw, stride_h, stride_w, OH, OW): windows that do not
     overlap (strides at least the kernel), no padding, at most 256 pixels; x and dx
     are (N, C, H, W), out and dout (N, C, OH, OW), C-contiguous arrays of one float
-    dtype, argmax uint8 of out's shape (see "Max pooling" in _ckernels.c).
+    dtype, argmax uint8 of out's shape (see src/ckernels/pooling.c).
     """
     if not ENABLED or not all(type(a) is np.ndarray for a in (src, dst, argmax)):
         return False
@@ -168,7 +169,7 @@ def batchnorm(
     dtype, and ``stats`` (C, 5) of that dtype: gamma, beta (forward) or gamma and
     inv_std (backward, at 0 and 4) in, the mean, variance and inv_std (forward, at
     2 to 4) or the sums of dout and of dout xhat (backward, at 2 and 3) out (see
-    "BatchNorm" in _ckernels.c).
+    src/ckernels/batchnorm.c).
     """
     arrays = (src, xhat, dst, stats)
     if not ENABLED or not all(type(a) is np.ndarray for a in arrays):
