@@ -375,13 +375,13 @@ def check_complete(path: Path, written: range) -> int:
 
 
 def temporaries(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.endswith(".tmp"))
+    return sorted(name for name in os.listdir(directory) if ".tmp" in name)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL and the dead-writer cleanup are POSIX")
 def test_writer_killed_at_random_moments_leaves_a_complete_file(tmp_path: Path) -> None:
     path = tmp_path / "run.safetensors"
-    pattern = re.compile(r"\.run\.safetensors\.(\d+)\.[0-9a-f]{8}\.tmp")
+    pattern = re.compile(r"\.run\.(\d+)\.[0-9a-f]{8}\.tmp\.safetensors")
     chooser = random.Random(1234)
     start = 0
     for _ in range(5):
@@ -422,16 +422,17 @@ def test_save_removes_temporaries_of_dead_writers_only(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped, so its pid names no process (until the system reuses it)
     names = {
-        "dead": f".model.safetensors.{dead.pid}.0123abcd.tmp",
-        "alive": f".model.safetensors.{os.getpid()}.89abcdef.tmp",  # perhaps another thread's
-        "other file": f".other.safetensors.{dead.pid}.0123abcd.tmp",
+        "dead": f".model.{dead.pid}.0123abcd.tmp.safetensors",
+        "alive": f".model.{os.getpid()}.89abcdef.tmp.safetensors",  # perhaps another thread's
+        "other file": f".other.{dead.pid}.0123abcd.tmp.safetensors",
+        "other suffix": f".model.{dead.pid}.0123abcd.tmp.json",
         "not ours": "model.safetensors.tmp",
     }
     for name in names.values():
         (tmp_path / name).write_bytes(b"partial")
     save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2)})
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["model.safetensors", names["alive"], names["other file"], names["not ours"]]
+        ["model.safetensors", *(names[k] for k in ("alive", "other file", "other suffix", "not ours"))]
     )
 
 

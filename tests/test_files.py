@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +31,81 @@ def test_success_replaces_and_keeps_the_suffix(tmp_path: Path) -> None:
         temporary.write_bytes(b"new")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"]
+
+
+def test_each_write_has_its_own_temporary_file(tmp_path: Path) -> None:
+    # Two writers to one path at once (threads of one process share the pid):
+    # neither writes into the other's file, and the last rename wins whole.
+    target = tmp_path / "plot.png"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second and first.exists() and second.exists()
+        first.write_bytes(b"first" * 1000)
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_concurrent_threads_leave_one_complete_file(tmp_path: Path) -> None:
+    target = tmp_path / "history.json"
+    texts = [str(i) * (1000 + i) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda text: write_text_atomically(target, text), texts * 4))
+    assert target.read_text() in texts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the dead-writer cleanup is POSIX only")
+def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped, so its pid names no process (until the system reuses it)
+    left = tmp_path / f".curve.{dead.pid}.0123abcd.tmp.png"
+    alive = tmp_path / f".curve.{os.getpid()}.89abcdef.tmp.png"
+    other = tmp_path / f".other.{dead.pid}.0123abcd.tmp.png"
+    for path in (left, alive, other):
+        path.write_bytes(b"partial")
+    with atomic_path(tmp_path / "curve.png") as temporary:
+        temporary.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["curve.png", alive.name, other.name]
+    )
+
+
+def test_the_file_reaches_the_disk_before_it_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "history.csv"
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: Any, destination: Any) -> None:
+        events.append("replace")
+        real_replace(source, destination)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the file an fsync flushed")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_text_atomically(target, "epoch,loss\n")
+    monkeypatch.undo()
+    assert events[0].startswith("fsync .history.") and events[0].endswith(".tmp.csv")
+    assert events[1:] == ["replace", f"fsync {tmp_path.name}"]  # then the directory
+    assert target.read_text() == "epoch,loss\n"
+
+
+def test_a_failed_flush_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "drawing.svg"
+    write_text_atomically(target, "<svg/>")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomically(target, "<svg>new</svg>")
+    monkeypatch.undo()
+    assert target.read_text() == "<svg/>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drawing.svg"]

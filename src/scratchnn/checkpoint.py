@@ -21,16 +21,15 @@ Two levels:
 Nothing is ever unpickled: a checkpoint holds arrays and JSON, nothing that
 runs code when read.
 
-**Atomic saves.** The file is written to a temporary file in the same
-directory, named ``.<file name>.<pid>.<8 hex digits>.tmp``, flushed, fsynced
-and renamed onto the target with ``os.replace`` (then the directory is
-fsynced). A process killed at any moment, even by SIGKILL, leaves the old
-complete file or the new complete file. A killed save can leave its temporary
-file behind; the next save to the same path deletes the temporary files whose
-process no longer runs (on POSIX systems). Concurrent saves to one path do not
-corrupt it: the last rename wins. (A writer in another PID namespace or on
-another host sharing the directory can be taken for dead; its save then fails
-with ``FileNotFoundError``, and the file on disk stays complete.)
+**Atomic saves.** The file is written through ``scratchnn.files.atomic_path``:
+to a temporary file in the same directory, named
+``.<stem>.<pid>.<8 hex digits>.tmp.safetensors``, flushed, fsynced and renamed
+onto the target with ``os.replace`` (then the directory is fsynced). A
+process killed at any moment, even by SIGKILL, leaves the old complete file
+or the new complete file. A killed save can leave its temporary file behind;
+the next save to the same path deletes the temporary files whose process no
+longer runs (on POSIX systems). Concurrent saves to one path do not corrupt
+it: the last rename wins.
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "weights.safetensors")
@@ -45,12 +44,10 @@ array([[1., 0.],
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn.backend import to_host
+from scratchnn.files import atomic_path
 
 __all__ = [
     "Checkpoint",
@@ -125,7 +123,7 @@ def save_safetensors(
     written then. See the module docstring for how the write is made atomic.
     """
     header, arrays = _prepare(tensors, metadata)
-    _atomic_write(os.fspath(path), header, arrays)
+    _atomic_write(path, header, arrays)
 
 
 def _prepare(
@@ -193,63 +191,12 @@ def _check_text(value: object, what: str) -> None:
         raise ValueError(f"{what} {value!r} cannot be encoded as UTF-8: {error}") from None
 
 
-def _atomic_write(path: str, header: bytes, arrays: list[np.ndarray]) -> None:
-    """Write ``header`` and ``arrays`` to a temporary file, then rename it onto ``path``."""
-    directory, filename = os.path.split(os.path.abspath(path))
-    _remove_stale_temporaries(directory, filename)
-    temporary = os.path.join(directory, f".{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never write into a file that someone else is writing.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(temporary, flags, 0o666)  # a data file: rw for all, less the umask, never executable
-    try:
-        with open(fd, "wb") as file:
-            file.write(header)
-            for array in arrays:
-                file.write(array.reshape(-1).view(np.uint8).data)
-            file.flush()
-            os.fsync(file.fileno())  # the bytes must be on disk before the name points at them
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _remove_stale_temporaries(directory: str, filename: str) -> None:
-    """Delete the temporary files of earlier saves to ``filename`` whose process has died."""
-    if os.name != "posix":
-        return  # without os.kill(pid, 0) we cannot tell a dead writer from a live one
-    pattern = re.compile(re.escape(f".{filename}.") + r"([0-9]+)\.[0-9a-f]{8}\.tmp")
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(directory):
-            match = pattern.fullmatch(entry)
-            if match and not _process_exists(int(match.group(1))):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, entry))
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether a process with this id exists (POSIX only)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process, or a number we cannot judge: keep its file
-    return True
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable; skipped where directories cannot be opened (Windows)."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _atomic_write(path: PathLike, header: bytes, arrays: list[np.ndarray]) -> None:
+    """Write ``header`` and ``arrays`` to ``path`` through ``files.atomic_path``."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        file.write(header)
+        for array in arrays:
+            file.write(array.reshape(-1).view(np.uint8).data)
 
 
 # -- the safetensors format: reading -------------------------------------------------

@@ -1,27 +1,39 @@
 """Writing files so that a reader never sees half of one.
 
-Every file scratchnn writes goes first to a temporary name in the same
-directory and is renamed over the target only when complete (``os.replace``
-is atomic on POSIX and Windows): a run killed at any moment leaves the old
-file or the new one, never a torn one. Checkpoints (``scratchnn.checkpoint``)
-add an fsync and concurrent-writer safety on top of the same idea.
+Every file scratchnn writes (checkpoints, histories, plots, drawings) goes
+through :func:`atomic_path`: it is written to a temporary file in the same
+directory, named ``.<stem>.<pid>.<8 hex digits>.tmp<suffix>`` and created
+exclusively, then flushed to disk (fsync) and renamed over the target with
+``os.replace`` (atomic on POSIX and Windows), and the directory is fsynced.
+A process killed at any moment, even by SIGKILL, leaves the old complete file
+or the new complete file. A killed write can leave its temporary file behind;
+the next write to the same path deletes the temporary files whose process no
+longer runs (on POSIX systems). Concurrent writes to one path, from threads
+or processes, do not corrupt it: each has its own temporary file and the last
+rename wins. (A writer in another PID namespace or on another host sharing
+the directory can be taken for dead; its write then fails with
+``FileNotFoundError``, and the file on disk stays complete.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+    """Yield a new empty temporary file beside ``path``; on success it replaces ``path``.
 
-    The temporary name keeps the suffix (so that tools that pick a format by
-    suffix, such as matplotlib, still work). On an exception the temporary file
-    is removed and ``path`` is left as it was.
+    The caller writes the temporary file (by name: any writer will do, such as
+    matplotlib's ``savefig``). When the ``with`` block ends without an
+    exception, the file is flushed to disk and renamed over ``path``; on an
+    exception it is removed and ``path`` is left as it was. The temporary name
+    keeps the suffix, so that tools that pick a format by suffix still work.
 
     >>> import tempfile
     >>> target = Path(tempfile.mkdtemp()) / "note.txt"
@@ -30,19 +42,73 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     >>> target.read_text()
     'done'
     """
-    target = Path(path)
-    temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
+    target = Path(os.path.abspath(path))
+    _remove_stale_temporaries(target)
+    temporary = target.with_name(
+        f".{target.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
+    )
+    # O_EXCL: never write into a file that someone else is writing. Mode 0o666
+    # less the umask: a data file, never executable.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    os.close(os.open(temporary, flags, 0o666))
     try:
         yield temporary
+        _fsync(temporary)  # the bytes must be on disk before the name points at them
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+    _fsync_directory(target.parent)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file, flushed to disk first."""
-    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary files of earlier writes to ``target`` whose process has died."""
+    if os.name != "posix":
+        return  # without os.kill(pid, 0) we cannot tell a dead writer from a live one
+    pattern = re.compile(
+        re.escape(f".{target.stem}.") + r"([0-9]+)\.[0-9a-f]{8}" + re.escape(f".tmp{target.suffix}")
+    )
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(target.parent):
+            match = pattern.fullmatch(entry)
+            if match and not _process_exists(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(target.parent / entry)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process with this id exists (POSIX only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a number we cannot judge: keep its file
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file that another writer may have written, by name, to disk."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable; skipped where directories cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
