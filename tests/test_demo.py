@@ -101,6 +101,18 @@ def test_demo_shows_where_the_chain_breaks(capsys: pytest.CaptureFixture[str]) -
     assert fused == pytest.approx(y * (1 - y), rel=1e-5)
 
 
+
+def test_demo_reports_a_subnormal_against_zero_as_a_relative_difference_of_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # At x = -709.78, y = 5.6e-309 is subnormal: y**2 underflows to 0, so the chain's
+    # gradient is exactly 0 while dout y (1 - y) = y is not. |0 - y| / max(|0|, |y|) = 1.
+    out = run(["demo", "--x", "-709.78"], capsys)
+    assert table_rows(out)[-1][4] == 0.0
+    fused = float(re.search(r"fused Sigmoid = (\S+)", out).group(1))  # type: ignore[union-attr]
+    assert 0 < fused < np.finfo(np.float64).tiny
+    assert "the chain differs (relative difference 1.0e+00; y**2 underflowed" in out
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -74,9 +74,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def _layer_sizes(text: str) -> list[int]:
     try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
+        sizes = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 256,128, got {text!r}") from None
     if not sizes or min(sizes) < 1:
@@ -103,6 +113,8 @@ def _run_train(args: argparse.Namespace) -> int:
     # --model cnn alone means the cnn preset; the other presets are MLPs.
     preset = args.preset or ("cnn" if args.model == "cnn" else "default")
     out = args.out if args.out is not None else f"runs/{preset}"
+    if args.resume and args.overwrite:
+        return _fail("train", "--resume continues the run in --out, --overwrite replaces it: not both")
     try:
         if args.resume:
             if given or args.preset is not None:
@@ -116,8 +128,18 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         else:
             config = preset_config(preset, epochs=args.epochs, **given)
+            if config.model == "mlp" and "channels" in given:
+                return _fail("train", "--channels applies to the cnn model only")
             config.check()
-            train_run(config, out, data_path=args.data, device=args.device)
+            train_run(
+                config, out, overwrite=args.overwrite, data_path=args.data, device=args.device
+            )
+    except FileExistsError as error:
+        return _fail(
+            "train",
+            f"{error}: continue it with --resume, replace it with --overwrite, "
+            "or choose another --out",
+        )
     except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("train", str(error))
     except KeyboardInterrupt:
@@ -181,7 +203,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     train.add_argument(
         "--dtype", choices=["float32", "float64"], help="float32 (default) or float64"
     )
-    train.add_argument("--seed", type=int, help="seed of the initial weights and the shuffling")
+    train.add_argument("--seed", type=_seed, help="seed of the initial weights and the shuffling")
     train.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
     train.add_argument(
         "--dataset", choices=["fashion-mnist", "mnist"], help="default fashion-mnist"
@@ -202,6 +224,11 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run even where --out already holds one (replacing its files)",
+    )
     train.set_defaults(run=_run_train)
 
 
@@ -214,7 +241,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         accuracy, matrix, names = evaluate_file(
             args.checkpoint, data_path=args.data, device=args.device
         )
-    except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
+    except (ValueError, OSError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("evaluate", str(error))
     print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
     print(format_confusion(matrix, names))
@@ -226,7 +253,11 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
         "evaluate",
         help="test accuracy and confusion matrix of a saved model or checkpoint",
     )
-    evaluate.add_argument("checkpoint", help="a model.safetensors or checkpoint.safetensors file")
+    evaluate.add_argument(
+        "checkpoint",
+        help="a model.safetensors or checkpoint.safetensors file, or a run's directory "
+        "(its model.safetensors, else its checkpoint)",
+    )
     evaluate.add_argument("--data", help="directory with the IDX files")
     evaluate.add_argument(
         "--device",
@@ -357,7 +388,9 @@ def _add_graph_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     )  # fmt: skip
     graph.add_argument("--sizes", type=_layer_sizes, help="network: layer sizes (default 3,4,2)")
     graph.add_argument("--batch", type=_positive_int, help="network: examples in x (default 1)")
-    graph.add_argument("--seed", type=int, help="network: random seed of weights and x (default 0)")
+    graph.add_argument(
+        "--seed", type=_seed, help="network: random seed of weights and x (default 0)"
+    )
     graph.add_argument(
         "--format", choices=["dot", "mermaid", "svg", "png"],
         help="output format (default: from the suffix of --out, else dot)",
@@ -413,5 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``scratchnn`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    status: int = args.run(args)
+    try:
+        status: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`scratchnn evaluate ... | head -1`): stop quietly, as
+        # cat does. Python's own flush at exit would fail again, so stdout now
+        # points at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     return status

@@ -139,7 +139,10 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
             "       the chain breaks: exp(-x) overflowed to inf, so step 3 multiplied\n"
             "       the gradient 0 by inf (NaN); the fused layer stays finite"
         )
-    diff = abs(chain_grad - fused_grad) / max(abs(fused_grad), np.finfo(np.float64).tiny)
+    # Relative to the larger of the two, so that a subnormal result against an
+    # exact 0 reads as what it is: a relative difference of 1.
+    scale = max(abs(chain_grad), abs(fused_grad))
+    diff = abs(chain_grad - fused_grad) / scale if scale > 0 else 0.0
     if diff <= _AGREE_RTOL[np.dtype(dtype)]:
         return line + f"       the chain agrees (relative difference {diff:.1e})"
     hint = ""

@@ -50,7 +50,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     # O_EXCL: never write into a file that someone else is writing. Mode 0o666
     # less the umask: a data file, never executable.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    os.close(os.open(temporary, flags, 0o666))
+    try:
+        os.close(os.open(temporary, flags, 0o666))
+    except OSError as error:  # no such directory, no permission: say so of the user's path
+        raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
     try:
         yield temporary
         _fsync(temporary)  # the bytes must be on disk before the name points at them

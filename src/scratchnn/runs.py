@@ -12,6 +12,7 @@ The output directory of a run holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,17 @@ class RunConfig:
             raise ValueError(f"channels must be positive integers, got {self.channels}")
         if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        # Settings a model would ignore are errors, not silently recorded in the run.
+        if self.model == "mlp" and self.dropout != 0:
+            raise ValueError(f"dropout applies to the cnn model only, got {self.dropout} for an mlp")
+        if self.model == "cnn" and self.activation != "relu":
+            raise ValueError(
+                f"activation {self.activation!r} does not apply to the cnn model (its blocks use ReLU)"
+            )
+        if self.model == "cnn" and self.init != "he":
+            raise ValueError(
+                f"init {self.init!r} does not apply to the cnn model (its layers use He init)"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}"
@@ -101,6 +113,8 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"the seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         mlp_init_check(self.init)
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +197,8 @@ def preset_config(name: str, **overrides: Any) -> RunConfig:
 def check_writable_directory(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and prove it writable, else raise ``ValueError``."""
     directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"the output directory {directory} is a file")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
@@ -248,6 +264,7 @@ def train_run(
     out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
+    overwrite: bool = False,
     epochs: int | None = None,
     data_path: str | None = None,
     stream: TextIO | None = None,
@@ -263,8 +280,11 @@ def train_run(
     With ``resume=True`` the run continues from ``out_dir/checkpoint.safetensors``
     with the configuration saved there (``config`` must be None; ``epochs`` may
     raise the number of epochs), and ends with the same weights, bit for bit,
-    as a run that was never stopped. Every setting and the output directory
-    are checked before any work starts.
+    as a run that was never stopped. A new run does not replace one that
+    ``out_dir`` already holds (``FileExistsError``) unless ``overwrite=True``.
+    Every setting, the data and the output directory are checked before any
+    work starts; a directory created for a run that then fails to start is
+    removed again.
     """
     stream = stream if stream is not None else sys.stdout
     if (config is None) != resume:
@@ -273,30 +293,24 @@ def train_run(
         )
     if check_device(device) == "cuda":
         import_cupy()  # before any work: a missing CuPy or GPU is one clear error
-    out = check_writable_directory(out_dir)
-    history: History | None = None
+    out = Path(out_dir)
+    if resume and not (out / CHECKPOINT_FILE).exists():
+        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
+    if not resume and not overwrite and (out / CHECKPOINT_FILE).exists():
+        raise FileExistsError(f"{out} already holds a training run ({CHECKPOINT_FILE})")
+    created = not out.exists()
+    check_writable_directory(out)
+    try:
+        config, network, optimizer, rng, history, train_data, test_data = _start(
+            config, out, resume, epochs, data_path
+        )
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
+        raise
     if resume:
-        if not (out / CHECKPOINT_FILE).exists():
-            raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
-        checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
-        config = RunConfig.from_dict(checkpoint.config)
-    assert config is not None
-    if epochs is not None:
-        config.epochs = epochs
-    config.check()
-    train_data, test_data = load_data(config, data_path)
-    rng = np.random.default_rng(config.seed)
-    network = build_network(config, rng, n_in=train_data[0].shape[1])
-    optimizer = make_optimizer(config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    if resume:
-        network.load_state(checkpoint.params)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        rng = checkpoint.rng()
-        for layer in network.layers:
-            if hasattr(layer, "rng"):  # dropout draws from the run's generator, restored with it
-                layer.rng = rng
-        history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
-        print(f"resuming {out} after epoch {len(history)} of {config.epochs}", file=stream)
+        print(f"resuming {out} after epoch {len(history or [])} of {config.epochs}", file=stream)
     network.to(device)
     optimizer.to(device)
     # The data set moves to the device once; each batch is then a slice on the device.
@@ -340,6 +354,7 @@ def train_run(
         train_eval_seed=config.seed,
     )
     save_model(out / MODEL_FILE, network.state(), config.to_dict())
+    written = [MODEL_FILE, CHECKPOINT_FILE, "history.json", "history.csv"]
     try:
         from scratchnn.plots import plot_learning_curve
 
@@ -353,6 +368,7 @@ def train_run(
             out / "learning_curve.png",
             title=f"{config.dataset} {sizes}, {config.activation}, {config.optimizer}",
         )
+        written.append("learning_curve.png")
     except RuntimeError as error:  # matplotlib missing: the run itself still succeeded
         print(f"note: no learning_curve.png ({error})", file=stream)
     if len(history):
@@ -360,15 +376,55 @@ def train_run(
             f"final test accuracy {100 * history.test_acc[-1]:.2f}% after {len(history)} epochs",
             file=stream,
         )
-    print(
-        f"wrote {out / MODEL_FILE}, {out / CHECKPOINT_FILE}, history.json, history.csv, learning_curve.png in {out}",
-        file=stream,
-    )
+    print(f"wrote {', '.join(written)} in {out}", file=stream)
     return history
 
 
+def _start(
+    config: RunConfig | None, out: Path, resume: bool, epochs: int | None, data_path: str | None
+) -> tuple[RunConfig, Sequential, Any, np.random.Generator, History | None, Any, Any]:
+    """A run's configuration, network, optimiser, generator, history so far and data:
+    everything that can fail before the first step."""
+    history: History | None = None
+    if resume:
+        checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
+        config = RunConfig.from_dict(checkpoint.config)
+    assert config is not None
+    if epochs is not None:
+        config.epochs = epochs
+    config.check()
+    train_data, test_data = load_data(config, data_path)
+    rng = np.random.default_rng(config.seed)
+    network = build_network(config, rng, n_in=train_data[0].shape[1])
+    optimizer = make_optimizer(config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    if resume:
+        network.load_state(checkpoint.params)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        rng = checkpoint.rng()
+        for layer in network.layers:
+            if hasattr(layer, "rng"):  # dropout draws from the run's generator, restored with it
+                layer.rng = rng
+        history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
+        if len(history) > config.epochs:
+            raise ValueError(
+                f"the run in {out} has trained {len(history)} epochs already, "
+                f"more than the {config.epochs} asked for"
+            )
+    return config, network, optimizer, rng, history, train_data, test_data
+
+
 def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
-    """Rebuild the network saved in a model or checkpoint file."""
+    """Rebuild the network saved in a model or checkpoint file, or in a run's directory
+    (its final model, else its last checkpoint)."""
+    if os.path.isdir(path):
+        directory = Path(path)
+        path = directory / MODEL_FILE
+        if not path.exists():
+            path = directory / CHECKPOINT_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{directory} holds no {MODEL_FILE} or {CHECKPOINT_FILE}: not a run's directory"
+            )
     params, config_dict = load_model(path)
     config = RunConfig.from_dict(config_dict)
     first = params.get("W1")

@@ -193,6 +193,9 @@ def _download_to(
             raise
         # 416: the range starts at or past the end, so the part file is of no use.
         return _download_to(url, part, progress, timeout, resume=False)
+    except urllib.error.URLError as error:
+        # "<urlopen error [Errno -2] Name or service not known>" alone names no address.
+        raise ConnectionError(f"cannot download {url}: {error.reason}") from error
     with response:
         if offset and response.status == 206:
             if _range_start(response.headers.get("Content-Range", "")) != offset:

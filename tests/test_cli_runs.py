@@ -1,0 +1,169 @@
+"""``scratchnn train`` and ``evaluate`` keep runs safe and refuse what they would ignore.
+
+A new run never replaces one silently, a resume never shrinks one, a run that
+fails to start leaves nothing behind, options a model would ignore are errors,
+and the final summary names only the files written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scratchnn.cli import main
+from scratchnn.data import find_dataset_files
+
+try:
+    find_dataset_files("fashion-mnist")
+    HAVE_DATA = True
+except FileNotFoundError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+)
+
+SMALL = ["--hidden", "8", "--limit", "300", "--batch-size", "100"]
+
+
+def run_cli(argv: list[str]) -> int:
+    """``main(argv)``'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@needs_data
+def test_a_new_run_does_not_replace_an_existing_one_unless_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--epochs", "2", "--seed", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert files_of(out) == before  # nothing touched
+    assert main(["train", *SMALL, "--epochs", "2", "--seed", "5", "--out", str(out), "--overwrite"]) == 0
+    assert files_of(out)["checkpoint.safetensors"] != before["checkpoint.safetensors"]
+    assert run_cli(["train", "--resume", "--overwrite", "--out", str(out)]) == 2
+
+
+@needs_data
+def test_resume_to_fewer_epochs_than_trained_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    before = files_of(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--epochs", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "trained 2 epochs already, more than the 1 asked for" in err
+    assert files_of(tmp_path) == before
+
+
+def test_a_run_that_cannot_start_leaves_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    missing_data = ["--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "bad")]
+    assert main(["train", *SMALL, *missing_data]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_output_directory_that_is_a_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["train", *SMALL, "--out", str(afile)]) == 2
+    assert f"the output directory {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dropout", "0.2"], "dropout applies to the cnn model only"),
+        (["--channels", "8,8"], "--channels applies to the cnn model only"),
+        (["--model", "cnn", "--activation", "tanh"], "does not apply to the cnn model"),
+        (["--model", "cnn", "--init", "xavier"], "does not apply to the cnn model"),
+        (["--model", "cnn", "--hidden", "128,64"], "one hidden Affine layer"),
+        (["--hidden", "256,,128"], "expected sizes like 256,128"),
+        (["--hidden", "256,"], "expected sizes like 256,128"),
+        (["--seed", "-1"], "--seed: must be from 0"),
+        (["--seed", "1.5"], "--seed: not an integer"),
+    ],
+)
+def test_options_a_model_would_ignore_are_errors(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["train", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_the_summary_names_only_the_files_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchnn.plots
+
+    def no_matplotlib(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("plots need matplotlib: pip install 'scratchnn[train]'")
+
+    monkeypatch.setattr(scratchnn.plots, "plot_learning_curve", no_matplotlib)
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (
+        "wrote model.safetensors, checkpoint.safetensors, history.json, history.csv "
+        f"in {tmp_path}"
+    )
+    assert not (tmp_path / "learning_curve.png").exists()
+
+
+@needs_data
+def test_evaluate_takes_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "model.safetensors")]) == 0
+    by_file = capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == by_file
+    (tmp_path / "run" / "model.safetensors").unlink()  # a run cut short: its checkpoint
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == by_file
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a run's directory" in err
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    # `scratchnn demo | head -1`: the reader is gone before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "scratchnn", "demo"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""
