@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import socket
 import threading
 import urllib.error
 from collections.abc import Iterator
@@ -208,6 +209,15 @@ def test_missing_file_on_server_raises_http_error(
         fetch(server, files, tmp_path)
     assert not (tmp_path / "t10k-images-idx3-ubyte.gz").exists()
 
+
+def test_unreachable_server_names_the_url(files: dict[str, bytes], tmp_path: Path) -> None:
+    # A port nobody listens on: the connection is refused at once, offline or not.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/mirror/"
+    with pytest.raises(ConnectionError, match=f"cannot download {base}\\S+\\.gz: "):
+        download_dataset("mnist", tmp_path, base_url=base, hashes=hashes_of(files))
 
 def test_bad_arguments_fail_before_any_request(
     server: FileServer, files: dict[str, bytes], tmp_path: Path
