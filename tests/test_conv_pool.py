@@ -187,6 +187,27 @@ def test_max_pool_tiling_windows_with_ties_and_left_over_pixels_match_torch(
     np.testing.assert_array_equal(dx, xt.grad.numpy())
 
 
+
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 1, 1), (3, 1, 1), (3, 2, 1), ((4, 2), (1, 2), (2, 1))])
+def test_max_pool_padding_never_takes_the_gradient_of_a_window_of_minus_inf(
+    k: Any, s: Any, p: Any
+) -> None:
+    # The padding is -inf too: where a window's inputs are all -inf, its gradient must still
+    # go to its first input (PyTorch's choice), never to a padding cell that is cropped away.
+    rng = np.random.default_rng(11)
+    x = rng.choice(np.array([-np.inf, -np.inf, 0.0, -1.0]), (2, 3, 7, 6))
+    pool = snn.MaxPool2d(k, s, p)
+    out = pool.forward(x)
+    dout = rng.standard_normal(out.shape)
+    dx = pool.backward(dout)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = TF.max_pool2d(xt, k, s, p)
+    yt.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out, yt.detach().numpy())
+    # overlapping windows add in another order than PyTorch's: a few ulps
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-15)
+    assert np.isclose(dx.sum(), dout.sum())  # no gradient lost
+
 def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
     x = np.array([[[[1.0, np.nan, 2.0, -np.inf], [0.0, 3.0, -np.inf, -np.inf]]]])
     out = snn.MaxPool2d(2).forward(x)

@@ -114,6 +114,36 @@ def test_matches_torch_step_for_step(name: str, weight_decay: float) -> None:
             assert_close(params[key], tensor.detach().numpy())
 
 
+
+@pytest.mark.parametrize(
+    ("name", "eps"),
+    [(name, None) for name in CASES] + [(name, 0.0) for name in CASES if "eps" in CASES[name][2]],
+)
+def test_a_learning_rate_of_zero_then_a_schedule_match_torch(name: str, eps: float | None) -> None:
+    # lr = 0 (a warm-up's first steps, a frozen phase): the state still moves, the
+    # parameters do not; then the rate changes between steps, as schedules do.
+    ours_cls, torch_cls, hyper = CASES[name]
+    if eps is not None:
+        hyper = {**hyper, "eps": eps}
+    rng = np.random.default_rng(8)
+    params = random_params(rng)
+    tensors = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    ours = ours_cls(**{**hyper, "lr": 0.0})
+    theirs = torch_cls(list(tensors.values()), **{**hyper, "lr": 0.0}, weight_decay=0.0)
+    before = {key: value.copy() for key, value in params.items()}
+    for step, lr in enumerate([0.0, 0.0, 0.0, hyper["lr"], hyper["lr"] / 2, 0.0]):
+        ours.lr = lr
+        theirs.param_groups[0]["lr"] = lr
+        grads = random_grads(rng)
+        for key, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[key])
+        ours.update(params, grads)
+        theirs.step()
+        for key, tensor in tensors.items():
+            assert_close(params[key], tensor.detach().numpy())
+            if step < 3:
+                assert np.array_equal(params[key], before[key])
+
 def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
     rng = np.random.default_rng(3)
     params = random_params(rng)

@@ -506,13 +506,8 @@ class Adam(Optimizer):
         m = self._state("m", key, param)
         v = self._state("v", key, param)
         t = self.steps[key] = self.steps.get(key, 0) + 1
-        # Python floats throughout: a NumPy float64 scalar would lift float32 work to float64.
-        step_size = self.lr / (1.0 - self.beta1**t)
-        sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
-        # step_size * m / (sqrt(v) / c + eps) as m / (sqrt(v) / (c * step_size) + eps / step_size):
-        # the scalars fold together, which saves a pass over the parameter.
-        inv_scale, eps_scaled = 1.0 / (sqrt_correction2 * step_size), self.eps / step_size
-        scalars = (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, inv_scale, eps_scaled)
+        scalars = self._folded_scalars(t)
+        inv_scale, eps_scaled = scalars[4:]
         # The same 12 operations in one compiled pass where the kernels take the arrays.
         if not _compiled_step("adam", param, grad, (m, v), scalars):
             np.multiply(m, self.beta1, out=m)
@@ -537,17 +532,28 @@ class Adam(Optimizer):
         # The same folded scalars as _step. No flush: GPUs run subnormals at full speed.
         m, v = self._state("m", key, param), self._state("v", key, param)
         t = self.steps[key] = self.steps.get(key, 0) + 1
+        names = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_scale", "eps_scaled")
+        return "adam", [m, v], dict(zip(names, self._folded_scalars(t)))
+
+    def _folded_scalars(self, t: int) -> tuple[float, ...]:
+        """The step's six scalars: beta1, 1 - beta1, beta2, 1 - beta2, and the folded
+        ``1 / (c2 * step_size)`` and ``eps / step_size``, where ``step_size = lr / (1 -
+        beta1**t)`` and ``c2 = sqrt(1 - beta2**t)``.
+
+        ``step_size * m / (sqrt(v) / c2 + eps)`` is computed as
+        ``m / (sqrt(v) / (c2 * step_size) + eps / step_size)``: the scalars fold
+        together, which saves a pass over the parameter. With ``lr = 0`` they are 0
+        and inf: the moments still move, the parameter does not (m / inf = 0), as
+        in PyTorch. Python floats throughout: a NumPy float64 scalar would lift
+        float32 work to float64.
+        """
         step_size = self.lr / (1.0 - self.beta1**t)
         sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
-        scalars = {
-            "beta1": self.beta1,
-            "one_minus_beta1": 1.0 - self.beta1,
-            "beta2": self.beta2,
-            "one_minus_beta2": 1.0 - self.beta2,
-            "inv_scale": 1.0 / (sqrt_correction2 * step_size),
-            "eps_scaled": self.eps / step_size,
-        }
-        return "adam", [m, v], scalars
+        if step_size > 0.0:
+            inv_scale, eps_scaled = 1.0 / (sqrt_correction2 * step_size), self.eps / step_size
+        else:
+            inv_scale, eps_scaled = 0.0, math.inf
+        return (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, inv_scale, eps_scaled)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``m/<param>``, ``v/<param>`` and the step count ``step/<param>`` (0-d int64)."""

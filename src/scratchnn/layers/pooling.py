@@ -8,6 +8,7 @@ an array of the output's shape, so their memory is that of the output.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -71,9 +72,10 @@ class MaxPool2d(_Pool2d):
     """Max pooling: the largest value in each window.
 
     Forward: ``out[n, c, i, j] = max_{p, q} xp[n, c, i*s + p, j*s + q]``, with
-    ``xp`` padded by ``-inf`` (so padding is never the maximum), as PyTorch.
+    ``xp`` padded by ``-inf``, as PyTorch.
     Backward: ``dout`` goes to the one input that was the maximum (the first in
-    row-major order on ties, as PyTorch's CPU kernel); windows that overlap add.
+    row-major order on ties, as PyTorch's CPU kernel), never to the padding,
+    not even where every input of the window is ``-inf``; windows that overlap add.
     NaN propagates: a window holding NaN outputs NaN, and its gradient goes to
     the first NaN.
 
@@ -131,14 +133,32 @@ class MaxPool2d(_Pool2d):
         module = get_array_module(out)  # NumPy or CuPy
         argmax = module.zeros(out.shape, dtype=np.min_scalar_type(len(windows) - 1))
         not_yet = module.ones(out.shape, dtype=bool)
-        for window in windows[:-1]:
+        inside = self._inside(x.shape, module) if self.padding != (0, 0) else None
+        for window, mask in zip(windows[:-1], inside or [None] * len(windows)):
             won = window == out
+            if mask is not None:
+                # A padding cell (-inf) never wins, even where every input of the window is
+                # -inf: then the first input does, as in PyTorch.
+                won &= mask
             if any_nan:
                 won |= nan & np.isnan(window)
             np.greater(not_yet, won, out=not_yet)  # for bools, a > b is a and not b
             argmax += not_yet
         self.argmax = argmax
         return out
+
+    def _inside(self, x_shape: tuple[int, ...], module: Any) -> list[Any]:
+        """For each kernel offset, an (OH, OW) mask of the outputs whose pixel at that
+        offset lies in the image, not in the padding."""
+        oh, ow = self._out_hw(x_shape)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        rows, cols = module.arange(oh) * sh - ph, module.arange(ow) * sw - pw
+        return [
+            ((rows + p >= 0) & (rows + p < x_shape[2]))[:, None]
+            & ((cols + q >= 0) & (cols + q < x_shape[3]))[None, :]
+            for p in range(kh)
+            for q in range(kw)
+        ]
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self.argmax is not None  # forward ran: the base checks it
