@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 from scratchnn import layers
-from scratchnn.backend import as_result, check_device, device_of, move_arrays, to_device
+from scratchnn.backend import (
+    as_result,
+    check_device,
+    device_of,
+    get_array_module,
+    move_arrays,
+    to_device,
+)
 from scratchnn.layers.losses import Loss, SoftmaxWithLoss
 
 # The activations a ready-made network can use, by the name the command line takes.
@@ -129,6 +136,7 @@ class Sequential:
         missing, unexpected = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
         if missing or unexpected:
             raise ValueError(f"Sequential.load_state: missing {missing}, unexpected {unexpected}")
+        checked = []  # every array is checked before any is copied: a bad call changes nothing
         for key, target in own.items():
             # A checkpoint's host arrays go to the network's device (and back).
             source = to_device(as_result(arrays[key]), device_of(target))
@@ -136,7 +144,20 @@ class Sequential:
                 raise ValueError(
                     f"Sequential.load_state: {key} has shape {source.shape}, the network's {target.shape}"
                 )
-            target[...] = source.astype(target.dtype, copy=False)
+            if source.dtype.kind not in "iuf":
+                raise TypeError(
+                    f"Sequential.load_state: {key} has dtype {source.dtype}, not a real number type"
+                )
+            xp = get_array_module(source)
+            with np.errstate(over="ignore"):
+                cast = source.astype(target.dtype, copy=False)
+            if bool((xp.isinf(cast) & xp.isfinite(source)).any()):
+                raise ValueError(
+                    f"Sequential.load_state: {key} has values beyond the range of {target.dtype}"
+                )
+            checked.append((target, cast))
+        for target, cast in checked:
+            target[...] = cast
 
     # -- the book's methods ----------------------------------------------------------
 
@@ -153,9 +174,15 @@ class Sequential:
 
     def accuracy(self, x: Any, t: Any) -> float:
         """The fraction of examples whose arg-max prediction equals the label (index or one-hot)."""
-        y = np.argmax(self.predict(x), axis=-1)
+        scores = self.predict(x)
+        y = np.argmax(scores, axis=-1)
         t = as_result(t)
         if t.ndim == y.ndim + 1:
+            if t.shape != scores.shape:  # (N, 1) labels are not one-hot rows
+                raise ValueError(
+                    f"Sequential.accuracy: labels of shape {t.shape} are neither class indices "
+                    f"of shape {y.shape} nor one-hot rows of shape {scores.shape}"
+                )
             t = np.argmax(t, axis=-1)
         if t.shape != y.shape:
             raise ValueError(

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn import _fused, kernels
+from scratchnn import _checks, _fused, kernels
 from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
@@ -62,31 +62,6 @@ __all__ = [
 ]
 
 
-def _real(who: str, name: str, value: object) -> float:
-    """``value`` as a finite Python float; bools, strings and the like raise ``TypeError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"{who}: {name} must be finite, got {result}")
-    return result
-
-
-def _nonnegative(who: str, name: str, value: object) -> float:
-    result = _real(who, name, value)
-    if result < 0.0:
-        raise ValueError(f"{who}: {name} must be >= 0, got {result}")
-    return result
-
-
-def _fraction(who: str, name: str, value: object) -> float:
-    """A decay rate in [0, 1): 1 would never forget, as PyTorch also refuses."""
-    result = _real(who, name, value)
-    if not 0.0 <= result < 1.0:
-        raise ValueError(f"{who}: {name} must be in [0, 1), got {result}")
-    return result
-
-
 class Optimizer:
     """Base class: validation, weight decay, scratch space and state export.
 
@@ -101,8 +76,8 @@ class Optimizer:
 
     def __init__(self, lr: float, weight_decay: float) -> None:
         who = type(self).__name__
-        self.lr = _nonnegative(who, "lr", lr)
-        self.weight_decay = _nonnegative(who, "weight_decay", weight_decay)
+        self.lr = _checks.nonnegative(who, "lr", lr)
+        self.weight_decay = _checks.nonnegative(who, "weight_decay", weight_decay)
         # Scratch arrays, one per parameter, reused every step; not state.
         self._work: dict[str, np.ndarray] = {}
         self._decayed: dict[str, np.ndarray] = {}
@@ -168,6 +143,8 @@ class Optimizer:
                 f"{who}: parameter {key!r} must be a float16/32/64 array to be updated in "
                 f"place, got {type(param).__name__} of dtype {getattr(param, 'dtype', None)}"
             )
+        if isinstance(param, np.ndarray) and not param.flags.writeable:
+            raise ValueError(f"{who}: parameter {key!r} is read-only; it is updated in place")
         grad = as_array(grad, who=who, what=f"gradient {key!r}")
         if grad.shape != param.shape:
             raise ValueError(
@@ -319,7 +296,7 @@ class Momentum(Optimizer):
         self, lr: float = 0.01, momentum: float = 0.9, *, weight_decay: float = 0.0
     ) -> None:
         super().__init__(lr, weight_decay)
-        self.momentum = _fraction(type(self).__name__, "momentum", momentum)
+        self.momentum = _checks.fraction(type(self).__name__, "momentum", momentum)
         self.v: dict[str, np.ndarray] = {}
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
@@ -388,7 +365,7 @@ class AdaGrad(Optimizer):
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-7, *, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
-        self.eps = _nonnegative(type(self).__name__, "eps", eps)
+        self.eps = _checks.nonnegative(type(self).__name__, "eps", eps)
         self.h: dict[str, np.ndarray] = {}
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
@@ -428,8 +405,8 @@ class RMSprop(Optimizer):
     ) -> None:
         super().__init__(lr, weight_decay)
         who = type(self).__name__
-        self.decay_rate = _fraction(who, "decay_rate", decay_rate)
-        self.eps = _nonnegative(who, "eps", eps)
+        self.decay_rate = _checks.fraction(who, "decay_rate", decay_rate)
+        self.eps = _checks.nonnegative(who, "eps", eps)
         self.h: dict[str, np.ndarray] = {}
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
@@ -495,9 +472,9 @@ class Adam(Optimizer):
     ) -> None:
         super().__init__(lr, weight_decay)
         who = type(self).__name__
-        self.beta1 = _fraction(who, "beta1", beta1)
-        self.beta2 = _fraction(who, "beta2", beta2)
-        self.eps = _nonnegative(who, "eps", eps)
+        self.beta1 = _checks.fraction(who, "beta1", beta1)
+        self.beta2 = _checks.fraction(who, "beta2", beta2)
+        self.eps = _checks.nonnegative(who, "eps", eps)
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
         self.steps: dict[str, int] = {}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index
 
-from scratchnn import _buffers, _fused, kernels
+from scratchnn import _buffers, _checks, _fused, kernels
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
 from scratchnn.backend import as_result, get_array_module, to_compute
@@ -259,7 +259,7 @@ class LeakyRelu(Layer):
 
     def __init__(self, alpha: float = 0.01) -> None:
         super().__init__()
-        self.alpha = float(alpha)
+        self.alpha = _checks.real("LeakyRelu", "alpha", alpha)
         self.mask: np.ndarray | None = None
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
@@ -325,7 +325,7 @@ class Elu(Layer):
 
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__()
-        self.alpha = float(alpha)
+        self.alpha = _checks.real("Elu", "alpha", alpha)
         self.slope: np.ndarray | None = None
         self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
@@ -539,9 +539,7 @@ class Softplus(Layer):
 
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
-        self.beta = float(beta)
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"Softplus: beta must be positive and finite, got {beta!r}")
+        self.beta = _checks.positive("Softplus", "beta", beta)
         self.out: np.ndarray | None = None
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn import _buffers, _fused
+from scratchnn import _buffers, _checks, _fused
 from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
@@ -24,14 +24,13 @@ from scratchnn.layers.base import WeightBiasLayer
 
 def pair(value: int | tuple[int, int], what: str, who: str, minimum: int = 1) -> tuple[int, int]:
     """``value`` as ``(height, width)``: an int is used for both; checks ``>= minimum``."""
-    values = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(values) != 2 or any(
-        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in values
-    ):
-        raise ValueError(
-            f"{who}: {what} must be an int >= {minimum} or a pair of them, got {value!r}"
-        )
-    return int(values[0]), int(values[1])
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{who}: {what} must be an int or a pair of ints, got {value!r}")
+        height, width = value
+    else:
+        height = width = value
+    return _checks.count(who, what, height, minimum), _checks.count(who, what, width, minimum)
 
 
 def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -163,10 +162,8 @@ class Conv2d(WeightBiasLayer):
         from scratchnn.init import make_initializer
 
         super().__init__()
-        if min(in_channels, out_channels) < 1:
-            raise ValueError(
-                f"Conv2d: channels must be positive, got in {in_channels} and out {out_channels}"
-            )
+        in_channels = _checks.count("Conv2d", "in_channels", in_channels)
+        out_channels = _checks.count("Conv2d", "out_channels", out_channels)
         kh, kw = pair(kernel_size, "kernel_size", "Conv2d")
         fan_in = in_channels * kh * kw
         # The initialisers draw (fan_in, fan_out) matrices, the im2col layout of W transposed.

@@ -80,7 +80,9 @@ class Loss:
 
     def _check_target(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         name = type(self).__name__
-        if self.target_kind == "labels" and t.shape == x.shape[:-1] and x.ndim >= 1:
+        if self.target_kind == "labels" and x.ndim == 0:
+            raise ValueError(f"{name}: the prediction needs a class axis, got a scalar")
+        if self.target_kind == "labels" and t.shape == x.shape[:-1]:
             if t.dtype.kind not in "iu":
                 raise ValueError(
                     f"{name}: class-index labels must have an integer dtype, got {t.dtype}"

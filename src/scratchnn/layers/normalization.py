@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn import _buffers, _fused
+from scratchnn import _buffers, _checks, _fused
 from scratchnn.backend import FLOAT_DTYPES, compute_dtype_of
 from scratchnn.layers.base import Layer
 
@@ -68,14 +66,10 @@ class BatchNorm(Layer):
         dtype = np.dtype(dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"BatchNorm: dtype must be float16, float32 or float64, got {dtype}")
-        if isinstance(num_features, bool) or int(num_features) < 1:
-            raise ValueError(f"BatchNorm: num_features must be positive, got {num_features!r}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"BatchNorm: eps must be positive, got {eps!r}")
-        if not (math.isfinite(momentum) and 0 <= momentum <= 1):
-            raise ValueError(f"BatchNorm: momentum must lie in [0, 1], got {momentum!r}")
-        c = int(num_features)
-        self.num_features, self.eps, self.momentum = c, float(eps), float(momentum)
+        c = _checks.count("BatchNorm", "num_features", num_features)
+        self.num_features = c
+        self.eps = _checks.positive("BatchNorm", "eps", eps)
+        self.momentum = _checks.fraction("BatchNorm", "momentum", momentum, one=True)
         self.gamma = np.ones(c, dtype)
         self.beta = np.zeros(c, dtype)
         self.running_mean = np.zeros(c, dtype)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from scratchnn import _checks
 from scratchnn.backend import device_of, get_array_module, to_compute, to_device
 from scratchnn.layers.base import Layer
 
@@ -46,14 +47,12 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, *, rng: np.random.Generator) -> None:
         super().__init__()
-        if isinstance(p, bool) or not (0.0 <= float(p) <= 1.0):
-            raise ValueError(f"Dropout: p must lie in [0, 1], got {p!r}")
         if not isinstance(rng, np.random.Generator):
             raise TypeError(
                 f"Dropout: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
                 f"got {type(rng).__name__}"
             )
-        self.p = float(p)
+        self.p = _checks.fraction("Dropout", "p", p, one=True)
         self.rng = rng
         self.training = True
         self._mask: np.ndarray | None = None  # packed bits, 1 = kept

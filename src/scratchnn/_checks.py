@@ -1,0 +1,56 @@
+"""The checks of constructor arguments that layers and optimisers share.
+
+Each returns the value as a plain Python ``int`` or ``float``, or raises
+``TypeError`` (not a number of that kind: a bool, a string, a float where a
+count belongs) or ``ValueError`` (a number outside its range), naming the
+class and the argument: ``Dropout: p must be a real number, got '0.5'``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def real(who: str, name: str, value: object) -> float:
+    """``value`` as a finite float; bools, strings and the like raise ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{who}: {name} must be finite, got {result}")
+    return result
+
+
+def nonnegative(who: str, name: str, value: object) -> float:
+    """A finite float >= 0."""
+    result = real(who, name, value)
+    if result < 0.0:
+        raise ValueError(f"{who}: {name} must be >= 0, got {result}")
+    return result
+
+
+def positive(who: str, name: str, value: object) -> float:
+    """A finite float > 0."""
+    result = real(who, name, value)
+    if result <= 0.0:
+        raise ValueError(f"{who}: {name} must be positive, got {result}")
+    return result
+
+
+def fraction(who: str, name: str, value: object, *, one: bool = False) -> float:
+    """A float in [0, 1), or [0, 1] with ``one=True``."""
+    result = real(who, name, value)
+    if not (0.0 <= result < 1.0 or (one and result == 1.0)):
+        raise ValueError(f"{who}: {name} must be in [0, 1{']' if one else ')'}, got {result}")
+    return result
+
+
+def count(who: str, name: str, value: object, minimum: int = 1) -> int:
+    """An integer >= ``minimum``; a float, even 3.0, raises ``TypeError``, as in PyTorch."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{who}: {name} must be an int, got {value!r}")
+    result = int(value)
+    if result < minimum:
+        raise ValueError(f"{who}: {name} must be >= {minimum}, got {result}")
+    return result
