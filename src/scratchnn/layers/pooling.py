@@ -77,7 +77,8 @@ class MaxPool2d(_Pool2d):
     row-major order on ties, as PyTorch's CPU kernel), never to the padding,
     not even where every input of the window is ``-inf``; windows that overlap add.
     NaN propagates: a window holding NaN outputs NaN, and its gradient goes to
-    the first NaN.
+    the first NaN (PyTorch's CPU kernel sends it to the last one; the outputs
+    agree).
 
     Keeps ``argmax``: for each output, which of the kh × kw offsets held the
     maximum (uint8 when kh kw <= 256), the whole of what backward needs.
