@@ -20,20 +20,40 @@ RNG = np.random.default_rng(0)
 
 # (what is built, the exception, words the message must hold)
 BAD: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
-    ("float kernel", lambda: snn.MaxPool2d(2.0), TypeError, "MaxPool2d: kernel_size must be an int"),  # type: ignore[arg-type]
+    (
+        "float kernel",
+        lambda: snn.MaxPool2d(2.0),
+        TypeError,
+        "MaxPool2d: kernel_size must be an int",
+    ),  # type: ignore[arg-type]
     ("float conv kernel", lambda: snn.Conv2d(3, 4, 3.0, rng=RNG), TypeError, "Conv2d: kernel_size"),  # type: ignore[arg-type]
     ("three sizes", lambda: snn.MaxPool2d((2, 2, 2)), ValueError, "a pair of ints"),  # type: ignore[arg-type]
     ("zero stride", lambda: snn.AvgPool2d(2, 0), ValueError, "stride must be >= 1"),
     ("float channels", lambda: snn.Conv2d(3.0, 4, 3, rng=RNG), TypeError, "in_channels"),  # type: ignore[arg-type]
     ("no channels", lambda: snn.Conv2d(3, 0, 3, rng=RNG), ValueError, "out_channels must be >= 1"),
-    ("float features", lambda: snn.BatchNorm(3.5), TypeError, "BatchNorm: num_features must be an int"),  # type: ignore[arg-type]
+    (
+        "float features",
+        lambda: snn.BatchNorm(3.5),
+        TypeError,
+        "BatchNorm: num_features must be an int",
+    ),  # type: ignore[arg-type]
     ("text features", lambda: snn.BatchNorm("3"), TypeError, "num_features"),  # type: ignore[arg-type]
     ("negative eps", lambda: snn.BatchNorm(3, eps=-1.0), ValueError, "eps must be positive"),
-    ("momentum 2", lambda: snn.BatchNorm(3, momentum=2.0), ValueError, "momentum must be in [0, 1]"),
+    (
+        "momentum 2",
+        lambda: snn.BatchNorm(3, momentum=2.0),
+        ValueError,
+        "momentum must be in [0, 1]",
+    ),
     ("text p", lambda: snn.Dropout("0.5", rng=RNG), TypeError, "Dropout: p must be a real number"),  # type: ignore[arg-type]
     ("p above 1", lambda: snn.Dropout(1.5, rng=RNG), ValueError, "p must be in [0, 1]"),
     ("bool p", lambda: snn.Dropout(True, rng=RNG), TypeError, "p must be a real number"),
-    ("nan alpha", lambda: snn.LeakyRelu(float("nan")), ValueError, "LeakyRelu: alpha must be finite"),
+    (
+        "nan alpha",
+        lambda: snn.LeakyRelu(float("nan")),
+        ValueError,
+        "LeakyRelu: alpha must be finite",
+    ),
     ("text alpha", lambda: snn.Elu("1"), TypeError, "Elu: alpha must be a real number"),  # type: ignore[arg-type]
     ("zero beta", lambda: snn.Softplus(0.0), ValueError, "Softplus: beta must be positive"),
     ("negative lr", lambda: SGD(-0.1), ValueError, "SGD: lr must be >= 0"),

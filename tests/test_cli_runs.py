@@ -54,7 +54,10 @@ def test_a_new_run_does_not_replace_an_existing_one_unless_told(
     assert len(err.splitlines()) == 1
     assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
     assert files_of(out) == before  # nothing touched
-    assert main(["train", *SMALL, "--epochs", "2", "--seed", "5", "--out", str(out), "--overwrite"]) == 0
+    assert (
+        main(["train", *SMALL, "--epochs", "2", "--seed", "5", "--out", str(out), "--overwrite"])
+        == 0
+    )
     assert files_of(out)["checkpoint.safetensors"] != before["checkpoint.safetensors"]
     assert run_cli(["train", "--resume", "--overwrite", "--out", str(out)]) == 2
 
@@ -129,8 +132,7 @@ def test_the_summary_names_only_the_files_written(
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == (
-        "wrote model.safetensors, checkpoint.safetensors, history.json, history.csv "
-        f"in {tmp_path}"
+        f"wrote model.safetensors, checkpoint.safetensors, history.json, history.csv in {tmp_path}"
     )
     assert not (tmp_path / "learning_curve.png").exists()
 

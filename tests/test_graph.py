@@ -419,3 +419,41 @@ def test_chain_does_not_mutate_or_alias_its_input() -> None:
     np.testing.assert_array_equal(dout, [1.0, 2.0])
     x[:] = 7.0
     np.testing.assert_array_equal(chain.values[0], [-1.0, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        (np.ones(3, np.float32), 1.1),
+        (2.5, np.ones(3, np.float32)),
+        (np.ones(3, np.float16), 3),
+        (np.ones(3, np.float16), np.ones(3, np.float32)),
+        (np.float32(2.0), 1.5),
+        (np.ones(3), 2),
+        (100, 1.1),
+    ],
+)
+@pytest.mark.parametrize(("node", "op"), [(MulLayer, np.multiply), (AddLayer, np.add)])
+def test_binary_nodes_promote_as_numpy_does(node: Any, op: Any, x: Any, y: Any) -> None:
+    # A Python number adapts to the array it meets (NEP 50): float32 × 1.1 stays float32.
+    out = node().forward(x, y)
+    want = op(x, y)
+    expected = want.dtype if np.asarray(want).dtype.kind == "f" else np.float64
+    assert out.dtype == expected
+    np.testing.assert_allclose(out, want, rtol=1e-3 if expected == np.float16 else 1e-7)
+
+
+@pytest.mark.parametrize("node", [MulConstLayer, AddConstLayer])
+@pytest.mark.parametrize(
+    ("c", "error"),
+    [
+        ("2", TypeError),
+        (True, TypeError),
+        (b"3", TypeError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+    ],
+)
+def test_constant_nodes_take_only_finite_real_constants(node: Any, c: Any, error: Any) -> None:
+    with pytest.raises(error, match=f"{node.__name__}: c must be"):
+        node(c)

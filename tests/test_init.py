@@ -184,3 +184,25 @@ def test_numpy_integer_fans_are_accepted() -> None:
     W = he_normal(np.int64(3), np.int32(4), np.random.default_rng(0))
     assert W.shape == (3, 4)
     assert not zeros(np.int64(2)).any()
+
+
+def test_a_call_that_fails_on_the_device_leaves_the_generator_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from scratchnn.backend import DeviceUnavailableError
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # no CuPy here: "cuda" fails
+    rng = np.random.default_rng(7)
+    with pytest.raises(DeviceUnavailableError):
+        he_normal(3, 4, rng, device="cuda")
+    # so a fall-back to the CPU draws what a first call on the CPU draws
+    np.testing.assert_array_equal(he_normal(3, 4, rng), he_normal(3, 4, np.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_weights_that_overflow_their_dtype_raise(dtype: Any) -> None:
+    with pytest.raises(ValueError, match="normal_std: the weights overflow"):
+        normal_std(3, 4, np.random.default_rng(0), dtype, std=1e300)
+    assert np.isfinite(normal_std(3, 4, np.random.default_rng(0), dtype, std=1e3)).all()

@@ -234,3 +234,31 @@ def test_book_two_layer_net_trains_with_in_place_updates() -> None:
             network.params[key] -= 0.1 * grad[key]
     assert network.loss(x_train, t_train) < 0.2 * first_loss
     assert network.accuracy(x_train, t_train) > 0.9
+
+
+def test_gradcheck_reports_a_nan_as_the_worst_error() -> None:
+    W = np.random.default_rng(0).standard_normal((3, 2))
+    net = snn.Sequential([snn.Affine(W, np.zeros(2)), snn.Sigmoid()])
+    x = np.ones((4, 3))
+    x[0, 0] = np.nan  # NaN loss and NaN gradients: once taken for a perfect 0.000
+    result = snn.gradcheck(net, x, np.array([0, 1, 1, 0]))
+    assert np.isnan(result.max_relative_error) and not result.max_relative_error < 1e-7
+    assert result.checked == 8 and "nan" in str(result)
+
+
+def test_gradcheck_puts_the_running_statistics_back() -> None:
+    rng = np.random.default_rng(1)
+    net = snn.Sequential(
+        [
+            snn.Affine(rng.standard_normal((4, 5)), np.zeros(5)),
+            snn.BatchNorm(5, dtype=np.float64),
+            snn.Relu(),
+            snn.Affine(rng.standard_normal((5, 3)), np.zeros(3)),
+        ]
+    )
+    x, t = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    net.gradient(x, t)  # running statistics away from their start
+    before = {key: value.copy() for key, value in net.state().items()}
+    assert snn.gradcheck(net, x, t).max_relative_error < 1e-4
+    for key, value in net.state().items():  # 2 forward passes per element moved them
+        np.testing.assert_array_equal(value, before[key], err_msg=key)

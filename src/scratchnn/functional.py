@@ -29,6 +29,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype.kind != "f":
         z = z.astype(np.float64)
+    if z.dtype == np.float16:  # its range overflows the polynomials: float32, then round
+        return erfc(z.astype(np.float32)).astype(np.float16)
     out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: sigmoid_into(zf[lo:hi], of[lo:hi]), zf)
@@ -81,6 +83,8 @@ def erfc(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype.kind != "f":
         z = z.astype(np.float64)
+    if z.dtype == np.float16:  # its range overflows the polynomials: float32, then round
+        return erfc(z.astype(np.float32)).astype(np.float16)
     out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: erfc_into(zf[lo:hi], of[lo:hi]), zf, fused=False)

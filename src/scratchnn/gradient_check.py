@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +46,12 @@ def gradcheck(
     The network needs float64 parameters (central differences in float32 have
     no digits left to compare). Each checked element ``p`` is moved to
     ``p + h`` and ``p - h`` in place, as the book's ``numerical_gradient``
-    does, and restored exactly. ``max_per_param`` limits the check to that many
-    randomly chosen elements of each parameter (drawn from ``rng``).
+    does, and restored exactly; so are a ``Sequential``'s buffers (BatchNorm's
+    running statistics, which every training-mode forward pass moves).
+    ``max_per_param`` limits the check to that many randomly chosen elements of
+    each parameter (drawn from ``rng``). A NaN anywhere, in a gradient or in a
+    loss, is the worst error there is: the result's ``max_relative_error`` is
+    NaN, which fails any ``< tolerance`` test.
 
     The relative error's denominator is at least ``floor``: central differences
     carry an absolute rounding noise of about ``eps * |loss| / h`` (1e-11 here),
@@ -66,6 +71,25 @@ def gradcheck(
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)
+    # Buffers (running statistics) as they were, to put back at the end.
+    saved_state = {k: v.copy() for k, v in network.state().items()} if hasattr(network, "state") else None
+    try:
+        return _check_each(network, x, t, params, h, max_per_param, rng, floor)
+    finally:
+        if saved_state is not None:
+            network.load_state(saved_state)
+
+
+def _check_each(
+    network: Any,
+    x: Any,
+    t: Any,
+    params: dict[str, np.ndarray],
+    h: float,
+    max_per_param: int | None,
+    rng: np.random.Generator | None,
+    floor: float,
+) -> GradcheckResult:
     analytic = {key: grad.copy() for key, grad in network.gradient(x, t).items()}
 
     worst = GradcheckResult(0.0, "", (), 0.0, 0.0, 0)
@@ -87,7 +111,10 @@ def gradcheck(
             exact = float(analytic[key][index])
             error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
             checked += 1
-            if error >= worst.max_relative_error:
+            # NaN compares false with everything: it must win explicitly, and stay.
+            if not math.isnan(worst.max_relative_error) and (
+                math.isnan(error) or error >= worst.max_relative_error
+            ):
                 worst = GradcheckResult(error, key, tuple(int(i) for i in index), exact, numeric, 0)
     return GradcheckResult(
         worst.max_relative_error, worst.key, worst.index, worst.analytic, worst.numeric, checked

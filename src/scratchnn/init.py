@@ -34,14 +34,14 @@ nonlinearity="relu")``.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn.backend import FLOAT_DTYPES, check_device, to_device
+from scratchnn import _checks
+from scratchnn.backend import FLOAT_DTYPES, check_device, import_cupy, to_device
 
 __all__ = [
     "Initializer",
@@ -164,7 +164,7 @@ def glorot_uniform(
     who = "glorot_uniform"
     fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
     bound = math.sqrt(6.0 / (fan_in + fan_out))
-    return to_device(rng.uniform(-bound, bound, size=(fan_in, fan_out)).astype(out_dtype), device)
+    return to_device(_cast(who, rng.uniform(-bound, bound, size=(fan_in, fan_out)), out_dtype), device)
 
 
 def normal_std(
@@ -195,7 +195,7 @@ def zeros(size: int, dtype: DTypeLike = np.float32, *, device: str = "cpu") -> A
     >>> zeros(3)
     array([0., 0., 0.], dtype=float32)
     """
-    bias = np.zeros(_positive_int("zeros", "size", size), dtype=_float_dtype("zeros", dtype))
+    bias = np.zeros(_checks.count("zeros", "size", size), dtype=_float_dtype("zeros", dtype))
     return to_device(bias, device)
 
 
@@ -262,35 +262,33 @@ def _normal(
     fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
     weights = rng.standard_normal((fan_in, fan_out))
     weights *= std_of(fan_in, fan_out)
-    return to_device(weights.astype(out_dtype), device)
+    return to_device(_cast(who, weights, out_dtype), device)
+
+
+def _cast(who: str, weights: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``weights`` in ``dtype``; ``ValueError`` where they do not fit it (a std of 1e300 in float32)."""
+    with np.errstate(over="ignore"):
+        result = weights.astype(dtype)
+    if not np.isfinite(result).all():
+        raise ValueError(f"{who}: the weights overflow {dtype}; use a smaller std")
+    return result
 
 
 def _check(
     who: str, fan_in: object, fan_out: object, rng: object, dtype: DTypeLike, device: str = "cpu"
 ) -> tuple[int, int, np.dtype[Any]]:
-    check_device(device)
+    if check_device(device) == "cuda":
+        import_cupy()  # before drawing: a failed call must not advance the caller's generator
     if not isinstance(rng, np.random.Generator):
         raise TypeError(
             f"{who}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
             f"got {type(rng).__name__}; the global NumPy random state is never used"
         )
     return (
-        _positive_int(who, "fan_in", fan_in),
-        _positive_int(who, "fan_out", fan_out),
+        _checks.count(who, "fan_in", fan_in),
+        _checks.count(who, "fan_out", fan_out),
         _float_dtype(who, dtype),
     )
-
-
-def _positive_int(who: str, name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{who}: {name} must be an integer, got {value!r}")
-    try:
-        result = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{who}: {name} must be an integer, got {value!r}") from None
-    if result < 1:
-        raise ValueError(f"{who}: {name} must be >= 1, got {result}")
-    return result
 
 
 def _float_dtype(who: str, dtype: DTypeLike) -> np.dtype[Any]:
@@ -301,9 +299,4 @@ def _float_dtype(who: str, dtype: DTypeLike) -> np.dtype[Any]:
 
 
 def _check_std(who: str, std: object) -> float:
-    if isinstance(std, bool) or not isinstance(std, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{who}: std must be a real number, got {std!r}")
-    result = float(std)
-    if not (math.isfinite(result) and result >= 0.0):
-        raise ValueError(f"{who}: std must be finite and >= 0, got {result}")
-    return result
+    return _checks.nonnegative(who, "std", std)

@@ -29,8 +29,11 @@ in float64.)
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 
+from scratchnn import _checks
 from scratchnn.backend import to_compute
 from scratchnn.layers.base import Layer
 
@@ -57,11 +60,39 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return summed.reshape(shape)
 
 
-def _result_dtype(*xs: np.ndarray) -> np.dtype:
-    return np.result_type(*(x.dtype for x in xs))
+class _BinaryNode(Layer):
+    """What the × and + nodes share: the output dtype is NumPy's for ``x op y``, in which
+    a Python number adapts to the array it meets (NEP 50: float32 × 1.1 stays float32)."""
+
+    n_inputs = 2
+    operation: ClassVar[np.ufunc] = np.multiply
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._python_numbers: tuple[object | None, object | None] = (None, None)
+
+    def forward(self, *inputs: Any) -> Any:
+        # The base turns a Python number into a 0-d float64 array; remember it as it was.
+        self._python_numbers = tuple(  # type: ignore[assignment]
+            v if type(v) in (bool, int, float) else None for v in inputs
+        )
+        try:
+            return super().forward(*inputs)
+        finally:
+            self._python_numbers = (None, None)
+
+    def _result_dtype(self, x: np.ndarray, y: np.ndarray) -> np.dtype:
+        # A Python number as a Python float (bools and integers compute as floats, as
+        # the base's inputs do), an array as a 0-d sample of its (prepared) dtype.
+        samples: list[Any] = [
+            float(number) if number is not None else np.zeros((), a.dtype)  # type: ignore[arg-type]
+            for a, number in zip((x, y), self._python_numbers)
+        ]
+        result: np.dtype = type(self).operation(samples[0], samples[1]).dtype
+        return result
 
 
-class MulLayer(Layer):
+class MulLayer(_BinaryNode):
     """The "×" node: ``out = x * y``, with NumPy broadcasting between x and y.
 
     Derivative: ``d(out)/dx = y`` and ``d(out)/dy = x``: backward "swaps" the
@@ -72,7 +103,9 @@ class MulLayer(Layer):
     gradient of each input is the other input.
 
     Shape: x and y broadcast together to the output's shape; ``dx`` has x's
-    shape, ``dy`` y's. The output dtype is NumPy's promotion of the two.
+    shape, ``dy`` y's. The output dtype is NumPy's promotion of the two, a
+    Python number adapting to the array it meets (float32 × 1.1 is float32);
+    bools and integers compute as float64, as in every layer.
 
     The book's apple example (two apples at 100 each, tax 1.1):
 
@@ -99,7 +132,6 @@ class MulLayer(Layer):
      [ 10. 100.]] [4. 6.]
     """
 
-    n_inputs = 2
     label = "×"
 
     def __init__(self) -> None:
@@ -110,7 +142,7 @@ class MulLayer(Layer):
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x, 0)
         self.y = self._keep_input(y, 1)
-        return np.asarray(to_compute(x) * to_compute(y)).astype(_result_dtype(x, y), copy=False)
+        return np.asarray(to_compute(x) * to_compute(y)).astype(self._result_dtype(x, y), copy=False)
 
     def _backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.x is not None and self.y is not None  # the base ran forward first
@@ -120,7 +152,7 @@ class MulLayer(Layer):
         return dx, dy
 
 
-class AddLayer(Layer):
+class AddLayer(_BinaryNode):
     """The "+" node: ``out = x + y``, with NumPy broadcasting between x and y.
 
     Derivative: ``d(out)/dx = d(out)/dy = 1``: backward passes ``dout`` on to
@@ -141,8 +173,8 @@ class AddLayer(Layer):
      [3. 4.]] 10.0
     """
 
-    n_inputs = 2
     label = "+"
+    operation = np.add
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,7 +182,7 @@ class AddLayer(Layer):
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self._shapes = (x.shape, y.shape)
-        return np.asarray(to_compute(x) + to_compute(y)).astype(_result_dtype(x, y), copy=False)
+        return np.asarray(to_compute(x) + to_compute(y)).astype(self._result_dtype(x, y), copy=False)
 
     def _backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = to_compute(dout)
@@ -180,7 +212,7 @@ class MulConstLayer(Layer):
 
     def __init__(self, c: float) -> None:
         super().__init__()
-        self.c = float(c)
+        self.c = _checks.real(type(self).__name__, "c", c)
 
     @property
     def label(self) -> str:
@@ -214,7 +246,7 @@ class AddConstLayer(Layer):
 
     def __init__(self, c: float) -> None:
         super().__init__()
-        self.c = float(c)
+        self.c = _checks.real(type(self).__name__, "c", c)
 
     @property
     def label(self) -> str:
