@@ -13,28 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train import needs_data, run_cli
 
 from scratchnn.cli import main
-from scratchnn.data import find_dataset_files
-
-try:
-    find_dataset_files("fashion-mnist")
-    HAVE_DATA = True
-except FileNotFoundError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(
-    not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
-)
 
 SMALL = ["--hidden", "8", "--limit", "300", "--batch-size", "100"]
-
-
-def run_cli(argv: list[str]) -> int:
-    """``main(argv)``'s exit status, whether it returns it or argparse exits with it."""
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

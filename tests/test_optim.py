@@ -105,14 +105,23 @@ def test_matches_torch_step_for_step(name: str, weight_decay: float) -> None:
     ours = ours_cls(**hyper, weight_decay=weight_decay)
     theirs = torch_cls(list(tensors.values()), **hyper, weight_decay=weight_decay)
     for _ in range(N_STEPS):
-        grads = random_grads(rng)
-        for key, tensor in tensors.items():
-            tensor.grad = torch.tensor(grads[key])
-        ours.update(params, grads)
-        theirs.step()
-        for key, tensor in tensors.items():
-            assert_close(params[key], tensor.detach().numpy())
+        step_both(ours, theirs, params, tensors, random_grads(rng))
 
+
+def step_both(
+    ours: Optimizer,
+    theirs: Any,
+    params: dict[str, np.ndarray],
+    tensors: dict[str, Any],
+    grads: dict[str, np.ndarray],
+) -> None:
+    """One step of our optimiser and of torch's on the same gradients; the same parameters after."""
+    for key, tensor in tensors.items():
+        tensor.grad = torch.tensor(grads[key])
+    ours.update(params, grads)
+    theirs.step()
+    for key, tensor in tensors.items():
+        assert_close(params[key], tensor.detach().numpy())
 
 
 @pytest.mark.parametrize(
@@ -134,15 +143,10 @@ def test_a_learning_rate_of_zero_then_a_schedule_match_torch(name: str, eps: flo
     for step, lr in enumerate([0.0, 0.0, 0.0, hyper["lr"], hyper["lr"] / 2, 0.0]):
         ours.lr = lr
         theirs.param_groups[0]["lr"] = lr
-        grads = random_grads(rng)
-        for key, tensor in tensors.items():
-            tensor.grad = torch.tensor(grads[key])
-        ours.update(params, grads)
-        theirs.step()
-        for key, tensor in tensors.items():
-            assert_close(params[key], tensor.detach().numpy())
-            if step < 3:
-                assert np.array_equal(params[key], before[key])
+        step_both(ours, theirs, params, tensors, random_grads(rng))
+        if step < 3:
+            assert all(np.array_equal(params[key], before[key]) for key in params)
+
 
 def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
     rng = np.random.default_rng(3)
