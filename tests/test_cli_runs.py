@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_train import needs_data, run_cli
 
@@ -152,3 +153,24 @@ def test_a_closed_pipe_ends_the_command_quietly() -> None:
     finally:
         os.close(write_end)
     assert done.returncode == 141 and done.stderr == ""
+
+
+@needs_data
+def test_evaluate_says_when_the_weights_are_broken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.checkpoint import load_model, save_model
+
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    params, config = load_model(tmp_path / "model.safetensors")
+    params["W1"][0, 0] = np.nan  # what a diverged run leaves
+    save_model(tmp_path / "diverged.safetensors", params, config)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "diverged.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "test accuracy" in captured.out
+    note = captured.err.strip()
+    assert len(note.splitlines()) == 1
+    assert note.startswith("scratchnn evaluate: note: ") and "weights W1 hold NaN" in note
+    assert main(["evaluate", str(tmp_path / "model.safetensors")]) == 0
+    assert capsys.readouterr().err == ""  # sound weights: no note

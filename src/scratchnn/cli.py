@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from scratchnn import __version__
@@ -238,11 +239,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from scratchnn.runs import evaluate_file, format_confusion
 
     try:
-        accuracy, matrix, names = evaluate_file(
-            args.checkpoint, data_path=args.data, device=args.device
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            accuracy, matrix, names = evaluate_file(
+                args.checkpoint, data_path=args.data, device=args.device
+            )
     except (ValueError, OSError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("evaluate", str(error))
+    for warning in caught:  # one line each, not Python's two-line warning format
+        print(f"scratchnn evaluate: note: {warning.message}", file=sys.stderr)
     print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
     print(format_confusion(matrix, names))
     return 0

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -452,13 +453,23 @@ def evaluate_file(
     """Test accuracy, confusion matrix and class names of a saved model on its data set.
 
     ``device="cuda"`` evaluates on the GPU through CuPy: the network and the test
-    images move there once; the confusion matrix is counted on the host.
+    images move there once; the confusion matrix is counted on the host. Weights
+    that hold NaN or infinity (a run that diverged) give a ``RuntimeWarning``
+    naming them: the accuracy is then that of a broken model.
     """
     from scratchnn.data import FASHION_MNIST_CLASSES
 
     if check_device(device) == "cuda":
         import_cupy()  # before any work: a missing CuPy or GPU is one clear error
     network, config = load_network(path)
+    broken = [key for key, value in network.params.items() if not np.isfinite(value).all()]
+    if broken:
+        warnings.warn(
+            f"{os.fspath(path)}: weights {', '.join(broken)} hold NaN or infinity "
+            "(did the run diverge?); the accuracy is that of a broken model",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _, (x_test, t_test) = load_data(config, data_path)
     network.to(device)
     x_on_device, t_on_device = to_device(x_test, device), to_device(t_test, device)
