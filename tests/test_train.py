@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import scratchnn as snn
 from scratchnn.checkpoint import CheckpointError, load_checkpoint, load_model
 from scratchnn.cli import main
 from scratchnn.data import find_dataset_files
-from scratchnn.optim import make_optimizer
+from scratchnn.optim import SGD, make_optimizer
 from scratchnn.runs import RunConfig, preset_config, train_run
 from scratchnn.train import History, evaluate, fit
 
@@ -30,6 +31,8 @@ except FileNotFoundError:
 needs_data = pytest.mark.skipif(
     not HAVE_DATA, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
 )
+
+torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
 
 
 CENTRES = 3 * np.random.default_rng(123).standard_normal((10, 20))
@@ -297,3 +300,103 @@ def test_book_preset_is_the_books_network() -> None:
     assert config.hidden == [50] and config.activation == "relu" and config.init == "0.01"
     assert config.optimizer == "sgd" and config.lr == 0.1 and config.batch_size == 100
     assert config.iterations == 10_000
+
+
+def test_an_interrupted_fit_keeps_the_schedule_a_function_of_the_epoch() -> None:
+    # epoch k runs at lr * decay**(k - 1), as torch's ExponentialLR, even across an interruption
+    rng = np.random.default_rng(2)
+    data = blobs(200, rng)
+    net = snn.models.mlp([20, 8, 10], rng=rng)
+    optimizer = make_optimizer("sgd", lr=1.0)
+    rates: list[float] = []
+
+    def record(epoch: int, history: History) -> None:
+        rates.append(optimizer.lr)
+        if epoch == 2 and len(rates) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after the second epoch
+
+    history = History()
+    with pytest.raises(KeyboardInterrupt):
+        fit(net, optimizer, data, epochs=4, batch_size=50, rng=rng, lr_decay=0.5,
+            history=history, callbacks=[record])  # fmt: skip
+    assert optimizer.lr == 1.0  # the base rate, not the decayed one
+    fit(net, optimizer, data, epochs=4, batch_size=50, rng=rng, lr_decay=0.5,
+        history=history, callbacks=[record])  # fmt: skip
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(sgd, gamma=0.5)
+    expected = []
+    for _ in range(4):
+        expected.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+        schedule.step()
+    assert rates == expected == [1.0, 0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda net, d: fit(net, SGD(0.1), (d[0][:0], d[1][:0]), epochs=1, batch_size=10,
+                            rng=np.random.default_rng(0)), "training set is empty"),
+        (lambda net, d: fit(net, SGD(0.1), (d[0], d[1][:-1]), epochs=1, batch_size=10,
+                            rng=np.random.default_rng(0)), "has 100 inputs but 99 labels"),
+        (lambda net, d: fit(net, SGD(0.1), d, (d[0], d[1][:-3]), epochs=1, batch_size=10,
+                            rng=np.random.default_rng(0)), "test set has 100 inputs but 97"),
+        (lambda net, d: fit(net, SGD(0.1), d, epochs=1, batch_size=10, max_iterations=0,
+                            rng=np.random.default_rng(0)), "max_iterations must be >= 1"),
+        (lambda net, d: evaluate(net, d[0][:0], d[1][:0]), "evaluate: the data is empty"),
+        (lambda net, d: evaluate(net, d[0], d[1][:50]), "has 100 inputs but 50 labels"),
+        (lambda net, d: evaluate(net, d[0], d[1], batch_size=0), "batch_size must be >= 1"),
+    ],
+)  # fmt: skip
+def test_empty_or_mismatched_data_is_refused_before_any_step(call: Any, message: str) -> None:
+    rng = np.random.default_rng(3)
+    net = snn.models.mlp([20, 8, 10], rng=rng)
+    before = {key: value.copy() for key, value in net.params.items()}
+    with pytest.raises(ValueError, match=message):
+        call(net, blobs(100, rng))
+    assert all(np.array_equal(value, before[key]) for key, value in net.params.items())
+
+
+def test_float_sizes_and_negative_dropout_are_refused_by_the_builders() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match=r"mlp: a layer size must be an int, got 2\.7"):
+        snn.models.mlp([784, 2.7, 10], rng=rng)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="cnn: dropout must be in"):
+        snn.models.cnn(rng=rng, dropout=-0.5)
+
+
+def test_a_preset_is_copied_not_shared() -> None:
+    config = preset_config("cnn")
+    config.hidden.append(1)
+    config.channels[0] = 7
+    assert preset_config("cnn").hidden == [256] and preset_config("cnn").channels == [32, 64]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"epochs": 2.5}, "epochs must be an integer"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"hidden": [2.5]}, "hidden must be a list of integers"),
+        ({"lr": "0.1"}, "lr must be a number"),
+        ({"activation": 3}, "activation must be a string"),
+    ],
+)
+def test_run_config_names_a_setting_of_the_wrong_type(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**setting).check()  # as from a hand-edited or foreign checkpoint
+
+
+def test_confusion_matrix_refuses_labels_it_would_miscount() -> None:
+    from scratchnn.runs import confusion_matrix
+
+    assert confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 2).tolist() == [[1, 0], [1, 1]]
+    for labels, predictions, message in [
+        (np.array([-1, 1]), np.array([0, 1]), r"labels must lie in \[0, 3\)"),  # once row 2
+        (np.array([0, 1]), np.array([0, 3]), "predictions must lie in"),
+        (np.array([0.0, 1.0]), np.array([0, 1]), "labels must be integers"),
+        (np.array([0, 1, 2]), np.array([0, 1]), "of one length"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            confusion_matrix(labels, predictions, 3)

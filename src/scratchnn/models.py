@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from scratchnn import layers
+from scratchnn import _checks, layers
 from scratchnn.backend import (
     as_result,
     check_device,
@@ -282,9 +282,10 @@ def mlp(
     initializer = make_initializer(init)
     dtype = np.dtype(dtype)
     stack: list[Any] = []
+    sizes = [_checks.count("mlp", "a layer size", n) for n in sizes]  # 2.7 is no size
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        W = initializer(int(n_in), int(n_out), rng, dtype)
-        stack.append(layers.Affine(W, np.zeros(int(n_out), dtype=dtype)))
+        W = initializer(n_in, n_out, rng, dtype)
+        stack.append(layers.Affine(W, np.zeros(n_out, dtype=dtype)))
         if i < len(sizes) - 2:
             stack.append(ACTIVATIONS[activation]())
     return Sequential(stack, loss)
@@ -337,6 +338,7 @@ def cnn(
     from scratchnn.init import he_normal
 
     dtype = np.dtype(dtype)
+    dropout = _checks.fraction("cnn", "dropout", dropout)  # -0.5 would mean none, silently
     c_in, h, w = in_shape
     stack: list[Any] = []
     for c_out in channels:

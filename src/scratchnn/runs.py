@@ -13,6 +13,7 @@ The output directory of a run holds:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -67,6 +68,25 @@ class RunConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
+        # Types first (a config may come from a file): 2.5 epochs or "0.1" as a rate
+        # would otherwise fail later, far from their cause.
+        for name in ("epochs", "batch_size", "seed", "iterations", "limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("hidden", "channels"):
+            sizes = getattr(self, name)
+            if not isinstance(sizes, list) or any(
+                isinstance(n, bool) or not isinstance(n, int) for n in sizes
+            ):
+                raise ValueError(f"{name} must be a list of integers, got {sizes!r}")
+        for name in ("lr", "lr_decay", "weight_decay", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("dataset", "model", "activation", "init", "optimizer", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.model not in MODELS:
@@ -192,7 +212,7 @@ def preset_config(name: str, **overrides: Any) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return RunConfig(**settings)
+    return RunConfig(**copy.deepcopy(settings))  # its lists are the caller's, not the preset's
 
 
 def check_writable_directory(path: str | os.PathLike[str]) -> Path:
@@ -442,6 +462,21 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts of (true label, predicted label) pairs."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.shape != predictions.shape or labels.ndim != 1:
+        raise ValueError(
+            f"confusion_matrix: labels {labels.shape} and predictions {predictions.shape} "
+            "must be 1-d and of one length"
+        )
+    for what, values in (("labels", labels), ("predictions", predictions)):
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"confusion_matrix: {what} must be integers, got {values.dtype}")
+        if values.size and not (0 <= values.min() and values.max() < n_classes):
+            # -1 would count in the last row, silently
+            raise ValueError(
+                f"confusion_matrix: {what} must lie in [0, {n_classes}), "
+                f"got {values.min()} to {values.max()}"
+            )
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(matrix, (labels, predictions), 1)
     return matrix

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
 from scratchnn.progress import ProgressBar
@@ -93,6 +94,8 @@ def evaluate(
     Batches of 128: a CNN's im2col matrices then stay in the processor's cache,
     and evaluation runs about twice as fast as in batches of 1,000.
     """
+    _checks.count("evaluate", "batch_size", batch_size)
+    _check_pairs("evaluate", x, t)
     was_training = getattr(network, "training", False)
     network.eval()
     total_loss, correct, n = 0.0, 0, len(x)
@@ -105,7 +108,15 @@ def evaluate(
             correct += int(np.sum(np.argmax(scores, axis=1) == labels))
     finally:
         network.train(was_training)
-    return total_loss / max(n, 1), correct / max(n, 1)
+    return total_loss / n, correct / n
+
+
+def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
+    """``ValueError`` unless ``x`` and ``t`` hold the same, non-zero number of examples."""
+    if len(x) != len(t):
+        raise ValueError(f"{who}: the {what} has {len(x)} inputs but {len(t)} labels")
+    if len(x) == 0:
+        raise ValueError(f"{who}: the {what} is empty")
 
 
 def fit(
@@ -153,11 +164,15 @@ def fit(
     base_lr = getattr(optimizer, "lr", None)
     if lr_decay != 1.0 and base_lr is None:
         raise TypeError("fit: lr_decay needs an optimiser with an `lr` attribute")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(
-            f"fit: epochs and batch_size must be positive, got {epochs} and {batch_size}"
-        )
+    _checks.count("fit", "epochs", epochs)
+    _checks.count("fit", "batch_size", batch_size)
+    if max_iterations is not None:
+        _checks.count("fit", "max_iterations", max_iterations)
     x_train, t_train = train_data
+    # Both sets checked before the first step: a bad test set must not fail an epoch in.
+    _check_pairs("fit", x_train, t_train, "training set")
+    if test_data is not None:
+        _check_pairs("fit", *test_data, "test set")
     if train_eval_size is not None and train_eval_size < 1:
         raise ValueError(f"fit: train_eval_size must be positive or None, got {train_eval_size}")
     x_eval, t_eval = x_train, t_train
@@ -169,6 +184,36 @@ def fit(
         chosen = to_device(chosen, device_of(x_train))  # CuPy indexes only with its own arrays
         x_eval, t_eval = x_train[chosen], t_train[chosen]
     history = history if history is not None else History()
+    try:
+        return _epochs(
+            network, optimizer, (x_train, t_train), (x_eval, t_eval), test_data, history,
+            epochs, batch_size, max_iterations, lr_decay, base_lr, rng, callbacks, progress_stream,
+        )  # fmt: skip
+    finally:
+        # Interrupted or not, the optimiser keeps its base rate: the schedule is a function
+        # of the epoch alone, and a continued fit must start from the same base.
+        if lr_decay != 1.0:
+            optimizer.lr = base_lr
+
+
+def _epochs(
+    network: Any,
+    optimizer: Any,
+    train_data: tuple[Any, Any],
+    eval_data: tuple[Any, Any],
+    test_data: tuple[Any, Any] | None,
+    history: History,
+    epochs: int,
+    batch_size: int,
+    max_iterations: int | None,
+    lr_decay: float,
+    base_lr: float | None,
+    rng: Any,
+    callbacks: Any,
+    progress_stream: Any,
+) -> History:
+    """fit's epochs, once its arguments are checked."""
+    (x_train, t_train), (x_eval, t_eval) = train_data, eval_data
     batches_per_epoch = math.ceil(len(x_train) / batch_size)
     iterations_done = len(history) * batches_per_epoch
     for epoch in range(len(history) + 1, epochs + 1):
@@ -207,6 +252,4 @@ def fit(
         )
         for callback in callbacks:
             callback(epoch, history)
-    if lr_decay != 1.0:
-        optimizer.lr = base_lr
     return history
