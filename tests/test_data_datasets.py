@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -108,14 +109,15 @@ def test_search_order_environment_then_cache_then_debian(
     (_, t), _ = load_fashion_mnist()
     np.testing.assert_array_equal(t, cache["train-labels-idx1-ubyte"])
 
-    subfolder = make_dataset(isolated / "env" / "fashion-mnist", seed=3)
+    direct = make_dataset(isolated / "env", seed=3)
     monkeypatch.setenv("SCRATCHNN_DATA", str(isolated / "env"))
     (_, t), _ = load_fashion_mnist()
-    np.testing.assert_array_equal(t, subfolder["train-labels-idx1-ubyte"])
-
-    direct = make_dataset(isolated / "env", seed=4)
-    (_, t), _ = load_fashion_mnist()
     np.testing.assert_array_equal(t, direct["train-labels-idx1-ubyte"])
+
+    # The dataset's own subfolder wins over files directly in SCRATCHNN_DATA.
+    subfolder = make_dataset(isolated / "env" / "fashion-mnist", seed=4)
+    (_, t), _ = load_fashion_mnist()
+    np.testing.assert_array_equal(t, subfolder["train-labels-idx1-ubyte"])
 
 
 def test_mnist_uses_its_own_subfolders_and_never_the_debian_one(
@@ -136,6 +138,46 @@ def test_mnist_uses_its_own_subfolders_and_never_the_debian_one(
     )
     (_, t), _ = load_mnist()
     np.testing.assert_array_equal(t, mnist["train-labels-idx1-ubyte"])
+
+
+def pin_labels_as(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str) -> None:
+    """Pin ``folder``'s compressed training labels as dataset ``name``'s, as the real files are."""
+    digest = hashlib.sha256((folder / "train-labels-idx1-ubyte.gz").read_bytes()).hexdigest()
+    pinned = {dataset: dict(hashes) for dataset, hashes in datasets.SHA256.items()}
+    pinned[name]["train-labels-idx1-ubyte.gz"] = digest
+    monkeypatch.setattr(datasets, "SHA256", pinned)
+
+
+def test_the_other_datasets_files_are_passed_over(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fashion-MNIST straight in SCRATCHNN_DATA (as SCRATCHNN_DATA=/usr/share/datasets/
+    # fashion-mnist gives): the same file names as MNIST's, never loaded as MNIST.
+    make_dataset(isolated / "env")
+    pin_labels_as(monkeypatch, isolated / "env", "fashion-mnist")
+    monkeypatch.setenv("SCRATCHNN_DATA", str(isolated / "env"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_mnist()
+    assert f"{isolated / 'env'}: holds fashion-mnist (its pinned SHA-256), not mnist" in str(
+        info.value
+    )
+    assert load_fashion_mnist()[0][0].shape == (N_TRAIN, 784)
+    with pytest.raises(FileNotFoundError, match="holds fashion-mnist"):
+        load_mnist(isolated / "env")  # an explicit path is checked too
+    mnist = make_dataset(isolated / "env" / "mnist", seed=6)
+    (_, t), _ = load_mnist()
+    np.testing.assert_array_equal(t, mnist["train-labels-idx1-ubyte"])
+
+
+def test_real_fashion_mnist_is_not_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if not datasets.DEBIAN_FASHION_MNIST_DIR.is_dir():
+        pytest.skip(
+            f"{datasets.DEBIAN_FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)"
+        )
+    monkeypatch.setenv("SCRATCHNN_DATA", str(datasets.DEBIAN_FASHION_MNIST_DIR))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="holds fashion-mnist"):
+        load_mnist()
 
 
 def test_not_found_lists_every_place_and_how_to_get_the_data(
@@ -165,8 +207,12 @@ def test_explicit_path_is_the_only_place_looked(isolated: Path) -> None:
     make_dataset(isolated / "debian")
     with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist(isolated / "typo")
-    assert str(isolated / "typo") in str(info.value)
+    assert f"{isolated / 'typo'}: no such folder" in str(info.value)
     assert str(isolated / "debian") not in str(info.value)
+    assert "SCRATCHNN_DATA" not in str(info.value)  # not searched, so no remedy
+    (isolated / "file").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="file: a file, not a folder"):
+        load_fashion_mnist(isolated / "file")
 
 
 @pytest.mark.parametrize(
@@ -201,3 +247,18 @@ def test_loads_the_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert t_train.shape == (60000,) and t_test.shape == (10000,)
     assert x_train.min() == 0.0 and x_train.max() == 1.0
     assert set(np.unique(t_train)) == set(range(10)) == set(np.unique(t_test))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_runs_data_is_normalised_in_its_dtype(isolated: Path, dtype: str) -> None:
+    from scratchnn.runs import RunConfig, load_data
+
+    arrays = make_dataset(isolated / "data")
+    config = RunConfig(dtype=dtype, limit=7)
+    (x_train, t_train), (x_test, _) = load_data(config, str(isolated / "data"))
+    assert x_train.dtype == x_test.dtype == np.dtype(dtype)
+    assert x_train.shape == (7, 784) and t_train.shape == (7,)
+    # Correctly rounded in the run's dtype (a float32 quotient cast to float64 is not).
+    exact = arrays["train-images-idx3-ubyte"][:7].reshape(7, 784) / np.float64(255)
+    np.testing.assert_array_equal(x_train, exact.astype(dtype))
+    assert x_train.base is None or x_train.base.size == x_train.size  # not a view of all 12

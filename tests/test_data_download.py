@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import socket
 import threading
-import urllib.error
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -201,13 +200,43 @@ def test_existing_file_with_wrong_hash_is_replaced(
     assert_complete(tmp_path, files)
 
 
-def test_missing_file_on_server_raises_http_error(
+def test_missing_file_on_server_names_the_url_and_status(
     server: FileServer, files: dict[str, bytes], tmp_path: Path
 ) -> None:
     del server.files["t10k-images-idx3-ubyte.gz"]
-    with pytest.raises(urllib.error.HTTPError, match="404"):
+    url = f"{server.url}t10k-images-idx3-ubyte.gz"
+    with pytest.raises(ConnectionError, match=f"cannot download {url}: HTTP 404 Not Found"):
         fetch(server, files, tmp_path)
     assert not (tmp_path / "t10k-images-idx3-ubyte.gz").exists()
+
+
+@pytest.mark.parametrize(
+    "reply", [b"HELLO THERE\r\n\r\n", b"HTTP/1.0 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]
+)
+def test_a_reply_that_is_not_http_is_a_connection_error(
+    files: dict[str, bytes], tmp_path: Path, reply: bytes
+) -> None:
+    # http.client raises BadStatusLine / LineTooLong, which are not OSErrors.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            for _ in range(4):
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        base = f"http://127.0.0.1:{port}/m/"
+        with pytest.raises(ConnectionError, match=f"cannot download {base}\\S+: "):
+            download_dataset("mnist", tmp_path, base_url=base, hashes=hashes_of(files))
+    assert not any(tmp_path.glob("*.gz"))
 
 
 def test_unreachable_server_names_the_url(files: dict[str, bytes], tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ def test_gzip_is_detected_by_content_not_name(tmp_path: Path) -> None:
 def test_zero_sized_dimension_is_an_empty_array(tmp_path: Path) -> None:
     result = read_idx(write(tmp_path / "a", idx_header(0x08, (0, 28, 28)), False))
     assert result.shape == (0, 28, 28)
+    # Empty, yet no array can have this shape: NumPy's own "array is too big" named no file.
+    path = write(tmp_path / "b", idx_header(0x08, (0,) + (2**32 - 1,) * 3), False)
+    with pytest.raises(ValueError, match=r"b: header claims shape .* larger than any array"):
+        read_idx(path)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])

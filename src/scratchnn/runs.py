@@ -272,12 +272,16 @@ def load_data(
 
     loader = load_fashion_mnist if config.dataset == "fashion-mnist" else load_mnist
     (x_train, t_train), (x_test, t_test) = loader(
-        data_path, normalize=True, flatten=config.model != "cnn", one_hot_label=False
+        data_path,
+        normalize=True,
+        flatten=config.model != "cnn",
+        one_hot_label=False,
+        dtype=np.dtype(config.dtype),  # normalised in the run's dtype, not float32 cast up
     )
-    dtype = np.dtype(config.dtype)
     if config.limit is not None:
-        x_train, t_train = x_train[: config.limit], t_train[: config.limit]
-    return (x_train.astype(dtype, copy=False), t_train), (x_test.astype(dtype, copy=False), t_test)
+        # Copies, so that the rest of the 60,000 images is not kept alive by a view.
+        x_train, t_train = x_train[: config.limit].copy(), t_train[: config.limit].copy()
+    return (x_train, t_train), (x_test, t_test)
 
 
 def train_run(

@@ -3,18 +3,23 @@
 The files are looked for, in order, in:
 
 1. ``path``, when given (and only there);
-2. ``$SCRATCHNN_DATA``, holding the files directly or in a ``fashion-mnist`` or
-   ``mnist`` subfolder;
+2. ``$SCRATCHNN_DATA``, holding the files in a ``fashion-mnist`` or ``mnist``
+   subfolder, or directly (the subfolder wins);
 3. the download cache, :func:`scratchnn.data.download.default_cache_dir`;
 4. ``/usr/share/datasets/fashion-mnist``, where Debian's
    ``dataset-fashion-mnist`` package puts them (Fashion-MNIST only).
 
 Each file may be gzip-compressed (``*.gz``) or not. Unlike the book, nothing is
 cached in a pickle: reading the gzip files takes well under a second.
+
+The two datasets use the same file names and shapes, so a folder whose
+compressed training labels carry the other dataset's pinned SHA-256 is passed
+over (``load_mnist`` never trains on Fashion-MNIST by mistake, nor the reverse).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn.data.download import IDX_FILES, default_cache_dir
+from scratchnn.data.download import IDX_FILES, SHA256, default_cache_dir
 from scratchnn.data.idx import read_idx
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -98,21 +103,44 @@ def find_dataset_files(name: str, path: str | os.PathLike[str] | None = None) ->
                 if candidate.is_file():
                     found[stem] = candidate
                     break
-        if len(found) == len(IDX_FILES):
+        other = _other_dataset(name, found)
+        if other is None and len(found) == len(IDX_FILES):
             return found
-        missing = [stem for stem in _stems() if stem not in found]
-        searched.append(
-            f"  {folder}: "
-            + ("no such folder" if not folder.is_dir() else f"missing {', '.join(missing)}")
-        )
+        if other is not None:
+            problem = f"holds {other} (its pinned SHA-256), not {name}"
+        elif folder.is_file():
+            problem = "a file, not a folder"
+        elif not folder.is_dir():
+            problem = "no such folder"
+        else:
+            problem = "missing " + ", ".join(stem for stem in _stems() if stem not in found)
+        searched.append(f"  {folder}: {problem}")
     how = f"  scratchnn data download {name}"
     if name == "fashion-mnist":
         how = "  apt-get install dataset-fashion-mnist   (Debian, Ubuntu)\nor\n" + how
+    # With an explicit path the environment is not searched, so it is no remedy.
+    remedy = "" if path is not None else "\nor set SCRATCHNN_DATA to a folder that holds the files."
     raise FileNotFoundError(
         f"{name} not found (each file as <name>.gz or uncompressed). Looked in:\n"
         + "\n".join(searched)
-        + f"\nGet it with:\n{how}\nor set SCRATCHNN_DATA to a folder that holds the files."
+        + f"\nGet it with:\n{how}{remedy}"
     )
+
+
+def _other_dataset(name: str, found: dict[str, Path]) -> str | None:
+    """The other dataset whose pinned SHA-256 the compressed training labels carry, if any.
+
+    Only the labels are hashed (29 KB), so loading stays fast; uncompressed or
+    unknown files are taken as they are.
+    """
+    labels = found.get("train-labels-idx1-ubyte")
+    if labels is None or labels.suffix != ".gz":
+        return None
+    digest = hashlib.sha256(labels.read_bytes()).hexdigest()
+    for other, hashes in SHA256.items():
+        if other != name and hashes.get("train-labels-idx1-ubyte.gz") == digest:
+            return other
+    return None
 
 
 def _stems() -> list[str]:
@@ -126,7 +154,8 @@ def _candidate_dirs(name: str, path: str | os.PathLike[str] | None) -> list[Path
     dirs: list[Path] = []
     root = os.environ.get("SCRATCHNN_DATA")
     if root:
-        dirs += [Path(root).expanduser(), Path(root).expanduser() / name]
+        # The dataset's own subfolder first: the top folder may hold the other dataset.
+        dirs += [Path(root).expanduser() / name, Path(root).expanduser()]
     dirs.append(default_cache_dir(name))
     if name == "fashion-mnist":
         dirs.append(DEBIAN_FASHION_MNIST_DIR)

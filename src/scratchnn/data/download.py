@@ -123,8 +123,9 @@ def download_dataset(
         timeout: seconds to wait on the network before giving up.
 
     Raises ``ValueError`` for an unknown name, a bad URL or a hash mismatch, and
-    ``OSError`` (``ConnectionError``, ``urllib.error.URLError``) when the
-    download fails or is cut off; running again resumes it.
+    ``ConnectionError`` naming the URL when the download fails (no server, an
+    HTTP error such as 404, a reply that is not HTTP) or is cut off; running
+    again resumes it.
     """
     _check_name(name)
     expected_hashes = dict(SHA256[name] if hashes is None else hashes)
@@ -190,12 +191,18 @@ def _download_to(
     except urllib.error.HTTPError as error:
         error.close()  # it holds the connection; the caller needs only the status
         if error.code != 416 or not offset:
-            raise
+            # "HTTP Error 404: Not Found" alone names no file.
+            raise ConnectionError(
+                f"cannot download {url}: HTTP {error.code} {error.reason}"
+            ) from error
         # 416: the range starts at or past the end, so the part file is of no use.
         return _download_to(url, part, progress, timeout, resume=False)
     except urllib.error.URLError as error:
         # "<urlopen error [Errno -2] Name or service not known>" alone names no address.
         raise ConnectionError(f"cannot download {url}: {error.reason}") from error
+    except http.client.HTTPException as error:
+        # A reply that is not HTTP (BadStatusLine, LineTooLong) is no OSError of itself.
+        raise ConnectionError(f"cannot download {url}: {error!r}") from error
     with response:
         if offset and response.status == 206:
             if _range_start(response.headers.get("Content-Range", "")) != offset:

@@ -122,6 +122,9 @@ def _read_stream(
             f"{name}: truncated: {claim}, more than a gzip file of {compressed_size} bytes can hold"
         )
 
+    # NumPy refuses a shape whose nonzero sizes overflow its index type, even with a zero.
+    if math.prod(size for size in shape if size) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise ValueError(f"{name}: {claim}: a shape larger than any array can have")
     data = _read_at_most(stream, expected + 1)
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "trailing bytes after the data"
