@@ -73,3 +73,26 @@ def test_drawing_modules_do_not_import_matplotlib() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_format_follows_the_suffix_and_a_bad_one_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    svg = plot_activations(tmp_path / "a.svg", x=np.linspace(-1, 1, 5))
+    assert b"<svg" in svg.read_bytes()[:2000]
+    for name in ("act", "act.txt"):
+        with pytest.raises(ValueError, match=f"{name}: cannot tell the image format"):
+            plot_activations(tmp_path / name, x=np.linspace(-1, 1, 5))
+        assert main(["plot", "activations", "--out", str(tmp_path / name)]) == 2
+        assert "cannot tell the image format" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.svg"]
+    assert plt.get_fignums() == []  # refused figures are closed too
+
+
+@pytest.mark.parametrize("x", [[], [1.0], [[0.0, 1.0]], [0.0, float("nan")]])
+def test_a_grid_that_is_no_curve_is_refused(x: list) -> None:
+    with pytest.raises(ValueError, match="x must be a 1-D grid of at least 2 finite points"):
+        activation_curves(x)

@@ -101,7 +101,6 @@ def test_demo_shows_where_the_chain_breaks(capsys: pytest.CaptureFixture[str]) -
     assert fused == pytest.approx(y * (1 - y), rel=1e-5)
 
 
-
 def test_demo_reports_a_subnormal_against_zero_as_a_relative_difference_of_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -112,6 +111,42 @@ def test_demo_reports_a_subnormal_against_zero_as_a_relative_difference_of_one(
     fused = float(re.search(r"fused Sigmoid = (\S+)", out).group(1))  # type: ignore[union-attr]
     assert 0 < fused < np.finfo(np.float64).tiny
     assert "the chain differs (relative difference 1.0e+00; y**2 underflowed" in out
+
+
+def test_demo_says_when_the_chain_is_the_right_one(capsys: pytest.CaptureFixture[str]) -> None:
+    # At x = 40, y rounds to 1 in float64, so the fused (1 - y) y is 0; the chain's
+    # y**2 exp(-x) gives the true derivative exp(-40) / (1 + exp(-40))**2.
+    out = run(["demo", "--x", "40"], capsys)
+    assert table_rows(out)[-1][4] == pytest.approx(np.exp(-40.0), rel=1e-6)
+    assert "y rounds to 1, so the fused (1 - y) y is 0: here the chain's exp(-x) is right" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--x", "1e39", "--dtype", "float32"],
+        ["demo", "--x", "0", "--dout", "1e300", "--dtype", "float32"],
+    ],
+)
+def test_values_beyond_the_dtype_are_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # float32's largest is 3.4e38: these would show as inf everywhere under a finite header.
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "must be a finite number in float32" in captured.err
+
+
+def test_library_functions_refuse_other_dtypes_before_any_work() -> None:
+    from scratchnn.demo import sigmoid_steps, step_table
+
+    for function in (sigmoid_steps, step_table):
+        with pytest.raises(ValueError, match="dtype must be float64 or float32, got 'float16'"):
+            function(1.0, dtype="float16")
+        with pytest.raises(ValueError, match="x must be a finite number"):
+            function(float("nan"))
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -421,6 +421,33 @@ def test_cli_argparse_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("digits", [0, -1, 2.5, True, "3"])
+def test_digits_must_be_a_whole_number_of_at_least_one(digits: object) -> None:
+    with pytest.raises(ValueError, match="digits must be a whole number of at least 1"):
+        sigmoid_drawing(1.0, digits=digits)  # type: ignore[arg-type]
+    assert sigmoid_drawing(1.0, digits=2).wires[-1].value == "0.73"
+
+
+def test_titles_show_the_shape_of_a_large_input_not_its_values() -> None:
+    drawing = sigmoid_drawing(np.zeros((30, 30)))
+    assert "an array of shape (30, 30)" in drawing.title and "0, 0" not in drawing.title
+    assert "x = [0.5, -1]" in relu_drawing(np.array([0.5, -1.0])).title
+
+
+@needs_dot
+def test_control_characters_and_entities_in_names_give_valid_dot(tmp_path: Path) -> None:
+    from scratchnn.graph import Chain, MulConstLayer
+    from scratchnn.graph.draw import chain_drawing
+
+    chain = Chain([MulConstLayer(2)], names=["x\x01&amp;", "y"])
+    drawing = chain_drawing(chain, 1.0, title="a &amp; b\x02")
+    svg = drawing.save(tmp_path / "c.svg").read_text()
+    # Graphviz wrote what it read: the names as written, the control characters replaced.
+    texts = [t.text for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert "a &amp; b\ufffd" in texts
+    assert "x\ufffd&amp; = 1" in texts
+
+
 @needs_dot
 def test_notebook_display_is_svg() -> None:
     svg = relu_drawing(2.0)._repr_svg_()

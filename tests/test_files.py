@@ -109,3 +109,26 @@ def test_a_failed_flush_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.undo()
     assert target.read_text() == "<svg/>"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["drawing.svg"]
+
+
+@pytest.mark.parametrize("stem", ["a" * 250, "é" * 124 + "a"])  # 250 and 249 bytes
+def test_a_long_valid_name_is_written(tmp_path: Path, stem: str) -> None:
+    # The name fits the file system's 255 bytes; the temporary's own 22 must not break it.
+    target = tmp_path / f"{stem}.dot"
+    assert len(os.fsencode(target.name)) <= 255
+    write_text_atomically(target, "digraph {}")
+    assert target.read_text() == "digraph {}"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the dead-writer cleanup is POSIX only")
+def test_temporaries_of_a_long_name_are_cleaned_up_too(tmp_path: Path) -> None:
+    target = tmp_path / ("b" * 250 + ".png")
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_bytes(b"partial")
+        left = temporary.with_name(temporary.name.replace(f".{os.getpid()}.", ".999999999."))
+        os.link(temporary, left)  # as a writer with a long-dead pid would have left it
+        raise RuntimeError("killed")
+    assert left.exists()
+    write_text_atomically(target, "new")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -407,6 +407,33 @@ def test_chain_errors() -> None:
         Chain([MulLayer()])
     with pytest.raises(ValueError, match="names"):
         Chain([ExpLayer()], names=["x"])
+    chain.forward(np.ones(3))
+    for dout in (None, "a", np.array(["1"]), 1j):
+        with pytest.raises(TypeError, match="dout must be a real number"):
+            chain.backward(dout)
+
+
+def test_a_node_used_twice_in_a_chain_is_refused() -> None:
+    # One ExpLayer twice would backpropagate exp(exp(1)) * exp(exp(1)) (229.6), not the
+    # true d/dx exp(exp(x)) = exp(exp(x)) * exp(x) = 41.19 that two nodes give.
+    two = Chain([ExpLayer(), ExpLayer()])
+    two.forward(1.0)
+    np.testing.assert_allclose(two.backward(1.0), np.exp(np.e) * np.e, rtol=1e-15)
+    node = ExpLayer()
+    with pytest.raises(ValueError, match="a node appears twice"):
+        Chain([node, node])
+
+
+def test_two_input_nodes_name_shapes_that_do_not_broadcast() -> None:
+    for node in (MulLayer(), AddLayer()):
+        with pytest.raises(ValueError, match=rf"{type(node).__name__}.forward: x of shape \(2,\)"):
+            node.forward(np.ones(2), np.ones(3))
+
+
+def test_constant_labels_show_the_sign_once() -> None:
+    labels = [AddConstLayer(c).label for c in (1.0, 0.0, -0.0, -2.5)]
+    assert labels == ["+1", "+0", "-0", "-2.5"]
+    assert MulConstLayer(-1).label == "×-1"
 
 
 def test_chain_does_not_mutate_or_alias_its_input() -> None:

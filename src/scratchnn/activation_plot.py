@@ -43,6 +43,11 @@ def activation_curves(x: Sequence[float] | np.ndarray | None = None) -> list[Cur
     [0. 0. 2.] [0. 0. 1.]
     """
     grid = np.linspace(-4.0, 4.0, 801) if x is None else np.asarray(x, dtype=np.float64)
+    if grid.ndim != 1 or grid.size < 2 or not np.isfinite(grid).all():
+        raise ValueError(
+            f"activation_curves: x must be a 1-D grid of at least 2 finite points, "
+            f"got shape {grid.shape}"
+        )
     curves = []
     for name, make in ACTIVATIONS.items():
         if name in _NOT_ELEMENTWISE:
@@ -58,9 +63,11 @@ def plot_activations(
     path: str | os.PathLike[str] = "activations.png",
     x: Sequence[float] | np.ndarray | None = None,
 ) -> Path:
-    """Write one PNG: a panel per activation with ``f(x)`` and ``f'(x)`` (from ``backward``).
+    """Write one image: a panel per activation with ``f(x)`` and ``f'(x)`` (from ``backward``).
 
-    Returns the path written (atomically). Needs matplotlib (``scratchnn[train]``).
+    The format follows the suffix of ``path`` (``.png`` by default, ``.svg``,
+    ``.pdf``); another suffix raises ``ValueError``. Returns the path written
+    (atomically). Needs matplotlib (``scratchnn[train]``).
     """
     curves = activation_curves(x)
     plt = _pyplot()
@@ -90,5 +97,4 @@ def plot_activations(
     figure.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))
     target = Path(path)
     save_figure_atomically(figure, target)
-    plt.close(figure)
     return target

@@ -37,7 +37,11 @@ def _finite_float(text: str) -> float:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    print(run_demo(x=args.x, dout=args.dout, dtype=args.dtype))
+    try:
+        text = run_demo(x=args.x, dout=args.dout, dtype=args.dtype)
+    except ValueError as error:  # a value finite in float64 that float32 cannot hold
+        return _fail("demo", str(error))
+    print(text)
     return 0
 
 
@@ -409,7 +413,7 @@ def _run_plot_activations(args: argparse.Namespace) -> int:
 
     try:
         path = plot_activations(args.out)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ValueError) as error:
         return _fail("plot activations", str(error))
     print(f"wrote {path}")
     return 0
@@ -423,7 +427,9 @@ def _add_plot_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         help="every activation layer and its derivative (from its own backward) in one PNG",
     )
     activations.add_argument(
-        "--out", default="activations.png", help="the PNG to write (default activations.png)"
+        "--out",
+        default="activations.png",
+        help="the image to write, its format from the suffix (default activations.png)",
     )
     activations.set_defaults(run=_run_plot_activations)
 

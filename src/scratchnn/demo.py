@@ -26,6 +26,19 @@ SEED_FORMULAS = ("-y**2", "1", "exp(-x)", "-1")
 _AGREE_RTOL = {np.dtype(np.float64): 1e-6, np.dtype(np.float32): 1e-3}
 
 
+def _check_inputs(x: float, dout: float, dtype: str) -> np.dtype:
+    """The dtype, once ``x`` and ``dout`` are known to be finite numbers in it."""
+    float_dtype = np.dtype(dtype)
+    if float_dtype not in _AGREE_RTOL:
+        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}")
+    for name, value in (("x", x), ("dout", dout)):
+        with np.errstate(over="ignore"):
+            in_dtype = np.asarray(value, dtype=float_dtype)
+        if in_dtype.ndim != 0 or not np.isfinite(in_dtype):
+            raise ValueError(f"{name} must be a finite number in {float_dtype}, got {value!r}")
+    return float_dtype
+
+
 class Step(NamedTuple):
     """One backward step of the four-node sigmoid (step 1 is the "/" node)."""
 
@@ -65,6 +78,8 @@ def sigmoid_steps(
     Returns ``(edges, steps)``: ``edges`` is ``(name, forward value)`` from
     ``x`` to ``y``; ``steps`` the backward steps 1 to 4 in the order they run.
     Overflow is allowed to happen silently here: showing it is the point.
+    ``x`` and ``dout`` must be finite numbers in ``dtype`` (float64 or
+    float32), else ``ValueError``.
 
     >>> edges, steps = sigmoid_steps(0.0)
     >>> [value for _, value in edges]
@@ -72,6 +87,7 @@ def sigmoid_steps(
     >>> [(s.node, s.local, s.grad) for s in steps]
     [('/', -0.25, -0.25), ('+1', 1.0, -0.25), ('exp', 1.0, -0.25), ('×-1', -1.0, 0.25)]
     """
+    _check_inputs(x, dout, dtype)
     chain = sigmoid_chain()
     n = len(chain)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -100,7 +116,8 @@ def step_table(x: float = 1.0, dout: float = 1.0, dtype: str = "float64") -> str
     """The sigmoid's forward edges and backward steps at ``x`` as a text table.
 
     Ends with the check that the last gradient equals ``dout * y * (1 - y)``
-    from the fused :class:`~scratchnn.Sigmoid`.
+    from the fused :class:`~scratchnn.Sigmoid`. ``x`` and ``dout`` must be
+    finite in ``dtype`` (float64 or float32), else ``ValueError``.
     """
     edges, steps = sigmoid_steps(x, dout, dtype)
     lines = [
@@ -134,7 +151,7 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
     line = (
         f"check: dout * y * (1 - y) from the fused Sigmoid = {_fmt(fused_grad)} (y = {_fmt(y)})\n"
     )
-    if np.isnan(chain_grad):
+    if np.isnan(chain_grad) and not np.isnan(fused_grad):
         return line + (
             "       the chain breaks: exp(-x) overflowed to inf, so step 3 multiplied\n"
             "       the gradient 0 by inf (NaN); the fused layer stays finite"
@@ -148,6 +165,8 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
     hint = ""
     if step1_grad == 0.0 and float(y) > 0.0:
         hint = "; y**2 underflowed to 0 in step 1"
+    elif fused_grad == 0.0 and float(y) == 1.0:
+        hint = "; y rounds to 1, so the fused (1 - y) y is 0: here the chain's exp(-x) is right"
     return line + f"       the chain differs (relative difference {diff:.1e}{hint})"
 
 

@@ -45,7 +45,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(os.path.abspath(path))
     _remove_stale_temporaries(target)
     temporary = target.with_name(
-        f".{target.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
+        f".{_temporary_stem(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
     )
     # O_EXCL: never write into a file that someone else is writing. Mode 0o666
     # less the umask: a data file, never executable.
@@ -70,12 +70,32 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+# The longest file name most file systems take (NAME_MAX), in bytes.
+_NAME_MAX = 255
+
+
+def _temporary_stem(target: Path) -> str:
+    """``target``'s stem, cut so that the temporary's name stays within ``_NAME_MAX`` bytes.
+
+    Why: a valid name of 240 bytes would otherwise fail as "File name too long"
+    only because of the 22 bytes the temporary adds.
+    """
+    added = len(os.fsencode(f"..{'9' * 10}.{'0' * 8}.tmp{target.suffix}"))
+    stem = os.fsencode(target.stem)
+    if len(stem) + added <= _NAME_MAX:
+        return target.stem
+    # "ignore": a character cut in two is dropped, not left as half a UTF-8 sequence.
+    return stem[: max(_NAME_MAX - added, 1)].decode("utf-8", "ignore")
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Delete the temporary files of earlier writes to ``target`` whose process has died."""
     if os.name != "posix":
         return  # without os.kill(pid, 0) we cannot tell a dead writer from a live one
     pattern = re.compile(
-        re.escape(f".{target.stem}.") + r"([0-9]+)\.[0-9a-f]{8}" + re.escape(f".tmp{target.suffix}")
+        re.escape(f".{_temporary_stem(target)}.")
+        + r"([0-9]+)\.[0-9a-f]{8}"
+        + re.escape(f".tmp{target.suffix}")
     )
     with contextlib.suppress(OSError):
         for entry in os.listdir(target.parent):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from scratchnn.files import atomic_path
@@ -20,9 +21,25 @@ def _pyplot() -> Any:
 
 
 def save_figure_atomically(figure: Any, path: str | os.PathLike[str]) -> None:
-    """Save a matplotlib figure through a temporary file renamed over ``path``."""
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, bbox_inches="tight")
+    """Save a matplotlib figure through a temporary file renamed over ``path``, then close it.
+
+    The format is that of ``path``'s suffix (``.png``, ``.svg``, ``.pdf``, ...);
+    a missing or unknown suffix raises ``ValueError`` before anything is written.
+    """
+    try:
+        suffix = Path(path).suffix.lower().removeprefix(".")
+        formats = figure.canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise ValueError(
+                f"{os.fspath(path)}: cannot tell the image format from the suffix "
+                f"{'.' + suffix if suffix else '(none)'}; use one of "
+                + ", ".join(f".{name}" for name in sorted(formats))
+            )
+        with atomic_path(path) as temporary:
+            # The temporary's own suffix is not the target's, so the format is named.
+            figure.savefig(temporary, dpi=110, bbox_inches="tight", format=suffix)
+    finally:
+        _pyplot().close(figure)
 
 
 def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: str = "") -> None:
@@ -57,4 +74,3 @@ def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: st
         figure.suptitle(title)
     figure.tight_layout()
     save_figure_atomically(figure, path)
-    plt.close(figure)

@@ -63,6 +63,10 @@ class Chain:
         for node in self.nodes:
             if not isinstance(node, Layer) or node.n_inputs != 1:
                 raise TypeError(f"Chain takes single-input layers, got {node!r}")
+        if len({id(node) for node in self.nodes}) != len(self.nodes):
+            # A node keeps the state of its last forward only: used twice, its first
+            # use would backpropagate with the second's inputs, a wrong gradient.
+            raise ValueError("Chain: a node appears twice; give each place its own node")
         n = len(self.nodes)
         if names is None:
             names = ["x", *(f"h{i}" for i in range(1, n)), "y"] if n else ["x"]
@@ -125,6 +129,8 @@ class Chain:
             raise TypeError(f"Chain.backward: steps must be an int, got {steps!r}")
         if not 0 <= steps <= n:
             raise ValueError(f"Chain.backward: steps must lie in 0..{n}, got {steps}")
+        if isinstance(dout, (str, bytes)) or np.asarray(dout).dtype.kind not in "biuf":
+            raise TypeError(f"Chain.backward: dout must be a real number or array, got {dout!r}")
         if np.ndim(dout) == 0:
             # A scalar seeds every output element, as dL/dy = 1 does for a sum.
             dout = np.full(out.shape, dout, dtype=np.result_type(dout, out.dtype))

@@ -61,6 +61,8 @@ def format_value(value: Any, digits: int = 4) -> str:
     >>> format_value(np.array([[0.5, -1.25], [3.0, 1e-5]]))
     '[[0.5, -1.25], [3, 1e-05]]'
     """
+    if isinstance(digits, bool) or not isinstance(digits, (int, np.integer)) or digits < 1:
+        raise ValueError(f"digits must be a whole number of at least 1, got {digits!r}")
     array = np.asarray(value)
     if array.ndim == 0:
         return f"{float(array):.{digits}g}"
@@ -81,6 +83,16 @@ def _describe(value: Any, digits: int, max_values: int) -> str:
     if array.size <= max_values:
         return f"{array.shape} {format_value(array, digits)}"
     return f"{array.shape}"
+
+
+def _title_value(value: Any, digits: int) -> str:
+    """An input as a title shows it: a small array's values, only the shape of a large one."""
+    array = np.asarray(value)
+    return (
+        format_value(array, digits)
+        if array.size <= MAX_VALUES
+        else f"an array of shape {array.shape}"
+    )
 
 
 @dataclass(frozen=True)
@@ -252,13 +264,20 @@ def render(dot_text: str, format: str, *, dot_path: str | os.PathLike[str] | Non
 # -- DOT and Mermaid text ----------------------------------------------------------
 
 
+# C0 control characters (but tab) and DEL: Graphviz's XML parser refuses them in labels.
+_CONTROL = {code: "\ufffd" for code in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
+
+
 def _quote(text: str) -> str:
+    # Graphviz reads entities (&amp;) in quoted strings too, so & is escaped as one.
+    text = text.translate(_CONTROL).replace("&", "&amp;")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _html_label(lines: Sequence[tuple[str, str]]) -> str:
     body = "<BR/>".join(
-        f'<FONT COLOR="{colour}">{html.escape(text, quote=False)}</FONT>' for text, colour in lines
+        f'<FONT COLOR="{colour}">{html.escape(text.translate(_CONTROL), quote=False)}</FONT>'
+        for text, colour in lines
     )
     return f"<{body}>"
 
@@ -334,7 +353,7 @@ def chain_drawing(
         for i, edge in enumerate(chain.edges)
     ]
     if title is None:
-        title = f"x = {format_value(x, digits)}, dL/dy = {format_value(dout, digits)}"
+        title = f"x = {_title_value(x, digits)}, dL/dy = {_title_value(dout, digits)}"
     return Drawing(name, title, tuple(nodes), tuple(wires))
 
 
@@ -362,7 +381,7 @@ def sigmoid_drawing(
         chain = Chain([Sigmoid()], names=["x", "y"])
     else:
         raise ValueError(f"sigmoid_drawing: form must be 'detailed' or 'grouped', got {form!r}")
-    title = f"sigmoid, x = {format_value(x, digits)}, dL/dy = {format_value(dout, digits)}"
+    title = f"sigmoid, x = {_title_value(x, digits)}, dL/dy = {_title_value(dout, digits)}"
     if step is not None:
         title += f": backward step {step} of {len(chain)}"
     title += "  (forward values in black above, gradients in red below)"
@@ -382,7 +401,7 @@ def relu_drawing(x: Any = 1.0, dout: Any = 1.0, *, digits: int = 4) -> Drawing:
         return f"{int(np.count_nonzero(~mask))} of {mask.size} on"
 
     title = (
-        f"ReLU, x = {format_value(x, digits)}, dL/dy = {format_value(dout, digits)}"
+        f"ReLU, x = {_title_value(x, digits)}, dL/dy = {_title_value(dout, digits)}"
         "  (forward values in black above, gradients in red below)"
     )
     chain = Chain([Relu()], names=["x", "y"])
@@ -502,7 +521,10 @@ def network_drawing(
     labels ``t``, then backward from ``dL/dL = 1``, as ``net.gradient`` does,
     keeping what each edge carried. Edges show array shapes, and the values of
     arrays with at most ``max_values`` elements; each parameter (``W1``,
-    ``b1``, ...) enters its layer with its gradient.
+    ``b1``, ...) enters its layer with its gradient. The pass runs in the
+    network's current mode, as ``net.gradient`` would: in training mode it
+    draws new Dropout masks and moves BatchNorm's running statistics (call
+    ``net.eval()`` first to draw the network as it predicts).
     """
     values = [np.asarray(x)]
     for layer in net.layers:

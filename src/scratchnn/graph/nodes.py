@@ -29,6 +29,7 @@ in float64.)
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +77,15 @@ class _BinaryNode(Layer):
         self._python_numbers = tuple(  # type: ignore[assignment]
             v if type(v) in (bool, int, float) else None for v in inputs
         )
+        if len(inputs) == 2:
+            shapes = tuple(np.shape(v) for v in inputs)
+            try:
+                np.broadcast_shapes(*shapes)
+            except ValueError:
+                raise ValueError(
+                    f"{type(self).__name__}.forward: x of shape {shapes[0]} and y of shape "
+                    f"{shapes[1]} do not broadcast together"
+                ) from None
         try:
             return super().forward(*inputs)
         finally:
@@ -142,7 +152,9 @@ class MulLayer(_BinaryNode):
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x, 0)
         self.y = self._keep_input(y, 1)
-        return np.asarray(to_compute(x) * to_compute(y)).astype(self._result_dtype(x, y), copy=False)
+        return np.asarray(to_compute(x) * to_compute(y)).astype(
+            self._result_dtype(x, y), copy=False
+        )
 
     def _backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self.x is not None and self.y is not None  # the base ran forward first
@@ -182,7 +194,9 @@ class AddLayer(_BinaryNode):
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self._shapes = (x.shape, y.shape)
-        return np.asarray(to_compute(x) + to_compute(y)).astype(self._result_dtype(x, y), copy=False)
+        return np.asarray(to_compute(x) + to_compute(y)).astype(
+            self._result_dtype(x, y), copy=False
+        )
 
     def _backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = to_compute(dout)
@@ -251,7 +265,8 @@ class AddConstLayer(Layer):
     @property
     def label(self) -> str:
         """The node's symbol in a drawing of the graph, such as ``+1``."""
-        return f"+{self.c:g}" if self.c >= 0 else f"{self.c:g}"
+        # copysign, not c >= 0: -0.0 is >= 0, yet its own sign already prints ("-0").
+        return f"+{self.c:g}" if math.copysign(1.0, self.c) > 0 else f"{self.c:g}"
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(to_compute(x) + self.c).astype(x.dtype, copy=False)
