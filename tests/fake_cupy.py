@@ -4,7 +4,8 @@ Its arrays wrap NumPy arrays but behave as CuPy's do towards NumPy code:
 their type lives in a module named ``cupy``; ``np.asarray`` of one raises
 ``TypeError`` (CuPy forbids implicit copies to the host); a ufunc or array
 function that mixes one with a NumPy array raises ``TypeError``; a NumPy
-ufunc that CuPy cannot run (``np.frompyfunc``'s) raises; the ``flags`` are
+ufunc that CuPy cannot run (``np.frompyfunc``'s) raises, as do the ufunc
+methods CuPy lacks (``np.maximum.reduce``); the ``flags`` are
 read-only. NumPy functions called on them dispatch to this module (as CuPy's
 ``__array_function__`` does), and results stay fake arrays.
 
@@ -26,6 +27,15 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 # The keywords of NumPy functions that CuPy's versions do not take.
 _UNSUPPORTED_KEYWORDS = {"unpackbits": {"count"}}
+
+# The ufunc methods CuPy has, and for which ufuncs (its "Universal functions" page:
+# reduce and accumulate for add and multiply only; np.maximum.reduce raises there).
+_UFUNC_METHODS = {
+    "reduce": {"add", "multiply"},
+    "accumulate": {"add", "multiply"},
+    "reduceat": {"add"},
+    "at": {"add", "subtract", "maximum", "minimum"},
+}
 
 
 class ndarray(NDArrayOperatorsMixin):
@@ -57,6 +67,8 @@ class ndarray(NDArrayOperatorsMixin):
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         if getattr(np, ufunc.__name__, None) is not ufunc:
             raise TypeError(f"fake cupy: cannot run the ufunc {ufunc.__name__!r} on the GPU")
+        if method in _UFUNC_METHODS and ufunc.__name__ not in _UFUNC_METHODS[method]:
+            raise NotImplementedError(f"fake cupy: {ufunc.__name__}.{method} is not on CuPy")
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
         result = getattr(ufunc, method)(*(_unwrap(i) for i in inputs), **kwargs)

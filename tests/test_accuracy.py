@@ -129,3 +129,16 @@ def test_erfc_float16_is_the_correctly_rounded_float16_of_erfc() -> None:
     want = np.array([float(mpmath.erfc(mpmath.mpf(float(v)))) for v in x]).astype(np.float16)
     assert y.dtype == np.float16
     np.testing.assert_array_equal(y, want)
+
+
+def test_sigmoid_float16_is_the_correctly_rounded_float16_of_the_sigmoid() -> None:
+    # A quarter of all finite float16 values (every fourth bit pattern) against mpmath.
+    x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
+    x = x[np.isfinite(x)]
+    with np.errstate(over="raise", invalid="raise"):
+        y = F.sigmoid(x)
+    want = np.array(
+        [float(1 / (1 + mpmath.exp(-mpmath.mpf(float(v))))) for v in x[::4]]
+    ).astype(np.float16)
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y[::4], want)

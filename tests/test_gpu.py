@@ -22,7 +22,7 @@ import pytest
 from conformance import CASES, Case, away_from_kinks
 
 import scratchnn as snn
-from scratchnn.backend import device_of, get_array_module, to_device, to_host
+from scratchnn.backend import device_of, get_array_module, move_arrays, to_device, to_host
 from scratchnn.kernels import OPS
 from scratchnn.kernels.cuda import source
 from scratchnn.models import cnn
@@ -49,6 +49,8 @@ def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
     if request.param == "fake":
         return fake_cupy.install(monkeypatch)
     reason = _real_cupy_reason()
+    if reason is not None and os.environ.get("SCRATCHNN_REQUIRE_GPU"):
+        pytest.fail(f"SCRATCHNN_REQUIRE_GPU is set, but {reason}")
     if reason is not None:
         print(f"skipping the real-GPU run: {reason}")
         pytest.skip(reason)
@@ -115,6 +117,105 @@ def test_integer_relu_on_device(gpu: Any) -> None:
     x = np.random.default_rng(3).integers(-5, 5, (4, 5)).astype(np.int32)
     y = snn.Relu().forward(gpu.asarray(x))
     assert y.dtype == np.int32 and (to_host(y) == np.maximum(x, 0)).all()
+
+
+# -- every other layer and loss on the device ---------------------------------------------
+
+# name -> (a maker of the layer in float64 from a seed, the input shape). Two calls with
+# one seed make equal layers, so the CPU run is the oracle of the device run.
+_LAYERS: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "Affine": (lambda r: snn.Affine(r.standard_normal((12, 5)), r.standard_normal(5)), (6, 12)),
+    "Affine(4-d x)": (lambda r: snn.Affine(r.standard_normal((18, 4)), r.standard_normal(4)),
+                      (3, 2, 3, 3)),
+    "Conv2d": (lambda r: snn.Conv2d(3, 4, 3, padding=1, rng=r, dtype=np.float64), (2, 3, 6, 5)),
+    "Conv2d(stride 2)": (lambda r: snn.Conv2d(2, 3, (3, 2), stride=2, rng=r, dtype=np.float64),
+                         (2, 2, 7, 6)),
+    "MaxPool2d": (lambda r: snn.MaxPool2d(2), (2, 3, 6, 6)),
+    "MaxPool2d(3, 2, 1)": (lambda r: snn.MaxPool2d(3, 2, 1), (2, 2, 7, 5)),
+    "AvgPool2d": (lambda r: snn.AvgPool2d(2), (2, 3, 6, 6)),
+    "AvgPool2d(3, 2, 1)": (lambda r: snn.AvgPool2d(3, 2, 1), (2, 2, 7, 5)),
+    "Flatten": (lambda r: snn.Flatten(), (3, 2, 4)),
+    "BatchNorm(2-d)": (lambda r: snn.BatchNorm(5, dtype=np.float64), (8, 5)),
+    "BatchNorm(4-d)": (lambda r: snn.BatchNorm(3, dtype=np.float64), (4, 3, 5, 5)),
+    "Dropout": (lambda r: snn.Dropout(0.4, rng=r), (6, 20)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_LAYERS))
+def test_every_layer_on_device_matches_the_cpu(name: str, gpu: Any) -> None:
+    make, shape = _LAYERS[name]
+    rng = np.random.default_rng(31)
+    x, dout_rng = rng.standard_normal(shape), np.random.default_rng(32)
+    results = []
+    for device in ("cpu", "cuda"):
+        layer = make(np.random.default_rng(33))
+        move_arrays(layer, device)
+        y = layer.forward(to_device(x, device))
+        dx = layer.backward(to_device(dout_rng.standard_normal(y.shape), device))
+        dout_rng = np.random.default_rng(32)  # the same dout for the second device
+        grads = {k: to_host(v) for k, v in getattr(layer, "grads", {}).items()}
+        assert device_of(y) == device_of(dx) == device
+        results.append((to_host(y), to_host(dx), grads))
+    (y64, dx64, grads64), (y, dx, grads) = results
+    np.testing.assert_allclose(y, y64, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, dx64, rtol=1e-12, atol=1e-14)
+    assert grads.keys() == grads64.keys()
+    for key in grads64:
+        np.testing.assert_allclose(grads[key], grads64[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [snn.Elu, lambda: snn.Gelu(), lambda: snn.Gelu("tanh"), snn.Silu, snn.Sigmoid, snn.LeakyRelu],
+    ids=["Elu", "Gelu", "Gelu(tanh)", "Silu", "Sigmoid", "LeakyRelu"],
+)
+@pytest.mark.parametrize("route", ["cpu, cuda | cpu", "cpu | cuda", "cuda | cpu"])
+def test_a_layer_moved_between_forward_and_backward_differentiates_its_last_input(
+    make: Any, route: str, gpu: Any
+) -> None:
+    # "a, b | c": forward on a, then on b, then the layer moves to c for backward.
+    rng = np.random.default_rng(51)
+    first, last, dout = (rng.standard_normal(9) for _ in range(3))
+    reference = make()
+    reference.forward(last)
+    expected = reference.backward(dout)
+    forwards, backward_device = route.split(" | ")
+    devices = forwards.split(", ")
+    layer = make()
+    for device, x in zip(devices, [first, last][-len(devices) :]):
+        move_arrays(layer, device)
+        layer.forward(to_device(x, device))
+    move_arrays(layer, backward_device)
+    dx = layer.backward(to_device(dout, backward_device))
+    assert device_of(dx) == backward_device
+    np.testing.assert_allclose(to_host(dx), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize(
+    "make",
+    [snn.SoftmaxWithLoss, snn.SigmoidWithLoss, snn.MeanSquaredError],
+    ids=lambda m: m.__name__,
+)
+def test_every_loss_on_device_matches_the_cpu(make: Any, one_hot: bool, gpu: Any) -> None:
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((7, 5))
+    labels = rng.integers(0, 5, 7)
+    if make is snn.SoftmaxWithLoss and not one_hot:
+        t = labels
+    elif make is snn.SigmoidWithLoss:
+        t = (rng.random((7, 5)) < 0.5).astype(np.float64)
+    else:
+        t = np.eye(5)[labels]
+    results = []
+    for device in ("cpu", "cuda"):
+        loss = make()
+        value = loss.forward(to_device(x, device), to_device(t, device))
+        dx = loss.backward(1.0)
+        assert device_of(dx) == device
+        results.append((float(value), to_host(dx)))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-15)
 
 
 # -- optimisers ---------------------------------------------------------------------------
@@ -250,8 +351,7 @@ def test_cuda_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
         to_device(np.zeros(3), "cuda")
 
 
-def test_mixing_numpy_and_cupy_arrays_raises_type_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpu = fake_cupy.install(monkeypatch)
+def test_mixing_numpy_and_cupy_arrays_raises_type_error(gpu: Any) -> None:
     with pytest.raises(TypeError, match="cannot mix NumPy"):
         get_array_module(np.zeros(2), gpu.zeros(2))
     net = snn.mlp([4, 3], rng=np.random.default_rng(0)).to("cuda")
@@ -295,6 +395,7 @@ def require_fashion_mnist() -> None:
 
 def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scratchnn.cli import main
+
     require_fashion_mnist()
     argv = ["train", "--device", "cpu", "--hidden", "16", "--limit", "500", "--epochs", "1"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
@@ -383,6 +484,47 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     checks = benchmark.check_all("cuda", shapes=(((50, 37), 1), ((4096,), 1), ((8, 26), 2)))
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed and len(checks) > 100
+
+
+def test_gpu_benchmark_without_a_gpu_fails_when_one_is_required() -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    code = (
+        "import sys, runpy; sys.modules['cupy'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path), "--require-gpu"], capture_output=True, text=True
+    )
+    assert result.returncode == 3, result.stderr
+    assert "no GPU to measure here" in result.stdout
+
+
+def test_the_gpu_fixture_fails_instead_of_skipping_when_a_gpu_is_required(
+    tmp_path: Path,
+) -> None:
+    if _real_cupy_reason() is None:
+        pytest.skip("a GPU is present: the fixture has nothing to refuse")
+    env = {**os.environ, "SCRATCHNN_REQUIRE_GPU": "1"}
+    here = Path(__file__).resolve()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={here.parents[1]}",
+         f"{here}::test_integer_relu_on_device"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "1 passed, 1 error" in result.stdout and "SCRATCHNN_REQUIRE_GPU is set" in result.stdout
+
+
+def test_the_gpu_benchmark_times_the_train_command_on_the_fake_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_fashion_mnist()
+    fake_cupy.install(monkeypatch)
+    benchmark = _benchmark_module()
+    row = benchmark.time_train_command(None, 1, torch_epoch_s=1e9, torch_acc=0.5, limit=300)
+    assert row.what == "scratchnn train --device cuda, epoch" and row.ours > 0
+    assert row.verdict in ("met (<= 1)", "MISSED (<= 1)")
+    assert "test acc" in row.note
 
 
 def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
@@ -490,6 +632,7 @@ def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
 ) -> None:
     from scratchnn.checkpoint import load_model
     from scratchnn.cli import main
+
     require_fashion_mnist()
     argv = ["train", "--hidden", "16", "--limit", "500", "--out", str(tmp_path)]
     assert main([*argv, "--device", "cuda", "--epochs", "1"]) == 0
@@ -503,6 +646,7 @@ def test_cli_evaluates_on_the_device_as_on_the_cpu(
     gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from scratchnn.cli import main
+
     require_fashion_mnist()
     argv = ["train", "--hidden", "16", "--limit", "500", "--epochs", "1", "--out", str(tmp_path)]
     assert main(argv) == 0

@@ -29,8 +29,10 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype.kind != "f":
         z = z.astype(np.float64)
-    if z.dtype == np.float16:  # its range overflows the polynomials: float32, then round
-        return erfc(z.astype(np.float32)).astype(np.float16)
+    if z.dtype == np.float16:
+        # In float64, then rounded once: a float32 sigmoid near 0.5 can round onto a
+        # float16 midpoint (0.5 + x/4 loses its -x**3/48) and then round the wrong way.
+        return sigmoid(z.astype(np.float64)).astype(np.float16)
     out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: sigmoid_into(zf[lo:hi], of[lo:hi]), zf)

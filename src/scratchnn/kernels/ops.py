@@ -111,6 +111,9 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
 # sigmoid(v) without overflow: with e = exp(-|v|) in (0, 1], 1/(1+e) or e/(1+e).
+# s (1 - s) is e / (1 + e)**2 for either sign of v: the backward passes use that form,
+# since 1 - s cancels to 0 once s rounds to 1 (float32 from v of about 17), where the
+# derivative is still e.
 _SIGMOID_OF_V = """
 e = exp(-abs(v))
 s = where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -162,14 +165,14 @@ v = {2.0 * _SQRT_2_OVER_PI!r} * (c + {_GELU_CUBIC!r} * c * c * c)
 _add(Op("gelu_tanh_forward", ("x",), ("y",), _GELU_TANH_S + "y = x * s"))
 _add(Op("gelu_tanh_backward", ("dout", "x"), ("dx",), _GELU_TANH_S + f"""
 du = {_SQRT_2_OVER_PI!r} * (1.0 + {3.0 * _GELU_CUBIC!r} * c * c)
-dx = dout * (s + x * (2.0 * s * (1.0 - s) * du))
+dx = dout * (s + x * (2.0 * e / ((1.0 + e) * (1.0 + e)) * du))
 """))  # fmt: skip
 _add(Op("softplus_forward", ("x",), ("y",),
         "y = max(x, 0.0) + log1p(exp(-beta * abs(x))) / beta", ("beta",)))  # fmt: skip
 _add(Op("softplus_backward", ("dout", "y"), ("dx",), "dx = dout * -expm1(-beta * y)", ("beta",)))
 _add(Op("silu_forward", ("x",), ("y",), "v = x" + _SIGMOID_OF_V + "y = x * s"))
 _add(Op("silu_backward", ("dout", "x"), ("dx",),
-        "v = x" + _SIGMOID_OF_V + "dx = dout * (s * (1.0 + x * (1.0 - s)))"))  # fmt: skip
+        "v = x" + _SIGMOID_OF_V + "dx = dout * (s + x * (e / ((1.0 + e) * (1.0 + e))))"))  # fmt: skip
 
 # -- optimiser steps, in place; weight decay is the first line when it is used -----------------
 # The scalars are folded in Python as the NumPy path folds them (see optim.py).

@@ -330,12 +330,13 @@ class Elu(Layer):
         self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
-        self.x = self._keep_input(x)
+        self.x, self.slope = self._keep_input(x), None  # a CPU slope would be stale
         y = kernels.run("elu_forward", to_compute(x), alpha=self.alpha)[0]
         return y.astype(x.dtype, copy=False)
 
     def _backward_gpu(self, dout: Any) -> Any:
-        assert self.x is not None  # forward ran: the base checks it
+        if self.x is None:  # forward ran on the CPU; the layer moved to the GPU since
+            return _slope_after_move(self.slope, dout)
         z = to_compute(self.x)
         return kernels.run("elu_backward", to_compute(dout), z, alpha=self.alpha)[0]
 
@@ -359,11 +360,15 @@ class Elu(Layer):
             # is 1 where x > 0 and the slope elsewhere: the same values, branch-free.
             np.maximum(slope, np.greater(z, 0), out=slope)
 
+        self.x = None  # a GPU input would be stale
         out, self.slope = _output_and_slope("elu", to_compute(x), kernel, param=alpha)
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.slope is not None  # forward ran: the base checks it
+        if self.slope is None:  # forward ran on the GPU; the layer moved to the CPU since
+            assert self.x is not None  # forward ran: the base checks it
+            self._forward(self.x)
+        assert self.slope is not None
         return _times_slope(self.slope, dout)
 
 
@@ -391,6 +396,12 @@ def _output_and_slope(
 
     run_blocked(kernel_on_block, zf, fused=False)
     return out, slope
+
+
+def _slope_after_move(slope: Any, dout: Any) -> Any:
+    """``dout * slope`` on the GPU, for a layer moved there between forward and backward."""
+    assert slope is not None  # forward ran: the base checks it
+    return to_compute(dout) * slope
 
 
 def _times_slope(slope: np.ndarray, dout: np.ndarray) -> np.ndarray:
@@ -449,16 +460,18 @@ class Gelu(Layer):
 
     # CuPy: one fused kernel each way; erfc is cheap on a GPU, so x alone is kept.
     def _forward_gpu(self, x: Any) -> Any:
-        self.x = self._keep_input(x)
+        self.x, self.slope = self._keep_input(x), None  # a CPU slope would be stale
         name = "gelu_tanh_forward" if self.approximate == "tanh" else "gelu_forward"
         return kernels.run(name, to_compute(x))[0].astype(x.dtype, copy=False)
 
     def _backward_gpu(self, dout: Any) -> Any:
-        assert self.x is not None  # forward ran: the base checks it
+        if self.x is None:  # forward ran on the CPU; the layer moved to the GPU since
+            return _slope_after_move(self.slope, dout)
         name = "gelu_tanh_backward" if self.approximate == "tanh" else "gelu_backward"
         return kernels.run(name, to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = None  # a GPU input would be stale
         if self.approximate == "tanh":
             out, self.slope = _output_and_slope("gelu_tanh", to_compute(x), _gelu_tanh)
         else:
@@ -466,7 +479,10 @@ class Gelu(Layer):
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.slope is not None  # forward ran: the base checks it
+        if self.slope is None:  # forward ran on the GPU; the layer moved to the CPU since
+            assert self.x is not None  # forward ran: the base checks it
+            self._forward(self.x)
+        assert self.slope is not None
         return _times_slope(self.slope, dout)
 
 
@@ -606,19 +622,24 @@ class Silu(Layer):
         self.x: np.ndarray | None = None  # kept by the GPU path, which recomputes the slope
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
-        self.x = self._keep_input(x)
+        self.x, self.slope = self._keep_input(x), None  # a CPU slope would be stale
         return kernels.run("silu_forward", to_compute(x))[0].astype(x.dtype, copy=False)
 
     def _backward_gpu(self, dout: Any) -> Any:
-        assert self.x is not None  # forward ran: the base checks it
+        if self.x is None:  # forward ran on the CPU; the layer moved to the GPU since
+            return _slope_after_move(self.slope, dout)
         return kernels.run("silu_backward", to_compute(dout), to_compute(self.x))[0]
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = None  # a GPU input would be stale
         out, self.slope = _output_and_slope("silu", to_compute(x), _silu)
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        assert self.slope is not None  # forward ran: the base checks it
+        if self.slope is None:  # forward ran on the GPU; the layer moved to the CPU since
+            assert self.x is not None  # forward ran: the base checks it
+            self._forward(self.x)
+        assert self.slope is not None
         return _times_slope(self.slope, dout)
 
 

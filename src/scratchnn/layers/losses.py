@@ -90,7 +90,8 @@ class Loss:
             n_classes = x.shape[-1]
             # Viewed as unsigned, a negative label becomes huge, so one max checks both ends.
             unsigned = t if t.dtype.kind == "u" else t.view(t.dtype.str.replace("i", "u"))
-            if t.size and np.maximum.reduce(unsigned, axis=None) >= n_classes:
+            # .max(), not np.maximum.reduce: CuPy has reduce for add and multiply only.
+            if t.size and unsigned.max() >= n_classes:
                 raise ValueError(
                     f"{name}: labels must lie in [0, {n_classes}), "
                     f"got values from {t.min()} to {t.max()}"

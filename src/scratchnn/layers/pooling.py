@@ -224,7 +224,7 @@ class AvgPool2d(_Pool2d):
         g = to_compute(dout) * (1.0 / math.prod(self.kernel_size))
         n, c, h, w = self._x_shape
         ph, pw = self.padding
-        dxp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+        dxp = get_array_module(g).zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
         for _, rows, cols in self._offsets(self._x_shape):
             dxp[:, :, rows, cols] += g
         return self._crop(dxp)
