@@ -22,7 +22,8 @@ python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["i
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    # env inside sudo: sudo's env_reset would drop the variable set before it.
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -32,8 +33,15 @@ fi
 spec="."
 if [ -n "$extras" ]; then spec=".[$extras]"; fi
 echo "setup: installing scratchnn${extras:+ with [$extras]} into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+# setuptools >= 70.1 (it builds wheels itself) in the venv too, so that the compiled
+# kernels can be rebuilt in place: pip install --no-deps --no-build-isolation -e .
+status=0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" "setuptools>=70.1" \
+    2>&1 | grep -v "is ignored: it is neither a file nor a directory" || status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then
+    echo "setup: pip failed (exit $status); see its messages above" >&2
+    exit "$status"
+fi
 .venv/bin/python -c "import scratchnn" # fail here, clearly, if the install did not work
 .venv/bin/python -c "from scratchnn import _fused; raise SystemExit(not _fused.available())" \
     || echo "setup: the compiled kernels were not built; the layers run their NumPy passes"

@@ -174,3 +174,14 @@ def test_evaluate_says_when_the_weights_are_broken(
     assert note.startswith("scratchnn evaluate: note: ") and "weights W1 hold NaN" in note
     assert main(["evaluate", str(tmp_path / "model.safetensors")]) == 0
     assert capsys.readouterr().err == ""  # sound weights: no note
+
+
+def test_train_options_are_never_abbreviated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # scripts/run.sh adds --overwrite unless it sees --resume: "--resu" must not mean it.
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resu", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --resu" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -158,9 +158,12 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     train = subparsers.add_parser(
         "train",
-        help="train an MLP on Fashion-MNIST (the main job)",
+        help="train a network (MLP or CNN) on Fashion-MNIST or MNIST (the main job)",
+        # An abbreviated --resu would slip past scripts/run.sh, which looks for --resume.
+        allow_abbrev=False,
         description=(
-            "Train a multi-layer perceptron on Fashion-MNIST with a progress bar, a "
+            "Train a network (an MLP, or a CNN with --model cnn) on Fashion-MNIST (or MNIST "
+            "with --dataset mnist) with a progress bar, a "
             "checkpoint after every epoch, and the model, history and learning curve "
             "written to --out. Without options: the default preset, 784-256-128-10, "
             "ReLU, He init, Adam lr 0.001 decayed by 0.85 per epoch, batch 128, 15 epochs."
@@ -216,7 +219,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     train.add_argument(
         "--data",
         help="directory with the IDX files (default: $SCRATCHNN_DATA, "
-        "the download cache, /usr/share/datasets/fashion-mnist)",
+        "the download cache, and for Fashion-MNIST /usr/share/datasets/fashion-mnist)",
     )
     train.add_argument("--out", help="output directory (default runs/PRESET)")
     train.add_argument(
