@@ -7,6 +7,7 @@ and the final summary names only the files written.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,114 @@ def test_train_options_are_never_abbreviated(
     assert info.value.code == 2
     assert "unrecognized arguments: --resu" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_history_json_is_strict_json_and_reads_back() -> None:
+    import json
+
+    from scratchnn.train import History
+
+    history = History()
+    history.append(epoch=1, train_loss=0.5, train_acc=0.8, test_loss=0.6, test_acc=0.75, seconds=1)
+    history.append(
+        epoch=2, train_loss=float("nan"), train_acc=0.1, test_loss=float("inf"), test_acc=0.1,
+        seconds=1,
+    )  # fmt: skip
+    text = history.to_json()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    data = json.loads(text, parse_constant=refuse)  # what a strict parser (JavaScript) reads
+    assert data["train_loss"] == [0.5, None] and data["test_loss"] == [0.6, None]
+    back = History.from_json(text)
+    assert back.epoch == [1, 2] and back.train_loss[0] == 0.5
+    assert np.isnan(back.train_loss[1]) and np.isnan(back.test_loss[1])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epoch": "ab"}, "epoch must be a list"),
+        ({"epoch": [1, 3]}, "epoch must be 1, 2, 3"),
+        ({"epoch": [1.0, 2.0]}, "epoch must be 1, 2, 3"),
+        ({"train_loss": [0.5, "x"]}, "train_loss holds 'x'"),
+        ({"seconds": [1, True]}, "seconds holds True"),
+        ({"test_acc": [0.5]}, "different lengths"),
+    ],
+)
+def test_a_history_that_is_not_one_is_refused(change: dict, message: str) -> None:
+    from scratchnn.train import HISTORY_KEYS, History
+
+    data = {key: [1, 2] if key == "epoch" else [0.5, 0.25] for key in HISTORY_KEYS}
+    with pytest.raises(ValueError, match=message):
+        History.from_dict({**data, **change})
+
+
+def rewrite_checkpoint(path: Path, **change: object) -> None:
+    """Write ``path`` again with some of its contents changed, as an editor or a bug would."""
+    from scratchnn.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    contents = {
+        "params": checkpoint.params, "optimizer_state": checkpoint.optimizer_state,
+        "rng": checkpoint.rng(), "epoch": checkpoint.epoch, "config": checkpoint.config,
+        "metadata": checkpoint.metadata,
+    }  # fmt: skip
+    save_checkpoint(path, **{**contents, **change})  # type: ignore[arg-type]
+
+
+@needs_data
+def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    checkpoint = out / "checkpoint.safetensors"
+    original = checkpoint.read_bytes()
+    config = json.loads(json.dumps(__import__("scratchnn.checkpoint").checkpoint.load_checkpoint(
+        checkpoint).config))  # fmt: skip
+    cases = [
+        ({"metadata": {"history": "not json"}}, "history is not JSON"),
+        ({"metadata": {"history": '{"epoch": 3}'}}, "history must have the keys"),
+        ({"epoch": 5}, "its history has 2 epochs, its epoch count 5"),
+        ({"config": {**config, "hidden": [100_000_000]}}, "sizes [100000000] match no stored"),
+        ({"config": {**config, "dtype": "float64"}}, "float64"),
+    ]
+    for change, message in cases:
+        checkpoint.write_bytes(original)
+        rewrite_checkpoint(checkpoint, **change)
+        capsys.readouterr()
+        assert main(["train", "--resume", "--epochs", "3", "--out", str(out)]) == 2, change
+        err = capsys.readouterr().err
+        assert f"{checkpoint}: " in err and message in err, (change, err)
+        assert len(err.strip().splitlines()) == 1
+    # evaluate builds the network from the configuration too: no allocation of 10**8 units.
+    checkpoint.write_bytes(original)
+    rewrite_checkpoint(checkpoint, config={**config, "hidden": [100_000_000]})
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert "match no stored weight" in capsys.readouterr().err
+
+
+@needs_data
+def test_an_interrupted_overwrite_leaves_no_file_of_the_replaced_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchnn.runs
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").exists()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in the new run's first epoch
+
+    monkeypatch.setattr(scratchnn.runs, "fit", interrupted)
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--epochs", "3", "--overwrite", "--out", str(out)]) == 130
+    # evaluate must not score the old model as if it were the new run's
+    assert not any((out / name).exists() for name in scratchnn.runs.RUN_FILES)
+    err = capsys.readouterr().err
+    assert "nothing to resume; run it again" in err and "--resume" not in err

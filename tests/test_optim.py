@@ -527,3 +527,31 @@ def test_loaded_state_of_another_shape_raises_at_update_naming_the_key() -> None
     optimizer.load_state_dict({"v/W": np.zeros(2, dtype=np.float32)})
     with pytest.raises(ValueError, match="float32"):
         optimizer.update({"W": np.ones(2)}, {"W": np.ones(2)})
+
+
+def test_check_state_finds_loaded_state_that_fits_no_parameter() -> None:
+    params = {"W": np.ones((2, 3)), "b": np.ones(3)}
+    optimizer = make_optimizer("adam", lr=0.1)
+    optimizer.check_state(params)  # no state yet: nothing to refuse
+    optimizer.update(params, {"W": np.ones((2, 3)), "b": np.ones(3)})
+    optimizer.check_state(params)
+    state = optimizer.state_dict()
+    for bad_params, message in [
+        ({"W": params["W"]}, "state m/b belongs to no parameter"),
+        ({**params, "W": np.ones((3, 2))}, r"state m/W has shape \(2, 3\)"),
+        ({**params, "b": np.ones(3, np.float32)}, "dtype float64, its parameter"),
+    ]:
+        loaded = make_optimizer("adam", lr=0.1)
+        loaded.load_state_dict(state)
+        with pytest.raises(ValueError, match=message):
+            loaded.check_state(bad_params)
+
+
+@pytest.mark.parametrize("step", [0, 2**63 - 1])
+def test_adam_refuses_a_step_count_it_could_not_save(step: int) -> None:
+    optimizer = make_optimizer("adam", lr=0.1)
+    params = {"W": np.ones(2)}
+    optimizer.update(params, {"W": np.ones(2)})
+    state = {**optimizer.state_dict(), "step/W": np.array(step, dtype=np.uint64)}
+    with pytest.raises(ValueError, match=r"step/W must be an integer in \[1, 2\*\*63 - 1\)"):
+        make_optimizer("adam", lr=0.1).load_state_dict(state)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
+
+import pytest
 
 from scratchnn.progress import ProgressBar
 
@@ -19,7 +22,7 @@ def test_draws_counts_and_running_loss_on_a_terminal() -> None:
         bar.update(loss=0.25)
     bar.close()
     text = stream.getvalue()
-    assert "epoch 1/3 [########] 4/4 loss 0.2500" in text
+    assert "epoch 1/3 [########] 4/4 loss 0.25 " in text
     assert text.endswith("\r\033[K")  # the line is cleared for the epoch summary
 
 
@@ -29,3 +32,24 @@ def test_quiet_when_not_a_terminal() -> None:
     bar.update(3, loss=1.0)
     bar.close()
     assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("columns", [10, 40, 80])
+@pytest.mark.parametrize("loss", [0.4312, 6.3e29, float("nan")])
+def test_every_redraw_fits_the_terminal(
+    columns: int, loss: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A line as wide as the terminal wraps, and \r then redraws only its last row.
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("LINES", "24")
+    stream = Terminal()
+    bar = ProgressBar(total=60000, prefix="epoch 10/15", stream=stream)
+    for _ in range(3):
+        bar.update(20000, loss=loss)
+    drawn = [line for line in re.split(r"\r", stream.getvalue()) if line]
+    assert len(drawn) >= 2  # the first and the last (redraws are at most 20 a second)
+    for line in drawn:
+        assert line.endswith("\033[K")  # whatever a longer earlier draw left is cleared
+        assert 0 < len(line.removesuffix("\033[K")) <= columns - 1
+    if columns == 80:
+        assert f"60000/60000 loss {loss:.4g}" in drawn[-1] and "[" in drawn[-1]

@@ -112,14 +112,16 @@ def _fail(command: str, message: str) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from scratchnn.backend import DeviceUnavailableError
     from scratchnn.checkpoint import CheckpointError
-    from scratchnn.runs import preset_config, train_run
+    from scratchnn.runs import CHECKPOINT_FILE, preset_config, train_run
 
     given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
     # --model cnn alone means the cnn preset; the other presets are MLPs.
     preset = args.preset or ("cnn" if args.model == "cnn" else "default")
     out = args.out if args.out is not None else f"runs/{preset}"
     if args.resume and args.overwrite:
-        return _fail("train", "--resume continues the run in --out, --overwrite replaces it: not both")
+        return _fail(
+            "train", "--resume continues the run in --out, --overwrite replaces it: not both"
+        )
     try:
         if args.resume:
             if given or args.preset is not None:
@@ -148,9 +150,11 @@ def _run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
         return _fail("train", str(error))
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; continue with: scratchnn train --resume --out {out}", file=sys.stderr
-        )
+        if os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
+            hint = f"continue with: scratchnn train --resume --out {out}"
+        else:  # stopped in its first epoch: there is nothing to resume yet
+            hint = "no epoch was completed, so there is nothing to resume; run it again"
+        print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130
     return 0
 

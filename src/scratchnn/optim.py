@@ -151,6 +151,21 @@ class Optimizer:
                 f"{who}: gradient {key!r} has shape {grad.shape}, "
                 f"its parameter has shape {param.shape}"
             )
+        self._check_state_of(key, param, who)
+        return key, param, grad
+
+    def check_state(self, params: Mapping[str, Any]) -> None:
+        """``ValueError`` unless every state array belongs to a parameter of ``params`` of
+        its shape and dtype: what a loaded state must satisfy before the first update."""
+        who = f"{type(self).__name__}.check_state"
+        for slot in self.slots:
+            for key in getattr(self, slot):
+                if key not in params:
+                    raise ValueError(f"{who}: state {slot}/{key} belongs to no parameter")
+        for key, param in params.items():
+            self._check_state_of(key, param, who)
+
+    def _check_state_of(self, key: str, param: Any, who: str) -> None:
         for slot in self.slots:
             state = getattr(self, slot).get(key)
             if state is not None and (state.shape != param.shape or state.dtype != param.dtype):
@@ -158,7 +173,6 @@ class Optimizer:
                     f"{who}: state {slot}/{key} has shape {state.shape} and dtype "
                     f"{state.dtype}, its parameter {param.shape} and {param.dtype}"
                 )
-        return key, param, grad
 
     @staticmethod
     def _scratch(store: dict[str, np.ndarray], key: str, like: np.ndarray) -> np.ndarray:
@@ -549,8 +563,11 @@ class Adam(Optimizer):
                 moments[name] = value
                 continue
             step = np.asarray(value)
-            if step.shape != () or step.dtype.kind not in "iu" or int(step) < 1:
-                raise ValueError(f"{who}: {name} must be an integer >= 1, got {value!r}")
+            # Below 2**63 - 1: state_dict writes it back as int64, one step later.
+            if step.shape != () or step.dtype.kind not in "iu" or not 1 <= int(step) < 2**63 - 1:
+                raise ValueError(
+                    f"{who}: {name} must be an integer in [1, 2**63 - 1), got {value!r}"
+                )
             steps[name[len("step/") :]] = int(step)
         loaded = self._parse_state(moments)
         if set(steps) != set(loaded.get("m", {})):

@@ -7,6 +7,7 @@ carriage returns.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -49,13 +50,19 @@ class ProgressBar:
             self.stream.flush()
 
     def _draw(self, loss: float | None, now: float) -> None:
-        filled = int(self.width * self.count / self.total)
-        bar = "#" * filled + "-" * (self.width - filled)
         elapsed = now - self.started
         eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
-        text = f"\r{self.prefix} [{bar}] {self.count}/{self.total}"
-        if loss is not None:
-            text += f" loss {loss:.4f}"
-        text += f" {elapsed:.1f}s<{eta:.1f}s"
-        self.stream.write(text)
+        # .4g: a diverging loss (1e30) stays a few characters wide.
+        tail = f" {self.count}/{self.total}" + (f" loss {loss:.4g}" if loss is not None else "")
+        tail += f" {elapsed:.1f}s<{eta:.1f}s"
+        # One line shorter than the terminal: a line that wraps cannot be redrawn with \r,
+        # and each redraw would leave a row behind. The bar shrinks first, then the text.
+        columns = shutil.get_terminal_size().columns - 1
+        width = min(self.width, columns - len(self.prefix) - len(tail) - 3)
+        if width >= 5:
+            filled = int(width * self.count / self.total)
+            text = f"{self.prefix} [{'#' * filled}{'-' * (width - filled)}]{tail}"
+        else:
+            text = f"{self.prefix}{tail}"[: max(columns, 1)]
+        self.stream.write(f"\r{text}\033[K")
         self.stream.flush()

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,7 +28,13 @@ from typing import Any, TextIO
 import numpy as np
 
 from scratchnn.backend import check_device, import_cupy, to_device
-from scratchnn.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from scratchnn.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
 from scratchnn.files import write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
@@ -40,6 +46,8 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 DTYPES = ("float32", "float64")
 CHECKPOINT_FILE = "checkpoint.safetensors"
 MODEL_FILE = "model.safetensors"
+#: Every file a run writes into its directory, the learning curve last.
+RUN_FILES = (MODEL_FILE, CHECKPOINT_FILE, "history.json", "history.csv", "learning_curve.png")
 
 
 @dataclass
@@ -101,7 +109,9 @@ class RunConfig:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         # Settings a model would ignore are errors, not silently recorded in the run.
         if self.model == "mlp" and self.dropout != 0:
-            raise ValueError(f"dropout applies to the cnn model only, got {self.dropout} for an mlp")
+            raise ValueError(
+                f"dropout applies to the cnn model only, got {self.dropout} for an mlp"
+            )
         if self.model == "cnn" and self.activation != "relu":
             raise ValueError(
                 f"activation {self.activation!r} does not apply to the cnn model (its blocks use ReLU)"
@@ -336,6 +346,12 @@ def train_run(
         raise
     if resume:
         print(f"resuming {out} after epoch {len(history or [])} of {config.epochs}", file=stream)
+    else:
+        # Starting over: no file of the run replaced may outlive it, or an interrupted
+        # new run would leave the old model for evaluate to score as if it were new.
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
     network.to(device)
     optimizer.to(device)
     # The data set moves to the device once; each batch is then a slice on the device.
@@ -379,7 +395,7 @@ def train_run(
         train_eval_seed=config.seed,
     )
     save_model(out / MODEL_FILE, network.state(), config.to_dict())
-    written = [MODEL_FILE, CHECKPOINT_FILE, "history.json", "history.csv"]
+    written = list(RUN_FILES[:-1])
     try:
         from scratchnn.plots import plot_learning_curve
 
@@ -390,10 +406,10 @@ def train_run(
             sizes = f"MLP {sizes}"
         plot_learning_curve(
             history,
-            out / "learning_curve.png",
+            out / RUN_FILES[-1],
             title=f"{config.dataset} {sizes}, {config.activation}, {config.optimizer}",
         )
-        written.append("learning_curve.png")
+        written.append(RUN_FILES[-1])
     except RuntimeError as error:  # matplotlib missing: the run itself still succeeded
         print(f"note: no learning_curve.png ({error})", file=stream)
     if len(history):
@@ -411,31 +427,71 @@ def _start(
     """A run's configuration, network, optimiser, generator, history so far and data:
     everything that can fail before the first step."""
     history: History | None = None
+    checkpoint_path = out / CHECKPOINT_FILE
     if resume:
-        checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
-        config = RunConfig.from_dict(checkpoint.config)
+        checkpoint = load_checkpoint(checkpoint_path)
+        with _naming(checkpoint_path):
+            config = RunConfig.from_dict(checkpoint.config)
+            config.check()
+            history = History.from_json(checkpoint.metadata.get("history", "{}"))
+            if len(history) != checkpoint.epoch:
+                raise ValueError(
+                    f"its history has {len(history)} epochs, its epoch count {checkpoint.epoch}"
+                )
+            _check_sizes_are_stored(config, checkpoint.params)
     assert config is not None
     if epochs is not None:
         config.epochs = epochs
     config.check()
     train_data, test_data = load_data(config, data_path)
     rng = np.random.default_rng(config.seed)
-    network = build_network(config, rng, n_in=train_data[0].shape[1])
+    with _naming(checkpoint_path) if resume else contextlib.nullcontext():
+        network = build_network(config, rng, n_in=train_data[0].shape[1])
     optimizer = make_optimizer(config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     if resume:
-        network.load_state(checkpoint.params)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        rng = checkpoint.rng()
+        with _naming(checkpoint_path):
+            network.load_state(checkpoint.params)
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+            optimizer.check_state(network.params)  # now, not at the first step of an epoch
+            rng = checkpoint.rng()
         for layer in network.layers:
             if hasattr(layer, "rng"):  # dropout draws from the run's generator, restored with it
                 layer.rng = rng
-        history = History.from_dict(json.loads(checkpoint.metadata.get("history", "{}")))
+        assert history is not None
         if len(history) > config.epochs:
             raise ValueError(
                 f"the run in {out} has trained {len(history)} epochs already, "
                 f"more than the {config.epochs} asked for"
             )
     return config, network, optimizer, rng, history, train_data, test_data
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Turn what goes wrong with a checkpoint's contents into a ``CheckpointError`` naming it."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {error}") from None
+    except MemoryError:
+        raise CheckpointError(
+            f"{path}: its configuration asks for a network larger than memory"
+        ) from None
+
+
+def _check_sizes_are_stored(config: RunConfig, params: dict[str, np.ndarray]) -> None:
+    """Every layer size the configuration names is a dimension of some stored weight.
+
+    Why: the network is built from the configuration before the weights are
+    compared with it, and an edited size (hidden = [10**8]) would allocate first.
+    """
+    stored = {size for array in params.values() for size in array.shape}
+    sizes = [*config.channels, config.hidden[0]] if config.model == "cnn" else config.hidden
+    missing = [size for size in sizes if size not in stored]
+    if missing:
+        raise ValueError(f"the configuration's sizes {missing} match no stored weight")
 
 
 def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
@@ -451,10 +507,12 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
                 f"{directory} holds no {MODEL_FILE} or {CHECKPOINT_FILE}: not a run's directory"
             )
     params, config_dict = load_model(path)
-    config = RunConfig.from_dict(config_dict)
-    first = params.get("W1")
-    n_in = first.shape[0] if first is not None and first.ndim == 2 else 784
-    network = build_network(config, np.random.default_rng(0), n_in=n_in)
+    with _naming(Path(path)):
+        config = RunConfig.from_dict(config_dict)
+        _check_sizes_are_stored(config, params)
+        first = params.get("W1")
+        n_in = first.shape[0] if first is not None and first.ndim == 2 else 784
+        network = build_network(config, np.random.default_rng(0), n_in=n_in)
     try:
         network.load_state(params)
     except ValueError as error:

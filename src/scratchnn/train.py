@@ -60,19 +60,48 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
-        """Rebuild a history, checking that every metric is present and of one length."""
+        """Rebuild a history, checking every metric: a list of one length for all, whole
+        epoch numbers 1, 2, ..., and numbers (``None``, as ``to_json`` writes NaN, reads
+        back as NaN) for the rest."""
         if not isinstance(data, dict) or set(HISTORY_KEYS) - set(data):
             raise ValueError(f"history must have the keys {list(HISTORY_KEYS)}")
+        for key in HISTORY_KEYS:
+            if not isinstance(data[key], list):
+                raise ValueError(f"history: {key} must be a list, got {type(data[key]).__name__}")
         lengths = {len(data[key]) for key in HISTORY_KEYS}
         if len(lengths) != 1:
             raise ValueError("history lists have different lengths")
-        history = cls()
-        for key in HISTORY_KEYS:
-            getattr(history, key).extend(data[key])
+        if data["epoch"] != list(range(1, len(data["epoch"]) + 1)) or any(
+            type(epoch) is not int for epoch in data["epoch"]
+        ):
+            raise ValueError(f"history: epoch must be 1, 2, 3, ..., got {data['epoch'][:10]}")
+        history = cls(epoch=list(data["epoch"]))
+        for key in HISTORY_KEYS[1:]:
+            values = getattr(history, key)
+            for value in data[key]:
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))
+                ):
+                    raise ValueError(f"history: {key} holds {value!r}, not a number")
+                values.append(math.nan if value is None else float(value))
         return history
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON: a NaN or infinite metric (a diverged run) is written as ``null``."""
+        finite = {
+            key: [v if key == "epoch" or math.isfinite(v) else None for v in values]
+            for key, values in self.to_dict().items()
+        }
+        return json.dumps(finite, indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        """The history that ``to_json`` wrote (``null`` reads back as NaN)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"history is not JSON: {error}") from None
+        return cls.from_dict(data)
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
@@ -229,15 +258,17 @@ def _epochs(
         bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
         running = 0.0
         batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
-        for step, (xb, tb) in enumerate(batches, start=1):
-            grads = network.gradient(xb, tb)
-            optimizer.update(network.params, grads)
-            running += (network.last_loss - running) / step
-            bar.update(loss=running)
-            if step == steps:
-                break
+        try:
+            for step, (xb, tb) in enumerate(batches, start=1):
+                grads = network.gradient(xb, tb)
+                optimizer.update(network.params, grads)
+                running += (network.last_loss - running) / step
+                bar.update(loss=running)
+                if step == steps:
+                    break
+        finally:  # Ctrl-C too: the terminal line is left clean for what is printed next
+            bar.close()
         iterations_done += steps
-        bar.close()
         train_loss, train_acc = evaluate(network, x_eval, t_eval)
         test_loss, test_acc = (
             evaluate(network, *test_data) if test_data is not None else (math.nan, math.nan)
