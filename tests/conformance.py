@@ -56,6 +56,7 @@ CASES: list[Case] = [
     Case(
         "LeakyRelu(0.2)", lambda: snn.LeakyRelu(0.2), lambda t: TF.leaky_relu(t, 0.2), kinks=(0.0,)
     ),
+    Case("LeakyRelu(0)", lambda: snn.LeakyRelu(0.0), lambda t: TF.leaky_relu(t, 0.0), kinks=(0.0,)),
     Case("Elu", snn.Elu, TF.elu, kinks=(0.0,)),
     Case("Elu(0.5)", lambda: snn.Elu(0.5), lambda t: TF.elu(t, 0.5), kinks=(0.0,)),
     # PyTorch computes Phi(x) as (1 + erf(x/sqrt 2))/2, which cancels in the left

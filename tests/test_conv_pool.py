@@ -187,8 +187,26 @@ def test_max_pool_tiling_windows_with_ties_and_left_over_pixels_match_torch(
     np.testing.assert_array_equal(dx, xt.grad.numpy())
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_keeps_the_sign_of_the_first_zero_as_torch(
+    k: int, s: int, p: int, dtype: type, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scratchnn import _fused
 
-@pytest.mark.parametrize(("k", "s", "p"), [(2, 1, 1), (3, 1, 1), (3, 2, 1), ((4, 2), (1, 2), (2, 1))])
+    monkeypatch.setattr(_fused, "ENABLED", compiled)
+    # Windows of +0 and -0 only: every output is a tie, and its sign is the first zero's.
+    rng = np.random.default_rng(7)
+    x = np.where(rng.random((2, 3, 6, 6)) < 0.5, -0.0, 0.0).astype(dtype)
+    out = snn.MaxPool2d(k, s, p).forward(x)
+    want = TF.max_pool2d(torch.tensor(x.astype(np.float32)), k, s, p).numpy()
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(want))
+
+
+@pytest.mark.parametrize(
+    ("k", "s", "p"), [(2, 1, 1), (3, 1, 1), (3, 2, 1), ((4, 2), (1, 2), (2, 1))]
+)
 def test_max_pool_padding_never_takes_the_gradient_of_a_window_of_minus_inf(
     k: Any, s: Any, p: Any
 ) -> None:
@@ -207,6 +225,7 @@ def test_max_pool_padding_never_takes_the_gradient_of_a_window_of_minus_inf(
     # overlapping windows add in another order than PyTorch's: a few ulps
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-15)
     assert np.isclose(dx.sum(), dout.sum())  # no gradient lost
+
 
 def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
     x = np.array([[[[1.0, np.nan, 2.0, -np.inf], [0.0, 3.0, -np.inf, -np.inf]]]])

@@ -216,7 +216,9 @@ def test_packed_relu_bits_match_numpy_packbits(size: int, dtype: type, avx512_pa
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("size", [5, 16, 1000, 100_003])
-def test_compiled_optimiser_steps_match_numpy_bit_for_bit(name: str, dtype: type, size: int) -> None:
+def test_compiled_optimiser_steps_match_numpy_bit_for_bit(
+    name: str, dtype: type, size: int
+) -> None:
     from scratchnn import optim
 
     rng = np.random.default_rng(size)
@@ -284,6 +286,54 @@ def test_compiled_im2col_and_col2im_match_numpy_bit_for_bit(
             results.append((out, layer.backward(dout), layer.dW, layer.col))
     for want, got in zip(*results):
         np.testing.assert_array_equal(got, want)
+
+
+# Padding wider than the image, in the "same" path: no window column (or row) lies inside.
+_GUARDED_IM2COL = """
+import ctypes, mmap, sys
+import numpy as np
+import scratchnn as snn
+from scratchnn import _fused
+
+page = mmap.PAGESIZE
+memory = mmap.mmap(-1, 3 * page)
+address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+n = page // 8
+x = np.frombuffer(memory, dtype=np.float64, count=n, offset=page)
+x[...] = np.arange(1.0, n + 1.0)
+# No access at all to the pages before and after x: a read outside it is a crash.
+assert libc.mprotect(address, page, 0) == 0 and libc.mprotect(address + 2 * page, page, 0) == 0
+for shape, kernel, padding in [((1, 1, n, 1), (1, 7), (0, 3)), ((1, 1, 1, n), (7, 1), (3, 0))]:
+    image = x.reshape(shape)
+    results = []
+    for compiled in (True, False):
+        _fused.ENABLED = compiled
+        layer = snn.Conv2d.from_weights(
+            np.arange(1.0, 8.0).reshape(1, 1, *kernel), np.zeros(1), stride=1, padding=padding
+        )
+        results.append(layer.forward(image))
+    assert np.array_equal(results[0], results[1]), (shape, results)
+print("ok")
+"""
+
+
+def test_im2col_reads_nothing_outside_the_image() -> None:
+    import subprocess
+    import sys
+
+    if not _fused.available():
+        pytest.skip("compiled kernels not built (no C compiler?)")
+    if sys.platform != "linux":
+        pytest.skip("the guard pages use Linux's mprotect")
+    # In a child process: a read past the image there is a crash (SIGSEGV), not a wrong number.
+    result = subprocess.run(
+        [sys.executable, "-c", _GUARDED_IM2COL], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (
+        result.returncode, result.stderr[-2000:],
+    )  # fmt: skip
 
 
 def test_conv_kernel_refuses_mismatched_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,7 +432,10 @@ def test_compiled_batchnorm_matches_numpy(shape: tuple[int, ...], dtype: type) -
     for name, w, g in zip(["out", "xhat", "mean", "var", "dx", "dgamma", "dbeta"], want, got):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         # dx and the sums are differences of sums: their slack is relative to dout's scale.
-        scale = np.sqrt(np.mean(np.square(w, dtype=np.float64))) if name in ("dx", "dgamma",
-                                                                             "dbeta") else 0.0
+        scale = (
+            np.sqrt(np.mean(np.square(w, dtype=np.float64)))
+            if name in ("dx", "dgamma", "dbeta")
+            else 0.0
+        )
         np.testing.assert_allclose(g, w, rtol=64 * eps, atol=64 * eps * max(scale, 1.0),
                                    err_msg=name)  # fmt: skip

@@ -31,8 +31,12 @@
             /* over the rows and columns that fall outside the image. */                  \
             ptrdiff_t i0 = ph - p > 0 ? ph - p : 0, i1 = H + ph - p;                       \
             i1 = i1 < OH ? i1 : OH, i0 = i0 < i1 ? i0 : i1;                                \
-            ptrdiff_t first = i1 > i0 ? i0 * OW + j0 : 0;                                  \
-            ptrdiff_t last = i1 > i0 ? (i1 - 1) * OW + j1 : 0;                             \
+            /* No row or no column inside the image: all zeros, and nothing is read */    \
+            /* (j0 clamped to j1 is then no column of x, and first + shift may lie */     \
+            /* outside the plane). */                                                     \
+            int inside = i1 > i0 && j1 > j0;                                              \
+            ptrdiff_t first = inside ? i0 * OW + j0 : 0;                                  \
+            ptrdiff_t last = inside ? (i1 - 1) * OW + j1 : 0;                             \
             ptrdiff_t shift = (p - ph) * W + q - pw;                                       \
             for (ptrdiff_t n = 0; n < N; n++, dst += OH * OW) {                           \
                 const T *plane = x + (n * C + c) * H * W;                                 \

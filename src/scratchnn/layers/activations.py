@@ -283,6 +283,8 @@ class LeakyRelu(Layer):
             np.less_equal(zf[start:stop], 0, out=mask[start:stop])
             np.multiply(zf[start:stop], self.alpha, out=out_flat[start:stop])
             pick(zf[start:stop], out_flat[start:stop], out=out_flat[start:stop])
+            if self.alpha == 0.0:  # max(inf, 0 * inf) is NaN; x > 0 picks x = inf
+                np.copyto(out_flat[start:stop], zf[start:stop], where=zf[start:stop] == np.inf)
 
         run_blocked(forward_block, zf, fused=False)
         return out.astype(x.dtype, copy=False)
@@ -718,7 +720,9 @@ class Softmax(Layer):
             return np.zeros_like(g)
         axis = self._reduction_axis(y.ndim)
         rows = self._rows(g, axis)
-        if rows is not None and _fused.run("softmax_grad", rows, flat(y), flat(g), param=y.shape[-1]):
+        if rows is not None and _fused.run(
+            "softmax_grad", rows, flat(y), flat(g), param=y.shape[-1]
+        ):
             return rows.reshape(g.shape)
         dx = np.multiply(g, y, out=np.empty_like(g))  # y * (g - sum(g * y)), in one array
         np.subtract(g, np.sum(dx, axis=axis, keepdims=True), out=dx)

@@ -131,6 +131,10 @@ class MaxPool2d(_Pool2d):
         # on ties), or the first NaN. argmax counts the offsets before the first winner.
         nan = np.isnan(out)
         any_nan = bool(nan.any())
+        # +0 and -0 tie: out takes the first winner's zero, as the kernels and PyTorch do
+        # (np.maximum's choice on a tie differs between dtypes).
+        zero = out == 0
+        any_zero = bool(zero.any())
         module = get_array_module(out)  # NumPy or CuPy
         argmax = module.zeros(out.shape, dtype=np.min_scalar_type(len(windows) - 1))
         not_yet = module.ones(out.shape, dtype=bool)
@@ -143,8 +147,12 @@ class MaxPool2d(_Pool2d):
                 won &= mask
             if any_nan:
                 won |= nan & np.isnan(window)
+            if any_zero:
+                np.copyto(out, window, where=not_yet & won & zero)
             np.greater(not_yet, won, out=not_yet)  # for bools, a > b is a and not b
             argmax += not_yet
+        if any_zero:  # where no earlier offset won, the last one did
+            np.copyto(out, windows[-1], where=not_yet & zero)
         self.argmax = argmax
         return out
 
