@@ -439,3 +439,31 @@ def test_compiled_batchnorm_matches_numpy(shape: tuple[int, ...], dtype: type) -
         )
         np.testing.assert_allclose(g, w, rtol=64 * eps, atol=64 * eps * max(scale, 1.0),
                                    err_msg=name)  # fmt: skip
+
+
+def test_kernels_with_more_outputs_refuse_a_call_without_them() -> None:
+    import re
+    from pathlib import Path
+
+    if not _fused.available():
+        pytest.skip("compiled kernels not built (no C compiler?)")
+    # WRITES agrees with the C source: each kernel body that writes out2, out3 or m_out.
+    source = (Path(__file__).resolve().parents[1] / "src/ckernels/elementwise.c").read_text()
+    bodies = re.findall(r"#define (\w+)_BODY\(T, F\)((?:[^\n]*\\\n)*[^\n]*)", source)
+    names = {"out2": "out2", "out3": "out3", "m_out": "mask_out"}
+    written = {
+        kernel: tuple(names[o] for o in names if re.search(rf"\b{o}\[i\] =", body))
+        for kernel, body in bodies
+    }
+    assert {kernel: outputs for kernel, outputs in written.items() if outputs} == _fused.WRITES
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fused, "ENABLED", True)
+        x = np.linspace(-2, 2, 100)
+        out = np.full_like(x, 7.0)
+        assert not _fused.run("relu", out, x)  # no mask_out: its bytes would land in out
+        assert not _fused.run("elu", out, x, param=1.0)  # no out2
+        assert (out == 7.0).all()
+        assert _fused.apply("elu", x, param=1.0) is None
+        mask = np.empty(x.shape, bool)
+        assert _fused.run("relu", out, x, mask_out=mask)
+        np.testing.assert_array_equal(out, np.maximum(x, 0))

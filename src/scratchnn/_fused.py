@@ -60,6 +60,19 @@ def available() -> bool:
     return _MODULE is not None
 
 
+# The outputs beyond ``out`` that a kernel writes (src/ckernels/elementwise.c). The C side
+# points a missing output at ``out``, so a call without one would write it over ``out``.
+WRITES: dict[str, tuple[str, ...]] = {
+    "relu": ("mask_out",),
+    "leaky_relu": ("mask_out",),
+    "elu": ("out2",),
+    "silu": ("out2",),
+    "gelu_tanh": ("out2",),
+    "gelu": ("out2",),
+    "adam": ("out2", "out3"),
+}
+
+
 def run(
     name: str,
     out: np.ndarray,
@@ -82,9 +95,13 @@ def run(
     (``THREADS_FROM``), bit for bit as on one. ``out`` sets the dtype (float32
     or float64), which the other float arrays share; every array is
     C-contiguous with ``out``'s size, or the call returns False untouched.
-    Only ``out``, ``out2``, ``out3`` and ``mask_out`` are written.
+    Only ``out``, ``out2``, ``out3`` and ``mask_out`` are written; a kernel
+    that writes one of the last three (``WRITES``) gets False without it.
     """
     if not ENABLED or type(out) is not np.ndarray:
+        return False
+    given = {"out2": out2, "out3": out3, "mask_out": mask_out}
+    if any(given[output] is None for output in WRITES.get(name, ())):
         return False
     assert _MODULE is not None
     params = tuple(map(float, param)) if isinstance(param, tuple) else (float(param),)
@@ -107,6 +124,8 @@ def apply(name: str, x: np.ndarray, *more: np.ndarray, param: float = 0.0) -> np
     the arrays may have any shape, as long as they are C-contiguous.
     """
     if not ENABLED or type(x) is not np.ndarray or x.dtype not in _DTYPES or len(more) > 2:
+        return None
+    if name in WRITES:  # it has more outputs than the one made here
         return None
     assert _MODULE is not None
     g, h = (*more, None, None)[:2]
@@ -178,4 +197,3 @@ def batchnorm(
     threads = THREADS if src.size >= THREADS_FROM else 1
     code = 0 if which == "forward" else 1
     return bool(_MODULE.batchnorm(code, src, xhat, dst, stats, dims, float(eps), threads))
-
