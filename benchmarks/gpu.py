@@ -108,10 +108,12 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 3.0
 LAYER_SHAPES = (((1000, 37), 1), ((1 << 20,), 1), ((64, 260), 2))
 
 
-def check_layers(device: str = "cuda", shapes: Any = LAYER_SHAPES) -> list[Check]:
+def check_layers(
+    device: str = "cuda", shapes: Any = LAYER_SHAPES, seed: int | None = None
+) -> list[Check]:
     """Every element-wise layer forward and backward on ``device`` against NumPy float64."""
     checks = []
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)  # fresh inputs each run unless a test fixes the seed
     factories = [(name, make) for name, make, _, _ in ACTIVATIONS] + OTHER_LAYERS
     for shape, step in shapes:
         for name, make in factories:
@@ -133,13 +135,17 @@ def check_layers(device: str = "cuda", shapes: Any = LAYER_SHAPES) -> list[Check
     return checks
 
 
-def check_optimizers(device: str = "cuda") -> list[Check]:
+def check_optimizers(device: str = "cuda", seed: int | None = None) -> list[Check]:
     """Three steps of every optimiser, with and without weight decay, on ``device``."""
     checks = []
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     for name in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"):
+        # AdaGrad and RMSprop divide by sqrt(h) + eps: where a gradient (after weight decay,
+        # which can cancel it) is near eps, float32's rounding of it moves the step by a
+        # sizeable part of lr (errors to 5e-5 seen in 0.5% of random draws).
+        float32_tolerance = 1e-4 if name in ("adagrad", "rmsprop") else 1e-5
         for weight_decay in (0.0, 0.01):
-            for dtype, tolerance in ((np.float64, 1e-12), (np.float32, 1e-5)):
+            for dtype, tolerance in ((np.float64, 1e-12), (np.float32, float32_tolerance)):
                 params = {"W": rng.standard_normal((301, 17)), "b": rng.standard_normal(17)}
                 steps = [
                     {k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in "abc"
@@ -159,10 +165,10 @@ def check_optimizers(device: str = "cuda") -> list[Check]:
     return checks
 
 
-def check_networks(device: str = "cuda") -> list[Check]:
+def check_networks(device: str = "cuda", seed: int | None = None) -> list[Check]:
     """Gradients of an MLP (each loss) and of a CNN (conv, pooling, batch norm, dropout)."""
     checks = []
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     x, t = rng.standard_normal((64, 20)), rng.integers(0, 10, 64)
     losses: list[tuple[str, Callable[[], Any], Any]] = [
         ("SoftmaxWithLoss", snn.SoftmaxWithLoss, t),
@@ -205,8 +211,14 @@ def check_networks(device: str = "cuda") -> list[Check]:
     return checks
 
 
-def check_all(device: str = "cuda", shapes: Any = LAYER_SHAPES) -> list[Check]:
-    return check_layers(device, shapes) + check_optimizers(device) + check_networks(device)
+def check_all(
+    device: str = "cuda", shapes: Any = LAYER_SHAPES, seed: int | None = None
+) -> list[Check]:
+    return (
+        check_layers(device, shapes, seed)
+        + check_optimizers(device, seed)
+        + check_networks(device, seed)
+    )
 
 
 # -- 2. timings ---------------------------------------------------------------------------------

@@ -432,7 +432,10 @@ def test_save_removes_temporaries_of_dead_writers_only(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"partial")
     save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2)})
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["model.safetensors", *(names[k] for k in ("alive", "other file", "other suffix", "not ours"))]
+        [
+            "model.safetensors",
+            *(names[k] for k in ("alive", "other file", "other suffix", "not ours")),
+        ]
     )
 
 
@@ -615,6 +618,13 @@ def test_save_checkpoint_refuses_bad_arguments(
 def test_epoch_accepts_numpy_integers(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "ckpt.safetensors", **{**make_run(), "epoch": np.int64(5)})
     assert load_checkpoint(tmp_path / "ckpt.safetensors").epoch == 5
+
+
+@pytest.mark.parametrize("epoch", [0, 2**63 - 1])
+def test_the_documented_ends_of_the_epoch_range_round_trip(tmp_path: Path, epoch: int) -> None:
+    # [0, 2**63): a checkpoint before any epoch, and the largest int64
+    save_checkpoint(tmp_path / "ckpt.safetensors", **{**make_run(), "epoch": epoch})
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").epoch == epoch
 
 
 def test_saved_files_are_not_executable(tmp_path: Path) -> None:

@@ -195,6 +195,8 @@ def test_max_pool_keeps_the_sign_of_the_first_zero_as_torch(
 ) -> None:
     from scratchnn import _fused
 
+    if compiled and not _fused.available():
+        pytest.skip("compiled kernels not built (no C compiler?)")
     monkeypatch.setattr(_fused, "ENABLED", compiled)
     # Windows of +0 and -0 only: every output is a tie, and its sign is the first zero's.
     rng = np.random.default_rng(7)
@@ -232,6 +234,32 @@ def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
     out = snn.MaxPool2d(2).forward(x)
     want = TF.max_pool2d(torch.tensor(x), 2).numpy()
     np.testing.assert_array_equal(out, want)  # NaN and inf compare equal position by position
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_max_pool_sends_the_gradient_to_the_nan_as_torch(
+    k: int, s: int, p: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scratchnn import _fused
+
+    if compiled and not _fused.available():
+        pytest.skip("compiled kernels not built (no C compiler?)")
+    monkeypatch.setattr(_fused, "ENABLED", compiled)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 2, 9, 9))
+    # NaNs three apart: no window holds two (where PyTorch's CPU kernel picks the last, we
+    # the first), and every window that holds one must send its whole gradient there.
+    x[:, :, 1::3, 1::3] = np.nan
+    pool = snn.MaxPool2d(k, s, p)
+    out = pool.forward(x)
+    dout = rng.standard_normal(out.shape)
+    dx = pool.backward(dout)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = TF.max_pool2d(xt, k, s, p)
+    yt.backward(torch.tensor(dout))
+    np.testing.assert_array_equal(out, yt.detach().numpy())
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-14, atol=1e-15)
 
 
 def test_pool_padding_larger_than_half_the_kernel_raises() -> None:

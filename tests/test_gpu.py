@@ -481,7 +481,10 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
 ) -> None:
     fake_cupy.install(monkeypatch)
     benchmark = _benchmark_module()
-    checks = benchmark.check_all("cuda", shapes=(((50, 37), 1), ((4096,), 1), ((8, 26), 2)))
+    # Seeded here: the benchmark itself draws fresh inputs on every run.
+    checks = benchmark.check_all(
+        "cuda", shapes=(((50, 37), 1), ((4096,), 1), ((8, 26), 2)), seed=20261129
+    )
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed and len(checks) > 100
 
@@ -606,8 +609,13 @@ def test_every_kernel_source_computes_its_op_on_the_cpu(dtype: Any, tmp_path: Pa
                     arrays.append(rng.random(n).astype(dtype))  # second moments are >= 0
                 else:
                     arrays.append((3 * rng.standard_normal(n)).astype(dtype))
+            if n >= 8 and "x" in op.inputs:
+                # NaN and the infinities must come out as the formula says (the NaN-keeping
+                # min and max, exp of -inf); -0.0 keeps its sign.
+                arrays[op.inputs.index("x")][:5] = [np.nan, np.inf, -np.inf, -0.0, 0.0]
             scalars = {s: float(rng.uniform(0.1, 0.9)) for s in op.scalars}
-            expected = evaluate(op, np, [a.copy() for a in arrays], scalars)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN by design
+                expected = evaluate(op, np, [a.copy() for a in arrays], scalars)
             outputs = {o: np.empty(n, bool if o in op.masks else dtype) for o in op.outputs}
             on_device = [a.copy() for a in arrays]
             names = [*op.inputs, *(o for o in op.outputs if o not in op.inputs)]

@@ -53,3 +53,24 @@ def test_every_redraw_fits_the_terminal(
         assert 0 < len(line.removesuffix("\033[K")) <= columns - 1
     if columns == 80:
         assert f"60000/60000 loss {loss:.4g}" in drawn[-1] and "[" in drawn[-1]
+
+
+def test_a_partial_bar_its_eta_and_at_most_twenty_redraws_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import scratchnn.progress as progress
+
+    monkeypatch.setenv("COLUMNS", "120")
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    stream = Terminal()
+    bar = ProgressBar(total=8, prefix="epoch 1/1", width=8, stream=stream)
+    clock[0] += 3.0  # 2 of 8 steps in 3 s: 6 steps to go at 1.5 s each
+    bar.update(2, loss=0.5)
+    assert stream.getvalue() == "\repoch 1/1 [##------] 2/8 loss 0.5 3.0s<9.0s\033[K"
+    clock[0] += 0.01  # within 0.05 s of the last draw: no redraw
+    bar.update(1, loss=0.4)
+    assert stream.getvalue().count("\r") == 1
+    clock[0] += 0.06
+    bar.update(1, loss=0.4)
+    assert stream.getvalue().endswith("\repoch 1/1 [####----] 4/8 loss 0.4 3.1s<3.1s\033[K")
