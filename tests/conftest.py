@@ -22,6 +22,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # Every layer must keep the same contract whichever path computes it.
 _BOTH_PATHS = {
+    "test_conv_pool",
     "test_conformance",
     "test_cnn_layers",
     "test_threads",

@@ -88,19 +88,14 @@ def test_conv_empty_batch_gives_empty_dx_and_zero_gradients(c_in: int) -> None:
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), ((2, 1), (0, 2))], ids=["same", "strided"])
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 def test_conv_products_in_pieces_match_torch(
-    compiled: bool, stride: Any, padding: Any, monkeypatch: pytest.MonkeyPatch
+    stride: Any, padding: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forward's product and backward's dcol in pieces of whole images (PRODUCT_PIECE_BYTES,
     DCOL_PIECE_BYTES): one image each, uneven pieces and one piece give PyTorch's output
     and dx within float32 (BLAS may round a column differently in a narrower product)."""
-    from scratchnn import _fused
     from scratchnn.layers import convolution
 
-    if compiled and not _fused.available():
-        pytest.skip("compiled kernels not built (no C compiler?)")
-    monkeypatch.setattr(_fused, "ENABLED", compiled)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((7, 8, 6, 5)).astype(np.float32)  # 72 inputs: one product
     layer = snn.Conv2d(8, 4, 3, stride, padding, rng=rng)
@@ -153,20 +148,27 @@ def test_repr() -> None:
     )
 
 
-@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
-def test_max_pool_ties_send_the_gradient_where_torch_does(k: int, s: int, p: int) -> None:
-    # after a ReLU, windows of zeros are common: each tie must go to PyTorch's choice
-    x = np.maximum(np.random.default_rng(3).integers(-2, 2, (2, 2, 6, 6)), 0).astype(np.float64)
-    dout_shape = snn.MaxPool2d(k, s, p).forward(x).shape
-    dout = np.random.default_rng(4).standard_normal(dout_shape)
+def max_pool_and_torch(
+    x: np.ndarray, k: Any, s: Any = None, p: Any = 0, *, seed: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Our MaxPool2d's output and dx for a random dout, then PyTorch's for the same."""
     pool = snn.MaxPool2d(k, s, p)
     out = pool.forward(x)
+    dout = np.random.default_rng(seed).standard_normal(out.shape).astype(x.dtype)
     dx = pool.backward(dout)
     xt = torch.tensor(x, requires_grad=True)
     yt = TF.max_pool2d(xt, k, s, p)
     yt.backward(torch.tensor(dout))
-    np.testing.assert_array_equal(out, yt.detach().numpy())
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-15)
+    return out, dx, yt.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_ties_send_the_gradient_where_torch_does(k: int, s: int, p: int) -> None:
+    # after a ReLU, windows of zeros are common: each tie must go to PyTorch's choice
+    x = np.maximum(np.random.default_rng(3).integers(-2, 2, (2, 2, 6, 6)), 0).astype(np.float64)
+    out, dx, want_out, want_dx = max_pool_and_torch(x, k, s, p)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-15)
 
 
 @pytest.mark.parametrize(("k", "size"), [(2, 7), ((2, 3), (6, 9)), (3, 8), ((1, 2), (3, 5))])
@@ -176,28 +178,16 @@ def test_max_pool_tiling_windows_with_ties_and_left_over_pixels_match_torch(
     # stride = kernel and no padding take a faster path; left-over rows and columns get no gradient
     h, w = (size, size) if isinstance(size, int) else size
     x = np.maximum(np.random.default_rng(5).integers(-2, 3, (3, 2, h, w)), 0).astype(np.float32)
-    pool = snn.MaxPool2d(k)
-    out = pool.forward(x)
-    dout = np.random.default_rng(6).standard_normal(out.shape).astype(np.float32)
-    dx = pool.backward(dout)
-    xt = torch.tensor(x, requires_grad=True)
-    yt = TF.max_pool2d(xt, k)
-    yt.backward(torch.tensor(dout))
-    np.testing.assert_array_equal(out, yt.detach().numpy())
-    np.testing.assert_array_equal(dx, xt.grad.numpy())
+    out, dx, want_out, want_dx = max_pool_and_torch(x, k, seed=6)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(dx, want_dx)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: d.__name__)
 @pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
 def test_max_pool_keeps_the_sign_of_the_first_zero_as_torch(
-    k: int, s: int, p: int, dtype: type, compiled: bool, monkeypatch: pytest.MonkeyPatch
+    k: int, s: int, p: int, dtype: type
 ) -> None:
-    from scratchnn import _fused
-
-    if compiled and not _fused.available():
-        pytest.skip("compiled kernels not built (no C compiler?)")
-    monkeypatch.setattr(_fused, "ENABLED", compiled)
     # Windows of +0 and -0 only: every output is a tie, and its sign is the first zero's.
     rng = np.random.default_rng(7)
     x = np.where(rng.random((2, 3, 6, 6)) < 0.5, -0.0, 0.0).astype(dtype)
@@ -216,17 +206,11 @@ def test_max_pool_padding_never_takes_the_gradient_of_a_window_of_minus_inf(
     # go to its first input (PyTorch's choice), never to a padding cell that is cropped away.
     rng = np.random.default_rng(11)
     x = rng.choice(np.array([-np.inf, -np.inf, 0.0, -1.0]), (2, 3, 7, 6))
-    pool = snn.MaxPool2d(k, s, p)
-    out = pool.forward(x)
-    dout = rng.standard_normal(out.shape)
-    dx = pool.backward(dout)
-    xt = torch.tensor(x, requires_grad=True)
-    yt = TF.max_pool2d(xt, k, s, p)
-    yt.backward(torch.tensor(dout))
-    np.testing.assert_array_equal(out, yt.detach().numpy())
+    out, dx, want_out, want_dx = max_pool_and_torch(x, k, s, p, seed=12)
+    np.testing.assert_array_equal(out, want_out)
     # overlapping windows add in another order than PyTorch's: a few ulps
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-15)
-    assert np.isclose(dx.sum(), dout.sum())  # no gradient lost
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-13, atol=1e-15)
+    assert np.isclose(dx.sum(), want_dx.sum())  # no gradient lost
 
 
 def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
@@ -236,30 +220,16 @@ def test_max_pool_propagates_nan_and_infinities_as_torch() -> None:
     np.testing.assert_array_equal(out, want)  # NaN and inf compare equal position by position
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 1, 1), (3, 2, 1)])
-def test_max_pool_sends_the_gradient_to_the_nan_as_torch(
-    k: int, s: int, p: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from scratchnn import _fused
-
-    if compiled and not _fused.available():
-        pytest.skip("compiled kernels not built (no C compiler?)")
-    monkeypatch.setattr(_fused, "ENABLED", compiled)
+def test_max_pool_sends_the_gradient_to_the_nan_as_torch(k: int, s: int, p: int) -> None:
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 2, 9, 9))
     # NaNs three apart: no window holds two (where PyTorch's CPU kernel picks the last, we
     # the first), and every window that holds one must send its whole gradient there.
     x[:, :, 1::3, 1::3] = np.nan
-    pool = snn.MaxPool2d(k, s, p)
-    out = pool.forward(x)
-    dout = rng.standard_normal(out.shape)
-    dx = pool.backward(dout)
-    xt = torch.tensor(x, requires_grad=True)
-    yt = TF.max_pool2d(xt, k, s, p)
-    yt.backward(torch.tensor(dout))
-    np.testing.assert_array_equal(out, yt.detach().numpy())
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-14, atol=1e-15)
+    out, dx, want_out, want_dx = max_pool_and_torch(x, k, s, p, seed=13)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-14, atol=1e-15)
 
 
 def test_pool_padding_larger_than_half_the_kernel_raises() -> None:
