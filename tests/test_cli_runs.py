@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from test_train import needs_data, run_cli
 
+from scratchnn.checkpoint import load_checkpoint, save_checkpoint
 from scratchnn.cli import main
 
 SMALL = ["--hidden", "8", "--limit", "300", "--batch-size", "100"]
@@ -189,8 +190,6 @@ def test_train_options_are_never_abbreviated(
 
 
 def test_history_json_is_strict_json_and_reads_back() -> None:
-    import json
-
     from scratchnn.train import History
 
     history = History()
@@ -232,8 +231,6 @@ def test_a_history_that_is_not_one_is_refused(change: dict, message: str) -> Non
 
 def rewrite_checkpoint(path: Path, **change: object) -> None:
     """Write ``path`` again with some of its contents changed, as an editor or a bug would."""
-    from scratchnn.checkpoint import load_checkpoint, save_checkpoint
-
     checkpoint = load_checkpoint(path)
     contents = {
         "params": checkpoint.params, "optimizer_state": checkpoint.optimizer_state,
@@ -251,8 +248,7 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
     assert main(["train", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
     checkpoint = out / "checkpoint.safetensors"
     original = checkpoint.read_bytes()
-    config = json.loads(json.dumps(__import__("scratchnn.checkpoint").checkpoint.load_checkpoint(
-        checkpoint).config))  # fmt: skip
+    config = load_checkpoint(checkpoint).config
     cases = [
         ({"metadata": {"history": "not json"}}, "history is not JSON"),
         ({"metadata": {"history": '{"epoch": 3}'}}, "history must have the keys"),
