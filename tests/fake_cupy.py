@@ -12,8 +12,9 @@ read-only. NumPy functions called on them dispatch to this module (as CuPy's
 So a test that runs the library on these arrays finds, without a GPU, the code
 that hard-codes NumPy where CuPy would fail: creation functions without the
 array module, ``np.asarray`` of an input, read-only flags, mixed devices.
-What it cannot find: functions CuPy lacks or whose keywords differ, and the
-CUDA kernels themselves, which only a GPU runs.
+What it cannot find: functions CuPy lacks or whose keywords differ. Without
+``kernels`` it has no ``RawKernel``, so the library takes its path of array
+calls; with it, ``fake_cuda`` runs the CUDA kernels on the CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ _UFUNC_METHODS = {
     "reduceat": {"add"},
     "at": {"add", "subtract", "maximum", "minimum"},
 }
+
+
+# Each read of a device value on the host (``get``, ``float``, ``bool``, ``item``...):
+# on a GPU each one waits for the card, so tests count them.
+transfers: list[str] = []
 
 
 class ndarray(NDArrayOperatorsMixin):
@@ -83,6 +89,8 @@ class ndarray(NDArrayOperatorsMixin):
     # -- the array's own interface -----------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("item", "tolist"):
+            transfers.append(name)
         attribute = getattr(self._a, name)
         if callable(attribute):
             return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
@@ -98,22 +106,32 @@ class ndarray(NDArrayOperatorsMixin):
         return len(self._a)
 
     def __float__(self) -> float:
+        transfers.append("__float__")
         return float(self._a)
 
     def __int__(self) -> int:
+        transfers.append("__int__")
         return int(self._a)
 
     def __index__(self) -> int:
+        transfers.append("__index__")
         return self._a.__index__()
 
     def __bool__(self) -> bool:
+        transfers.append("__bool__")
         return bool(self._a)
 
     def __repr__(self) -> str:
         return f"fake_cupy.{self._a!r}"
 
     def get(self) -> np.ndarray:
+        transfers.append("get")
         return self._a.copy()
+
+    @property
+    def data(self) -> types.SimpleNamespace:
+        """CuPy's memory pointer: ``.ptr`` is the address (alignment checks read it)."""
+        return types.SimpleNamespace(ptr=self._a.ctypes.data)
 
     @property
     def T(self) -> Any:
@@ -142,6 +160,8 @@ def _unwrap(value: Any) -> Any:
 def _wrap(value: Any) -> Any:
     if type(value) is np.ndarray:
         return ndarray(value)
+    if isinstance(value, np.generic):  # CuPy's reductions and indexing give 0-d arrays
+        return ndarray(np.asarray(value))
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
     if isinstance(value, list):
@@ -202,9 +222,16 @@ def make_cupyx() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     return cupyx, scipy, special
 
 
-def install(monkeypatch: Any) -> types.ModuleType:
-    """Put a fake ``cupy`` (and ``cupyx``) in ``sys.modules`` for one test; return it."""
+def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
+    """Put a fake ``cupy`` (and ``cupyx``) in ``sys.modules`` for one test; return it.
+
+    With ``kernels``, it also runs CUDA kernels, compiled for the CPU (``fake_cuda``).
+    """
     module = make_module()
+    if kernels:
+        import fake_cuda
+
+        fake_cuda.install(module)
     cupyx, scipy, special = make_cupyx()
     monkeypatch.setitem(sys.modules, "cupy", module)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)

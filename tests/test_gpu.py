@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fake_cuda
 import fake_cupy
 import numpy as np
 import pytest
@@ -43,11 +44,18 @@ def _real_cupy_reason() -> str | None:
     return None
 
 
-@pytest.fixture(params=["fake", "cuda"])
+@pytest.fixture(params=["fake", "fake-kernels", "cuda"])
 def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The array module of the device under test: the fake CuPy, or the real one."""
+    """The array module of the device under test: the fake CuPy, with or without the
+    CUDA kernels run on the CPU (tests/fake_cuda.py), or the real one."""
     if request.param == "fake":
         return fake_cupy.install(monkeypatch)
+    if request.param == "fake-kernels":
+        reason = fake_cuda.available()
+        if reason is not None:
+            print(f"skipping the CPU run of the CUDA kernels: {reason}")
+            pytest.skip(reason)
+        return fake_cupy.install(monkeypatch, kernels=True)
     reason = _real_cupy_reason()
     if reason is not None and os.environ.get("SCRATCHNN_REQUIRE_GPU"):
         pytest.fail(f"SCRATCHNN_REQUIRE_GPU is set, but {reason}")
@@ -216,6 +224,97 @@ def test_every_loss_on_device_matches_the_cpu(make: Any, one_hot: bool, gpu: Any
         results.append((float(value), to_host(dx)))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-15)
+
+
+# SoftmaxWithLoss on class indices runs two CUDA kernels of its own (kernels/cross_entropy.py).
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8, np.int8])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(600, 10), (3, 1), (7,), (2, 3, 4)], ids=str)
+def test_softmax_cross_entropy_on_class_indices_matches_float64(
+    shape: tuple[int, ...], dtype: Any, label_dtype: Any, gpu: Any
+) -> None:
+    rng = np.random.default_rng(sum(shape))
+    x = 4 * rng.standard_normal(shape)
+    t = rng.integers(0, shape[-1], shape[:-1]).astype(label_dtype)
+    expected = snn.SoftmaxWithLoss()
+    want = expected.forward(x, t)
+    want_dx = expected.backward(0.7)
+    loss = snn.SoftmaxWithLoss()
+    got = loss.forward(to_device(x.astype(dtype), "cuda"), to_device(t, "cuda"))
+    dx = loss.backward(0.7)
+    assert got == pytest.approx(want, rel=TOLERANCE[dtype][0])
+    assert dx.dtype == dtype and device_of(dx) == "cuda"
+    _close(dx, want_dx, dtype)
+    _close(loss.y, expected.y, dtype)
+
+
+@pytest.mark.parametrize("bad", [5, -1, 200])
+def test_softmax_cross_entropy_refuses_labels_out_of_range_on_the_device(
+    bad: int, gpu: Any
+) -> None:
+    rng = np.random.default_rng(3)
+    x, t = rng.standard_normal((9, 5)), rng.integers(0, 5, 9)
+    t[4] = bad
+    loss = snn.SoftmaxWithLoss()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got values from"):
+        loss.forward(to_device(x, "cuda"), to_device(t, "cuda"))
+    with pytest.raises(RuntimeError, match="before forward"):
+        loss.backward()
+
+
+def test_softmax_cross_entropy_keeps_nan_and_infinity_as_the_cpu(gpu: Any) -> None:
+    x = np.array([[1.0, np.nan, 2.0], [np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0], [1e4, -1e4, 0.0]])
+    t = np.array([0, 1, 2, 0])
+    results = []
+    for device in ("cpu", "cuda"):
+        loss = snn.SoftmaxWithLoss()
+        with np.errstate(invalid="ignore"):
+            value = loss.forward(to_device(x, device), to_device(t, device))
+            results.append((value, to_host(loss.y), to_host(loss.backward())))
+    (cpu_loss, cpu_y, cpu_dx), (loss_value, y, dx) = results
+    assert np.isnan(cpu_loss) and np.isnan(loss_value)
+    np.testing.assert_allclose(y, cpu_y, rtol=1e-15)  # NaN in the same places
+    np.testing.assert_allclose(dx, cpu_dx, rtol=1e-15)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_a_training_step_on_the_device_waits_for_the_card_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(5)
+    net = snn.mlp([20, 16, 16, 4], rng=rng).to("cuda")
+    optimizer = make_optimizer("sgd", lr=0.1)
+    x, t = fake.asarray(rng.standard_normal((40, 20))), fake.asarray(rng.integers(0, 4, 40))
+    optimizer.update(net.params, net.gradient(x, t))  # first use: buffers, compilation
+    fake_cupy.transfers.clear()
+    fake_cuda.launches.clear()
+    optimizer.update(net.params, net.gradient(x, t))
+    assert fake_cupy.transfers == ["get"]  # the loss and the labels' check, together
+    assert fake_cuda.launches.count("softmax_xent") == 1
+    assert fake_cuda.launches.count("softmax_xent_backward") == 1
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_softmax_cross_entropy_beyond_one_block_uses_array_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scratchnn.kernels import cross_entropy
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    monkeypatch.setattr(cross_entropy, "MAX_ELEMENTS", 50)
+    rng = np.random.default_rng(6)
+    x, t = rng.standard_normal((11, 5)), rng.integers(0, 5, 11)
+    fake_cuda.launches.clear()
+    loss = snn.SoftmaxWithLoss()
+    value = loss.forward(fake.asarray(x), fake.asarray(t))
+    dx = loss.backward()
+    assert "softmax_xent" not in fake_cuda.launches
+    expected = snn.SoftmaxWithLoss()
+    assert value == pytest.approx(expected.forward(x, t), rel=1e-12)
+    np.testing.assert_allclose(dx.get(), expected.backward(), rtol=1e-12)
 
 
 # -- optimisers ---------------------------------------------------------------------------
@@ -408,10 +507,18 @@ def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
-    # Each source in its own namespace, so one nvcc run checks them all.
-    text = "\n".join(f"namespace k_{name} {{\n{source(op, dtype)}}}" for name, op in OPS.items())
+    from scratchnn.kernels import cross_entropy
+
+    # Each source in its own namespace, so one nvcc run checks them all; the kernel names
+    # are extern "C", so the cross-entropy ones, the same for each label type, get a suffix.
+    sources = {name: source(op, dtype) for name, op in OPS.items()}
+    for label in (np.int64, np.int32, np.uint8, np.int8):
+        name = np.dtype(label).name
+        sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
+            "softmax_xent", f"softmax_xent_{name}"
+        )
     path = tmp_path / "kernels.cu"
-    path.write_text(text)
+    path.write_text("\n".join(f"namespace k_{name} {{\n{code}}}" for name, code in sources.items()))
     result = subprocess.run(
         ["nvcc", "-ptx", "-o", os.devnull, str(path)], capture_output=True, text=True
     )
@@ -515,7 +622,7 @@ def test_the_gpu_fixture_fails_instead_of_skipping_when_a_gpu_is_required(
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "1 passed, 1 error" in result.stdout and "SCRATCHNN_REQUIRE_GPU is set" in result.stdout
+    assert " 1 error" in result.stdout and "SCRATCHNN_REQUIRE_GPU is set" in result.stdout
 
 
 def test_the_gpu_benchmark_times_the_train_command_on_the_fake_device(
@@ -541,65 +648,20 @@ def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
     assert net.loss(x, t) == pytest.approx(expected.item(), rel=1e-5)
 
 
-# The CUDA sources run on the CPU: a few lines of C++ stand in for CUDA's keywords and
-# vector types, and a loop over blocks and threads stands in for the launch. This checks
+# The CUDA sources run on the CPU (tests/fake_cuda.py). With launches set by hand, this checks
 # each kernel's indexing (vector path, scalar tail, grid-stride loop) and its translated
-# formula against the op's NumPy evaluation, without a GPU.
-_CPU_SHIM = """
-#include <math.h>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-struct float4 { float x, y, z, w; };
-struct double2 { double x, y; };
-struct uchar4 { unsigned char x, y, z, w; };
-struct uchar2 { unsigned char x, y; };
-struct dim3_ { long long x; };
-static dim3_ blockDim, gridDim, blockIdx, threadIdx;
-"""
-
-
-def _cpu_library(dtype: Any, tmp_path: Path) -> Any:
-    import ctypes
-
-    c_type = "float" if dtype == np.float32 else "double"
-    parts = [_CPU_SHIM]
-    for name, op in OPS.items():
-        arrays = [*op.inputs, *(o for o in op.outputs if o not in op.inputs)]
-        args = [
-            f"({'unsigned char' if a in op.masks else 'T'}*)arrays[{i}]"
-            for i, a in enumerate(arrays)
-        ]
-        args += [f"(T)scalars[{i}]" for i in range(len(op.scalars))]
-        parts.append(f"""namespace k_{name} {{
-{source(op, dtype)}
-extern "C" void run_{name}(void** arrays, double* scalars, long long n, int vec, int grid, int block) {{
-    gridDim.x = grid; blockDim.x = block;
-    for (blockIdx.x = 0; blockIdx.x < grid; ++blockIdx.x)
-        for (threadIdx.x = 0; threadIdx.x < block; ++threadIdx.x)
-            {name}({", ".join([*args, "n", "vec"])});
-}}
-}}""")
-    code = tmp_path / f"kernels_{c_type}.cpp"
-    code.write_text("\n".join(parts))
-    library = tmp_path / f"kernels_{c_type}.so"
-    subprocess.run(
-        ["g++", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC", "-o", str(library), str(code)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return ctypes.CDLL(str(library))
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+# formula against the op's NumPy evaluation.
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_kernel_source_computes_its_op_on_the_cpu(dtype: Any, tmp_path: Path) -> None:
-    import ctypes
-
+def test_every_kernel_source_computes_its_op_on_the_cpu(
+    dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from scratchnn.kernels.ops import evaluate
 
-    library = _cpu_library(dtype, tmp_path)
+    fake = fake_cupy.install(monkeypatch, kernels=True)
     rng = np.random.default_rng(12)
     for name, op in OPS.items():
+        kernel = fake.RawKernel(source(op, dtype), op.name)
         for n, vec, grid, block in [(103, 1, 3, 4), (103, 0, 2, 5), (8, 1, 1, 1), (1, 1, 2, 2)]:
             arrays = []
             for array_name in op.inputs:
@@ -616,22 +678,16 @@ def test_every_kernel_source_computes_its_op_on_the_cpu(dtype: Any, tmp_path: Pa
             scalars = {s: float(rng.uniform(0.1, 0.9)) for s in op.scalars}
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN by design
                 expected = evaluate(op, np, [a.copy() for a in arrays], scalars)
-            outputs = {o: np.empty(n, bool if o in op.masks else dtype) for o in op.outputs}
-            on_device = [a.copy() for a in arrays]
+            on_device = {a: fake.asarray(array.copy()) for a, array in zip(op.inputs, arrays)}
+            for o in op.outputs:
+                on_device.setdefault(o, fake.empty(n, bool if o in op.masks else dtype))
             names = [*op.inputs, *(o for o in op.outputs if o not in op.inputs)]
-            buffers = [
-                on_device[op.inputs.index(a)] if a in op.inputs else outputs[a] for a in names
-            ]
-            pointers = (ctypes.c_void_p * len(buffers))(*[b.ctypes.data for b in buffers])
-            values = (ctypes.c_double * max(1, len(op.scalars)))(*[scalars[s] for s in op.scalars])
-            getattr(library, f"run_{name}")(
-                pointers, values, ctypes.c_longlong(n), vec, grid, block
-            )
+            args = [on_device[a] for a in names] + [dtype(scalars[s]) for s in op.scalars]
+            kernel((grid,), (block,), (*args, np.int64(n), np.int32(vec)))
             for output, want in zip(op.outputs, expected):
-                got = on_device[op.inputs.index(output)] if output in op.inputs else outputs[output]
                 rtol = 1e-12 if dtype == np.float64 else 2e-6
                 np.testing.assert_allclose(
-                    got, want, rtol=rtol, atol=rtol, err_msg=f"{name} {output}"
+                    on_device[output].get(), want, rtol=rtol, atol=rtol, err_msg=f"{name} {output}"
                 )
 
 

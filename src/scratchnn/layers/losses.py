@@ -72,6 +72,10 @@ class Loss:
 
     # -- for subclasses --------------------------------------------------------
 
+    def _checks_labels(self, x: np.ndarray, t: np.ndarray) -> bool:
+        """Whether ``_forward`` checks the class indices' range itself (on the GPU, in its kernel)."""
+        return False
+
     def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
         raise NotImplementedError
 
@@ -91,11 +95,8 @@ class Loss:
             # Viewed as unsigned, a negative label becomes huge, so one max checks both ends.
             unsigned = t if t.dtype.kind == "u" else t.view(t.dtype.str.replace("i", "u"))
             # .max(), not np.maximum.reduce: CuPy has reduce for add and multiply only.
-            if t.size and unsigned.max() >= n_classes:
-                raise ValueError(
-                    f"{name}: labels must lie in [0, {n_classes}), "
-                    f"got values from {t.min()} to {t.max()}"
-                )
+            if t.size and not self._checks_labels(x, t) and unsigned.max() >= n_classes:
+                raise _label_error(name, t, n_classes)
             return t
         if t.shape != x.shape:
             expected = (
@@ -105,6 +106,24 @@ class Loss:
             )
             raise ValueError(f"{name}: target has shape {t.shape}, expected {expected}")
         return t.astype(x.dtype, copy=False)
+
+
+def _label_error(name: str, t: Any, n_classes: int) -> ValueError:
+    return ValueError(
+        f"{name}: labels must lie in [0, {n_classes}), got values from {t.min()} to {t.max()}"
+    )
+
+
+def _cuda_kernels(x: Any, t: Any) -> Any:
+    """The CUDA kernels of softmax with cross-entropy when they take ``x`` and ``t``, else None."""
+    if type(x) is np.ndarray:
+        return None
+    xp = get_array_module(x)
+    if xp.__name__ != "cupy" or not hasattr(xp, "RawModule"):
+        return None
+    from scratchnn.kernels import cross_entropy
+
+    return cross_entropy if cross_entropy.supported(to_compute(x), t) else None
 
 
 class SoftmaxWithLoss(Loss):
@@ -118,7 +137,9 @@ class SoftmaxWithLoss(Loss):
     Backward: ``dx = dout * (y - t) / N``.
 
     Keeps ``y`` (the softmax) and ``t`` (as given: class indices or rows), as
-    the book does.
+    the book does. On a GPU, class indices take two CUDA kernels of their own
+    (:mod:`scratchnn.kernels.cross_entropy`): the forward waits for the card
+    once, for the loss and the labels' range check together.
 
     >>> loss = SoftmaxWithLoss()
     >>> round(loss.forward(np.array([[2.0, 1.0, 0.1]]), np.array([0])), 6)
@@ -134,7 +155,19 @@ class SoftmaxWithLoss(Loss):
         self.y: np.ndarray | None = None
         self.t: np.ndarray | None = None
 
+    def _checks_labels(self, x: np.ndarray, t: np.ndarray) -> bool:
+        return _cuda_kernels(x, t) is not None
+
     def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        kernels = _cuda_kernels(x, t)
+        if kernels is not None:
+            # On the GPU: one launch, and one wait for the loss and the labels' check together.
+            xp = get_array_module(x)
+            y, loss_sum, bad = kernels.forward(xp, x, t)
+            if bad:
+                raise _label_error(type(self).__name__, t, x.shape[-1])
+            self.y, self.t = y, t
+            return loss_sum / (x.size // x.shape[-1])
         # The arrays are small (batch x classes): the time goes into NumPy calls, not
         # passes, so each step below is the cheapest call found for short rows.
         n_classes = x.shape[-1]
@@ -168,6 +201,9 @@ class SoftmaxWithLoss(Loss):
         n = y.size // y.shape[-1]
         if t.shape == y.shape:
             return (y - t) * (dout / n)
+        kernels = _cuda_kernels(y, t)
+        if kernels is not None:
+            return kernels.backward(get_array_module(y), y, t, dout / n)
         # y minus the one-hot rows of the labels, without building those rows.
         dx = y.copy()
         dx.reshape(-1, y.shape[-1])[get_array_module(y).arange(n), t.reshape(-1)] -= 1.0
