@@ -583,10 +583,14 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
     assert "no GPU to measure here" in result.stdout
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["fake", "fake-kernels"])
 def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
-    monkeypatch: pytest.MonkeyPatch,
+    kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_cupy.install(monkeypatch)
+    if kernels and fake_cuda.available() is not None:
+        pytest.skip(str(fake_cuda.available()))
+    fake_cupy.install(monkeypatch, kernels=kernels)
+    fake_cuda.launches.clear()
     benchmark = _benchmark_module()
     # Seeded here: the benchmark itself draws fresh inputs on every run.
     checks = benchmark.check_all(
@@ -594,6 +598,7 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     )
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed and len(checks) > 100
+    assert not kernels or {"relu_forward", "adam", "softmax_xent"} <= set(fake_cuda.launches)
 
 
 def test_gpu_benchmark_without_a_gpu_fails_when_one_is_required() -> None:
