@@ -30,6 +30,7 @@ _BOTH_PATHS = {
     "test_linear_and_losses",
     "test_kept_slope",
     "test_batchnorm",
+    "test_functional",
 }
 
 

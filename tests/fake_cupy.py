@@ -89,6 +89,10 @@ class ndarray(NDArrayOperatorsMixin):
     # -- the array's own interface -----------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            # NumPy's protocols (__array_interface__, __array_struct__) would let
+            # np.asarray read the host array behind the fake, which CuPy forbids.
+            raise AttributeError(name)
         if name in ("item", "tolist"):
             transfers.append(name)
         attribute = getattr(self._a, name)

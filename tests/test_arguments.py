@@ -55,6 +55,7 @@ BAD: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         "LeakyRelu: alpha must be finite",
     ),
     ("text alpha", lambda: snn.Elu("1"), TypeError, "Elu: alpha must be a real number"),  # type: ignore[arg-type]
+    ("huge int alpha", lambda: snn.LeakyRelu(10**400), ValueError, "beyond the float range"),
     ("zero beta", lambda: snn.Softplus(0.0), ValueError, "Softplus: beta must be positive"),
     ("negative lr", lambda: SGD(-0.1), ValueError, "SGD: lr must be >= 0"),
     ("beta1 of 1", lambda: Adam(beta1=1.0), ValueError, "Adam: beta1 must be in [0, 1)"),

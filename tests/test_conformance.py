@@ -82,10 +82,14 @@ def test_non_finite_inputs_match_torch(case: Case) -> None:
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0])
     if "Softmax" in case.name:
         x = x[:1]  # a softmax over infinities is NaN by definition; checked elsewhere
-    with np.errstate(invalid="ignore", divide="ignore"):  # 1/0 is inf by definition
-        out = case.make().forward(x)
-    want, _ = torch_forward_backward(case, x, np.ones_like(x))
+    dout = np.linspace(0.5, 1.5, x.size)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # 1/0 is inf by definition
+        layer = case.make()
+        out = layer.forward(x)
+        dx = layer.backward(dout)
+    want, want_dx = torch_forward_backward(case, x, dout)
     np.testing.assert_allclose(out, want, rtol=1e-15, atol=0)  # inf and NaN must match exactly
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-15, atol=0, err_msg="backward")
 
 
 # -- shapes -------------------------------------------------------------------------

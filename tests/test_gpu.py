@@ -226,6 +226,16 @@ def test_every_loss_on_device_matches_the_cpu(make: Any, one_hot: bool, gpu: Any
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=str)
+def test_backward_refuses_dout_on_the_other_device(case: Case, gpu: Any) -> None:
+    x, dout = _inputs(case, (3, 4), 8)
+    for forward_on, dout_on in [("cuda", "cpu"), ("cpu", "cuda")]:
+        layer = case.make()
+        layer.forward(to_device(x, forward_on))
+        with pytest.raises(TypeError, match=f"dout is on {dout_on}, but the layer's arrays are on"):
+            layer.backward(to_device(dout, dout_on))
+
+
 # SoftmaxWithLoss on class indices runs two CUDA kernels of its own (kernels/cross_entropy.py).
 
 

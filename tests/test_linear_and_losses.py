@@ -256,3 +256,17 @@ def test_softmax_with_loss_rejects_bad_labels() -> None:
 def test_sigmoid_with_loss_rejects_targets_outside_0_1() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         snn.SigmoidWithLoss().forward(np.zeros(2), np.array([0.5, 2.0]))
+
+
+def test_sigmoid_with_loss_keeps_the_tiny_loss_of_a_confident_answer() -> None:
+    import mpmath
+
+    # A right answer at logit 40 has loss log(1 + exp(-40)) = 4.2e-18; softplus(x) - x t
+    # rounds it to 0 (PyTorch gives 0 for x = -40, t = 0). Soft targets as well.
+    x = np.array([40.0, -40.0, 9.0, -9.0, 0.3, 700.0, -700.0, 2.5, -2.5])
+    t = np.array([1.0, 0.0, 1.0, 0.0, 0.2, 1.0, 0.0, 0.7, 0.3])
+    for xi, ti in zip(x, t):
+        value = snn.SigmoidWithLoss().forward(np.array([xi]), np.array([ti]))
+        xm, tm = mpmath.mpf(float(xi)), mpmath.mpf(float(ti))
+        exact = tm * mpmath.log1p(mpmath.exp(-xm)) + (1 - tm) * mpmath.log1p(mpmath.exp(xm))
+        assert value == pytest.approx(float(exact), rel=1e-14, abs=0), (xi, ti)

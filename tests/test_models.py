@@ -66,6 +66,38 @@ def test_gradcheck_finds_a_wrong_gradient() -> None:
     assert result.key in net.params and "worst relative error" in str(result)
 
 
+def test_gradcheck_refuses_to_report_on_nothing() -> None:
+    rng = np.random.default_rng(4)
+    x, t = rng.standard_normal((4, 5)), rng.integers(0, 3, 4)
+    with pytest.raises(ValueError, match="no parameters"):
+        snn.gradcheck(snn.Sequential([snn.Relu()]), x, t)
+    net = small_network(snn.Relu, rng)
+    with pytest.raises(ValueError, match="max_per_param must be >= 1"):
+        snn.gradcheck(net, x, t, max_per_param=0)
+    with pytest.raises(ValueError, match="h must be positive"):
+        snn.gradcheck(net, x, t, h=0.0)
+
+
+def test_gradcheck_samples_distinct_elements() -> None:
+    rng = np.random.default_rng(5)
+    net = small_network(snn.Relu, rng)
+    x, t = rng.standard_normal((4, 5)), rng.integers(0, 3, 4)
+    seen: list[tuple[int, ...]] = []
+    W1 = net.params["W1"]
+
+    class Spy(np.ndarray):
+        def __setitem__(self, index: Any, value: Any) -> None:
+            if isinstance(index, tuple):  # an element, as gradcheck moves them
+                seen.append(index)
+            super().__setitem__(index, value)
+
+    net.layers[0].W = W1.view(Spy)
+    result = snn.gradcheck(net, x, t, max_per_param=W1.size - 1, rng=np.random.default_rng(0))
+    moved = {tuple(int(i) for i in index) for index in seen}
+    assert len(moved) == W1.size - 1  # each chosen once: three writes each (+h, -h, back)
+    assert len(seen) == 3 * (W1.size - 1) and result.max_relative_error < 1e-6
+
+
 def test_gradcheck_requires_float64() -> None:
     net = snn.Sequential([snn.Affine(np.ones((2, 2), np.float32), np.zeros(2, np.float32))])
     with pytest.raises(ValueError, match="float64"):

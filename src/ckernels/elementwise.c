@@ -118,8 +118,9 @@ BOTH(tanh_grad)
 BOTH(relu)
 BOTH(relu_grad)
 
-/* LeakyRelu(alpha = p): the mask (x <= 0) and x or alpha x; backward dout or alpha dout. */
-#define leaky_relu_BODY(T, F) m_out[i] = x[i] <= 0; out[i] = x[i] > 0 ? x[i] : p * x[i];
+/* LeakyRelu(alpha = p): the mask !(x > 0) (x <= 0, or NaN: its slope is alpha, as
+ * PyTorch's) and x or alpha x; backward dout or alpha dout. */
+#define leaky_relu_BODY(T, F) m_out[i] = !(x[i] > 0); out[i] = x[i] > 0 ? x[i] : p * x[i];
 #define leaky_relu_grad_BODY(T, F) out[i] = g[i] * (m_in[i] ? p : (T)1);
 BOTH(leaky_relu)
 BOTH(leaky_relu_grad)
@@ -129,12 +130,13 @@ BOTH(leaky_relu_grad)
 #define slope_grad_BODY(T, F) out[i] = g[i] * x[i];
 BOTH(slope_grad)
 
-/* Elu(alpha = p): max(x, 0) + alpha expm1(min(x, 0)); slope 1, or alpha exp(x) where
- * x <= 0. exp only of the non-positive part, which cannot overflow. */
+/* Elu(alpha = p): max(x, 0) + alpha expm1(min(x, 0)); slope alpha exp(x) where x <= 0,
+ * else 1 (NaN included, as PyTorch's). exp only of the non-positive part, which cannot
+ * overflow. */
 #define elu_BODY(T, F)                                                                    \
     T lo = x[i] > 0 ? (T)0 : x[i];                                                        \
     out[i] = (x[i] > 0 ? x[i] : (T)0) + p * MATH(expm1, F)(lo);                           \
-    out2[i] = x[i] > 0 ? (T)1 : p * MATH(exp, F)(lo);
+    out2[i] = x[i] <= 0 ? p * MATH(exp, F)(lo) : (T)1;
 BOTH(elu)
 
 /* Softplus(beta = p): max(x, 0) + log1p(exp(-beta |x|)) / beta; backward from the

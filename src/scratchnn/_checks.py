@@ -16,7 +16,10 @@ def real(who: str, name: str, value: object) -> float:
     """``value`` as a finite float; bools, strings and the like raise ``TypeError``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int or a Fraction beyond the largest float
+        raise ValueError(f"{who}: {name} must be finite, got a number beyond the float range") from None
     if not math.isfinite(result):
         raise ValueError(f"{who}: {name} must be finite, got {result}")
     return result

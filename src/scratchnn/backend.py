@@ -4,13 +4,16 @@ Every layer asks this module which array library its inputs belong to and which
 dtype its computation runs in, so that those rules are written once.
 
 * ``float16``, ``float32`` and ``float64`` arrays keep their dtype.
-* Integer and bool arrays become ``float64`` (NumPy's own promotion for
-  ``np.exp`` of an integer array), except in layers that keep integer dtypes
-  (``Relu``, as the book's code does).
-* Complex, object, string and other dtypes raise ``TypeError``.
-* ``float16`` is computed in ``float32`` and rounded once at the end, as
-  PyTorch's CPU kernels do ("opmath"), so half precision loses no more than
-  its final rounding.
+* Integer and bool arrays become ``float64`` (the precision of the book's
+  code), except in layers that keep integer dtypes (``Relu``, as the book's
+  code does).
+* Complex, object, string and other dtypes raise ``TypeError``; big-endian
+  arrays are converted to the machine's byte order.
+* ``float16`` is computed in ``float32`` and rounded at the end, as PyTorch's
+  CPU kernels do ("opmath"). That is a second rounding: a float32 result
+  within its own rounding of a float16 midpoint can round the wrong way, so
+  the sigmoid and erfc (``scratchnn.functional``, and the ``Sigmoid`` layer)
+  go through ``float64``, where that cannot happen, and are correctly rounded.
 """
 
 from __future__ import annotations
@@ -172,8 +175,9 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
     """Convert an array-like to an array and check that its dtype is numeric.
 
     ``who`` names the layer in error messages; ``what`` names the argument.
-    Bool, integer and float16/32/64 arrays pass; anything else (complex,
-    object, string, datetime, ``longdouble``) raises ``TypeError``.
+    Bool, integer and float16/32/64 arrays pass (in the machine's byte order:
+    big-endian ones are converted); anything else (complex, object, string,
+    datetime, ``longdouble``) raises ``TypeError``.
     """
     if type(value) is np.ndarray:  # the common case, without the module look-up
         array = value
@@ -181,6 +185,11 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
         xp = get_array_module(value)
         array = value if isinstance(value, xp.ndarray) else xp.asarray(value)
     dtype = array.dtype
+    if not dtype.isnative and dtype.kind in "biuf":
+        # Big-endian data (a file's ">f4"): the same numbers in the machine's byte order,
+        # which the kernels and the bit tricks of the float paths assume.
+        array = array.astype(dtype.newbyteorder("="))
+        dtype = array.dtype
     if dtype.kind in "biu" or dtype in FLOAT_DTYPES:
         return array
     raise TypeError(

@@ -10,7 +10,7 @@ import numpy as np
 
 from scratchnn import _buffers, _fused, kernels
 from scratchnn._threads import flat, run_blocked
-from scratchnn.backend import as_result, get_array_module
+from scratchnn.backend import as_array, as_result
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -24,15 +24,13 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     >>> print(sigmoid(np.array([-40.0, 0.0, 40.0])))
     [4.24835426e-18 5.00000000e-01 1.00000000e+00]
     """
-    if not isinstance(z, np.ndarray) and get_array_module(z) is not np:
-        return kernels.run("sigmoid_forward", z)[0]  # CuPy: one fused kernel
-    z = np.asarray(z)
-    if z.dtype.kind != "f":
-        z = z.astype(np.float64)
+    z = _float_argument(z, "sigmoid")
     if z.dtype == np.float16:
         # In float64, then rounded once: a float32 sigmoid near 0.5 can round onto a
         # float16 midpoint (0.5 + x/4 loses its -x**3/48) and then round the wrong way.
         return sigmoid(z.astype(np.float64)).astype(np.float16)
+    if type(z) is not np.ndarray:
+        return kernels.run("sigmoid_forward", z)[0]  # CuPy: one fused kernel
     out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: sigmoid_into(zf[lo:hi], of[lo:hi]), zf)
@@ -40,7 +38,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out[...] = sigmoid(z)`` (see :func:`sigmoid`), for arrays of one shape; returns ``out``."""
+    """``out[...] = sigmoid(z)`` (see :func:`sigmoid`), for float arrays of one shape and
+    dtype; ``out`` may be ``z`` itself. Returns ``out``."""
     if _fused.run("sigmoid", out, z):  # the same formula in one compiled pass
         return out
     # In place, one scratch array and the result: each temporary of NumPy's
@@ -49,11 +48,21 @@ def sigmoid_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     np.abs(z, out=e)
     np.negative(e, out=e)
     np.exp(e, out=e)  # exp(-|z|) in (0, 1]: it cannot overflow
-    y = np.add(e, 1.0, out=out)
     # The numerator, 1 where z >= 0 and e elsewhere, is max(e, z >= 0) since e <= 1:
-    # np.where would take a branch per element, mispredicted half the time.
-    np.maximum(e, np.greater_equal(z, 0), out=e)
-    return np.divide(e, y, out=y)
+    # np.where would take a branch per element, mispredicted half the time. It is
+    # written first, so that z is read before out (which may be z) is written.
+    np.maximum(e, np.greater_equal(z, 0), out=out)
+    np.add(e, 1.0, out=e)
+    return np.divide(out, e, out=out)
+
+
+def _float_argument(z: object, who: str) -> np.ndarray:
+    """``z`` as a NumPy or CuPy array of a float dtype (integers and bools in float64).
+
+    Complex, object and string input raise ``TypeError``, as the layers' does.
+    """
+    z = as_array(z, who=who)
+    return z if z.dtype.kind == "f" else z.astype(np.float64)
 
 
 def softplus(z: np.ndarray) -> np.ndarray:
@@ -62,6 +71,9 @@ def softplus(z: np.ndarray) -> np.ndarray:
     >>> print(softplus(np.array([-800.0, 0.0, 800.0])))
     [0.00000000e+00 6.93147181e-01 8.00000000e+02]
     """
+    z = _float_argument(z, "softplus")
+    if z.dtype == np.float16:  # in float64, rounded once (float16 arithmetic is 1 ulp off)
+        return softplus(z.astype(np.float64)).astype(np.float16)
     return as_result(np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z))))
 
 
@@ -78,15 +90,15 @@ def erfc(z: np.ndarray) -> np.ndarray:
     >>> print(erfc(np.array([-1.0, 0.0, 3.0, 26.0])))
     [1.84270079e+000 1.00000000e+000 2.20904970e-005 5.66319241e-296]
     """
-    if not isinstance(z, np.ndarray) and get_array_module(z) is not np:
+    z = _float_argument(z, "erfc")
+    if z.dtype == np.float16:
+        # Its range overflows the polynomials; in float64, rounded once (through float32,
+        # a value near a float16 midpoint can round the wrong way).
+        return erfc(z.astype(np.float64)).astype(np.float16)
+    if type(z) is not np.ndarray:
         import cupyx.scipy.special  # CuPy: its own element-wise erfc kernel
 
         return cupyx.scipy.special.erfc(z)
-    z = np.asarray(z)
-    if z.dtype.kind != "f":
-        z = z.astype(np.float64)
-    if z.dtype == np.float16:  # its range overflows the polynomials: float32, then round
-        return erfc(z.astype(np.float32)).astype(np.float16)
     out = _buffers.empty(z.shape, z.dtype)
     zf, of = flat(z), out.reshape(-1)
     run_blocked(lambda lo, hi: erfc_into(zf[lo:hi], of[lo:hi]), zf, fused=False)
@@ -161,7 +173,8 @@ def _times_exp_minus_square(y: np.ndarray, out: np.ndarray, a: np.ndarray,
 
 
 def erfc_into(z: np.ndarray, out: np.ndarray) -> None:
-    """``out[...] = erfc(z)`` for 1-d contiguous float arrays of one size (see :func:`erfc`).
+    """``out[...] = erfc(z)`` for 1-d contiguous float arrays of one size (see :func:`erfc`);
+    ``out`` may be ``z`` itself.
 
     float64 uses Cody's three intervals, the middle one on every element and
     the outer two only on the elements in them. float32 uses the middle
@@ -169,6 +182,8 @@ def erfc_into(z: np.ndarray, out: np.ndarray) -> None:
     is still within 5e-10 (relative) of erfc, far below float32's rounding,
     and a single formula spares the gathers.
     """
+    if np.may_share_memory(z, out):  # in place: the signs of z are read after out is written
+        z = z.copy()
     y = np.abs(z)
     wide = z.dtype == np.float64
     # Beyond the clip erfc is 0 in the dtype; inf would make NaN in the split below.

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn import _checks
+
 
 @dataclass(frozen=True)
 class GradcheckResult:
@@ -64,6 +66,12 @@ def gradcheck(
     True
     """
     params = network.params
+    if not params:
+        raise ValueError("gradcheck: the network has no parameters to check")
+    if max_per_param is not None:
+        max_per_param = _checks.count("gradcheck", "max_per_param", max_per_param)
+    h = _checks.positive("gradcheck", "h", h)
+    floor = _checks.positive("gradcheck", "floor", floor)
     for key, array in params.items():
         if array.dtype != np.float64:
             raise ValueError(

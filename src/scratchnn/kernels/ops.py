@@ -137,15 +137,17 @@ _add(Op("sigmoid_forward", ("x",), ("y",), "v = x" + _SIGMOID_OF_V + "y = s"))
 _add(Op("sigmoid_backward", ("dout", "y"), ("dx",), "dx = dout * (1.0 - y) * y"))
 _add(Op("tanh_forward", ("x",), ("y",), "y = tanh(x)"))
 _add(Op("tanh_backward", ("dout", "y"), ("dx",), "dx = dout * (1.0 - y * y)"))
+# LeakyRelu's mask is "not x > 0": True at NaN too, whose slope is alpha, as PyTorch's.
 _add(Op("leaky_relu_forward", ("x",), ("y", "mask"),
-        "mask = x <= 0\ny = where(mask, alpha * x, x)", ("alpha",), frozenset({"mask"})))  # fmt: skip
+        "mask = (x > 0) == 0\ny = where(mask, alpha * x, x)", ("alpha",), frozenset({"mask"})))  # fmt: skip
 _add(Op("leaky_relu_backward", ("dout", "mask"), ("dx",),
         "dx = where(mask, alpha * dout, dout)", ("alpha",), frozenset({"mask"})))  # fmt: skip
 # exp only of min(x, 0): exp of a large positive x would overflow.
 _add(Op("elu_forward", ("x",), ("y",), "y = where(x > 0, x, alpha * expm1(min(x, 0.0)))",
         ("alpha",)))  # fmt: skip
+# Its slope at NaN is 1, as PyTorch's: "x <= 0" is false there.
 _add(Op("elu_backward", ("dout", "x"), ("dx",),
-        "dx = where(x > 0, dout, dout * (alpha * exp(min(x, 0.0))))", ("alpha",)))  # fmt: skip
+        "dx = where(x <= 0, dout * (alpha * exp(min(x, 0.0))), dout)", ("alpha",)))  # fmt: skip
 # Exact Gelu: Phi by erfc (no cancellation in the left tail); the pdf's |x| clipped at 40,
 # where exp(-x**2/2) has long underflowed, so x*x stays finite.
 _add(Op("gelu_forward", ("x",), ("y",), f"y = x * (0.5 * erfc(-x * {1 / math.sqrt(2.0)!r}))"))

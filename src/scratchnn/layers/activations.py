@@ -165,7 +165,7 @@ class Sigmoid(Layer):
         self.out: np.ndarray | None = None
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
-        self.out = kernels.run("sigmoid_forward", to_compute(x))[0].astype(x.dtype, copy=False)
+        self.out = F.sigmoid(x).astype(x.dtype, copy=False)  # float16 through float64
         return self.out
 
     def _backward_gpu(self, dout: Any) -> Any:
@@ -174,8 +174,8 @@ class Sigmoid(Layer):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         out = _fused.apply("sigmoid", x)  # one compiled pass, or None: NumPy's passes
-        if out is None:
-            out = F.sigmoid(to_compute(x)).astype(x.dtype, copy=False)
+        if out is None:  # float16 too, which F.sigmoid rounds once from float64
+            out = F.sigmoid(x).astype(x.dtype, copy=False)
         self.out = self._keep_output(out)
         return self.out
 
@@ -244,7 +244,9 @@ class LeakyRelu(Layer):
     Forward: ``y = x`` where ``x > 0``, else ``alpha * x``.
     Backward: ``dy/dx = 1`` where ``x > 0``, else ``alpha``.
 
-    Keeps ``mask`` (True where ``x <= 0``), as ``Relu`` does. Shape: any.
+    Keeps ``mask``, True where ``x <= 0`` as in ``Relu``, and at NaN, where the
+    slope is ``alpha`` as in PyTorch (``Relu`` passes ``dout`` there, as PyTorch's
+    does). Shape: any.
 
     >>> leaky = LeakyRelu(alpha=0.1)
     >>> leaky
@@ -280,7 +282,8 @@ class LeakyRelu(Layer):
         pick = np.maximum if self.alpha <= 1.0 else np.minimum
 
         def forward_block(start: int, stop: int) -> None:
-            np.less_equal(zf[start:stop], 0, out=mask[start:stop])
+            np.greater(zf[start:stop], 0, out=mask[start:stop])
+            np.logical_not(mask[start:stop], out=mask[start:stop])  # NaN's slope is alpha
             np.multiply(zf[start:stop], self.alpha, out=out_flat[start:stop])
             pick(zf[start:stop], out_flat[start:stop], out=out_flat[start:stop])
             if self.alpha == 0.0:  # max(inf, 0 * inf) is NaN; x > 0 picks x = inf
@@ -309,7 +312,8 @@ class Elu(Layer):
     """Exponential linear unit.
 
     Forward: ``y = x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
-    Backward: ``dy/dx = 1`` where ``x > 0``, else ``alpha * exp(x)``.
+    Backward: ``dy/dx = alpha * exp(x)`` where ``x <= 0``, else 1 (at NaN too,
+    as in PyTorch).
 
     Keeps ``slope``, dy/dx at each input, computed in forward beside the
     output (recovering ``alpha * exp(x)`` from the output as ``y + alpha``
@@ -355,12 +359,16 @@ class Elu(Layer):
             np.add(out, np.maximum(z, 0), out=out)
             np.exp(slope, out=slope)
             np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
+            # 1 where not x <= 0: where x > 0, and at NaN (as PyTorch's slope there).
+            one = np.less_equal(z, 0)
+            np.logical_not(one, out=one)
             if not 0.0 <= alpha <= 1.0:
-                slope[...] = np.where(z > 0, 1.0, slope)
+                slope[...] = np.where(one, 1.0, slope)
                 return
-            # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so max(slope, x > 0)
-            # is 1 where x > 0 and the slope elsewhere: the same values, branch-free.
-            np.maximum(slope, np.greater(z, 0), out=slope)
+            # With 0 <= alpha <= 1 the slope is at most 1 where x <= 0, so fmax(slope, one)
+            # is 1 where one is and the slope elsewhere (fmax drops the NaN of a NaN x):
+            # the same values, branch-free.
+            np.fmax(slope, one, out=slope)
 
         self.x = None  # a GPU input would be stale
         out, self.slope = _output_and_slope("elu", to_compute(x), kernel, param=alpha)
@@ -661,7 +669,7 @@ class Softmax(Layer):
     Subtracting the maximum makes it stable for logits of any magnitude.
     Backward: ``dx = y * (dout - sum(dout * y, axis))``, from the kept output.
 
-    Keeps ``out`` (read-only). Shape: any; a 0-d input is one logit (y = 1).
+    Keeps ``out`` (read-only). Shape: any; a 0-d input is one logit (y = 1, NaN if it is not finite).
 
     >>> softmax = Softmax()
     >>> print(softmax.forward(np.array([1.0, 2.0, 3.0])))
@@ -698,7 +706,8 @@ class Softmax(Layer):
         axis = self._reduction_axis(x.ndim)
         z = to_compute(x)
         if z.ndim == 0 or z.size == 0:
-            out = np.ones_like(z)
+            with np.errstate(invalid="ignore"):  # exp(z - z) / exp(z - z): 1, or NaN
+                out = z - z + 1  # for a NaN or an infinity
         elif (rows := self._rows(z, axis)) is not None and _fused.run(
             "softmax", rows, flat(z), param=z.shape[-1]
         ):
@@ -717,7 +726,8 @@ class Softmax(Layer):
         assert self.out is not None  # forward ran: the base checks it
         y, g = to_compute(self.out), to_compute(dout)
         if y.ndim == 0:
-            return np.zeros_like(g)
+            with np.errstate(invalid="ignore"):  # the general formula: 0, or NaN
+                return y * (g - g * y)
         axis = self._reduction_axis(y.ndim)
         rows = self._rows(g, axis)
         if rows is not None and _fused.run(

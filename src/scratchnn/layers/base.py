@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scratchnn import _buffers
-from scratchnn.backend import FLOAT_DTYPES, as_array, as_result, float_dtype_of, is_array
+from scratchnn.backend import (
+    FLOAT_DTYPES,
+    as_array,
+    as_result,
+    device_of,
+    float_dtype_of,
+    is_array,
+)
 
 
 class Layer:
@@ -45,6 +52,7 @@ class Layer:
         self._out_dtype: np.dtype[Any] | None = None
         self._in_dtypes: tuple[np.dtype[Any], ...] = ()
         self._caller_owned: tuple[bool, ...] = ()
+        self._gpu_forward = False  # whether the last forward ran on CuPy arrays
 
     # -- the public contract -------------------------------------------------
 
@@ -79,6 +87,7 @@ class Layer:
             out = as_result(out)  # np.asarray would pull a CuPy array to the host
         self._out_shape = out.shape
         self._out_dtype = out.dtype
+        self._gpu_forward = type(out) is not np.ndarray
         return out
 
     def _general_forward(self, inputs: tuple[Any, ...], borrowed: bool) -> Any:
@@ -107,6 +116,8 @@ class Layer:
                 f"{type(self).__name__}.backward() called before forward(): "
                 "run forward first so that the layer has something to differentiate"
             )
+        if self._gpu_forward is (type(dout) is np.ndarray):
+            self._check_dout_device(dout)
         if not (type(dout) is np.ndarray and dout.dtype == self._out_dtype):
             # (the common case, a NumPy array of the output's dtype, needs no conversion)
             dout = as_array(dout, who=f"{type(self).__name__}.backward", what="dout")
@@ -127,6 +138,21 @@ class Layer:
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
+
+    def _check_dout_device(self, dout: Any) -> None:
+        """Refuse a ``dout`` on another device than the layer's arrays (``TypeError``).
+
+        The layer's device is where its arrays are now (it may have moved since
+        forward), or, when it keeps none, where forward ran.
+        """
+        dout_device = device_of(dout) if is_array(dout) else "cpu"  # lists, numbers: host
+        kept = [value for value in vars(self).values() if is_array(value)]
+        layer_device = device_of(kept[0]) if kept else ("cuda" if self._gpu_forward else "cpu")
+        if dout_device != layer_device:
+            raise TypeError(
+                f"{type(self).__name__}.backward: dout is on {dout_device}, but the layer's "
+                f"arrays are on {layer_device}; move dout with scratchnn.backend.to_device"
+            )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hyperparameters)

@@ -1,0 +1,88 @@
+"""The element-wise functions of scratchnn.functional at the edges of their input.
+
+Oracles: the same function on the native-order float64 array, PyTorch, and
+mpmath (in test_accuracy.py). Runs on both kernel paths (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fake_cupy
+import numpy as np
+import pytest
+import torch
+
+import scratchnn as snn
+import scratchnn.functional as F
+
+FUNCTIONS = [F.sigmoid, F.softplus, F.erfc]
+VALUES = np.array([-40.0, -3.0, -1.0, -0.3, -0.0, 0.0, 0.3, 1.0, 12.0, 40.0])
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">f2"])
+def test_big_endian_input_gives_the_values_of_native_input(function: Any, dtype: str) -> None:
+    big = VALUES.astype(dtype)
+    native = big.astype(big.dtype.newbyteorder("="))
+    np.testing.assert_array_equal(function(big), function(native))
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int64, np.bool_])
+def test_integer_and_bool_input_is_computed_in_float64(function: Any, dtype: Any) -> None:
+    x = np.array([0, 1, 3, 100, 127], dtype=np.int64)
+    if dtype is np.int8:
+        x = np.array([-128, -3, 0, 3, 127])
+    x = x.astype(dtype)
+    y = function(x)
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y, function(x.astype(np.float64)))
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "bad", [np.array([1 + 2j]), np.array(["a"]), np.array([1.0], dtype=np.longdouble)], ids=str
+)
+def test_unsupported_dtypes_raise_type_error(function: Any, bad: np.ndarray) -> None:
+    with pytest.raises(TypeError, match=f"{function.__name__}: unsupported input dtype"):
+        function(bad)
+
+
+def test_softplus_float16_is_the_rounded_float64_value() -> None:
+    x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
+    x = x[np.isfinite(x)]
+    with np.errstate(over="raise", invalid="raise"):
+        y = F.softplus(x)
+    assert y.dtype == np.float16
+    want = torch.nn.functional.softplus(torch.as_tensor(x.astype(np.float64))).numpy()
+    np.testing.assert_array_equal(y, want.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_into_functions_may_write_over_their_input(dtype: Any) -> None:
+    z = np.random.default_rng(1).uniform(-6, 6, 1000).astype(dtype)
+    for into, function in [(F.sigmoid_into, F.sigmoid), (F.erfc_into, F.erfc)]:
+        expected = function(z)
+        in_place = z.copy()
+        into(in_place, in_place)
+        np.testing.assert_array_equal(in_place, expected, err_msg=into.__name__)
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [np.int64, np.float16])
+def test_on_the_device_integers_and_float16_as_on_the_host(
+    function: Any, dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_cupy.install(monkeypatch)
+    x = (VALUES[VALUES >= 0] if dtype is np.int64 else VALUES).astype(dtype)
+    y = function(fake.asarray(x))
+    assert type(y) is fake.ndarray and y.dtype == function(x).dtype
+    # erfc on the device is CuPy's own (here math.erfc), not Cody's: an ulp apart.
+    np.testing.assert_allclose(y.get(), function(x), rtol=4e-16)
+
+
+def test_sigmoid_layer_in_float16_is_the_functional_sigmoid() -> None:
+    x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
+    x = x[np.isfinite(x)]
+    np.testing.assert_array_equal(snn.Sigmoid().forward(x), F.sigmoid(x))
