@@ -12,11 +12,18 @@ import scratchnn as snn
 torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, {"eps": 1e-2, "momentum": 0.3}], ids=["default", "eps 1e-2 momentum 0.3"]
+)
 @pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5, 2)], ids=["1d", "2d"])
-def test_training_steps_then_eval_match_torch(shape: tuple[int, ...]) -> None:
+def test_training_steps_then_eval_match_torch(
+    shape: tuple[int, ...], settings: dict[str, float]
+) -> None:
     rng = np.random.default_rng(0)
-    ours = snn.BatchNorm(3, dtype=np.float64)
-    module: Any = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(3)
+    ours = snn.BatchNorm(3, dtype=np.float64, **settings)  # type: ignore[arg-type]
+    module: Any = (torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d)(
+        3, **settings
+    )
     module = module.double()
     with torch.no_grad():
         module.weight.copy_(torch.tensor([0.5, 1.5, -2.0], dtype=torch.float64))
@@ -105,3 +112,59 @@ def test_training_with_one_value_per_channel_raises() -> None:
 def test_bad_settings_raise(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="BatchNorm"):
         snn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(400_000, 4), (2000, 4, 10, 10)], ids=["1d", "2d"])
+def test_float32_statistics_of_a_large_batch_are_summed_in_float64(
+    shape: tuple[int, ...],
+) -> None:
+    rng = np.random.default_rng(7)
+    x = (3.0 + rng.standard_normal(shape)).astype(np.float32)  # an offset: the hard case
+    ours = snn.BatchNorm(4, dtype=np.float32)
+    exact = snn.BatchNorm(4, dtype=np.float64)
+    error = np.max(np.abs(ours.forward(x) - exact.forward(x.astype(np.float64))))
+    assert error < 2e-5  # float32 sums: about 1e-3
+    np.testing.assert_allclose(ours.running_mean, exact.running_mean, rtol=1e-6)
+    np.testing.assert_allclose(ours.running_var, exact.running_var, rtol=1e-5)
+
+
+def test_float16_is_computed_in_float32() -> None:
+    rng = np.random.default_rng(8)
+    x = (2.0 * rng.standard_normal((64, 3))).astype(np.float16)
+    dout = rng.standard_normal((64, 3)).astype(np.float16)
+    half, wide = snn.BatchNorm(3, dtype=np.float16), snn.BatchNorm(3, dtype=np.float32)
+    out, want = half.forward(x), wide.forward(x.astype(np.float32))
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, want.astype(np.float16))  # rounded once at the end
+    dx = half.backward(dout)
+    np.testing.assert_array_equal(dx, wide.backward(dout.astype(np.float32)).astype(np.float16))
+
+
+def test_first_in_a_network_its_parameter_gradients_match_torch() -> None:
+    # First, BatchNorm computes only dgamma and dbeta (the input's gradient is not needed).
+    rng = np.random.default_rng(9)
+    net = snn.Sequential([snn.BatchNorm(5, dtype=np.float64), snn.Affine(
+        rng.standard_normal((5, 3)), np.zeros(3))])  # fmt: skip
+    x, t = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
+    grads = net.gradient(x, t)
+    bn, linear = torch.nn.BatchNorm1d(5).double(), torch.nn.Linear(5, 3).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(net.params["W1"].T))
+        linear.bias.zero_()
+    loss = torch.nn.functional.cross_entropy(linear(bn(torch.tensor(x))), torch.tensor(t))
+    loss.backward()
+    np.testing.assert_allclose(grads["gamma1"], bn.weight.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(grads["beta1"], bn.bias.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("make", [lambda: snn.BatchNorm(3, dtype=np.float64),
+                                  lambda: snn.Dropout(0.5, rng=np.random.default_rng(0))],
+                         ids=["BatchNorm", "Dropout"])  # fmt: skip
+def test_a_mode_switch_between_forward_and_backward_does_not_change_backward(make: Any) -> None:
+    rng = np.random.default_rng(10)
+    x, dout = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+    steady, switched = make(), make()
+    steady.forward(x)
+    switched.forward(x)
+    switched.training = False  # backward differentiates the forward that ran: training mode
+    np.testing.assert_array_equal(switched.backward(dout), steady.backward(dout))

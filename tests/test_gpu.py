@@ -332,6 +332,43 @@ def test_softmax_cross_entropy_beyond_one_block_uses_array_calls(
 OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_refuses_a_gradient_on_the_other_device(name: str, gpu: Any) -> None:
+    for param_on, grad_on in [("cuda", "cpu"), ("cpu", "cuda")]:
+        params = {"W": to_device(np.ones(3), param_on), "b": to_device(np.ones(2), param_on)}
+        grads = {"W": to_device(np.ones(3), param_on), "b": to_device(np.ones(2), grad_on)}
+        with pytest.raises(TypeError, match=f"gradient 'b' is on {grad_on}, its parameter on"):
+            make_optimizer(name, lr=0.1).update(params, grads)
+        assert np.all(to_host(params["W"]) == 1.0)  # checked before anything moved
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_follows_parameters_that_move_between_devices(name: str, gpu: Any) -> None:
+    # The optimiser itself is not moved: its state and scratch follow the parameters.
+    rng = np.random.default_rng(20)
+    start, grads = rng.standard_normal(6), [rng.standard_normal(6) for _ in range(3)]
+    moving, staying = {"w": start.copy()}, {"w": start.copy()}
+    a, b = make_optimizer(name, lr=0.1), make_optimizer(name, lr=0.1)
+    for step, device in enumerate(["cpu", "cuda", "cpu"]):
+        moving["w"] = to_device(moving["w"], device)
+        a.update(moving, {"w": to_device(grads[step], device)})
+        b.update(staying, {"w": grads[step]})
+        np.testing.assert_allclose(to_host(moving["w"]), staying["w"], rtol=1e-13)
+
+
+def test_adam_on_float16_parameters_on_the_device_as_on_the_host(gpu: Any) -> None:
+    rng = np.random.default_rng(21)
+    start = rng.standard_normal(40).astype(np.float16)
+    grads = [rng.standard_normal(40).astype(np.float16) for _ in range(4)]
+    host, device = {"w": start.copy()}, {"w": to_device(start, "cuda")}
+    a, b = make_optimizer("adam", lr=3e-5), make_optimizer("adam", lr=3e-5)
+    for grad in grads:
+        a.update(host, {"w": grad})
+        b.update(device, {"w": to_device(grad, "cuda")})
+    assert np.any(host["w"] != start)
+    np.testing.assert_array_equal(to_host(device["w"]), host["w"])
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

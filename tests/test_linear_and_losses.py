@@ -270,3 +270,65 @@ def test_sigmoid_with_loss_keeps_the_tiny_loss_of_a_confident_answer() -> None:
         xm, tm = mpmath.mpf(float(xi)), mpmath.mpf(float(ti))
         exact = tm * mpmath.log1p(mpmath.exp(-xm)) + (1 - tm) * mpmath.log1p(mpmath.exp(xm))
         assert value == pytest.approx(float(exact), rel=1e-14, abs=0), (xi, ti)
+
+
+@pytest.mark.parametrize(
+    "make, target",
+    [
+        (snn.SoftmaxWithLoss, lambda rng: rng.integers(0, 4, 6)),
+        (snn.SoftmaxWithLoss, lambda rng: np.eye(4)[rng.integers(0, 4, 6)]),
+        (snn.SigmoidWithLoss, lambda rng: (rng.random((6, 4)) < 0.5).astype(float)),
+        (snn.MeanSquaredError, lambda rng: rng.standard_normal((6, 4))),
+    ],
+    ids=["labels", "one-hot", "sigmoid", "mse"],
+)
+def test_changing_the_target_after_forward_does_not_change_backward(
+    make: Any, target: Any
+) -> None:
+    rng = np.random.default_rng(13)
+    x, t = rng.standard_normal((6, 4)), target(rng)
+    expected = make()
+    expected.forward(x, t.copy())
+    loss = make()
+    loss.forward(x, t)
+    t[...] = t[::-1]  # the caller reuses its batch array
+    np.testing.assert_array_equal(loss.backward(), expected.backward())
+
+
+def test_softmax_with_loss_on_rows_that_do_not_sum_to_one_matches_torch() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 5))
+    t = np.array([np.eye(5)[1], np.zeros(5), 2 * np.eye(5)[3], rng.random(5)])  # sums 1, 0, 2, ~2.5
+    loss = snn.SoftmaxWithLoss()
+    value = loss.forward(x, t)
+    dx = loss.backward(0.5)
+    xt = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.cross_entropy(xt, torch.tensor(t))
+    (want * 0.5).backward()
+    assert value == pytest.approx(want.item(), rel=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_softmax_with_loss_averages_over_every_leading_axis(one_hot: bool) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(15)
+    x, labels = rng.standard_normal((3, 4, 5)), rng.integers(0, 5, (3, 4))
+    t = np.eye(5)[labels] if one_hot else labels
+    loss = snn.SoftmaxWithLoss()
+    value, dx = loss.forward(x, t), loss.backward()
+    xt = torch.tensor(x.reshape(12, 5), requires_grad=True)
+    want = torch.nn.functional.cross_entropy(xt, torch.tensor(labels.reshape(12)))
+    want.backward()
+    assert value == pytest.approx(want.item(), rel=1e-12)
+    np.testing.assert_allclose(dx.reshape(12, 5), xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_a_failed_forward_leaves_nothing_for_backward() -> None:
+    loss = snn.SoftmaxWithLoss()
+    loss.forward(np.zeros((2, 3)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        loss.forward(np.zeros((2, 3)), np.array([0, 7]))
+    with pytest.raises(RuntimeError, match="before forward"):
+        loss.backward()

@@ -294,3 +294,71 @@ def test_gradcheck_puts_the_running_statistics_back() -> None:
     assert snn.gradcheck(net, x, t).max_relative_error < 1e-4
     for key, value in net.state().items():  # 2 forward passes per element moved them
         np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_one_layer_at_two_places_is_refused() -> None:
+    rng = np.random.default_rng(11)
+    shared = snn.Affine(rng.standard_normal((4, 4)), np.zeros(4))
+    with pytest.raises(ValueError, match="layer 2 is the same object as layer 0"):
+        snn.Sequential([shared, snn.Relu(), shared])
+    net = snn.Sequential([shared, snn.Relu()])
+    net.layers.append(shared)  # the list is public: checked again when it changes
+    with pytest.raises(ValueError, match="same object"):
+        _ = net.params
+
+
+def test_two_layers_naming_one_parameter_alike_are_refused() -> None:
+    class Scale(snn.Layer):
+        """A custom layer whose one parameter is called gamma, like BatchNorm's."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = np.ones(3)
+            self.dgamma: np.ndarray | None = None
+
+        @property
+        def params(self) -> dict[str, np.ndarray]:
+            return {"gamma": self.gamma}
+
+        def _forward(self, x: np.ndarray) -> np.ndarray:
+            return x * self.gamma
+
+        def _backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout * self.gamma
+
+    net = snn.Sequential([Scale(), snn.BatchNorm(3, dtype=np.float64)])
+    with pytest.raises(ValueError, match="layers 0 and 1 would both name a parameter 'gamma1'"):
+        _ = net.params
+
+
+def test_accuracy_runs_in_evaluation_mode_and_moves_nothing() -> None:
+    rng = np.random.default_rng(12)
+    net = snn.Sequential([
+        snn.Affine(rng.standard_normal((6, 8)), np.zeros(8)),
+        snn.BatchNorm(8, dtype=np.float64),
+        snn.Dropout(0.5, rng=np.random.default_rng(1)),
+        snn.Affine(rng.standard_normal((8, 3)), np.zeros(3)),
+    ])  # fmt: skip
+    x, t = rng.standard_normal((50, 6)), rng.integers(0, 3, 50)
+    net.gradient(x, t)  # running statistics away from their start
+    state = {k: v.copy() for k, v in net.state().items()}
+    scores = [net.accuracy(x, t) for _ in range(3)]
+    assert len(set(scores)) == 1  # no dropout: the same answer every time
+    assert net.training and all(layer.training for layer in net.layers[1:3])  # mode put back
+    for key, value in net.state().items():
+        np.testing.assert_array_equal(value, state[key], err_msg=key)  # statistics not moved
+    net.eval()
+    expected = float(np.mean(np.argmax(net.predict(x), axis=1) == t))
+    assert scores[0] == expected
+
+
+def test_accuracy_of_yes_no_answers_with_sigmoid_with_loss() -> None:
+    net = snn.Sequential([snn.Identity()], loss=snn.SigmoidWithLoss())
+    logits = np.array([[2.0], [-1.0], [0.5], [-3.0]])
+    assert net.accuracy(logits, np.array([[1.0], [1.0], [0.0], [0.0]])) == 0.5
+    assert net.accuracy(logits, np.array([1, 0, 1, 0])) == 1.0  # (N,) against (N, 1) scores
+    multi = np.array([[2.0, -1.0], [0.5, 0.5]])
+    assert net.accuracy(multi, np.array([[1.0, 0.0], [1.0, 0.0]])) == 0.75  # per answer
+    softmax_net = snn.Sequential([snn.Identity()])
+    with pytest.raises(ValueError, match="fewer than two classes"):
+        softmax_net.accuracy(logits, np.array([0, 0, 0, 0]))

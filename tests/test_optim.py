@@ -555,3 +555,130 @@ def test_adam_refuses_a_step_count_it_could_not_save(step: int) -> None:
     state = {**optimizer.state_dict(), "step/W": np.array(step, dtype=np.uint64)}
     with pytest.raises(ValueError, match=r"step/W must be an integer in \[1, 2\*\*63 - 1\)"):
         make_optimizer("adam", lr=0.1).load_state_dict(state)
+
+
+# -- edges the audit found (each against torch or against the same step on a plain copy) ---
+
+
+def _torch_run(name: str, hyper: dict[str, float], start: np.ndarray,
+               grads: list[np.ndarray]) -> np.ndarray:  # fmt: skip
+    tensor = torch.tensor(start.copy(), requires_grad=True)
+    optimizer = CASES[name][1]([tensor], **hyper, weight_decay=0.0)
+    for grad in grads:
+        tensor.grad = torch.tensor(grad)
+        optimizer.step()
+    return tensor.detach().numpy()
+
+
+@pytest.mark.parametrize("lr", [3e-5, 1e-3])
+def test_adam_on_float16_parameters_follows_torch(lr: float) -> None:
+    # 1 / (c2 * step_size), folded, overflows float16 at small lr: nothing moved, or NaN.
+    rng = np.random.default_rng(16)
+    start = (0.5 * rng.standard_normal(64)).astype(np.float16)
+    grads = [(rng.standard_normal(64) * 800 * (rng.random(64) < 0.8)).astype(np.float16)
+             for _ in range(12)]  # fmt: skip
+    params = {"w": start.copy()}
+    ours = Adam(lr=lr, eps=1e-4)
+    for grad in grads:
+        ours.update(params, {"w": grad})
+    want = _torch_run("adam", {"lr": lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-4}, start, grads)
+    assert params["w"].dtype == np.float16 and np.all(np.isfinite(params["w"]))
+    np.testing.assert_allclose(params["w"], want, rtol=2e-3, atol=2e-3 * lr)
+    assert np.any(params["w"] != start)
+
+
+def test_adam_float32_with_tiny_gradients_follows_torch_over_many_steps() -> None:
+    # Gradients of 1e-9 keep the first moment far above the subnormal flush bound, over
+    # enough steps for several flushes (and for one with a bound as high as 1e-8).
+    rng = np.random.default_rng(17)
+    start = rng.standard_normal(50).astype(np.float32)
+    grads = [(1e-9 * rng.standard_normal(50)).astype(np.float32) for _ in range(700)]
+    params = {"w": start.copy()}
+    ours = Adam(lr=1e-3)
+    for grad in grads:
+        ours.update(params, {"w": grad})
+    want = _torch_run("adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, start, grads)
+    np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_adam_with_beta1_zero_follows_torch() -> None:
+    rng = np.random.default_rng(18)
+    start = rng.standard_normal(20)
+    grads = [rng.standard_normal(20) for _ in range(5)]
+    params = {"w": start.copy()}
+    ours = Adam(lr=0.1, beta1=0.0)
+    for grad in grads:
+        ours.update(params, {"w": grad})
+    want = _torch_run("adam", {"lr": 0.1, "beta1": 0.0, "beta2": 0.999, "eps": 1e-8}, start, grads)
+    assert_close(params["w"], want)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_integer_gradients_step_as_their_float_values(name: str) -> None:
+    make, _, hyper = CASES[name]
+    grad = np.array([-128, 3, 127, 0], dtype=np.int8)
+    as_int, as_float = {"w": np.ones(4)}, {"w": np.ones(4)}
+    make(**hyper).update(as_int, {"w": grad})
+    make(**hyper).update(as_float, {"w": grad.astype(np.float64)})
+    np.testing.assert_array_equal(as_int["w"], as_float["w"])
+
+
+def test_a_numpy_scalar_is_not_a_parameter_and_nothing_moves() -> None:
+    params = {"W": np.ones(2), "s": np.float64(1.0)}
+    with pytest.raises(TypeError, match="parameter 's' must be a float16/32/64 array"):
+        Adam().update(params, {"W": np.ones(2), "s": np.float64(1.0)})
+    np.testing.assert_array_equal(params["W"], np.ones(2))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_f_ordered_and_overlapping_arrays_step_as_plain_copies(name: str) -> None:
+    make, _, hyper = CASES[name]
+    rng = np.random.default_rng(19)
+    base = rng.standard_normal((5, 4))
+    fortran = {"W": np.asfortranarray(base.copy())}
+    plain = {"W": base.copy()}
+    grad = rng.standard_normal((5, 4))
+    buffer = rng.standard_normal(1001)  # longer than a kernel's vector: stores land before loads
+    shifted = {"w": buffer[1:]}  # the gradient overlaps the parameter, one element apart
+    shifted_grad = buffer[:-1]
+    shifted_plain, shifted_grad_plain = {"w": buffer[1:].copy()}, buffer[:-1].copy()
+    a, b = make(**hyper), make(**hyper)
+    for _ in range(3):
+        a.update(fortran, {"W": grad})
+        b.update(plain, {"W": grad})
+    np.testing.assert_array_equal(fortran["W"], plain["W"])
+    make(**hyper).update(shifted, {"w": shifted_grad})
+    make(**hyper).update(shifted_plain, {"w": shifted_grad_plain})
+    np.testing.assert_array_equal(shifted["w"], shifted_plain["w"])
+
+
+def test_the_learning_rate_is_checked_whenever_it_is_set() -> None:
+    optimizer = Adam()
+    with pytest.raises(ValueError, match="Adam: lr must be >= 0"):
+        optimizer.lr = -0.1
+    with pytest.raises(ValueError, match="Adam: lr must be finite"):
+        optimizer.lr = float("nan")
+    optimizer.lr = 5e-324  # subnormal: the folded scale underflows to 0, not a ZeroDivisionError
+    params = {"w": np.ones(3)}
+    optimizer.update(params, {"w": np.ones(3)})
+    np.testing.assert_array_equal(params["w"], np.ones(3))
+
+
+def test_load_state_dict_replaces_the_state_it_had() -> None:
+    params = {"a": np.ones(2), "b": np.ones(3)}
+    optimizer = Momentum(lr=0.1)
+    optimizer.update(params, {"a": np.ones(2), "b": np.ones(3)})
+    optimizer.load_state_dict({"v/a": np.full(2, 5.0)})
+    assert set(optimizer.v) == {"a"}  # b's velocity is gone, not kept beside the loaded one
+    np.testing.assert_array_equal(optimizer.v["a"], np.full(2, 5.0))
+
+
+def test_a_parameter_whose_dtype_changes_gets_fresh_scratch() -> None:
+    optimizer = AdaGrad(lr=0.1)
+    optimizer.update({"w": np.ones(3)}, {"w": np.ones(3)})
+    params = {"w": np.ones(3, np.float32)}
+    expected = {"w": np.ones(3, np.float32)}
+    optimizer.h = {}  # new state for the float32 parameter; the scratch array is stale
+    optimizer.update(params, {"w": np.full(3, 0.5, np.float32)})
+    AdaGrad(lr=0.1).update(expected, {"w": np.full(3, 0.5, np.float32)})
+    np.testing.assert_array_equal(params["w"], expected["w"])

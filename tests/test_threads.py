@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -11,6 +12,29 @@ import pytest
 
 import scratchnn as snn
 from scratchnn import _fused, _threads
+
+
+def _same(want: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...]) -> None:
+    for expected, actual in zip(want, got):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def _until_the_worker_helps(check: Callable[[], None], patience: float = 30.0) -> None:
+    """Run ``check`` (two-thread results against one-thread ones) until the C worker has
+    taken a block: it may sleep through calls while other processes hold the cores,
+    so the test retries for up to ``patience`` seconds, never fewer than twenty times."""
+    assert _fused._MODULE is not None
+    before = _fused._MODULE.worker_blocks()
+    deadline = time.monotonic() + patience
+    tries = 0
+    while True:
+        check()
+        tries += 1
+        if _fused._MODULE.worker_blocks() > before:
+            return
+        if tries >= 20 and time.monotonic() > deadline:
+            break
+    assert _fused._MODULE.worker_blocks() > before, f"the worker took no block in {tries} calls"
 
 
 @pytest.fixture
@@ -129,14 +153,7 @@ def test_compiled_kernels_on_two_threads_match_one(
     monkeypatch.setattr(_fused, "THREADS_FROM", 0)
     monkeypatch.setattr(_fused, "BLOCK", 16)
     assert _fused._MODULE is not None
-    before = _fused._MODULE.worker_blocks()
-    for _ in range(20):  # the worker may sleep through a call; not through twenty
-        two = forward_backward(LAYERS[name], x, dout)
-        for want, got in zip(one, two):
-            np.testing.assert_array_equal(got, want)
-        if _fused._MODULE.worker_blocks() > before:
-            break
-    assert _fused._MODULE.worker_blocks() > before
+    _until_the_worker_helps(lambda: _same(one, forward_backward(LAYERS[name], x, dout)))
 
 
 def _sigmoid_in_child(queue: object) -> None:
@@ -210,14 +227,7 @@ def test_max_pooling_on_two_threads_matches_one(
     monkeypatch.setattr(_fused, "THREADS", 2)
     monkeypatch.setattr(_fused, "THREADS_FROM", 0)
     assert _fused._MODULE is not None
-    before = _fused._MODULE.worker_blocks()
-    for _ in range(20):  # the worker may sleep through a call; not through twenty
-        two = forward_backward(make, x, dout)
-        for want, got in zip(one, two):
-            np.testing.assert_array_equal(got, want)
-        if _fused._MODULE.worker_blocks() > before:
-            break
-    assert _fused._MODULE.worker_blocks() > before
+    _until_the_worker_helps(lambda: _same(one, forward_backward(make, x, dout)))
 
 
 @pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
@@ -240,10 +250,4 @@ def test_batchnorm_on_two_threads_matches_one(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(_fused, "THREADS", 2)
     monkeypatch.setattr(_fused, "THREADS_FROM", 0)
     assert _fused._MODULE is not None
-    before = _fused._MODULE.worker_blocks()
-    for _ in range(20):  # the worker may sleep through a call; not through twenty
-        for want, got in zip(one, run()):
-            np.testing.assert_array_equal(got, want)
-        if _fused._MODULE.worker_blocks() > before:
-            break
-    assert _fused._MODULE.worker_blocks() > before
+    _until_the_worker_helps(lambda: _same(one, run()))

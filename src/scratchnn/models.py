@@ -17,7 +17,7 @@ from scratchnn.backend import (
     move_arrays,
     to_device,
 )
-from scratchnn.layers.losses import Loss, SoftmaxWithLoss
+from scratchnn.layers.losses import Loss, SigmoidWithLoss, SoftmaxWithLoss
 
 # The activations a ready-made network can use, by the name the command line takes.
 ACTIVATIONS: dict[str, Any] = {
@@ -72,6 +72,7 @@ class Sequential:
                 )
         if loss is not None and not isinstance(loss, Loss):
             raise TypeError(f"Sequential: loss must be a Loss layer, got {loss!r}")
+        _check_each_layer_once(layers)
         self.layers = list(layers)
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
@@ -91,14 +92,24 @@ class Sequential:
         current = tuple(self.layers)
         if current == self._numbered[0]:  # compares layer by layer, identity first
             return self._numbered[1]
+        _check_each_layer_once(current)
         counts: dict[tuple[str, ...], int] = {}
         numbered = []
-        for layer in current:
+        owner: dict[str, int] = {}
+        for i, layer in enumerate(current):
             params = getattr(layer, "params", None)
             if params:
                 kind = tuple(params)
                 counts[kind] = counts.get(kind, 0) + 1
                 numbered.append((counts[kind], layer))
+                for name in kind:
+                    key = f"{name}{counts[kind]}"
+                    if key in owner:  # two kinds of layer sharing a parameter name
+                        raise ValueError(
+                            f"Sequential: layers {owner[key]} and {i} would both name a "
+                            f"parameter {key!r}; give the custom layer's parameters other names"
+                        )
+                    owner[key] = i
         self._numbered = (current, numbered)
         return numbered
 
@@ -173,10 +184,34 @@ class Sequential:
         return self.last_loss
 
     def accuracy(self, x: Any, t: Any) -> float:
-        """The fraction of examples whose arg-max prediction equals the label (index or one-hot)."""
-        scores = self.predict(x)
-        y = np.argmax(scores, axis=-1)
+        """The fraction of examples whose arg-max prediction equals the label (index or one-hot).
+
+        Runs in evaluation mode, as the book's ``accuracy`` (``train_flg=False``):
+        no dropout, batch normalisation by its running statistics, which it does
+        not move; the network's mode is put back afterwards. With a
+        ``SigmoidWithLoss`` the scores are logits of independent yes/no answers:
+        the fraction of answers right (logit > 0 against target >= 0.5).
+        """
+        training = self.training
+        self.eval()
+        try:
+            scores = self.predict(x)
+        finally:
+            self.train(training)
         t = as_result(t)
+        if isinstance(self.last_layer, SigmoidWithLoss):
+            if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
+                raise ValueError(
+                    f"Sequential.accuracy: targets have shape {t.shape}, scores {scores.shape}"
+                )
+            right = (scores.reshape(t.shape) > 0) == (t >= 0.5)
+            return float(np.mean(right)) if right.size else 0.0
+        if scores.ndim == 0 or scores.shape[-1] < 2:
+            raise ValueError(
+                f"Sequential.accuracy: scores of shape {scores.shape} have fewer than two "
+                "classes to choose from (a yes/no network needs SigmoidWithLoss)"
+            )
+        y = np.argmax(scores, axis=-1)
         if t.ndim == y.ndim + 1:
             if t.shape != scores.shape:  # (N, 1) labels are not one-hot rows
                 raise ValueError(
@@ -201,7 +236,7 @@ class Sequential:
                 x = layer._checked_forward((x,), borrowed=True)
             else:
                 x = layer.forward(x)
-        self.last_loss = self.last_layer.forward(as_result(x), t)
+        self.last_loss = self.last_layer._checked_forward(as_result(x), t, borrowed=True)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
@@ -247,6 +282,19 @@ class Sequential:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+def _check_each_layer_once(layers: Sequence[Any]) -> None:
+    """A layer keeps its last forward for backward, so one object at two places would
+    differentiate the wrong input (and be updated twice): ``ValueError``."""
+    seen: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        if id(layer) in seen:
+            raise ValueError(
+                f"Sequential: layer {i} is the same object as layer {seen[id(layer)]}; "
+                "each place needs its own layer (build a new one, or share its arrays)"
+            )
+        seen[id(layer)] = i
 
 
 def mlp(

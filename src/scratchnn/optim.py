@@ -46,6 +46,7 @@ from scratchnn.backend import (
     as_array,
     device_of,
     get_array_module,
+    is_array,
     move_arrays,
     to_device,
 )
@@ -82,6 +83,15 @@ class Optimizer:
         self._work: dict[str, np.ndarray] = {}
         self._decayed: dict[str, np.ndarray] = {}
 
+    @property
+    def lr(self) -> float:
+        """The learning rate; checked whenever it is set (schedules set it between epochs)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _checks.nonnegative(type(self).__name__, "lr", value)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
@@ -97,8 +107,8 @@ class Optimizer:
         # Check every pair before touching any parameter, so a bad call changes nothing.
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
         for key, param, grad in checked:
-            if not isinstance(param, np.ndarray):  # CuPy: the whole step in one fused kernel
-                self._step_gpu(key, param, grad)
+            if not isinstance(param, np.ndarray) and param.dtype != np.float16:
+                self._step_gpu(key, param, grad)  # CuPy: the whole step in one fused kernel
                 continue
             work = self._scratch(self._work, key, param)
             if self.weight_decay:
@@ -138,19 +148,26 @@ class Optimizer:
                 f"params has {sorted(params)}"
             )
         param = params[key]
-        if getattr(param, "dtype", None) not in FLOAT_DTYPES or not hasattr(param, "shape"):
+        if not is_array(param) or param.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{who}: parameter {key!r} must be a float16/32/64 array to be updated in "
-                f"place, got {type(param).__name__} of dtype {getattr(param, 'dtype', None)}"
+                f"place, got {type(param).__module__}.{type(param).__name__}"
             )
         if isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{who}: parameter {key!r} is read-only; it is updated in place")
+        if is_array(grad) and device_of(grad) != device_of(param):
+            raise TypeError(
+                f"{who}: gradient {key!r} is on {device_of(grad)}, its parameter on "
+                f"{device_of(param)}"
+            )
         grad = as_array(grad, who=who, what=f"gradient {key!r}")
         if grad.shape != param.shape:
             raise ValueError(
                 f"{who}: gradient {key!r} has shape {grad.shape}, "
                 f"its parameter has shape {param.shape}"
             )
+        if grad.dtype.kind in "biu":  # squared in its own dtype, an integer would wrap around
+            grad = grad.astype(param.dtype)
         self._check_state_of(key, param, who)
         return key, param, grad
 
@@ -177,7 +194,12 @@ class Optimizer:
     @staticmethod
     def _scratch(store: dict[str, np.ndarray], key: str, like: np.ndarray) -> np.ndarray:
         array = store.get(key)
-        if array is None or array.shape != like.shape or array.dtype != like.dtype:
+        if (
+            array is None
+            or type(array) is not type(like)  # the parameters moved to the other device
+            or array.shape != like.shape
+            or array.dtype != like.dtype
+        ):
             array = store[key] = get_array_module(like).empty_like(like)
         return array
 
@@ -497,6 +519,9 @@ class Adam(Optimizer):
         m = self._state("m", key, param)
         v = self._state("v", key, param)
         t = self.steps[key] = self.steps.get(key, 0) + 1
+        if param.dtype == np.float16:
+            self._step_half(param, grad, m, v, work, t)
+            return
         scalars = self._folded_scalars(t)
         inv_scale, eps_scaled = scalars[4:]
         # The same 12 operations in one compiled pass where the kernels take the arrays.
@@ -519,6 +544,27 @@ class Adam(Optimizer):
         if self.beta1 > 0.0 and t % _flush_interval(self.beta1) == 0:
             _flush_near_subnormal(m, work)
 
+    def _step_half(
+        self, param: Any, grad: Any, m: Any, v: Any, work: Any, t: int
+    ) -> None:
+        """The float16 step, unfolded as PyTorch's: ``1 / (c2 * step_size)`` overflows
+        float16 (its largest number is 65504) once ``lr`` is below about 1e-4."""
+        step_size = self.lr / (1.0 - self.beta1**t)
+        sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
+        np.multiply(m, self.beta1, out=m)
+        np.multiply(grad, 1.0 - self.beta1, out=work)
+        np.add(m, work, out=m)
+        np.multiply(v, self.beta2, out=v)
+        np.multiply(grad, 1.0 - self.beta2, out=work)
+        np.multiply(work, grad, out=work)
+        np.add(v, work, out=v)
+        np.sqrt(v, out=work)
+        np.divide(work, sqrt_correction2, out=work)
+        np.add(work, self.eps, out=work)
+        np.divide(m, work, out=work)
+        np.multiply(work, step_size, out=work)
+        np.subtract(param, work, out=param)
+
     def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
         # The same folded scalars as _step. No flush: GPUs run subnormals at full speed.
         m, v = self._state("m", key, param), self._state("v", key, param)
@@ -540,8 +586,9 @@ class Adam(Optimizer):
         """
         step_size = self.lr / (1.0 - self.beta1**t)
         sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
-        if step_size > 0.0:
-            inv_scale, eps_scaled = 1.0 / (sqrt_correction2 * step_size), self.eps / step_size
+        scale = sqrt_correction2 * step_size
+        if scale > 0.0:  # (a subnormal lr can make the product 0)
+            inv_scale, eps_scaled = 1.0 / scale, self.eps / step_size
         else:
             inv_scale, eps_scaled = 0.0, math.inf
         return (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, inv_scale, eps_scaled)

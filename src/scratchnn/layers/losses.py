@@ -18,6 +18,7 @@ from scratchnn.backend import (
     as_result,
     float_dtype_of,
     get_array_module,
+    is_array,
     to_compute,
 )
 
@@ -43,16 +44,28 @@ class Loss:
         return f"{type(self).__name__}()"
 
     def forward(self, x: Any, t: Any) -> float:
-        """The mean loss of predictions ``x`` against targets ``t``."""
+        """The mean loss of predictions ``x`` against targets ``t``.
+
+        A target the caller still holds is copied before it is kept, so that
+        changing it afterwards cannot change ``backward``.
+        """
+        return self._checked_forward(x, t, borrowed=False)
+
+    def _checked_forward(self, x: Any, t: Any, *, borrowed: bool) -> float:
+        """``forward``; ``borrowed=True`` promises that ``t`` stays unchanged until
+        ``backward`` (``Sequential.gradient`` runs both in one call), so it is kept as is."""
         name = type(self).__name__
         self._x_shape = None
         x = as_array(x, who=name, what="prediction")
         if x.dtype not in FLOAT_DTYPES:
             x = x.astype(float_dtype_of(x.dtype))
+        given = t
         t = as_array(t, who=name, what="target")
         if x.size == 0:
             raise ValueError(f"{name}: the prediction is empty, shape {x.shape}")
         t = self._check_target(x, t)
+        if not borrowed and is_array(given) and np.may_share_memory(t, given):
+            t = t.copy()
         loss = self._forward(to_compute(x), t)
         self._x_shape, self._x_dtype = x.shape, x.dtype
         return float(loss)
@@ -134,7 +147,8 @@ class SoftmaxWithLoss(Loss):
     any magnitude, unlike ``log(y + 1e-7)``). ``t`` holds class indices of
     shape (N,) or rows of class probabilities (one-hot) of shape (N, K); a
     single unbatched example (x of shape (K,)) has N = 1.
-    Backward: ``dx = dout * (y - t) / N``.
+    Backward: ``dx = dout * (y - t) / N`` (``dout * (y sum_k t_k - t) / N`` for
+    rows of ``t`` that do not sum to 1).
 
     Keeps ``y`` (the softmax) and ``t`` (as given: class indices or rows), as
     the book does. On a GPU, class indices take two CUDA kernels of their own
@@ -200,7 +214,9 @@ class SoftmaxWithLoss(Loss):
         y, t = self.y, self.t
         n = y.size // y.shape[-1]
         if t.shape == y.shape:
-            return (y - t) * (dout / n)
+            # The gradient of -sum t log y is y sum(t) - t: y - t when each row of t sums
+            # to 1 (one-hot rows, probabilities), right for any other rows too (as PyTorch).
+            return (y * t.sum(axis=-1, keepdims=True) - t) * (dout / n)
         kernels = _cuda_kernels(y, t)
         if kernels is not None:
             return kernels.backward(get_array_module(y), y, t, dout / n)

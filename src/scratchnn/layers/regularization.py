@@ -72,7 +72,8 @@ class Dropout(Layer):
 
     def _scale(self, values: np.ndarray, keep: np.ndarray) -> np.ndarray:
         z = to_compute(values)
-        # 1/(1-p) as PyTorch: one factor in the compute dtype; p = 1 keeps nothing, so no division by 0.
+        # 1/(1-p) as one factor rounded once to the compute dtype (PyTorch divides by 1-p
+        # rounded to the dtype: up to 2 ulp apart); p = 1 keeps nothing, so no division by 0.
         factor = z.dtype.type(0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p))
         return z * (keep * factor)
 
