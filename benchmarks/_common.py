@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import platform
 import statistics
@@ -94,7 +95,41 @@ def machine_report() -> str:
         lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     except ImportError:
         lines.append("torch: not installed")
+    lines.append(_scratchnn_report())
     return "\n".join(lines)
+
+
+def _scratchnn_report() -> str:
+    """scratchnn's version and commit, whether its compiled kernels run, on how many threads."""
+    import subprocess
+
+    import scratchnn
+    from scratchnn import _fused, _threads
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    kernels = "on" if _fused.ENABLED else "off (SCRATCHNN_KERNELS=0 or not built)"
+    return (
+        f"scratchnn {scratchnn.__version__} (commit {commit}), compiled kernels {kernels}, "
+        f"{_fused.THREADS} kernel threads, {_threads.THREADS} NumPy-block threads"
+    )
+
+
+def limit_threads(n: int) -> None:
+    """Run everything on ``n`` threads: OpenBLAS (threadpoolctl), PyTorch and scratchnn's own."""
+    import torch
+    from threadpoolctl import threadpool_limits  # pip install -e ".[bench]"
+
+    from scratchnn import _fused, _threads
+
+    torch.set_num_threads(n)
+    threadpool_limits(n, user_api="blas")  # holds until the process ends
+    _fused.THREADS = _threads.THREADS = n
 
 
 @dataclass
@@ -113,12 +148,13 @@ class Timing:
 
 
 def _calls_for(fn: Callable[[], object], min_seconds: float) -> int:
-    """How many calls make one timing last at least ``min_seconds`` (after a warm-up call)."""
+    """How many calls make one timing last at least ``min_seconds`` (after a warm-up call),
+    as far as one timed call tells."""
     fn()
     started = time.perf_counter()
     fn()
     once = max(time.perf_counter() - started, 1e-7)
-    return max(1, min(100_000, round(min_seconds / once)))
+    return max(1, min(100_000, math.ceil(min_seconds / once)))
 
 
 def paired_rounds(

@@ -17,8 +17,8 @@ float32, batch 128, 3×3 kernels with padding 1, the two convolutions of
   same weights, its loss checked to agree with dropout off.
 
 Both frameworks run in this one process, with the same number of threads
-(PyTorch's ``set_num_threads`` set to OpenBLAS's, or both set by
-``--threads``), on the same arrays and
+(PyTorch's ``set_num_threads`` set to OpenBLAS's, or PyTorch, OpenBLAS and
+scratchnn's own kernels all set by ``--threads``), on the same arrays and
 weights (checked to agree before timing). Each contender runs once per
 round in a rotating order; the ratio is the median of per-round ratios
 (below 1: scratchnn is faster).
@@ -27,12 +27,11 @@ round in a rotating order; the ratio is the median of per-round ratios
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from _common import format_seconds, machine_report, paired_rounds, print_table
+from _common import format_seconds, limit_threads, machine_report, paired_rounds, print_table
 
 import scratchnn as snn
 
@@ -154,17 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, help="threads for both (default: OpenBLAS's)")
     args = parser.parse_args(argv)
-    limit: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if args.threads is not None:
-        import threadpoolctl
-
-        limit = threadpoolctl.threadpool_limits(args.threads, user_api="blas")
-    with limit:
-        run(args.batch, args.rounds)
+        limit_threads(args.threads)  # OpenBLAS, PyTorch and scratchnn's own threads
+    else:
+        torch.set_num_threads(blas_threads())
+    run(args.batch, args.rounds)
 
 
 def run(batch: int, rounds: int) -> None:
-    torch.set_num_threads(blas_threads())
     print(machine_report())
     rows = []
     for name, (c_in, c_out, size, input_grad) in SHAPES.items():
