@@ -114,7 +114,7 @@ def test_pool_holds_at_most_its_budget_and_small_arrays_bypass_it():
     kept = [_buffers.empty((BIG,), np.float32) for _ in range(4)]
     small = _buffers.empty((10,), np.float32)
     assert small.base is None  # plain np.empty
-    assert _buffers.held_bytes() == 4 * _buffers.MIN_BYTES
+    assert _buffers.held_bytes() == 4 * (_buffers.MIN_BYTES + _buffers.ALIGNMENT)
     sizes = _buffers.POOL_BYTES // _buffers.MIN_BYTES + 3
     more = [_buffers.empty((BIG,), np.float32) for _ in range(sizes)]
     assert _buffers.held_bytes() <= _buffers.POOL_BYTES
@@ -143,3 +143,14 @@ def test_empty_like_and_copy_take_the_pool_only_for_large_arrays():
         copied = _buffers.copy(source)
         assert copied.flags.c_contiguous and not np.shares_memory(copied, source)
         np.testing.assert_array_equal(copied, source)
+
+
+def test_pooled_arrays_start_at_a_cache_line():
+    # Non-temporal stores (the streaming Relu) need 64-byte aligned outputs.
+    first = _buffers.empty((BIG,), np.float32)
+    address_of_first = address(first)
+    del first
+    again = _buffers.empty((BIG,), np.float32)  # the same memory, handed out again
+    other = _buffers.empty((BIG // 2,), np.float64)
+    assert address(again) == address_of_first
+    assert address(again) % 64 == 0 and address(other) % 64 == 0

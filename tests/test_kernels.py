@@ -213,6 +213,66 @@ def test_packed_relu_bits_match_numpy_packbits(size: int, dtype: type, avx512_pa
         np.testing.assert_array_equal(dx, np.where(x <= 0, 0, dout))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["bool mask", "packed mask"])
+@pytest.mark.parametrize("offset", [0, 1, 3, 9], ids=lambda o: f"offset {o}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 100, 100_003])
+def test_streaming_relu_matches_the_plain_kernels_bit_for_bit(
+    size: int, dtype: type, offset: int, packed: bool, avx512_path: str
+) -> None:
+    """The streaming kernels (non-temporal stores) write what the plain ones write, at
+    every alignment of the output (ordinary stores where it is not aligned)."""
+    rng = np.random.default_rng(size + offset)
+    x = rng.standard_normal(size).astype(dtype)
+    x[::5] = 0.0
+    x[1::7] = np.nan
+    x[2::11] = -0.0
+    dout = rng.standard_normal(size).astype(dtype)
+    base = "relu_packed" if packed else "relu"
+    kernels = {
+        "plain": (base, f"{base}_grad" if packed else "relu_grad"),
+        "stream": (f"{base}_stream", f"{base}_stream_grad" if packed else "relu_grad_stream"),
+    }
+    results = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fused, "ENABLED", True)
+        for kind, (forward, backward) in kernels.items():
+            out = np.empty(size + offset, dtype)[offset:]  # misaligned by `offset` elements
+            dx = np.empty(size + offset, dtype)[offset:]
+            mask = np.empty((size + 7) // 8, np.uint8) if packed else np.empty(size, bool)
+            assert _fused.run(forward, out, x, mask_out=mask)
+            assert _fused.run(backward, dx, g=dout, mask_in=mask)
+            results[kind] = (out.copy(), mask, dx.copy())
+    for plain, streamed in zip(results["plain"], results["stream"]):
+        np.testing.assert_array_equal(streamed.view(np.uint8), plain.view(np.uint8))
+
+
+def test_relu_layer_streams_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal(5000).astype(np.float32), rng.standard_normal(5000)
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    calls: list[str] = []
+    real_run = _fused.run
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> bool:
+        calls.append(name)
+        return real_run(name, *args, **kwargs)
+
+    monkeypatch.setattr(_fused, "run", spy)
+    want = [snn.Relu().forward(x), None]
+    layer = snn.Relu()
+    monkeypatch.setattr(_fused, "STREAM_FROM", x.nbytes)
+    out = layer.forward(x)
+    dx = layer.backward(dout.astype(np.float32))
+    assert calls[-2:] == ["relu_stream", "relu_grad_stream"]
+    np.testing.assert_array_equal(out, want[0])
+    np.testing.assert_array_equal(dx, np.where(x <= 0, 0, dout.astype(np.float32)))
+    packed = snn.Relu(packed=True)
+    np.testing.assert_array_equal(packed.forward(x), want[0])
+    np.testing.assert_array_equal(packed.backward(dout.astype(np.float32)), dx)
+    assert calls[-2:] == ["relu_packed_stream", "relu_packed_stream_grad"]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("size", [5, 16, 1000, 100_003])
@@ -447,7 +507,8 @@ def test_kernels_with_more_outputs_refuse_a_call_without_them() -> None:
 
     if not _fused.available():
         pytest.skip("compiled kernels not built (no C compiler?)")
-    # WRITES agrees with the C source: each kernel body that writes out2, out3 or m_out.
+    # WRITES and READS agree with the C source: each kernel body that writes out2, out3 or
+    # m_out, or reads m_in; the packed and streaming Relu kernels as their plain twins.
     source = (Path(__file__).resolve().parents[1] / "src/ckernels/elementwise.c").read_text()
     bodies = re.findall(r"#define (\w+)_BODY\(T, F\)((?:[^\n]*\\\n)*[^\n]*)", source)
     names = {"out2": "out2", "out3": "out3", "m_out": "mask_out"}
@@ -455,7 +516,15 @@ def test_kernels_with_more_outputs_refuse_a_call_without_them() -> None:
         kernel: tuple(names[o] for o in names if re.search(rf"\b{o}\[i\] =", body))
         for kernel, body in bodies
     }
+    read = {kernel: ("mask_in",) for kernel, body in bodies if re.search(r"\bm_in\[i\]", body)}
+    twins = {"relu_stream": "relu", "relu_packed": "relu", "relu_packed_stream": "relu",
+             "relu_grad_stream": "relu_grad", "relu_packed_grad": "relu_grad",
+             "relu_packed_stream_grad": "relu_grad"}  # fmt: skip
+    for kernel, twin in twins.items():
+        written[kernel], read[kernel] = written[twin], read.get(twin, ())
+    assert set(twins) <= set(_fused._INDEX)
     assert {kernel: outputs for kernel, outputs in written.items() if outputs} == _fused.WRITES
+    assert {kernel: masks for kernel, masks in read.items() if masks} == _fused.READS
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_fused, "ENABLED", True)
         x = np.linspace(-2, 2, 100)
@@ -464,6 +533,11 @@ def test_kernels_with_more_outputs_refuse_a_call_without_them() -> None:
         assert not _fused.run("elu", out, x, param=1.0)  # no out2
         assert (out == 7.0).all()
         assert _fused.apply("elu", x, param=1.0) is None
+        for kernel in ("relu_packed", "relu_packed_stream"):  # crashed: no array for bits
+            assert not _fused.run(kernel, out, x)
+        for kernel in ("relu_grad", "relu_packed_grad", "relu_grad_stream"):  # read out
+            assert not _fused.run(kernel, out, g=x)
+        assert (out == 7.0).all()
         mask = np.empty(x.shape, bool)
         assert _fused.run("relu", out, x, mask_out=mask)
         np.testing.assert_array_equal(out, np.maximum(x, 0))

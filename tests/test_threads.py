@@ -156,6 +156,23 @@ def test_compiled_kernels_on_two_threads_match_one(
     _until_the_worker_helps(lambda: _same(one, forward_backward(LAYERS[name], x, dout)))
 
 
+@pytest.mark.skipif(not _fused.available(), reason="compiled kernels not built (no C compiler?)")
+def test_streaming_relu_on_two_threads_matches_the_plain_kernel_on_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(2)
+    x = (5 * rng.standard_normal(300_007)).astype(np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    monkeypatch.setattr(_fused, "ENABLED", True)
+    monkeypatch.setattr(_fused, "THREADS", 1)
+    one = forward_backward(snn.Relu, x, dout)
+    monkeypatch.setattr(_fused, "STREAM_FROM", 0)  # non-temporal stores, blocks of 16
+    monkeypatch.setattr(_fused, "THREADS", 2)
+    monkeypatch.setattr(_fused, "THREADS_FROM", 0)
+    monkeypatch.setattr(_fused, "BLOCK", 16)
+    _until_the_worker_helps(lambda: _same(one, forward_backward(snn.Relu, x, dout)))
+
+
 def _sigmoid_in_child(queue: object) -> None:
     x = np.linspace(-5, 5, 200_000, dtype=np.float32)
     queue.put(float(snn.Sigmoid().forward(x).sum()))  # type: ignore[attr-defined]

@@ -98,6 +98,9 @@ DECLARE_KERNEL(sgd) DECLARE_KERNEL(adam)
 /* softmax.c, relu_packed.c */
 DECLARE_KERNEL(softmax) DECLARE_KERNEL(softmax_grad)
 DECLARE_KERNEL(relu_packed) DECLARE_KERNEL(relu_packed_grad)
+/* relu_stream.c and relu_packed.c: Relu with non-temporal stores, for arrays beyond the caches */
+DECLARE_KERNEL(relu_stream) DECLARE_KERNEL(relu_grad_stream)
+DECLARE_KERNEL(relu_packed_stream) DECLARE_KERNEL(relu_packed_stream_grad)
 /* Fills the bit-reversal table of the packed Relu; once, when the module loads. */
 void init_packed(void);
 /* The kernels' names, in the order run() numbers them: a new tuple. */

@@ -224,7 +224,8 @@ static const struct {
     ROW(leaky_relu), ROW(leaky_relu_grad), ROW(elu), ROW(softplus), ROW(softplus_grad),
     ROW(silu), ROW(gelu_tanh), ROW(gelu), ROW(slope_grad), ROW(copy), ROW(tanh),
     ROWWISE(softmax), ROWWISE(softmax_grad), ROW(sgd), ROW(adam),
-    BITWISE(relu_packed), BITWISE(relu_packed_grad),
+    BITWISE(relu_packed), BITWISE(relu_packed_grad), ROW(relu_stream), ROW(relu_grad_stream),
+    BITWISE(relu_packed_stream), BITWISE(relu_packed_stream_grad),
 };
 #define N_KERNELS ((Py_ssize_t)(sizeof(KERNELS) / sizeof(KERNELS[0])))
 

@@ -40,6 +40,8 @@ from scratchnn import _fused
 MIN_BYTES = 1 << 20
 # Most bytes of buffers the pool keeps, in use or free.
 POOL_BYTES = 1 << 28
+# Where the arrays start: malloc aligns to 16 bytes only.
+ALIGNMENT = 64
 
 _buffers: list[np.ndarray] = []  # least recently handed out first
 _lock = threading.Lock()
@@ -61,8 +63,11 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     with _lock:
         buffer = _take(nbytes)
         # The view is made under the lock: until it exists, another thread
-        # could find the same buffer free.
-        return buffer.view(dtype).reshape(shape)
+        # could find the same buffer free. It starts at a 64-byte boundary (a cache
+        # line, an AVX-512 vector: what non-temporal stores need), and its base is
+        # the pool's buffer itself (NumPy points a view of a view at the owner).
+        start = -buffer.ctypes.data % ALIGNMENT
+        return buffer[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def empty_like(array: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -88,6 +93,8 @@ def copy(array: np.ndarray) -> np.ndarray:
 
 
 def _take(nbytes: int) -> np.ndarray:
+    """A free buffer of ``nbytes`` and room to align its start (a new one if none is free)."""
+    nbytes += ALIGNMENT
     # The most recently used free buffer first: it is the likeliest to be in cache.
     # A plain index loop: enumerate() would hold a reference of its own.
     for index in range(len(_buffers) - 1, -1, -1):

@@ -49,6 +49,11 @@ _MODULE = _load()
 # about THREADS_FROM.
 THREADS = min(2, os.cpu_count() or 1)
 THREADS_FROM = 1 << 16
+# Bytes from which Relu writes its output and dx with non-temporal stores (relu_stream.c).
+# Measured with the next layer reading each result (so that the cached copy an ordinary
+# store leaves is worth something): the stores take 1.04 x the time at 8 MB, 0.91 x at
+# 16 MB and 0.87 x at 64 MB per array.
+STREAM_FROM = 1 << 24
 BLOCK = 1 << 14
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(_MODULE.NAMES)} if _MODULE else {}
 ENABLED = _MODULE is not None and os.environ.get("SCRATCHNN_KERNELS", "1") != "0"
@@ -60,8 +65,11 @@ def available() -> bool:
     return _MODULE is not None
 
 
-# The outputs beyond ``out`` that a kernel writes (src/ckernels/elementwise.c). The C side
-# points a missing output at ``out``, so a call without one would write it over ``out``.
+# The outputs beyond ``out`` that a kernel writes, and the masks it reads
+# (src/ckernels/elementwise.c; the packed and streaming Relu kernels of relu_packed.c
+# and relu_stream.c as their plain twins). The C side points a missing array at
+# ``out``, or has none for the packed ones: a call without one would write over
+# ``out``, read garbage, or crash.
 WRITES: dict[str, tuple[str, ...]] = {
     "relu": ("mask_out",),
     "leaky_relu": ("mask_out",),
@@ -70,6 +78,16 @@ WRITES: dict[str, tuple[str, ...]] = {
     "gelu_tanh": ("out2",),
     "gelu": ("out2",),
     "adam": ("out2", "out3"),
+    "relu_stream": ("mask_out",),
+    "relu_packed": ("mask_out",),
+    "relu_packed_stream": ("mask_out",),
+}
+READS: dict[str, tuple[str, ...]] = {
+    "relu_grad": ("mask_in",),
+    "leaky_relu_grad": ("mask_in",),
+    "relu_grad_stream": ("mask_in",),
+    "relu_packed_grad": ("mask_in",),
+    "relu_packed_stream_grad": ("mask_in",),
 }
 
 
@@ -96,12 +114,13 @@ def run(
     or float64), which the other float arrays share; every array is
     C-contiguous with ``out``'s size, or the call returns False untouched.
     Only ``out``, ``out2``, ``out3`` and ``mask_out`` are written; a kernel
-    that writes one of the last three (``WRITES``) gets False without it.
+    that writes one of the last three (``WRITES``), or reads a mask
+    (``READS``), gets False without it.
     """
     if not ENABLED or type(out) is not np.ndarray:
         return False
-    given = {"out2": out2, "out3": out3, "mask_out": mask_out}
-    if any(given[output] is None for output in WRITES.get(name, ())):
+    given = {"out2": out2, "out3": out3, "mask_out": mask_out, "mask_in": mask_in}
+    if any(given[a] is None for a in (*WRITES.get(name, ()), *READS.get(name, ()))):
         return False
     assert _MODULE is not None
     params = tuple(map(float, param)) if isinstance(param, tuple) else (float(param),)
@@ -125,7 +144,7 @@ def apply(name: str, x: np.ndarray, *more: np.ndarray, param: float = 0.0) -> np
     """
     if not ENABLED or type(x) is not np.ndarray or x.dtype not in _DTYPES or len(more) > 2:
         return None
-    if name in WRITES:  # it has more outputs than the one made here
+    if name in WRITES or name in READS:  # more outputs than the one made here, or a mask
         return None
     assert _MODULE is not None
     g, h = (*more, None, None)[:2]

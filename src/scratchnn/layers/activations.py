@@ -85,11 +85,13 @@ class Relu(Layer):
         if self.packed:
             packed = np.empty((x.size + 7) // 8, np.uint8)
             self._mask, self._mask_shape = packed, x.shape
-            if _fused.run("relu_packed", out, x, mask_out=packed):
+            kernel = "relu_packed_stream" if x.nbytes >= _fused.STREAM_FROM else "relu_packed"
+            if _fused.run(kernel, out, x, mask_out=packed):
                 return out  # one compiled pass, packing beside it
         else:
             self._mask = _buffers.empty_like(x, bool)
-            if _fused.run("relu", out, x, mask_out=self._mask):
+            kernel = "relu_stream" if x.nbytes >= _fused.STREAM_FROM else "relu"
+            if _fused.run(kernel, out, x, mask_out=self._mask):
                 return out
         # NumPy's passes, block by block, so that each block's mask is still in
         # cache when it is used (and packed).
@@ -109,7 +111,9 @@ class Relu(Layer):
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         assert self._mask is not None  # forward ran: the base checks it
         dx = _buffers.empty_like(dout)
-        kernel = "relu_packed_grad" if self.packed else "relu_grad"
+        # Beyond the caches, dx is written by non-temporal stores (src/ckernels/relu_stream.c).
+        stream = "_stream" if dout.nbytes >= _fused.STREAM_FROM else ""
+        kernel = f"relu_packed{stream}_grad" if self.packed else f"relu_grad{stream}"
         if _fused.run(kernel, dx, g=dout, mask_in=self._mask):
             return dx
         g, dx_flat, kept = flat(dout), dx.reshape(-1), self._mask.reshape(-1)
