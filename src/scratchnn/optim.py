@@ -526,15 +526,7 @@ class Adam(Optimizer):
         inv_scale, eps_scaled = scalars[4:]
         # The same 12 operations in one compiled pass where the kernels take the arrays.
         if not _compiled_step("adam", param, grad, (m, v), scalars):
-            np.multiply(m, self.beta1, out=m)
-            np.multiply(grad, 1.0 - self.beta1, out=work)
-            np.add(m, work, out=m)
-
-            np.multiply(v, self.beta2, out=v)
-            np.multiply(grad, 1.0 - self.beta2, out=work)
-            np.multiply(work, grad, out=work)
-            np.add(v, work, out=v)
-
+            self._move_moments(grad, m, v, work)
             np.sqrt(v, out=work)
             np.multiply(work, inv_scale, out=work)
             np.add(work, eps_scaled, out=work)
@@ -551,6 +543,16 @@ class Adam(Optimizer):
         float16 (its largest number is 65504) once ``lr`` is below about 1e-4."""
         step_size = self.lr / (1.0 - self.beta1**t)
         sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
+        self._move_moments(grad, m, v, work)
+        np.sqrt(v, out=work)
+        np.divide(work, sqrt_correction2, out=work)
+        np.add(work, self.eps, out=work)
+        np.divide(m, work, out=work)
+        np.multiply(work, step_size, out=work)
+        np.subtract(param, work, out=param)
+
+    def _move_moments(self, grad: Any, m: Any, v: Any, work: Any) -> None:
+        """``m <- beta1 m + (1 - beta1) g`` and ``v <- beta2 v + (1 - beta2) g g``, in place."""
         np.multiply(m, self.beta1, out=m)
         np.multiply(grad, 1.0 - self.beta1, out=work)
         np.add(m, work, out=m)
@@ -558,12 +560,6 @@ class Adam(Optimizer):
         np.multiply(grad, 1.0 - self.beta2, out=work)
         np.multiply(work, grad, out=work)
         np.add(v, work, out=v)
-        np.sqrt(v, out=work)
-        np.divide(work, sqrt_correction2, out=work)
-        np.add(work, self.eps, out=work)
-        np.divide(m, work, out=work)
-        np.multiply(work, step_size, out=work)
-        np.subtract(param, work, out=param)
 
     def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
         # The same folded scalars as _step. No flush: GPUs run subnormals at full speed.

@@ -82,16 +82,16 @@ class Relu(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # Keeps only the mask: the sign pattern is all that backward needs.
         out = _buffers.empty_like(x)
+        # Beyond the caches, out is written by non-temporal stores (src/ckernels/relu_stream.c).
+        stream = "_stream" if x.nbytes >= _fused.STREAM_FROM else ""
         if self.packed:
             packed = np.empty((x.size + 7) // 8, np.uint8)
             self._mask, self._mask_shape = packed, x.shape
-            kernel = "relu_packed_stream" if x.nbytes >= _fused.STREAM_FROM else "relu_packed"
-            if _fused.run(kernel, out, x, mask_out=packed):
+            if _fused.run(f"relu_packed{stream}", out, x, mask_out=packed):
                 return out  # one compiled pass, packing beside it
         else:
             self._mask = _buffers.empty_like(x, bool)
-            kernel = "relu_stream" if x.nbytes >= _fused.STREAM_FROM else "relu"
-            if _fused.run(kernel, out, x, mask_out=self._mask):
+            if _fused.run(f"relu{stream}", out, x, mask_out=self._mask):
                 return out
         # NumPy's passes, block by block, so that each block's mask is still in
         # cache when it is used (and packed).
