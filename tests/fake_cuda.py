@@ -11,9 +11,15 @@ grid and checks alignment, and the kernels it launches) runs here without a GPU.
 Stricter than CuPy where CuPy would compute garbage without a word: every
 argument is checked against the kernel's C signature (a pointer takes a
 C-contiguous array of exactly its element type, a scalar a NumPy scalar of
-exactly its type); Python numbers, whose C type CuPy guesses, are refused.
-What it cannot find: timing, memory coalescing, races between blocks (blocks
-run one after another) and the differences between CUDA's and glibc's maths.
+exactly its type); Python numbers, whose C type CuPy guesses, are refused. As
+strict as a GPU where it faults: the vector types are aligned as CUDA's and a
+misaligned vector access stops the process (UBSan's alignment check). A
+block's threads run in descending order, so code that leans on index order
+fails here too. What it cannot find: timing, memory coalescing, races between
+blocks (blocks run one after another), shared memory that a kernel reads
+before writing (here it keeps its last values), out-of-bounds accesses, and
+the differences between CUDA's and glibc's maths (nvcc's test compiles each
+source to a cubin, which checks registers and shared memory).
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ float fabsf(float); double fabs(double); float erfcf(float); double erfc(double)
 #define __forceinline__ inline
 #define __restrict__
 #define __shared__ static
-struct float4 { float x, y, z, w; };
-struct double2 { double x, y; };
-struct uchar4 { unsigned char x, y, z, w; };
-struct uchar2 { unsigned char x, y; };
+// Aligned as CUDA's: a vector access at a misaligned address faults on a GPU, and here
+// stops the test (g++ -fsanitize=alignment).
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+struct alignas(4) uchar4 { unsigned char x, y, z, w; };
+struct alignas(2) uchar2 { unsigned char x, y; };
 struct dim3_ { unsigned int x, y, z; };  // CUDA's built-in indices are unsigned int
 static dim3_ gridDim, blockDim;
 static thread_local dim3_ blockIdx, threadIdx;
@@ -65,6 +73,8 @@ extern "C" void fake_thread(unsigned int block, unsigned int thread) {
 # For kernels that synchronise: a block's threads are OS threads, __syncthreads a barrier.
 _SYNC_SHIM = """
 #include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 static pthread_barrier_t fake_barrier;
 static inline void __syncthreads() { pthread_barrier_wait(&fake_barrier); }
 struct fake_task { void* const* a; unsigned int b, t; };
@@ -89,6 +99,10 @@ _CTYPES = {
     "unsigned char": ctypes.c_ubyte, "unsigned short": ctypes.c_ushort,
     "unsigned int": ctypes.c_uint, "unsigned long long": ctypes.c_ulonglong,
 }  # fmt: skip
+
+# -O0 compiles fastest; UBSan's alignment check stops at a misaligned vector access.
+_FLAGS = ("-O0", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC",
+          "-fsanitize=alignment", "-fno-sanitize-recover=alignment")  # fmt: skip
 
 # The names of the kernels launched, in order, for tests that check which path ran.
 launches: list[str] = []
@@ -134,18 +148,24 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
         pthread_barrier_init(&fake_barrier, 0, block);
         for (unsigned int t = 0; t < block; ++t) {{
             tasks[t].a = a; tasks[t].b = b; tasks[t].t = t;
-            pthread_create(&ids[t], 0, fake_body_{name}, &tasks[t]);
+            if (pthread_create(&ids[t], 0, fake_body_{name}, &tasks[t]) != 0) {{
+                // The barrier would wait forever for the missing thread.
+                fprintf(stderr, "fake CUDA: cannot start thread %u of a block\\n", t);
+                abort();
+            }}
         }}
         for (unsigned int t = 0; t < block; ++t) pthread_join(ids[t], 0);
         pthread_barrier_destroy(&fake_barrier);
     }}
 }}
 """
+    # Threads in descending order: code that leans on the threads of a block running in
+    # index order (a race on a GPU) gives a wrong answer here too.
     return f"""
 extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int block) {{
     fake_launch(grid, block);
     for (unsigned int b = 0; b < grid; ++b)
-        for (unsigned int t = 0; t < block; ++t) {{ fake_thread(b, t); {call} }}
+        for (unsigned int t = block; t-- > 0;) {{ fake_thread(b, t); {call} }}
 }}
 """
 
@@ -158,6 +178,7 @@ def _library(code: str) -> ctypes.CDLL:
     """
     shim = _SHIM + (_SYNC_SHIM if "__syncthreads" in code else "")
     text = shim + code + "".join(_launcher(code, name) for name in _kernel_names(code))
+    text += "\n// " + " ".join(_FLAGS) + "\n"  # the cache key covers the flags too
     digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     with _lock:
         library = _libraries.get(digest)
@@ -169,8 +190,7 @@ def _library(code: str) -> ctypes.CDLL:
                     source, built = Path(work) / "kernels.cpp", Path(work) / "kernels.so"
                     source.write_text(text)
                     result = subprocess.run(
-                        ["g++", "-O0", "-fno-strict-aliasing", "-pthread", "-shared", "-fPIC",
-                         "-o", str(built), str(source)],
+                        ["g++", *_FLAGS, "-o", str(built), str(source)],
                         capture_output=True, text=True,
                     )  # fmt: skip
                     if result.returncode != 0:

@@ -128,6 +128,14 @@ class ndarray(NDArrayOperatorsMixin):
     def __repr__(self) -> str:
         return f"fake_cupy.{self._a!r}"
 
+    def __str__(self) -> str:  # CuPy prints the values, read from the device
+        transfers.append("__str__")
+        return str(self._a)
+
+    def __format__(self, spec: str) -> str:
+        transfers.append("__format__")
+        return format(self._a, spec)
+
     def get(self) -> np.ndarray:
         transfers.append("get")
         return self._a.copy()
@@ -185,6 +193,8 @@ def make_module() -> types.ModuleType:
         return ndarray(np.array(value, dtype=dtype))
 
     def ascontiguousarray(value: Any, dtype: Any = None) -> ndarray:
+        if not isinstance(value, ndarray):  # CuPy's takes only its own arrays
+            raise TypeError(f"fake cupy: ascontiguousarray takes a cupy.ndarray, got {type(value)}")
         return ndarray(np.ascontiguousarray(_unwrap(asarray(value, dtype))))
 
     def asnumpy(value: Any) -> np.ndarray:
@@ -232,6 +242,14 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     With ``kernels``, it also runs CUDA kernels, compiled for the CPU (``fake_cuda``).
     """
     module = make_module()
+    # The library caches compiled kernels and the SM count per process: fresh caches for
+    # this test, so that no fake kernel reaches a later test on real CuPy, nor a real one
+    # this test (monkeypatch puts the real caches back afterwards).
+    from scratchnn.kernels import cross_entropy, cuda
+
+    monkeypatch.setattr(cross_entropy, "_modules", {})
+    monkeypatch.setattr(cuda, "_kernels", {})
+    monkeypatch.setattr(cuda, "_sm_counts", {})
     if kernels:
         import fake_cuda
 

@@ -119,8 +119,14 @@ def test_pool_holds_at_most_its_budget_and_small_arrays_bypass_it():
     more = [_buffers.empty((BIG,), np.float32) for _ in range(sizes)]
     assert _buffers.held_bytes() <= _buffers.POOL_BYTES
     assert len({address(a) for a in kept + more}) == len(kept) + len(more)
-    too_big = _buffers.empty((_buffers.POOL_BYTES // 4 + 1,), np.float32)
-    assert too_big.base is None and _buffers.held_bytes() <= _buffers.POOL_BYTES
+    held = _buffers.held_bytes()
+    for elements in (_buffers.POOL_BYTES // 4 + 1, _buffers.POOL_BYTES // 4):
+        # Beyond the pool (its own size included, with room to align): plain memory,
+        # aligned all the same, and the pool is left as it was.
+        too_big = _buffers.empty((elements,), np.float32)
+        assert all(too_big.base is not buffer for buffer in _buffers._buffers)
+        assert address(too_big) % 64 == 0 and _buffers.held_bytes() == held
+        del too_big
 
 
 def test_shapes_and_dtypes_are_as_asked():

@@ -61,8 +61,9 @@ void init_packed(void) {
 /* Each loop runs whole vectors and the last partial one through the same body:
  * `live` masks the lanes past n out of every load, store and mask bit. With
  * `stream` (arrays beyond the caches, as relu_stream.c), a whole vector to a
- * 64-byte aligned address is written by a non-temporal store; the pool's
- * arrays (scratchnn/_buffers.py) start aligned, so every whole vector is. */
+ * 64-byte aligned address is written by a non-temporal store; the layer's
+ * outputs from 1 MiB up start on a 64-byte boundary (scratchnn/_buffers.py),
+ * so every whole vector is; elsewhere the ordinary stores stay. */
 #define STORE_PS(p, live, full, v)                                                        \
     (stream && (live) == (full) && !((uintptr_t)(p) & 63) ? _mm512_stream_ps((p), (v))    \
                                                            : _mm512_mask_storeu_ps((p), (live), (v)))

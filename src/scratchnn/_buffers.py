@@ -54,12 +54,17 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """A new, uninitialised C-contiguous array, like ``np.empty(shape, dtype)``.
 
     Arrays of ``MIN_BYTES`` to ``POOL_BYTES`` reuse the memory of an earlier one of the
-    same size that no array uses any more; smaller ones are plain ``np.empty``.
+    same size that no array uses any more; smaller ones are plain ``np.empty``. From
+    ``MIN_BYTES`` up, arrays start on a 64-byte boundary.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if not MIN_BYTES <= nbytes <= POOL_BYTES:
+    if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)
+    if nbytes > POOL_BYTES - ALIGNMENT:  # beyond the pool, but aligned as its arrays are
+        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        return raw[start : start + nbytes].view(dtype).reshape(shape)
     with _lock:
         buffer = _take(nbytes)
         # The view is made under the lock: until it exists, another thread

@@ -131,7 +131,7 @@ def _cuda_kernels(x: Any, t: Any) -> Any:
     """The CUDA kernels of softmax with cross-entropy when they take ``x`` and ``t``, else None."""
     if type(x) is np.ndarray:
         return None
-    xp = get_array_module(x)
+    xp = get_array_module(x, t)  # a NumPy t beside a CuPy x: the mixing TypeError
     if xp.__name__ != "cupy" or not hasattr(xp, "RawModule"):
         return None
     from scratchnn.kernels import cross_entropy
