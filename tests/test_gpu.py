@@ -25,7 +25,7 @@ from conformance import CASES, Case, away_from_kinks
 import scratchnn as snn
 from scratchnn.backend import device_of, get_array_module, move_arrays, to_device, to_host
 from scratchnn.kernels import OPS
-from scratchnn.kernels.cuda import source
+from scratchnn.kernels.cuda import source, source_many
 from scratchnn.models import cnn
 from scratchnn.optim import make_optimizer
 
@@ -329,6 +329,7 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
     assert fake_cupy.transfers == ["get"]  # the loss and the labels' check, together
     assert fake_cuda.launches.count("softmax_xent") == 1
     assert fake_cuda.launches.count("softmax_xent_backward") == 1
+    assert [n for n in fake_cuda.launches if n.startswith("sgd")] == ["sgd_x6"]  # one step
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
@@ -415,6 +416,32 @@ def test_optimizer_on_device_matches_numpy_float64(
         np.testing.assert_allclose(to_host(on_device[key]), on_host[key], rtol=rtol, atol=atol)
     state = device_opt.state_dict()
     assert all(device_of(v) == "cuda" or v.ndim == 0 for v in state.values())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_steps_many_parameters_in_few_launches(name: str, gpu: Any) -> None:
+    # Eleven parameters: one empty, one 0-d, one at an address no vector load may use
+    # (a contiguous view one element in), odd and vector-sized lengths.
+    rng = np.random.default_rng(22)
+    shapes = [(5, 7), (7,), (0,), (), (33,), (4, 4), (1,), (3, 5, 2), (16,), (9,), (2, 2)]
+    host = {f"p{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in enumerate(shapes)}
+    device = {k: gpu.asarray(v) for k, v in host.items()}
+    wide = gpu.asarray(np.concatenate([[0.0], host["p4"]]).astype(np.float32))
+    device["p4"] = wide[1:]
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+             for _ in range(3)]  # fmt: skip
+    a, b = make_optimizer(name, lr=0.05, weight_decay=0.01), make_optimizer(
+        name, lr=0.05, weight_decay=0.01)  # fmt: skip
+    fake_cuda.launches.clear()
+    for step in grads:
+        a.update(host, step)
+        b.update(device, {k: gpu.asarray(v) for k, v in step.items()})
+    for key in host:
+        np.testing.assert_allclose(to_host(device[key]), host[key], rtol=1e-5, atol=1e-6)
+    if gpu.__name__ == "cupy" and hasattr(gpu, "__fake__") and hasattr(gpu, "RawKernel"):
+        # ten non-empty parameters: a launch of eight and one of two, per step
+        assert sorted(set(fake_cuda.launches)) == [f"{name}_wd_x2", f"{name}_wd_x8"]
+        assert len(fake_cuda.launches) == 2 * len(grads)
 
 
 # -- networks, devices, training, checkpoints ----------------------------------------------
@@ -583,6 +610,9 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
     # Each source in its own namespace, so one nvcc run checks them all; the kernel names
     # are extern "C", so the cross-entropy ones, the same for each label type, get a suffix.
     sources = {name: source(op, dtype) for name, op in OPS.items()}
+    for name, op in OPS.items():  # the optimisers' steps over eight tensors at once
+        if set(op.outputs) <= set(op.inputs):
+            sources[f"{name}_x8"] = source_many(op, dtype, 8)
     for label in (np.int64, np.int32, np.uint8, np.int8):
         name = np.dtype(label).name
         sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
@@ -671,7 +701,9 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     )
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed and len(checks) > 100
-    assert not kernels or {"relu_forward", "adam", "softmax_xent"} <= set(fake_cuda.launches)
+    launched = set(fake_cuda.launches)
+    assert not kernels or {"relu_forward", "softmax_xent"} <= launched
+    assert not kernels or any(name.startswith("adam_x") for name in launched)
 
 
 def test_gpu_benchmark_without_a_gpu_fails_when_one_is_required() -> None:

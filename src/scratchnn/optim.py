@@ -106,9 +106,13 @@ class Optimizer:
         """Update each ``params[key]`` that has a gradient ``grads[key]``, in place."""
         # Check every pair before touching any parameter, so a bad call changes nothing.
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
+        on_gpu: dict[tuple[str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:
             if not isinstance(param, np.ndarray) and param.dtype != np.float16:
-                self._step_gpu(key, param, grad)  # CuPy: the whole step in one fused kernel
+                # CuPy: each step one fused pass, every parameter with the same step in one
+                # launch (kernels.run_many), as PyTorch's multi-tensor steps.
+                name, arrays, scalars = self._gpu_step(key, param, grad)
+                on_gpu.setdefault((name, tuple(scalars.items())), []).append(arrays)
                 continue
             work = self._scratch(self._work, key, param)
             if self.weight_decay:
@@ -117,6 +121,8 @@ class Optimizer:
                 np.add(decayed, grad, out=decayed)
                 grad = decayed
             self._step(key, param, grad, work)
+        for (name, scalars), tensors in on_gpu.items():
+            kernels.run_many(name, tensors, **dict(scalars))
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
         """Change ``param`` in place; ``work`` is scratch of ``param``'s shape and dtype."""
@@ -126,12 +132,15 @@ class Optimizer:
         """The step as an op of :mod:`scratchnn.kernels`: its name, state arrays and scalars."""
         raise NotImplementedError
 
-    def _step_gpu(self, key: str, param: Any, grad: Any) -> None:
-        """The step on CuPy arrays: one kernel reads and writes each array once, decay included."""
+    def _gpu_step(
+        self, key: str, param: Any, grad: Any
+    ) -> tuple[str, list[Any], dict[str, float]]:
+        """The step on CuPy arrays as a fused op, decay included: its name, its arrays in
+        the op's order and its scalars (one kernel reads and writes each array once)."""
         name, states, scalars = self._fused_step(key, param)
         if self.weight_decay:
             name, scalars = name + "_wd", {**scalars, "weight_decay": self.weight_decay}
-        kernels.run(name, param, grad, *states, **scalars)
+        return name, [param, grad, *states], scalars
 
     def to(self, device: str) -> Optimizer:
         """Move the state (velocities, moments) to ``device``, as ``Sequential.to`` moves a network."""

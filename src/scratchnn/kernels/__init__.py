@@ -1,19 +1,22 @@
 """Fused element-wise kernels: each operation written once, run in one pass on the GPU.
 
-:func:`run` is the one entry point the layers and optimisers use. It picks the
-fused CUDA kernel (:mod:`scratchnn.kernels.cuda`) for CuPy arrays of float32
-or float64 when CuPy can compile kernels, and otherwise evaluates the same
-operation with the arrays' own module (:mod:`scratchnn.kernels.ops`).
+:func:`run` is the entry point the layers use, :func:`run_many` the
+optimisers' (one launch for all the parameters). They pick the fused CUDA
+kernel (:mod:`scratchnn.kernels.cuda`) for CuPy arrays of float32 or float64
+when CuPy can compile kernels, and otherwise evaluate the same operation with
+the arrays' own module (:mod:`scratchnn.kernels.ops`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from scratchnn.backend import get_array_module
 from scratchnn.kernels.ops import OPS, Op, evaluate
 
-__all__ = ["OPS", "Op", "run"]
+__all__ = ["OPS", "Op", "run", "run_many"]
 
 
 def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
@@ -24,20 +27,49 @@ def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
     """
     op = OPS[name]
     xp = get_array_module(*arrays)
-    if xp.__name__ == "cupy" and hasattr(xp, "RawKernel"):
+    ready = _ready_for_cuda(op, xp, arrays)
+    if ready is not None:
         from scratchnn.kernels import cuda
 
-        first = arrays[0]
-        floats = [a for a, n in zip(arrays, op.inputs) if n not in op.masks]
-        if cuda.supported_dtype(first.dtype) and all(
-            a.dtype == first.dtype and a.shape == first.shape for a in floats
-        ):
-            in_place = set(op.inputs) & set(op.outputs)
-            if all(a.flags.c_contiguous for a, n in zip(arrays, op.inputs) if n in in_place):
-                # Inputs that are only read may be any layout: made contiguous, once.
-                ready = [
-                    a if n in in_place else xp.ascontiguousarray(a)
-                    for a, n in zip(arrays, op.inputs)
-                ]
-                return cuda.launch(xp, op, ready, scalars)
+        return cuda.launch(xp, op, ready, scalars)
     return evaluate(op, xp, list(arrays), scalars)
+
+
+def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> None:
+    """Run the in-place operation ``name`` (an optimiser's step) over several tensors, each
+    its arrays in the op's order: on the GPU one launch for up to eight of them, where
+    :func:`run` would launch once per tensor; elsewhere :func:`run` on each."""
+    op = OPS[name]
+    if not tensors:
+        return
+    xp = get_array_module(*tensors[0])
+    ready = [_ready_for_cuda(op, xp, arrays) for arrays in tensors]
+    dtype = tensors[0][0].dtype
+    if all(r is not None and r[0].dtype == dtype for r in ready):
+        from scratchnn.kernels import cuda
+
+        cuda.launch_many(xp, op, [r for r in ready if r is not None], scalars)
+        return
+    for arrays in tensors:
+        run(name, *arrays, **scalars)
+
+
+def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] | None:
+    """``arrays`` as the fused CUDA kernel takes them, or None where it cannot run: not
+    CuPy (or no compiler), a dtype without a kernel, shapes or dtypes that differ, an
+    array updated in place that is not C-contiguous."""
+    if xp.__name__ != "cupy" or not hasattr(xp, "RawKernel"):
+        return None
+    from scratchnn.kernels import cuda
+
+    first = arrays[0]
+    floats = [a for a, n in zip(arrays, op.inputs) if n not in op.masks]
+    if not cuda.supported_dtype(first.dtype) or not all(
+        a.dtype == first.dtype and a.shape == first.shape for a in floats
+    ):
+        return None
+    in_place = set(op.inputs) & set(op.outputs)
+    if not all(a.flags.c_contiguous for a, n in zip(arrays, op.inputs) if n in in_place):
+        return None
+    # Inputs that are only read may be any layout: made contiguous, once.
+    return [a if n in in_place else xp.ascontiguousarray(a) for a, n in zip(arrays, op.inputs)]

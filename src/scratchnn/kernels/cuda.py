@@ -105,27 +105,18 @@ def _element_code(op: Op, translator: _Translator, declared: set[str]) -> list[s
     return lines
 
 
-def source(op: Op, dtype: Any) -> str:
-    """The CUDA C source of ``op`` for ``dtype`` (float32 or float64): one kernel named ``op.name``.
+def _arrays(op: Op) -> list[str]:
+    """The kernel's array parameters in order: every input, then the outputs that are not."""
+    return [*op.inputs, *(name for name in op.outputs if name not in op.inputs)]
 
-    Arguments, in order: every input array, every output array that is not an
-    input, the scalars (as ``T``), the element count ``n`` and ``vec`` (1 when
-    all arrays are 16-byte aligned, for the vector path).
-    """
-    c_type = _C_TYPES[np.dtype(dtype)]
+
+def _loops(op: Op, c_type: str, tag: str) -> str:
+    """The grid-stride loops of ``op`` over one tensor: its arrays ``<name>_<tag>``, its
+    element count ``n<tag>`` and its vector flag ``vec<tag>``."""
     vector, lanes = _VECTOR[c_type]
-    arrays = [*op.inputs, *(name for name in op.outputs if name not in op.inputs)]
-    written = set(op.outputs)
 
-    def element_type(name: str) -> str:
-        return "unsigned char" if name in op.masks else "T"
-
-    params = []
-    for name in arrays:
-        const = "" if name in written else "const "
-        params.append(f"{const}{element_type(name)}* __restrict__ {name}_")
-    params += [f"const T {name}" for name in op.scalars]
-    params += ["const long long n", "const int vec"]
+    def pointer(name: str) -> str:
+        return f"{name}_{tag}"
 
     def body(load: dict[str, str]) -> list[str]:
         translator = _Translator(c_type, {name for name in op.inputs if name in op.masks})
@@ -140,9 +131,9 @@ def source(op: Op, dtype: Any) -> str:
 
     # The scalar path: one element per iteration.
     scalar = body(
-        {name: f"{name}_[i]" + (" != 0" if name in op.masks else "") for name in op.inputs}
+        {name: f"{pointer(name)}[i]" + (" != 0" if name in op.masks else "") for name in op.inputs}
     )
-    scalar += [f"{name}_[i] = {store(name, name)};" for name in op.outputs]
+    scalar += [f"{pointer(name)}[i] = {store(name, name)};" for name in op.outputs]
 
     # The vector path: load each array as one 16-byte vector (4 bytes for a float mask),
     # run the element code once per lane, store the vectors.
@@ -150,7 +141,8 @@ def source(op: Op, dtype: Any) -> str:
         return _MASK_VECTOR[lanes] if name in op.masks else vector
 
     vec_lines = [
-        f"const {vec_type(name)} {name}_v = reinterpret_cast<const {vec_type(name)}*>({name}_)[k];"
+        f"const {vec_type(name)} {name}_v = "
+        f"reinterpret_cast<const {vec_type(name)}*>({pointer(name)})[k];"
         for name in op.inputs
     ]
     vec_lines += [f"{vec_type(name)} {name}_o;" for name in op.outputs]
@@ -161,30 +153,85 @@ def source(op: Op, dtype: Any) -> str:
         lane_lines = body(load) + [f"{name}_o.{lane} = {store(name, name)};" for name in op.outputs]
         vec_lines.append("{ " + " ".join(lane_lines) + " }")
     vec_lines += [
-        f"reinterpret_cast<{vec_type(name)}*>({name}_)[k] = {name}_o;" for name in op.outputs
+        f"reinterpret_cast<{vec_type(name)}*>({pointer(name)})[k] = {name}_o;"
+        for name in op.outputs
     ]
-
     indent = "\n            "
+    return f"""    {{
+        long long start = 0;
+        if (vec{tag}) {{
+            const long long n_vec = n{tag} / {lanes};
+            for (long long k = first; k < n_vec; k += stride) {{
+            {indent.join(vec_lines)}
+            }}
+            start = n_vec * {lanes};
+        }}
+        for (long long i = start + first; i < n{tag}; i += stride) {{
+            {indent.join(scalar)}
+        }}
+    }}"""
+
+
+def _header(c_type: str) -> str:
     return f"""typedef {c_type} T;
 
 __device__ __forceinline__ T nan_min(T a, T b) {{ return (a != a || a < b) ? a : b; }}
 __device__ __forceinline__ T nan_max(T a, T b) {{ return (a != a || a > b) ? a : b; }}
+"""
 
-extern "C" __global__ void {op.name}({", ".join(params)})
-{{
-    const long long stride = (long long)blockDim.x * gridDim.x;
+
+def _parameters(op: Op, tags: list[str]) -> str:
+    written = set(op.outputs)
+
+    def element_type(name: str) -> str:
+        return "unsigned char" if name in op.masks else "T"
+
+    params = [
+        f"{'' if name in written else 'const '}{element_type(name)}* __restrict__ {name}_{tag}"
+        for tag in tags
+        for name in _arrays(op)
+    ]
+    params += [f"const T {name}" for name in op.scalars]
+    params += [f"const long long n{tag}, const int vec{tag}" for tag in tags]
+    return ", ".join(params)
+
+
+_GRID = """    const long long stride = (long long)blockDim.x * gridDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long start = 0;
-    if (vec) {{
-        const long long n_vec = n / {lanes};
-        for (long long k = first; k < n_vec; k += stride) {{
-            {indent.join(vec_lines)}
-        }}
-        start = n_vec * {lanes};
-    }}
-    for (long long i = start + first; i < n; i += stride) {{
-        {indent[:-4].join(scalar)}
-    }}
+"""
+
+
+def source(op: Op, dtype: Any) -> str:
+    """The CUDA C source of ``op`` for ``dtype`` (float32 or float64): one kernel named ``op.name``.
+
+    Arguments, in order: every input array, every output array that is not an
+    input, the scalars (as ``T``), the element count ``n`` and ``vec`` (1 when
+    all arrays are 16-byte aligned, for the vector path).
+    """
+    c_type = _C_TYPES[np.dtype(dtype)]
+    return f"""{_header(c_type)}
+extern "C" __global__ void {op.name}({_parameters(op, [""])})
+{{
+{_GRID}{_loops(op, c_type, "")}
+}}
+"""
+
+
+def source_many(op: Op, dtype: Any, count: int) -> str:
+    """One kernel, ``<op.name>_x<count>``, that runs ``op`` over ``count`` tensors of
+    ``dtype`` in one launch (an optimiser's step over every parameter).
+
+    Arguments: tensor 0's arrays (as for :func:`source`), tensor 1's, ..., the
+    scalars (shared), then each tensor's ``n`` and ``vec``. Every thread walks
+    each tensor in turn, grid-stride.
+    """
+    c_type = _C_TYPES[np.dtype(dtype)]
+    tags = [str(j) for j in range(count)]
+    loops = "\n".join(_loops(op, c_type, tag) for tag in tags)
+    return f"""{_header(c_type)}
+extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
+{{
+{_GRID}{loops}
 }}
 """
 
@@ -224,17 +271,53 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
         if name not in by_name:
             by_name[name] = cupy.empty(shape, dtype=bool if name in op.masks else dtype)
     if n:
-        lanes = _VECTOR[_C_TYPES[dtype]][1]
-        ordered = [by_name[name] for name in (*op.inputs, *op.outputs) if name in by_name]
-        # Vector loads need 16-byte alignment of the float arrays (and lanes bytes for masks);
-        # fresh CuPy allocations have it, views at an offset may not.
-        vec = n >= lanes and all(
-            a.data.ptr % (lanes if a.dtype == np.bool_ else 16) == 0 for a in ordered
-        )
-        items = n // lanes if vec else n
-        names = [*op.inputs, *(name for name in op.outputs if name not in op.inputs)]
-        args = [by_name[name] for name in names]
+        args = [by_name[name] for name in _arrays(op)]
+        vec = _vector_path(args, n, dtype)
         args += [dtype.type(scalars[name]) for name in op.scalars]
         args += [np.int64(n), np.int32(vec)]
+        items = n // _VECTOR[_C_TYPES[dtype]][1] if vec else n
         _kernel(cupy, op, dtype)((_grid(cupy, items),), (BLOCK,), tuple(args))
     return [by_name[name] for name in op.outputs]
+
+
+def _vector_path(arrays: list[Any], n: int, dtype: np.dtype[Any]) -> bool:
+    """Whether the 16-byte vector path may run: every float array 16-byte aligned (masks
+    ``lanes`` bytes); fresh CuPy allocations are, views at an offset may not be."""
+    lanes = _VECTOR[_C_TYPES[dtype]][1]
+    return n >= lanes and all(
+        a.data.ptr % (lanes if a.dtype == np.bool_ else 16) == 0 for a in arrays
+    )
+
+
+# The most tensors one launch of launch_many takes (each adds a few kernel arguments).
+MANY = 8
+
+
+def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, float]) -> None:
+    """Run the in-place ``op`` (an optimiser's step) over several tensors, each a list of
+    C-contiguous CuPy arrays of one shape in ``op.inputs`` order, all of one float dtype:
+    one launch per ``MANY`` tensors where :func:`launch` would make one each."""
+    assert set(op.outputs) <= set(op.inputs), f"{op.name} has outputs of its own"
+    dtype = np.dtype(tensors[0][0].dtype)
+    lanes = _VECTOR[_C_TYPES[dtype]][1]
+    work = [arrays for arrays in tensors if arrays[0].size]
+    for first in range(0, len(work), MANY):
+        chunk = work[first : first + MANY]
+        args: list[Any] = [a for arrays in chunk for a in arrays]
+        args += [dtype.type(scalars[name]) for name in op.scalars]
+        items = 1
+        for arrays in chunk:
+            n = arrays[0].size
+            vec = _vector_path(arrays, n, dtype)
+            args += [np.int64(n), np.int32(vec)]
+            items = max(items, n // lanes if vec else n)
+        _many_kernel(cupy, op, dtype, len(chunk))((_grid(cupy, items),), (BLOCK,), tuple(args))
+
+
+def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
+    name = f"{op.name}_x{count}"
+    key = (name, dtype.str)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = cupy.RawKernel(source_many(op, dtype, count), name)
+    return kernel
