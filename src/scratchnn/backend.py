@@ -51,18 +51,21 @@ def get_array_module(*arrays: object) -> ModuleType:
     >>> get_array_module(np.zeros(3)).__name__
     'numpy'
     """
-    kinds = {_module_kind(a) for a in arrays if hasattr(a, "__array__")}
-    if "cupy" in kinds:
-        if any(isinstance(a, np.ndarray) for a in arrays):
-            raise TypeError(
-                "cannot mix NumPy (cpu) and CuPy (cuda) arrays in one call; move them to one "
-                "device first, e.g. with scratchnn.backend.to_device(array, 'cuda') or "
-                "network.to('cuda')"
-            )
-        import cupy
+    # A loop, not a set of kinds: this runs a few dozen times a training step.
+    for a in arrays:
+        if type(a) is not np.ndarray and _module_kind(a) == "cupy" and hasattr(a, "__array__"):
+            break
+    else:
+        return np
+    if any(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError(
+            "cannot mix NumPy (cpu) and CuPy (cuda) arrays in one call; move them to one "
+            "device first, e.g. with scratchnn.backend.to_device(array, 'cuda') or "
+            "network.to('cuda')"
+        )
+    import cupy
 
-        return cupy
-    return np
+    return cupy
 
 
 class DeviceUnavailableError(RuntimeError):
