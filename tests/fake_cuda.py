@@ -15,11 +15,13 @@ exactly its type); Python numbers, whose C type CuPy guesses, are refused. As
 strict as a GPU where it faults: the vector types are aligned as CUDA's and a
 misaligned vector access stops the process (UBSan's alignment check). A
 block's threads run in descending order, so code that leans on index order
-fails here too. What it cannot find: timing, memory coalescing, races between
-blocks (blocks run one after another), shared memory that a kernel reads
-before writing (here it keeps its last values), out-of-bounds accesses, and
-the differences between CUDA's and glibc's maths (nvcc's test compiles each
-source to a cubin, which checks registers and shared memory).
+fails here too; shared memory starts each block as bytes 0xff (NaN in a
+float), so a read before the write shows.
+
+What it cannot find: timing, memory coalescing, races between blocks (they
+run one after another), out-of-bounds accesses, and the differences between
+CUDA's and glibc's maths. (nvcc's test in test_gpu.py compiles each source to
+a cubin, which checks registers and shared memory.)
 """
 
 from __future__ import annotations
@@ -51,7 +53,16 @@ float fabsf(float); double fabs(double); float erfcf(float); double erfc(double)
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __shared__ static
+// Shared memory: one static copy (blocks run one after another), in a section of its own
+// so that each block starts with garbage in it, as on a GPU, not the last block's values.
+#define __shared__ static __attribute__((section("fake_shared")))
+extern "C" void* memset(void*, int, unsigned long);
+extern char __start_fake_shared[] __attribute__((weak));
+extern char __stop_fake_shared[] __attribute__((weak));
+static inline void fake_scramble_shared() {
+    if (__start_fake_shared)
+        memset(__start_fake_shared, 0xff, (unsigned long)(__stop_fake_shared - __start_fake_shared));
+}
 // Aligned as CUDA's: a vector access at a misaligned address faults on a GPU, and here
 // stops the test (g++ -fsanitize=alignment).
 struct alignas(16) float4 { float x, y, z, w; };
@@ -145,6 +156,7 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
     static pthread_t ids[1024];
     fake_launch(grid, block);
     for (unsigned int b = 0; b < grid; ++b) {{
+        fake_scramble_shared();
         pthread_barrier_init(&fake_barrier, 0, block);
         for (unsigned int t = 0; t < block; ++t) {{
             tasks[t].a = a; tasks[t].b = b; tasks[t].t = t;
@@ -164,8 +176,10 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
     return f"""
 extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int block) {{
     fake_launch(grid, block);
-    for (unsigned int b = 0; b < grid; ++b)
+    for (unsigned int b = 0; b < grid; ++b) {{
+        fake_scramble_shared();
         for (unsigned int t = block; t-- > 0;) {{ fake_thread(b, t); {call} }}
+    }}
 }}
 """
 

@@ -251,6 +251,25 @@ def test_backward_refuses_dout_on_the_other_device(case: Case, gpu: Any) -> None
             layer.backward(to_device(dout, dout_on))
 
 
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_the_cpu_stand_in_for_cuda_starts_shared_memory_as_garbage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A kernel that reads its shared memory before writing it reads garbage on a GPU; the
+    # stand-in must not hand it the values an earlier block or launch left there.
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    code = """typedef float T;
+extern "C" __global__ void peek(T* out) {
+    __shared__ T seen[4];
+    out[blockIdx.x * 4 + threadIdx.x] = seen[threadIdx.x];
+    seen[threadIdx.x] = (T)1;
+}"""
+    kernel = fake.RawKernel(code, "peek")
+    out = fake.zeros(8, np.float32)
+    kernel((2,), (4,), (out,))
+    assert np.isnan(out.get()).all()  # second block included: not the 1 the first left
+
+
 # SoftmaxWithLoss on class indices runs two CUDA kernels of its own (kernels/cross_entropy.py).
 
 
