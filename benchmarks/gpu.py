@@ -136,7 +136,8 @@ def check_layers(
 
 
 def check_optimizers(device: str = "cuda", seed: int | None = None) -> list[Check]:
-    """Three steps of every optimiser, with and without weight decay, on ``device``."""
+    """Three steps of every optimiser, with and without weight decay, on ``device``, each
+    over eleven parameters (the multi-tensor launches)."""
     checks = []
     rng = np.random.default_rng(seed)
     for name in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"):
@@ -146,12 +147,19 @@ def check_optimizers(device: str = "cuda", seed: int | None = None) -> list[Chec
         float32_tolerance = 1e-4 if name in ("adagrad", "rmsprop") else 1e-5
         for weight_decay in (0.0, 0.01):
             for dtype, tolerance in ((np.float64, 1e-12), (np.float32, float32_tolerance)):
-                params = {"W": rng.standard_normal((301, 17)), "b": rng.standard_normal(17)}
+                # Eleven parameters, so that a step takes two launches of the multi-tensor
+                # kernels (eight and two: one is empty); one 0-d, one at an address no vector
+                # load may use (a contiguous view one element in).
+                shapes = [(301, 17), (17,), (0,), (), (33,), (4, 4), (1,), (3, 5, 2), (16,),
+                          (9,), (2, 2)]  # fmt: skip
+                params = {f"p{i}": rng.standard_normal(shape) for i, shape in enumerate(shapes)}
                 steps = [
                     {k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in "abc"
                 ]
                 host = {k: v.copy() for k, v in params.items()}
                 dev = {k: to_device(v.astype(dtype), device) for k, v in params.items()}
+                wide = to_device(np.concatenate([[0.0], params["p4"]]).astype(dtype), device)
+                dev["p4"] = wide[1:]
                 host_opt = make_optimizer(name, lr=0.01, weight_decay=weight_decay)
                 dev_opt = make_optimizer(name, lr=0.01, weight_decay=weight_decay)
                 for grads in steps:
