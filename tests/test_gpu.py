@@ -463,6 +463,24 @@ def test_optimizer_steps_many_parameters_in_few_launches(name: str, gpu: Any) ->
         assert len(fake_cuda.launches) == 2 * len(grads)
 
 
+def test_adam_groups_parameters_by_dtype_and_step_count_on_the_device(gpu: Any) -> None:
+    # float32 and float64 parameters, and one that skipped a step (its own bias correction):
+    # each group its own launch, every parameter as on the host.
+    rng = np.random.default_rng(23)
+    host = {"a": rng.standard_normal(10).astype(np.float32), "b": rng.standard_normal(7),
+            "c": rng.standard_normal(5).astype(np.float32)}  # fmt: skip
+    device = {k: gpu.asarray(v) for k, v in host.items()}
+    a, b = make_optimizer("adam", lr=0.1), make_optimizer("adam", lr=0.1)
+    for step in range(3):
+        keys = ["a", "b"] if step == 0 else ["a", "b", "c"]  # c misses the first step
+        grads = {k: rng.standard_normal(host[k].shape).astype(host[k].dtype) for k in keys}
+        a.update(host, grads)
+        b.update(device, {k: gpu.asarray(v) for k, v in grads.items()})
+    for key in host:
+        rtol = 1e-12 if host[key].dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(to_host(device[key]), host[key], rtol=rtol, atol=1e-6)
+
+
 # -- networks, devices, training, checkpoints ----------------------------------------------
 
 

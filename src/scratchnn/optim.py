@@ -106,13 +106,14 @@ class Optimizer:
         """Update each ``params[key]`` that has a gradient ``grads[key]``, in place."""
         # Check every pair before touching any parameter, so a bad call changes nothing.
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
-        on_gpu: dict[tuple[str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
+        on_gpu: dict[tuple[str, str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:
             if not isinstance(param, np.ndarray) and param.dtype != np.float16:
                 # CuPy: each step one fused pass, every parameter with the same step in one
                 # launch (kernels.run_many), as PyTorch's multi-tensor steps.
                 name, arrays, scalars = self._gpu_step(key, param, grad)
-                on_gpu.setdefault((name, tuple(scalars.items())), []).append(arrays)
+                group = (name, param.dtype.str, tuple(scalars.items()))
+                on_gpu.setdefault(group, []).append(arrays)
                 continue
             work = self._scratch(self._work, key, param)
             if self.weight_decay:
@@ -121,7 +122,7 @@ class Optimizer:
                 np.add(decayed, grad, out=decayed)
                 grad = decayed
             self._step(key, param, grad, work)
-        for (name, scalars), tensors in on_gpu.items():
+        for (name, _, scalars), tensors in on_gpu.items():
             kernels.run_many(name, tensors, **dict(scalars))
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
