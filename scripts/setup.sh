@@ -19,6 +19,10 @@ python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv py
 command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
     >/dev/null 2>&1 || missing+=(python3-dev)
+# The tests run the CUDA kernels' sources on the CPU (tests/fake_cuda.py): a C++ compiler.
+case ",$extras," in
+    *,test,*) command -v g++ >/dev/null 2>&1 || missing+=(g++) ;;
+esac
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
