@@ -138,15 +138,19 @@ extern "C" __global__ void softmax_xent_backward(
 """
 
 
-_modules: dict[tuple[str, str], Any] = {}
+_modules: dict[tuple[str, str, str], Any] = {}
 
 
-def _module(cupy: Any, dtype: Any, label_dtype: Any) -> Any:
-    key = (np.dtype(dtype).str, np.dtype(label_dtype).str)
-    module = _modules.get(key)
-    if module is None:
-        module = _modules[key] = cupy.RawModule(code=source(dtype, label_dtype))
-    return module
+def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
+    """Kernel ``name`` of :func:`source` for these dtypes; compiled once, kept."""
+    key = (np.dtype(dtype).str, np.dtype(label_dtype).str, name)
+    kernel = _modules.get(key)
+    if kernel is None:
+        module = cupy.RawModule(code=source(dtype, label_dtype))
+        for each in ("softmax_xent", "softmax_xent_backward"):
+            _modules[(key[0], key[1], each)] = module.get_function(each)
+        kernel = _modules[key]
+    return kernel
 
 
 def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, float, int]:
@@ -159,7 +163,7 @@ def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, float, int]:
     classes = x.shape[-1]
     y = cupy.empty_like(x)
     result = cupy.empty(2, dtype=np.float64)
-    kernel = _module(cupy, x.dtype, t.dtype).get_function("softmax_xent")
+    kernel = _kernel(cupy, x.dtype, t.dtype, "softmax_xent")
     kernel((1,), (BLOCK,), (x, t, y, result, np.int64(x.size // classes), np.int32(classes)))
     loss_sum, bad = result.get()
     return y, float(loss_sum), int(bad)
@@ -171,6 +175,6 @@ def backward(cupy: Any, y: Any, t: Any, scale: float) -> Any:
     dx = cupy.empty_like(y)
     n = y.size
     blocks = max(1, min(-(-n // BLOCK), 1024))
-    kernel = _module(cupy, y.dtype, t.dtype).get_function("softmax_xent_backward")
+    kernel = _kernel(cupy, y.dtype, t.dtype, "softmax_xent_backward")
     kernel((blocks,), (BLOCK,), (y, t, dx, y.dtype.type(scale), np.int64(n), np.int32(y.shape[-1])))
     return dx
