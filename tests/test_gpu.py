@@ -72,7 +72,7 @@ def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
 _ON_DEVICE = {
     "Relu", "Relu(packed)", "Sigmoid", "Tanh", "LeakyRelu", "LeakyRelu(0.2)", "Elu", "Elu(0.5)",
     "Gelu", "Gelu(tanh)", "Softplus", "Softplus(2)", "Silu", "Softmax", "Softmax(axis=0)",
-    "Identity",
+    "Identity", "MulConstLayer(-1)", "AddConstLayer(1)", "ExpLayer", "ReciprocalLayer",
 }  # fmt: skip
 DEVICE_CASES = [case for case in CASES if case.name in _ON_DEVICE]
 TOLERANCE = {np.float64: (1e-12, 1e-14), np.float32: (2e-6, 1e-6)}
@@ -134,6 +134,23 @@ def test_device_input_at_an_unaligned_address(case: Case, gpu: Any) -> None:
     dx = layer.backward(gpu.asarray(dout32)[1:])
     np.testing.assert_allclose(to_host(y), y32, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(to_host(dx), dx32, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [snn.MulLayer, snn.AddLayer], ids=lambda m: m.__name__)
+def test_the_graphs_two_input_nodes_on_device(make: Any, gpu: Any) -> None:
+    # x (3, 4) against y broadcast from (4,), and against a Python number.
+    rng = np.random.default_rng(24)
+    x, y, dout = rng.standard_normal((3, 4)), rng.standard_normal(4), rng.standard_normal((3, 4))
+    for other in (y, 2.5):
+        host, device = make(), make()
+        want = host.forward(x, other)
+        got = device.forward(to_device(x, "cuda"), to_device(other, "cuda"))
+        want_dx, want_dy = host.backward(dout)
+        dx, dy = device.backward(to_device(dout, "cuda"))
+        assert device_of(got) == device_of(dx) == "cuda"
+        np.testing.assert_allclose(to_host(got), want, rtol=1e-15)
+        np.testing.assert_allclose(to_host(dx), want_dx, rtol=1e-15)
+        np.testing.assert_allclose(to_host(dy), want_dy, rtol=1e-15)
 
 
 def test_integer_relu_on_device(gpu: Any) -> None:

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scratchnn import _checks
-from scratchnn.backend import to_compute
+from scratchnn.backend import as_result, to_compute
 from scratchnn.layers.base import Layer
 
 
@@ -152,7 +152,7 @@ class MulLayer(_BinaryNode):
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self.x = self._keep_input(x, 0)
         self.y = self._keep_input(y, 1)
-        return np.asarray(to_compute(x) * to_compute(y)).astype(
+        return as_result(to_compute(x) * to_compute(y)).astype(
             self._result_dtype(x, y), copy=False
         )
 
@@ -194,7 +194,7 @@ class AddLayer(_BinaryNode):
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         self._shapes = (x.shape, y.shape)
-        return np.asarray(to_compute(x) + to_compute(y)).astype(
+        return as_result(to_compute(x) + to_compute(y)).astype(
             self._result_dtype(x, y), copy=False
         )
 
@@ -234,10 +234,10 @@ class MulConstLayer(Layer):
         return f"×{self.c:g}"
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.c * to_compute(x)).astype(x.dtype, copy=False)
+        return as_result(self.c * to_compute(x)).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
-        return np.asarray(self.c * to_compute(dout))
+        return as_result(self.c * to_compute(dout))
 
 
 class AddConstLayer(Layer):
@@ -269,7 +269,7 @@ class AddConstLayer(Layer):
         return f"+{self.c:g}" if math.copysign(1.0, self.c) > 0 else f"{self.c:g}"
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(to_compute(x) + self.c).astype(x.dtype, copy=False)
+        return as_result(to_compute(x) + self.c).astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
         return dout  # the base hands back a copy, never dout itself
@@ -339,7 +339,7 @@ class ReciprocalLayer(Layer):
         self.out: np.ndarray | None = None
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        self.out = self._keep_output(np.asarray(1.0 / to_compute(x)).astype(x.dtype, copy=False))
+        self.out = self._keep_output(as_result(1.0 / to_compute(x)).astype(x.dtype, copy=False))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:

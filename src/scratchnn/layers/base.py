@@ -32,6 +32,7 @@ from scratchnn.backend import (
     device_of,
     float_dtype_of,
     is_array,
+    to_device,
 )
 
 
@@ -92,6 +93,10 @@ class Layer:
 
     def _general_forward(self, inputs: tuple[Any, ...], borrowed: bool) -> Any:
         xs = [self._prepare_input(x) for x in inputs]
+        if len(xs) > 1 and any(not isinstance(x, np.ndarray) for x in xs):
+            # A Python number (or list) goes with the CuPy array it meets, as NumPy's does;
+            # a NumPy array beside a CuPy one stays, for the mixing TypeError.
+            xs = [p if is_array(x) else to_device(p, "cuda") for x, p in zip(inputs, xs)]
         if borrowed:
             self._caller_owned = (False,) * len(xs)
         else:
