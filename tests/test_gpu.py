@@ -153,6 +153,17 @@ def test_the_graphs_two_input_nodes_on_device(make: Any, gpu: Any) -> None:
         np.testing.assert_allclose(to_host(dy), want_dy, rtol=1e-15)
 
 
+def test_the_chain_of_the_seeds_figures_refuses_device_arrays(gpu: Any) -> None:
+    from scratchnn.graph.chain import sigmoid_chain
+
+    chain = sigmoid_chain()
+    with pytest.raises(TypeError, match="Chain runs on the CPU"):
+        chain.forward(to_device(np.array([-1.0, 0.5]), "cuda"))
+    chain.forward(np.array([-1.0, 0.5]))
+    with pytest.raises(TypeError, match="Chain runs on the CPU"):
+        chain.backward(to_device(np.ones(2), "cuda"))
+
+
 def test_integer_relu_on_device(gpu: Any) -> None:
     x = np.random.default_rng(3).integers(-5, 5, (4, 5)).astype(np.int32)
     y = snn.Relu().forward(gpu.asarray(x))

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from scratchnn.backend import device_of
 from scratchnn.graph.nodes import AddConstLayer, ExpLayer, MulConstLayer, ReciprocalLayer
 from scratchnn.layers.base import Layer
 
@@ -26,8 +27,18 @@ class Edge(NamedTuple):
     grad: np.ndarray | None
 
 
+def _check_on_cpu(array: Any) -> None:
+    if device_of(array) != "cpu":
+        # Its values are for reading and drawing, and CuPy arrays cannot be made read-only.
+        raise TypeError(
+            "Chain runs on the CPU (it keeps its values for drawing): move the array there "
+            "with scratchnn.backend.to_host"
+        )
+
+
 def _frozen(array: Any) -> np.ndarray:
     """A read-only array of ``array``'s values, private to the chain."""
+    _check_on_cpu(array)
     frozen = np.array(array, copy=True)
     frozen.flags.writeable = False
     return frozen
@@ -129,6 +140,7 @@ class Chain:
             raise TypeError(f"Chain.backward: steps must be an int, got {steps!r}")
         if not 0 <= steps <= n:
             raise ValueError(f"Chain.backward: steps must lie in 0..{n}, got {steps}")
+        _check_on_cpu(dout)
         if isinstance(dout, (str, bytes)) or np.asarray(dout).dtype.kind not in "biuf":
             raise TypeError(f"Chain.backward: dout must be a real number or array, got {dout!r}")
         if np.ndim(dout) == 0:
