@@ -247,7 +247,7 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     # this test (monkeypatch puts the real caches back afterwards).
     from scratchnn.kernels import cross_entropy, cuda
 
-    monkeypatch.setattr(cross_entropy, "_modules", {})
+    monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
     monkeypatch.setattr(cuda, "_sm_counts", {})
     if kernels:

@@ -138,18 +138,18 @@ extern "C" __global__ void softmax_xent_backward(
 """
 
 
-_modules: dict[tuple[str, str, str], Any] = {}
+_kernels: dict[tuple[str, str, str], Any] = {}
 
 
 def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
     """Kernel ``name`` of :func:`source` for these dtypes; compiled once, kept."""
     key = (np.dtype(dtype).str, np.dtype(label_dtype).str, name)
-    kernel = _modules.get(key)
+    kernel = _kernels.get(key)
     if kernel is None:
         module = cupy.RawModule(code=source(dtype, label_dtype))
         for each in ("softmax_xent", "softmax_xent_backward"):
-            _modules[(key[0], key[1], each)] = module.get_function(each)
-        kernel = _modules[key]
+            _kernels[(key[0], key[1], each)] = module.get_function(each)
+        kernel = _kernels[key]
     return kernel
 
 
