@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import torch
 
 import scratchnn as snn
+
+torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
 
 TF = torch.nn.functional
 LAYERS: dict[str, tuple[Callable[[], snn.Layer], Callable[[torch.Tensor], torch.Tensor]]] = {
