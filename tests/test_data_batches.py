@@ -98,6 +98,7 @@ def test_lists_are_accepted() -> None:
         ({"rng": 0}, TypeError, "got int"),
         ({"t": np.arange(22)}, ValueError, "x has 23 samples but t has 22"),
         ({"x": np.float32(1.0)}, ValueError, "at least one dimension"),
+        ({"x": [[1.0, 2.0], [3.0]], "t": [0, 1]}, ValueError, "x is not a rectangular array"),
     ],
 )  # fmt: skip
 def test_bad_arguments_raise_when_called(

@@ -14,6 +14,7 @@ import pytest
 
 import scratchnn as snn
 import scratchnn.functional as F
+from scratchnn.backend import compute_dtype_of, float_dtype_of, to_compute
 
 torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
 
@@ -27,6 +28,20 @@ def test_big_endian_input_gives_the_values_of_native_input(function: Any, dtype:
     big = VALUES.astype(dtype)
     native = big.astype(big.dtype.newbyteorder("="))
     np.testing.assert_array_equal(function(big), function(native))
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">f2", ">i4"])
+def test_the_dtype_rules_read_big_endian_dtypes_as_their_native_twins(dtype: str) -> None:
+    big = np.dtype(dtype)
+    native = big.newbyteorder("=")
+    assert float_dtype_of(big) == float_dtype_of(native)
+    assert compute_dtype_of(big) == compute_dtype_of(native)
+    assert to_compute(VALUES.astype(big)).dtype == compute_dtype_of(native)
+
+
+def test_a_ragged_list_is_named_as_the_layers_input() -> None:
+    with pytest.raises(ValueError, match="Relu: input is not a rectangular array"):
+        snn.Relu().forward([[1.0, 2.0], [3.0]])
 
 
 @pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)

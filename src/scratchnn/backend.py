@@ -186,7 +186,7 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
         array = value
     else:
         xp = get_array_module(value)
-        array = value if isinstance(value, xp.ndarray) else xp.asarray(value)
+        array = value if isinstance(value, xp.ndarray) else _rectangular(xp, value, who, what)
     dtype = array.dtype
     if not dtype.isnative and dtype.kind in "biuf":
         # Big-endian data (a file's ">f4"): the same numbers in the machine's byte order,
@@ -201,13 +201,24 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
     )
 
 
+def _rectangular(xp: Any, value: object, who: str, what: str) -> Any:
+    """``xp.asarray(value)``, with a ragged nested list named as the caller's mistake."""
+    try:
+        return xp.asarray(value)
+    except ValueError as error:
+        # NumPy's "inhomogeneous shape" message names neither the layer nor the argument.
+        raise ValueError(f"{who}: {what} is not a rectangular array: {error}") from None
+
+
 def float_dtype_of(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    """The floating dtype a layer's result has for an input of ``dtype``.
+    """The floating dtype a layer's result has for an input of ``dtype`` (in the
+    machine's byte order: a big-endian ``>f4`` gives float32).
 
     >>> float_dtype_of(np.dtype("int32")), float_dtype_of(np.dtype("float16"))
     (dtype('float64'), dtype('float16'))
     """
-    return dtype if dtype in FLOAT_DTYPES else np.dtype(np.float64)
+    native = dtype.newbyteorder("=")
+    return native if native in FLOAT_DTYPES else np.dtype(np.float64)
 
 
 def compute_dtype_of(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -55,8 +55,8 @@ def iterate_minibatches(
             f"got {type(rng).__name__}"
         )
     # Arrays of any module (NumPy, CuPy) pass as they are; lists become NumPy arrays.
-    x = x if hasattr(x, "shape") else np.asarray(x)
-    t = t if hasattr(t, "shape") else np.asarray(t)
+    x = x if hasattr(x, "shape") else _as_numpy(x, "x")
+    t = t if hasattr(t, "shape") else _as_numpy(t, "t")
     if len(x.shape) == 0 or len(t.shape) == 0:
         raise ValueError("x and t must have at least one dimension, the samples")
     if x.shape[0] != t.shape[0]:
@@ -68,6 +68,14 @@ def iterate_minibatches(
         # moved once to the data's device: CuPy indexes only with its own arrays.
         order = to_device(order, device_of(x))
     return _batches(x, t, size, order, drop_last)
+
+
+def _as_numpy(value: Any, name: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except ValueError as error:
+        # NumPy's "inhomogeneous shape" message does not say which argument.
+        raise ValueError(f"{name} is not a rectangular array: {error}") from None
 
 
 def _batches(
