@@ -239,6 +239,43 @@ def test_a_reply_that_is_not_http_is_a_connection_error(
     assert not any(tmp_path.glob("*.gz"))
 
 
+@pytest.mark.parametrize("sent", [b"", b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000])
+def test_a_server_that_stops_answering_is_a_connection_error_naming_the_url(
+    files: dict[str, bytes], tmp_path: Path, sent: bytes
+) -> None:
+    # It accepts, sends ``sent`` (nothing, or a reply's first 1000 bytes) and falls silent:
+    # the socket's timeout fires, which alone would say only "timed out".
+    held: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            held.append(connection)
+            connection.recv(65536)
+            connection.sendall(sent)
+
+        threading.Thread(target=answer, daemon=True).start()
+        base = f"http://127.0.0.1:{port}/m/"
+        with pytest.raises(ConnectionError) as raised:
+            download_dataset("mnist", tmp_path, base_url=base, hashes=hashes_of(files), timeout=0.5)
+    for connection in held:
+        connection.close()
+    message = str(raised.value)
+    assert f"{base}{BIG}" in message
+    assert "no answer within the timeout of 0.5 s" in message
+    if sent:
+        # Cut off mid-body: the bytes so far stay in the part file, to resume from.
+        assert "cut off after 1000 bytes" in message
+        assert (tmp_path / f"{BIG}.part").read_bytes() == b"x" * 1000
+    assert not (tmp_path / BIG).exists()
+
+
 def test_unreachable_server_names_the_url(files: dict[str, bytes], tmp_path: Path) -> None:
     # A port nobody listens on: the connection is refused at once, offline or not.
     with socket.socket() as probe:
@@ -259,6 +296,9 @@ def test_bad_arguments_fail_before_any_request(
         download_dataset("mnist", tmp_path, base_url=server.url, hashes=incomplete)
     with pytest.raises(ValueError, match="no valid SHA-256"):
         download_dataset("mnist", tmp_path, base_url=server.url, hashes={**incomplete, BIG: "TODO"})
+    as_bytes = {name: digest.encode() for name, digest in hashes_of(files).items()}
+    with pytest.raises(ValueError, match="no valid SHA-256"):
+        download_dataset("mnist", tmp_path, base_url=server.url, hashes=as_bytes)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="http or https"):
         download_dataset("mnist", tmp_path, base_url="file:///etc/", hashes=hashes_of(files))
     assert server.requests == []

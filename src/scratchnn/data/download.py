@@ -124,15 +124,19 @@ def download_dataset(
 
     Raises ``ValueError`` for an unknown name, a bad URL or a hash mismatch, and
     ``ConnectionError`` naming the URL when the download fails (no server, an
-    HTTP error such as 404, a reply that is not HTTP) or is cut off; running
-    again resumes it.
+    HTTP error such as 404, a reply that is not HTTP, no answer within
+    ``timeout``) or is cut off; running again resumes it.
     """
     _check_name(name)
     expected_hashes = dict(SHA256[name] if hashes is None else hashes)
     for file_name in IDX_FILES:
         digest = expected_hashes.get(file_name, "")
         # A missing hash is a hard error: an unchecked download is never kept.
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest.lower()):
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or not all(c in "0123456789abcdef" for c in digest.lower())
+        ):
             raise ValueError(f"no valid SHA-256 pinned for {name}/{file_name}: {digest!r}")
     base = DEFAULT_BASE_URLS[name] if base_url is None else base_url
     if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
@@ -203,6 +207,9 @@ def _download_to(
     except http.client.HTTPException as error:
         # A reply that is not HTTP (BadStatusLine, LineTooLong) is no OSError of itself.
         raise ConnectionError(f"cannot download {url}: {error!r}") from error
+    except OSError as error:
+        # A server that accepts and never answers: the bare TimeoutError says only "timed out".
+        raise ConnectionError(f"cannot download {url}: {_reason(error, timeout)}") from error
     with response:
         if offset and response.status == 206:
             if _range_start(response.headers.get("Content-Range", "")) != offset:
@@ -216,17 +223,13 @@ def _download_to(
         total = done + int(length) if length.isdigit() else None
         name = part.name.removesuffix(".part")
         with open(part, mode) as out:
-            try:
-                while chunk := response.read(_CHUNK):
-                    done += len(chunk)
-                    if done > MAX_FILE_BYTES:
-                        break
-                    out.write(chunk)
-                    if progress is not None:
-                        progress(name, done, total)
-            except http.client.HTTPException as error:
-                # IncompleteRead and friends are not OSErrors; callers expect one.
-                raise ConnectionError(f"download of {url} failed: {error!r}") from error
+            while chunk := _read_chunk(response, url, part, done, timeout):
+                done += len(chunk)
+                if done > MAX_FILE_BYTES:
+                    break
+                out.write(chunk)
+                if progress is not None:
+                    progress(name, done, total)
     if done > MAX_FILE_BYTES:
         part.unlink()
         raise ValueError(f"{url} is larger than {MAX_FILE_BYTES} bytes; not kept")
@@ -237,6 +240,30 @@ def _download_to(
             f"run again to resume from {part}"
         )
     return None
+
+
+def _read_chunk(
+    response: http.client.HTTPResponse, url: str, part: Path, done: int, timeout: float
+) -> bytes:
+    """The body's next chunk; a stalled, reset or malformed body is a ``ConnectionError``
+    naming the URL (the part file stays, to resume from). Errors writing the part file
+    are not caught here: a full disk is no network failure."""
+    try:
+        # read1: what has arrived, so a stall after it loses none of it.
+        return response.read1(_CHUNK)
+    except (http.client.HTTPException, OSError) as error:
+        # IncompleteRead is no OSError, and a TimeoutError alone names no URL.
+        reason = _reason(error, timeout) if isinstance(error, OSError) else repr(error)
+        raise ConnectionError(
+            f"download of {url} was cut off after {done} bytes ({reason}); "
+            f"run again to resume from {part}"
+        ) from error
+
+
+def _reason(error: OSError, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"no answer within the timeout of {timeout:g} s"
+    return str(error) or type(error).__name__
 
 
 def _range_start(content_range: str) -> int | None:
