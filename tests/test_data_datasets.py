@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import struct
 from pathlib import Path
 
@@ -140,12 +139,10 @@ def test_mnist_uses_its_own_subfolders_and_never_the_debian_one(
     np.testing.assert_array_equal(t, mnist["train-labels-idx1-ubyte"])
 
 
-def pin_labels_as(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str) -> None:
-    """Pin ``folder``'s compressed training labels as dataset ``name``'s, as the real files are."""
-    digest = hashlib.sha256((folder / "train-labels-idx1-ubyte.gz").read_bytes()).hexdigest()
-    pinned = {dataset: dict(hashes) for dataset, hashes in datasets.SHA256.items()}
-    pinned[name]["train-labels-idx1-ubyte.gz"] = digest
-    monkeypatch.setattr(datasets, "SHA256", pinned)
+def pin_labels_as(monkeypatch: pytest.MonkeyPatch, labels: np.ndarray, name: str) -> None:
+    """Take ``labels``' first ten as dataset ``name``'s fingerprint, as the real files' are."""
+    fingerprints = {**datasets.FIRST_TRAIN_LABELS, name: labels[:10].astype(np.uint8).tobytes()}
+    monkeypatch.setattr(datasets, "FIRST_TRAIN_LABELS", fingerprints)
 
 
 def test_the_other_datasets_files_are_passed_over(
@@ -153,12 +150,12 @@ def test_the_other_datasets_files_are_passed_over(
 ) -> None:
     # Fashion-MNIST straight in SCRATCHNN_DATA (as SCRATCHNN_DATA=/usr/share/datasets/
     # fashion-mnist gives): the same file names as MNIST's, never loaded as MNIST.
-    make_dataset(isolated / "env")
-    pin_labels_as(monkeypatch, isolated / "env", "fashion-mnist")
+    fashion = make_dataset(isolated / "env")
+    pin_labels_as(monkeypatch, fashion["train-labels-idx1-ubyte"], "fashion-mnist")
     monkeypatch.setenv("SCRATCHNN_DATA", str(isolated / "env"))
     with pytest.raises(FileNotFoundError) as info:
         load_mnist()
-    assert f"{isolated / 'env'}: holds fashion-mnist (its pinned SHA-256), not mnist" in str(
+    assert f"{isolated / 'env'}: holds fashion-mnist (its training labels), not mnist" in str(
         info.value
     )
     assert load_fashion_mnist()[0][0].shape == (N_TRAIN, 784)
@@ -178,6 +175,30 @@ def test_real_fashion_mnist_is_not_mnist(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="holds fashion-mnist"):
         load_mnist()
+    # The training labels uncompressed, or compressed again (other bytes than the published
+    # .gz): still refused. (Only the labels are read to tell the datasets apart.)
+    labels = "train-labels-idx1-ubyte"
+    for compress in (False, True):
+        copy = tmp_path / f"copy-{compress}"
+        copy.mkdir()
+        for packed in datasets.DEBIAN_FASHION_MNIST_DIR.glob("*.gz"):
+            if not packed.name.startswith(labels):
+                (copy / packed.name).symlink_to(packed)
+        data = gzip.decompress((datasets.DEBIAN_FASHION_MNIST_DIR / f"{labels}.gz").read_bytes())
+        if compress:
+            (copy / f"{labels}.gz").write_bytes(gzip.compress(data, compresslevel=1, mtime=1))
+        else:
+            (copy / labels).write_bytes(data)
+        with pytest.raises(FileNotFoundError, match="holds fashion-mnist"):
+            load_mnist(copy)
+    assert load_fashion_mnist(copy)[0][1].shape == (60000,)
+
+
+def test_an_unknown_dataset_name_is_refused_with_or_without_a_path(tmp_path: Path) -> None:
+    make_dataset(tmp_path)
+    for args in [("Fashion-MNIST", tmp_path), ("foo",)]:
+        with pytest.raises(ValueError, match=f"unknown dataset '{args[0]}'"):
+            find_dataset_files(*args)
 
 
 def test_not_found_lists_every_place_and_how_to_get_the_data(

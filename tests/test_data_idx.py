@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import threading
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -169,6 +171,32 @@ def test_corrupt_gzip_raises_value_error(tmp_path: Path) -> None:
 def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_idx(tmp_path / "absent")
+
+
+def test_a_pipe_is_refused_by_name_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    pipe = tmp_path / "labels.idx"
+    os.mkfifo(pipe)
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_idx(pipe)
+        except BaseException as error:  # handed over to the test's thread
+            raised.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # release the waiting open
+        pytest.fail("read_idx waited on the pipe for a writer")
+    assert len(raised) == 1 and isinstance(raised[0], ValueError)
+    assert f"{pipe}: not a regular file" in str(raised[0])
+
+
+def test_a_directory_is_an_os_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        read_idx(tmp_path)
 
 
 @pytest.fixture(scope="module")

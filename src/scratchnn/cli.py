@@ -311,7 +311,9 @@ def _add_data_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     )
     download.add_argument("name", choices=["fashion-mnist", "mnist"])
     download.add_argument(
-        "--dir", help="target directory (default $SCRATCHNN_DATA or ~/.cache/scratchnn/NAME)"
+        "--dir",
+        help="target directory (default $SCRATCHNN_DATA/NAME, else "
+        "$XDG_CACHE_HOME/scratchnn/NAME, i.e. ~/.cache/scratchnn/NAME)",
     )
     download.add_argument(
         "--base-url", help="a mirror: the folder URL the file names are appended to"

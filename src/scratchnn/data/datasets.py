@@ -13,21 +13,23 @@ Each file may be gzip-compressed (``*.gz``) or not. Unlike the book, nothing is
 cached in a pickle: reading the gzip files takes well under a second.
 
 The two datasets use the same file names and shapes, so a folder whose
-compressed training labels carry the other dataset's pinned SHA-256 is passed
-over (``load_mnist`` never trains on Fashion-MNIST by mistake, nor the reverse).
+training labels begin as the other dataset's do (:data:`FIRST_TRAIN_LABELS`,
+read through gzip or not) is passed over: ``load_mnist`` never trains on
+Fashion-MNIST by mistake, nor the reverse.
 """
 
 from __future__ import annotations
 
-import hashlib
+import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
 
-from scratchnn.data.download import IDX_FILES, SHA256, default_cache_dir
+from scratchnn.data.download import IDX_FILES, _check_name, default_cache_dir
 from scratchnn.data.idx import read_idx
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -44,6 +46,13 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 )
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# The first ten training labels of each published dataset: a fingerprint that holds for the
+# files compressed, uncompressed or compressed again (a pinned file hash holds for one form).
+FIRST_TRAIN_LABELS: dict[str, bytes] = {
+    "fashion-mnist": bytes([9, 0, 0, 3, 0, 2, 7, 2, 5, 5]),
+    "mnist": bytes([5, 0, 4, 1, 9, 2, 1, 3, 1, 4]),
+}
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -93,8 +102,10 @@ def load_mnist(
 def find_dataset_files(name: str, path: str | os.PathLike[str] | None = None) -> dict[str, Path]:
     """Find the four IDX files of ``name``; return stem (``"train-images-idx3-ubyte"``) -> path.
 
-    Raises ``FileNotFoundError`` listing each folder searched and what it lacked.
+    Raises ``ValueError`` for an unknown name and ``FileNotFoundError`` listing
+    each folder searched and what it lacked.
     """
+    _check_name(name)
     searched: list[str] = []
     for folder in _candidate_dirs(name, path):
         found: dict[str, Path] = {}
@@ -107,7 +118,7 @@ def find_dataset_files(name: str, path: str | os.PathLike[str] | None = None) ->
         if other is None and len(found) == len(IDX_FILES):
             return found
         if other is not None:
-            problem = f"holds {other} (its pinned SHA-256), not {name}"
+            problem = f"holds {other} (its training labels), not {name}"
         elif folder.is_file():
             problem = "a file, not a folder"
         elif not folder.is_dir():
@@ -128,17 +139,24 @@ def find_dataset_files(name: str, path: str | os.PathLike[str] | None = None) ->
 
 
 def _other_dataset(name: str, found: dict[str, Path]) -> str | None:
-    """The other dataset whose pinned SHA-256 the compressed training labels carry, if any.
+    """The other dataset whose first training labels the folder's labels file begins with.
 
-    Only the labels are hashed (29 KB), so loading stays fast; uncompressed or
-    unknown files are taken as they are.
+    Only the file's first 18 bytes are read (through gzip when compressed), so
+    loading stays fast; a file that cannot be read here is left to ``read_idx``,
+    which names its problem.
     """
     labels = found.get("train-labels-idx1-ubyte")
-    if labels is None or labels.suffix != ".gz":
+    if labels is None:
         return None
-    digest = hashlib.sha256(labels.read_bytes()).hexdigest()
-    for other, hashes in SHA256.items():
-        if other != name and hashes.get("train-labels-idx1-ubyte.gz") == digest:
+    try:
+        with open(labels, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open if compressed else open)(labels, "rb") as stream:
+            first = stream.read(8 + 10)[8:]
+    except (OSError, EOFError, zlib.error):
+        return None
+    for other, fingerprint in FIRST_TRAIN_LABELS.items():
+        if other != name and first == fingerprint:
             return other
     return None
 

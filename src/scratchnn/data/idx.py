@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import stat
 import struct
 import zlib
 from typing import Any, Protocol
@@ -59,8 +60,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     is decompressed in bounded chunks and never beyond one byte more than its
     header promises.
 
-    Raises ``ValueError`` naming the file and the problem, and
-    ``FileNotFoundError`` (an ``OSError``) if it does not exist.
+    Raises ``ValueError`` naming the file and the problem (a pipe or device
+    too: the checks need its size), and ``FileNotFoundError`` (an ``OSError``)
+    if it does not exist.
 
     >>> import tempfile, pathlib
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -70,6 +72,10 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     array([[  1, 256]], dtype=int16)
     """
     name = os.fspath(path)
+    # Before opening: opening a pipe would wait for a writer. A pipe cannot be sized or
+    # rewound, and the checks above need both. (A missing file raises FileNotFoundError.)
+    if not stat.S_ISREG(os.stat(name).st_mode) and not os.path.isdir(name):
+        raise ValueError(f"{name}: not a regular file")
     with open(name, "rb") as raw:
         if raw.read(2) == _GZIP_MAGIC:
             compressed_size = os.fstat(raw.fileno()).st_size
