@@ -567,6 +567,68 @@ BAD_CHECKPOINTS: dict[str, tuple[dict[str, str | None], dict[str, np.ndarray], s
 }
 
 
+def hostile_state(bit_generator: str, change: Any) -> dict[str, str | None]:
+    """A real state of ``bit_generator`` after ``change(state)``: NumPy's setter takes each of
+    these without a word, and the MT19937 and Philox ones read memory outside the generator."""
+    generator = getattr(np.random, bit_generator)(0)
+    state = json.loads(json.dumps(generator.state, default=lambda array: array.tolist()))
+    for key, value in state.items():  # the arrays as save_checkpoint encodes them
+        if isinstance(value, list):
+            state[key] = {"__ndarray__": "uint64", "values": value}
+    for key, value in state["state"].items():
+        if isinstance(value, list):
+            dtype = "uint32" if bit_generator == "MT19937" else "uint64"
+            state["state"][key] = {"__ndarray__": dtype, "values": value}
+    change(state)
+    return {"scratchnn.rng_state": json.dumps(state)}
+
+
+BAD_CHECKPOINTS.update(
+    {
+        "mt pos past the key": (
+            hostile_state("MT19937", lambda s: s["state"].update(pos=625)),
+            {},
+            "pos must be an integer in [0, 624], got 625",
+        ),
+        "mt pos negative": (
+            hostile_state("MT19937", lambda s: s["state"].update(pos=-5)),
+            {},
+            "pos must be an integer in [0, 624], got -5",
+        ),
+        "mt key short": (
+            hostile_state("MT19937", lambda s: s["state"]["key"]["values"].pop()),
+            {},
+            "key must be 624 integers of type uint32",
+        ),
+        "philox buffer_pos": (
+            hostile_state("Philox", lambda s: s.update(buffer_pos=-10**9)),
+            {},
+            "buffer_pos must be an integer in [0, 4]",
+        ),
+        "pcg64 float state": (
+            hostile_state("PCG64", lambda s: s["state"].update(state=1.5)),
+            {},
+            "state.state must be an integer in [0, 2**128 - 1]".replace("2**128 - 1", str(2**128 - 1)),
+        ),
+        "pcg64 bool flag": (
+            hostile_state("PCG64", lambda s: s.update(has_uint32=True)),
+            {},
+            "has_uint32 must be an integer in [0, 1]",
+        ),
+        "sfc64 float array": (
+            hostile_state("SFC64", lambda s: s["state"]["state"]["values"].__setitem__(0, 1.5)),
+            {},
+            "state.state must be 4 integers of type uint64",
+        ),
+        "extra field": (
+            hostile_state("SFC64", lambda s: s.update(extra=1)),
+            {},
+            "must have the fields",
+        ),
+    }
+)
+
+
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS, ids=str)
 def test_bad_checkpoint_raises_checkpoint_error(tmp_path: Path, case: str) -> None:
     changes, tensors, message = BAD_CHECKPOINTS[case]

@@ -488,9 +488,10 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
     )
     try:
         checkpoint.rng_state = _decode_arrays(rng_json)
+        _check_state(checkpoint.rng_state)
         checkpoint.rng()
     except Exception as error:  # NumPy's state setters raise assorted types
-        raise CheckpointError(f"{name}: rng_state is not a valid state: {error!r}") from None
+        raise CheckpointError(f"{name}: rng_state is not a valid state: {error}") from None
     return checkpoint
 
 
@@ -625,9 +626,59 @@ def _encode_arrays(value: Any) -> Any:
 
 
 def _decode_arrays(value: Any) -> Any:
-    """Undo ``_encode_arrays``; only integer dtypes are accepted."""
+    """Undo ``_encode_arrays``; only integer dtypes of integer values are accepted (anything
+    else stays a dict, which :func:`_check_state` refuses)."""
     if isinstance(value, dict):
-        if set(value) == {"__ndarray__", "values"} and value["__ndarray__"] in ("uint32", "uint64"):
-            return np.array(value["values"], dtype=value["__ndarray__"])
+        values = value.get("values")
+        if (
+            set(value) == {"__ndarray__", "values"}
+            and value["__ndarray__"] in ("uint32", "uint64")
+            and isinstance(values, list)
+            and all(type(item) is int for item in values)
+        ):
+            return np.array(values, dtype=value["__ndarray__"])
         return {key: _decode_arrays(item) for key, item in value.items()}
     return value
+
+
+# The largest value of each integer field of a state. NumPy's setters check none of them,
+# and an MT19937 ``pos`` past its 624-word key, or a negative Philox ``buffer_pos``, makes
+# the generator read memory outside itself.
+_STATE_LIMITS = {
+    "state": 2**128 - 1,
+    "inc": 2**128 - 1,
+    "pos": 624,
+    "buffer_pos": 4,
+    "has_uint32": 1,
+    "uinteger": 2**32 - 1,
+}
+
+
+def _check_state(state: Any) -> None:
+    """Check a decoded bit generator state field by field against a fresh generator's:
+    the same fields, arrays of the same dtype and shape, integers in their range."""
+    if not isinstance(state, dict) or state.get("bit_generator") not in _BIT_GENERATORS:
+        raise ValueError(f"the bit generator must be one of {', '.join(_BIT_GENERATORS)}")
+    _check_field(state, _BIT_GENERATORS[state["bit_generator"]]().state, "")
+
+
+def _check_field(value: Any, template: Any, where: str) -> None:
+    if isinstance(template, dict):
+        if not isinstance(value, dict) or set(value) != set(template):
+            raise ValueError(f"{where or 'it'} must have the fields {', '.join(sorted(template))}")
+        for key, item in template.items():
+            _check_field(value[key], item, f"{where}.{key}" if where else key)
+    elif isinstance(template, np.ndarray):
+        if not (
+            isinstance(value, np.ndarray)
+            and value.dtype == template.dtype
+            and value.shape == template.shape
+        ):
+            raise ValueError(f"{where} must be {template.size} integers of type {template.dtype}")
+    elif isinstance(template, str):
+        if value != template:
+            raise ValueError(f"{where} must be {template!r}")
+    else:
+        limit = _STATE_LIMITS[where.rsplit(".", 1)[-1]]
+        if type(value) is not int or not 0 <= value <= limit:
+            raise ValueError(f"{where} must be an integer in [0, {limit}], got {value!r}")
