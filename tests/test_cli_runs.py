@@ -251,6 +251,7 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
     config = load_checkpoint(checkpoint).config
     cases = [
         ({"metadata": {"history": "not json"}}, "history is not JSON"),
+        ({"metadata": {"history": "[" * 100_000 + "]" * 100_000}}, "history is not JSON"),
         ({"metadata": {"history": '{"epoch": 3}'}}, "history must have the keys"),
         ({"epoch": 5}, "its history has 2 epochs, its epoch count 5"),
         ({"config": {**config, "hidden": [100_000_000]}}, "sizes [100000000] match no stored"),

@@ -99,7 +99,8 @@ class History:
         """The history that ``to_json`` wrote (``null`` reads back as NaN)."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
+            # RecursionError: nesting deeper than the parser's stack (a hostile file).
             raise ValueError(f"history is not JSON: {error}") from None
         return cls.from_dict(data)
 
