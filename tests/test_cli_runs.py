@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,11 @@ def test_a_run_that_cannot_start_leaves_no_directory(
     missing_data = ["--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "bad")]
     assert main(["train", *SMALL, *missing_data]) == 2
     assert "not found" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # Parents it had to create go too; one that was there stays.
+    (tmp_path / "kept").mkdir()
+    nested = ["--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "kept/a/b/c")]
+    assert main(["train", *SMALL, *nested]) == 2
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["kept"]
 
 
 def test_an_output_directory_that_is_a_file_is_named(
@@ -294,3 +299,31 @@ def test_an_interrupted_overwrite_leaves_no_file_of_the_replaced_run(
     assert not any((out / name).exists() for name in scratchnn.runs.RUN_FILES)
     err = capsys.readouterr().err
     assert "nothing to resume; run it again" in err and "--resume" not in err
+
+
+@needs_data
+def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchnn.runs
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    real_fit = scratchnn.runs.fit
+
+    def interrupted_after_one_more_epoch(*args: Any, **kwargs: Any) -> None:
+        def stop(epoch: int, history: Any) -> None:
+            raise KeyboardInterrupt  # Ctrl-C right after epoch 2's checkpoint
+
+        real_fit(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], stop]})
+
+    monkeypatch.setattr(scratchnn.runs, "fit", interrupted_after_one_more_epoch)
+    assert main(["train", "--resume", "--epochs", "3", "--out", str(out)]) == 130
+    assert load_checkpoint(out / "checkpoint.safetensors").epoch == 2
+    # The epoch-1 model and curve are gone: evaluate scores the epoch-2 checkpoint.
+    assert not (out / "model.safetensors").exists() and not (out / "learning_curve.png").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    accuracy = f"test accuracy {100 * history['test_acc'][-1]:.2f}%"
+    assert accuracy in capsys.readouterr().out

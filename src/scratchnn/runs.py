@@ -333,25 +333,27 @@ def train_run(
         raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
     if not resume and not overwrite and (out / CHECKPOINT_FILE).exists():
         raise FileExistsError(f"{out} already holds a training run ({CHECKPOINT_FILE})")
-    created = not out.exists()
+    # The folders this call creates (out and any missing parents), innermost first.
+    created = [folder for folder in [out, *out.absolute().parents] if not folder.exists()]
     check_writable_directory(out)
     try:
         config, network, optimizer, rng, history, train_data, test_data = _start(
             config, out, resume, epochs, data_path
         )
     except BaseException:
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                out.rmdir()  # only if still empty
+                folder.rmdir()  # only if still empty
         raise
     if resume:
         print(f"resuming {out} after epoch {len(history or [])} of {config.epochs}", file=stream)
-    else:
-        # Starting over: no file of the run replaced may outlive it, or an interrupted
-        # new run would leave the old model for evaluate to score as if it were new.
-        for name in RUN_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
+    # No file of what came before may outlive the training to come, or an interrupted run
+    # would leave an older model for evaluate to score as if it were the latest. A new run
+    # starts over; a resumed one keeps its checkpoint and history, which it continues.
+    replaced = (MODEL_FILE, RUN_FILES[-1]) if resume else RUN_FILES
+    for name in replaced:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
     network.to(device)
     optimizer.to(device)
     # The data set moves to the device once; each batch is then a slice on the device.
