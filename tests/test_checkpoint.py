@@ -245,6 +245,20 @@ CORRUPT: dict[str, tuple[Any, bytes, int | None, str]] = {
         "repeated key",
     ),
     "NaN in header": (b'{"w": NaN}', b"", None, "NaN is not allowed"),
+    # Not Unicode text: safetensors' reader refuses these, and no UTF-8 writer could write
+    # the name back.
+    "lone surrogate in a name": (
+        b'{"\\ud800": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}',
+        b"",
+        None,
+        "lone surrogate",
+    ),
+    "lone surrogate in metadata": (
+        b'{"__metadata__": {"k": "\\udfff"}}',
+        b"",
+        None,
+        "lone surrogate",
+    ),
     "entry not an object": ({"w": [1, 2]}, b"", None, "entry must be a JSON object"),
     "entry lacks shape": ({"w": {"dtype": "F32", "data_offsets": [0, 0]}}, b"", None, "exactly"),
     "entry has extra field": ({"w": entry(extra=1)}, bytes(8), None, "exactly"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -132,3 +133,46 @@ def test_temporaries_of_a_long_name_are_cleaned_up_too(tmp_path: Path) -> None:
     assert left.exists()
     write_text_atomically(target, "new")
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.mark.parametrize("name", ["", "newdir/", "adir"], ids=["empty", "trailing-slash", "dir"])
+def test_a_path_that_names_no_file_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # As safetensors and torch.save refuse them; "newdir/" used to become a file "newdir".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    error = ValueError if not name else IsADirectoryError
+    with pytest.raises(error, match="empty" if not name else f"not a file: '{name}'"):
+        write_text_atomically(name, "x")
+    assert sorted(os.listdir(tmp_path)) == ["adir"]
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_a_rewritten_file_keeps_its_permissions(tmp_path: Path) -> None:
+    # A checkpoint its owner made private stays private after the next epoch's rewrite,
+    # as torch.save (which rewrites in place) keeps it.
+    target = tmp_path / "private.txt"
+    write_text_atomically(target, "one")
+    os.chmod(target, 0o600)
+    write_text_atomically(target, "two")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    os.chmod(target, 0o640)
+    write_text_atomically(target, "three")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o222])
+def test_a_new_file_gets_the_mode_a_plain_open_gives(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as file:
+            file.write("x")
+        with atomic_path(tmp_path / "atomic.txt") as temporary:
+            # The writer reopens it by name: writable to its owner even under umask 0o222.
+            assert stat.S_IMODE(os.stat(temporary).st_mode) & 0o200
+            temporary.write_text("x")
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == plain

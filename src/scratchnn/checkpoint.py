@@ -328,12 +328,20 @@ def _is_count(value: object) -> bool:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON object hook: a repeated key would let two readers see different files."""
+    """JSON object hook: a repeated key would let two readers see different files; a lone
+    surrogate escape (``"\\ud800"``) is no Unicode text, and no UTF-8 writer could write
+    the name back (the safetensors reference reader refuses both)."""
     result = dict(pairs)
     if len(result) != len(pairs):
         keys = [key for key, _ in pairs]
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         raise ValueError(f"repeated key(s) {repeated}")
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{text!r} holds a lone surrogate escape") from None
     return result
 
 

@@ -13,14 +13,21 @@ or processes, do not corrupt it: each has its own temporary file and the last
 rename wins. (A writer in another PID namespace or on another host sharing
 the directory can be taken for dead; its write then fails with
 ``FileNotFoundError``, and the file on disk stays complete.)
+
+A rewritten file keeps its permission bits (a checkpoint made private stays
+private); a new one gets those a plain ``open(path, "w")`` would give. A path
+that names no file (empty, ending in a separator, an existing directory) is
+refused before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,26 +49,62 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     >>> target.read_text()
     'done'
     """
-    target = Path(os.path.abspath(path))
+    target = _file_target(path)
     _remove_stale_temporaries(target)
     temporary = target.with_name(
         f".{_temporary_stem(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
     )
     # O_EXCL: never write into a file that someone else is writing. Mode 0o666
-    # less the umask: a data file, never executable.
+    # less the umask, as a plain open(path, "w") gives: a data file, never executable.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
-        os.close(os.open(temporary, flags, 0o666))
+        fd = os.open(temporary, flags, 0o666)
     except OSError as error:  # no such directory, no permission: say so of the user's path
         raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
     try:
+        mode = _final_mode(target, fd)
+        # The writer opens the file again by name: it must stay writable to its owner
+        # while it is written (a umask of 0o222 would make it read-only from the start).
+        _chmod(fd, mode | 0o600, temporary)
+    finally:
+        os.close(fd)
+    try:
         yield temporary
         _fsync(temporary)  # the bytes must be on disk before the name points at them
+        os.chmod(temporary, mode)
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     _fsync_directory(target.parent)
+
+
+def _file_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute, refused before anything is written where it cannot name a
+    file: empty, ending in a separator, or an existing directory."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if not text:
+        raise ValueError("the path to write is empty")
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or os.path.isdir(text):
+        raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", text)
+    return Path(os.path.abspath(text))
+
+
+def _final_mode(target: Path, fd: int) -> int:
+    """The permission bits the written file gets: those of the file it replaces (a file
+    its owner made private stays private), else those the umask gave the new file."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(target).st_mode)
+    return stat.S_IMODE(os.fstat(fd).st_mode)
+
+
+def _chmod(fd: int, mode: int, temporary: Path) -> None:
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:  # Windows: only the read-only flag exists
+        os.chmod(temporary, mode)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
