@@ -20,6 +20,7 @@ from test_train import needs_data, run_cli
 
 from scratchnn.checkpoint import load_checkpoint, save_checkpoint
 from scratchnn.cli import main
+from scratchnn.data import find_dataset_files
 
 SMALL = ["--hidden", "8", "--limit", "300", "--batch-size", "100"]
 
@@ -327,3 +328,97 @@ def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
     history = json.loads((out / "history.json").read_text())
     accuracy = f"test accuracy {100 * history['test_acc'][-1]:.2f}%"
     assert accuracy in capsys.readouterr().out
+
+
+@needs_data
+def test_the_interrupt_hint_is_a_command_that_continues_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shlex
+
+    import scratchnn.runs
+
+    out = tmp_path / "my run"  # a space: the hint must quote it
+    real_fit = scratchnn.runs.fit
+
+    def interrupted_after_the_first_epoch(*args: Any, **kwargs: Any) -> None:
+        def stop(epoch: int, history: Any) -> None:
+            raise KeyboardInterrupt
+
+        real_fit(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], stop]})
+
+    monkeypatch.setattr(scratchnn.runs, "fit", interrupted_after_the_first_epoch)
+    data = str(find_dataset_files("fashion-mnist")["train-labels-idx1-ubyte"].parent)
+    argv = ["train", *SMALL, "--epochs", "3", "--data", data, "--out", str(out)]
+    assert main(argv) == 130
+    assert main(["train", "--resume", "--epochs", "4", "--data", data, "--out", str(out)]) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    command = hint.split("continue with: scratchnn ", 1)[1]
+    assert shlex.split(command) == [
+        "train", "--resume", "--out", str(out), "--epochs", "4", "--data", data
+    ]  # fmt: skip
+    monkeypatch.setattr(scratchnn.runs, "fit", real_fit)
+    assert main(shlex.split(command)) == 0  # as printed, it trains on to the 4 epochs asked
+    assert load_checkpoint(out / "checkpoint.safetensors").epoch == 4
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--limit", "100000"], "limit 100000 is more than the 60000 training examples"),
+        (
+            ["--model", "cnn", "--channels", "2,2,2,2,2", "--limit", "100"],
+            "5 conv blocks (channels [2, 2, 2, 2, 2]) halve 28x28 images to nothing; at most 4",
+        ),
+    ],
+)
+def test_settings_the_data_cannot_take_fail_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_network_larger_than_memory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchnn.runs
+
+    def too_large(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError  # what NumPy raises for --hidden 100000000 (584 GiB)
+
+    monkeypatch.setattr(scratchnn.runs, "_start", too_large)
+    assert main(["train", "--hidden", "100000000", "--out", str(tmp_path / "run")]) == 2
+    assert "does not fit in memory" in capsys.readouterr().err
+    monkeypatch.setattr("scratchnn.graph.draw.DRAWINGS", {"network": too_large})
+    assert main(["graph", "network", "--sizes", "100000,100000"]) == 2
+    assert "does not fit in memory" in capsys.readouterr().err
+
+
+@needs_data
+def test_more_epochs_of_a_run_its_iteration_cap_ended_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "run")
+    assert main(["train", *SMALL, "--iterations", "5", "--epochs", "4", "--out", out]) == 0
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epoch"]) == 2
+    capsys.readouterr()
+    assert main(["train", "--resume", "--epochs", "6", "--out", out]) == 2
+    assert "has taken all 5 of its iterations" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", out]) == 0  # as it was: complete, as before
+
+
+@needs_data
+@pytest.mark.filterwarnings("default")  # as Python runs the command: warnings are shown
+def test_a_diverging_runs_warnings_are_one_line_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--limit", "2000", "--lr", "1e6", "--optimizer", "sgd", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line]
+    assert "scratchnn train: note: overflow encountered" in err
+    assert all(line.startswith("scratchnn train: note: ") for line in notes), err

@@ -74,3 +74,26 @@ def test_a_partial_bar_its_eta_and_at_most_twenty_redraws_a_second(
     clock[0] += 0.06
     bar.update(1, loss=0.4)
     assert stream.getvalue().endswith("\repoch 1/1 [####----] 4/8 loss 0.4 3.1s<3.1s\033[K")
+
+
+def test_the_bar_fits_its_own_terminal_when_stdout_goes_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `scratchnn train > log` in a 40-column pane: stderr is the 40-column terminal, and
+    # stdout's width (here a wide COLUMNS) is not the bar's.
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    monkeypatch.setenv("COLUMNS", "200")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    with open(follower, "w", closefd=True) as terminal:
+        bar = ProgressBar(total=60000, prefix="epoch 10/15", stream=terminal)
+        bar.update(60000, loss=0.4312)
+    drawn = os.read(leader, 4096).decode()
+    os.close(leader)
+    lines = [line.removesuffix("\x1b[K") for line in drawn.split("\r") if line]
+    assert lines and all(0 < len(line) <= 39 for line in lines), lines

@@ -258,6 +258,9 @@ def run_cli(argv: list[str]) -> int:
         (["--hidden", "0"], "hidden"),
         (["--batch-size", "-5"], "batch-size"),
         (["--lr-decay", "1.5"], "decay"),
+        # The preset's settings were blamed ("dropout applies to the cnn model only").
+        (["--preset", "cnn", "--model", "mlp"], "--model mlp does not fit --preset cnn (a cnn)"),
+        (["--preset", "book", "--model", "cnn"], "--model cnn does not fit --preset book (a mlp)"),
     ],
 )
 def test_bad_options_fail_with_one_line(
@@ -267,6 +270,12 @@ def test_bad_options_fail_with_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+def test_an_empty_out_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Path("") is the current directory, whose files --overwrite would delete.
+    assert run_cli(["train", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
 
 
 def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -400,3 +409,31 @@ def test_confusion_matrix_refuses_labels_it_would_miscount() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             confusion_matrix(labels, predictions, 3)
+
+
+def test_the_bars_running_loss_is_the_mean_per_example() -> None:
+    # 1001 examples in batches of 1000: the last batch holds one example and must weigh one
+    # thousandth of the first, as PyTorch scripts' running_loss += loss.item() * len(x).
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((1001, 5)), rng.integers(0, 3, 1001)
+    network = snn.Sequential([snn.Affine(rng.standard_normal((5, 3)), np.zeros(3))])
+    losses: list[tuple[int, float]] = []
+    gradient = network.gradient
+
+    def recorded(xb: np.ndarray, tb: np.ndarray) -> Any:
+        grads = gradient(xb, tb)
+        losses.append((len(xb), float(network.last_loss)))
+        return grads
+
+    network.gradient = recorded  # type: ignore[method-assign]
+    stream = Terminal()
+    fit(network, SGD(0.1), (x, t), epochs=1, batch_size=1000, rng=rng, progress_stream=stream)
+    shown = float(stream.getvalue().rsplit(" loss ", 1)[1].split()[0])
+    sizes, values = np.array(losses).T
+    assert sizes.tolist() == [1000, 1]
+    assert shown == float(f"{np.average(values, weights=sizes):.4g}")
+    assert abs(values[0] - values[1]) > 1e-3  # else both means would agree

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import warnings
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from scratchnn import __version__
 from scratchnn.demo import run_demo
@@ -110,10 +111,6 @@ def _fail(command: str, message: str) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from scratchnn.backend import DeviceUnavailableError
-    from scratchnn.checkpoint import CheckpointError
-    from scratchnn.runs import CHECKPOINT_FILE, preset_config, train_run
-
     given = {name: getattr(args, name) for name in _RUN_OPTIONS if getattr(args, name) is not None}
     # --model cnn alone means the cnn preset; the other presets are MLPs.
     preset = args.preset or ("cnn" if args.model == "cnn" else "default")
@@ -122,6 +119,36 @@ def _run_train(args: argparse.Namespace) -> int:
         return _fail(
             "train", "--resume continues the run in --out, --overwrite replaces it: not both"
         )
+    if not out:
+        return _fail("train", "--out is empty: name the run's directory")
+    if args.preset is not None and args.model is not None:
+        preset_model = "cnn" if args.preset == "cnn" else "mlp"
+        if args.model != preset_model:
+            return _fail(
+                "train", f"--model {args.model} does not fit --preset {args.preset} (a {preset_model})"
+            )
+    try:
+        with warnings.catch_warnings():
+            # A diverging run's overflow warnings: one line each, not Python's two-line form
+            # pointing into the library's source (as evaluate prints them).
+            warnings.showwarning = _note_for("train")
+            return _train(args, given, preset, out)
+    except MemoryError:
+        return _fail("train", "the network does not fit in memory: choose smaller --hidden sizes")
+
+
+def _note_for(command: str) -> Any:
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        print(f"scratchnn {command}: note: {message}", file=sys.stderr)
+
+    return show
+
+
+def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: str) -> int:
+    from scratchnn.backend import DeviceUnavailableError
+    from scratchnn.checkpoint import CheckpointError
+    from scratchnn.runs import CHECKPOINT_FILE, preset_config, train_run
+
     try:
         if args.resume:
             if given or args.preset is not None:
@@ -151,7 +178,15 @@ def _run_train(args: argparse.Namespace) -> int:
         return _fail("train", str(error))
     except KeyboardInterrupt:
         if os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
-            hint = f"continue with: scratchnn train --resume --out {out}"
+            # What the checkpoint does not hold: an --epochs not yet saved in it (stopped
+            # before a resumed run's first epoch ended), the data folder, the device.
+            again = ["--resume", "--out", out]
+            for option, value in (("--epochs", args.epochs), ("--data", args.data)):
+                if value is not None:
+                    again += [option, str(value)]
+            if args.device != "cpu":
+                again += ["--device", args.device]
+            hint = f"continue with: scratchnn train {shlex.join(again)}"
         else:  # stopped in its first epoch: there is nothing to resume yet
             hint = "no epoch was completed, so there is nothing to resume; run it again"
         print(f"\ninterrupted; {hint}", file=sys.stderr)
@@ -360,6 +395,8 @@ def _run_graph(args: argparse.Namespace) -> int:
         drawing = DRAWINGS[args.name](**given)
     except ValueError as error:  # such as a --step outside 0..4
         return _fail("graph", str(error))
+    except MemoryError:
+        return _fail("graph", "the network does not fit in memory: choose smaller --sizes")
     try:
         if args.out is not None:
             drawing.save(args.out, fmt)

@@ -388,6 +388,12 @@ def cnn(
     dtype = np.dtype(dtype)
     dropout = _checks.fraction("cnn", "dropout", dropout)  # -0.5 would mean none, silently
     c_in, h, w = in_shape
+    if min(h, w) >> len(channels) < 1:
+        # Each block's pooling halves the image: checked before any weight is drawn.
+        raise ValueError(
+            f"cnn: {len(channels)} conv blocks (channels {list(channels)}) halve {h}x{w} "
+            f"images to nothing; at most {min(h, w).bit_length() - 1} fit"
+        )
     stack: list[Any] = []
     for c_out in channels:
         stack += [

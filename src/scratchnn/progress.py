@@ -7,6 +7,7 @@ carriage returns.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -49,6 +50,14 @@ class ProgressBar:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
+    def _columns(self) -> int:
+        """The width of the terminal the bar draws on: its own stream's, which is not
+        stdout's when stdout goes to a file (``train > log``)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # no file descriptor, or not a terminal
+            return shutil.get_terminal_size().columns
+
     def _draw(self, loss: float | None, now: float) -> None:
         elapsed = now - self.started
         eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
@@ -57,7 +66,7 @@ class ProgressBar:
         tail += f" {elapsed:.1f}s<{eta:.1f}s"
         # One line shorter than the terminal: a line that wraps cannot be redrawn with \r,
         # and each redraw would leave a row behind. The bar shrinks first, then the text.
-        columns = shutil.get_terminal_size().columns - 1
+        columns = self._columns() - 1
         width = min(self.width, columns - len(self.prefix) - len(tail) - 3)
         if width >= 5:
             filled = int(width * self.count / self.total)

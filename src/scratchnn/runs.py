@@ -288,6 +288,10 @@ def load_data(
         one_hot_label=False,
         dtype=np.dtype(config.dtype),  # normalised in the run's dtype, not float32 cast up
     )
+    if config.limit is not None and config.limit > len(x_train):
+        raise ValueError(
+            f"limit {config.limit} is more than the {len(x_train)} training examples there are"
+        )
     if config.limit is not None:
         # Copies, so that the rest of the 60,000 images is not kept alive by a view.
         x_train, t_train = x_train[: config.limit].copy(), t_train[: config.limit].copy()
@@ -465,6 +469,16 @@ def _start(
                 f"the run in {out} has trained {len(history)} epochs already, "
                 f"more than the {config.epochs} asked for"
             )
+        steps_per_epoch = -(-len(train_data[0]) // config.batch_size)
+        taken = len(history) * steps_per_epoch  # as fit counts them
+        # More epochs asked of a run its iteration cap has ended: say so, not train nothing.
+        # (Resumed as it was, such a run is complete, as one that ran all its epochs.)
+        if epochs is not None and len(history) < epochs and config.iterations is not None:
+            if taken >= config.iterations:
+                raise ValueError(
+                    f"the run in {out} has taken all {config.iterations} of its iterations "
+                    "(--iterations): more epochs would train nothing"
+                )
     return config, network, optimizer, rng, history, train_data, test_data
 
 

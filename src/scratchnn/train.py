@@ -257,13 +257,15 @@ def _epochs(
         if max_iterations is not None:
             steps = min(steps, max_iterations - iterations_done)
         bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
-        running = 0.0
+        running, seen = 0.0, 0
         batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
         try:
             for step, (xb, tb) in enumerate(batches, start=1):
                 grads = network.gradient(xb, tb)
                 optimizer.update(network.params, grads)
-                running += (network.last_loss - running) / step
+                # The mean loss per example so far: a short last batch weighs what it holds.
+                seen += len(xb)
+                running += (network.last_loss - running) * len(xb) / seen
                 bar.update(loss=running)
                 if step == steps:
                     break
