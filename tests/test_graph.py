@@ -192,6 +192,24 @@ def test_backward_before_forward_raises(make: Callable[[], Any], n_inputs: int) 
 
 
 @pytest.mark.parametrize(("make", "n_inputs"), ALL_NODES, ids=NODE_IDS)
+def test_a_failed_forward_leaves_no_graph_for_backward(
+    make: Callable[[], Any], n_inputs: int
+) -> None:
+    # backward would otherwise differentiate the previous, successful forward's inputs.
+    node = make()
+    node.forward(*[np.ones(2)] * n_inputs)
+    failing = [[np.ones(2)] * (n_inputs + 1)]  # a wrong number of inputs
+    if n_inputs == 2:
+        failing.append([np.ones(3), np.ones(2)])  # shapes that do not broadcast
+    for inputs in failing:
+        with pytest.raises((TypeError, ValueError)):
+            node.forward(*inputs)
+        with pytest.raises(RuntimeError, match="before forward"):
+            node.backward(np.ones(2))
+        node.forward(*[np.ones(2)] * n_inputs)
+
+
+@pytest.mark.parametrize(("make", "n_inputs"), ALL_NODES, ids=NODE_IDS)
 def test_wrong_dout_shape_raises(make: Callable[[], Any], n_inputs: int) -> None:
     node = make()
     node.forward(*[np.ones((2, 3))] * n_inputs)

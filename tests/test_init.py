@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import scratchnn as snn
 from scratchnn.init import (
     glorot_normal,
     glorot_uniform,
@@ -86,6 +87,47 @@ def test_he_and_glorot_match_torch_nn_init() -> None:
         assert abs(np.abs(ours).max() / np.abs(reference).max() - 1.0) < (
             0.01 if name == "glorot_uniform" else 0.15
         ), name
+
+
+@pytest.mark.parametrize("init", ["he", "glorot_normal", "glorot_uniform"])
+def test_conv2d_weights_have_torch_nn_inits_scale_for_a_kernel(init: str) -> None:
+    # torch reads a conv kernel's fans from its (C_out, C_in, kh, kw) layout:
+    # fan_in = C_in*kh*kw and fan_out = C_out*kh*kw (Glorot & Bengio's too).
+    torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
+    c_in, c_out, k = 16, 32, 5
+    reference = torch.empty((c_out, c_in, k, k), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    if init == "he":
+        torch.nn.init.kaiming_normal_(reference, nonlinearity="relu", generator=generator)
+    elif init == "glorot_normal":
+        torch.nn.init.xavier_normal_(reference, generator=generator)
+    else:
+        torch.nn.init.xavier_uniform_(reference, generator=generator)
+    ours = snn.Conv2d(c_in, c_out, k, rng=np.random.default_rng(0), init=init, dtype=np.float64).W
+    assert ours.shape == tuple(reference.shape)
+    assert abs(ours.std() / reference.std().item() - 1.0) < 0.02
+    if init == "glorot_uniform":
+        bound = math.sqrt(6.0 / ((c_in + c_out) * k * k))
+        assert 0.99 * bound < np.abs(ours).max() <= bound
+
+
+def test_bad_fans_raise_before_anything_is_drawn() -> None:
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    with pytest.raises(TypeError, match="fans must be a pair"):
+        glorot_normal(3, 4, rng, fans=(3,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"fans\[1\]"):
+        glorot_uniform(3, 4, rng, fans=(3, 0))
+    assert rng.bit_generator.state == before
+
+
+def test_a_conv2d_that_fails_to_build_leaves_the_generator_alone() -> None:
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    for bad in ({"stride": 0}, {"padding": -1}):
+        with pytest.raises(ValueError, match="Conv2d"):
+            snn.Conv2d(3, 4, 3, rng=rng, **bad)  # type: ignore[arg-type]
+    assert rng.bit_generator.state == before
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

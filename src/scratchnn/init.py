@@ -29,6 +29,11 @@ Bengio's own definition, which ``torch.nn.init.xavier_normal_`` and
 ``glorot_uniform`` draws from ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))``.
 ``he_normal`` equals ``torch.nn.init.kaiming_normal_(mode="fan_in",
 nonlinearity="relu")``.
+
+``fans=(fan_in, fan_out)``, keyword-only, computes the scale from other fans
+than the drawn matrix's shape: ``Conv2d`` draws a ``(C_in*kh*kw, C_out)``
+matrix whose fans are ``(C_in*kh*kw, C_out*kh*kw)``, as ``torch.nn.init``
+computes them for a convolution's kernel.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Initializer(Protocol):
         dtype: DTypeLike = ...,
         *,
         device: str = ...,
+        fans: tuple[int, int] | None = ...,
     ) -> Any: ...
 
 
@@ -76,6 +82,7 @@ def he_normal(
     dtype: DTypeLike = np.float32,
     *,
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
     """Normal weights with standard deviation ``sqrt(2 / fan_in)``: the book's "he"/"relu".
 
@@ -86,7 +93,14 @@ def he_normal(
     0.051
     """
     return _normal(
-        fan_in, fan_out, rng, dtype, "he_normal", lambda n_in, n_out: math.sqrt(2.0 / n_in), device
+        fan_in,
+        fan_out,
+        rng,
+        dtype,
+        "he_normal",
+        lambda n_in, n_out: math.sqrt(2.0 / n_in),
+        device,
+        fans,
     )
 
 
@@ -97,6 +111,7 @@ def xavier_normal(
     dtype: DTypeLike = np.float32,
     *,
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
     """Normal weights with standard deviation ``sqrt(1 / fan_in)``: the book's "xavier"/"sigmoid".
 
@@ -114,6 +129,7 @@ def xavier_normal(
         "xavier_normal",
         lambda n_in, n_out: math.sqrt(1.0 / n_in),
         device,
+        fans,
     )
 
 
@@ -124,6 +140,7 @@ def glorot_normal(
     dtype: DTypeLike = np.float32,
     *,
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
     """Normal weights with standard deviation ``sqrt(2 / (fan_in + fan_out))``.
 
@@ -141,6 +158,7 @@ def glorot_normal(
         "glorot_normal",
         lambda n_in, n_out: math.sqrt(2.0 / (n_in + n_out)),
         device,
+        fans,
     )
 
 
@@ -151,6 +169,7 @@ def glorot_uniform(
     dtype: DTypeLike = np.float32,
     *,
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
     """Uniform weights on ``[-a, a]``, ``a = sqrt(6 / (fan_in + fan_out))``.
 
@@ -163,7 +182,8 @@ def glorot_uniform(
     """
     who = "glorot_uniform"
     fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
-    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    scale_in, scale_out = _fans(who, fans, fan_in, fan_out)
+    bound = math.sqrt(6.0 / (scale_in + scale_out))
     return to_device(_cast(who, rng.uniform(-bound, bound, size=(fan_in, fan_out)), out_dtype), device)
 
 
@@ -175,6 +195,7 @@ def normal_std(
     *,
     std: float = 0.01,
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
     """Normal weights with a fixed standard deviation: the book's ``weight_init_std * randn``.
 
@@ -186,7 +207,9 @@ def normal_std(
     ((2, 3), True)
     """
     checked = _check_std("normal_std", std)
-    return _normal(fan_in, fan_out, rng, dtype, "normal_std", lambda n_in, n_out: checked, device)
+    return _normal(
+        fan_in, fan_out, rng, dtype, "normal_std", lambda n_in, n_out: checked, device, fans
+    )
 
 
 def zeros(size: int, dtype: DTypeLike = np.float32, *, device: str = "cpu") -> Any:
@@ -239,6 +262,7 @@ def make_initializer(name_or_std: str | float) -> Initializer:
         dtype: DTypeLike = np.float32,
         *,
         device: str = "cpu",
+        fans: tuple[int, int] | None = None,
     ) -> Any:
         return normal_std(fan_in, fan_out, rng, dtype, std=std, device=device)
 
@@ -257,12 +281,24 @@ def _normal(
     who: str,
     std_of: Callable[[int, int], float],
     device: str = "cpu",
+    fans: tuple[int, int] | None = None,
 ) -> Any:
-    """Draw from ``N(0, std_of(fan_in, fan_out)**2)`` once the arguments are checked."""
+    """Draw a ``(fan_in, fan_out)`` matrix from ``N(0, std_of(*fans)**2)`` (``fans``
+    defaulting to that shape) once the arguments are checked."""
     fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
+    std = std_of(*_fans(who, fans, fan_in, fan_out))
     weights = rng.standard_normal((fan_in, fan_out))
-    weights *= std_of(fan_in, fan_out)
+    weights *= std
     return to_device(_cast(who, weights, out_dtype), device)
+
+
+def _fans(who: str, fans: object, fan_in: int, fan_out: int) -> tuple[int, int]:
+    """The fans a scale is computed from: ``fans`` where given, else the matrix's shape."""
+    if fans is None:
+        return fan_in, fan_out
+    if not isinstance(fans, tuple) or len(fans) != 2:
+        raise TypeError(f"{who}: fans must be a pair of ints (fan_in, fan_out), got {fans!r}")
+    return _checks.count(who, "fans[0]", fans[0]), _checks.count(who, "fans[1]", fans[1])
 
 
 def _cast(who: str, weights: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:

@@ -73,6 +73,7 @@ class _BinaryNode(Layer):
         self._python_numbers: tuple[object | None, object | None] = (None, None)
 
     def forward(self, *inputs: Any) -> Any:
+        self._out_shape = None  # a failed forward must not leave the previous graph behind
         # The base turns a Python number into a 0-d float64 array; remember it as it was.
         self._python_numbers = tuple(  # type: ignore[assignment]
             v if type(v) in (bool, int, float) else None for v in inputs

@@ -72,10 +72,10 @@ class Layer:
         ``Sequential.gradient`` borrows: it runs forward and backward in one call,
         and the arrays between its layers never reach its caller.
         """
+        self._out_shape = None  # a failure below must not leave a stale graph behind
         if len(inputs) != self.n_inputs:
             name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
-        self._out_shape = None  # a failure below must not leave a stale graph behind
         x = inputs[0]
         if len(inputs) == 1 and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
             # The common case, one float NumPy array: nothing to check or convert.

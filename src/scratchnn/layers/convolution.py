@@ -165,9 +165,13 @@ class Conv2d(WeightBiasLayer):
         in_channels = _checks.count("Conv2d", "in_channels", in_channels)
         out_channels = _checks.count("Conv2d", "out_channels", out_channels)
         kh, kw = pair(kernel_size, "kernel_size", "Conv2d")
-        fan_in = in_channels * kh * kw
-        # The initialisers draw (fan_in, fan_out) matrices, the im2col layout of W transposed.
-        W = make_initializer(init)(fan_in, out_channels, rng, dtype)
+        pair(stride, "stride", "Conv2d")  # checked before the weights are drawn: a failed
+        pair(padding, "padding", "Conv2d", minimum=0)  # call leaves the generator as it was
+        # The fans of torch.nn.init and Glorot & Bengio: each output of a kernel window
+        # reads in_channels*kh*kw inputs, and each input feeds out_channels*kh*kw outputs.
+        fan_in, fan_out = in_channels * kh * kw, out_channels * kh * kw
+        # The initialisers draw (fan_in, n) matrices, the im2col layout of W transposed.
+        W = make_initializer(init)(fan_in, out_channels, rng, dtype, fans=(fan_in, fan_out))
         W = np.ascontiguousarray(W.T).reshape(out_channels, in_channels, kh, kw)
         self._setup(W, np.zeros(out_channels, dtype=W.dtype), stride, padding)
 
