@@ -232,6 +232,30 @@ def test_max_pool_sends_the_gradient_to_the_nan_as_torch(k: int, s: int, p: int)
     np.testing.assert_allclose(dx, want_dx, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize(("k", "s", "p"), [(2, 2, 0), (3, 3, 0), (2, 3, 0), (3, 2, 1)])
+def test_a_non_finite_dout_reaches_only_the_maximum_as_torch(
+    k: int, s: int, p: int, dtype: type
+) -> None:
+    # PyTorch scatters dout to each window's maximum: the pixels that lost get +0 even
+    # where dout is inf or NaN (dout * 0 would make them NaN), and +0 where dout < 0.
+    # (No -0.0 in dout: PyTorch adds it to a zero, which gives +0.)
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 3, 17, 38)).astype(dtype)  # 2x2: AVX-512 lanes and a tail
+    pool = snn.MaxPool2d(k, s, p)
+    out = pool.forward(x)
+    dout = rng.choice(np.array([np.inf, -np.inf, np.nan, -1.5, 2.0]), out.shape)
+    with np.errstate(invalid="ignore"):  # overlapping windows may add inf and -inf: NaN
+        dx = pool.backward(dout.astype(dtype))
+    xt = torch.tensor(x, requires_grad=True)
+    TF.max_pool2d(xt, k, s, p).backward(torch.tensor(dout.astype(dtype)))
+    want = xt.grad.numpy()
+    np.testing.assert_array_equal(dx, want)  # NaN where torch has NaN, nowhere else
+    # The sign of zeros too (of a NaN made by inf + -inf, the processor's, not ours).
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(np.signbit(dx[finite]), np.signbit(want[finite]))
+
+
 def test_pool_padding_larger_than_half_the_kernel_raises() -> None:
     with pytest.raises(ValueError, match=r"MaxPool2d: padding .* half the kernel"):
         snn.MaxPool2d(2, padding=2)

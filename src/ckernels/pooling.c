@@ -6,9 +6,10 @@
  * maximum as the NumPy path's chain of np.maximum takes it (m = m >= v or m is
  * NaN ? m : v: the first NaN propagates), and argmax, the offset p kw + q of the
  * first value equal to it (or of the first NaN): PyTorch's choice on ties.
- * Backward: each window's pixels get dout times (offset == argmax), as the NumPy
- * path's np.multiply(g, argmax == k) writes them (so -0.0 and NaN alike);
- * pixels in no window get 0.
+ * Backward: each window's pixel at argmax gets dout and the others +0, as the NumPy
+ * path writes them and PyTorch scatters dout (a selection, not dout times 0/1, which
+ * would turn an infinite or NaN dout into NaN on the pixels that lost); pixels in no
+ * window get 0.
  */
 #include "ckernels.h"
 
@@ -70,13 +71,12 @@ __attribute__((target("avx512f"))) static void maxpool2x2_avx512_f32(
         }
     }
 }
-/* Backward: each window's four pixels get dout times (offset == argmax), as the
- * portable loop writes them (so -0.0 and NaN alike), interleaved back by permutes. */
+/* Backward: each window's pixel at argmax gets dout, the other three +0 (selected, as
+ * the portable loop), interleaved back by permutes. */
 __attribute__((target("avx512f"))) static void maxpool2x2_grad_avx512_f32(
     const float *g, const unsigned char *arg, float *dx, ptrdiff_t W, ptrdiff_t OH,
     ptrdiff_t OW) {
     const __m512i low = _mm512_loadu_si512(LOW), high = _mm512_loadu_si512(HIGH);
-    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
     for (ptrdiff_t i = 0; i < OH; i++) {
         float *r0 = dx + 2 * i * W, *r1 = r0 + W;
         for (ptrdiff_t j0 = 0; j0 < OW; j0 += 16) {
@@ -89,7 +89,7 @@ __attribute__((target("avx512f"))) static void maxpool2x2_grad_avx512_f32(
             __m512 w[4];
             for (int k = 0; k < 4; k++) {
                 __mmask16 is_k = _mm512_cmpeq_epi32_mask(won, _mm512_set1_epi32(k));
-                w[k] = _mm512_mul_ps(gv, _mm512_mask_blend_ps(is_k, zero, one));
+                w[k] = _mm512_maskz_mov_ps(is_k, gv);
             }
             _mm512_mask_storeu_ps(r0 + 2 * j0, lo, _mm512_permutex2var_ps(w[0], low, w[1]));
             _mm512_mask_storeu_ps(r0 + 2 * j0 + 16, hi, _mm512_permutex2var_ps(w[0], high, w[1]));
@@ -190,10 +190,10 @@ __attribute__((target("avx512f"))) static void maxpool2x2_grad_avx512_f32(
                     memcpy(gv, g + i * OW + j0, len * sizeof(T));                         \
                     memcpy(won, arg + i * OW + j0, len);                                  \
                     _Pragma("omp simd") for (int t = 0; t < CHUNK; t++) {                 \
-                        a[t] = gv[t] * (T)(won[t] == 0);                                  \
-                        bb[t] = gv[t] * (T)(won[t] == 1);                                 \
-                        c[t] = gv[t] * (T)(won[t] == 2);                                  \
-                        e[t] = gv[t] * (T)(won[t] == 3);                                  \
+                        a[t] = won[t] == 0 ? gv[t] : (T)0;                                \
+                        bb[t] = won[t] == 1 ? gv[t] : (T)0;                               \
+                        c[t] = won[t] == 2 ? gv[t] : (T)0;                                \
+                        e[t] = won[t] == 3 ? gv[t] : (T)0;                                \
                     }                                                                     \
                     for (int t = 0; t < len; t++) {                                       \
                         ptrdiff_t k = 2 * (j0 + t);                                       \
@@ -210,7 +210,7 @@ __attribute__((target("avx512f"))) static void maxpool2x2_grad_avx512_f32(
                 T *w0 = dx + i * sh * W + jj * sw;                                        \
                 for (ptrdiff_t p = 0; p < kh; p++)                                        \
                     for (ptrdiff_t q = 0; q < kw; q++)                                    \
-                        w0[p * W + q] = gv * (T)(p * kw + q == won);                      \
+                        w0[p * W + q] = p * kw + q == won ? gv : (T)0;                    \
             }                                                                             \
     }
 POOL(float, f32)

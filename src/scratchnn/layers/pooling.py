@@ -191,7 +191,11 @@ class MaxPool2d(_Pool2d):
         )
         for k, rows, cols in self._offsets(self._x_shape):
             if disjoint:
-                np.multiply(g, self.argmax == k, out=dxp[:, :, rows, cols])
+                # Selected, as PyTorch scatters dout: dout * (argmax == k) would make an
+                # infinite or NaN dout NaN on the pixels that lost.
+                window = dxp[:, :, rows, cols]
+                module.copyto(window, 0)
+                module.copyto(window, g, where=self.argmax == k)
             else:
                 dxp[:, :, rows, cols] += np.where(self.argmax == k, g, 0)
         return self._crop(dxp)

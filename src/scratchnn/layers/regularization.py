@@ -23,7 +23,9 @@ class Dropout(Layer):
     network runs unchanged. ``p = 1`` gives zeros; ``p = 0`` the identity.
 
     The mask is drawn from ``rng``, a ``numpy.random.Generator`` the caller
-    seeds, never from global state: the same seed drops the same elements.
+    seeds, never from global state: the same seed drops the same elements of
+    inputs of one precision (float16 and float32 inputs draw float32 uniforms,
+    float64 inputs float64 ones, so a float64 run drops others).
     Keeps the mask packed with ``np.packbits``, one bit per element (8 times
     less than a bool array, as ``Relu(packed=True)``); ``mask`` unpacks it.
 
