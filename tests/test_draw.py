@@ -14,10 +14,12 @@ import shutil
 import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+import scratchnn as snn
 from scratchnn import Relu, Sigmoid, mlp
 from scratchnn.cli import main
 from scratchnn.graph import (
@@ -321,6 +323,26 @@ def test_save_rejects_unknown_suffix(tmp_path: Path) -> None:
         mul_drawing().save(tmp_path / "mul.txt")
 
 
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("echo 'Error: syntax error in line 1' >&2; exit 1", "failed (exit status 1): Error: syntax"),
+        ("exit 3", "failed (exit status 3)"),
+        ("kill -9 $$", "was killed by signal 9"),
+    ],
+)
+def test_a_failing_dot_is_named_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, message: str
+) -> None:
+    fake = tmp_path / "dot"
+    fake.write_text(f"#!/bin/sh\ncat > /dev/null\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake))
+    with pytest.raises(RuntimeError, match=re.escape(f"Graphviz's dot {message}")):
+        sigmoid_drawing(0.5, 1.0).save(tmp_path / "sigmoid.svg")
+    assert not (tmp_path / "sigmoid.svg").exists()
+
+
 def test_missing_dot_writes_the_dot_file_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -394,7 +416,8 @@ def test_cli_network_options(capsys: pytest.CaptureFixture[str]) -> None:
         (["graph", "mul", "--x", "3"], "--x does not apply to the mul graph"),
         (["graph", "network", "--dout", "2"], "--dout does not apply"),
         (["graph", "relu", "--step", "1"], "--step does not apply"),
-        (["graph", "sigmoid", "--step", "5"], "0..4"),
+        (["graph", "sigmoid", "--step", "5"], "--step must lie in 0..4"),
+        (["graph", "sigmoid", "--step", "-1"], "--step must lie in 0..4"),
         (["graph", "sigmoid", "--form", "grouped", "--step", "1"], "detailed"),
         (["graph", "sigmoid", "--out", "s.txt"], "cannot tell the format"),
         (["graph", "sigmoid", "--out", "s.png", "--format", "svg"], "does not match"),
@@ -472,3 +495,49 @@ def test_committed_figures_show_the_chains_numbers(step: int) -> None:
     expected = [f"{float(e.grad):.4g}" for e in chain.edges if e.grad is not None]
     assert sorted(drawn_grads) == sorted(expected)
     assert texts.count("?") == len(chain.edges) - 1 - step
+
+
+@pytest.mark.parametrize("key", ["log-scale", "s.x", "end", "a b", 'q"', "u_1"])
+def test_mermaid_ids_are_single_ids_whatever_a_parameter_is_called(key: str) -> None:
+    # A custom layer names its parameters freely; Mermaid reads an id up to a space, a
+    # quote or a dash, and "end" closes a subgraph: each would break the flowchart.
+    from scratchnn.graph import network_drawing
+    from scratchnn.layers.base import Layer
+
+    class Scale(Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s, self.ds = np.array([2.0, 3.0]), None
+            self.x: np.ndarray | None = None
+
+        @property
+        def params(self) -> dict[str, Any]:
+            return {key: self.s}
+
+        @property
+        def grads(self) -> dict[str, Any]:
+            return {key: self.ds}
+
+        def _forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return x * self.s
+
+        def _backward(self, dout: np.ndarray) -> np.ndarray:
+            self.ds = (dout * self.x).sum(0)
+            return dout * self.s
+
+    network = snn.Sequential([Scale(), snn.Relu(), Scale()])
+    drawing = network_drawing(network, np.array([[1.0, -1.0]]), np.array([0]))
+    text = drawing.to_mermaid()
+    ids = set()
+    for line in text.splitlines()[1:]:
+        line = line.strip()
+        if line.startswith(("classDef", "linkStyle")):
+            continue
+        if "-->|" in line or "-.->|" in line:
+            ids.update([line.split(" ", 1)[0], line.rsplit(" ", 1)[1]])
+        else:
+            ids.add(re.split(r"[\[(]", line, maxsplit=1)[0])
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", i) and i.lower() != "end" for i in ids)
+    # one id per node, as the DOT text has
+    assert len(ids) == len(drawing.nodes)

@@ -391,12 +391,16 @@ def _run_graph(args: argparse.Namespace) -> int:
     if fmt == "png" and args.out is None:
         return _fail("graph", "PNG output needs --out")
 
+    if args.step is not None and not 0 <= args.step <= 4:
+        return _fail("graph", f"--step must lie in 0..4 (the seed's four steps), got {args.step}")
     try:
         drawing = DRAWINGS[args.name](**given)
-    except ValueError as error:  # such as a --step outside 0..4
+    except ValueError as error:
         return _fail("graph", str(error))
     except MemoryError:
-        return _fail("graph", "the network does not fit in memory: choose smaller --sizes")
+        return _fail(
+            "graph", "the network does not fit in memory: choose smaller --sizes or --batch"
+        )
     try:
         if args.out is not None:
             drawing.save(args.out, fmt)

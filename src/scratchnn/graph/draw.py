@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -169,24 +170,25 @@ class Drawing:
         lines = ["flowchart LR"]
         for node in self.nodes:
             text = _mermaid_text(node.label + (f"<br/>{node.note}" if node.note else ""))
+            node_id = _mermaid_id(node.id)
             if node.kind == "end":
-                lines.append(f'  {node.id}[" "]:::terminal')
+                lines.append(f'  {node_id}[" "]:::terminal')
             elif node.kind == "box":
-                lines.append(f"  {node.id}[{text}]")
+                lines.append(f"  {node_id}[{text}]")
             else:
-                lines.append(f"  {node.id}(({text}))")
+                lines.append(f"  {node_id}(({text}))")
         backward_links = []
         link = 0
         for wire in self.wires:
-            lines.append(
-                f"  {wire.tail} -->|{_mermaid_text(f'{wire.name} = {wire.value}')}| {wire.head}"
-            )
+            tail, head = _mermaid_id(wire.tail), _mermaid_id(wire.head)
+            lines.append(f"  {tail} -->|{_mermaid_text(f'{wire.name} = {wire.value}')}| {head}")
             link += 1
         for wire in self.wires:
             if not wire.differentiable:
                 continue
             text = wire.grad if wire.grad is not None else "?"
-            lines.append(f"  {wire.head} -.->|{_mermaid_text(text)}| {wire.tail}")
+            tail, head = _mermaid_id(wire.tail), _mermaid_id(wire.head)
+            lines.append(f"  {head} -.->|{_mermaid_text(text)}| {tail}")
             if wire.grad is not None:
                 backward_links.append(str(link))
             link += 1
@@ -257,7 +259,12 @@ def render(dot_text: str, format: str, *, dot_path: str | os.PathLike[str] | Non
     )
     if result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip()
-        raise RuntimeError(f"Graphviz's dot failed: {message}")
+        how = (
+            f"was killed by signal {-result.returncode}"
+            if result.returncode < 0
+            else f"failed (exit status {result.returncode})"
+        )
+        raise RuntimeError(f"Graphviz's dot {how}" + (f": {message}" if message else ""))
     return result.stdout
 
 
@@ -293,6 +300,19 @@ def _dot_node_attributes(node: Node) -> str:
     if node.highlight:
         attributes += f', color="{BACKWARD_COLOUR}", penwidth=2.5'
     return attributes
+
+
+def _mermaid_id(node_id: str) -> str:
+    """``node_id`` where Mermaid reads it as one id, else ``u_`` and its UTF-8 bytes in hex
+    (a parameter name with a space or a quote, or Mermaid's keyword ``end``). One to one:
+    the ids kept never start with ``u_``, the ones made always do."""
+    if (
+        re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", node_id)
+        and not node_id.startswith("u_")
+        and node_id.lower() != "end"
+    ):
+        return node_id
+    return "u_" + node_id.encode("utf-8").hex()
 
 
 def _mermaid_text(text: str) -> str:
