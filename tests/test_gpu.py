@@ -380,6 +380,45 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_softmax_cross_entropy_of_a_wide_row_keeps_float32s_digits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One thread sums each row in order: in float32 a row of 65536 classes lost about
+    # five digits of the softmax (9e-5); summed in double it keeps float32's.
+    from scratchnn.kernels import cross_entropy
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    monkeypatch.setattr(cross_entropy, "MAX_CLASSES", 1 << 16)
+    rng = np.random.default_rng(8)
+    x, t = rng.standard_normal((2, 1 << 16)), rng.integers(0, 1 << 16, 2)
+    fake_cuda.launches.clear()
+    loss = snn.SoftmaxWithLoss()
+    value = loss.forward(fake.asarray(x.astype(np.float32)), fake.asarray(t))
+    assert fake_cuda.launches == ["softmax_xent"]
+    expected = snn.SoftmaxWithLoss()
+    want = expected.forward(x.astype(np.float32).astype(np.float64), t)
+    assert value == pytest.approx(want, rel=1e-6)
+    np.testing.assert_allclose(loss.y.get(), expected.y, rtol=2e-6)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_softmax_cross_entropy_of_rows_wider_than_the_kernels_uses_array_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scratchnn.kernels import cross_entropy
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, cross_entropy.MAX_CLASSES + 1))
+    t = rng.integers(0, x.shape[1], 3)
+    fake_cuda.launches.clear()
+    loss = snn.SoftmaxWithLoss()
+    value = loss.forward(fake.asarray(x), fake.asarray(t))
+    assert "softmax_xent" not in fake_cuda.launches
+    assert value == pytest.approx(snn.SoftmaxWithLoss().forward(x, t), rel=1e-12)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
 def test_softmax_cross_entropy_beyond_one_block_uses_array_calls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
