@@ -368,7 +368,11 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
     except FileNotFoundError as error:
         return [Row(f"Fashion-MNIST epoch: skipped ({error})", math.nan, None)]
     x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
-    net = mlp([784, 256, 128, 10], rng=np.random.default_rng(0)).to("cuda")
+    # The generator of `scratchnn train` (time_train_command): it draws the initial weights,
+    # then one permutation per epoch. Both hand loops take the same, so all three runs see
+    # the same weights and batches, and their test accuracies compare like with like.
+    rng = np.random.default_rng(0)
+    net = mlp([784, 256, 128, 10], rng=rng).to("cuda")
     model = _torch_mlp(torch, net, "cuda")
     optimizer = make_optimizer("adam", lr=1e-3)
     torch_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -377,16 +381,17 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
     test_gx, test_tx = cupy.asarray(x_test), torch.as_tensor(x_test, device="cuda")
     test_tt = torch.as_tensor(t_test, device="cuda").long()
     ours_s, theirs_s, theirs_eval_s = [], [], []
-    for epoch in range(epochs):
-        # The same batches for both: one order per epoch, drawn on the host.
-        order = np.random.default_rng(100 + epoch).permutation(len(x_train))
+    for _ in range(epochs):
+        # The same batches for both: one order per epoch, drawn on the host and moved to
+        # each device once, before the timing (as fit moves it).
+        order = rng.permutation(len(x_train))
+        our_order, torch_order = cupy.asarray(order), torch.as_tensor(order, device="cuda")
         started = time.perf_counter()
         for start in range(0, len(order), 128):
-            index = cupy.asarray(order[start : start + 128])
+            index = our_order[start : start + 128]
             optimizer.update(net.params, net.gradient(gx[index], gt[index]))
         cupy.cuda.Device().synchronize()
         ours_s.append(time.perf_counter() - started)
-        torch_order = torch.as_tensor(order, device="cuda")
         started = time.perf_counter()
         for start in range(0, len(order), 128):
             index = torch_order[start : start + 128]
@@ -395,15 +400,19 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
             torch_opt.step()
         torch.cuda.synchronize()
         theirs_s.append(time.perf_counter() - started)
-        # What fit adds to each epoch: the loss and accuracy of 10,000 training images
-        # and of the test set, for the train command's row below.
+        # What fit adds to each epoch, done as fit does it (batches of 128, the loss and the
+        # count of correct answers read back after each): the loss and accuracy of 10,000
+        # training images and of the test set, for the train command's row below.
         started = time.perf_counter()
         model.eval()
         with torch.no_grad():
             for images, labels in ((tx[:10000], tt[:10000]), (test_tx, test_tt)):
-                scores = model(images)
-                torch.nn.functional.cross_entropy(scores, labels).item()
-                (scores.argmax(dim=1) == labels).float().mean().item()
+                total, correct = 0.0, 0
+                for start in range(0, len(images), 128):
+                    scores = model(images[start : start + 128])
+                    batch = labels[start : start + 128]
+                    total += torch.nn.functional.cross_entropy(scores, batch).item() * len(batch)
+                    correct += int((scores.argmax(dim=1) == batch).sum().item())
         model.train()
         theirs_eval_s.append(time.perf_counter() - started)
     net.eval()
