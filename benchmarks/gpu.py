@@ -44,6 +44,7 @@ from scratchnn.backend import device_of, to_device, to_host
 from scratchnn.kernels import OPS
 from scratchnn.models import cnn, mlp
 from scratchnn.optim import make_optimizer
+from scratchnn.train import DEVICE_EVAL_BATCH
 
 N_BIG = 2**26
 
@@ -400,17 +401,18 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
             torch_opt.step()
         torch.cuda.synchronize()
         theirs_s.append(time.perf_counter() - started)
-        # What fit adds to each epoch, done as fit does it (batches of 128, the loss and the
-        # count of correct answers read back after each): the loss and accuracy of 10,000
-        # training images and of the test set, for the train command's row below.
+        # What fit adds to each epoch, done as fit does it (batches of DEVICE_EVAL_BATCH, the
+        # loss and the count of correct answers read back after each): the loss and accuracy
+        # of 10,000 training images and of the test set, for the train command's row below.
         started = time.perf_counter()
         model.eval()
+        size = DEVICE_EVAL_BATCH
         with torch.no_grad():
             for images, labels in ((tx[:10000], tt[:10000]), (test_tx, test_tt)):
                 total, correct = 0.0, 0
-                for start in range(0, len(images), 128):
-                    scores = model(images[start : start + 128])
-                    batch = labels[start : start + 128]
+                for start in range(0, len(images), size):
+                    scores = model(images[start : start + size])
+                    batch = labels[start : start + size]
                     total += torch.nn.functional.cross_entropy(scores, batch).item() * len(batch)
                     correct += int((scores.argmax(dim=1) == batch).sum().item())
         model.train()

@@ -380,6 +380,26 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_evaluate_on_the_device_takes_large_batches_and_gives_the_cpus_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each batch costs a wait for the card there: 2500 examples are 3 batches, not 20.
+    from scratchnn.train import DEVICE_EVAL_BATCH, evaluate
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(10)
+    net = snn.mlp([12, 8, 4], rng=rng, dtype=np.float64)
+    x, t = rng.standard_normal((2500, 12)), rng.integers(0, 4, 2500)
+    want = evaluate(net, x, t)
+    net.to("cuda")
+    fake_cuda.launches.clear()
+    got = evaluate(net, fake.asarray(x), fake.asarray(t))
+    assert fake_cuda.launches.count("softmax_xent") == -(-2500 // DEVICE_EVAL_BATCH) == 3
+    assert got[1] == want[1]
+    assert got[0] == pytest.approx(want[0], rel=1e-12)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
 def test_softmax_cross_entropy_of_a_wide_row_keeps_float32s_digits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
