@@ -253,6 +253,25 @@ def test_softmax_with_loss_rejects_bad_labels() -> None:
         loss.forward(np.ones((2, 3)), np.array([0, 1, 2]))
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint8])
+@pytest.mark.parametrize("n_classes", [5, 127, 128, 129, 200, 255, 256, 300])
+def test_every_label_outside_the_classes_is_refused_whatever_its_dtype(
+    dtype: Any, n_classes: int
+) -> None:
+    # int8 -57 read as unsigned is 199: a valid class of 200 once, used as an index from
+    # the end. PyTorch raises for any label outside [0, C).
+    info = np.iinfo(dtype)
+    candidates = {info.min, -128, -57, -1, 0, n_classes - 1, n_classes, info.max}
+    for label in sorted(v for v in candidates if info.min <= v <= info.max):
+        t = np.array([0, label], dtype=dtype)
+        x = np.zeros((2, n_classes))
+        if 0 <= label < n_classes:
+            snn.SoftmaxWithLoss().forward(x, t)
+        else:
+            with pytest.raises(ValueError, match=rf"\[0, {n_classes}\)"):
+                snn.SoftmaxWithLoss().forward(x, t)
+
+
 def test_sigmoid_with_loss_rejects_targets_outside_0_1() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         snn.SigmoidWithLoss().forward(np.zeros(2), np.array([0.5, 2.0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 import scratchnn as snn
+from scratchnn.models import cnn
+from scratchnn.train import evaluate
 
 ACTIVATIONS = [
     snn.Relu, snn.Sigmoid, snn.Tanh, snn.LeakyRelu, snn.Elu, snn.Gelu,
@@ -362,3 +365,69 @@ def test_accuracy_of_yes_no_answers_with_sigmoid_with_loss() -> None:
     softmax_net = snn.Sequential([snn.Identity()])
     with pytest.raises(ValueError, match="fewer than two classes"):
         softmax_net.accuracy(logits, np.array([0, 0, 0, 0]))
+
+
+def test_gradcheck_refuses_dropout_in_training_mode_and_checks_it_in_eval_mode() -> None:
+    rng = np.random.default_rng(13)
+    net = snn.Sequential([
+        snn.Affine(rng.standard_normal((4, 5)), np.zeros(5)),
+        snn.Dropout(0.5, rng=np.random.default_rng(2)),
+        snn.Affine(rng.standard_normal((5, 3)), np.zeros(3)),
+    ])  # fmt: skip
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    with pytest.raises(ValueError, match="Dropout draws a new mask"):
+        snn.gradcheck(net, x, t)
+    net.eval()
+    assert snn.gradcheck(net, x, t).max_relative_error < 1e-7
+
+
+def test_accuracy_puts_back_each_layers_own_mode() -> None:
+    # A BatchNorm its user froze stays frozen: network.train() would unfreeze it, and the
+    # next gradient would move its running statistics.
+    rng = np.random.default_rng(14)
+    frozen = snn.BatchNorm(5, dtype=np.float64)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((4, 5)), np.zeros(5)), frozen,
+                          snn.Dropout(0.2, rng=np.random.default_rng(3)),
+                          snn.Affine(rng.standard_normal((5, 3)), np.zeros(3))])  # fmt: skip
+    frozen.training = False
+    x, t = rng.standard_normal((9, 4)), rng.integers(0, 3, 9)
+    net.accuracy(x, t)
+    evaluate(net, x, t)
+    assert net.training and not frozen.training and net.layers[2].training
+    before = frozen.running_mean.copy()
+    net.gradient(x, t)
+    np.testing.assert_array_equal(frozen.running_mean, before)
+
+
+def test_a_sequential_of_a_generator_keeps_its_layers() -> None:
+    rng = np.random.default_rng(15)
+    net = snn.Sequential(snn.Affine(rng.standard_normal((2, 2)), np.zeros(2)) for _ in range(2))
+    assert len(net.layers) == 2 and sorted(net.params) == ["W1", "W2", "b1", "b2"]
+
+
+@pytest.mark.parametrize(
+    "t", [np.array([0, 3]), np.array([-1, 0]), np.array([0.0, 1.0]), np.array([True, False])],
+    ids=["past-the-classes", "negative", "float", "bool"],
+)  # fmt: skip
+def test_accuracy_refuses_labels_the_loss_refuses(t: np.ndarray) -> None:
+    net = snn.Sequential([snn.Identity()])
+    x = np.eye(3)[:2]
+    with pytest.raises(ValueError):
+        net.loss(x, t)
+    with pytest.raises(ValueError, match=r"Sequential\.accuracy: "):
+        net.accuracy(x, t)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"channels": (2.7,)}, TypeError, "cnn: channels must be an int"),
+        ({"channels": (True, 4)}, TypeError, "cnn: channels must be an int"),
+        ({"channels": (0,)}, ValueError, "cnn: channels must be >= 1"),
+        ({"in_shape": (28, 28)}, ValueError, "cnn: in_shape must be (channels, height, width)"),
+        ({"in_shape": (1, 28.0, 28)}, TypeError, "cnn: in_shape must be an int"),
+    ],
+)
+def test_cnn_names_a_bad_size(kwargs: dict[str, Any], error: type, words: str) -> None:
+    with pytest.raises(error, match=re.escape(words)):
+        cnn(rng=np.random.default_rng(0), **kwargs)

@@ -1,4 +1,5 @@
-"""The checks of constructor arguments that layers and optimisers share.
+"""The checks of constructor arguments that layers and optimisers share, and of
+class-index labels, which the losses and ``Sequential.accuracy`` share.
 
 Each returns the value as a plain Python ``int`` or ``float``, or raises
 ``TypeError`` (not a number of that kind: a bool, a string, a float where a
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
+
+import numpy as np
 
 
 def real(who: str, name: str, value: object) -> float:
@@ -57,3 +61,22 @@ def count(who: str, name: str, value: object, minimum: int = 1) -> int:
     if result < minimum:
         raise ValueError(f"{who}: {name} must be >= {minimum}, got {result}")
     return result
+
+
+def labels_out_of_range(t: Any, n_classes: int) -> bool:
+    """Whether any integer label lies outside ``[0, n_classes)``."""
+    if t.dtype.kind == "i" and n_classes > np.iinfo(t.dtype).max + 1:
+        # Every non-negative label of this type is a class: only the sign can be wrong.
+        return bool(t.min() < 0)
+    # Viewed as unsigned, a negative label becomes at least 2**(bits-1) (-1 as int8 is 255,
+    # -128 is 128), past the last class here: one max checks both ends.
+    unsigned = t if t.dtype.kind == "u" else t.view(t.dtype.str.replace("i", "u"))
+    # .max(), not np.maximum.reduce: CuPy has reduce for add and multiply only.
+    return bool(unsigned.max() >= n_classes)
+
+
+def label_error(name: str, t: Any, n_classes: int) -> ValueError:
+    """The error for labels outside ``[0, n_classes)``, naming the values found."""
+    return ValueError(
+        f"{name}: labels must lie in [0, {n_classes}), got values from {t.min()} to {t.max()}"
+    )

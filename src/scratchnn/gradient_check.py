@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn import _checks
+from scratchnn.layers.regularization import Dropout
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,15 @@ def gradcheck(
         if array.dtype != np.float64:
             raise ValueError(
                 f"gradcheck: parameter {key} is {array.dtype}; build the network in float64 to check it"
+            )
+    for layer in getattr(network, "layers", ()):
+        if isinstance(layer, Dropout) and layer.training and layer.p > 0:
+            # Every evaluation of the loss would draw a new mask: the differences would
+            # compare two different functions, and report a right gradient as wrong.
+            raise ValueError(
+                "gradcheck: Dropout draws a new mask each time the loss is computed, so in "
+                "training mode there is no one function to differentiate; call "
+                "network.eval() first (Dropout off) or check the network without it"
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,7 @@ class Sequential:
     """
 
     def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
+        layers = list(layers)  # once: a generator checked first would be empty after
         for i, layer in enumerate(layers):
             if not (
                 callable(getattr(layer, "forward", None))
@@ -73,7 +75,7 @@ class Sequential:
         if loss is not None and not isinstance(loss, Loss):
             raise TypeError(f"Sequential: loss must be a Loss layer, got {loss!r}")
         _check_each_layer_once(layers)
-        self.layers = list(layers)
+        self.layers = layers
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
         self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
@@ -192,12 +194,8 @@ class Sequential:
         ``SigmoidWithLoss`` the scores are logits of independent yes/no answers:
         the fraction of answers right (logit > 0 against target >= 0.5).
         """
-        training = self.training
-        self.eval()
-        try:
+        with evaluation_mode(self):
             scores = self.predict(x)
-        finally:
-            self.train(training)
         t = as_result(t)
         if isinstance(self.last_layer, SigmoidWithLoss):
             if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
@@ -223,6 +221,14 @@ class Sequential:
             raise ValueError(
                 f"Sequential.accuracy: labels have shape {t.shape}, predictions {y.shape}"
             )
+        # The labels the loss takes, and no others: a label 7 of three classes, or 1.5,
+        # would otherwise count as a wrong answer rather than as a mistake in the data.
+        if t.dtype.kind not in "iu":
+            raise ValueError(
+                f"Sequential.accuracy: class-index labels must have an integer dtype, got {t.dtype}"
+            )
+        if t.size and _checks.labels_out_of_range(t, scores.shape[-1]):
+            raise _checks.label_error("Sequential.accuracy", t, scores.shape[-1])
         return float(np.mean(y == t)) if y.size else 0.0
 
     def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
@@ -284,6 +290,28 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
 
+@contextlib.contextmanager
+def evaluation_mode(network: Any) -> Iterator[None]:
+    """Run the block with ``network`` in evaluation mode, then put back the mode of the
+    network and of each of its layers as it was: a layer its user set apart (a BatchNorm
+    frozen with ``training = False``) stays as it was, where ``network.train()`` would
+    overwrite it."""
+    saved = [
+        (layer, layer.training)
+        for layer in getattr(network, "layers", ())
+        if hasattr(layer, "training")
+    ]
+    was_training = getattr(network, "training", None)
+    network.eval()
+    try:
+        yield
+    finally:
+        if was_training is not None:
+            network.training = was_training
+        for layer, mode in saved:
+            layer.training = mode
+
+
 def _check_each_layer_once(layers: Sequence[Any]) -> None:
     """A layer keeps its last forward for backward, so one object at two places would
     differentiate the wrong input (and be updated twice): ``ValueError``."""
@@ -292,7 +320,7 @@ def _check_each_layer_once(layers: Sequence[Any]) -> None:
         if id(layer) in seen:
             raise ValueError(
                 f"Sequential: layer {i} is the same object as layer {seen[id(layer)]}; "
-                "each place needs its own layer (build a new one, or share its arrays)"
+                "each place needs its own layer object (build a new one)"
             )
         seen[id(layer)] = i
 
@@ -387,7 +415,10 @@ def cnn(
 
     dtype = np.dtype(dtype)
     dropout = _checks.fraction("cnn", "dropout", dropout)  # -0.5 would mean none, silently
-    c_in, h, w = in_shape
+    if not isinstance(in_shape, tuple) or len(in_shape) != 3:
+        raise ValueError(f"cnn: in_shape must be (channels, height, width), got {in_shape!r}")
+    c_in, h, w = (_checks.count("cnn", "in_shape", n) for n in in_shape)
+    channels = [_checks.count("cnn", "channels", n) for n in channels]
     if min(h, w) >> len(channels) < 1:
         # Each block's pooling halves the image: checked before any weight is drawn.
         raise ValueError(

@@ -25,6 +25,7 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
+from scratchnn.models import evaluation_mode
 from scratchnn.progress import ProgressBar
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -134,18 +135,14 @@ def evaluate(
         batch_size = 128 if device_of(x) == "cpu" else DEVICE_EVAL_BATCH
     _checks.count("evaluate", "batch_size", batch_size)
     _check_pairs("evaluate", x, t)
-    was_training = getattr(network, "training", False)
-    network.eval()
     total_loss, correct, n = 0.0, 0, len(x)
-    try:
+    with evaluation_mode(network):
         for start in range(0, n, batch_size):
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             scores = network.predict(xb)
             total_loss += network.last_layer.forward(scores, tb) * len(xb)
             labels = tb if tb.ndim == 1 else np.argmax(tb, axis=1)
             correct += int(np.sum(np.argmax(scores, axis=1) == labels))
-    finally:
-        network.train(was_training)
     return total_loss / n, correct / n
 
 

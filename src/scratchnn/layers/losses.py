@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scratchnn import _fused
+from scratchnn import _checks, _fused
 from scratchnn import functional as F
 from scratchnn.backend import (
     FLOAT_DTYPES,
@@ -105,11 +105,12 @@ class Loss:
                     f"{name}: class-index labels must have an integer dtype, got {t.dtype}"
                 )
             n_classes = x.shape[-1]
-            # Viewed as unsigned, a negative label becomes huge, so one max checks both ends.
-            unsigned = t if t.dtype.kind == "u" else t.view(t.dtype.str.replace("i", "u"))
-            # .max(), not np.maximum.reduce: CuPy has reduce for add and multiply only.
-            if t.size and not self._checks_labels(x, t) and unsigned.max() >= n_classes:
-                raise _label_error(name, t, n_classes)
+            if (
+                t.size
+                and not self._checks_labels(x, t)
+                and _checks.labels_out_of_range(t, n_classes)
+            ):
+                raise _checks.label_error(name, t, n_classes)
             return t
         if t.shape != x.shape:
             expected = (
@@ -119,12 +120,6 @@ class Loss:
             )
             raise ValueError(f"{name}: target has shape {t.shape}, expected {expected}")
         return t.astype(x.dtype, copy=False)
-
-
-def _label_error(name: str, t: Any, n_classes: int) -> ValueError:
-    return ValueError(
-        f"{name}: labels must lie in [0, {n_classes}), got values from {t.min()} to {t.max()}"
-    )
 
 
 def _cuda_kernels(x: Any, t: Any) -> Any:
@@ -179,7 +174,7 @@ class SoftmaxWithLoss(Loss):
             xp = get_array_module(x)
             y, loss_sum, bad = kernels.forward(xp, x, t)
             if bad:
-                raise _label_error(type(self).__name__, t, x.shape[-1])
+                raise _checks.label_error(type(self).__name__, t, x.shape[-1])
             self.y, self.t = y, t
             return loss_sum / (x.size // x.shape[-1])
         # The arrays are small (batch x classes): the time goes into NumPy calls, not
