@@ -259,6 +259,13 @@ CORRUPT: dict[str, tuple[Any, bytes, int | None, str]] = {
         None,
         "lone surrogate",
     ),
+    # The message shows the start of a long value, not all of it.
+    "lone surrogate in a long value": (
+        b'{"__metadata__": {"k": "' + b"a" * 100_000 + b'\\udfff"}}',
+        b"",
+        None,
+        "'" + "a" * 60 + "'... holds a lone surrogate",
+    ),
     "entry not an object": ({"w": [1, 2]}, b"", None, "entry must be a JSON object"),
     "entry lacks shape": ({"w": {"dtype": "F32", "data_offsets": [0, 0]}}, b"", None, "exactly"),
     "entry has extra field": ({"w": entry(extra=1)}, bytes(8), None, "exactly"),
@@ -633,6 +640,11 @@ BAD_CHECKPOINTS.update(
             hostile_state("SFC64", lambda s: s["state"]["state"]["values"].__setitem__(0, 1.5)),
             {},
             "state.state must be 4 integers of type uint64",
+        ),
+        "bit generator a list": (
+            hostile_state("SFC64", lambda s: s.update(bit_generator=["SFC64"])),
+            {},
+            "the bit generator must be one of",
         ),
         "extra field": (
             hostile_state("SFC64", lambda s: s.update(extra=1)),

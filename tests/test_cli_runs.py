@@ -409,6 +409,8 @@ def test_more_epochs_of_a_run_its_iteration_cap_ended_are_refused(
     assert main(["train", "--resume", "--epochs", "6", "--out", out]) == 2
     assert "has taken all 5 of its iterations" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", out]) == 0  # as it was: complete, as before
+    # Its own epochs, given again (as the interrupt hint repeats them): complete too.
+    assert main(["train", "--resume", "--epochs", "4", "--out", out]) == 0
 
 
 @needs_data

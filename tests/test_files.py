@@ -135,18 +135,24 @@ def test_temporaries_of_a_long_name_are_cleaned_up_too(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
-@pytest.mark.parametrize("name", ["", "newdir/", "adir"], ids=["empty", "trailing-slash", "dir"])
+@pytest.mark.parametrize(
+    "name",
+    ["", "newdir/", "adir", "newdir/.", "afile/.", "adir/.."],
+    ids=["empty", "trailing-slash", "dir", "slash-dot", "file-slash-dot", "dot-dot"],
+)
 def test_a_path_that_names_no_file_is_refused_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     # As safetensors and torch.save refuse them; "newdir/" used to become a file "newdir".
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("kept")
     error = ValueError if not name else IsADirectoryError
     with pytest.raises(error, match="empty" if not name else f"not a file: '{name}'"):
         write_text_atomically(name, "x")
-    assert sorted(os.listdir(tmp_path)) == ["adir"]
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"]
     assert os.listdir(tmp_path / "adir") == []
+    assert (tmp_path / "afile").read_text() == "kept"
 
 
 def test_a_rewritten_file_keeps_its_permissions(tmp_path: Path) -> None:

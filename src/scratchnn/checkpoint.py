@@ -341,7 +341,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"{text!r} holds a lone surrogate escape") from None
+                shown = repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
+                raise ValueError(f"{shown} holds a lone surrogate escape") from None
     return result
 
 
@@ -665,9 +666,10 @@ _STATE_LIMITS = {
 def _check_state(state: Any) -> None:
     """Check a decoded bit generator state field by field against a fresh generator's:
     the same fields, arrays of the same dtype and shape, integers in their range."""
-    if not isinstance(state, dict) or state.get("bit_generator") not in _BIT_GENERATORS:
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if not isinstance(name, str) or name not in _BIT_GENERATORS:
         raise ValueError(f"the bit generator must be one of {', '.join(_BIT_GENERATORS)}")
-    _check_field(state, _BIT_GENERATORS[state["bit_generator"]]().state, "")
+    _check_field(state, _BIT_GENERATORS[name]().state, "")
 
 
 def _check_field(value: Any, template: Any, where: str) -> None:

@@ -134,7 +134,10 @@ def _run_train(args: argparse.Namespace) -> int:
             warnings.showwarning = _note_for("train")
             return _train(args, given, preset, out)
     except MemoryError:
-        return _fail("train", "the network does not fit in memory: choose smaller --hidden sizes")
+        return _fail(
+            "train", "the run does not fit in memory (its network, batch or data): choose smaller "
+            "sizes (--hidden, --channels, --batch-size) or --limit",
+        )
 
 
 def _note_for(command: str) -> Any:
@@ -348,7 +351,7 @@ def _add_data_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     download.add_argument(
         "--dir",
         help="target directory (default $SCRATCHNN_DATA/NAME, else "
-        "$XDG_CACHE_HOME/scratchnn/NAME, i.e. ~/.cache/scratchnn/NAME)",
+        "$XDG_CACHE_HOME/scratchnn/NAME, whose default is ~/.cache/scratchnn/NAME)",
     )
     download.add_argument(
         "--base-url", help="a mirror: the folder URL the file names are appended to"

@@ -87,7 +87,9 @@ def _file_target(path: str | os.PathLike[str]) -> Path:
         text = os.fsdecode(text)
     if not text:
         raise ValueError("the path to write is empty")
-    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)) or os.path.isdir(text):
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    # "x/", "x/." and "x/.." name folders (abspath would turn "x/." into the file x).
+    if text.endswith(separators) or os.path.basename(text) in (".", "..") or os.path.isdir(text):
         raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", text)
     return Path(os.path.abspath(text))
 

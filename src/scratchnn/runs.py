@@ -439,6 +439,7 @@ def _start(
         with _naming(checkpoint_path):
             config = RunConfig.from_dict(checkpoint.config)
             config.check()
+            stored_epochs = config.epochs
             history = History.from_json(checkpoint.metadata.get("history", "{}"))
             if len(history) != checkpoint.epoch:
                 raise ValueError(
@@ -471,9 +472,10 @@ def _start(
             )
         steps_per_epoch = -(-len(train_data[0]) // config.batch_size)
         taken = len(history) * steps_per_epoch  # as fit counts them
-        # More epochs asked of a run its iteration cap has ended: say so, not train nothing.
-        # (Resumed as it was, such a run is complete, as one that ran all its epochs.)
-        if epochs is not None and len(history) < epochs and config.iterations is not None:
+        # More epochs than planned, asked of a run its iteration cap has ended: say so, not
+        # train nothing. (Resumed to its own epochs, such a run is complete, as one that ran
+        # all its epochs.)
+        if epochs is not None and epochs > stored_epochs and config.iterations is not None:
             if taken >= config.iterations:
                 raise ValueError(
                     f"the run in {out} has taken all {config.iterations} of its iterations "
