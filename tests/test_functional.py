@@ -65,6 +65,20 @@ def test_unsupported_dtypes_raise_type_error(function: Any, bad: np.ndarray) -> 
         function(bad)
 
 
+def test_softplus_layer_float16_gradient_is_right_far_left() -> None:
+    # From the float16 output the slope 1 - exp(-y) keeps few digits once y < 6e-5
+    # (x < -10): 44 % off at x = -17 with dout = 1000 (a loss-scaled gradient).
+    x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
+    x = x[np.isfinite(x) & (x > -30) & (x < 30)]
+    layer = snn.Softplus()
+    layer.forward(x)
+    dout = np.full(x.shape, 1000, np.float16)
+    got = layer.backward(dout)
+    want = torch.sigmoid(torch.as_tensor(x.astype(np.float64))).numpy() * 1000
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+
+
 def test_softplus_float16_is_the_rounded_float64_value() -> None:
     x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
     x = x[np.isfinite(x)]

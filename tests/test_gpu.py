@@ -487,16 +487,21 @@ def test_optimizer_follows_parameters_that_move_between_devices(name: str, gpu: 
         np.testing.assert_allclose(to_host(moving["w"]), staying["w"], rtol=1e-13)
 
 
-def test_adam_on_float16_parameters_on_the_device_as_on_the_host(gpu: Any) -> None:
+@pytest.mark.parametrize(("dtype", "lr"), [(np.float16, 3e-5), (np.float32, 1e-39)])
+def test_adam_unfolded_on_the_device_as_on_the_host(dtype: Any, lr: float, gpu: Any) -> None:
+    # Where the folded scalars overflow the dtype (float16, or float32 at a tiny lr).
     rng = np.random.default_rng(21)
-    start = rng.standard_normal(40).astype(np.float16)
-    grads = [rng.standard_normal(40).astype(np.float16) for _ in range(4)]
+    start = rng.standard_normal(40).astype(dtype) * (dtype == np.float16)
+    # float32: some entries' gradients all 0 (inf * 0 = NaN, folded). Not float16, where
+    # eps = 1e-8 is 0 and 0 / 0 is NaN for PyTorch too.
+    zeros = (np.arange(40) % 4 == 0) & (dtype == np.float32)
+    grads = [(rng.standard_normal(40) * ~zeros).astype(dtype) for _ in range(4)]
     host, device = {"w": start.copy()}, {"w": to_device(start, "cuda")}
-    a, b = make_optimizer("adam", lr=3e-5), make_optimizer("adam", lr=3e-5)
+    a, b = make_optimizer("adam", lr=lr), make_optimizer("adam", lr=lr)
     for grad in grads:
         a.update(host, {"w": grad})
         b.update(device, {"w": to_device(grad, "cuda")})
-    assert np.any(host["w"] != start)
+    assert np.any(host["w"] != start) and not np.isnan(host["w"]).any()
     np.testing.assert_array_equal(to_host(device["w"]), host["w"])
 
 

@@ -587,6 +587,27 @@ def test_adam_on_float16_parameters_follows_torch(lr: float) -> None:
     assert np.any(params["w"] != start)
 
 
+@pytest.mark.parametrize(("dtype", "lr"), [(np.float32, 1e-39), (np.float32, 1e-44), (np.float64, 1e-310)])
+def test_adam_with_a_learning_rate_below_the_dtypes_range_follows_torch(
+    dtype: Any, lr: float
+) -> None:
+    # Folded, 1 / (c2 * step_size) overflows the dtype, and an entry whose gradients were
+    # all 0 became inf * 0 = NaN: unfolded, as PyTorch, it stays where it is.
+    rng = np.random.default_rng(18)
+    start = np.zeros(40, dtype)  # zeros: the tiny moves are not lost to rounding
+    grads = [(rng.standard_normal(40) * (np.arange(40) % 4 != 0)).astype(dtype) for _ in range(3)]
+    params = {"w": start.copy()}
+    ours = Adam(lr=lr)
+    for grad in grads:
+        ours.update(params, {"w": grad})
+    want = _torch_run("adam", {"lr": lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, start, grads)
+    assert not np.isnan(params["w"]).any()
+    # The moves are subnormal, with fewer digits: a few of their units apart.
+    tiny = np.finfo(dtype).smallest_subnormal
+    np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=64 * tiny)
+    assert np.any(params["w"] != 0) and not np.any(params["w"][::4])
+
+
 def test_adam_float32_with_tiny_gradients_follows_torch_over_many_steps() -> None:
     # Gradients of 1e-9 keep the first moment far above the subnormal flush bound, over
     # enough steps for several flushes (and for one with a bound as high as 1e-8).

@@ -108,7 +108,7 @@ class Optimizer:
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
         on_gpu: dict[tuple[str, str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:
-            if not isinstance(param, np.ndarray) and param.dtype != np.float16:
+            if not isinstance(param, np.ndarray) and self._fusable(key, param):
                 # CuPy: each step one fused pass, every parameter with the same step in one
                 # launch (kernels.run_many), as PyTorch's multi-tensor steps.
                 name, arrays, scalars = self._gpu_step(key, param, grad)
@@ -128,6 +128,10 @@ class Optimizer:
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
         """Change ``param`` in place; ``work`` is scratch of ``param``'s shape and dtype."""
         raise NotImplementedError
+
+    def _fusable(self, key: str, param: Any) -> bool:
+        """Whether the GPU's fused kernel takes this step (float16 steps as on the CPU)."""
+        return bool(param.dtype != np.float16)
 
     def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
         """The step as an op of :mod:`scratchnn.kernels`: its name, state arrays and scalars."""
@@ -529,10 +533,10 @@ class Adam(Optimizer):
         m = self._state("m", key, param)
         v = self._state("v", key, param)
         t = self.steps[key] = self.steps.get(key, 0) + 1
-        if param.dtype == np.float16:
-            self._step_half(param, grad, m, v, work, t)
-            return
         scalars = self._folded_scalars(t)
+        if param.dtype == np.float16 or not _fit(scalars, param.dtype):
+            self._step_unfolded(param, grad, m, v, work, t)
+            return
         inv_scale, eps_scaled = scalars[4:]
         # The same 12 operations in one compiled pass where the kernels take the arrays.
         if not _compiled_step("adam", param, grad, (m, v), scalars):
@@ -546,11 +550,20 @@ class Adam(Optimizer):
         if self.beta1 > 0.0 and t % _flush_interval(self.beta1) == 0:
             _flush_near_subnormal(m, work)
 
-    def _step_half(
+    def _fusable(self, key: str, param: Any) -> bool:
+        if not super()._fusable(key, param):
+            return False
+        # Only a tiny lr can make the folded scalars overflow: skip the check otherwise.
+        return self.lr > 1e-30 or _fit(
+            self._folded_scalars(self.steps.get(key, 0) + 1), param.dtype
+        )
+
+    def _step_unfolded(
         self, param: Any, grad: Any, m: Any, v: Any, work: Any, t: int
     ) -> None:
-        """The float16 step, unfolded as PyTorch's: ``1 / (c2 * step_size)`` overflows
-        float16 (its largest number is 65504) once ``lr`` is below about 1e-4."""
+        """The step unfolded, as PyTorch's, where the folded ``1 / (c2 * step_size)``
+        overflows the parameter's dtype: float16 (largest number 65504) once ``lr`` is
+        below about 1e-4, float32 below about 1e-38."""
         step_size = self.lr / (1.0 - self.beta1**t)
         sqrt_correction2 = math.sqrt(1.0 - self.beta2**t)
         self._move_moments(grad, m, v, work)
@@ -633,6 +646,14 @@ class Adam(Optimizer):
 
 # Entries of a decaying state below 2**_FLUSH_BITS times the smallest normal number are set to 0.
 _FLUSH_BITS = 24
+
+
+def _fit(scalars: tuple[float, ...], dtype: Any) -> bool:
+    """Whether Adam's folded scalars ``inv_scale`` and ``eps_scaled`` are finite in
+    ``dtype`` (``lr = 0`` folds to 0 and inf on purpose: nothing moves)."""
+    largest = float(np.finfo(dtype).max)
+    inv_scale, eps_scaled = scalars[4:]
+    return inv_scale <= largest and (eps_scaled <= largest or inv_scale == 0.0)
 
 
 def _flush_interval(decay: float) -> int:
