@@ -358,8 +358,9 @@ class Elu(Layer):
             np.minimum(z, 0, out=slope)
             np.expm1(slope, out=out)
             np.multiply(out, alpha, out=out)
-            # max(x, 0) + alpha expm1(min(x, 0)) is exactly where(x > 0, x, alpha expm1(x)),
-            # one term being 0 on each side, without np.where's branch per element.
+            # max(x, 0) + alpha expm1(min(x, 0)) is where(x > 0, x, alpha expm1(x)), one term
+            # being 0 on each side, without np.where's branch per element (exactly, but for
+            # the sign of a zero result: -0 + 0 is +0, where PyTorch keeps -0).
             np.add(out, np.maximum(z, 0), out=out)
             np.exp(slope, out=slope)
             np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
