@@ -53,3 +53,30 @@ def test_slope_of_float16_input_is_kept_in_float32(name: str) -> None:
     layer.forward(np.linspace(-3, 3, 7).astype(np.float16))
     assert layer.slope is not None and layer.slope.dtype == np.float32
     assert layer.backward(np.ones(7, np.float16)).dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    ("make", "kept"),
+    [
+        (snn.Relu, "mask"),
+        (snn.LeakyRelu, "mask"),
+        (snn.Elu, "slope"),
+        (snn.Silu, "slope"),
+        (snn.Gelu, "slope"),
+        (lambda: snn.Gelu("tanh"), "slope"),
+    ],
+    ids=["Relu", "LeakyRelu", "Elu", "Silu", "Gelu", "Gelu(tanh)"],
+)
+@pytest.mark.parametrize("size", [7, 1 << 19])  # the compiled kernels' and blocked sizes
+def test_what_backward_reads_is_read_only_as_sigmoids_out(
+    make: Callable[[], snn.Layer], kept: str, size: int
+) -> None:
+    # An edit of the kept mask or slope would change the next gradient without a word.
+    layer = make()
+    x = np.random.default_rng(3).standard_normal(size)
+    layer.forward(x)
+    array = getattr(layer, kept)
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = array[1]
+    dx = layer.backward(np.ones(size))
+    assert dx.flags.writeable  # what backward returns is the caller's to change

@@ -268,3 +268,80 @@ def test_batchnorm_on_two_threads_matches_one(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(_fused, "THREADS_FROM", 0)
     assert _fused._MODULE is not None
     _until_the_worker_helps(lambda: _same(one, run()))
+
+
+def test_a_fork_while_another_thread_holds_the_buffer_pool_lock_does_not_hang_the_child() -> None:
+    import os
+
+    from scratchnn import _buffers
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    held = threading.Event()
+
+    def hold_the_lock() -> None:
+        with _buffers._lock:  # as a layer's large output does, for a moment
+            held.set()
+            time.sleep(0.3)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork beside a thread: ours ends
+        pid = os.fork()
+    if pid == 0:  # the child: one output from the pool, then out
+        try:
+            _buffers.empty((1 << 18,), np.float32)
+        finally:
+            os._exit(0)
+    holder.join()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the child waited forever on the pool's lock, held by a thread it lacks")
+
+
+def test_the_python_worker_is_a_daemon_so_a_ctrl_c_can_never_keep_the_process_alive(
+    tiny_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ThreadPoolExecutor's thread is joined at exit; one whose start a KeyboardInterrupt
+    # cut short was never told to stop, and the process never ended.
+    monkeypatch.setattr(_fused, "ENABLED", False)  # the NumPy path's worker
+    x = np.linspace(-5, 5, 1000)
+    np.testing.assert_array_equal(snn.Sigmoid().forward(x), snn.Sigmoid().forward(x.copy()))
+    workers = [t for t in threading.enumerate() if t.name == "scratchnn"]
+    assert workers and all(t.daemon for t in workers)
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled", "warns"),
+    [("0", False, False), ("off", False, False), (" False ", False, False), ("no", False, False),
+     ("1", True, False), ("", True, False), ("on", True, False), ("maybe", True, True)],
+)  # fmt: skip
+def test_scratchnn_kernels_reads_the_usual_spellings(
+    value: str, enabled: bool, warns: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCRATCHNN_KERNELS", value)
+    if warns:
+        with pytest.warns(RuntimeWarning, match="SCRATCHNN_KERNELS='maybe' is neither"):
+            assert _fused._kernels_wanted() is enabled
+    else:
+        assert _fused._kernels_wanted() is enabled
+
+
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # taskset -c 0
+    assert _fused._usable_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert _fused._usable_cpus() == 3

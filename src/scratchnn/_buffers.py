@@ -25,6 +25,7 @@ Small arrays are left to NumPy and malloc, which reuse them already.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from typing import Any
@@ -45,6 +46,13 @@ ALIGNMENT = 64
 
 _buffers: list[np.ndarray] = []  # least recently handed out first
 _lock = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    # A fork while another thread holds the lock would leave the child's copy held by a
+    # thread that does not exist there: its first large output would wait forever. So a
+    # fork waits for the pool to be between changes, and both sides release the lock.
+    os.register_at_fork(
+        before=_lock.acquire, after_in_parent=_lock.release, after_in_child=_lock.release
+    )
 # References to a free buffer while _take looks at it: the list's, the loop
 # variable's and getrefcount's own argument.
 _FREE_REFCOUNT = 3

@@ -26,6 +26,7 @@ around a layer raises only on the NumPy path.
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 
 import numpy as np
@@ -41,13 +42,41 @@ def _load() -> ModuleType | None:
     return _ckernels
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: ``taskset -c 0`` leaves one, whatever the machine
+    has (a second thread would then spin on the same CPU as the first)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+_ON, _OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def _kernels_wanted() -> bool:
+    """``SCRATCHNN_KERNELS``: 0, false, off or no turn the compiled kernels off; 1, true,
+    on, yes or nothing leave them on; anything else warns and leaves them on."""
+    raw = os.environ.get("SCRATCHNN_KERNELS", "")
+    value = raw.strip().lower()
+    if value in _OFF:
+        return False
+    if value not in _ON:
+        warnings.warn(
+            f"SCRATCHNN_KERNELS={raw!r} is neither on (1, true, on, yes) nor off (0, false, "
+            "off, no); the compiled kernels stay on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return True
+
+
 _MODULE = _load()
 # A call of THREADS_FROM elements or more runs on THREADS threads, the caller
 # and one worker in C taking blocks of BLOCK elements in turn (see
 # src/ckernels/threads.c). PyTorch splits its element-wise loops from 32768
 # elements; measured here (docs/benchmarks.md) the second thread pays from
 # about THREADS_FROM.
-THREADS = min(2, os.cpu_count() or 1)
+THREADS = min(2, _usable_cpus())
 THREADS_FROM = 1 << 16
 # Bytes from which Relu writes its output and dx with non-temporal stores (relu_stream.c).
 # Measured with the next layer reading each result (so that the cached copy an ordinary
@@ -56,7 +85,7 @@ THREADS_FROM = 1 << 16
 STREAM_FROM = 1 << 24
 BLOCK = 1 << 14
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(_MODULE.NAMES)} if _MODULE else {}
-ENABLED = _MODULE is not None and os.environ.get("SCRATCHNN_KERNELS", "1") != "0"
+ENABLED = _MODULE is not None and _kernels_wanted()
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 

@@ -9,8 +9,8 @@ work on different blocks at once.
 :func:`run_blocked` runs a kernel on matching blocks of its arrays: the whole
 arrays at once when they are small (the plain single-threaded path, which is
 also the reference: the blocks compute the same values, element for element),
-block by block on the calling thread and one worker from a shared pool when
-they are large. The worker runs in a copy of the caller's context, so NumPy's
+block by block on the calling thread and one worker thread when they are
+large. The worker runs in a copy of the caller's context, so NumPy's
 ``errstate`` (which is per context) applies there as it does in the caller:
 ``np.errstate(all="raise")`` raises from the worker's blocks too, and a
 layer's own ``np.errstate(over="ignore")`` inside the kernel applies to every
@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextvars
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -40,32 +41,63 @@ BLOCK_BYTES = 1 << 17
 # faults of fresh output arrays. On a machine with real cores, lower it.
 BLOCKS_FROM = 1 << 18
 THREADS_FROM = 1 << 23
-THREADS = min(2, os.cpu_count() or 1)
+THREADS = _fused.THREADS
 # A compiled kernel (scratchnn._fused) makes one pass, which blocks do not
 # speed up, and splits large arrays over two threads itself, in C: it gets one
 # call for the whole array.
 _FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+class _Worker:
+    """One daemon thread that runs the jobs handed to it, each with a ``Future``.
+
+    A daemon, not a ``ThreadPoolExecutor``'s thread: the interpreter joins those at
+    exit, and one whose start a Ctrl-C interrupted is never told to stop, so the
+    process would never end. A job in flight at exit needs no finishing: whoever
+    wanted its result is gone.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(target=self._serve, name="scratchnn", daemon=True).start()
+
+    def submit(self, job: Callable[[], object]) -> Future[object]:
+        future: Future[object] = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as error:  # handed to the caller, which raises it
+                    future.set_exception(error)
 
 
-def _worker_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="scratchnn")
-        return _pool
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
 
 
-def _forget_pool() -> None:
-    # A forked child inherits the pool object but not its thread.
-    global _pool
-    _pool = None
+def _the_worker() -> _Worker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _Worker()
+        return _worker
+
+
+def _forget_worker() -> None:
+    # A forked child inherits the worker object but not its thread, and perhaps the lock
+    # held by a thread that does not exist there.
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_forget_worker)
 
 
 def flat(array: np.ndarray) -> np.ndarray:
@@ -105,7 +137,8 @@ def run_blocked(
     if size < THREADS_FROM or THREADS < 2:
         work()
         return
-    helper = _worker_pool().submit(contextvars.copy_context().run, work)
+    context = contextvars.copy_context()  # the caller's: its errstate holds in the worker
+    helper = _the_worker().submit(lambda: context.run(work))
     try:
         work()
     finally:

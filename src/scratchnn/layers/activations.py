@@ -88,11 +88,11 @@ class Relu(Layer):
             packed = np.empty((x.size + 7) // 8, np.uint8)
             self._mask, self._mask_shape = packed, x.shape
             if _fused.run(f"relu_packed{stream}", out, x, mask_out=packed):
-                return out  # one compiled pass, packing beside it
+                return self._freeze_mask(out)  # one compiled pass, packing beside it
         else:
             self._mask = _buffers.empty_like(x, bool)
             if _fused.run(f"relu{stream}", out, x, mask_out=self._mask):
-                return out
+                return self._freeze_mask(out)
         # NumPy's passes, block by block, so that each block's mask is still in
         # cache when it is used (and packed).
         xf, out_flat, kept = flat(x), out.reshape(-1), self._mask.reshape(-1)
@@ -106,6 +106,13 @@ class Relu(Layer):
             _zero_where(mask, xf[start:stop], out_flat[start:stop])
 
         run_blocked(forward_block, xf, fused=False)
+        return self._freeze_mask(out)
+
+    def _freeze_mask(self, out: np.ndarray) -> np.ndarray:
+        """Make the kept mask read-only (``mask`` hands it out; backward reads it) and
+        return ``out``."""
+        assert self._mask is not None
+        self._mask.flags.writeable = False
         return out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -279,6 +286,7 @@ class LeakyRelu(Layer):
         z = to_compute(x)
         out, self.mask = _buffers.empty_like(z), _buffers.empty_like(z, bool)
         if _fused.run("leaky_relu", out, z, mask_out=self.mask, param=self.alpha):
+            self.mask.flags.writeable = False  # kept for backward: see Relu's
             return out.astype(x.dtype, copy=False)  # one compiled pass, the mask beside it
         zf, out_flat, mask = flat(z), out.reshape(-1), self.mask.reshape(-1)
         # where(x <= 0, alpha x, x) is max(x, alpha x) for alpha <= 1 and min otherwise,
@@ -294,6 +302,7 @@ class LeakyRelu(Layer):
                 np.copyto(out_flat[start:stop], zf[start:stop], where=zf[start:stop] == np.inf)
 
         run_blocked(forward_block, zf, fused=False)
+        self.mask.flags.writeable = False
         return out.astype(x.dtype, copy=False)
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -402,14 +411,15 @@ def _output_and_slope(
     functions again in backward.
     """
     out, slope = _buffers.empty_like(z), _buffers.empty_like(z)
-    if _fused.run(name, out, z, out2=slope, param=param):
-        return out, slope
-    zf, out_flat, slope_flat = flat(z), out.reshape(-1), slope.reshape(-1)
+    if not _fused.run(name, out, z, out2=slope, param=param):
+        zf, out_flat, slope_flat = flat(z), out.reshape(-1), slope.reshape(-1)
 
-    def kernel_on_block(start: int, stop: int) -> None:
-        kernel(zf[start:stop], out_flat[start:stop], slope_flat[start:stop])
+        def kernel_on_block(start: int, stop: int) -> None:
+            kernel(zf[start:stop], out_flat[start:stop], slope_flat[start:stop])
 
-    run_blocked(kernel_on_block, zf, fused=False)
+        run_blocked(kernel_on_block, zf, fused=False)
+    # Read-only, as Sigmoid's out: backward reads it, so an edit would change the gradient.
+    slope.flags.writeable = False
     return out, slope
 
 
