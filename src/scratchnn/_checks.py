@@ -1,10 +1,12 @@
 """The checks of constructor arguments that layers and optimisers share, and of
 class-index labels, which the losses and ``Sequential.accuracy`` share.
 
-Each returns the value as a plain Python ``int`` or ``float``, or raises
-``TypeError`` (not a number of that kind: a bool, a string, a float where a
-count belongs) or ``ValueError`` (a number outside its range), naming the
-class and the argument: ``Dropout: p must be a real number, got '0.5'``.
+Each argument check returns the value as a plain Python ``int`` or
+``float``, or raises ``TypeError`` (not a number of that kind: a bool, a
+string, a float where a count belongs) or ``ValueError`` (a number outside
+its range), naming the class and the argument: ``Dropout: p must be a real
+number, got '0.5'``. For labels, :func:`labels_out_of_range` says whether
+any lies outside the classes and :func:`label_error` makes the error to raise.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ them) hold, over float32 or float64 arrays, a forward and a backward loop
 for each activation (vectorised through glibc's libmvec), Softmax by rows
 (with log-softmax for SoftmaxWithLoss), the SGD and Adam steps, Conv2d's
 im2col and col2im, max pooling and BatchNorm's training pass; calls of
-``THREADS_FROM`` elements or more run on two threads. They are built as the
+``THREADS_FROM`` elements or more run on two threads (one where the process
+may use one CPU only). They are built as the
 extension module ``scratchnn._ckernels`` when scratchnn is installed on a
 machine with a C compiler (see ``setup.py``).
 

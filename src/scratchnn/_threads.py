@@ -1,4 +1,5 @@
-"""Blocked evaluation of element-wise kernels, on two threads for large arrays.
+"""Blocked evaluation of element-wise kernels, on two threads for large arrays (where
+the process may use two CPUs).
 
 An element-wise layer written as NumPy passes (``out=``, in place) reads and
 writes its arrays once per pass. On a large array each pass goes to main

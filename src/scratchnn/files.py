@@ -16,8 +16,8 @@ the directory can be taken for dead; its write then fails with
 
 A rewritten file keeps its permission bits (a checkpoint made private stays
 private); a new one gets those a plain ``open(path, "w")`` would give. A path
-that names no file (empty, ending in a separator, an existing directory) is
-refused before anything is written.
+that names no file (empty, ending in a separator, `.` or `..`, an existing
+directory) is refused before anything is written.
 """
 
 from __future__ import annotations

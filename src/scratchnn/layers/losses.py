@@ -147,7 +147,8 @@ class SoftmaxWithLoss(Loss):
 
     Keeps ``y`` (the softmax) and ``t`` (as given: class indices or rows), as
     the book does. On a GPU, class indices take two CUDA kernels of their own
-    (:mod:`scratchnn.kernels.cross_entropy`): the forward waits for the card
+    (:mod:`scratchnn.kernels.cross_entropy`; up to 1,024 classes and 2**21
+    scores, beyond which CuPy's reductions): the forward waits for the card
     once, for the loss and the labels' range check together.
 
     >>> loss = SoftmaxWithLoss()
