@@ -409,19 +409,21 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
         torch.cuda.synchronize()
         theirs_s.append(time.perf_counter() - started)
         # What fit adds to each epoch, done as fit does it (batches of DEVICE_EVAL_BATCH, the
-        # loss and the count of correct answers read back after each): the loss and accuracy
-        # of 10,000 training images and of the test set, for the train command's row below.
+        # loss read back after each, the count of correct answers summed on the card): the
+        # loss and accuracy of 10,000 training images and of the test set, for the train
+        # command's row below.
         started = time.perf_counter()
         model.eval()
         size = DEVICE_EVAL_BATCH
         with torch.no_grad():
             for images, labels in ((tx[:10000], tt[:10000]), (test_tx, test_tt)):
-                total, correct = 0.0, 0
+                total, correct = 0.0, torch.zeros((), dtype=torch.int64, device="cuda")
                 for start in range(0, len(images), size):
                     scores = model(images[start : start + size])
                     batch = labels[start : start + size]
                     total += torch.nn.functional.cross_entropy(scores, batch).item() * len(batch)
-                    correct += int((scores.argmax(dim=1) == batch).sum().item())
+                    correct += (scores.argmax(dim=1) == batch).sum()
+                int(correct.item())
         model.train()
         theirs_eval_s.append(time.perf_counter() - started)
     net.eval()

@@ -392,9 +392,13 @@ def test_evaluate_on_the_device_takes_large_batches_and_gives_the_cpus_numbers(
     x, t = rng.standard_normal((2500, 12)), rng.integers(0, 4, 2500)
     want = evaluate(net, x, t)
     net.to("cuda")
+    x_device, t_device = fake.asarray(x), fake.asarray(t)
     fake_cuda.launches.clear()
-    got = evaluate(net, fake.asarray(x), fake.asarray(t))
+    fake_cupy.transfers.clear()
+    got = evaluate(net, x_device, t_device)
     assert fake_cuda.launches.count("softmax_xent") == -(-2500 // DEVICE_EVAL_BATCH) == 3
+    # A wait per batch, for its loss; the correct answers are read once, at the end.
+    assert fake_cupy.transfers == ["get"] * 3 + ["__int__"]
     assert got[1] == want[1]
     assert got[0] == pytest.approx(want[0], rel=1e-12)
 
