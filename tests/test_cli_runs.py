@@ -225,6 +225,7 @@ def test_history_json_is_strict_json_and_reads_back() -> None:
         ({"train_loss": [0.5, "x"]}, "train_loss holds 'x'"),
         ({"seconds": [1, True]}, "seconds holds True"),
         ({"test_acc": [0.5]}, "different lengths"),
+        ({"train_loss": [0.5, 10**400]}, "train_loss holds a number beyond the float range"),
     ],
 )
 def test_a_history_that_is_not_one_is_refused(change: dict, message: str) -> None:

@@ -390,6 +390,7 @@ def test_a_preset_is_copied_not_shared() -> None:
         ({"hidden": [2.5]}, "hidden must be a list of integers"),
         ({"lr": "0.1"}, "lr must be a number"),
         ({"activation": 3}, "activation must be a string"),
+        ({"lr": 10**400}, "lr is a number beyond the float range"),  # was an OverflowError
     ],
 )
 def test_run_config_names_a_setting_of_the_wrong_type(setting: dict, message: str) -> None:
@@ -437,3 +438,95 @@ def test_the_bars_running_loss_is_the_mean_per_example() -> None:
     assert sizes.tolist() == [1000, 1]
     assert shown == float(f"{np.average(values, weights=sizes):.4g}")
     assert abs(values[0] - values[1]) > 1e-3  # else both means would agree
+
+
+def test_evaluate_scores_yes_no_answers_as_accuracy_does() -> None:
+    # One sigmoid output: the arg-max of one column is always 0, which compared with
+    # itself gave 100%. By hand: logit > 0 against target >= 0.5.
+    rng = np.random.default_rng(19)
+    net = snn.Sequential(
+        [snn.Affine(rng.standard_normal((4, 1)), np.zeros(1))], loss=snn.SigmoidWithLoss()
+    )
+    x, t = rng.standard_normal((300, 4)), rng.integers(0, 2, (300, 1)).astype(np.float64)
+    by_hand = float(np.mean((x @ net.params["W1"] > 0) == (t >= 0.5)))
+    assert 0.1 < by_hand < 0.9
+    _, accuracy = evaluate(net, x, t, batch_size=64)
+    assert accuracy == pytest.approx(by_hand, abs=1e-12) == net.accuracy(x, t)
+
+
+def test_a_history_takes_numpy_numbers_as_append_does() -> None:
+    from scratchnn.train import HISTORY_KEYS
+
+    data = {key: [1, 2] if key == "epoch" else [np.float32(0.5), np.int64(1)] for key in HISTORY_KEYS}
+    history = History.from_dict(data)
+    assert history.train_loss == [0.5, 1.0] and type(history.train_loss[0]) is float
+
+
+def test_fit_calls_callbacks_given_as_a_generator_every_epoch() -> None:
+    rng = np.random.default_rng(20)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    x, t = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
+    seen: list[int] = []
+    callbacks = (c for c in [lambda epoch, history: seen.append(epoch)])
+    fit(net, SGD(0.1), (x, t), epochs=3, batch_size=5, rng=rng, callbacks=callbacks)
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"train_eval_size": 2.5}, TypeError, "fit: train_eval_size must be an int"),
+        ({"train_eval_size": True}, TypeError, "fit: train_eval_size must be an int"),
+        ({"train_eval_size": 0}, ValueError, "fit: train_eval_size must be >= 1"),
+        ({"train_eval_seed": None}, TypeError, "fit: train_eval_seed must be an int"),
+        ({"train_eval_seed": -1}, ValueError, "fit: train_eval_seed must be >= 0"),
+    ],
+)
+def test_fit_names_a_bad_evaluation_subset(kwargs: dict, error: type, message: str) -> None:
+    rng = np.random.default_rng(21)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    x, t = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
+    with pytest.raises(error, match=message):
+        fit(net, SGD(0.1), (x, t), epochs=1, batch_size=5, rng=rng, **kwargs)
+
+
+def test_format_confusion_needs_a_name_per_class() -> None:
+    from scratchnn.runs import format_confusion
+
+    matrix = np.array([[3, 1], [0, 2]])
+    text = format_confusion(matrix, ["cat", "dog"])
+    assert text.splitlines()[2].split() == ["cat", "|", "3", "1", "(0)"]
+    for names in (["cat"], ["cat", "dog", "eel"]):
+        with pytest.raises(ValueError, match="a name per class"):
+            format_confusion(matrix, names)
+
+
+def test_the_learning_curve_of_a_fit_without_a_test_set_names_training_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from scratchnn import plots
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "save_figure_atomically", lambda figure, path: drawn.append(figure))
+    history = History()
+    history.append(epoch=1, train_loss=0.7, train_acc=0.625, test_loss=float("nan"),
+                   test_acc=float("nan"), seconds=1.0)  # fmt: skip
+    plots.plot_learning_curve(history, tmp_path / "curve.png")
+    (figure,) = drawn
+    _, acc_axis = figure.axes
+    assert acc_axis.get_title() == "final training accuracy 62.50%"  # not "test ... nan%"
+    assert list(acc_axis.get_xticks()) == [1.0]  # whole epochs, not 0.96 ... 1.04
+
+
+def test_a_model_whose_first_layer_does_not_fit_its_images_is_named(tmp_path: Path) -> None:
+    from scratchnn.checkpoint import save_model
+    from scratchnn.runs import load_network
+
+    rng = np.random.default_rng(22)
+    params = {"W1": rng.standard_normal((100, 8)), "b1": np.zeros(8),
+              "W2": rng.standard_normal((8, 10)), "b2": np.zeros(10)}  # fmt: skip
+    path = tmp_path / "model.safetensors"
+    save_model(path, params, RunConfig(hidden=[8], dtype="float64").to_dict())
+    with pytest.raises(ValueError, match=r"model\.safetensors: its first layer takes 100 inputs"):
+        load_network(path)

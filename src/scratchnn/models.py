@@ -196,40 +196,8 @@ class Sequential:
         """
         with evaluation_mode(self):
             scores = self.predict(x)
-        t = as_result(t)
-        if isinstance(self.last_layer, SigmoidWithLoss):
-            if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
-                raise ValueError(
-                    f"Sequential.accuracy: targets have shape {t.shape}, scores {scores.shape}"
-                )
-            right = (scores.reshape(t.shape) > 0) == (t >= 0.5)
-            return float(np.mean(right)) if right.size else 0.0
-        if scores.ndim == 0 or scores.shape[-1] < 2:
-            raise ValueError(
-                f"Sequential.accuracy: scores of shape {scores.shape} have fewer than two "
-                "classes to choose from (a yes/no network needs SigmoidWithLoss)"
-            )
-        y = np.argmax(scores, axis=-1)
-        if t.ndim == y.ndim + 1:
-            if t.shape != scores.shape:  # (N, 1) labels are not one-hot rows
-                raise ValueError(
-                    f"Sequential.accuracy: labels of shape {t.shape} are neither class indices "
-                    f"of shape {y.shape} nor one-hot rows of shape {scores.shape}"
-                )
-            t = np.argmax(t, axis=-1)
-        if t.shape != y.shape:
-            raise ValueError(
-                f"Sequential.accuracy: labels have shape {t.shape}, predictions {y.shape}"
-            )
-        # The labels the loss takes, and no others: a label 7 of three classes, or 1.5,
-        # would otherwise count as a wrong answer rather than as a mistake in the data.
-        if t.dtype.kind not in "iu":
-            raise ValueError(
-                f"Sequential.accuracy: class-index labels must have an integer dtype, got {t.dtype}"
-            )
-        if t.size and _checks.labels_out_of_range(t, scores.shape[-1]):
-            raise _checks.label_error("Sequential.accuracy", t, scores.shape[-1])
-        return float(np.mean(y == t)) if y.size else 0.0
+        right, answers = count_right(self.last_layer, scores, t, who="Sequential.accuracy")
+        return int(right) / answers if answers else 0.0
 
     def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
         """Forward and backward; return the gradients keyed like ``params``.
@@ -288,6 +256,48 @@ class Sequential:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+def count_right(
+    last_layer: Any, scores: Any, t: Any, *, who: str, labels_checked: bool = False
+) -> tuple[Any, int]:
+    """The number of right answers in ``scores`` for targets ``t``, and of answers.
+
+    Class scores: the arg-max against class indices or one-hot rows, one answer
+    per example. With a ``SigmoidWithLoss`` the scores are logits of independent
+    yes/no answers: logit > 0 against target >= 0.5, one answer per score. The
+    count stays where the scores are (a 0-d array: on a GPU, reading it waits
+    for the card); labels the loss would refuse raise ``ValueError``, unless
+    ``labels_checked`` says the loss has just taken them (a check on a GPU waits).
+    """
+    t = as_result(t)
+    if isinstance(last_layer, SigmoidWithLoss):
+        if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
+            raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")
+        right = (scores.reshape(t.shape) > 0) == (t >= 0.5)
+        return np.sum(right), right.size
+    if scores.ndim == 0 or scores.shape[-1] < 2:
+        raise ValueError(
+            f"{who}: scores of shape {scores.shape} have fewer than two classes to choose "
+            "from (a yes/no network needs SigmoidWithLoss)"
+        )
+    y = np.argmax(scores, axis=-1)
+    if t.ndim == y.ndim + 1:
+        if t.shape != scores.shape:  # (N, 1) labels are not one-hot rows
+            raise ValueError(
+                f"{who}: labels of shape {t.shape} are neither class indices "
+                f"of shape {y.shape} nor one-hot rows of shape {scores.shape}"
+            )
+        t = np.argmax(t, axis=-1)
+    if t.shape != y.shape:
+        raise ValueError(f"{who}: labels have shape {t.shape}, predictions {y.shape}")
+    # The labels the loss takes, and no others: a label 7 of three classes, or 1.5,
+    # would otherwise count as a wrong answer rather than as a mistake in the data.
+    if t.dtype.kind not in "iu":
+        raise ValueError(f"{who}: class-index labels must have an integer dtype, got {t.dtype}")
+    if not labels_checked and t.size and _checks.labels_out_of_range(t, scores.shape[-1]):
+        raise _checks.label_error(who, t, scores.shape[-1])
+    return np.sum(y == t), y.size
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,17 @@ def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: st
             label=f"test {label}",
         )
         axis.set_xlabel("epoch")
+        if 0 < len(epochs) <= 20:  # whole epochs only: no "epoch 0.96" beside one point
+            axis.set_xticks(list(epochs))
+        else:
+            axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
         axis.legend()
-    if history.test_acc:
-        final = history.test_acc[-1]
-        acc_axis.set_title(f"final test accuracy {100 * final:.2f}%")
+    if history.test_acc and not math.isnan(history.test_acc[-1]):
+        acc_axis.set_title(f"final test accuracy {100 * history.test_acc[-1]:.2f}%")
+    elif history.train_acc:  # fit without a test set
+        acc_axis.set_title(f"final training accuracy {100 * history.train_acc[-1]:.2f}%")
     loss_axis.set_title("cross-entropy loss")
     if title:
         figure.suptitle(title)

@@ -92,6 +92,10 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            try:
+                float(value)
+            except OverflowError:  # an integer of 400 digits, in a hand-edited file
+                raise ValueError(f"{name} is a number beyond the float range") from None
         for name in ("dataset", "model", "activation", "init", "optimizer", "dtype"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -530,6 +534,11 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
         _check_sizes_are_stored(config, params)
         first = params.get("W1")
         n_in = first.shape[0] if first is not None and first.ndim == 2 else 784
+        if config.model == "mlp" and n_in != 784:
+            # Evaluation would fail in the first layer, far from the cause.
+            raise ValueError(
+                f"its first layer takes {n_in} inputs, but {config.dataset}'s images have 784"
+            )
         network = build_network(config, np.random.default_rng(0), n_in=n_in)
     try:
         network.load_state(params)
@@ -606,6 +615,13 @@ def evaluate_file(
 
 def format_confusion(matrix: np.ndarray, names: list[str]) -> str:
     """The confusion matrix as a text table: rows are true classes, columns predictions."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or len(names) != matrix.shape[0]:
+        raise ValueError(
+            f"format_confusion: a square matrix and a name per class, got a matrix of shape "
+            f"{matrix.shape} and {len(names)} names"
+        )
+    if not names:
+        return "rows: true class, columns: predicted class"
     width = max(5, *(len(str(v)) for v in matrix.ravel()))
     label_width = max(len(n) for n in names)
     header = " " * (label_width + 2) + " ".join(f"{i:>{width}}" for i in range(len(names)))

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
-from scratchnn.models import evaluation_mode
+from scratchnn.models import count_right, evaluation_mode
 from scratchnn.progress import ProgressBar
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -83,10 +84,15 @@ class History:
             values = getattr(history, key)
             for value in data[key]:
                 if value is not None and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))
+                    isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
                 ):
                     raise ValueError(f"history: {key} holds {value!r}, not a number")
-                values.append(math.nan if value is None else float(value))
+                try:
+                    values.append(math.nan if value is None else float(value))
+                except OverflowError:  # an integer of 400 digits, in a hand-edited file
+                    raise ValueError(
+                        f"history: {key} holds a number beyond the float range"
+                    ) from None
         return history
 
     def to_json(self) -> str:
@@ -136,16 +142,19 @@ def evaluate(
         batch_size = 128 if device_of(x) == "cpu" else DEVICE_EVAL_BATCH
     _checks.count("evaluate", "batch_size", batch_size)
     _check_pairs("evaluate", x, t)
-    total_loss, correct, n = 0.0, 0, len(x)
+    total_loss, right, answers, n = 0.0, 0, 0, len(x)
     with evaluation_mode(network):
         for start in range(0, n, batch_size):
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             scores = network.predict(xb)
             total_loss += network.last_layer.forward(scores, tb) * len(xb)
-            labels = tb if tb.ndim == 1 else np.argmax(tb, axis=1)
-            # Summed where the scores are (on a GPU, no wait for the card per batch).
-            correct = correct + np.sum(np.argmax(scores, axis=1) == labels)
-    return total_loss / n, int(correct) / n
+            # Counted as accuracy counts (yes/no answers too), where the scores are: on a
+            # GPU, no wait for the card per batch. The loss has just checked the labels.
+            batch_right, batch_answers = count_right(
+                network.last_layer, scores, tb, who="evaluate", labels_checked=True
+            )
+            right, answers = right + batch_right, answers + batch_answers
+    return total_loss / n, int(right) / answers
 
 
 def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
@@ -181,7 +190,10 @@ def fit(
     ``(epoch, history)``. A ``history`` passed in (from a checkpoint) is
     continued: training starts at epoch ``len(history) + 1``.
     ``max_iterations`` stops after that many optimiser steps in all (the
-    book's ``iters_num``); the last epoch may then be partial. ``lr_decay``
+    book's ``iters_num``); the last epoch may then be partial. (A history
+    passed in counts each of its epochs as whole: continue a run that the cap
+    ended mid-epoch with the same cap, as ``scratchnn train --resume`` does.)
+    ``lr_decay``
     multiplies the optimiser's learning rate by that factor after every epoch
     (epoch k runs at ``lr * lr_decay**(k - 1)``, a function of the epoch alone,
     so a resumed run continues the same schedule).
@@ -210,8 +222,11 @@ def fit(
     _check_pairs("fit", x_train, t_train, "training set")
     if test_data is not None:
         _check_pairs("fit", *test_data, "test set")
-    if train_eval_size is not None and train_eval_size < 1:
-        raise ValueError(f"fit: train_eval_size must be positive or None, got {train_eval_size}")
+    if train_eval_size is not None:
+        train_eval_size = _checks.count("fit", "train_eval_size", train_eval_size)
+    # A seed, not None: the subset must be the same every epoch and every run.
+    train_eval_seed = _checks.count("fit", "train_eval_seed", train_eval_seed, minimum=0)
+    callbacks = list(callbacks)  # once: each epoch calls them all, a generator once only
     x_eval, t_eval = x_train, t_train
     if train_eval_size is not None and train_eval_size < len(x_train):
         chosen = np.random.default_rng(train_eval_seed).choice(
