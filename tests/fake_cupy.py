@@ -44,6 +44,21 @@ _UFUNC_METHODS = {
 transfers: list[str] = []
 
 
+class _Flags:
+    """CuPy's ``ndarray.flags``: three read-only attributes and no ``writeable``, so that
+    ``flags.writeable = False`` raises ``AttributeError`` here as it does there."""
+
+    __slots__ = ("c_contiguous", "f_contiguous", "owndata")
+
+    def __init__(self, c_contiguous: bool, f_contiguous: bool) -> None:
+        object.__setattr__(self, "c_contiguous", c_contiguous)
+        object.__setattr__(self, "f_contiguous", f_contiguous)
+        object.__setattr__(self, "owndata", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"attribute {name!r} of cupy flags is not writable")
+
+
 class ndarray(NDArrayOperatorsMixin):
     """A NumPy array pretending to live on a GPU."""
 
@@ -62,11 +77,9 @@ class ndarray(NDArrayOperatorsMixin):
         )
 
     @property
-    def flags(self) -> types.SimpleNamespace:
+    def flags(self) -> _Flags:
         flags = self._a.flags
-        return types.SimpleNamespace(
-            c_contiguous=flags.c_contiguous, f_contiguous=flags.f_contiguous, owndata=True
-        )
+        return _Flags(flags.c_contiguous, flags.f_contiguous)
 
     # -- dispatch, as CuPy's ---------------------------------------------------------
 

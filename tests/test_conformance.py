@@ -66,6 +66,23 @@ def test_matches_torch_lower_precision(case: Case, dtype: type, rtol: float, ato
     )
 
 
+def test_float16_is_the_float64_result_rounded(case: Case) -> None:
+    # float16 is computed in float32 and rounded once: within one float16 ulp of the exact
+    # (float64) result for the same float16 inputs. The lower-precision test above allows
+    # 4 to 16 ulps, which an approximation (Gelu's tanh form for the exact one) passes.
+    rng = np.random.default_rng(3)
+    x = random_input(case, (3, 7), rng).astype(np.float16)
+    dout = rng.standard_normal(x.shape).astype(np.float16)
+    out, dx = forward_backward(case, x, dout)
+    want_out, want_dx = torch_forward_backward(case, x.astype(np.float64), dout.astype(np.float64))
+    tiny = float(np.finfo(np.float16).smallest_subnormal)
+    ulp = 2.0**-10  # float16's spacing relative to the value, at most
+    np.testing.assert_allclose(out.astype(np.float64), want_out, rtol=ulp, atol=tiny)
+    # dx rounds dout * slope (or a short sum) once: one ulp of the largest term, a product.
+    scale = np.abs(dout.astype(np.float64)) * max(1.0, float(np.abs(want_out).max()))
+    assert np.all(np.abs(dx.astype(np.float64) - want_dx) <= ulp * (np.abs(want_dx) + scale) + tiny)
+
+
 def test_numerical_gradient(case: Case) -> None:
     rng = np.random.default_rng(2)
     x = random_input(case, (3, 4), rng)
@@ -255,18 +272,25 @@ def test_no_warnings_or_non_finite_at_range_ends(case: Case, dtype: type) -> Non
     assert np.all(np.isfinite(dx)), dx
 
 
-@settings(max_examples=25, deadline=None)
+# derandomize: the same examples on every run, so a pass or a failure is the code's, not
+# the draw's (a run-to-run draw once caught a Softplus cut-off in one run of five).
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     x=hnp.arrays(
         dtype=st.sampled_from([np.float32, np.float64]),
         shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
         elements=st.floats(-50, 50, width=32),
-    )
+    ),
+    dout_seed=st.integers(0, 2**32 - 1),
 )
-def test_property_shape_dtype_and_agreement_with_torch(case: Case, x: np.ndarray) -> None:
+def test_property_shape_dtype_and_agreement_with_torch(
+    case: Case, x: np.ndarray, dout_seed: int
+) -> None:
     if not case.finite_everywhere:  # keep primitive nodes off their poles (1/x near 0)
         x = away_from_kinks(x, case.kinks).astype(x.dtype)
-    dout = np.ones_like(x)
+    # A random dout, not ones: with ones, Softmax's right gradient is 0, and a backward
+    # that dropped its factor y would pass.
+    dout = np.random.default_rng(dout_seed).standard_normal(x.shape).astype(x.dtype)
     with warnings.catch_warnings(), np.errstate(over="raise", divide="raise", invalid="raise"):
         warnings.simplefilter("error")
         out, dx = forward_backward(case, x, dout)

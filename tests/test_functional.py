@@ -116,3 +116,22 @@ def test_sigmoid_layer_in_float16_is_the_functional_sigmoid() -> None:
     x = np.arange(0, 1 << 16, dtype=np.uint16).view(np.float16)
     x = x[np.isfinite(x)]
     np.testing.assert_array_equal(snn.Sigmoid().forward(x), F.sigmoid(x))
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_of_rows_with_infinities_and_nan_matches_torch(axis: int) -> None:
+    # Where test_conformance's non-finite test keeps Softmax to a finite input: rows holding +-inf or NaN, one
+    # at a time and together, along either axis, forward and backward.
+    x = np.array([[0.0, 1.0, 2.0], [np.inf, 0, 1], [-np.inf, 0, 1], [np.nan, 0, 1],
+                  [-np.inf, -np.inf, 0], [np.inf, np.inf, 0], [-np.inf, -np.inf, -np.inf],
+                  [1e308, -1e308, 0]])  # fmt: skip
+    x = x if axis == -1 else x.T.copy()
+    dout = np.linspace(0.5, 1.5, x.size).reshape(x.shape)
+    layer = snn.Softmax(axis=axis)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out, dx = layer.forward(x), layer.backward(dout)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.softmax(xt, dim=axis).backward(torch.tensor(dout))
+    want = torch.softmax(torch.tensor(x), dim=axis).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-15, atol=1e-15)  # NaN exactly where torch's
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-16)
