@@ -25,6 +25,19 @@ from scratchnn.data import find_dataset_files
 SMALL = ["--hidden", "8", "--limit", "300", "--batch-size", "100"]
 
 
+def stopped_after_an_epoch(fit: Any) -> Any:
+    """``fit`` interrupted (as by Ctrl-C) right after the first epoch it trains has saved
+    its checkpoint."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        def stop(epoch: int, history: Any) -> None:
+            raise KeyboardInterrupt
+
+        fit(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], stop]})
+
+    return interrupted
+
+
 def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
@@ -311,15 +324,8 @@ def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
 
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
-    real_fit = scratchnn.runs.fit
-
-    def interrupted_after_one_more_epoch(*args: Any, **kwargs: Any) -> None:
-        def stop(epoch: int, history: Any) -> None:
-            raise KeyboardInterrupt  # Ctrl-C right after epoch 2's checkpoint
-
-        real_fit(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], stop]})
-
-    monkeypatch.setattr(scratchnn.runs, "fit", interrupted_after_one_more_epoch)
+    # Ctrl-C right after epoch 2's checkpoint
+    monkeypatch.setattr(scratchnn.runs, "fit", stopped_after_an_epoch(scratchnn.runs.fit))
     assert main(["train", "--resume", "--epochs", "3", "--out", str(out)]) == 130
     assert load_checkpoint(out / "checkpoint.safetensors").epoch == 2
     # The epoch-1 model and curve are gone: evaluate scores the epoch-2 checkpoint.
@@ -341,14 +347,7 @@ def test_the_interrupt_hint_is_a_command_that_continues_the_run(
 
     out = tmp_path / "my run"  # a space: the hint must quote it
     real_fit = scratchnn.runs.fit
-
-    def interrupted_after_the_first_epoch(*args: Any, **kwargs: Any) -> None:
-        def stop(epoch: int, history: Any) -> None:
-            raise KeyboardInterrupt
-
-        real_fit(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], stop]})
-
-    monkeypatch.setattr(scratchnn.runs, "fit", interrupted_after_the_first_epoch)
+    monkeypatch.setattr(scratchnn.runs, "fit", stopped_after_an_epoch(real_fit))
     data = str(find_dataset_files("fashion-mnist")["train-labels-idx1-ubyte"].parent)
     argv = ["train", *SMALL, "--epochs", "3", "--data", data, "--out", str(out)]
     assert main(argv) == 130
