@@ -587,7 +587,7 @@ class Softplus(Layer):
         self.out: np.ndarray | None = None
         self._unrounded: Any = None  # the output in float32, where out is float16
 
-    def _keep(self, y: Any, dtype: np.dtype[Any]) -> Any:
+    def _rounded_output(self, y: Any, dtype: np.dtype[Any]) -> Any:
         """``y`` (computed in the compute dtype) as the output of ``dtype``, and the
         unrounded ``y`` kept where the two differ."""
         out = y.astype(dtype, copy=False)
@@ -600,7 +600,7 @@ class Softplus(Layer):
 
     def _forward_gpu(self, x: Any) -> Any:  # CuPy: one fused kernel each way
         y = kernels.run("softplus_forward", to_compute(x), beta=self.beta)[0]
-        self.out = self._keep(y, x.dtype)
+        self.out = self._rounded_output(y, x.dtype)
         return self.out
 
     def _backward_gpu(self, dout: Any) -> Any:
@@ -622,7 +622,7 @@ class Softplus(Layer):
             np.add(out, np.maximum(z, 0), out=out)
 
         out = elementwise(kernel, to_compute(x), compiled="softplus", param=beta)
-        self.out = self._keep_output(self._keep(out, x.dtype))
+        self.out = self._keep_output(self._rounded_output(out, x.dtype))
         return self.out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
