@@ -672,6 +672,10 @@ def test_cuda_without_cupy_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
         to_device(np.zeros(3), "cuda")
     with pytest.raises(RuntimeError, match=r"pip install scratchnn\[gpu\]"):
         snn.mlp([4, 2], rng=np.random.default_rng(0)).to("cuda")
+    # Nothing to move yet: still the same clear error, not a silent success.
+    for empty in (snn.Sequential([snn.Flatten(), snn.Relu()]), snn.optim.Adam(), snn.Relu()):
+        with pytest.raises(RuntimeError, match=r"pip install scratchnn\[gpu\]"):
+            empty.to("cuda")
 
 
 def test_cuda_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -685,7 +689,7 @@ def test_mixing_numpy_and_cupy_arrays_raises_type_error(gpu: Any) -> None:
     with pytest.raises(TypeError, match="cannot mix NumPy"):
         get_array_module(np.zeros(2), gpu.zeros(2))
     net = snn.mlp([4, 3], rng=np.random.default_rng(0)).to("cuda")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"Affine\.forward: an input is on cpu, but the layer"):
         net.predict(np.ones((2, 4), np.float32))
 
 
@@ -993,3 +997,68 @@ def test_conv_moved_to_the_device_between_forward_and_backward(c_in: int, gpu: A
     for g, w in zip(got, want):
         assert device_of(g) == "cuda"
         np.testing.assert_allclose(to_host(g), w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["cpu | cuda", "cuda | cpu"])
+def test_a_cnn_moved_between_forward_and_backward_takes_dout_on_its_new_device(
+    route: str, gpu: Any
+) -> None:
+    # Flatten, pooling and the like keep no arrays: only the layer's own record of its
+    # device said where backward's dout belongs, and Sequential.to did not update it.
+    before, after = route.split(" | ")
+    rng = np.random.default_rng(52)
+    x, t = rng.standard_normal((3, 1, 8, 8)), rng.integers(0, 10, 3)
+    from scratchnn.models import cnn
+
+    def build() -> snn.Sequential:
+        return cnn(rng=np.random.default_rng(1), channels=[2], hidden=4, dtype=np.float64,
+                   in_shape=(1, 8, 8))  # fmt: skip
+
+    expected = build().gradient(x, t)
+    net = build()
+    net.to(before)
+    net.loss(to_device(x, before), to_device(t, before))
+    net.to(after)
+    dout = net.last_layer.backward()
+    assert device_of(dout) == after
+    for layer in reversed(net.layers):
+        dout = layer.backward(dout)
+    for key, value in net.grads.items():
+        np.testing.assert_allclose(to_host(value), expected[key], rtol=1e-10, atol=1e-14)
+
+
+def test_a_layer_moved_to_the_device_names_a_host_input_or_dout(gpu: Any) -> None:
+    layer = snn.Affine(np.ones((3, 2)), np.zeros(2))
+    layer.forward(np.ones((4, 3)))
+    layer.to("cuda")
+    with pytest.raises(TypeError, match=r"Affine\.backward: dout is on cpu"):
+        layer.backward(np.ones((4, 2)))
+    with pytest.raises(TypeError, match=r"Affine\.forward: an input is on cpu"):
+        layer.forward(np.ones((4, 3)))
+
+
+def test_to_moves_arrays_in_lists_and_layers_inside_a_users_layer(gpu: Any) -> None:
+    class Residual(snn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = snn.Affine(np.eye(2), np.zeros(2))
+            self.scales = [np.ones(2), np.full(2, 2.0)]
+            self.pair = (np.zeros(2), "label")
+
+        @property
+        def params(self) -> dict[str, Any]:
+            return self.inner.params
+
+        def _forward(self, x: Any) -> Any:
+            return x + self.inner.forward(x) * self.scales[1]
+
+        def _backward(self, dout: Any) -> Any:
+            return dout + self.inner.backward(dout * self.scales[1])
+
+    net = snn.Sequential([Residual()]).to("cuda")
+    block = net.layers[0]
+    assert device_of(block.inner.W) == "cuda"
+    assert [device_of(a) for a in block.scales] == ["cuda", "cuda"]
+    assert device_of(block.pair[0]) == "cuda" and block.pair[1] == "label"
+    out = net.predict(to_device(np.ones((1, 2)), "cuda"))
+    np.testing.assert_array_equal(to_host(out), [[3.0, 3.0]])

@@ -153,7 +153,8 @@ def move_arrays(obj: object, device: str) -> None:
     copies; dicts of arrays (an optimiser's ``v``, ``m``) are updated in place.
     This is how a layer, a loss or an optimiser changes device with one call.
     """
-    check_device(device)
+    if check_device(device) == "cuda":
+        import_cupy()  # a clear error without CuPy, also for an object with no arrays yet
     for name, value in list(vars(obj).items()):
         if is_array(value):
             setattr(obj, name, to_device(value, device))
@@ -161,6 +162,11 @@ def move_arrays(obj: object, device: str) -> None:
             for key, item in list(value.items()):
                 if is_array(item):
                     value[key] = to_device(item, device)
+        elif isinstance(value, (list, tuple)) and any(is_array(item) for item in value):
+            moved = [to_device(item, device) if is_array(item) else item for item in value]
+            setattr(obj, name, type(value)(moved) if isinstance(value, tuple) else moved)
+        elif callable(getattr(value, "to", None)) and hasattr(value, "_out_shape"):
+            value.to(device)  # a layer inside a layer (a user's residual block, say)
 
 
 def as_result(value: Any) -> Any:

@@ -249,7 +249,10 @@ class Sequential:
         """
         check_device(device)
         for layer in [*self.layers, self.last_layer]:
-            move_arrays(layer, device)
+            if isinstance(layer, layers.Layer):
+                layer.to(device)
+            else:  # a layer of the user's own, not built on Layer
+                move_arrays(layer, device)
         return self
 
     def __repr__(self) -> str:

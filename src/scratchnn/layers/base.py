@@ -32,6 +32,7 @@ from scratchnn.backend import (
     device_of,
     float_dtype_of,
     is_array,
+    move_arrays,
     to_device,
 )
 
@@ -54,6 +55,7 @@ class Layer:
         self._in_dtypes: tuple[np.dtype[Any], ...] = ()
         self._caller_owned: tuple[bool, ...] = ()
         self._gpu_forward = False  # whether the last forward ran on CuPy arrays
+        self._device = "cpu"  # where to() last put the layer's arrays
 
     # -- the public contract -------------------------------------------------
 
@@ -77,6 +79,8 @@ class Layer:
             name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         x = inputs[0]
+        if self._device != "cpu":
+            self._check_input_device(inputs)
         if len(inputs) == 1 and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
             # The common case, one float NumPy array: nothing to check or convert.
             self._caller_owned = (not borrowed,)
@@ -143,6 +147,26 @@ class Layer:
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
+
+    def to(self, device: str) -> Layer:
+        """Move the layer's arrays (parameters, gradients, what forward kept) to
+        ``device``, in place, and return the layer: a backward after the move then
+        takes a ``dout`` on the new device. ``Sequential.to`` calls it for each layer."""
+        move_arrays(self, device)
+        self._device = device
+        if self._out_shape is not None:  # forward ran: its graph is on the new device now
+            self._gpu_forward = device == "cuda"
+        return self
+
+    def _check_input_device(self, inputs: tuple[Any, ...]) -> None:
+        """Refuse an input array on another device than the one ``to`` moved the layer to."""
+        for x in inputs:
+            if is_array(x) and device_of(x) != self._device:
+                raise TypeError(
+                    f"{type(self).__name__}.forward: an input is on {device_of(x)}, but the "
+                    f"layer was moved to {self._device}; move the input with "
+                    "scratchnn.backend.to_device, or the layer back with .to()"
+                )
 
     def _check_dout_device(self, dout: Any) -> None:
         """Refuse a ``dout`` on another device than the layer's arrays (``TypeError``).
