@@ -6,6 +6,8 @@ public classes, as a user calls them.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -128,3 +130,63 @@ def test_an_optimizer_names_a_read_only_parameter_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="parameter 'b' is read-only"):
         SGD(0.1).update(params, {"W": np.ones(3), "b": np.ones(2)})
     assert np.array_equal(params["W"], np.ones(3))
+
+
+
+def test_a_masked_array_is_refused_and_a_matrix_read_as_its_values() -> None:
+    # np.asarray drops a mask: the masked entries would be computed as if they were data.
+    masked = np.ma.array([[1.0, 2.0], [3.0, 4.0]], mask=[[1, 0], [0, 0]])
+    with pytest.raises(TypeError, match="AddConstLayer: input is a masked array"):
+        snn.AddConstLayer(10.0).forward(masked)
+    with pytest.raises(TypeError, match="Sigmoid: input is a masked array"):
+        snn.Sigmoid().forward(masked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # NumPy's, on np.matrix
+        matrix = np.matrix([[1.0, -2.0], [3.0, -4.0]])
+    out = snn.Relu().forward(matrix)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, [[1.0, 0.0], [3.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    ("build", "words"),
+    [
+        (lambda: snn.BatchNorm(3, dtype=None), "BatchNorm: dtype must be float16, float32 or float64, got None"),
+        (lambda: snn.BatchNorm(3, dtype="abc"), "BatchNorm: dtype must be"),
+        (lambda: mlp([4, 2], rng=RNG, dtype=None), "mlp: dtype must be"),
+        (lambda: snn.Conv2d(1, 2, 3, rng=RNG, dtype=None), "dtype must be"),
+        (lambda: snn.Relu(packed="no"), "Relu: packed must be True or False, got 'no'"),
+        (lambda: mlp([4, 2], rng=RNG).train("no"), "Sequential.train: mode must be True or False"),
+    ],
+)  # fmt: skip
+def test_a_dtype_or_flag_that_is_not_one_is_refused(build: Callable[[], Any], words: str) -> None:
+    # NumPy reads dtype None as float64 and Python any non-empty string as True: both would
+    # pass unnoticed.
+    with pytest.raises(TypeError, match=re.escape(words)):
+        build()
+
+
+def test_iterate_minibatches_flags_must_be_bools() -> None:
+    from scratchnn.data import iterate_minibatches
+
+    for flag in ("shuffle", "drop_last"):
+        with pytest.raises(TypeError, match=f"iterate_minibatches: {flag} must be True or False"):
+            iterate_minibatches(np.ones((4, 2)), np.zeros(4), 2, **{flag: "no"})
+
+
+def test_accuracy_refuses_complex_targets_and_fit_a_history_that_is_not_one() -> None:
+    from scratchnn.train import fit
+
+    net = snn.Sequential([snn.Identity()])
+    with pytest.raises(TypeError, match=r"Sequential\.accuracy: targets of dtype complex128"):
+        net.accuracy(np.ones((2, 3)), np.ones((2, 3), complex))
+    x, t = np.ones((4, 3)), np.zeros(4, np.int64)
+    with pytest.raises(TypeError, match="fit: history must be a History or None, got str"):
+        fit(net, SGD(0.1), (x, t), epochs=1, batch_size=2, rng=RNG, history="abc")  # type: ignore[arg-type]
+
+
+def test_cnn_channels_as_bytes_are_refused() -> None:
+    from scratchnn.models import cnn
+
+    with pytest.raises(TypeError, match="cnn: channels must be a sequence of ints"):
+        cnn(rng=RNG, channels=b"ab")  # type: ignore[arg-type]

@@ -16,6 +16,9 @@ import numbers
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
+
+from scratchnn.backend import FLOAT_DTYPES
 
 
 def real(who: str, name: str, value: object) -> float:
@@ -82,3 +85,23 @@ def label_error(name: str, t: Any, n_classes: int) -> ValueError:
     return ValueError(
         f"{name}: labels must lie in [0, {n_classes}), got values from {t.min()} to {t.max()}"
     )
+
+
+def float_dtype(who: str, dtype: DTypeLike) -> np.dtype[Any]:
+    """``dtype`` as float16, float32 or float64; ``TypeError`` for anything else, None
+    included (NumPy reads None as float64, which would pass unnoticed)."""
+    try:
+        result = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        result = None
+    if result is None or result.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(f"{who}: dtype must be float16, float32 or float64, got {dtype!r}")
+    return result.newbyteorder("=")
+
+
+
+def flag(who: str, name: str, value: object) -> bool:
+    """A bool (NumPy's too); a string such as "no" would otherwise count as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{who}: {name} must be True or False, got {value!r}")
+    return bool(value)

@@ -190,6 +190,14 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
     """
     if type(value) is np.ndarray:  # the common case, without the module look-up
         array = value
+    elif isinstance(value, np.ndarray):  # a subclass: np.memmap, np.matrix, a masked array
+        if isinstance(value, np.ma.MaskedArray):
+            # np.asarray would drop the mask, and the masked entries would count silently.
+            raise TypeError(
+                f"{who}: {what} is a masked array; fill it first (x.filled(value)) or "
+                "pass its compressed values"
+            )
+        array = np.asarray(value)  # the plain array of its values (a matrix's 2-d data)
     else:
         xp = get_array_module(value)
         array = value if isinstance(value, xp.ndarray) else _rectangular(xp, value, who, what)

@@ -46,7 +46,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from scratchnn import _checks
-from scratchnn.backend import FLOAT_DTYPES, check_device, import_cupy, to_device
+from scratchnn.backend import check_device, import_cupy, to_device
 
 __all__ = [
     "Initializer",
@@ -328,10 +328,7 @@ def _check(
 
 
 def _float_dtype(who: str, dtype: DTypeLike) -> np.dtype[Any]:
-    result = np.dtype(dtype)
-    if result not in FLOAT_DTYPES:
-        raise TypeError(f"{who}: dtype must be float16, float32 or float64, got {result}")
-    return result
+    return _checks.float_dtype(who, dtype)
 
 
 def _check_std(who: str, std: object) -> float:

@@ -225,7 +225,7 @@ class Sequential:
 
     def train(self, mode: bool = True) -> Sequential:
         """Put the network (and every layer that has a mode) in training mode."""
-        self.training = bool(mode)
+        self.training = _checks.flag("Sequential.train", "mode", mode)
         for layer in self.layers:
             if hasattr(layer, "training"):
                 layer.training = self.training
@@ -274,6 +274,8 @@ def count_right(
     ``labels_checked`` says the loss has just taken them (a check on a GPU waits).
     """
     t = as_result(t)
+    if t.dtype.kind not in "biuf":  # complex, string, object: no answer to compare with
+        raise TypeError(f"{who}: targets of dtype {t.dtype} are no labels or probabilities")
     if isinstance(last_layer, SigmoidWithLoss):
         if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
             raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")
@@ -369,7 +371,7 @@ def mlp(
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
     initializer = make_initializer(init)
-    dtype = np.dtype(dtype)
+    dtype = _checks.float_dtype("mlp", dtype)
     stack: list[Any] = []
     sizes = [_checks.count("mlp", "a layer size", n) for n in sizes]  # 2.7 is no size
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -426,11 +428,13 @@ def cnn(
     """
     from scratchnn.init import he_normal
 
-    dtype = np.dtype(dtype)
+    dtype = _checks.float_dtype("cnn", dtype)
     dropout = _checks.fraction("cnn", "dropout", dropout)  # -0.5 would mean none, silently
     if not isinstance(in_shape, tuple) or len(in_shape) != 3:
         raise ValueError(f"cnn: in_shape must be (channels, height, width), got {in_shape!r}")
     c_in, h, w = (_checks.count("cnn", "in_shape", n) for n in in_shape)
+    if isinstance(channels, (str, bytes)):  # b"ab" would be 97 and 98 channels
+        raise TypeError(f"cnn: channels must be a sequence of ints, got {channels!r}")
     channels = [_checks.count("cnn", "channels", n) for n in channels]
     if min(h, w) >> len(channels) < 1:
         # Each block's pooling halves the image: checked before any weight is drawn.

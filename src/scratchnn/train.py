@@ -235,6 +235,8 @@ def fit(
         chosen.sort()
         chosen = to_device(chosen, device_of(x_train))  # CuPy indexes only with its own arrays
         x_eval, t_eval = x_train[chosen], t_train[chosen]
+    if history is not None and not isinstance(history, History):
+        raise TypeError(f"fit: history must be a History or None, got {type(history).__name__}")
     history = history if history is not None else History()
     try:
         return _epochs(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 
 
@@ -41,6 +42,8 @@ def iterate_minibatches(
     >>> [tb.shape for _, tb in batches]
     [(2,), (2,)]
     """
+    shuffle = _checks.flag("iterate_minibatches", "shuffle", shuffle)
+    drop_last = _checks.flag("iterate_minibatches", "drop_last", drop_last)
     if isinstance(batch_size, bool):
         raise TypeError("batch_size must be an integer, got a bool")
     try:

@@ -53,7 +53,7 @@ class Relu(Layer):
 
     def __init__(self, packed: bool = False) -> None:
         super().__init__()
-        self.packed = bool(packed)
+        self.packed = _checks.flag("Relu", "packed", packed)
         self._mask: np.ndarray | None = None
         self._mask_shape: tuple[int, ...] = ()
 

@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from scratchnn import _buffers, _checks, _fused
-from scratchnn.backend import FLOAT_DTYPES, compute_dtype_of
+from scratchnn.backend import compute_dtype_of
 from scratchnn.layers.base import Layer
 
 
@@ -63,9 +63,7 @@ class BatchNorm(Layer):
         dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__()
-        dtype = np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"BatchNorm: dtype must be float16, float32 or float64, got {dtype}")
+        dtype = _checks.float_dtype("BatchNorm", dtype)
         c = _checks.count("BatchNorm", "num_features", num_features)
         self.num_features = c
         self.eps = _checks.positive("BatchNorm", "eps", eps)
