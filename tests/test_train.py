@@ -530,3 +530,35 @@ def test_a_model_whose_first_layer_does_not_fit_its_images_is_named(tmp_path: Pa
     save_model(path, params, RunConfig(hidden=[8], dtype="float64").to_dict())
     with pytest.raises(ValueError, match=r"model\.safetensors: its first layer takes 100 inputs"):
         load_network(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "error", "words"),
+    [
+        ({"train_loss": None}, TypeError, "needs exactly the keys"),  # None: left out
+        ({"epoch": 2}, ValueError, "epoch must be 1, got 2"),
+        ({"epoch": 1.0}, ValueError, "epoch must be 1, got 1.0"),
+        ({"train_loss": "0.5"}, TypeError, "train_loss must be a real number"),
+        ({"extra": 1.0}, TypeError, "needs exactly the keys"),
+    ],
+)
+def test_history_append_refuses_a_row_it_would_store_wrongly(
+    row: dict, error: type, words: str
+) -> None:
+    # epoch 2.5 was stored as 2, a missing key raised KeyError halfway through the row.
+    good = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "test_loss": float("nan"),
+            "test_acc": float("nan"), "seconds": 1.0}  # fmt: skip
+    history = History()
+    bad = {key: value for key, value in {**good, **row}.items() if value is not None}
+    with pytest.raises(error, match=words):
+        history.append(**bad)
+    assert len(history) == 0 and history.train_loss == []  # nothing half-added
+    history.append(**good)
+    assert history.epoch == [1] and np.isnan(history.test_acc[0])
+
+
+def test_optimizer_update_names_arguments_that_are_not_dicts() -> None:
+    params = {"W": np.ones(2)}
+    for args, name in [((params, None), "grads"), ((None, {"W": np.ones(2)}), "params")]:
+        with pytest.raises(TypeError, match=f"SGD.update: {name} must be a dict"):
+            SGD(0.1).update(*args)  # type: ignore[arg-type]

@@ -58,6 +58,17 @@ def fraction(who: str, name: str, value: object, *, one: bool = False) -> float:
     return result
 
 
+def real_or_nan(who: str, name: str, value: object) -> float:
+    """``value`` as a float, NaN and infinities included (a diverged run's metrics);
+    bools, strings and the like raise ``TypeError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{who}: {name} is a number beyond the float range") from None
+
+
 def count(who: str, name: str, value: object, minimum: int = 1) -> int:
     """An integer >= ``minimum``; a float, even 3.0, raises ``TypeError``, as in PyTorch."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

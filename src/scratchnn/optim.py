@@ -105,6 +105,12 @@ class Optimizer:
     def update(self, params: MutableMapping[str, Any], grads: Mapping[str, Any]) -> None:
         """Update each ``params[key]`` that has a gradient ``grads[key]``, in place."""
         # Check every pair before touching any parameter, so a bad call changes nothing.
+        who = f"{type(self).__name__}.update"
+        for name, value in (("params", params), ("grads", grads)):
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"{who}: {name} must be a dict of arrays by name, got {type(value).__name__}"
+                )
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
         on_gpu: dict[tuple[str, str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:

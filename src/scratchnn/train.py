@@ -54,7 +54,18 @@ class History:
     seconds: list[float] = field(default_factory=list)
 
     def append(self, **row: float) -> None:
-        """Add one epoch's metrics (every key of ``HISTORY_KEYS``)."""
+        """Add one epoch's metrics (every key of ``HISTORY_KEYS``, and no other): the
+        next epoch number, then numbers (NaN for a metric not measured)."""
+        if set(row) != set(HISTORY_KEYS):
+            raise TypeError(
+                f"History.append: needs exactly the keys {list(HISTORY_KEYS)}, got {sorted(row)}"
+            )
+        if row["epoch"] != len(self.epoch) + 1 or isinstance(row["epoch"], (bool, float)):
+            raise ValueError(
+                f"History.append: epoch must be {len(self.epoch) + 1}, got {row['epoch']!r}"
+            )
+        for key in HISTORY_KEYS[1:]:
+            _checks.real_or_nan("History.append", key, row[key])
         for key in HISTORY_KEYS:
             value = row[key]
             getattr(self, key).append(int(value) if key == "epoch" else float(value))
