@@ -446,6 +446,8 @@ def test_two_input_nodes_name_shapes_that_do_not_broadcast() -> None:
     for node in (MulLayer(), AddLayer()):
         with pytest.raises(ValueError, match=rf"{type(node).__name__}.forward: x of shape \(2,\)"):
             node.forward(np.ones(2), np.ones(3))
+        with pytest.raises(ValueError, match=rf"{type(node).__name__}.forward: an input is not"):
+            node.forward([[1.0], [1.0, 2.0]], np.ones(2))
 
 
 def test_constant_labels_show_the_sign_once() -> None:

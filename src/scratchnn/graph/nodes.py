@@ -79,7 +79,12 @@ class _BinaryNode(Layer):
             v if type(v) in (bool, int, float) else None for v in inputs
         )
         if len(inputs) == 2:
-            shapes = tuple(np.shape(v) for v in inputs)
+            try:
+                shapes = tuple(np.shape(v) for v in inputs)
+            except ValueError as error:  # a ragged list: NumPy's message names no input
+                raise ValueError(
+                    f"{type(self).__name__}.forward: an input is not a rectangular array: {error}"
+                ) from None
             try:
                 np.broadcast_shapes(*shapes)
             except ValueError:
