@@ -69,6 +69,11 @@ def test_gradcheck_finds_a_wrong_gradient() -> None:
     assert result.key in net.params and "worst relative error" in str(result)
 
 
+def test_gradcheck_names_a_network_that_is_not_one() -> None:
+    with pytest.raises(TypeError, match="gradcheck: network must have params, gradient"):
+        snn.gradcheck(snn.Relu(), np.ones((2, 3)), np.zeros(2, np.int64))
+
+
 def test_gradcheck_refuses_to_report_on_nothing() -> None:
     rng = np.random.default_rng(4)
     x, t = rng.standard_normal((4, 5)), rng.integers(0, 3, 4)

@@ -66,6 +66,11 @@ def gradcheck(
     >>> gradcheck(net, np.ones((4, 3)), np.array([0, 1, 1, 0])).max_relative_error < 1e-7
     True
     """
+    if not all(callable(getattr(network, name, None)) for name in ("gradient", "loss")):
+        raise TypeError(
+            "gradcheck: network must have params, gradient(x, t) and loss(x, t), as a "
+            f"Sequential has; got {type(network).__name__}"
+        )
     params = network.params
     if not params:
         raise ValueError("gradcheck: the network has no parameters to check")
