@@ -61,6 +61,9 @@ BAD: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("zero beta", lambda: snn.Softplus(0.0), ValueError, "Softplus: beta must be positive"),
     ("negative lr", lambda: SGD(-0.1), ValueError, "SGD: lr must be >= 0"),
     ("beta1 of 1", lambda: Adam(beta1=1.0), ValueError, "Adam: beta1 must be in [0, 1)"),
+    # 10**20 reached NumPy's index arithmetic as an OverflowError
+    ("huge stride", lambda: snn.MaxPool2d(2, stride=10**20), ValueError, "stride is too large"),
+    ("huge features", lambda: snn.BatchNorm(10**20), ValueError, "num_features is too large"),
 ]
 
 

@@ -69,13 +69,20 @@ def real_or_nan(who: str, name: str, value: object) -> float:
         raise ValueError(f"{who}: {name} is a number beyond the float range") from None
 
 
+# No count of anything in memory reaches it; past it NumPy's index arithmetic overflows.
+MAX_COUNT = 2**62
+
+
 def count(who: str, name: str, value: object, minimum: int = 1) -> int:
-    """An integer >= ``minimum``; a float, even 3.0, raises ``TypeError``, as in PyTorch."""
+    """An integer >= ``minimum`` (and at most ``MAX_COUNT``); a float, even 3.0, raises
+    ``TypeError``, as in PyTorch."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{who}: {name} must be an int, got {value!r}")
     result = int(value)
     if result < minimum:
         raise ValueError(f"{who}: {name} must be >= {minimum}, got {result}")
+    if result > MAX_COUNT:
+        raise ValueError(f"{who}: {name} is too large: {result}")
     return result
 
 
