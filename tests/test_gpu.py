@@ -1037,13 +1037,21 @@ def test_a_layer_moved_to_the_device_names_a_host_input_or_dout(gpu: Any) -> Non
         layer.forward(np.ones((4, 3)))
 
 
-def test_to_moves_arrays_in_lists_and_layers_inside_a_users_layer(gpu: Any) -> None:
+def test_to_moves_arrays_in_lists_and_tuples_and_a_layer_moves_the_layers_it_holds(
+    gpu: Any,
+) -> None:
     class Residual(snn.Layer):
         def __init__(self) -> None:
             super().__init__()
             self.inner = snn.Affine(np.eye(2), np.zeros(2))
             self.scales = [np.ones(2), np.full(2, 2.0)]
             self.pair = (np.zeros(2), "label")
+            self.outer = self  # a cycle: moving must not follow it
+
+        def to(self, device: str) -> Residual:
+            super().to(device)
+            self.inner.to(device)  # the layers it holds are its to move
+            return self
 
         @property
         def params(self) -> dict[str, Any]:
@@ -1055,9 +1063,11 @@ def test_to_moves_arrays_in_lists_and_layers_inside_a_users_layer(gpu: Any) -> N
         def _backward(self, dout: Any) -> Any:
             return dout + self.inner.backward(dout * self.scales[1])
 
-    net = snn.Sequential([Residual()]).to("cuda")
-    block = net.layers[0]
+    block = Residual()
+    scales = block.scales
+    net = snn.Sequential([block]).to("cuda")
     assert device_of(block.inner.W) == "cuda"
+    assert block.scales is scales  # updated in place: whoever holds the list sees the move
     assert [device_of(a) for a in block.scales] == ["cuda", "cuda"]
     assert device_of(block.pair[0]) == "cuda" and block.pair[1] == "label"
     out = net.predict(to_device(np.ones((1, 2)), "cuda"))

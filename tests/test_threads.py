@@ -341,7 +341,42 @@ def test_threads_follow_the_cpus_this_process_may_use(monkeypatch: pytest.Monkey
 
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this platform")
+    assert _fused.THREADS == _threads.THREADS == min(2, len(os.sched_getaffinity(0)))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # taskset -c 0
     assert _fused._usable_cpus() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
     assert _fused._usable_cpus() == 3
+
+
+
+def test_a_fork_from_a_signal_handler_inside_the_pool_does_not_hang() -> None:
+    # The fork handler takes the pool's lock; a signal handler that forks while its own
+    # thread is inside the pool must still get it (a plain Lock deadlocked, 3 runs of 3).
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, time
+import numpy as np
+from scratchnn import _buffers
+forks = 0
+def handler(signum, frame):
+    global forks
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    forks += 1
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+start = time.time()
+while time.time() - start < 2 and forks < 100:
+    _buffers.empty((1 << 18,), np.float32)
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print("forks", forks)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("forks ")

@@ -562,3 +562,50 @@ def test_optimizer_update_names_arguments_that_are_not_dicts() -> None:
     for args, name in [((params, None), "grads"), ((None, {"W": np.ones(2)}), "params")]:
         with pytest.raises(TypeError, match=f"SGD.update: {name} must be a dict"):
             SGD(0.1).update(*args)  # type: ignore[arg-type]
+
+
+
+def test_evaluate_a_regression_network_has_a_loss_and_no_accuracy() -> None:
+    # One output and MeanSquaredError: no classes to choose from. fit evaluates every
+    # epoch, so this must not raise (it did, after an epoch of training).
+    rng = np.random.default_rng(23)
+    net = snn.Sequential(
+        [snn.Affine(rng.standard_normal((3, 1)), np.zeros(1))], loss=snn.MeanSquaredError()
+    )
+    x, t = rng.standard_normal((20, 3)), rng.standard_normal((20, 1))
+    loss, accuracy = evaluate(net, x, t, batch_size=8)
+    assert np.isnan(accuracy)
+    # torch.nn.MSELoss: the mean of the squared errors
+    assert loss == pytest.approx(float(np.mean((x @ net.params["W1"] - t) ** 2)), rel=1e-12)
+    history = fit(net, SGD(0.01), (x, t), epochs=2, batch_size=5, rng=rng)
+    assert len(history) == 2 and np.isnan(history.train_acc[-1])
+
+
+def test_fit_takes_a_seed_of_any_size_and_sys_maxsize_as_a_size() -> None:
+    import sys
+
+    rng = np.random.default_rng(24)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    x, t = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
+    fit(net, SGD(0.1), (x, t), epochs=1, batch_size=sys.maxsize, rng=rng,
+        train_eval_size=sys.maxsize, train_eval_seed=2**127)  # fmt: skip
+
+
+def test_a_layer_that_skips_the_base_init_still_runs() -> None:
+    class Doubling(snn.Layer):
+        def __init__(self) -> None:  # no super().__init__(): it worked before, it still does
+            self._out_shape = None
+            self._out_dtype = None
+            self._in_dtypes = ()
+            self._caller_owned = ()
+            self._gpu_forward = False
+
+        def _forward(self, x: np.ndarray) -> np.ndarray:
+            return 2 * x
+
+        def _backward(self, dout: np.ndarray) -> np.ndarray:
+            return 2 * dout
+
+    layer = Doubling()
+    np.testing.assert_array_equal(layer.forward(np.ones(2)), [2.0, 2.0])
+    np.testing.assert_array_equal(layer.to("cpu").backward(np.ones(2)), [2.0, 2.0])

@@ -45,7 +45,9 @@ POOL_BYTES = 1 << 28
 ALIGNMENT = 64
 
 _buffers: list[np.ndarray] = []  # least recently handed out first
-_lock = threading.Lock()
+# Reentrant: a fork from a signal handler that interrupted this very thread inside the
+# pool must still take it (see the fork handler below).
+_lock = threading.RLock()
 if hasattr(os, "register_at_fork"):
     # A fork while another thread holds the lock would leave the child's copy held by a
     # thread that does not exist there: its first large output would wait forever. So a

@@ -60,7 +60,9 @@ def fraction(who: str, name: str, value: object, *, one: bool = False) -> float:
 
 def real_or_nan(who: str, name: str, value: object) -> float:
     """``value`` as a float, NaN and infinities included (a diverged run's metrics);
-    bools, strings and the like raise ``TypeError``."""
+    bools, strings and the like raise ``TypeError``; a 0-d array counts as its number."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
     try:
@@ -69,8 +71,9 @@ def real_or_nan(who: str, name: str, value: object) -> float:
         raise ValueError(f"{who}: {name} is a number beyond the float range") from None
 
 
-# No count of anything in memory reaches it; past it NumPy's index arithmetic overflows.
-MAX_COUNT = 2**62
+# The largest index NumPy holds (sys.maxsize, as a "no limit" is often written); past it
+# NumPy's index arithmetic overflows.
+MAX_COUNT = 2**63 - 1
 
 
 def count(who: str, name: str, value: object, minimum: int = 1) -> int:

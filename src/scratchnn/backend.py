@@ -150,8 +150,10 @@ def move_arrays(obj: object, device: str) -> None:
     """Move every array attribute of ``obj`` to ``device``, in place.
 
     Arrays held directly (``W``, ``dW``, kept caches) are rebound to their moved
-    copies; dicts of arrays (an optimiser's ``v``, ``m``) are updated in place.
-    This is how a layer, a loss or an optimiser changes device with one call.
+    copies, and so are those in a tuple; dicts and lists of arrays (an
+    optimiser's ``v``, ``m``) are updated in place. Objects inside ``obj`` are
+    not followed: a layer that holds layers moves them in its own ``to``. It is
+    what ``Layer.to`` and ``Optimizer.to`` call; move a layer with its ``to``.
     """
     if check_device(device) == "cuda":
         import_cupy()  # a clear error without CuPy, also for an object with no arrays yet
@@ -162,11 +164,12 @@ def move_arrays(obj: object, device: str) -> None:
             for key, item in list(value.items()):
                 if is_array(item):
                     value[key] = to_device(item, device)
-        elif isinstance(value, (list, tuple)) and any(is_array(item) for item in value):
-            moved = [to_device(item, device) if is_array(item) else item for item in value]
-            setattr(obj, name, type(value)(moved) if isinstance(value, tuple) else moved)
-        elif callable(getattr(value, "to", None)) and hasattr(value, "_out_shape"):
-            value.to(device)  # a layer inside a layer (a user's residual block, say)
+        elif type(value) is list:
+            for i, item in enumerate(value):  # in place: whoever holds the list sees it
+                if is_array(item):
+                    value[i] = to_device(item, device)
+        elif type(value) is tuple and any(is_array(item) for item in value):
+            setattr(obj, name, tuple(to_device(v, device) if is_array(v) else v for v in value))
 
 
 def as_result(value: Any) -> Any:
@@ -197,7 +200,9 @@ def as_array(value: object, *, who: str, what: str = "input") -> np.ndarray:
                 f"{who}: {what} is a masked array; fill it first (x.filled(value)) or "
                 "pass its compressed values"
             )
-        array = np.asarray(value)  # the plain array of its values (a matrix's 2-d data)
+        # A matrix's operators are not the arrays' (* multiplies matrices): its plain 2-d
+        # values. Other subclasses (np.memmap) stay the very array the caller gave.
+        array = np.asarray(value) if isinstance(value, np.matrix) else value
     else:
         xp = get_array_module(value)
         array = value if isinstance(value, xp.ndarray) else _rectangular(xp, value, who, what)

@@ -11,6 +11,7 @@ import numpy as np
 
 from scratchnn import _checks, layers
 from scratchnn.backend import (
+    as_array,
     as_result,
     check_device,
     device_of,
@@ -270,12 +271,12 @@ def count_right(
     per example. With a ``SigmoidWithLoss`` the scores are logits of independent
     yes/no answers: logit > 0 against target >= 0.5, one answer per score. The
     count stays where the scores are (a 0-d array: on a GPU, reading it waits
-    for the card); labels the loss would refuse raise ``ValueError``, unless
-    ``labels_checked`` says the loss has just taken them (a check on a GPU waits).
+    for the card); class-index labels the loss would refuse raise ``ValueError``,
+    unless ``labels_checked`` says the loss has just taken them (a check on a GPU
+    waits); yes/no targets are compared with 0.5 as they are.
     """
-    t = as_result(t)
-    if t.dtype.kind not in "biuf":  # complex, string, object: no answer to compare with
-        raise TypeError(f"{who}: targets of dtype {t.dtype} are no labels or probabilities")
+    # As the losses take targets: a masked array refused (not unmasked), complex refused.
+    t = as_array(t, who=who, what="targets")
     if isinstance(last_layer, SigmoidWithLoss):
         if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
             raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")

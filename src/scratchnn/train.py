@@ -26,6 +26,7 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
+from scratchnn.layers.losses import SigmoidWithLoss
 from scratchnn.models import count_right, evaluation_mode
 from scratchnn.progress import ProgressBar
 
@@ -60,10 +61,13 @@ class History:
             raise TypeError(
                 f"History.append: needs exactly the keys {list(HISTORY_KEYS)}, got {sorted(row)}"
             )
-        if row["epoch"] != len(self.epoch) + 1 or isinstance(row["epoch"], (bool, float)):
-            raise ValueError(
-                f"History.append: epoch must be {len(self.epoch) + 1}, got {row['epoch']!r}"
-            )
+        epoch = row["epoch"]
+        if (
+            isinstance(epoch, (bool, np.bool_))
+            or not isinstance(epoch, numbers.Integral)
+            or epoch != len(self.epoch) + 1
+        ):
+            raise ValueError(f"History.append: epoch must be {len(self.epoch) + 1}, got {epoch!r}")
         for key in HISTORY_KEYS[1:]:
             _checks.real_or_nan("History.append", key, row[key])
         for key in HISTORY_KEYS:
@@ -159,13 +163,20 @@ def evaluate(
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             scores = network.predict(xb)
             total_loss += network.last_layer.forward(scores, tb) * len(xb)
+            if not _has_answers(network.last_layer, scores):
+                continue  # a regression network (MeanSquaredError, one output): no accuracy
             # Counted as accuracy counts (yes/no answers too), where the scores are: on a
             # GPU, no wait for the card per batch. The loss has just checked the labels.
             batch_right, batch_answers = count_right(
                 network.last_layer, scores, tb, who="evaluate", labels_checked=True
             )
             right, answers = right + batch_right, answers + batch_answers
-    return total_loss / n, int(right) / answers
+    return total_loss / n, (int(right) / answers if answers else math.nan)
+
+
+def _has_answers(last_layer: Any, scores: Any) -> bool:
+    """Whether ``scores`` hold answers to count: yes/no logits, or two classes or more."""
+    return isinstance(last_layer, SigmoidWithLoss) or (scores.ndim > 0 and scores.shape[-1] > 1)
 
 
 def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
@@ -235,8 +246,12 @@ def fit(
         _check_pairs("fit", *test_data, "test set")
     if train_eval_size is not None:
         train_eval_size = _checks.count("fit", "train_eval_size", train_eval_size)
-    # A seed, not None: the subset must be the same every epoch and every run.
-    train_eval_seed = _checks.count("fit", "train_eval_seed", train_eval_seed, minimum=0)
+    # A seed, not None: the subset must be the same every epoch and every run. (Any
+    # non-negative int, as NumPy's generators take: not a count, so no upper bound.)
+    if isinstance(train_eval_seed, bool) or not isinstance(train_eval_seed, numbers.Integral):
+        raise TypeError(f"fit: train_eval_seed must be an int, got {train_eval_seed!r}")
+    if train_eval_seed < 0:
+        raise ValueError(f"fit: train_eval_seed must be >= 0, got {train_eval_seed}")
     callbacks = list(callbacks)  # once: each epoch calls them all, a generator once only
     x_eval, t_eval = x_train, t_train
     if train_eval_size is not None and train_eval_size < len(x_train):

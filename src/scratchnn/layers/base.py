@@ -79,7 +79,7 @@ class Layer:
             name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         x = inputs[0]
-        if self._device != "cpu":
+        if getattr(self, "_device", "cpu") != "cpu":  # (a subclass may skip our __init__)
             self._check_input_device(inputs)
         if len(inputs) == 1 and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
             # The common case, one float NumPy array: nothing to check or convert.
@@ -154,7 +154,7 @@ class Layer:
         takes a ``dout`` on the new device. ``Sequential.to`` calls it for each layer."""
         move_arrays(self, device)
         self._device = device
-        if self._out_shape is not None:  # forward ran: its graph is on the new device now
+        if getattr(self, "_out_shape", None) is not None:  # forward ran: its graph moved too
             self._gpu_forward = device == "cuda"
         return self
 
