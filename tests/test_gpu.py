@@ -491,6 +491,22 @@ def test_optimizer_follows_parameters_that_move_between_devices(name: str, gpu: 
         np.testing.assert_allclose(to_host(moving["w"]), staying["w"], rtol=1e-13)
 
 
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "sgd"])  # SGD keeps none
+def test_state_loaded_into_an_optimizer_on_the_device_lands_there(name: str, gpu: Any) -> None:
+    # As PyTorch's load_state_dict puts state beside the parameters.
+    rng = np.random.default_rng(22)
+    params = {"w": rng.standard_normal(5)}
+    source = make_optimizer(name, lr=0.1)
+    source.update(params, {"w": rng.standard_normal(5)})
+    state = source.state_dict()
+    target = make_optimizer(name, lr=0.1).to("cuda")
+    target.load_state_dict(state)
+    arrays = [v for k, v in target.state_dict().items() if not k.startswith("step/")]
+    assert arrays and all(device_of(a) == "cuda" for a in arrays)
+    for key, value in target.state_dict().items():
+        np.testing.assert_array_equal(to_host(value), state[key], err_msg=key)
+
+
 @pytest.mark.parametrize(("dtype", "lr"), [(np.float16, 3e-5), (np.float32, 1e-39)])
 def test_adam_unfolded_on_the_device_as_on_the_host(dtype: Any, lr: float, gpu: Any) -> None:
     # Where the folded scalars overflow the dtype (float16, or float32 at a tiny lr).

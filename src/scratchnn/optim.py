@@ -82,6 +82,7 @@ class Optimizer:
         # Scratch arrays, one per parameter, reused every step; not state.
         self._work: dict[str, np.ndarray] = {}
         self._decayed: dict[str, np.ndarray] = {}
+        self._device = "cpu"  # where to() last put the state: loaded state goes there too
 
     @property
     def lr(self) -> float:
@@ -156,6 +157,7 @@ class Optimizer:
     def to(self, device: str) -> Optimizer:
         """Move the state (velocities, moments) to ``device``, as ``Sequential.to`` moves a network."""
         move_arrays(self, device)
+        self._device = device
         return self
 
     def _check(
@@ -253,6 +255,14 @@ class Optimizer:
         loaded = self._parse_state(state)
         for slot in self.slots:
             setattr(self, slot, loaded.get(slot, {}))
+        self._follow_device()
+
+    def _follow_device(self) -> None:
+        """Put loaded state where ``to`` put the optimiser, as PyTorch's loader puts it
+        beside the parameters (a subclass that skips our __init__ stays on the host)."""
+        device = getattr(self, "_device", "cpu")
+        if device != "cpu":
+            move_arrays(self, device)
 
     def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
         who = f"{type(self).__name__}.load_state_dict"
@@ -648,6 +658,7 @@ class Adam(Optimizer):
                 f"{sorted(loaded.get('m', {}))}; each parameter needs both"
             )
         self.m, self.v, self.steps = loaded.get("m", {}), loaded.get("v", {}), steps
+        self._follow_device()
 
 
 # Entries of a decaying state below 2**_FLUSH_BITS times the smallest normal number are set to 0.
