@@ -262,6 +262,12 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
 
+def has_answers(last_layer: Any, scores: Any) -> bool:
+    """Whether ``scores`` hold answers to count: yes/no logits (``SigmoidWithLoss``), or
+    scores of two classes or more (a regression's single output has none)."""
+    return isinstance(last_layer, SigmoidWithLoss) or (scores.ndim > 0 and scores.shape[-1] > 1)
+
+
 def count_right(
     last_layer: Any, scores: Any, t: Any, *, who: str, labels_checked: bool = False
 ) -> tuple[Any, int]:
@@ -282,7 +288,7 @@ def count_right(
             raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")
         right = (scores.reshape(t.shape) > 0) == (t >= 0.5)
         return np.sum(right), right.size
-    if scores.ndim == 0 or scores.shape[-1] < 2:
+    if not has_answers(last_layer, scores):
         raise ValueError(
             f"{who}: scores of shape {scores.shape} have fewer than two classes to choose "
             "from (a yes/no network needs SigmoidWithLoss)"

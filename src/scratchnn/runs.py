@@ -533,13 +533,13 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
         config = RunConfig.from_dict(config_dict)
         _check_sizes_are_stored(config, params)
         first = params.get("W1")
-        n_in = first.shape[0] if first is not None and first.ndim == 2 else 784
-        if config.model == "mlp" and n_in != 784:
+        if config.model == "mlp" and first is not None and first.shape[0] != 784:
             # Evaluation would fail in the first layer, far from the cause.
             raise ValueError(
-                f"its first layer takes {n_in} inputs, but {config.dataset}'s images have 784"
+                f"its first layer takes {first.shape[0]} inputs, but {config.dataset}'s "
+                "images have 784"
             )
-        network = build_network(config, np.random.default_rng(0), n_in=n_in)
+        network = build_network(config, np.random.default_rng(0))
     try:
         network.load_state(params)
     except ValueError as error:

@@ -26,8 +26,7 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
-from scratchnn.layers.losses import SigmoidWithLoss
-from scratchnn.models import count_right, evaluation_mode
+from scratchnn.models import count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -163,7 +162,7 @@ def evaluate(
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             scores = network.predict(xb)
             total_loss += network.last_layer.forward(scores, tb) * len(xb)
-            if not _has_answers(network.last_layer, scores):
+            if not has_answers(network.last_layer, scores):
                 continue  # a regression network (MeanSquaredError, one output): no accuracy
             # Counted as accuracy counts (yes/no answers too), where the scores are: on a
             # GPU, no wait for the card per batch. The loss has just checked the labels.
@@ -172,11 +171,6 @@ def evaluate(
             )
             right, answers = right + batch_right, answers + batch_answers
     return total_loss / n, (int(right) / answers if answers else math.nan)
-
-
-def _has_answers(last_layer: Any, scores: Any) -> bool:
-    """Whether ``scores`` hold answers to count: yes/no logits, or two classes or more."""
-    return isinstance(last_layer, SigmoidWithLoss) or (scores.ndim > 0 and scores.shape[-1] > 1)
 
 
 def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
