@@ -122,8 +122,8 @@ def test_train_model_cnn_on_the_command_line(
 
 def test_bad_cnn_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="one hidden Affine layer"):
-        preset_config("cnn", hidden=[8, 8]).check()
+        preset_config("cnn", hidden=[8, 8])
     with pytest.raises(ValueError, match="unknown model"):
-        preset_config("default", model="rnn").check()
+        preset_config("default", model="rnn")
     with pytest.raises(ValueError, match="dropout"):
-        preset_config("cnn", dropout=1.0).check()
+        preset_config("cnn", dropout=1.0)

@@ -444,6 +444,15 @@ def test_cli_argparse_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_drawing_something_that_is_not_a_chain_or_network_names_it() -> None:
+    from scratchnn.graph.draw import chain_drawing
+
+    with pytest.raises(TypeError, match="chain_drawing draws a Chain, got NoneType"):
+        chain_drawing(None, 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dict has no layers, last_layer"):
+        network_drawing({"W1": np.ones(2)}, np.ones(2), np.ones(2))
+
+
 @pytest.mark.parametrize("digits", [0, -1, 2.5, True, "3"])
 def test_digits_must_be_a_whole_number_of_at_least_one(digits: object) -> None:
     with pytest.raises(ValueError, match="digits must be a whole number of at least 1"):

@@ -398,6 +398,27 @@ def test_run_config_names_a_setting_of_the_wrong_type(setting: dict, message: st
         RunConfig(**setting).check()  # as from a hand-edited or foreign checkpoint
 
 
+def test_a_preset_with_bad_overrides_is_refused_when_made_not_when_run() -> None:
+    with pytest.raises(ValueError, match="lr must be a number"):
+        preset_config("default", lr="0.1")
+    with pytest.raises(ValueError, match="epochs must be at least 1"):
+        preset_config("book", epochs=0)
+    with pytest.raises(ValueError, match=r"unknown run settings \['hiden'\]"):
+        preset_config("default", hiden=[8])  # a TypeError from the dataclass before
+    with pytest.raises(ValueError, match="unknown preset None"):
+        preset_config(None)  # type: ignore[arg-type]
+
+
+def test_build_network_names_a_config_that_is_not_one() -> None:
+    from scratchnn.runs import build_network
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match="build_network takes a RunConfig, got NoneType"):
+        build_network(None, rng)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown activation"):
+        build_network(RunConfig(activation="swish"), rng)  # unchecked configs are checked
+
+
 def test_confusion_matrix_refuses_labels_it_would_miscount() -> None:
     from scratchnn.runs import confusion_matrix
 

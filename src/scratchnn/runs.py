@@ -222,11 +222,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_config(name: str, **overrides: Any) -> RunConfig:
-    """The configuration of a preset, with ``overrides`` (None values ignored) applied."""
-    if name not in PRESETS:
+    """The configuration of a preset, with ``overrides`` (None values ignored) applied.
+
+    Raises ``ValueError`` naming an unknown preset, an unknown setting or the
+    first bad value, here rather than when the run starts.
+    """
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return RunConfig(**copy.deepcopy(settings))  # its lists are the caller's, not the preset's
+    return RunConfig.from_dict(copy.deepcopy(settings))  # lists the caller's, not the preset's
 
 
 def check_writable_directory(path: str | os.PathLike[str]) -> Path:
@@ -252,6 +256,9 @@ def build_network(
 
     ``n_in`` is the MLP's input size; a CNN takes (N, 1, 28, 28) images.
     """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"build_network takes a RunConfig, got {type(config).__name__}")
+    config.check()
     if config.model == "cnn":
         return cnn(
             rng=rng,

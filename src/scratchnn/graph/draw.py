@@ -345,6 +345,8 @@ def chain_drawing(
     Overflow and invalid values are allowed silently: showing where a chain
     breaks is part of the point. ``notes(i, node)`` may add a line under node ``i``.
     """
+    if not isinstance(chain, Chain):
+        raise TypeError(f"chain_drawing draws a Chain, got {type(chain).__name__}")
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         chain.forward(x)
         chain.backward(dout, steps=step)
@@ -546,6 +548,14 @@ def network_drawing(
     draws new Dropout masks and moves BatchNorm's running statistics (call
     ``net.eval()`` first to draw the network as it predicts).
     """
+    # Duck-typed: a user's own network class with a list of layers, a last_layer
+    # and a params dict draws as well as Sequential.
+    missing = [name for name in ("layers", "last_layer", "params") if not hasattr(net, name)]
+    if missing:
+        raise TypeError(
+            f"network_drawing draws a network with layers, last_layer and params "
+            f"(such as Sequential); {type(net).__name__} has no {', '.join(missing)}"
+        )
     values = [np.asarray(x)]
     for layer in net.layers:
         values.append(np.asarray(layer.forward(values[-1])))
