@@ -26,6 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import scratchnn as snn
+
 pytestmark = pytest.mark.parametrize("case", CASES, ids=str)
 
 
@@ -93,6 +95,14 @@ def test_numerical_gradient(case: Case) -> None:
         return float(np.sum(case.make().forward(values) * dout))
 
     np.testing.assert_allclose(dx, numerical_gradient(loss, x.copy()), rtol=1e-6, atol=1e-8)
+
+
+def test_check_layer_passes(case: Case) -> None:
+    # The library's own check, for learners, must pass every layer the suite trusts
+    # (tests/test_check_layer.py shows it failing the layers it should fail).
+    x = random_input(case, (3, 4), np.random.default_rng(3))
+    report = snn.check_layer(case.make(), x)
+    assert report.passed, str(report)
 
 
 def test_non_finite_inputs_match_torch(case: Case) -> None:

@@ -1,6 +1,6 @@
 """scratchnn: a NumPy neural-network library in the style of *Deep Learning from Scratch*."""
 
-from scratchnn.gradient_check import GradcheckResult, gradcheck
+from scratchnn.gradient_check import GradcheckResult, LayerCheck, check_layer, gradcheck
 from scratchnn.graph import (
     AddConstLayer,
     AddLayer,
@@ -54,6 +54,7 @@ __all__ = [
     "GradcheckResult",
     "Identity",
     "Layer",
+    "LayerCheck",
     "LeakyRelu",
     "Loss",
     "MaxPool2d",
@@ -71,6 +72,7 @@ __all__ = [
     "Softplus",
     "Tanh",
     "__version__",
+    "check_layer",
     "gradcheck",
     "mlp",
 ]
