@@ -173,6 +173,17 @@ def test_book_style_parameters_are_found_checked_and_put_back() -> None:
     failed = [f for f in check_layer(ForgetsdW(W, b), x).findings if not f.passed]
     assert [f.detail for f in failed] == ["no gradient for parameter W after backward"]
 
+    class SumsdbOverTheWrongAxis(BookAffine):
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            dx = super().backward(dout)
+            self.db = np.sum(dout, axis=1)
+            return dx
+
+    failed = [f for f in check_layer(SumsdbOverTheWrongAxis(W, b), x).findings if not f.passed]
+    assert [f.detail for f in failed] == ["the gradient of b has shape (4,), b (2,)"]
+    shapes = next(f for f in report.findings if f.check == "each gradient has its array's shape")
+    assert shapes.detail == "dx (4, 3), dW (3, 2), db (2,)"
+
 
 def test_the_layer_is_left_at_the_point_checked() -> None:
     rng = np.random.default_rng(5)

@@ -277,7 +277,8 @@ def check_layer(
     - that backward leaves ``dout`` as it was (the seed's ``Relu.backward``
       zeroes the caller's array);
     - that forward leaves its inputs as they were;
-    - that backward returns one gradient per input, each of its input's shape.
+    - that backward returns one gradient per input and leaves one per
+      parameter, each of its array's shape.
 
     The layer's parameters end bit for bit as they were, and so do running
     statistics in ``buffers``; the layer is left holding the forward and
@@ -294,7 +295,7 @@ def check_layer(
       ok    dx matches central differences: worst relative error ... at x[...]...
       ok    backward leaves dout as it was
       ok    forward leaves x as it was
-      ok    backward returns dx of x's shape (2, 2)
+      ok    each gradient has its array's shape: dx (2, 2)
     """
     if not all(callable(getattr(layer, name, None)) for name in ("forward", "backward")):
         raise TypeError(
@@ -410,12 +411,13 @@ def check_layer(
             "" if inputs_unchanged else "it wrote into its input",
         )
     )
+    shapes = {**dict(zip(names, xs)), **params}
     findings.append(
         Finding(
-            "backward returns "
-            + ", ".join(f"d{n} of {n}'s shape {x.shape}" for n, x in zip(names, xs)),
+            "each gradient has its array's shape",
             not shape_problems,
-            "; ".join(shape_problems),
+            "; ".join(shape_problems)
+            or ", ".join(f"d{name} {array.shape}" for name, array in shapes.items()),
         )
     )
     return LayerCheck(_layer_repr(layer), tuple(findings), gradients)
