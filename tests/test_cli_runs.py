@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,54 @@ def test_a_closed_pipe_ends_the_command_quietly() -> None:
     finally:
         os.close(write_end)
     assert done.returncode == 141 and done.stderr == ""
+
+
+WITHOUT_KERNELS = (
+    # A None in sys.modules makes the import fail as a missing extension module does.
+    "import sys; sys.modules['scratchnn._ckernels'] = None; "
+    "from scratchnn.cli import main; raise SystemExit(main(sys.argv[1:]))"
+)
+
+
+def test_version_says_whether_the_compiled_kernels_are_used() -> None:
+    def version(code: str, **env: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    # The version is the one pyproject.toml gives the package.
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    (number,) = re.findall(r'^version = "([^"]+)"$', pyproject, re.MULTILINE)
+    with_kernels = "import sys; from scratchnn.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    from scratchnn import _fused
+
+    if _fused.available():  # (SCRATCHNN_REQUIRE_KERNELS=0 runs the suite without them)
+        assert version(with_kernels, SCRATCHNN_KERNELS="") == f"scratchnn {number} (compiled kernels: on)"
+        assert version(with_kernels, SCRATCHNN_KERNELS="off") == (
+            f"scratchnn {number} (compiled kernels: off (SCRATCHNN_KERNELS=off))"
+        )
+    assert version(WITHOUT_KERNELS).startswith(
+        f"scratchnn {number} (compiled kernels: not built (import of scratchnn._ckernels halted"
+    )
+
+
+@needs_data
+def test_a_run_without_the_compiled_kernels_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_KERNELS, "train", *SMALL, "--epochs", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "note: compiled kernels not built (" in done.stdout
+    assert "the layers run their NumPy passes, several times slower" in done.stdout
 
 
 @needs_data

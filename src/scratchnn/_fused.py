@@ -34,11 +34,15 @@ import numpy as np
 
 from scratchnn import _buffers
 
+_LOAD_ERROR = ""  # why the kernels did not load, for status()
+
 
 def _load() -> ModuleType | None:
+    global _LOAD_ERROR
     try:
         from scratchnn import _ckernels  # type: ignore[attr-defined]
-    except ImportError:  # not built here (no compiler), or built for another machine
+    except ImportError as error:  # not built here (no compiler), or built for another machine
+        _LOAD_ERROR = str(error)
         return None
     return _ckernels
 
@@ -93,6 +97,19 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def available() -> bool:
     """Whether the compiled kernels were built and load on this machine."""
     return _MODULE is not None
+
+
+def status() -> str:
+    """Whether the layers use the compiled kernels, in words: ``on``, or why not.
+
+    Said by ``scratchnn --version``, and by ``scratchnn train`` when they are not
+    built, since a pip install without a C compiler succeeds silently.
+    """
+    if _MODULE is None:
+        return f"not built ({_LOAD_ERROR or 'no module'})"
+    if not ENABLED:
+        return f"off (SCRATCHNN_KERNELS={os.environ.get('SCRATCHNN_KERNELS', '')})"
+    return "on"
 
 
 # The outputs beyond ``out`` that a kernel writes, and the masks it reads

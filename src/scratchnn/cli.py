@@ -197,6 +197,16 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
     return 0
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``, printed as one line (argparse's own version action rewraps it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from scratchnn import _fused
+
+        print(f"scratchnn {__version__} (compiled kernels: {_fused.status()})")
+        parser.exit()
+
+
 def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     train = subparsers.add_parser(
         "train",
@@ -494,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="scratchnn: a NumPy neural-network library in the style of "
         "Deep Learning from Scratch.",
     )
-    parser.add_argument("--version", action="version", version=f"scratchnn {__version__}")
+    parser.add_argument(
+        "--version", action=_PrintVersion, nargs=0, help="show the version and whether the "
+        "compiled kernels are in use, and exit"
+    )
     subparsers = parser.add_subparsers(
         title="commands", dest="command", metavar="COMMAND", required=True
     )

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from scratchnn import _fused
 from scratchnn.backend import check_device, import_cupy, to_device
 from scratchnn.checkpoint import (
     CheckpointError,
@@ -362,6 +363,13 @@ def train_run(
         raise
     if resume:
         print(f"resuming {out} after epoch {len(history or [])} of {config.epochs}", file=stream)
+    if device == "cpu" and not _fused.available():
+        # A pip install without a C compiler succeeds without a word: say it where it shows.
+        print(
+            f"note: compiled kernels {_fused.status()}: the layers run their NumPy passes, "
+            "several times slower",
+            file=stream,
+        )
     # No file of what came before may outlive the training to come, or an interrupted run
     # would leave an older model for evaluate to score as if it were the latest. A new run
     # starts over; a resumed one keeps its checkpoint and history, which it continues.
