@@ -30,17 +30,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ]; then
+# A .venv whose python has no pip (an interrupted or failed creation) is made again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "setup: creating .venv"
-    python3 -m venv .venv
+    python3 -m venv --clear .venv
 fi
 spec="."
 if [ -n "$extras" ]; then spec=".[$extras]"; fi
 echo "setup: installing scratchnn${extras:+ with [$extras]} into .venv"
-# setuptools >= 70.1 (it builds wheels itself) in the venv too, so that the compiled
-# kernels can be rebuilt in place: pip install --no-deps --no-build-isolation -e .
+# The build's setuptools (>= 77: pyproject.toml's SPDX licence) in the venv too, so
+# that the compiled kernels can be rebuilt in place:
+# pip install --no-deps --no-build-isolation -e .
 status=0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" "setuptools>=70.1" \
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" "setuptools>=77" \
     2>&1 | grep -v "is ignored: it is neither a file nor a directory" || status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then
     echo "setup: pip failed (exit $status); see its messages above" >&2
