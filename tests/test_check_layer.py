@@ -171,7 +171,7 @@ def test_book_style_parameters_are_found_checked_and_put_back() -> None:
             return dx
 
     failed = [f for f in check_layer(ForgetsdW(W, b), x).findings if not f.passed]
-    assert [f.detail for f in failed] == ["no gradient for parameter W after backward"]
+    assert [f.detail for f in failed] == ["W has no dW after backward, so it was not checked"]
 
     class SumsdbOverTheWrongAxis(BookAffine):
         def backward(self, dout: np.ndarray) -> np.ndarray:
@@ -185,13 +185,15 @@ def test_book_style_parameters_are_found_checked_and_put_back() -> None:
     assert shapes.detail == "dx (4, 3), dW (3, 2), db (2,)"
 
 
-def test_the_layer_is_left_at_the_point_checked() -> None:
+def test_the_layer_given_is_not_changed() -> None:
+    # check_layer works on a copy: parameters, gradients and caches stay the caller's.
     rng = np.random.default_rng(5)
     W, b, x = rng.standard_normal((3, 2)), np.zeros(2), rng.standard_normal((4, 3))
     layer = snn.Affine(W, b)
-    dout = rng.standard_normal((4, 2))
-    check_layer(layer, x, dout=dout)
-    np.testing.assert_array_equal(layer.dW, x.T @ dout)
+    W_before = W.copy()
+    assert check_layer(layer, x).passed
+    assert layer.dW is None and layer.x is None and layer.W is W
+    assert np.array_equal(W, W_before)
 
 
 def test_running_statistics_end_as_they_were() -> None:
@@ -252,7 +254,7 @@ def test_arguments_it_cannot_check_are_refused() -> None:
         check_layer(snn.Tanh())
     with pytest.raises(ValueError, match="must be finite"):
         check_layer(snn.Tanh(), np.array([1.0, np.inf]))
-    with pytest.raises(ValueError, match="Dropout in training mode"):
+    with pytest.raises(ValueError, match="Dropout draws a new mask each forward"):
         check_layer(snn.Dropout(0.5, rng=np.random.default_rng(0)), x)
     dropout = snn.Dropout(0.5, rng=np.random.default_rng(0))
     dropout.training = False
@@ -265,3 +267,230 @@ def test_arguments_it_cannot_check_are_refused() -> None:
         check_layer(snn.Tanh(), x, h=0.0)
     with pytest.raises(TypeError, match="x must be a NumPy array or a number, got str"):
         check_layer(snn.Tanh(), "1.0")
+
+
+# -- what a learner's layer does that a check must not miss or misread --------------
+
+
+class LazyAffine:
+    """Affine whose dW and db first appear in backward, optionally wrong."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, factor: float = 1.0) -> None:
+        self.W, self.b, self.factor = W, b, factor
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return x @ self.W + self.b
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        self.dW = self.factor * self.x.T @ dout
+        self.db = self.factor * dout.sum(axis=0)
+        return dout @ self.W.T
+
+
+def test_parameters_whose_gradients_appear_only_in_backward_are_checked() -> None:
+    rng = np.random.default_rng(11)
+    W, b, x = rng.standard_normal((4, 3)), rng.standard_normal(3), rng.standard_normal((5, 4))
+    assert set(check_layer(LazyAffine(W, b), x).gradients) == {"x", "W", "b"}
+    report = check_layer(LazyAffine(W, b, factor=2.0), x)
+    assert not report.passed
+    assert report.gradients["W"].max_relative_error > 0.3
+
+
+def test_an_array_kept_without_its_gradient_is_named_not_skipped() -> None:
+    class LowerCase(LazyAffine):  # dw, not dW: W would go unchecked
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            dx = super().backward(dout)
+            self.dw = 5 * self.dW
+            del self.dW
+            return dx
+
+    rng = np.random.default_rng(12)
+    report = check_layer(LowerCase(rng.standard_normal((4, 3)), np.zeros(3)), rng.standard_normal((5, 4)))
+    failed = [f for f in report.findings if not f.passed]
+    assert [f.detail for f in failed] == ["W has no dW after backward, so it was not checked"]
+
+
+class MatMul:
+    """The sequel book's style: params and grads as lists, gradients written in place."""
+
+    def __init__(self, W: np.ndarray, factor: float = 1.0) -> None:
+        self.params, self.grads, self.factor = [W], [np.zeros_like(W)], factor
+        self.x: Any = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return x @ self.params[0]
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        self.grads[0][...] = self.factor * self.x.T @ dout
+        return dout @ self.params[0].T
+
+
+def test_the_sequels_params_and_grads_lists_are_checked() -> None:
+    rng = np.random.default_rng(13)
+    W, x = rng.standard_normal((4, 3)), rng.standard_normal((5, 4))
+    report = check_layer(MatMul(W), x)
+    assert report.passed and set(report.gradients) == {"x", "params[0]"}
+    assert not check_layer(MatMul(W, factor=5.0), x).passed
+
+
+def test_a_gradient_that_accumulates_is_found() -> None:
+    class Accumulates(LazyAffine):
+        def __init__(self, W: np.ndarray, b: np.ndarray) -> None:
+            super().__init__(W, b)
+            self.dW, self.db = np.zeros_like(W), np.zeros_like(b)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.dW += self.x.T @ dout  # never reset: right once, twice its value the next time
+            self.db += dout.sum(axis=0)
+            return dout @ self.W.T
+
+    rng = np.random.default_rng(14)
+    layer = Accumulates(rng.standard_normal((4, 3)), np.zeros(3))
+    report = check_layer(layer, rng.standard_normal((5, 4)))
+    failed = [f for f in report.findings if not f.passed]
+    assert [f.check for f in failed] == ["a second forward and backward give the same gradients"]
+    assert "does backward add to dW instead of setting it?" in failed[0].detail
+    assert not layer.dW.any()  # the layer given was not run
+
+
+def test_a_backward_that_updates_its_parameters_is_found() -> None:
+    class UpdatesInBackward(LazyAffine):
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            dx = super().backward(dout)
+            self.W -= 0.1 * self.dW
+            return dx
+
+    rng = np.random.default_rng(15)
+    W = rng.standard_normal((4, 3))
+    W_before = W.copy()
+    report = check_layer(UpdatesInBackward(W, np.zeros(3)), rng.standard_normal((5, 4)))
+    finding = next(f for f in report.findings if f.check.startswith("forward and backward leave"))
+    assert not finding.passed and finding.detail == "W changed (an update belongs to the optimiser)"
+    assert np.array_equal(W, W_before)
+
+
+def test_a_correct_layer_passes_every_time_it_is_checked() -> None:
+    class KeepsItsGradients(BookMulLayer):  # dx and dy as attributes too, as some write it
+        def backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.dx, self.dy = super().backward(dout)
+            return self.dx, self.dy
+
+    layer = KeepsItsGradients()
+    x, y = np.array([100.0, 150.0]), np.array([2.0, 3.0])
+    layer.forward(x, y)
+    layer.backward(np.ones(2))  # used before: its cached arrays are not parameters
+    for _ in range(2):
+        report = check_layer(layer, x, y)
+        assert report.passed, str(report)
+        assert set(report.gradients) == {"x0", "x1"}
+
+
+def test_a_forward_that_reuses_its_output_buffer_is_checked_correctly() -> None:
+    class ReusesOut:
+        def __init__(self) -> None:
+            self.out: Any = None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            if self.out is None or self.out.shape != x.shape:
+                self.out = np.empty_like(x)
+            np.tanh(x, out=self.out)
+            return self.out
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout * (1 - self.out**2)
+
+    assert check_layer(ReusesOut(), np.random.default_rng(16).standard_normal((2, 3))).passed
+
+
+class BookSoftmaxWithLoss:
+    """The book's SoftmaxWithLoss, whose backward takes dout=1 and ignores it."""
+
+    def forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        self.y, self.t = e / e.sum(axis=1, keepdims=True), t
+        return float(-np.mean(np.log(self.y[np.arange(len(x)), t] + 1e-7)))
+
+    def backward(self, dout: float = 1) -> np.ndarray:
+        dx = self.y.copy()
+        dx[np.arange(len(self.t)), self.t] -= 1
+        return dx / len(self.t)
+
+
+def test_a_loss_is_checked_with_the_books_dout_of_one() -> None:
+    x, t = np.random.default_rng(17).standard_normal((4, 10)), np.array([3, 0, 9, 3])
+    assert check_layer(BookSoftmaxWithLoss(), x, target=t).passed
+    with pytest.raises(TypeError, match="second input is its labels; pass them as target=t"):
+        check_layer(BookSoftmaxWithLoss(), x, t)  # forward(x, t)'s t, given as an input
+    with pytest.raises(TypeError, match="pass them as target=t"):
+        check_layer(snn.SoftmaxWithLoss(), x, t)
+
+
+def test_dropout_in_training_mode_is_refused_whatever_its_masks_happen_to_be() -> None:
+    class Dropout:  # the book's, which has no evaluation mode of its own
+        def __init__(self, ratio: float) -> None:
+            self.ratio, self.rng = ratio, np.random.default_rng(0)
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.mask = self.rng.random(x.shape) > self.ratio
+            return x * self.mask
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout * self.mask
+
+    x = np.random.default_rng(18).standard_normal((2, 3))
+    for seed in range(20):  # p = 0.1 on 6 elements: two masks often agree by chance
+        with pytest.raises(ValueError, match="Dropout draws a new mask"):
+            check_layer(snn.Dropout(0.1, rng=np.random.default_rng(seed)), x)
+    with pytest.raises(ValueError, match="Dropout draws a new mask"):
+        check_layer(Dropout(0.1), x)
+
+
+def test_what_backward_returns_that_is_not_a_gradient_is_named() -> None:
+    class ForgetsReturn:
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.out = np.tanh(x)
+            return self.out
+
+        def backward(self, dout: np.ndarray) -> None:
+            dout * (1 - self.out**2)
+
+    class ReturnsParamGradsToo(LazyAffine):
+        def backward(self, dout: np.ndarray) -> Any:
+            dx = super().backward(dout)
+            return dx, self.dW, self.db
+
+    class NoneForOne(BookMulLayer):
+        def backward(self, dout: np.ndarray) -> Any:
+            return dout * self.y, None
+
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal((5, 4))
+
+    def failures(report: Any) -> list[str]:
+        return [f.detail for f in report.findings if not f.passed]
+
+    assert failures(check_layer(ForgetsReturn(), x)) == [
+        "backward returned None (a forgotten `return dx`?)"
+    ]
+    assert failures(check_layer(ReturnsParamGradsToo(rng.standard_normal((4, 3)), np.zeros(3)), x)) == [
+        "backward returned 3 values for 1 input: return dx only (a layer keeps its "
+        "parameters' gradients, dW and db, on itself)"
+    ]
+    assert failures(check_layer(NoneForOne(), x, x)) == ["backward returned None for x1"]
+
+
+def test_seeds_and_inputs_that_are_not_numbers() -> None:
+    x = np.random.default_rng(20).standard_normal((2, 3))
+    assert check_layer(snn.Tanh(), x, rng=7).gradients == check_layer(
+        snn.Tanh(), x, rng=np.random.default_rng(7)
+    ).gradients
+    with pytest.raises(TypeError, match=r"rng must be a numpy\.random\.Generator or a seed"):
+        check_layer(snn.Tanh(), x, rng="seven")
+    with pytest.raises(TypeError, match="x must be a NumPy array or a number, got NoneType"):
+        check_layer(snn.Tanh(), None)
+    with pytest.raises(TypeError, match="x must be real numbers, got dtype complex128"):
+        check_layer(snn.Tanh(), np.array([1 + 5j]))
+    empty = check_layer(snn.Tanh(), np.zeros((0, 3)))
+    assert empty.passed and "x has no elements" in str(empty)

@@ -1,6 +1,6 @@
 """scratchnn: a NumPy neural-network library in the style of *Deep Learning from Scratch*."""
 
-from scratchnn.gradient_check import GradcheckResult, LayerCheck, check_layer, gradcheck
+from scratchnn.gradient_check import GradcheckResult, gradcheck
 from scratchnn.graph import (
     AddConstLayer,
     AddLayer,
@@ -10,6 +10,7 @@ from scratchnn.graph import (
     MulLayer,
     ReciprocalLayer,
 )
+from scratchnn.layer_check import LayerCheck, check_layer
 from scratchnn.layers import (
     Affine,
     AvgPool2d,
