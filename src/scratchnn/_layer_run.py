@@ -1,0 +1,652 @@
+"""The run behind :func:`scratchnn.check_layer`: a copy of the layer, driven as each check
+needs it, and the numerical comparison of its gradients."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from scratchnn.gradient_check import GradcheckResult
+from scratchnn.layer_check import Finding, LayerCheck, _input_copy
+
+# Central differences agree with an exact gradient to about eps * sum|y * dout| / h
+# absolute; the floor of the relative error's denominator is that noise times this
+# factor over the tolerance, so rounding alone never fails a gradient near zero.
+NOISE_MARGIN = 100
+# An element where the slopes from the left and from the right differ by more than
+# this (relatively) sits on a kink (ReLU's 0, a tie in a max): no derivative to compare.
+KINK = 1e-2
+
+
+def _is_layer(value: Any) -> bool:
+    return callable(getattr(value, "forward", None)) and callable(getattr(value, "backward", None))
+
+
+class Run:
+    """The copy of the layer, run as the checks need it."""
+
+    def __init__(
+        self,
+        layer: Any,
+        fresh: Any,
+        target: Any,
+        forward_kwargs: dict[str, Any],
+        names: list[str],
+        xs: list[np.ndarray],
+    ) -> None:
+        self.layer = layer
+        self.fresh = fresh  # never run until the repeat check, to compare with
+        self.notes: list[str] = []
+        self.target = target
+        self.kwargs = forward_kwargs
+        self.names = names
+        self.xs = xs
+        self.differentiated = [x.dtype.kind == "f" for x in xs]
+        # Float attributes become 0-d arrays, so that a parameter such as PReLU's
+        # slope can be moved in place like any array.
+        self.scalars = [
+            name
+            for name, value in vars(layer).items()
+            if isinstance(value, (float, np.floating)) and not isinstance(value, bool)
+        ]
+        for copy_ in (layer, fresh):
+            for name in self.scalars:
+                setattr(copy_, name, np.array(getattr(copy_, name), dtype=np.float64))
+
+    # What the layer holds --------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            name: value
+            for name, value in vars(self.layer).items()
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+        }
+
+    def declared(self) -> tuple[dict[str, np.ndarray], list[Any] | None]:
+        """Parameters the layer names itself: scratchnn's dict or the sequel's list."""
+        params = getattr(self.layer, "params", None)
+        if isinstance(params, dict):
+            items, grads = list(params.items()), None
+        elif isinstance(params, (list, tuple)):
+            items = [(f"params[{i}]", array) for i, array in enumerate(params)]
+            grads = getattr(self.layer, "grads", None)
+            grads = list(grads) if isinstance(grads, (list, tuple)) else None
+        else:
+            return {}, None
+        declared = {}
+        for key, array in items:
+            if not isinstance(array, np.ndarray):
+                continue  # a hyperparameter kept beside the arrays (lr, momentum)
+            if array.dtype != np.float64:
+                raise ValueError(
+                    f"check_layer: parameter {key} is {array.dtype}; build the layer in float64 "
+                    "(central differences in float32 have no digits left)"
+                )
+            declared[key] = array
+        return declared, grads
+
+    def current_grad(self, key: str) -> np.ndarray | None:
+        grads = getattr(self.layer, "grads", None)
+        if key.startswith("params["):
+            i = int(key[7:-1])
+            g = grads[i] if isinstance(grads, (list, tuple)) and i < len(grads) else None
+        elif isinstance(grads, dict):
+            g = grads.get(key)
+        else:
+            g = getattr(self.layer, "d" + key, None)
+        return None if g is None else np.array(g, dtype=np.float64)
+
+    # Forward and backward ---------------------------------------------------------------
+
+    def call_forward_with(self, given: list[np.ndarray]) -> Any:
+        # A copy of the labels, as of the inputs: a loss that writes into them must
+        # change neither the caller's nor the next call's.
+        labels = () if self.target is None else (copy.deepcopy(self.target),)
+        return self.layer.forward(*given, *labels, **self.kwargs)
+
+    def forward(self, xs: list[np.ndarray]) -> np.ndarray:
+        # Fresh inputs in (a forward that writes into them must not move the point
+        # checked) and a copy out (one that reuses its output buffer must not make
+        # every difference zero).
+        return np.array(self.call_forward_with([x.copy() for x in xs]), dtype=np.float64)
+
+    def gradients(self, returned: Any) -> tuple[list[np.ndarray | None] | None, list[str]]:
+        """backward's result as one gradient per input (None for integer inputs)."""
+        n_float = sum(self.differentiated)
+        if returned is None:
+            if n_float == 0:
+                return [None] * len(self.xs), []
+            return None, ["backward returned None (a forgotten `return dx`?)"]
+        several = isinstance(returned, (tuple, list))
+        values = list(returned) if several else [returned]
+        if len(self.xs) == 1 and several:
+            if len(values) == 1:
+                return None, [f"backward returned a {type(returned).__name__} (dx,): return dx itself"]
+            return None, [
+                f"backward returned {len(values)} values for 1 input: return dx only "
+                "(a layer keeps its parameters' gradients, dW and db, on itself)"
+            ]
+        if len(values) == n_float < len(self.xs):  # gradients of the float inputs only
+            it = iter(values)
+            values = [next(it) if f else None for f in self.differentiated]
+        if len(values) != len(self.xs):
+            noun = "gradient" if len(values) == 1 else "gradients"
+            hint = (
+                f" (if {self.names[-1]} is the labels, pass it as target=)"
+                if len(values) == len(self.xs) - 1
+                else ""
+            )
+            return None, [f"backward returned {len(values)} {noun} for {len(self.xs)} inputs{hint}"]
+        grads: list[np.ndarray | None] = []
+        problems = []
+        for name, x, g, float_input in zip(self.names, self.xs, values, self.differentiated):
+            if not float_input:
+                grads.append(None)
+                continue
+            if g is None:
+                problems.append(f"backward returned None for {name}")
+                grads.append(None)
+                continue
+            array = np.array(g, dtype=np.float64)
+            if array.shape != x.shape:
+                problems.append(f"d{name} has shape {array.shape}, {name} {x.shape}")
+            grads.append(array)
+        return grads, problems
+
+    # The checks --------------------------------------------------------------------------
+
+    def check(
+        self,
+        dout: Any,
+        h: float,
+        tolerance: float,
+        max_per_array: int | None,
+        rng: np.random.Generator,
+        shown_as: str,
+    ) -> LayerCheck:
+        layer, names, xs = self.layer, self.names, self.xs
+        declared, _ = self.declared()
+        before = {name: array.copy() for name, array in self.arrays().items()}
+        before.update({key: array.copy() for key, array in declared.items()})
+
+        given = [x.copy() for x in xs]
+        raw = self.call_forward_with(given)
+        problem = _output_problem(raw)
+        if problem:
+            return LayerCheck(shown_as, (Finding("forward returns the layer's output", False, problem),), {})
+        out = np.array(raw, dtype=np.float64)
+        if not any(self.differentiated) and isinstance(raw, np.ndarray) and raw.dtype.kind in "biu":
+            raise ValueError(
+                "check_layer: nothing to differentiate: the inputs are integers (indices or "
+                "labels, not differentiated) and the output too; give float inputs"
+            )
+        if isinstance(raw, np.ndarray) and raw.dtype != np.float64:
+            raise ValueError(
+                f"check_layer: forward gave {raw.dtype} for float64 inputs; the check needs "
+                "float64 throughout"
+            )
+        written = [n for n, a, b in zip(names, given, xs) if not np.array_equal(a, b)]
+        first = {name: array.copy() for name, array in self.arrays().items()}
+        # References, not ids: a freed array's id is soon another array's.
+        first_arrays = self.arrays()
+        self._require_one_function(out, first, first_arrays)
+        # What a later forward rebinds is a cache (x, out), never a parameter.
+        caches = {n for n, a in self.arrays().items() if first_arrays.get(n) is not a}
+        upstream = self._upstream(dout, out, rng)
+
+        given = [x.copy() for x in xs]
+        returned_output = self.call_forward_with(given)  # what the next layer would hold
+        kept_output = np.array(returned_output, dtype=np.float64)
+        given_at_backward = [g.copy() for g in given]
+        at_backward = {name: array.copy() for name, array in self.arrays().items()}
+        held = self.arrays()
+        declared_now, grads_now = self.declared()
+        grads_held = list(grads_now) if grads_now is not None else None
+        passed_dout = upstream.copy()
+        grads, problems = self.gradients(layer.backward(passed_dout))
+        dout_changed = int(np.count_nonzero(passed_dout != upstream))
+        written += [
+            f"{n} (by backward)"
+            for n, a, b in zip(names, given, given_at_backward)
+            if not np.array_equal(a, b)
+        ]
+        output_changed = not np.array_equal(
+            np.array(returned_output, dtype=np.float64), kept_output, equal_nan=True
+        )
+
+        params, param_grads, replaced, notes = self._parameters(
+            declared_now, grads_held, caches, held, before
+        )
+        problems += [f"no gradient for parameter {k} after backward" for k, g in param_grads.items() if g is None]
+        problems += [
+            f"the gradient of {k} has shape {g.shape}, {k} {params[k].shape}"
+            for k, g in param_grads.items()
+            if g is not None and g.shape != params[k].shape
+        ]
+        problems += [r for r in replaced if r.startswith("backward replaced grads")]
+        changed = [
+            f"{k} changed" for k in params if k in before and not np.array_equal(params[k], before[k])
+        ]
+        changed += [
+            f"{k} changed" for k in params
+            if k not in before and k in at_backward and not np.array_equal(params[k], at_backward[k])
+        ]
+        changed += [r for r in replaced if not r.startswith("backward replaced grads")]
+        self._put_back(params, before, at_backward, replaced, declared_now)
+
+        repeat = self._repeat(upstream, grads, params, before, at_backward, rng)
+        self._put_back(params, before, at_backward, replaced, declared_now)
+        if not any(self.differentiated) and not params:
+            raise ValueError(
+                "check_layer: nothing to differentiate: the inputs are integers (indices or "
+                "labels, not differentiated) and the layer has no parameters; give float inputs"
+            )
+
+        gradients: dict[str, GradcheckResult] = {}
+        findings: list[Finding] = []
+        if not problems and grads is not None:
+            noise = float(np.finfo(np.float64).eps * np.sum(np.abs(out * upstream)) / h)
+            floor = max(1e-5, NOISE_MARGIN * noise / tolerance)
+            arrays = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
+            arrays.update(params)
+            analytic = {n: g for n, g in zip(names, grads) if g is not None}
+            analytic.update({k: g for k, g in param_grads.items() if g is not None})
+            for key, array in arrays.items():
+                result, kinks = _compare(
+                    key, array, analytic[key], lambda: self.forward(xs), out, upstream,
+                    h, floor, tolerance, max_per_array, rng,
+                )
+                gradients[key] = result
+                findings.append(_gradient_finding(key, result, kinks, tolerance))
+
+        shapes = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
+        shapes.update(params)
+        findings.append(
+            Finding(
+                "each gradient is there, with its array's shape",
+                not problems,
+                "; ".join(problems) or ", ".join(f"d{k} {a.shape}" for k, a in shapes.items()),
+            )
+        )
+        findings.append(
+            Finding("after earlier use, the gradients match a fresh layer's", not repeat, "; ".join(repeat))
+        )
+        findings.append(
+            Finding(
+                "backward leaves dout as it was",
+                not dout_changed,
+                f"it wrote into dout ({dout_changed} of {upstream.size} elements changed)"
+                if dout_changed
+                else "",
+            )
+        )
+        what = " and ".join(names) + (" as it was" if len(names) == 1 else " as they were")
+        findings.append(
+            Finding(
+                f"forward and backward leave {what}",
+                not written,
+                ("wrote into " + ", ".join(written)) if written else "",
+            )
+        )
+        findings.append(
+            Finding(
+                "backward leaves forward's output as it was",
+                not output_changed,
+                "it wrote into the array forward returned (which the next layer holds)"
+                if output_changed
+                else "",
+            )
+        )
+        if params or changed:
+            findings.append(
+                Finding(
+                    "forward and backward leave the parameters as they were",
+                    not changed,
+                    "; ".join(changed) + (" (an update belongs to the optimiser)" if changed else ""),
+                )
+            )
+        return LayerCheck(shown_as, tuple(findings), gradients, tuple(self.notes + notes))
+
+    def _require_one_function(
+        self, out: np.ndarray, values: dict[str, np.ndarray], arrays: dict[str, np.ndarray]
+    ) -> None:
+        for _ in range(2):
+            if not np.array_equal(self.forward(self.xs), out, equal_nan=True):
+                # Kept arrays (not rebound) whose values forward changed: W *= 0.999.
+                moved = [
+                    name
+                    for name, array in self.arrays().items()
+                    if arrays.get(name) is array
+                    and not np.array_equal(array, values[name], equal_nan=True)
+                ]
+                why = (
+                    f"forward changes what the layer keeps ({', '.join(moved)})"
+                    if moved
+                    else "forward draws random numbers or changes the layer's state"
+                )
+                raise ValueError(
+                    f"check_layer: forward gave two different results for the same input: {why}, "
+                    "so there is no one function to differentiate"
+                )
+
+    def _upstream(self, dout: Any, out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if dout is not None:
+            upstream = _input_copy(dout, "dout").astype(np.float64)
+            if upstream.shape != out.shape:
+                raise ValueError(
+                    f"check_layer: dout has shape {upstream.shape}, the layer's output {out.shape}"
+                )
+            return upstream
+        is_loss = self.target is not None or not all(self.differentiated)  # it has labels
+        if out.ndim == 0 and is_loss:  # the book's backward(dout=1)
+            return np.ones((), dtype=np.float64)
+        return rng.standard_normal(out.shape)
+
+    def _parameters(
+        self,
+        declared: dict[str, np.ndarray],
+        grads_held: list[Any] | None,
+        caches: set[str],
+        held: dict[str, np.ndarray],
+        before: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None], list[str], list[str]]:
+        """After backward: the parameters, their gradients, what backward rebound, and notes."""
+        layer = self.layer
+        if isinstance(getattr(layer, "params", None), (dict, list, tuple)):
+            replaced = []
+            params_now = layer.params
+            if isinstance(params_now, (list, tuple)):
+                for i, key in enumerate(declared):
+                    if i < len(params_now) and params_now[i] is not declared[key]:
+                        replaced.append(f"backward replaced {key}")
+            grads_after = getattr(layer, "grads", None)
+            if grads_held is not None and isinstance(grads_after, (list, tuple)):
+                for i, old in enumerate(grads_held):
+                    if i < len(grads_after) and grads_after[i] is not old:
+                        replaced.append(
+                            f"backward replaced grads[{i}] instead of writing into it "
+                            f"(grads[{i}][...] = ...; the optimiser holds the old array)"
+                        )
+            declared_grads = {key: self.current_grad(key) for key in declared}
+            return dict(declared), declared_grads, replaced, self._inner_layer_notes(declared)
+        attributes = vars(layer)
+        gradient_names = {n for n in attributes if n[:1] == "d" and n[1:] in attributes}
+        params: dict[str, np.ndarray] = {}
+        param_grads: dict[str, np.ndarray | None] = {}
+        replaced, constants, rebound = [], [], []
+        for name, array in self.arrays().items():
+            if name in gradient_names or name not in held:
+                continue  # a gradient, or something backward made
+            has_gradient = ("d" + name) in attributes  # set, or still None: forgotten
+            if name in caches:
+                # Rebound by each forward: a cache such as x, unless it holds no input (a
+                # parameter reshaped in forward, which the check cannot move).
+                if has_gradient and not any(
+                    array.shape == x.shape and np.array_equal(array, x) for x in self.xs
+                ):
+                    rebound.append(name)
+                continue
+            partner = attributes.get("d" + name)
+            if held[name] is not array:
+                if partner is not None:
+                    replaced.append(f"backward replaced {name}")  # W = W - lr * dW in backward
+                continue
+            if not has_gradient:
+                # A constant (a fixed scale) is as it was before the first forward; state
+                # that forward writes into (running statistics, an output buffer) is not.
+                if name not in self.scalars and name in before and np.array_equal(array, before[name]):
+                    constants.append(name)
+                continue
+            if array.dtype != np.float64:
+                raise ValueError(
+                    f"check_layer: parameter {name} is {array.dtype}; build the layer in float64 "
+                    "(central differences in float32 have no digits left)"
+                )
+            params[name] = array
+            param_grads[name] = None if partner is None else np.array(partner, dtype=np.float64)
+        notes = self._inner_layer_notes(params)
+        if constants:
+            notes.append(
+                ", ".join(f"{n} has no d{n}" for n in constants) + ": taken as constant, not checked"
+            )
+        if rebound:
+            notes.append(
+                ", ".join(rebound)
+                + " rebound by each forward (a reshape?), so not checked: keep the parameter "
+                "as it is and reshape into a local variable"
+            )
+        return params, param_grads, replaced, notes
+
+    def _inner_layer_notes(self, checked: dict[str, np.ndarray]) -> list[str]:
+        """Layers held inside this one whose arrays were not among those checked (the
+        sequel's composite layers share theirs through params, and are checked)."""
+        checked_ids = {id(array) for array in checked.values()}
+
+        def unchecked(inner: Any) -> bool:
+            params = getattr(inner, "params", None)
+            arrays = (
+                list(params.values())
+                if isinstance(params, dict)
+                else list(params)
+                if isinstance(params, (list, tuple))
+                else [v for v in vars(inner).values() if isinstance(v, np.ndarray)]
+            )
+            return any(isinstance(a, np.ndarray) and id(a) not in checked_ids for a in arrays)
+
+        notes = []
+        for name, value in vars(self.layer).items():
+            if _is_layer(value) and unchecked(value):
+                notes.append(
+                    f"{name} is a layer inside this one: its parameters are not checked here; "
+                    "check it alone"
+                )
+            elif isinstance(value, (list, tuple)) and any(
+                _is_layer(v) and unchecked(v) for v in value
+            ):
+                notes.append(
+                    f"{name} holds layers: their parameters are not checked here; check each alone"
+                )
+        return notes
+
+    def _put_back(
+        self,
+        params: dict[str, np.ndarray],
+        before: dict[str, np.ndarray],
+        at_backward: dict[str, np.ndarray],
+        replaced: list[str],
+        declared: dict[str, np.ndarray],
+    ) -> None:
+        """Parameters back to the values forward used; rebound ones back to their arrays."""
+        for key, array in params.items():
+            value = before.get(key, at_backward.get(key))
+            if value is not None and not np.array_equal(array, value):
+                array[...] = value
+        params_list = getattr(self.layer, "params", None)
+        if isinstance(params_list, list):
+            for i, key in enumerate(declared):
+                if i < len(params_list):
+                    params_list[i] = declared[key]
+
+    def _repeat(
+        self,
+        upstream: np.ndarray,
+        grads: list[np.ndarray | None] | None,
+        params: dict[str, np.ndarray],
+        before: dict[str, np.ndarray],
+        at_backward: dict[str, np.ndarray],
+        rng: np.random.Generator,
+    ) -> list[str]:
+        """Forward and backward at another input, by this used copy and by a fresh one;
+        what differs (a dW += never reset, a cache filled once and kept)."""
+        if grads is None:
+            return []
+        # The inputs' own values shuffled, and moved a little: inside the layer's domain
+        # (a log's positive inputs stay positive), but with signs and maxima elsewhere.
+        elsewhere = [
+            rng.permutation(x.ravel()).reshape(x.shape) * (1 + 0.1 * rng.standard_normal(x.shape))
+            if float_input
+            else x
+            for x, float_input in zip(self.xs, self.differentiated)
+        ]
+        used = self.layer
+        results = []
+        for layer in (self.fresh, used):
+            self.layer = layer
+            try:
+                self.forward(elsewhere)
+                if layer is self.fresh:
+                    # Weights drawn at the first forward (np.random, unseeded) differ between
+                    # the copies: the fresh one gets the used one's, then runs again.
+                    for key, array in params.items():
+                        mine = _param_array(layer, key)
+                        if isinstance(mine, np.ndarray) and mine.shape == array.shape:
+                            mine[...] = array
+                    self.forward(elsewhere)
+                dxs, _ = self.gradients(layer.backward(upstream.copy()))
+                results.append((dxs, {key: self.current_grad(key) for key in params}))
+            finally:
+                self.layer = used
+        self._put_back(params, before, at_backward, [], {})
+        (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results
+        differ = []
+        if fresh_dxs is not None and used_dxs is not None:
+            differ += [
+                f"d{name} differs (a cache that forward fills once and not again?)"
+                for name, first, second in zip(self.names, fresh_dxs, used_dxs)
+                if first is not None
+                and second is not None
+                and not np.array_equal(first, second, equal_nan=True)
+            ]
+        for key in params:
+            first, second = fresh_grads[key], used_grads[key]
+            if first is not None and second is not None and not np.array_equal(
+                first, second, equal_nan=True
+            ):
+                differ.append(f"d{key} differs (does backward add to d{key} instead of setting it?)")
+        return differ
+
+
+def _param_array(layer: Any, key: str) -> Any:
+    """Parameter ``key`` of ``layer`` as check_layer names it (``W``, ``params[0]``)."""
+    params = getattr(layer, "params", None)
+    if key.startswith("params[") and isinstance(params, (list, tuple)):
+        i = int(key[7:-1])
+        return params[i] if i < len(params) else None
+    if isinstance(params, dict):
+        return params.get(key)
+    return getattr(layer, key, None)
+
+
+def _output_problem(raw: Any) -> str:
+    if raw is None:
+        return "forward returned None (a forgotten `return out`?)"
+    if isinstance(raw, (tuple, list)):
+        return (
+            f"forward returned a {type(raw).__name__} of {len(raw)} values; return only the "
+            "output and keep what backward needs on the layer (layers with several outputs "
+            "are not supported)"
+        )
+    try:
+        np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        return f"forward returned a {type(raw).__name__}, not an array or a number"
+    return ""
+
+
+def _compare(
+    key: str,
+    array: np.ndarray,
+    analytic: np.ndarray,
+    output: Callable[[], np.ndarray],
+    center: np.ndarray,
+    upstream: np.ndarray,
+    h: float,
+    floor: float,
+    tolerance: float,
+    max_elements: int | None,
+    rng: np.random.Generator,
+) -> tuple[GradcheckResult, list[tuple[int, ...]]]:
+    """The worst element of ``array``'s gradient against central differences, and the
+    elements on kinks, skipped.
+
+    Where the slopes from either side differ, the step is halved: a kink's jump stays,
+    curvature's difference halves (then Richardson's ``(4 D(h/2) - D(h)) / 3`` is the
+    derivative, to h**4); so it is where the plain difference misses the tolerance.
+    """
+
+    def weigh(difference: np.ndarray) -> float:
+        # Differences weighted after subtracting: outputs that do not depend on the moved
+        # element cancel exactly instead of adding their rounding noise.
+        return float(np.sum(difference * upstream))
+
+    def outputs_at(index: tuple[int, ...], saved: Any, step: float) -> tuple[np.ndarray, np.ndarray]:
+        array[index] = saved + step
+        upper = output()
+        array[index] = saved - step
+        lower = output()
+        array[index] = saved
+        return upper, lower
+
+    flat_indices = np.arange(array.size)
+    if max_elements is not None and array.size > max_elements:
+        flat_indices = rng.choice(array.size, size=max_elements, replace=False)
+    eps = float(np.finfo(np.float64).eps)
+    worst = GradcheckResult(0.0, key, (), 0.0, 0.0, 0)
+    kinks: list[tuple[int, ...]] = []
+    checked = 0
+    for flat in flat_indices:
+        index = tuple(int(i) for i in np.unravel_index(int(flat), array.shape))
+        saved = array[index].copy()
+        upper, lower = outputs_at(index, saved, h)
+        right, left = weigh(upper - center) / h, weigh(center - lower) / h
+        numeric = weigh(upper - lower) / (2 * h)
+        exact = float(analytic[index])
+        error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
+        # The rounding noise of one-sided slopes, from the outputs this element moved.
+        moved = (upper != center) | (lower != center)
+        noise = 8 * eps * float(np.sum(np.abs(center * upstream)[moved])) / h
+        jump = abs(right - left)
+        if jump > KINK * (abs(right) + abs(left)) + noise or not error < tolerance:
+            upper2, lower2 = outputs_at(index, saved, h / 2)
+            right2, left2 = weigh(upper2 - center) / (h / 2), weigh(center - lower2) / (h / 2)
+            if jump > KINK * (abs(right) + abs(left)) + noise and abs(right2 - left2) > 0.75 * jump:
+                kinks.append(index)
+                continue
+            refined = (4 * weigh(upper2 - lower2) / h - numeric) / 3
+            refined_error = abs(exact - refined) / max(abs(exact) + abs(refined), floor)
+            if refined_error < error or np.isnan(error):
+                numeric, error = refined, refined_error
+        checked += 1
+        if not np.isnan(worst.max_relative_error) and (
+            np.isnan(error) or error >= worst.max_relative_error
+        ):
+            worst = GradcheckResult(error, key, index, exact, numeric, 0)
+    return GradcheckResult(
+        worst.max_relative_error, key, worst.index, worst.analytic, worst.numeric, checked
+    ), kinks
+
+
+def _gradient_finding(
+    key: str, result: GradcheckResult, kinks: list[tuple[int, ...]], tolerance: float
+) -> Finding:
+    check = f"d{key} matches central differences"
+    skipped = ""
+    if kinks:
+        shown = ", ".join(f"{key}{list(k)}" for k in kinks[:3]) + (", ..." if len(kinks) > 3 else "")
+        skipped = (
+            f"; {len(kinks)} on a kink skipped ({shown}: the slopes from either side differ, "
+            "so there is no derivative; move the input away from it)"
+        )
+    if result.checked == 0:
+        if kinks:
+            return Finding(check, False, "every element checked sits on a kink" + skipped)
+        return Finding(check, True, f"{key} has no elements")
+    return Finding(
+        check,
+        result.max_relative_error < tolerance,  # NaN fails
+        f"worst relative error {result.max_relative_error:.2e} at {key}{list(result.index)} "
+        f"(backprop {result.analytic:.10g}, numerical {result.numeric:.10g})" + skipped,
+    )
