@@ -4,6 +4,7 @@ needs it, and the numerical comparison of its gradients."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,12 +14,15 @@ from scratchnn.gradient_check import GradcheckResult
 from scratchnn.layer_check import Finding, LayerCheck, _input_copy
 
 # Central differences agree with an exact gradient to about eps * sum|y * dout| / h
-# absolute; the floor of the relative error's denominator is that noise times this
-# factor over the tolerance, so rounding alone never fails a gradient near zero.
+# absolute, summed over the outputs an element moves; the floor of the relative
+# error's denominator is that noise times this factor over the tolerance, so rounding
+# alone never fails a gradient near zero.
 NOISE_MARGIN = 100
-# An element where the slopes from the left and from the right differ by more than
-# this (relatively) sits on a kink (ReLU's 0, a tie in a max): no derivative to compare.
+# Slopes from the left and from the right that differ by more than this (relatively,
+# beyond their rounding noise) are looked at with a halved step, at most MAX_HALVINGS
+# times: a kink (ReLU's 0, a tie in a max) keeps its jump, curvature halves it.
 KINK = 1e-2
+MAX_HALVINGS = 10
 
 
 def _is_layer(value: Any) -> bool:
@@ -47,14 +51,32 @@ class Run:
         self.differentiated = [x.dtype.kind == "f" for x in xs]
         # Float attributes become 0-d arrays, so that a parameter such as PReLU's
         # slope can be moved in place like any array.
-        self.scalars = [
-            name
-            for name, value in vars(layer).items()
-            if isinstance(value, (float, np.floating)) and not isinstance(value, bool)
-        ]
+        self.scalars = self._float_parameters()
         for copy_ in (layer, fresh):
             for name in self.scalars:
                 setattr(copy_, name, np.array(getattr(copy_, name), dtype=np.float64))
+
+    def _float_parameters(self) -> list[str]:
+        """Float attributes beside a gradient (PReLU's ``a`` and ``da``), found by one pass
+        of a throwaway copy; they become 0-d arrays, which the check can move in place.
+        Other floats (hyperparameters) stay as they are."""
+        floats = [
+            name
+            for name, value in vars(self.layer).items()
+            if isinstance(value, (float, np.floating)) and not isinstance(value, bool)
+        ]
+        if not floats:
+            return []
+        probe = copy.deepcopy(self.fresh)
+        labels = () if self.target is None else (copy.deepcopy(self.target),)
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = probe.forward(*(x.copy() for x in self.xs), *labels, **self.kwargs)
+                probe.backward(np.ones_like(np.asarray(out, dtype=np.float64)))
+        except Exception:  # the check itself will say what is wrong
+            return []
+        return [name for name in floats if getattr(probe, "d" + name, None) is not None]
 
     # What the layer holds --------------------------------------------------------------
 
@@ -183,7 +205,7 @@ class Run:
                 "check_layer: nothing to differentiate: the inputs are integers (indices or "
                 "labels, not differentiated) and the output too; give float inputs"
             )
-        if isinstance(raw, np.ndarray) and raw.dtype != np.float64:
+        if isinstance(raw, (np.ndarray, np.generic)) and raw.dtype != np.float64:
             raise ValueError(
                 f"check_layer: forward gave {raw.dtype} for float64 inputs; the check needs "
                 "float64 throughout"
@@ -247,9 +269,14 @@ class Run:
 
         gradients: dict[str, GradcheckResult] = {}
         findings: list[Finding] = []
+        # A random scalar dout is a factor a backward that ignores dout is wrong by: say it.
+        dout_shown = (
+            f" with dout = {float(upstream):.6g} (random: a scalar output without labels; "
+            "give dout=1 if this is a loss)"
+            if dout is None and upstream.ndim == 0 and float(upstream) != 1.0
+            else ""
+        )
         if not problems and grads is not None:
-            noise = float(np.finfo(np.float64).eps * np.sum(np.abs(out * upstream)) / h)
-            floor = max(1e-5, NOISE_MARGIN * noise / tolerance)
             arrays = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
             arrays.update(params)
             analytic = {n: g for n, g in zip(names, grads) if g is not None}
@@ -257,10 +284,10 @@ class Run:
             for key, array in arrays.items():
                 result, kinks = _compare(
                     key, array, analytic[key], lambda: self.forward(xs), out, upstream,
-                    h, floor, tolerance, max_per_array, rng,
+                    h, tolerance, max_per_array, rng,
                 )
                 gradients[key] = result
-                findings.append(_gradient_finding(key, result, kinks, tolerance))
+                findings.append(_gradient_finding(key, result, kinks, tolerance, dout_shown))
 
         shapes = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
         shapes.update(params)
@@ -370,21 +397,47 @@ class Run:
                             f"backward replaced grads[{i}] instead of writing into it "
                             f"(grads[{i}][...] = ...; the optimiser holds the old array)"
                         )
-            declared_grads = {key: self.current_grad(key) for key in declared}
-            return dict(declared), declared_grads, replaced, self._inner_layer_notes(declared)
+            declared_grads: dict[str, np.ndarray | None] = {
+                key: self.current_grad(key) for key in declared
+            }
+            # Arrays kept book-style beside the declared ones (a bias added to the
+            # sequel's MatMul, W and b under an empty params list) are checked too.
+            extra, extra_grads, extra_replaced, extra_notes = self._book_style(
+                caches, held, before, {id(a) for a in declared.values()}
+            )
+            params = {**declared, **extra}
+            return (
+                params,
+                {**declared_grads, **extra_grads},
+                replaced + extra_replaced,
+                self._inner_layer_notes(params) + extra_notes,
+            )
+        params, param_grads, replaced, notes = self._book_style(caches, held, before, set())
+        return params, param_grads, replaced, self._inner_layer_notes(params) + notes
+
+    def _book_style(
+        self,
+        caches: set[str],
+        held: dict[str, np.ndarray],
+        before: dict[str, np.ndarray],
+        declared_ids: set[int],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None], list[str], list[str]]:
+        """Parameters as the book keeps them: an array W beside a dW that backward sets.
+        Constants are noted only where the layer declares no parameters of its own."""
+        layer = self.layer
         attributes = vars(layer)
         gradient_names = {n for n in attributes if n[:1] == "d" and n[1:] in attributes}
         params: dict[str, np.ndarray] = {}
         param_grads: dict[str, np.ndarray | None] = {}
         replaced, constants, rebound = [], [], []
         for name, array in self.arrays().items():
-            if name in gradient_names or name not in held:
-                continue  # a gradient, or something backward made
+            if name in gradient_names or name not in held or id(array) in declared_ids:
+                continue  # a gradient, something backward made, or a declared parameter
             has_gradient = ("d" + name) in attributes  # set, or still None: forgotten
             if name in caches:
                 # Rebound by each forward: a cache such as x, unless it holds no input (a
                 # parameter reshaped in forward, which the check cannot move).
-                if has_gradient and not any(
+                if has_gradient and name in before and not any(
                     array.shape == x.shape and np.array_equal(array, x) for x in self.xs
                 ):
                     rebound.append(name)
@@ -397,7 +450,12 @@ class Run:
             if not has_gradient:
                 # A constant (a fixed scale) is as it was before the first forward; state
                 # that forward writes into (running statistics, an output buffer) is not.
-                if name not in self.scalars and name in before and np.array_equal(array, before[name]):
+                if (
+                    not declared_ids
+                    and name not in self.scalars
+                    and name in before
+                    and np.array_equal(array, before[name])
+                ):
                     constants.append(name)
                 continue
             if array.dtype != np.float64:
@@ -407,7 +465,7 @@ class Run:
                 )
             params[name] = array
             param_grads[name] = None if partner is None else np.array(partner, dtype=np.float64)
-        notes = self._inner_layer_notes(params)
+        notes = []
         if constants:
             notes.append(
                 ", ".join(f"{n} has no d{n}" for n in constants) + ": taken as constant, not checked"
@@ -426,14 +484,20 @@ class Run:
         checked_ids = {id(array) for array in checked.values()}
 
         def unchecked(inner: Any) -> bool:
+            # Its parameters: as it declares them, or arrays beside a gradient (W, dW);
+            # what it caches (out, mask) is none.
             params = getattr(inner, "params", None)
-            arrays = (
-                list(params.values())
-                if isinstance(params, dict)
-                else list(params)
-                if isinstance(params, (list, tuple))
-                else [v for v in vars(inner).values() if isinstance(v, np.ndarray)]
-            )
+            if isinstance(params, dict):
+                arrays = list(params.values())
+            elif isinstance(params, (list, tuple)):
+                arrays = list(params)
+            else:
+                fields = vars(inner)
+                arrays = [
+                    v
+                    for n, v in fields.items()
+                    if isinstance(v, np.ndarray) and fields.get("d" + n) is not None
+                ]
             return any(isinstance(a, np.ndarray) and id(a) not in checked_ids for a in arrays)
 
         notes = []
@@ -564,61 +628,26 @@ def _compare(
     center: np.ndarray,
     upstream: np.ndarray,
     h: float,
-    floor: float,
     tolerance: float,
     max_elements: int | None,
     rng: np.random.Generator,
 ) -> tuple[GradcheckResult, list[tuple[int, ...]]]:
     """The worst element of ``array``'s gradient against central differences, and the
-    elements on kinks, skipped.
-
-    Where the slopes from either side differ, the step is halved: a kink's jump stays,
-    curvature's difference halves (then Richardson's ``(4 D(h/2) - D(h)) / 3`` is the
-    derivative, to h**4); so it is where the plain difference misses the tolerance.
-    """
-
-    def weigh(difference: np.ndarray) -> float:
-        # Differences weighted after subtracting: outputs that do not depend on the moved
-        # element cancel exactly instead of adding their rounding noise.
-        return float(np.sum(difference * upstream))
-
-    def outputs_at(index: tuple[int, ...], saved: Any, step: float) -> tuple[np.ndarray, np.ndarray]:
-        array[index] = saved + step
-        upper = output()
-        array[index] = saved - step
-        lower = output()
-        array[index] = saved
-        return upper, lower
-
+    elements on (or within the step of) a kink, skipped."""
     flat_indices = np.arange(array.size)
     if max_elements is not None and array.size > max_elements:
         flat_indices = rng.choice(array.size, size=max_elements, replace=False)
-    eps = float(np.finfo(np.float64).eps)
     worst = GradcheckResult(0.0, key, (), 0.0, 0.0, 0)
     kinks: list[tuple[int, ...]] = []
     checked = 0
     for flat in flat_indices:
         index = tuple(int(i) for i in np.unravel_index(int(flat), array.shape))
-        saved = array[index].copy()
-        upper, lower = outputs_at(index, saved, h)
-        right, left = weigh(upper - center) / h, weigh(center - lower) / h
-        numeric = weigh(upper - lower) / (2 * h)
         exact = float(analytic[index])
-        error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
-        # The rounding noise of one-sided slopes, from the outputs this element moved.
-        moved = (upper != center) | (lower != center)
-        noise = 8 * eps * float(np.sum(np.abs(center * upstream)[moved])) / h
-        jump = abs(right - left)
-        if jump > KINK * (abs(right) + abs(left)) + noise or not error < tolerance:
-            upper2, lower2 = outputs_at(index, saved, h / 2)
-            right2, left2 = weigh(upper2 - center) / (h / 2), weigh(center - lower2) / (h / 2)
-            if jump > KINK * (abs(right) + abs(left)) + noise and abs(right2 - left2) > 0.75 * jump:
-                kinks.append(index)
-                continue
-            refined = (4 * weigh(upper2 - lower2) / h - numeric) / 3
-            refined_error = abs(exact - refined) / max(abs(exact) + abs(refined), floor)
-            if refined_error < error or np.isnan(error):
-                numeric, error = refined, refined_error
+        found = _derivative(array, index, exact, output, center, upstream, h, tolerance)
+        if found is None:
+            kinks.append(index)
+            continue
+        numeric, error = found
         checked += 1
         if not np.isnan(worst.max_relative_error) and (
             np.isnan(error) or error >= worst.max_relative_error
@@ -629,24 +658,116 @@ def _compare(
     ), kinks
 
 
+def _derivative(
+    array: np.ndarray,
+    index: tuple[int, ...],
+    exact: float,
+    output: Callable[[], np.ndarray],
+    center: np.ndarray,
+    upstream: np.ndarray,
+    h: float,
+    tolerance: float,
+) -> tuple[float, float] | None:
+    """The numerical derivative of ``sum(output * upstream)`` in ``array[index]`` and its
+    relative error against ``exact``; None on (or within the step of) a kink.
+
+    Central differences with step ``h``, halved while the slopes from either side
+    differ. A kink's jump stays as the step halves; curvature's halves, and then
+    Richardson's ``(4 D(s/2) - D(s)) / 3`` is the derivative to s**4; a jump that does
+    neither comes from a kink within the step, which a smaller step leaves behind.
+    """
+    eps = float(np.finfo(np.float64).eps)
+    saved = array[index].copy()
+
+    floor = 1e-5  # of the relative error's denominator, set at the first step
+
+    def difference(step: float) -> tuple[float, float, float]:
+        """Central difference, its relative error, and the slopes' jump beyond noise."""
+        nonlocal floor
+        array[index] = saved + step
+        upper = output()
+        array[index] = saved - step
+        lower = output()
+        array[index] = saved
+        # The step as the array holds it (x + h rounds where |x| is large), and the
+        # rounding noise of the outputs this element moved, not of all of them.
+        up, down = float((saved + step) - saved), float(saved - (saved - step))
+        moved = (upper != center) | (lower != center)
+        noise = eps * float(np.sum(np.abs(center * upstream)[moved])) / step
+        right = float(np.sum((upper - center) * upstream)) / up
+        left = float(np.sum((center - lower) * upstream)) / down
+        numeric = float(np.sum((upper - lower) * upstream)) / (up + down)
+        if step == h:
+            # One floor for every step: a halved step has more noise, and a floor that
+            # grew with it would let halving wash out a real error.
+            floor = max(1e-5, NOISE_MARGIN * noise / tolerance)
+        error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
+        jump = abs(right - left) - KINK * (abs(right) + abs(left)) - 8 * noise
+        return numeric, error, max(jump, 0.0)
+
+    def richardson(coarse: float, fine: float) -> tuple[float, float]:
+        refined = (4 * fine - coarse) / 3
+        return refined, abs(exact - refined) / max(abs(exact) + abs(refined), floor)
+
+    def best(*estimates: tuple[float, float]) -> tuple[float, float]:
+        return min(estimates, key=lambda e: np.inf if np.isnan(e[1]) else e[1])
+
+    step = h
+    numeric, error, jump = difference(step)
+    if jump == 0.0:
+        if error < tolerance:
+            return numeric, error
+        # Smooth, but the step's truncation error shows: one extrapolation, no more, so
+        # that noise at ever smaller steps cannot wash out a real error.
+        half_numeric, half_error, _ = difference(step / 2)
+        return best((numeric, error), (half_numeric, half_error), richardson(numeric, half_numeric))
+    for _ in range(MAX_HALVINGS):
+        half_numeric, half_error, half_jump = difference(step / 2)
+        if half_jump > 0.75 * jump:
+            return None  # a kink: its jump does not shrink with the step
+        if half_jump == 0.0 and half_error < tolerance:
+            return half_numeric, half_error  # a kink within the step, left behind
+        if 0.3 * jump <= half_jump <= 0.7 * jump:
+            # The jump halved with the step: curvature, whose extrapolation of the two
+            # steps is the derivative. (A kink within the step can halve it too; its
+            # extrapolation then misses, and the next, smaller step leaves it behind.)
+            refined = richardson(numeric, half_numeric)
+            if refined[1] < tolerance or step < h / 64:
+                return best(refined, (half_numeric, half_error))
+        step, numeric, error, jump = step / 2, half_numeric, half_error, half_jump
+    return None
+
+
 def _gradient_finding(
-    key: str, result: GradcheckResult, kinks: list[tuple[int, ...]], tolerance: float
+    key: str,
+    result: GradcheckResult,
+    kinks: list[tuple[int, ...]],
+    tolerance: float,
+    dout_shown: str = "",
 ) -> Finding:
     check = f"d{key} matches central differences"
     skipped = ""
     if kinks:
         shown = ", ".join(f"{key}{list(k)}" for k in kinks[:3]) + (", ..." if len(kinks) > 3 else "")
         skipped = (
-            f"; {len(kinks)} on a kink skipped ({shown}: the slopes from either side differ, "
-            "so there is no derivative; move the input away from it)"
+            f"; {len(kinks)} on or within the step of a kink skipped ({shown}: the slopes "
+            "from either side differ, so no derivative can be compared there)"
         )
     if result.checked == 0:
         if kinks:
-            return Finding(check, False, "every element checked sits on a kink" + skipped)
+            return Finding(
+                check,
+                False,
+                "every element checked sits on or within the step of a kink; choose inputs "
+                "farther from it, or a smaller h" + skipped,
+            )
         return Finding(check, True, f"{key} has no elements")
+    passed = result.max_relative_error < tolerance  # NaN fails
     return Finding(
         check,
-        result.max_relative_error < tolerance,  # NaN fails
+        passed,
         f"worst relative error {result.max_relative_error:.2e} at {key}{list(result.index)} "
-        f"(backprop {result.analytic:.10g}, numerical {result.numeric:.10g})" + skipped,
+        f"(backprop {result.analytic:.10g}, numerical {result.numeric:.10g})"
+        + ("" if passed else dout_shown)
+        + skipped,
     )

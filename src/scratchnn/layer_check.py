@@ -95,11 +95,13 @@ def check_layer(
       with step ``h``, over ``max_per_array`` random elements of each array
       or all; it holds below ``tolerance``. The ``floor`` keeps the
       differences' rounding noise, about ``eps * sum|y * dout| / h``
-      absolute, from failing gradients near zero (that noise times 100 over
-      ``tolerance``, and at least 1e-5). Where the slopes from either side
-      differ, the step is halved: on a kink (ReLU's 0, a tie in a max) the
-      difference stays and the element is skipped and named; from curvature
-      it halves, and Richardson's extrapolation gives the derivative;
+      absolute over the outputs the element moves, from failing gradients
+      near zero (that noise times 100 over ``tolerance``, and at least
+      1e-5). Where the slopes from either side differ, the step is halved:
+      on a kink (ReLU's 0, a tie in a max) the difference stays and the
+      element is skipped and named; from curvature it halves, and
+      Richardson's extrapolation gives the derivative; a kink within the
+      step is left behind by a smaller step;
     - that backward returns one gradient per input (not None, not also
       ``dW`` and ``db``) and sets one per parameter, each of its array's
       shape (in the sequel's style, written into ``grads[i]``, not rebound);
@@ -238,22 +240,38 @@ def _floats_where_taken(
     target: Any,
     forward_kwargs: dict[str, Any],
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Integer inputs as float64, to be differentiated, where the layer takes them so
-    (``np.array([[1, 2, 3]])`` typed for an Affine); else as they are, named: indices
-    (the sequel's Embedding) or labels (a loss's t) fail as floats."""
-    integers = [i for i, x in enumerate(xs) if x.dtype.kind in "iu"]
+    """Integer inputs as float64, to be differentiated, where the layer takes them as
+    numbers (``np.array([[1, 2, 3]])`` typed for an Affine); else as they are, named:
+    indices and labels fail as floats (the sequel's Embedding, a loss's t) or are
+    rounded (``idx.astype(int)``), so that moving them by less than a half changes nothing."""
     indices = [names[i] for i, x in enumerate(xs) if x.dtype.kind == "b"]
-    if not integers:
-        return xs, indices
-    floats = [x.astype(np.float64) if i in integers else x for i, x in enumerate(xs)]
-    labels = () if target is None else (copy.deepcopy(target),)
-    try:
+    labels = () if target is None else (target,)
+
+    def output(arrays: list[np.ndarray]) -> np.ndarray:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _copy_of(layer).forward(*(x.copy() for x in floats), *labels, **forward_kwargs)
-    except Exception:  # the layer indexes with them, or checks their dtype
-        return xs, indices + [names[i] for i in integers]
-    return floats, indices
+            out = _copy_of(layer).forward(
+                *(a.copy() for a in arrays), *copy.deepcopy(labels), **forward_kwargs
+            )
+            return np.array(out, dtype=np.float64)
+
+    for i, x in enumerate(xs):
+        if x.dtype.kind not in "iu":
+            continue
+        as_float = [*xs[:i], x.astype(np.float64), *xs[i + 1 :]]
+        # Each element moved by its own amount under a half (a softmax ignores a shift
+        # of all of them alike; astype(int) undoes any of them).
+        shift = 0.25 + 0.2 * np.linspace(0.0, 1.0, x.size).reshape(x.shape)
+        moved = [*xs[:i], x.astype(np.float64) + shift, *xs[i + 1 :]]
+        try:
+            numeric = not np.array_equal(output(as_float), output(moved), equal_nan=True)
+        except Exception:  # the layer indexes with them, or checks their dtype
+            numeric = False
+        if numeric:
+            xs = as_float
+        else:
+            indices.append(names[i])
+    return xs, indices
 
 
 def _refuse_float_labels(layer: Any, xs: list[np.ndarray], target: Any) -> None:
