@@ -664,7 +664,7 @@ def test_integer_inputs_are_indices_not_differentiated() -> None:
     W = np.random.default_rng(27).standard_normal((7, 3))
     report = check_layer(Embedding(W), np.array([0, 3, 3, 6]))
     assert report.passed and set(report.gradients) == {"params[0]"}
-    assert report.notes == ("x is integers the layer takes as indices or labels: not differentiated",)
+    assert report.notes == ("x is taken as indices, labels or a mask: not differentiated",)
     # Integers the layer takes as numbers (typed as np.array([[1, 2, 3]])) are differentiated.
     assert set(check_layer(snn.Relu(), np.array([[1, -2], [3, 4]])).gradients) == {"x"}
 
@@ -1010,3 +1010,70 @@ def test_float32_scalars_and_float_hyperparameters() -> None:
     with pytest.raises(ValueError, match="forward gave float32 for float64 inputs"):
         check_layer(Float32Loss(), x)
     assert check_layer(LooksUpItsSlope(), x).passed
+
+
+# -- the fifth round -------------------------------------------------------------------
+
+
+def test_confident_losses_pass_where_a_change_is_below_an_ulp_of_the_loss() -> None:
+    # At large logits a gradient of 1e-10 moves the loss by less than half an ulp: the
+    # difference is exactly zero, and the rounding floor must still cover it.
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        logits, t = 30 * rng.standard_normal((32, 10)), rng.integers(0, 10, 32)
+        assert check_layer(snn.SoftmaxWithLoss(), logits, target=t).passed
+        scores, t01 = 100 * rng.standard_normal((8, 3)), rng.integers(0, 2, (8, 3)).astype(float)
+        assert check_layer(snn.SigmoidWithLoss(), scores, target=t01).passed
+
+
+def test_nan_outputs_and_inputs_beyond_the_step_are_named_as_such() -> None:
+    class Log:
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            with np.errstate(invalid="ignore"):
+                return np.log(x)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout / self.x
+
+    report = check_layer(Log(), np.array([[0.5, -1.0], [2.0, 3.0]]))
+    assert not report.passed and "numerical nan" in report.findings[0].detail
+    assert "kink" not in str(report)
+    with pytest.raises(ValueError, match=r"h = 1e-05 is below the resolution .* give a larger h"):
+        check_layer(snn.MulConstLayer(2.0), np.array([2e11, 1.0]))
+
+
+def test_inputs_a_fifth_of_the_step_from_a_kink_are_compared() -> None:
+    for d in (1e-6, 1.9e-6, 5e-6):
+        report = check_layer(snn.Relu(), np.array([d, -d, 1.0]))
+        assert report.passed and report.gradients["x"].checked == 3, str(report)
+
+
+def test_a_module_beside_a_float_and_negative_indices() -> None:
+    class LeakyXp:
+        def __init__(self) -> None:
+            self.xp, self.alpha = np, 0.01
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return self.xp.where(x > 0, x, self.alpha * x)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return self.xp.where(self.x > 0, dout, self.alpha * dout)
+
+    class TruncatingEmbedding:
+        def __init__(self) -> None:
+            self.params, self.grads = [np.arange(12.0).reshape(6, 2)], [np.zeros((6, 2))]
+
+        def forward(self, idx: np.ndarray) -> np.ndarray:
+            self.idx = idx.astype(int)  # truncates toward zero: -3.25 is -3
+            return self.params[0][self.idx]
+
+        def backward(self, dout: np.ndarray) -> None:
+            self.grads[0][...] = 0
+            np.add.at(self.grads[0], self.idx, dout)
+
+    x = np.random.default_rng(42).standard_normal((2, 3))
+    assert check_layer(LeakyXp(), x).passed
+    report = check_layer(TruncatingEmbedding(), np.array([0, -1, -3, 2]))
+    assert report.passed and set(report.gradients) == {"params[0]"}

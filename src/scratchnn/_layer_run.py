@@ -11,18 +11,26 @@ from typing import Any
 import numpy as np
 
 from scratchnn.gradient_check import GradcheckResult
-from scratchnn.layer_check import Finding, LayerCheck, _input_copy
+from scratchnn.layer_check import Finding, LayerCheck, _copy_of, _input_copy
 
 # Central differences agree with an exact gradient to about eps * sum|y * dout| / h
-# absolute, summed over the outputs an element moves; the floor of the relative
-# error's denominator is that noise times this factor over the tolerance, so rounding
-# alone never fails a gradient near zero.
+# absolute, summed over the outputs an element moves (and the largest output); the
+# floor of the relative error's denominator is that noise times this factor over the
+# tolerance, so that rounding alone does not fail a gradient near zero.
 NOISE_MARGIN = 100
 # Slopes from the left and from the right that differ by more than this (relatively,
 # beyond their rounding noise) are looked at with a halved step, at most MAX_HALVINGS
 # times: a kink (ReLU's 0, a tie in a max) keeps its jump, curvature halves it.
 KINK = 1e-2
 MAX_HALVINGS = 10
+# A jump that keeps more than this much of itself when the step halves is a kink's
+# (exactly all of it for a piecewise-linear one); one that keeps less, a kink within the
+# step (a fraction (1 - 2a/s) / (1 - a/s) for a kink at a) or curvature (a half).
+KINK_STAYS = 0.99
+NOTHING_TO_DIFFERENTIATE = (
+    "check_layer: nothing to differentiate: the inputs are indices or labels (integers the "
+    "layer does not take as numbers) and the layer has no parameters; give float inputs"
+)
 
 
 def _is_layer(value: Any) -> bool:
@@ -67,9 +75,9 @@ class Run:
         ]
         if not floats:
             return []
-        probe = copy.deepcopy(self.fresh)
         labels = () if self.target is None else (copy.deepcopy(self.target),)
         try:
+            probe = _copy_of(self.fresh)
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = probe.forward(*(x.copy() for x in self.xs), *labels, **self.kwargs)
@@ -201,10 +209,7 @@ class Run:
             return LayerCheck(shown_as, (Finding("forward returns the layer's output", False, problem),), {})
         out = np.array(raw, dtype=np.float64)
         if not any(self.differentiated) and isinstance(raw, np.ndarray) and raw.dtype.kind in "biu":
-            raise ValueError(
-                "check_layer: nothing to differentiate: the inputs are integers (indices or "
-                "labels, not differentiated) and the output too; give float inputs"
-            )
+            raise ValueError(NOTHING_TO_DIFFERENTIATE)  # integers in, integers out
         if isinstance(raw, (np.ndarray, np.generic)) and raw.dtype != np.float64:
             raise ValueError(
                 f"check_layer: forward gave {raw.dtype} for float64 inputs; the check needs "
@@ -239,7 +244,7 @@ class Run:
             np.array(returned_output, dtype=np.float64), kept_output, equal_nan=True
         )
 
-        params, param_grads, replaced, notes = self._parameters(
+        params, param_grads, replaced, rebound_grads, notes = self._parameters(
             declared_now, grads_held, caches, held, before
         )
         problems += [f"no gradient for parameter {k} after backward" for k, g in param_grads.items() if g is None]
@@ -248,7 +253,9 @@ class Run:
             for k, g in param_grads.items()
             if g is not None and g.shape != params[k].shape
         ]
-        problems += [r for r in replaced if r.startswith("backward replaced grads")]
+        if not any(self.differentiated) and not params:
+            raise ValueError(NOTHING_TO_DIFFERENTIATE)
+        problems += rebound_grads
         changed = [
             f"{k} changed" for k in params if k in before and not np.array_equal(params[k], before[k])
         ]
@@ -256,16 +263,11 @@ class Run:
             f"{k} changed" for k in params
             if k not in before and k in at_backward and not np.array_equal(params[k], at_backward[k])
         ]
-        changed += [r for r in replaced if not r.startswith("backward replaced grads")]
-        self._put_back(params, before, at_backward, replaced, declared_now)
+        changed += replaced
+        self._put_back(params, before, at_backward, declared_now)
 
         repeat = self._repeat(upstream, grads, params, before, at_backward, rng)
-        self._put_back(params, before, at_backward, replaced, declared_now)
-        if not any(self.differentiated) and not params:
-            raise ValueError(
-                "check_layer: nothing to differentiate: the inputs are integers (indices or "
-                "labels, not differentiated) and the layer has no parameters; give float inputs"
-            )
+        self._put_back(params, before, at_backward, declared_now)
 
         gradients: dict[str, GradcheckResult] = {}
         findings: list[Finding] = []
@@ -379,11 +381,14 @@ class Run:
         caches: set[str],
         held: dict[str, np.ndarray],
         before: dict[str, np.ndarray],
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None], list[str], list[str]]:
-        """After backward: the parameters, their gradients, what backward rebound, and notes."""
+    ) -> tuple[
+        dict[str, np.ndarray], dict[str, np.ndarray | None], list[str], list[str], list[str]
+    ]:
+        """After backward: the parameters, their gradients, the parameters backward
+        rebound, the sequel's grads[i] it rebound, and notes."""
         layer = self.layer
         if isinstance(getattr(layer, "params", None), (dict, list, tuple)):
-            replaced = []
+            replaced, rebound_grads = [], []
             params_now = layer.params
             if isinstance(params_now, (list, tuple)):
                 for i, key in enumerate(declared):
@@ -393,7 +398,7 @@ class Run:
             if grads_held is not None and isinstance(grads_after, (list, tuple)):
                 for i, old in enumerate(grads_held):
                     if i < len(grads_after) and grads_after[i] is not old:
-                        replaced.append(
+                        rebound_grads.append(
                             f"backward replaced grads[{i}] instead of writing into it "
                             f"(grads[{i}][...] = ...; the optimiser holds the old array)"
                         )
@@ -410,10 +415,11 @@ class Run:
                 params,
                 {**declared_grads, **extra_grads},
                 replaced + extra_replaced,
+                rebound_grads,
                 self._inner_layer_notes(params) + extra_notes,
             )
         params, param_grads, replaced, notes = self._book_style(caches, held, before, set())
-        return params, param_grads, replaced, self._inner_layer_notes(params) + notes
+        return params, param_grads, replaced, [], self._inner_layer_notes(params) + notes
 
     def _book_style(
         self,
@@ -520,7 +526,6 @@ class Run:
         params: dict[str, np.ndarray],
         before: dict[str, np.ndarray],
         at_backward: dict[str, np.ndarray],
-        replaced: list[str],
         declared: dict[str, np.ndarray],
     ) -> None:
         """Parameters back to the values forward used; rebound ones back to their arrays."""
@@ -573,7 +578,7 @@ class Run:
                 results.append((dxs, {key: self.current_grad(key) for key in params}))
             finally:
                 self.layer = used
-        self._put_back(params, before, at_backward, [], {})
+        self._put_back(params, before, at_backward, {})
         (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results
         differ = []
         if fresh_dxs is not None and used_dxs is not None:
@@ -669,72 +674,81 @@ def _derivative(
     tolerance: float,
 ) -> tuple[float, float] | None:
     """The numerical derivative of ``sum(output * upstream)`` in ``array[index]`` and its
-    relative error against ``exact``; None on (or within the step of) a kink.
+    relative error against ``exact``; None on a kink, or within a step of ``h / 1024``.
 
-    Central differences with step ``h``, halved while the slopes from either side
-    differ. A kink's jump stays as the step halves; curvature's halves, and then
-    Richardson's ``(4 D(s/2) - D(s)) / 3`` is the derivative to s**4; a jump that does
-    neither comes from a kink within the step, which a smaller step leaves behind.
+    Central differences with step ``h``; where the slopes from either side differ, the
+    step is halved, and forward's values alone decide what the difference is: a kink's
+    jump stays as the step halves; curvature's halves, twice in a row, and Richardson's
+    ``(4 D(s/2) - D(s)) / 3`` is then the derivative to s**4; a kink within the step
+    shrinks the jump some other way until a small enough step no longer reaches it.
+    ``exact`` only chooses among the estimates, never whether a kink is skipped.
     """
     eps = float(np.finfo(np.float64).eps)
     saved = array[index].copy()
 
-    floor = 1e-5  # of the relative error's denominator, set at the first step
-
-    def difference(step: float) -> tuple[float, float, float]:
-        """Central difference, its relative error, and the slopes' jump beyond noise."""
-        nonlocal floor
+    def difference(step: float) -> tuple[float, float, float, float]:
+        """Central difference, the slopes' jump beyond noise, and the rounding noise."""
         array[index] = saved + step
         upper = output()
         array[index] = saved - step
         lower = output()
         array[index] = saved
-        # The step as the array holds it (x + h rounds where |x| is large), and the
-        # rounding noise of the outputs this element moved, not of all of them.
+        # The step as the array holds it (x + h rounds where |x| is large).
         up, down = float((saved + step) - saved), float(saved - (saved - step))
+        if up == 0.0 or down == 0.0:
+            return np.nan, 0.0, 0.0, 0.0  # x + step == x: no difference to take
+        # Rounding noise: of the outputs this element moved, and at least of the largest
+        # output (a change below half an ulp of a loss moves nothing, yet is there).
+        weighted = np.abs(center * upstream)
         moved = (upper != center) | (lower != center)
-        noise = eps * float(np.sum(np.abs(center * upstream)[moved])) / step
+        noise = eps * (float(np.sum(weighted[moved])) + float(np.max(weighted, initial=0.0))) / step
         right = float(np.sum((upper - center) * upstream)) / up
         left = float(np.sum((center - lower) * upstream)) / down
         numeric = float(np.sum((upper - lower) * upstream)) / (up + down)
-        if step == h:
-            # One floor for every step: a halved step has more noise, and a floor that
-            # grew with it would let halving wash out a real error.
-            floor = max(1e-5, NOISE_MARGIN * noise / tolerance)
-        error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
         jump = abs(right - left) - KINK * (abs(right) + abs(left)) - 8 * noise
-        return numeric, error, max(jump, 0.0)
+        return numeric, (max(jump, 0.0) if np.isfinite(jump) else 0.0), noise, up * down
 
-    def richardson(coarse: float, fine: float) -> tuple[float, float]:
-        refined = (4 * fine - coarse) / 3
-        return refined, abs(exact - refined) / max(abs(exact) + abs(refined), floor)
+    numeric, jump, noise, resolution = difference(h)
+    if resolution == 0.0:
+        raise ValueError(
+            f"check_layer: h = {h:g} is below the resolution of an element equal to "
+            f"{float(saved):g} (x + h == x): give a larger h"
+        )
+    # One floor for every step: a halved step has more noise, and a floor that grew
+    # with it would let halving wash out a real error.
+    floor = max(1e-5, NOISE_MARGIN * noise / tolerance)
+
+    def estimate(value: float) -> tuple[float, float]:
+        return value, abs(exact - value) / max(abs(exact) + abs(value), floor)
 
     def best(*estimates: tuple[float, float]) -> tuple[float, float]:
         return min(estimates, key=lambda e: np.inf if np.isnan(e[1]) else e[1])
 
-    step = h
-    numeric, error, jump = difference(step)
+    def smooth_from(step: float, value: float) -> tuple[float, float]:
+        """Smooth at this step: its difference, or where that misses the tolerance, the
+        half step's and the extrapolation of the two (and no smaller steps, so that
+        their noise cannot wash out a real error)."""
+        if estimate(value)[1] < tolerance:
+            return estimate(value)
+        half, _, _, _ = difference(step / 2)
+        return best(estimate(value), estimate(half), estimate((4 * half - value) / 3))
+
     if jump == 0.0:
-        if error < tolerance:
-            return numeric, error
-        # Smooth, but the step's truncation error shows: one extrapolation, no more, so
-        # that noise at ever smaller steps cannot wash out a real error.
-        half_numeric, half_error, _ = difference(step / 2)
-        return best((numeric, error), (half_numeric, half_error), richardson(numeric, half_numeric))
+        return smooth_from(h, numeric)
+    step, halved_once = h, False
     for _ in range(MAX_HALVINGS):
-        half_numeric, half_error, half_jump = difference(step / 2)
-        if half_jump > 0.75 * jump:
+        half, half_jump, _, resolution = difference(step / 2)
+        if resolution == 0.0:
+            return None  # the step cannot shrink further at this value
+        if half_jump == 0.0:
+            return smooth_from(step / 2, half)  # a kink within the step, left behind
+        ratio = half_jump / jump
+        if ratio > KINK_STAYS:
             return None  # a kink: its jump does not shrink with the step
-        if half_jump == 0.0 and half_error < tolerance:
-            return half_numeric, half_error  # a kink within the step, left behind
-        if 0.3 * jump <= half_jump <= 0.7 * jump:
-            # The jump halved with the step: curvature, whose extrapolation of the two
-            # steps is the derivative. (A kink within the step can halve it too; its
-            # extrapolation then misses, and the next, smaller step leaves it behind.)
-            refined = richardson(numeric, half_numeric)
-            if refined[1] < tolerance or step < h / 64:
-                return best(refined, (half_numeric, half_error))
-        step, numeric, error, jump = step / 2, half_numeric, half_error, half_jump
+        halves = 0.3 <= ratio <= 0.7
+        if halves and halved_once:
+            return best(estimate((4 * half - numeric) / 3), estimate(half))
+        step, numeric, jump, halved_once = step / 2, half, half_jump, halves
     return None
 
 

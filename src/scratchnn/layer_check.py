@@ -101,7 +101,8 @@ def check_layer(
       on a kink (ReLU's 0, a tie in a max) the difference stays and the
       element is skipped and named; from curvature it halves, and
       Richardson's extrapolation gives the derivative; a kink within the
-      step is left behind by a smaller step;
+      step but farther than about ``h/100`` is left behind by a smaller
+      step (nearer, the element is skipped with it);
     - that backward returns one gradient per input (not None, not also
       ``dW`` and ``db``) and sets one per parameter, each of its array's
       shape (in the sequel's style, written into ``grads[i]``, not rebound);
@@ -158,7 +159,7 @@ def check_layer(
 
     run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs or {}, names, xs)
     run.notes += [
-        f"{name} is integers the layer takes as indices or labels: not differentiated"
+        f"{name} is taken as indices, labels or a mask: not differentiated"
         for name in indices
     ]
     return run.check(dout, h, tolerance, max_per_array, _generator(rng), _layer_repr(layer))
@@ -262,6 +263,7 @@ def _floats_where_taken(
         # Each element moved by its own amount under a half (a softmax ignores a shift
         # of all of them alike; astype(int) undoes any of them).
         shift = 0.25 + 0.2 * np.linspace(0.0, 1.0, x.size).reshape(x.shape)
+        shift = np.where(x < 0, -shift, shift)  # away from zero: astype(int) truncates
         moved = [*xs[:i], x.astype(np.float64) + shift, *xs[i + 1 :]]
         try:
             numeric = not np.array_equal(output(as_float), output(moved), equal_nan=True)
