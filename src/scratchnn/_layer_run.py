@@ -118,30 +118,33 @@ class Run:
             declared[key] = array
         return declared, grads
 
-    def current_grad(self, key: str) -> np.ndarray | None:
-        grads = getattr(self.layer, "grads", None)
+    def current_grad(self, key: str, layer: Any = None) -> np.ndarray | None:
+        """The gradient ``layer`` (this copy by default) now holds for parameter ``key``."""
+        layer = self.layer if layer is None else layer
+        grads = getattr(layer, "grads", None)
         if key.startswith("params["):
             i = int(key[7:-1])
             g = grads[i] if isinstance(grads, (list, tuple)) and i < len(grads) else None
-        elif isinstance(grads, dict):
-            g = grads.get(key)
+        elif isinstance(grads, dict) and key in grads:
+            g = grads[key]
         else:
-            g = getattr(self.layer, "d" + key, None)
+            g = getattr(layer, "d" + key, None)  # the book's W and dW
         return None if g is None else np.array(g, dtype=np.float64)
 
     # Forward and backward ---------------------------------------------------------------
 
-    def call_forward_with(self, given: list[np.ndarray]) -> Any:
+    def call_forward_with(self, given: list[np.ndarray], layer: Any = None) -> Any:
         # A copy of the labels, as of the inputs: a loss that writes into them must
         # change neither the caller's nor the next call's.
         labels = () if self.target is None else (copy.deepcopy(self.target),)
-        return self.layer.forward(*given, *labels, **self.kwargs)
+        layer = self.layer if layer is None else layer
+        return layer.forward(*given, *labels, **self.kwargs)
 
-    def forward(self, xs: list[np.ndarray]) -> np.ndarray:
+    def forward(self, xs: list[np.ndarray], layer: Any = None) -> np.ndarray:
         # Fresh inputs in (a forward that writes into them must not move the point
         # checked) and a copy out (one that reuses its output buffer must not make
         # every difference zero).
-        return np.array(self.call_forward_with([x.copy() for x in xs]), dtype=np.float64)
+        return np.array(self.call_forward_with([x.copy() for x in xs], layer), dtype=np.float64)
 
     def gradients(self, returned: Any) -> tuple[list[np.ndarray | None] | None, list[str]]:
         """backward's result as one gradient per input (None for integer inputs)."""
@@ -271,18 +274,18 @@ class Run:
 
         gradients: dict[str, GradcheckResult] = {}
         findings: list[Finding] = []
-        # A random scalar dout is a factor a backward that ignores dout is wrong by: say it.
-        dout_shown = (
-            f" with dout = {float(upstream):.6g} (random: a scalar output without labels; "
-            "give dout=1 if this is a loss)"
-            if dout is None and upstream.ndim == 0 and float(upstream) != 1.0
-            else ""
-        )
         if not problems and grads is not None:
             arrays = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
             arrays.update(params)
             analytic = {n: g for n, g in zip(names, grads) if g is not None}
             analytic.update({k: g for k, g in param_grads.items() if g is not None})
+            # A random scalar dout is a factor a backward that ignores dout is wrong by.
+            dout_shown = (
+                f" with dout = {float(upstream):.6g} (random: a scalar output without labels; "
+                "give dout=1 if this is a loss)"
+                if dout is None and upstream.ndim == 0 and float(upstream) != 1.0
+                else ""
+            )
             for key, array in arrays.items():
                 result, kinks = _compare(
                     key, array, analytic[key], lambda: self.forward(xs), out, upstream,
@@ -290,7 +293,6 @@ class Run:
                 )
                 gradients[key] = result
                 findings.append(_gradient_finding(key, result, kinks, tolerance, dout_shown))
-
         shapes = {n: x for n, x, f in zip(names, xs, self.differentiated) if f}
         shapes.update(params)
         findings.append(
@@ -300,43 +302,9 @@ class Run:
                 "; ".join(problems) or ", ".join(f"d{k} {a.shape}" for k, a in shapes.items()),
             )
         )
-        findings.append(
-            Finding("after earlier use, the gradients match a fresh layer's", not repeat, "; ".join(repeat))
+        findings += _state_findings(
+            names, repeat, dout_changed, upstream.size, written, output_changed, params, changed
         )
-        findings.append(
-            Finding(
-                "backward leaves dout as it was",
-                not dout_changed,
-                f"it wrote into dout ({dout_changed} of {upstream.size} elements changed)"
-                if dout_changed
-                else "",
-            )
-        )
-        what = " and ".join(names) + (" as it was" if len(names) == 1 else " as they were")
-        findings.append(
-            Finding(
-                f"forward and backward leave {what}",
-                not written,
-                ("wrote into " + ", ".join(written)) if written else "",
-            )
-        )
-        findings.append(
-            Finding(
-                "backward leaves forward's output as it was",
-                not output_changed,
-                "it wrote into the array forward returned (which the next layer holds)"
-                if output_changed
-                else "",
-            )
-        )
-        if params or changed:
-            findings.append(
-                Finding(
-                    "forward and backward leave the parameters as they were",
-                    not changed,
-                    "; ".join(changed) + (" (an update belongs to the optimiser)" if changed else ""),
-                )
-            )
         return LayerCheck(shown_as, tuple(findings), gradients, tuple(self.notes + notes))
 
     def _require_one_function(
@@ -560,24 +528,19 @@ class Run:
             else x
             for x, float_input in zip(self.xs, self.differentiated)
         ]
-        used = self.layer
         results = []
-        for layer in (self.fresh, used):
-            self.layer = layer
-            try:
-                self.forward(elsewhere)
-                if layer is self.fresh:
-                    # Weights drawn at the first forward (np.random, unseeded) differ between
-                    # the copies: the fresh one gets the used one's, then runs again.
-                    for key, array in params.items():
-                        mine = _param_array(layer, key)
-                        if isinstance(mine, np.ndarray) and mine.shape == array.shape:
-                            mine[...] = array
-                    self.forward(elsewhere)
-                dxs, _ = self.gradients(layer.backward(upstream.copy()))
-                results.append((dxs, {key: self.current_grad(key) for key in params}))
-            finally:
-                self.layer = used
+        for layer in (self.fresh, self.layer):
+            self.forward(elsewhere, layer)
+            if layer is self.fresh:
+                # Weights drawn at the first forward (np.random, unseeded) differ between
+                # the copies: the fresh one gets the used one's, then runs again.
+                for key, array in params.items():
+                    mine = _param_array(layer, key)
+                    if isinstance(mine, np.ndarray) and mine.shape == array.shape:
+                        mine[...] = array
+                self.forward(elsewhere, layer)
+            dxs, _ = self.gradients(layer.backward(upstream.copy()))
+            results.append((dxs, {key: self.current_grad(key, layer) for key in params}))
         self._put_back(params, before, at_backward, {})
         (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results
         differ = []
@@ -604,8 +567,8 @@ def _param_array(layer: Any, key: str) -> Any:
     if key.startswith("params[") and isinstance(params, (list, tuple)):
         i = int(key[7:-1])
         return params[i] if i < len(params) else None
-    if isinstance(params, dict):
-        return params.get(key)
+    if isinstance(params, dict) and key in params:
+        return params[key]
     return getattr(layer, key, None)
 
 
@@ -623,6 +586,52 @@ def _output_problem(raw: Any) -> str:
     except (TypeError, ValueError):
         return f"forward returned a {type(raw).__name__}, not an array or a number"
     return ""
+
+
+def _state_findings(
+    names: list[str],
+    repeat: list[str],
+    dout_changed: int,
+    dout_size: int,
+    written: list[str],
+    output_changed: bool,
+    params: dict[str, np.ndarray],
+    changed: list[str],
+) -> list[Finding]:
+    """The findings about state: a used layer against a fresh one, and what forward and
+    backward wrote into that was not theirs."""
+    what = " and ".join(names) + (" as it was" if len(names) == 1 else " as they were")
+    findings = [
+        Finding("after earlier use, the gradients match a fresh layer's", not repeat, "; ".join(repeat)),
+        Finding(
+            "backward leaves dout as it was",
+            not dout_changed,
+            f"it wrote into dout ({dout_changed} of {dout_size} elements changed)"
+            if dout_changed
+            else "",
+        ),
+        Finding(
+            f"forward and backward leave {what}",
+            not written,
+            ("wrote into " + ", ".join(written)) if written else "",
+        ),
+        Finding(
+            "backward leaves forward's output as it was",
+            not output_changed,
+            "it wrote into the array forward returned (which the next layer holds)"
+            if output_changed
+            else "",
+        ),
+    ]
+    if params or changed:
+        findings.append(
+            Finding(
+                "forward and backward leave the parameters as they were",
+                not changed,
+                "; ".join(changed) + (" (an update belongs to the optimiser)" if changed else ""),
+            )
+        )
+    return findings
 
 
 def _compare(
