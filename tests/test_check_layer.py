@@ -1077,3 +1077,38 @@ def test_a_module_beside_a_float_and_negative_indices() -> None:
     assert check_layer(LeakyXp(), x).passed
     report = check_layer(TruncatingEmbedding(), np.array([0, -1, -3, 2]))
     assert report.passed and set(report.gradients) == {"params[0]"}
+
+
+# -- the sixth round -------------------------------------------------------------------
+
+
+def test_a_dout_drawn_like_the_learners_x_would_hide_a_forgotten_dout() -> None:
+    class ForgetsDout:  # returns the mask times out: right only where dout is x itself
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.out = np.maximum(x, 0.0)
+            return self.out
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return self.out
+
+    x = np.random.default_rng(0).standard_normal((3, 4))  # the exercises' own first draw
+    assert not check_layer(ForgetsDout(), x).passed
+    assert not check_layer(ForgetsDout(), x, rng=0).passed  # even given that very seed
+
+
+def test_one_over_x_passes_near_its_pole_and_large_inputs_show_small_slips() -> None:
+    for seed in range(5):
+        x = 1e-4 * np.random.default_rng(seed).standard_normal((4, 8))
+        x = np.where(np.abs(x) < 2e-5, 2e-5, x)  # more than h from the pole
+        assert check_layer(snn.ReciprocalLayer(), x).passed
+
+    class ForgetsAlpha:  # LeakyRelu whose backward forgets alpha
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return np.where(x > 0, x, 0.01 * x)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return np.where(self.x > 0, dout, 0.0)
+
+    big = 1e7 * np.random.default_rng(43).standard_normal((32, 100))
+    assert not check_layer(ForgetsAlpha(), big, max_per_array=200).passed

@@ -340,7 +340,13 @@ class Run:
         is_loss = self.target is not None or not all(self.differentiated)  # it has labels
         if out.ndim == 0 and is_loss:  # the book's backward(dout=1)
             return np.ones((), dtype=np.float64)
-        return rng.standard_normal(out.shape)
+        for _ in range(8):
+            upstream = rng.standard_normal(out.shape)
+            # A dout proportional to an input (both drawn from one seed) would pass a
+            # backward that is right only for that dout: draw again.
+            if not any(_proportional(upstream, x) for x in self.xs):
+                break
+        return upstream
 
     def _parameters(
         self,
@@ -561,6 +567,15 @@ class Run:
         return differ
 
 
+def _proportional(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b``, of one shape and more than one element, lie on a line."""
+    if a.shape != b.shape or a.size < 2 or b.dtype.kind != "f":
+        return False
+    a0, b0 = a.ravel() - a.mean(), b.ravel() - b.mean()
+    norms = float(np.linalg.norm(a0) * np.linalg.norm(b0))
+    return norms > 0 and abs(float(a0 @ b0)) > 0.999 * norms
+
+
 def _param_array(layer: Any, key: str) -> Any:
     """Parameter ``key`` of ``layer`` as check_layer names it (``W``, ``params[0]``)."""
     params = getattr(layer, "params", None)
@@ -706,11 +721,13 @@ def _derivative(
         up, down = float((saved + step) - saved), float(saved - (saved - step))
         if up == 0.0 or down == 0.0:
             return np.nan, 0.0, 0.0, 0.0  # x + step == x: no difference to take
-        # Rounding noise: of the outputs this element moved, and at least of the largest
-        # output (a change below half an ulp of a loss moves nothing, yet is there).
+        # Rounding noise: of the outputs this element moved, or where it moved none (a
+        # change below half an ulp of a loss), of the largest output.
         weighted = np.abs(center * upstream)
         moved = (upper != center) | (lower != center)
-        noise = eps * (float(np.sum(weighted[moved])) + float(np.max(weighted, initial=0.0))) / step
+        if not moved.any():
+            moved = weighted == weighted.max(initial=0.0)  # the largest, all of whose ulp hides it
+        noise = eps * float(np.sum(weighted[moved])) / step
         right = float(np.sum((upper - center) * upstream)) / up
         left = float(np.sum((center - lower) * upstream)) / down
         numeric = float(np.sum((upper - lower) * upstream)) / (up + down)
@@ -744,11 +761,11 @@ def _derivative(
 
     if jump == 0.0:
         return smooth_from(h, numeric)
-    step, halved_once = h, False
+    step, halved_once, extrapolated = h, False, None
     for _ in range(MAX_HALVINGS):
         half, half_jump, _, resolution = difference(step / 2)
         if resolution == 0.0:
-            return None  # the step cannot shrink further at this value
+            break  # the step cannot shrink further at this value
         if half_jump == 0.0:
             return smooth_from(step / 2, half)  # a kink within the step, left behind
         ratio = half_jump / jump
@@ -756,9 +773,17 @@ def _derivative(
             return None  # a kink: its jump does not shrink with the step
         halves = 0.3 <= ratio <= 0.7
         if halves and halved_once:
-            return best(estimate((4 * half - numeric) / 3), estimate(half))
+            # Curvature (the jump halved twice): Richardson's extrapolation, repeated at
+            # smaller steps until two agree (near a pole the first still errs by (h/x)**4).
+            refined = (4 * half - numeric) / 3
+            agree = 0.1 * tolerance * max(abs(refined), floor)
+            if extrapolated is not None and abs(refined - extrapolated) <= agree:
+                return estimate(refined)
+            extrapolated = refined
+        else:
+            extrapolated = None
         step, numeric, jump, halved_once = step / 2, half, half_jump, halves
-    return None
+    return None if extrapolated is None else estimate(extrapolated)
 
 
 def _gradient_finding(
