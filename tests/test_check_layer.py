@@ -1112,3 +1112,21 @@ def test_one_over_x_passes_near_its_pole_and_large_inputs_show_small_slips() -> 
 
     big = 1e7 * np.random.default_rng(43).standard_normal((32, 100))
     assert not check_layer(ForgetsAlpha(), big, max_per_array=200).passed
+
+
+def test_near_a_pole_an_error_of_a_ten_thousandth_is_found() -> None:
+    class SlightlyWrongReciprocal:  # 1/x, its gradient 1.0001 times the truth at one element
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return 1.0 / x
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            dx = -dout / self.x**2
+            dx[1, 2] *= 1.0001
+            return dx
+
+    for seed in range(5):
+        x = np.random.default_rng(seed).uniform(0.5, 2.0, (2, 4))
+        x[1, 2] = 1.3e-4  # the plain difference errs by (h/x)**2 = 6e-3 here
+        assert not check_layer(SlightlyWrongReciprocal(), x).passed
+        assert check_layer(snn.ReciprocalLayer(), x).passed

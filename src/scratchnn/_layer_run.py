@@ -747,17 +747,14 @@ def _derivative(
     def estimate(value: float) -> tuple[float, float]:
         return value, abs(exact - value) / max(abs(exact) + abs(value), floor)
 
-    def best(*estimates: tuple[float, float]) -> tuple[float, float]:
-        return min(estimates, key=lambda e: np.inf if np.isnan(e[1]) else e[1])
-
     def smooth_from(step: float, value: float) -> tuple[float, float]:
         """Smooth at this step: its difference, or where that misses the tolerance, the
-        half step's and the extrapolation of the two (and no smaller steps, so that
-        their noise cannot wash out a real error)."""
+        extrapolation of it and the half step's (and no smaller steps, so that their
+        noise cannot wash out a real error)."""
         if estimate(value)[1] < tolerance:
             return estimate(value)
         half, _, _, _ = difference(step / 2)
-        return best(estimate(value), estimate(half), estimate((4 * half - value) / 3))
+        return estimate((4 * half - value) / 3)
 
     if jump == 0.0:
         return smooth_from(h, numeric)
@@ -767,6 +764,8 @@ def _derivative(
         if resolution == 0.0:
             break  # the step cannot shrink further at this value
         if half_jump == 0.0:
+            if extrapolated is not None:  # curvature, already extrapolated: that is better
+                return estimate(extrapolated)
             return smooth_from(step / 2, half)  # a kink within the step, left behind
         ratio = half_jump / jump
         if ratio > KINK_STAYS:
