@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn.gradient_check import GradcheckResult
-from scratchnn.layer_check import Finding, LayerCheck, _copy_of, _input_copy
+from scratchnn.layer_check import Finding, LayerCheck, _copy_of, _input_copy, _is_layer
 
 # Central differences agree with an exact gradient to about eps * sum|y * dout| / h
 # absolute, summed over the outputs an element moves (and the largest output); the
@@ -31,10 +31,6 @@ NOTHING_TO_DIFFERENTIATE = (
     "check_layer: nothing to differentiate: the inputs are indices or labels (integers the "
     "layer does not take as numbers) and the layer has no parameters; give float inputs"
 )
-
-
-def _is_layer(value: Any) -> bool:
-    return callable(getattr(value, "forward", None)) and callable(getattr(value, "backward", None))
 
 
 class Run:

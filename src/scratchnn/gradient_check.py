@@ -145,11 +145,10 @@ def _worst_difference(
     max_elements: int | None,
     rng: np.random.Generator | None,
     floor: float,
-    reduce: Callable[[Any], float] = float,
 ) -> GradcheckResult:
-    """Central differences ``reduce(loss(+h) - loss(-h)) / 2h`` in each (or
-    ``max_elements`` random) element of ``array``, moved in place and put back
-    exactly, against ``analytic``."""
+    """Central differences ``(loss(+h) - loss(-h)) / 2h`` in each (or ``max_elements``
+    random) element of ``array``, moved in place and put back exactly, against
+    ``analytic``."""
     flat_indices = np.arange(array.size)
     if max_elements is not None and array.size > max_elements:
         assert rng is not None
@@ -163,7 +162,7 @@ def _worst_difference(
         array[index] = saved - h
         lower = loss()
         array[index] = saved
-        numeric = reduce(upper - lower) / (2 * h)
+        numeric = float((upper - lower) / (2 * h))
         exact = float(analytic[index])
         error = abs(exact - numeric) / max(abs(exact) + abs(numeric), floor)
         worst = _worse(worst, GradcheckResult(error, key, tuple(int(i) for i in index), exact, numeric, 0))

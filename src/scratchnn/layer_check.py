@@ -144,7 +144,7 @@ def check_layer(
       ok    forward and backward leave x as it was
       ok    backward leaves forward's output as it was
     """
-    if not all(callable(getattr(layer, name, None)) for name in ("forward", "backward")):
+    if not _is_layer(layer):
         raise TypeError(
             f"check_layer: the layer must have forward and backward methods; got {type(layer).__name__}"
         )
@@ -154,17 +154,19 @@ def check_layer(
     tolerance = _checks.positive("check_layer", "tolerance", tolerance)
     if max_per_array is not None:
         max_per_array = _checks.count("check_layer", "max_per_array", max_per_array)
-    if forward_kwargs is not None and not isinstance(forward_kwargs, dict):
+    if forward_kwargs is None:
+        forward_kwargs = {}
+    if not isinstance(forward_kwargs, dict):
         raise TypeError(f"check_layer: forward_kwargs must be a dict, got {forward_kwargs!r}")
     _require_dout_parameter(layer)
-    _refuse_randomness(layer, forward_kwargs or {})
+    _refuse_randomness(layer, forward_kwargs)
     names = ["x"] if len(inputs) == 1 else [f"x{i}" for i in range(len(inputs))]
     xs = [_input_copy(x, name) for x, name in zip(inputs, names)]
-    xs, indices = _floats_where_taken(layer, xs, names, target, forward_kwargs or {})
+    xs, indices = _floats_where_taken(layer, xs, names, target, forward_kwargs)
     _refuse_float_labels(layer, xs, target)
     from scratchnn._layer_run import Run  # it imports this module's report types
 
-    run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs or {}, names, xs)
+    run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs, names, xs)
     run.notes += [
         f"{name} is taken as indices, labels or a mask: not differentiated"
         for name in indices
@@ -173,6 +175,11 @@ def check_layer(
 
 
 # -- arguments -------------------------------------------------------------------------
+
+
+def _is_layer(value: Any) -> bool:
+    """Whether ``value`` has the two methods every layer has."""
+    return callable(getattr(value, "forward", None)) and callable(getattr(value, "backward", None))
 
 
 DEFAULT_SEED = 20_260_529
