@@ -167,7 +167,6 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
             config = preset_config(preset, epochs=args.epochs, **given)
             if config.model == "mlp" and "channels" in given:
                 return _fail("train", "--channels applies to the cnn model only")
-            config.check()
             train_run(
                 config, out, overwrite=args.overwrite, data_path=args.data, device=args.device
             )
