@@ -229,7 +229,7 @@ class Run:
         given_at_backward = [g.copy() for g in given]
         at_backward = {name: array.copy() for name, array in self.arrays().items()}
         held = self.arrays()
-        declared_now, grads_now = self.declared()
+        declared_now, grads_now = self.declared()  # again: forward may have made them
         grads_held = list(grads_now) if grads_now is not None else None
         passed_dout = upstream.copy()
         grads, problems = self.gradients(layer.backward(passed_dout))
@@ -265,8 +265,8 @@ class Run:
         changed += replaced
         self._put_back(params, before, at_backward, declared_now)
 
-        repeat = self._repeat(upstream, grads, params, before, at_backward, rng)
-        self._put_back(params, before, at_backward, declared_now)
+        repeat = self._repeat(upstream, grads, params, rng)
+        self._put_back(params, before, at_backward, declared_now)  # what the repeat moved
 
         gradients: dict[str, GradcheckResult] = {}
         findings: list[Finding] = []
@@ -514,8 +514,6 @@ class Run:
         upstream: np.ndarray,
         grads: list[np.ndarray | None] | None,
         params: dict[str, np.ndarray],
-        before: dict[str, np.ndarray],
-        at_backward: dict[str, np.ndarray],
         rng: np.random.Generator,
     ) -> list[str]:
         """Forward and backward at another input, by this used copy and by a fresh one;
@@ -543,7 +541,6 @@ class Run:
                 self.forward(elsewhere, layer)
             dxs, _ = self.gradients(layer.backward(upstream.copy()))
             results.append((dxs, {key: self.current_grad(key, layer) for key in params}))
-        self._put_back(params, before, at_backward, {})
         (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results
         differ = []
         if fresh_dxs is not None and used_dxs is not None:
