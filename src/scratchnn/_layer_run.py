@@ -33,6 +33,83 @@ NOTHING_TO_DIFFERENTIATE = (
 )
 
 
+class Outputs:
+    """A layer's outputs as one vector, and one vector as backward's upstream gradients.
+
+    A layer with one output (any shape, a loss's scalar) is compared as it is; one with
+    several (the sequel's LSTM returns ``h_next, c_next`` and its backward takes
+    ``dh_next, dc_next``) has them flattened and joined, so that central differences
+    of ``sum(outputs * douts)`` take every output's share at once.
+    """
+
+    def __init__(self, dout_names: list[str]) -> None:
+        self.names = dout_names  # backward's parameters, one per output
+        self.shapes: list[tuple[int, ...]] = []
+
+    @property
+    def several(self) -> bool:
+        return len(self.names) > 1
+
+    def parts(self, raw: Any) -> list[Any]:
+        return list(raw) if self.several else [raw]
+
+    def problem(self, raw: Any) -> str:
+        """What is wrong with forward's result, or ""."""
+        if raw is None:
+            return "forward returned None (a forgotten `return out`?)"
+        if not self.several:
+            if isinstance(raw, (tuple, list)):
+                return (
+                    f"forward returned a {type(raw).__name__} of {len(raw)} values; return only "
+                    "the output and keep what backward needs on the layer (a layer with several "
+                    "outputs takes one upstream gradient for each in backward)"
+                )
+            return _not_numbers(raw)
+        if not isinstance(raw, (tuple, list)) or len(raw) != len(self.names):
+            got = (
+                f"a {type(raw).__name__} of {len(raw)} values"
+                if isinstance(raw, (tuple, list))
+                else "one output"
+            )
+            return (
+                f"backward takes {len(self.names)} upstream gradients "
+                f"({', '.join(self.names)}), one per output, but forward returned {got}"
+            )
+        return next(filter(None, (_not_numbers(part) for part in raw)), "")
+
+    def join(self, raw: Any) -> np.ndarray:
+        """Forward's result as one float64 array (a copy); the first call records the
+        outputs' shapes."""
+        if not self.several:
+            return np.array(raw, dtype=np.float64)
+        arrays = [np.asarray(part, dtype=np.float64) for part in raw]
+        if not self.shapes:
+            self.shapes = [a.shape for a in arrays]
+        return np.concatenate([a.ravel() for a in arrays])
+
+    def split(self, joined: np.ndarray) -> list[np.ndarray]:
+        """One upstream gradient per output, each a copy of its own."""
+        if not self.several:
+            return [joined.copy()]
+        parts, start = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            parts.append(joined[start : start + size].reshape(shape).copy())
+            start += size
+        return parts
+
+    def backward(self, layer: Any, upstream: np.ndarray) -> Any:
+        return layer.backward(*self.split(upstream))
+
+
+def _not_numbers(raw: Any) -> str:
+    try:
+        np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        return f"forward returned a {type(raw).__name__}, not an array or a number"
+    return ""
+
+
 class Run:
     """The copy of the layer, run as the checks need it."""
 
@@ -44,8 +121,10 @@ class Run:
         forward_kwargs: dict[str, Any],
         names: list[str],
         xs: list[np.ndarray],
+        outputs: Outputs,
     ) -> None:
         self.layer = layer
+        self.outputs = outputs
         self.fresh = fresh  # never run until the repeat check, to compare with
         self.notes: list[str] = []
         self.target = target
@@ -77,7 +156,9 @@ class Run:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = probe.forward(*(x.copy() for x in self.xs), *labels, **self.kwargs)
-                probe.backward(np.ones_like(np.asarray(out, dtype=np.float64)))
+                probe.backward(
+                    *(np.ones_like(np.asarray(part, dtype=np.float64)) for part in self.outputs.parts(out))
+                )
         except Exception:  # the check itself will say what is wrong
             return []
         return [name for name in floats if getattr(probe, "d" + name, None) is not None]
@@ -140,7 +221,7 @@ class Run:
         # Fresh inputs in (a forward that writes into them must not move the point
         # checked) and a copy out (one that reuses its output buffer must not make
         # every difference zero).
-        return np.array(self.call_forward_with([x.copy() for x in xs], layer), dtype=np.float64)
+        return self.outputs.join(self.call_forward_with([x.copy() for x in xs], layer))
 
     def gradients(self, returned: Any) -> tuple[list[np.ndarray | None] | None, list[str]]:
         """backward's result as one gradient per input (None for integer inputs)."""
@@ -203,17 +284,21 @@ class Run:
 
         given = [x.copy() for x in xs]
         raw = self.call_forward_with(given)
-        problem = _output_problem(raw)
+        problem = self.outputs.problem(raw)
         if problem:
             return LayerCheck(shown_as, (Finding("forward returns the layer's output", False, problem),), {})
-        out = np.array(raw, dtype=np.float64)
-        if not any(self.differentiated) and isinstance(raw, np.ndarray) and raw.dtype.kind in "biu":
+        out = self.outputs.join(raw)
+        raw_parts = self.outputs.parts(raw)
+        if not any(self.differentiated) and all(
+            isinstance(part, np.ndarray) and part.dtype.kind in "biu" for part in raw_parts
+        ):
             raise ValueError(NOTHING_TO_DIFFERENTIATE)  # integers in, integers out
-        if isinstance(raw, (np.ndarray, np.generic)) and raw.dtype != np.float64:
-            raise ValueError(
-                f"check_layer: forward gave {raw.dtype} for float64 inputs; the check needs "
-                "float64 throughout"
-            )
+        for part in raw_parts:
+            if isinstance(part, (np.ndarray, np.generic)) and part.dtype != np.float64:
+                raise ValueError(
+                    f"check_layer: forward gave {part.dtype} for float64 inputs; the check needs "
+                    "float64 throughout"
+                )
         written = [n for n, a, b in zip(names, given, xs) if not np.array_equal(a, b)]
         first = {name: array.copy() for name, array in self.arrays().items()}
         # References, not ids: a freed array's id is soon another array's.
@@ -225,22 +310,27 @@ class Run:
 
         given = [x.copy() for x in xs]
         returned_output = self.call_forward_with(given)  # what the next layer would hold
-        kept_output = np.array(returned_output, dtype=np.float64)
+        kept_output = self.outputs.join(returned_output)
         given_at_backward = [g.copy() for g in given]
         at_backward = {name: array.copy() for name, array in self.arrays().items()}
         held = self.arrays()
         declared_now, grads_now = self.declared()  # again: forward may have made them
         grads_held = list(grads_now) if grads_now is not None else None
-        passed_dout = upstream.copy()
-        grads, problems = self.gradients(layer.backward(passed_dout))
-        dout_changed = int(np.count_nonzero(passed_dout != upstream))
+        passed_douts = self.outputs.split(upstream)
+        grads, problems = self.gradients(layer.backward(*passed_douts))
+        dout_changed = [
+            (name, int(np.count_nonzero(passed != kept)), kept.size)
+            for name, passed, kept in zip(
+                self.outputs.names, passed_douts, self.outputs.split(upstream)
+            )
+        ]
         written += [
             f"{n} (by backward)"
             for n, a, b in zip(names, given, given_at_backward)
             if not np.array_equal(a, b)
         ]
         output_changed = not np.array_equal(
-            np.array(returned_output, dtype=np.float64), kept_output, equal_nan=True
+            self.outputs.join(returned_output), kept_output, equal_nan=True
         )
 
         params, param_grads, replaced, rebound_grads, notes = self._parameters(
@@ -299,7 +389,7 @@ class Run:
             )
         )
         findings += _state_findings(
-            names, repeat, dout_changed, upstream.size, written, output_changed, params, changed
+            names, repeat, dout_changed, written, output_changed, params, changed
         )
         return LayerCheck(shown_as, tuple(findings), gradients, tuple(self.notes + notes))
 
@@ -327,12 +417,7 @@ class Run:
 
     def _upstream(self, dout: Any, out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if dout is not None:
-            upstream = _input_copy(dout, "dout").astype(np.float64)
-            if upstream.shape != out.shape:
-                raise ValueError(
-                    f"check_layer: dout has shape {upstream.shape}, the layer's output {out.shape}"
-                )
-            return upstream
+            return self._given_upstream(dout, out)
         is_loss = self.target is not None or not all(self.differentiated)  # it has labels
         if out.ndim == 0 and is_loss:  # the book's backward(dout=1)
             return np.ones((), dtype=np.float64)
@@ -340,9 +425,28 @@ class Run:
             upstream = rng.standard_normal(out.shape)
             # A dout proportional to an input (both drawn from one seed) would pass a
             # backward that is right only for that dout: draw again.
-            if not any(_proportional(upstream, x) for x in self.xs):
+            parts = self.outputs.split(upstream)
+            if not any(_proportional(part, x) for part in parts for x in self.xs):
                 break
         return upstream
+
+    def _given_upstream(self, dout: Any, out: np.ndarray) -> np.ndarray:
+        """The caller's dout (one array per output for several) as one vector."""
+        names, shapes = self.outputs.names, self.outputs.shapes or [out.shape]
+        if self.outputs.several and (not isinstance(dout, (tuple, list)) or len(dout) != len(names)):
+            raise TypeError(
+                f"check_layer: the layer has {len(names)} outputs; give dout as a tuple of "
+                f"{len(names)} arrays ({', '.join(names)})"
+            )
+        given = list(dout) if self.outputs.several else [dout]
+        arrays = []
+        for name, part, shape in zip(names, given, shapes):
+            array = _input_copy(part, name).astype(np.float64)
+            if array.shape != shape:
+                what = "the layer's output" if len(names) == 1 else "its output"
+                raise ValueError(f"check_layer: {name} has shape {array.shape}, {what} {shape}")
+            arrays.append(array)
+        return np.concatenate([a.ravel() for a in arrays]) if self.outputs.several else arrays[0]
 
     def _parameters(
         self,
@@ -539,7 +643,7 @@ class Run:
                     if isinstance(mine, np.ndarray) and mine.shape == array.shape:
                         mine[...] = array
                 self.forward(elsewhere, layer)
-            dxs, _ = self.gradients(layer.backward(upstream.copy()))
+            dxs, _ = self.gradients(self.outputs.backward(layer, upstream))
             results.append((dxs, {key: self.current_grad(key, layer) for key in params}))
         (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results
         differ = []
@@ -580,27 +684,10 @@ def _param_array(layer: Any, key: str) -> Any:
     return getattr(layer, key, None)
 
 
-def _output_problem(raw: Any) -> str:
-    if raw is None:
-        return "forward returned None (a forgotten `return out`?)"
-    if isinstance(raw, (tuple, list)):
-        return (
-            f"forward returned a {type(raw).__name__} of {len(raw)} values; return only the "
-            "output and keep what backward needs on the layer (layers with several outputs "
-            "are not supported)"
-        )
-    try:
-        np.array(raw, dtype=np.float64)
-    except (TypeError, ValueError):
-        return f"forward returned a {type(raw).__name__}, not an array or a number"
-    return ""
-
-
 def _state_findings(
     names: list[str],
     repeat: list[str],
-    dout_changed: int,
-    dout_size: int,
+    dout_changed: list[tuple[str, int, int]],
     written: list[str],
     output_changed: bool,
     params: dict[str, np.ndarray],
@@ -608,25 +695,32 @@ def _state_findings(
 ) -> list[Finding]:
     """The findings about state: a used layer against a fresh one, and what forward and
     backward wrote into that was not theirs."""
-    what = " and ".join(names) + (" as it was" if len(names) == 1 else " as they were")
+    def as_it_was(names: list[str]) -> str:
+        return " and ".join(names) + (" as it was" if len(names) == 1 else " as they were")
+
+    douts_written = [
+        f"{name} ({count} of {size} elements changed)" for name, count, size in dout_changed if count
+    ]
+    several_outputs = len(dout_changed) > 1
     findings = [
         Finding("after earlier use, the gradients match a fresh layer's", not repeat, "; ".join(repeat)),
         Finding(
-            "backward leaves dout as it was",
-            not dout_changed,
-            f"it wrote into dout ({dout_changed} of {dout_size} elements changed)"
-            if dout_changed
-            else "",
+            f"backward leaves {as_it_was([name for name, _, _ in dout_changed])}",
+            not douts_written,
+            ("it wrote into " + ", ".join(douts_written)) if douts_written else "",
         ),
         Finding(
-            f"forward and backward leave {what}",
+            f"forward and backward leave {as_it_was(names)}",
             not written,
             ("wrote into " + ", ".join(written)) if written else "",
         ),
         Finding(
-            "backward leaves forward's output as it was",
+            "backward leaves forward's outputs as they were"
+            if several_outputs
+            else "backward leaves forward's output as it was",
             not output_changed,
-            "it wrote into the array forward returned (which the next layer holds)"
+            f"it wrote into {'an array' if several_outputs else 'the array'} forward returned "
+            "(which the next layer holds)"
             if output_changed
             else "",
         ),

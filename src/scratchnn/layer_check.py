@@ -77,6 +77,11 @@ def check_layer(
 
     ``layer`` is any object with ``forward(*inputs)`` and ``backward(dout)``:
     a scratchnn layer, or one written as the book or its sequel writes them.
+    A layer with several outputs takes one upstream gradient for each (the
+    sequel's LSTM: ``forward(x, h_prev, c_prev)`` returns ``h_next, c_next``,
+    ``backward(dh_next, dc_next)``); ``dout`` is then a tuple, one array per
+    output, and the outputs are compared as one (``sum`` over all of
+    ``output * dout``).
     A loss takes its labels as ``target`` (``forward(x, target)``);
     ``forward_kwargs`` go to every forward call (``{"train_flg": False}``).
     Float inputs are differentiated, and so are integer ones the layer takes
@@ -126,9 +131,8 @@ def check_layer(
     Notes name what was not checked: integer inputs taken as indices, an
     array kept without a gradient (taken as a constant), a parameter that
     each forward rebinds (a reshape), layers held inside the layer whose
-    arrays were not checked. Layers with several outputs (the sequel's LSTM)
-    are refused. The layer given is
-    not changed: check_layer works on a copy. A layer that draws random
+    arrays were not checked. The layer given is not changed: check_layer
+    works on a copy. A layer that draws random
     numbers in forward (Dropout in training mode) is refused.
 
     >>> from scratchnn import Sigmoid
@@ -158,15 +162,16 @@ def check_layer(
         forward_kwargs = {}
     if not isinstance(forward_kwargs, dict):
         raise TypeError(f"check_layer: forward_kwargs must be a dict, got {forward_kwargs!r}")
-    _require_dout_parameter(layer)
+    dout_names = _upstream_names(layer)
     _refuse_randomness(layer, forward_kwargs)
     names = ["x"] if len(inputs) == 1 else [f"x{i}" for i in range(len(inputs))]
     xs = [_input_copy(x, name) for x, name in zip(inputs, names)]
     xs, indices = _floats_where_taken(layer, xs, names, target, forward_kwargs)
     _refuse_float_labels(layer, xs, target)
-    from scratchnn._layer_run import Run  # it imports this module's report types
+    from scratchnn._layer_run import Outputs, Run  # it imports this module's report types
 
-    run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs, names, xs)
+    outputs = Outputs(dout_names)
+    run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs, names, xs, outputs)
     run.notes += [
         f"{name} is taken as indices, labels or a mask: not differentiated"
         for name in indices
@@ -197,23 +202,29 @@ def _generator(rng: object) -> np.random.Generator:
     raise TypeError(f"check_layer: rng must be a numpy.random.Generator or a seed, got {rng!r}")
 
 
-def _require_dout_parameter(layer: Any) -> None:
+def _upstream_names(layer: Any) -> list[str]:
+    """The names of backward's upstream gradients: ``["dout"]`` for a layer with one
+    output, one per output for several (the sequel's LSTM: ``dh_next``, ``dc_next``)."""
     try:
         signature = inspect.signature(layer.backward)
+    except ValueError:  # no signature to read (a builtin): let the call decide
+        return ["dout"]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.kind in positional and parameter.default is inspect.Parameter.empty
+    ]
+    if len(required) >= 2:
+        return required
+    try:
         signature.bind(1.0)
     except TypeError:
-        if len(signature.parameters) >= 2:
-            raise TypeError(
-                "check_layer: backward takes several upstream gradients (one per output, as "
-                "the sequel's LSTM's dh_next and dc_next): layers with several outputs are "
-                "not supported; check their parts one by one"
-            ) from None
         raise TypeError(
             "check_layer: backward must take the upstream gradient dout (the book writes "
             "backward(self, dout=1) even for a loss)"
         ) from None
-    except ValueError:  # no signature to read (a builtin): let the call decide
-        pass
+    return ["dout"]
 
 
 def _refuse_randomness(layer: Any, forward_kwargs: dict[str, Any]) -> None:
@@ -273,7 +284,8 @@ def _floats_where_taken(
             out = _copy_of(layer).forward(
                 *(a.copy() for a in arrays), *copy.deepcopy(labels), **forward_kwargs
             )
-            return np.array(out, dtype=np.float64)
+            parts = out if isinstance(out, (tuple, list)) else (out,)  # several outputs
+            return np.concatenate([np.array(part, dtype=np.float64).ravel() for part in parts])
 
     for i, x in enumerate(xs):
         if x.dtype.kind not in "iu":
