@@ -1,0 +1,58 @@
+"""The pages of docs/ that quote what the code prints: the quotes are what it prints now.
+
+Oracle: the program itself, run here. docs/sigmoid-graph.md and its Japanese
+translation quote ``scratchnn demo``'s step table and a script's output (the
+script compares with 100-digit mpmath values); a change to the code that
+moves a digit must change the pages too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scratchnn.demo import run_demo
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGES = ["sigmoid-graph.md", "sigmoid-graph.ja.md"]
+
+
+def _demo_quote(page: str) -> list[str]:
+    """The indented lines after ``$ scratchnn demo`` and its ``...``, unindented."""
+    lines = (DOCS / page).read_text(encoding="utf-8").splitlines()
+    start = lines.index("    $ scratchnn demo") + 2
+    assert lines[start - 1] == "    ..."
+    quoted = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        quoted.append(line[4:])
+    return [line.rstrip() for line in quoted]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_step_table_quoted_is_what_demo_prints(page: str) -> None:
+    printed = [line.rstrip() for line in run_demo().splitlines()]
+    quoted = _demo_quote(page)
+    while quoted and not quoted[-1]:
+        quoted.pop()
+    assert len(quoted) >= 20  # the whole table, not a line of it
+    first = printed.index(quoted[0])
+    assert printed[first : first + len(quoted)] == quoted
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_script_quoted_prints_what_the_page_says(page: str) -> None:
+    pytest.importorskip("mpmath", reason="mpmath (the script's reference) is not installed")
+    text = (DOCS / page).read_text(encoding="utf-8")
+    match = re.search(r"```\n\$ \.venv/bin/python - <<'EOF'\n(.*?)\nEOF\n(.*?)```", text, re.S)
+    assert match, f"{page}: the script block was not found"
+    script, quoted = match.groups()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.splitlines() == quoted.splitlines()
