@@ -9,6 +9,7 @@ into ``dout``; book-style layers are written here as the book writes them.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -998,7 +999,7 @@ def test_float32_scalars_and_float_hyperparameters() -> None:
             return np.where(self.x > 0, dout, self.alpha * dout)
 
     x = np.random.default_rng(41).standard_normal((2, 3))
-    with pytest.raises(ValueError, match="forward gave float32 for float64 inputs"):
+    with pytest.raises(ValueError, match="forward's output is float32; the check needs float64 outputs"):
         check_layer(Float32Loss(), x)
     assert check_layer(LooksUpItsSlope(), x).passed
 
@@ -1295,3 +1296,59 @@ def test_a_backward_taking_two_douts_needs_two_outputs() -> None:
         assert [f.detail for f in report.findings] == [
             f"backward takes 2 upstream gradients (dh, dc), one per output, but forward returned {got}"
         ]
+
+
+def test_how_many_outputs_is_settled_by_forward_as_far_as_backward_takes_them() -> None:
+    class Cell:  # y = tanh(x), z = x**2
+        def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            self.x = x
+            return np.tanh(x), x**2
+
+        def backward(self, dh: np.ndarray, dc: Any = None) -> np.ndarray:
+            return dh * (1 - np.tanh(self.x) ** 2) + 2 * self.x * dc
+
+    class StarCell(Cell):
+        def backward(self, *douts: np.ndarray) -> np.ndarray:  # type: ignore[override]
+            return super().backward(*douts)
+
+    class KeywordCell(Cell):
+        def backward(self, dh: np.ndarray, *, dc: np.ndarray) -> np.ndarray:  # type: ignore[override]
+            return super().backward(dh, dc)
+
+    class ForgetsC(Cell):
+        def forward(self, x: np.ndarray) -> Any:
+            self.x = x
+            return np.tanh(x), None
+
+    class ForgetsDcPrev(SequelLSTM):
+        def backward(self, dh_next: np.ndarray, dc_next: np.ndarray) -> Any:
+            return super().backward(dh_next, dc_next)[:2]
+
+    x = np.random.default_rng(58).standard_normal((2, 3))
+    assert check_layer(Cell(), x).passed
+    report = check_layer(StarCell(), x)
+    assert report.passed and "backward leaves douts[0] and douts[1] as they were" in str(report)
+    with pytest.raises(TypeError, match="backward takes dc by keyword only"):
+        check_layer(KeywordCell(), x)
+    assert [f.detail for f in check_layer(ForgetsC(), x).findings] == [
+        "forward's output 2 of 2 (for dc) is None (a forgotten value?)"
+    ]
+    layer, inputs = _lstm_case(59)
+    short = ForgetsDcPrev(*layer.params)
+    assert [f.detail for f in check_layer(short, *inputs).findings if not f.passed] == [
+        "backward returned 2 gradients for 3 inputs"  # no labels hint: c_prev is a state
+    ]
+
+
+def test_random_scalar_douts_of_several_outputs_are_shown_with_a_failure() -> None:
+    class Moments:  # the mean and the mean square, two scalars
+        def forward(self, x: np.ndarray) -> tuple[float, float]:
+            self.x = x
+            return float(np.mean(x)), float(np.mean(x**2))
+
+        def backward(self, dmean: float, dsquare: float) -> np.ndarray:
+            return (1 + 2 * self.x) / self.x.size  # forgets both douts
+
+    report = check_layer(Moments(), np.random.default_rng(60).standard_normal((2, 3)))
+    (failed,) = [f for f in report.findings if not f.passed]
+    assert re.search(r"with dmean = -?\d\.\d+, dsquare = -?\d\.\d+ \(random: scalar outputs\)$", failed.detail)

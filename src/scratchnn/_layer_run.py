@@ -39,43 +39,63 @@ class Outputs:
     A layer with one output (any shape, a loss's scalar) is compared as it is; one with
     several (the sequel's LSTM returns ``h_next, c_next`` and its backward takes
     ``dh_next, dc_next``) has them flattened and joined, so that central differences
-    of ``sum(outputs * douts)`` take every output's share at once.
+    of ``sum(outputs * douts)`` take every output's share at once. How many there are
+    is settled by forward's first result, as far as backward can take that many.
     """
 
-    def __init__(self, dout_names: list[str]) -> None:
-        self.names = dout_names  # backward's parameters, one per output
+    def __init__(self, slots: list[str], required: int, varargs: str | None) -> None:
+        # backward's positional parameters, how many of them have no default, its *args
+        self.slots, self.required, self.varargs = slots, required, varargs
+        self.names = ["dout"]  # one per output once settled
         self.shapes: list[tuple[int, ...]] = []
 
     @property
     def several(self) -> bool:
         return len(self.names) > 1
 
-    def parts(self, raw: Any) -> list[Any]:
-        return list(raw) if self.several else [raw]
+    def _takes(self, count: int) -> bool:
+        return self.required <= count and (count <= len(self.slots) or self.varargs is not None)
 
-    def problem(self, raw: Any) -> str:
-        """What is wrong with forward's result, or ""."""
+    def settle(self, raw: Any) -> str:
+        """Decide from forward's result how many outputs there are; what is wrong, or ""."""
         if raw is None:
             return "forward returned None (a forgotten `return out`?)"
-        if not self.several:
-            if isinstance(raw, (tuple, list)):
-                return (
-                    f"forward returned a {type(raw).__name__} of {len(raw)} values; return only "
-                    "the output and keep what backward needs on the layer (a layer with several "
-                    "outputs takes one upstream gradient for each in backward)"
-                )
-            return _not_numbers(raw)
-        if not isinstance(raw, (tuple, list)) or len(raw) != len(self.names):
-            got = (
-                f"a {type(raw).__name__} of {len(raw)} values"
-                if isinstance(raw, (tuple, list))
-                else "one output"
-            )
+        count = len(raw) if isinstance(raw, (tuple, list)) else 1
+        if count >= 2 and self._takes(count):
+            self.names = [
+                self.slots[i] if i < len(self.slots) else f"{self.varargs}[{i - len(self.slots)}]"
+                for i in range(count)
+            ]
+        elif self.required >= 2:
+            got = f"a {type(raw).__name__} of {count} values" if count != 1 else "one output"
             return (
-                f"backward takes {len(self.names)} upstream gradients "
-                f"({', '.join(self.names)}), one per output, but forward returned {got}"
+                f"backward takes {self.required} upstream gradients "
+                f"({', '.join(self.slots[: self.required])}), one per output, but forward "
+                f"returned {got}"
             )
-        return next(filter(None, (_not_numbers(part) for part in raw)), "")
+        elif isinstance(raw, (tuple, list)):
+            return (
+                f"forward returned a {type(raw).__name__} of {count} values; return only the "
+                "output and keep what backward needs on the layer (a layer with several "
+                "outputs takes one upstream gradient for each in backward)"
+            )
+        for i, part in enumerate(self.parts(raw)):
+            what = self.output_name(i)
+            if part is None:
+                return f"{what} is None (a forgotten value?)"
+            try:
+                np.array(part, dtype=np.float64)
+            except (TypeError, ValueError):
+                return f"{what} is a {type(part).__name__}, not an array or a number"
+        return ""
+
+    def output_name(self, i: int) -> str:
+        if not self.several:
+            return "forward's output"
+        return f"forward's output {i + 1} of {len(self.names)} (for {self.names[i]})"
+
+    def parts(self, raw: Any) -> list[Any]:
+        return list(raw) if self.several else [raw]
 
     def join(self, raw: Any) -> np.ndarray:
         """Forward's result as one float64 array (a copy); the first call records the
@@ -100,14 +120,6 @@ class Outputs:
 
     def backward(self, layer: Any, upstream: np.ndarray) -> Any:
         return layer.backward(*self.split(upstream))
-
-
-def _not_numbers(raw: Any) -> str:
-    try:
-        np.array(raw, dtype=np.float64)
-    except (TypeError, ValueError):
-        return f"forward returned a {type(raw).__name__}, not an array or a number"
-    return ""
 
 
 class Run:
@@ -156,9 +168,8 @@ class Run:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = probe.forward(*(x.copy() for x in self.xs), *labels, **self.kwargs)
-                probe.backward(
-                    *(np.ones_like(np.asarray(part, dtype=np.float64)) for part in self.outputs.parts(out))
-                )
+                parts = out if isinstance(out, (tuple, list)) else (out,)  # several outputs
+                probe.backward(*(np.ones_like(np.asarray(p, dtype=np.float64)) for p in parts))
         except Exception:  # the check itself will say what is wrong
             return []
         return [name for name in floats if getattr(probe, "d" + name, None) is not None]
@@ -246,7 +257,7 @@ class Run:
             noun = "gradient" if len(values) == 1 else "gradients"
             hint = (
                 f" (if {self.names[-1]} is the labels, pass it as target=)"
-                if len(values) == len(self.xs) - 1
+                if len(values) == len(self.xs) - 1 and not self.outputs.several
                 else ""
             )
             return None, [f"backward returned {len(values)} {noun} for {len(self.xs)} inputs{hint}"]
@@ -284,7 +295,7 @@ class Run:
 
         given = [x.copy() for x in xs]
         raw = self.call_forward_with(given)
-        problem = self.outputs.problem(raw)
+        problem = self.outputs.settle(raw)
         if problem:
             return LayerCheck(shown_as, (Finding("forward returns the layer's output", False, problem),), {})
         out = self.outputs.join(raw)
@@ -293,11 +304,11 @@ class Run:
             isinstance(part, np.ndarray) and part.dtype.kind in "biu" for part in raw_parts
         ):
             raise ValueError(NOTHING_TO_DIFFERENTIATE)  # integers in, integers out
-        for part in raw_parts:
+        for i, part in enumerate(raw_parts):
             if isinstance(part, (np.ndarray, np.generic)) and part.dtype != np.float64:
                 raise ValueError(
-                    f"check_layer: forward gave {part.dtype} for float64 inputs; the check needs "
-                    "float64 throughout"
+                    f"check_layer: {self.outputs.output_name(i)} is {part.dtype}; the check needs "
+                    "float64 outputs (from float64 inputs and parameters)"
                 )
         written = [n for n, a, b in zip(names, given, xs) if not np.array_equal(a, b)]
         first = {name: array.copy() for name, array in self.arrays().items()}
@@ -365,13 +376,7 @@ class Run:
             arrays.update(params)
             analytic = {n: g for n, g in zip(names, grads) if g is not None}
             analytic.update({k: g for k, g in param_grads.items() if g is not None})
-            # A random scalar dout is a factor a backward that ignores dout is wrong by.
-            dout_shown = (
-                f" with dout = {float(upstream):.6g} (random: a scalar output without labels; "
-                "give dout=1 if this is a loss)"
-                if dout is None and upstream.ndim == 0 and float(upstream) != 1.0
-                else ""
-            )
+            dout_shown = _random_scalars_shown(dout, upstream, self.outputs)
             for key, array in arrays.items():
                 result, kinks = _compare(
                     key, array, analytic[key], lambda: self.forward(xs), out, upstream,
@@ -662,6 +667,24 @@ class Run:
             ):
                 differ.append(f"d{key} differs (does backward add to d{key} instead of setting it?)")
         return differ
+
+
+def _random_scalars_shown(dout: Any, upstream: np.ndarray, outputs: Outputs) -> str:
+    """Random scalar douts, for a failing gradient's report: each is a factor that a
+    backward ignoring its dout is wrong by."""
+    if dout is not None:
+        return ""
+    if not outputs.several:
+        if upstream.ndim != 0 or float(upstream) == 1.0:
+            return ""
+        return (
+            f" with dout = {float(upstream):.6g} (random: a scalar output without labels; "
+            "give dout=1 if this is a loss)"
+        )
+    if any(shape != () for shape in outputs.shapes):
+        return ""
+    shown = ", ".join(f"{name} = {float(v):.6g}" for name, v in zip(outputs.names, upstream))
+    return f" with {shown} (random: scalar outputs)"
 
 
 def _proportional(a: np.ndarray, b: np.ndarray) -> bool:

@@ -16,12 +16,15 @@ import numbers
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scratchnn import _checks
 from scratchnn.gradient_check import GradcheckResult
+
+if TYPE_CHECKING:
+    from scratchnn._layer_run import Outputs
 
 
 @dataclass(frozen=True)
@@ -162,15 +165,14 @@ def check_layer(
         forward_kwargs = {}
     if not isinstance(forward_kwargs, dict):
         raise TypeError(f"check_layer: forward_kwargs must be a dict, got {forward_kwargs!r}")
-    dout_names = _upstream_names(layer)
+    outputs = _upstream_slots(layer)
     _refuse_randomness(layer, forward_kwargs)
     names = ["x"] if len(inputs) == 1 else [f"x{i}" for i in range(len(inputs))]
     xs = [_input_copy(x, name) for x, name in zip(inputs, names)]
     xs, indices = _floats_where_taken(layer, xs, names, target, forward_kwargs)
     _refuse_float_labels(layer, xs, target)
-    from scratchnn._layer_run import Outputs, Run  # it imports this module's report types
+    from scratchnn._layer_run import Run  # it imports this module's report types
 
-    outputs = Outputs(dout_names)
     run = Run(_copy_of(layer), _copy_of(layer), target, forward_kwargs, names, xs, outputs)
     run.notes += [
         f"{name} is taken as indices, labels or a mask: not differentiated"
@@ -202,29 +204,33 @@ def _generator(rng: object) -> np.random.Generator:
     raise TypeError(f"check_layer: rng must be a numpy.random.Generator or a seed, got {rng!r}")
 
 
-def _upstream_names(layer: Any) -> list[str]:
-    """The names of backward's upstream gradients: ``["dout"]`` for a layer with one
-    output, one per output for several (the sequel's LSTM: ``dh_next``, ``dc_next``)."""
+def _upstream_slots(layer: Any) -> Outputs:
+    """backward's positional parameters, one upstream gradient per output of forward
+    (``dout``; the sequel's LSTM: ``dh_next, dc_next``); how many outputs there are is
+    settled by forward's result."""
+    from scratchnn._layer_run import Outputs
+
     try:
         signature = inspect.signature(layer.backward)
     except ValueError:  # no signature to read (a builtin): let the call decide
-        return ["dout"]
+        return Outputs(["dout"], 1, None)
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [
-        name
-        for name, parameter in signature.parameters.items()
-        if parameter.kind in positional and parameter.default is inspect.Parameter.empty
-    ]
-    if len(required) >= 2:
-        return required
-    try:
-        signature.bind(1.0)
-    except TypeError:
+    parameters = list(signature.parameters.values())
+    slots = [p.name for p in parameters if p.kind in positional]
+    required = sum(1 for p in parameters if p.kind in positional and p.default is p.empty)
+    varargs = next((p.name for p in parameters if p.kind is p.VAR_POSITIONAL), None)
+    keyword_only = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only:
+        raise TypeError(
+            f"check_layer: backward takes {', '.join(keyword_only)} by keyword only; give it its "
+            "upstream gradients as positional parameters, one per output (backward(self, dh, dc))"
+        )
+    if not slots and varargs is None:
         raise TypeError(
             "check_layer: backward must take the upstream gradient dout (the book writes "
             "backward(self, dout=1) even for a loss)"
-        ) from None
-    return ["dout"]
+        )
+    return Outputs(slots, required, varargs)
 
 
 def _refuse_randomness(layer: Any, forward_kwargs: dict[str, Any]) -> None:
