@@ -56,3 +56,34 @@ def test_the_script_quoted_prints_what_the_page_says(page: str) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.splitlines() == quoted.splitlines()
+
+
+def _finding_titles() -> set[str]:
+    """Every kind of line check_layer reports, from reports of real layers."""
+    import numpy as np
+
+    import scratchnn as snn
+
+    class ForgetsReturn:
+        def forward(self, x: np.ndarray) -> None:
+            self.x = x
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3))
+    reports = [
+        snn.check_layer(snn.Affine(rng.standard_normal((3, 2)), np.zeros(2)), x),
+        snn.check_layer(snn.SoftmaxWithLoss(), x, target=np.array([0, 1, 2, 0])),
+        snn.check_layer(ForgetsReturn(), x),
+    ]
+    return {finding.check for report in reports for finding in report.findings}
+
+
+def test_the_japanese_page_explains_every_line_check_layer_reports() -> None:
+    table = (DOCS / "check-layer.ja.md").read_text(encoding="utf-8")
+    titles = _finding_titles()
+    assert len(titles) == 10
+    missing = [title for title in titles if f"| `{title}` |" not in table]
+    assert not missing, f"check-layer.ja.md's table lacks {missing}"
