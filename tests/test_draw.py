@@ -270,6 +270,20 @@ def test_network_edges_carry_the_networks_own_gradients() -> None:
     assert boxes == ["Affine", "Relu", "Affine", "SoftmaxWithLoss"]
 
 
+def test_network_draws_the_parameters_of_layers_in_the_books_and_the_sequels_styles() -> None:
+    from test_models import BookAffine, SequelAffine
+
+    rng = np.random.default_rng(2)
+    net = snn.Sequential([BookAffine(rng.standard_normal((2, 2)), np.zeros(2)), Relu(),
+                          SequelAffine(rng.standard_normal((2, 2)), np.zeros(2))])  # fmt: skip
+    x, t = rng.standard_normal((1, 2)), np.array([1])
+    grads = gradients_by_name(network_drawing(net, x, t).to_dot())
+    reference = net.gradient(x, t)
+    assert sorted(reference) == ["W1", "b1", "params1[0]", "params1[1]"]
+    for key, grad in reference.items():
+        np.testing.assert_allclose(parse_array(grads[key])[1], grad, rtol=5e-3, atol=1e-6)  # type: ignore[arg-type]
+
+
 def test_network_shows_only_shapes_of_large_arrays() -> None:
     rng = np.random.default_rng(0)
     net = mlp([5, 4, 3], rng=rng, dtype=np.float64)

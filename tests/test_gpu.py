@@ -27,7 +27,7 @@ from scratchnn.backend import device_of, get_array_module, move_arrays, to_devic
 from scratchnn.kernels import OPS
 from scratchnn.kernels.cuda import source, source_many
 from scratchnn.models import cnn
-from scratchnn.optim import make_optimizer
+from scratchnn.optim import SGD, make_optimizer
 
 
 def _real_cupy_reason() -> str | None:
@@ -398,7 +398,7 @@ def test_evaluate_on_the_device_takes_large_batches_and_gives_the_cpus_numbers(
     got = evaluate(net, x_device, t_device)
     assert fake_cuda.launches.count("softmax_xent") == -(-2500 // DEVICE_EVAL_BATCH) == 3
     # A wait per batch, for its loss; the correct answers are read once, at the end.
-    assert fake_cupy.transfers == ["get"] * 3 + ["__int__"]
+    assert fake_cupy.transfers == ["get"] * 3 + ["__float__"]
     assert got[1] == want[1]
     assert got[0] == pytest.approx(want[0], rel=1e-12)
 
@@ -707,6 +707,30 @@ def test_mixing_numpy_and_cupy_arrays_raises_type_error(gpu: Any) -> None:
     net = snn.mlp([4, 3], rng=np.random.default_rng(0)).to("cuda")
     with pytest.raises(TypeError, match=r"Affine\.forward: an input is on cpu, but the layer"):
         net.predict(np.ones((2, 4), np.float32))
+
+
+def test_an_array_held_twice_by_a_users_layer_moves_as_one(gpu: Any) -> None:
+    class Scale:  # its parameter held as an attribute and in its params dict
+        def __init__(self) -> None:
+            self.s = np.ones(3)
+            self.params = {"s": self.s}
+            self.grads: dict[str, Any] = {"s": None}
+
+        def forward(self, x: Any) -> Any:
+            self.x = x
+            return x * self.s
+
+        def backward(self, dout: Any) -> Any:
+            self.grads["s"] = (dout * self.x).sum(axis=0)
+            return dout * self.s
+
+    rng = np.random.default_rng(90)
+    scale = Scale()
+    net = snn.Sequential([scale, snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))]).to("cuda")
+    assert scale.params["s"] is scale.s and isinstance(scale.s, gpu.ndarray)
+    x, t = gpu.asarray(rng.standard_normal((4, 3))), gpu.asarray(rng.integers(0, 2, 4))
+    SGD(0.5).update(net.params, net.gradient(x, t))
+    assert not np.array_equal(to_host(scale.s), np.ones(3))  # forward's s is the one trained
 
 
 def test_unknown_device_is_a_value_error() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import scratchnn as snn
 from scratchnn.models import cnn
+from scratchnn.optim import SGD
 from scratchnn.train import evaluate
 
 ACTIVATIONS = [
@@ -436,3 +437,171 @@ def test_accuracy_refuses_labels_the_loss_refuses(t: np.ndarray) -> None:
 def test_cnn_names_a_bad_size(kwargs: dict[str, Any], error: type, words: str) -> None:
     with pytest.raises(error, match=re.escape(words)):
         cnn(rng=np.random.default_rng(0), **kwargs)
+
+
+# -- layers of the user's own, in the book's, the sequel's and scratchnn's styles ------------
+
+torch = pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
+
+
+class BookAffine:
+    """The book's chapter-5 Affine, as the book writes it: W and b beside dW and db."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray) -> None:
+        self.W, self.b = W, b
+        self.x: Any = None
+        self.dW: Any = None
+        self.db: Any = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return np.dot(x, self.W) + self.b
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        dx = np.dot(dout, self.W.T)
+        self.dW = np.dot(self.x.T, dout)
+        self.db = np.sum(dout, axis=0)
+        return dx
+
+
+class SequelAffine:
+    """The sequel's Affine: params and grads lists, gradients written into grads[i]."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray) -> None:
+        self.params = [W, b]
+        self.grads = [np.zeros_like(W), np.zeros_like(b)]
+        self.x: Any = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        W, b = self.params
+        self.x = x
+        return np.dot(x, W) + b
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        W, _ = self.params
+        self.grads[0][...] = np.dot(self.x.T, dout)
+        self.grads[1][...] = np.sum(dout, axis=0)
+        return np.dot(dout, W.T)
+
+
+def _torch_gradients(weights: list[np.ndarray], x: np.ndarray, t: np.ndarray) -> list[np.ndarray]:
+    """Gradients of mean cross-entropy(affine-relu-affine) in W1, b1, W2, b2 by autograd."""
+    W1, b1, W2, b2 = (torch.tensor(w, requires_grad=True) for w in weights)
+    scores = torch.relu(torch.tensor(x) @ W1 + b1) @ W2 + b2
+    loss = torch.nn.functional.cross_entropy(scores, torch.tensor(t))
+    return [g.numpy() for g in torch.autograd.grad(loss, (W1, b1, W2, b2))]
+
+
+@pytest.mark.parametrize("style", [BookAffine, SequelAffine])
+def test_a_layer_in_the_books_or_the_sequels_style_joins_params_and_trains(style: Any) -> None:
+    rng = np.random.default_rng(70)
+    weights = [rng.standard_normal((4, 6)), rng.standard_normal(6),
+               rng.standard_normal((6, 3)), rng.standard_normal(3)]  # fmt: skip
+    x, t = rng.standard_normal((5, 4)), rng.integers(0, 3, 5)
+    net = snn.Sequential([style(weights[0].copy(), weights[1].copy()), snn.Relu(),
+                          snn.Affine(weights[2].copy(), weights[3].copy())])  # fmt: skip
+    first = ["W1", "b1"] if style is BookAffine else ["params1[0]", "params1[1]"]
+    grads = net.gradient(x, t)
+    # The book's layer numbered with scratchnn's Affine; the sequel's numbered apart.
+    keys = [*first, "W2", "b2"] if style is BookAffine else [*first, "W1", "b1"]
+    assert list(grads) == keys
+    for key, want in zip(keys, _torch_gradients(weights, x, t)):
+        np.testing.assert_allclose(grads[key], want, rtol=1e-12, atol=1e-14)
+    # Trained in place, as the book's optimisers train: the layer's own W moves.
+    before = net.layers[0].W.copy() if style is BookAffine else net.layers[0].params[0].copy()
+    SGD(0.1).update(net.params, net.gradient(x, t))
+    after = net.layers[0].W if style is BookAffine else net.layers[0].params[0]
+    np.testing.assert_allclose(after, before - 0.1 * grads[first[0]], rtol=1e-12)
+    assert set(first) <= set(net.state())
+
+
+def test_the_books_running_statistics_are_saved_with_its_parameters() -> None:
+    class BookBatchNorm:  # only what Sequential reads: gamma beside dgamma, running stats
+        def __init__(self) -> None:
+            self.gamma, self.beta = np.ones(3), np.zeros(3)
+            self.dgamma: Any = None
+            self.dbeta: Any = None
+            self.running_mean, self.running_var = np.full(3, 0.5), np.full(3, 2.0)
+
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            return x * self.gamma + self.beta
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    net = snn.Sequential([BookBatchNorm()])
+    assert sorted(net.state()) == ["beta1", "gamma1", "running_mean1", "running_var1"]
+    net.load_state({**net.state(), "running_mean1": np.arange(3.0)})
+    assert net.layers[0].running_mean.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_the_books_dropout_gets_the_networks_mode_as_train_flg() -> None:
+    class BookDropout:  # the book's chapter-6 Dropout
+        def __init__(self, dropout_ratio: float = 0.5) -> None:
+            self.dropout_ratio = dropout_ratio
+            self.mask: Any = None
+
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            if train_flg:
+                self.mask = np.random.rand(*x.shape) > self.dropout_ratio  # noqa: NPY002 (the book's own call)
+                return x * self.mask
+            return x * (1.0 - self.dropout_ratio)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout * self.mask
+
+    x = np.random.default_rng(71).standard_normal((50, 4)) + 3.0
+    net = snn.Sequential([BookDropout(0.5)]).eval()
+    np.testing.assert_array_equal(net.predict(x), 0.5 * x)  # no units dropped
+    net.train()
+    assert np.count_nonzero(net.predict(x) == 0) > 20  # about half of 200
+
+
+def test_parameters_a_layer_makes_at_its_first_forward_are_found_then() -> None:
+    class LazyScale:
+        def __init__(self) -> None:
+            self.params: dict[str, np.ndarray] = {}
+            self.grads: dict[str, np.ndarray] = {}
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            if not self.params:
+                self.params["s"] = np.ones(x.shape[1])
+            self.x = x
+            return x * self.params["s"]
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.grads["s"] = np.sum(dout * self.x, axis=0)
+            return dout * self.params["s"]
+
+    rng = np.random.default_rng(72)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((4, 3)), np.zeros(3)), LazyScale()])
+    assert sorted(net.params) == ["W1", "b1"]  # read (and numbered) before the first forward
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    with pytest.raises(ValueError, match="read the network's params after that forward"):
+        SGD(0.1).update(net.params, net.gradient(x, t))
+    grads = net.gradient(x, t)
+    assert sorted(net.params) == sorted(grads) == ["W1", "b1", "s1"]
+    SGD(0.1).update(net.params, grads)
+    assert not np.array_equal(net.layers[1].params["s"], np.ones(3))
+    assert "s1" in net.state()
+
+
+def test_a_params_list_without_a_grads_list_of_its_length_is_named() -> None:
+    layer = SequelAffine(np.ones((2, 2)), np.zeros(2))
+    layer.grads = [*layer.grads, np.zeros(2)]
+    with pytest.raises(TypeError, match="a params list needs a grads list of its length"):
+        snn.Sequential([layer]).gradient(np.ones((1, 2)), np.array([0]))
+
+
+def test_accuracy_is_nan_where_a_score_is_nan_and_refuses_an_empty_set() -> None:
+    rng = np.random.default_rng(73)
+    net = small_network(snn.Relu, rng)
+    x, t = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+    assert 0.0 <= net.accuracy(x, t) <= 1.0
+    x[2, 0] = np.nan  # one example's scores are all NaN: there is no answer to count
+    assert np.isnan(net.accuracy(x, t))
+    assert np.isnan(evaluate(net, x, t)[1])
+    yes_no = snn.Sequential([snn.Affine(rng.standard_normal((5, 1)), np.zeros(1))], snn.SigmoidWithLoss())
+    assert np.isnan(yes_no.accuracy(x, (rng.random((6, 1)) > 0.5).astype(float)))
+    with pytest.raises(ValueError, match="no examples to count"):
+        net.accuracy(x[:0], t[:0])

@@ -630,3 +630,38 @@ def test_a_layer_that_skips_the_base_init_still_runs() -> None:
     layer = Doubling()
     np.testing.assert_array_equal(layer.forward(np.ones(2)), [2.0, 2.0])
     np.testing.assert_array_equal(layer.to("cpu").backward(np.ones(2)), [2.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("broken", "words"),
+    [
+        (lambda x, t: (x, t + 10), "fit: the test set: SoftmaxWithLoss: labels must lie in [0, 10)"),
+        (lambda x, t: (x[:, :19], t), "fit: the test set: Affine: expected input of shape (batch, 20)"),
+        (lambda x, t: (x, t.astype(float)), "fit: the test set: SoftmaxWithLoss: class-index labels"),
+        # Only a later label out of range: every label is checked, not the first batch's.
+        (lambda x, t: (x, np.concatenate([t[:-1], [10]])), "fit: the test set: labels must lie in"),
+    ],
+)
+def test_a_test_set_the_network_cannot_take_fails_before_the_first_step(
+    broken: Any, words: str
+) -> None:
+    rng = np.random.default_rng(80)
+    train, test = blobs(300, rng), broken(*blobs(50, rng))
+    net = snn.models.mlp([20, 16, 10], rng=rng)
+    before = {key: array.copy() for key, array in net.params.items()}
+    with pytest.raises(ValueError) as caught:
+        fit(net, SGD(0.1), train, test, epochs=1, batch_size=50, rng=rng)
+    assert str(caught.value).startswith(words)
+    assert all(np.array_equal(net.params[key], array) for key, array in before.items())
+
+
+def test_fit_takes_lists_beyond_the_training_metrics_subset() -> None:
+    rng = np.random.default_rng(81)
+    x, t = blobs(300, rng)
+    net = snn.models.mlp([20, 16, 10], rng=np.random.default_rng(82))
+    history = fit(net, SGD(0.1), (x.tolist(), t.tolist()), epochs=2, batch_size=50,
+                  rng=np.random.default_rng(83), train_eval_size=100)  # fmt: skip
+    twin = snn.models.mlp([20, 16, 10], rng=np.random.default_rng(82))
+    same = fit(twin, SGD(0.1), (x, t), epochs=2, batch_size=50,
+               rng=np.random.default_rng(83), train_eval_size=100)  # fmt: skip
+    assert history.train_loss == same.train_loss and history.train_acc == same.train_acc

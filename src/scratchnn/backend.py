@@ -146,7 +146,7 @@ def to_host(array: Any) -> Any:
     return to_device(array, "cpu")
 
 
-def move_arrays(obj: object, device: str) -> None:
+def move_arrays(obj: object, device: str, moved: dict[int, Any] | None = None) -> None:
     """Move every array attribute of ``obj`` to ``device``, in place.
 
     Arrays held directly (``W``, ``dW``, kept caches) are rebound to their moved
@@ -154,22 +154,34 @@ def move_arrays(obj: object, device: str) -> None:
     optimiser's ``v``, ``m``) are updated in place. Objects inside ``obj`` are
     not followed: a layer that holds layers moves them in its own ``to``. It is
     what ``Layer.to`` and ``Optimizer.to`` call; move a layer with its ``to``.
+
+    An array held at two places (``self.W`` and ``self.params["W"]``) moves once
+    and stays one array; ``moved`` (by the original's id) carries that across
+    several objects moved together (it holds each original beside its copy).
     """
     if check_device(device) == "cuda":
         import_cupy()  # a clear error without CuPy, also for an object with no arrays yet
+    moved = {} if moved is None else moved
+
+    def move(array: Any) -> Any:
+        if id(array) not in moved:
+            # The original is kept beside its copy: while it lives, no other array has its id.
+            moved[id(array)] = (array, to_device(array, device))
+        return moved[id(array)][1]
+
     for name, value in list(vars(obj).items()):
         if is_array(value):
-            setattr(obj, name, to_device(value, device))
+            setattr(obj, name, move(value))
         elif isinstance(value, dict):
             for key, item in list(value.items()):
                 if is_array(item):
-                    value[key] = to_device(item, device)
+                    value[key] = move(item)
         elif type(value) is list:
             for i, item in enumerate(value):  # in place: whoever holds the list sees it
                 if is_array(item):
-                    value[i] = to_device(item, device)
+                    value[i] = move(item)
         elif type(value) is tuple and any(is_array(item) for item in value):
-            setattr(obj, name, tuple(to_device(v, device) if is_array(v) else v for v in value))
+            setattr(obj, name, tuple(move(v) if is_array(v) else v for v in value))
 
 
 def as_result(value: Any) -> Any:

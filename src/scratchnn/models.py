@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from scratchnn.backend import (
     check_device,
     device_of,
     get_array_module,
+    is_array,
     move_arrays,
     to_device,
 )
@@ -55,6 +57,14 @@ class Sequential:
     ``train()`` and ``eval()`` set the mode of layers that have one (a
     ``training`` attribute, as dropout and batch normalisation have).
 
+    Layers of the user's own join in any of three styles, as
+    :func:`parameters_of` reads them: scratchnn's ``params`` and ``grads``
+    dicts; the book's arrays beside their gradients (``W`` beside ``dW``;
+    ``running_mean`` and ``running_var`` saved with them), numbered as
+    scratchnn's; the sequel's ``params`` and ``grads`` lists, keyed
+    ``params1[0]``, ``params1[1]``, ``params2[0]``, .... A forward that takes
+    the book's ``train_flg`` gets the network's mode.
+
     >>> from scratchnn import Affine, Relu
     >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
     >>> sorted(net.params)
@@ -92,21 +102,20 @@ class Sequential:
         Layers are numbered per kind of parameters, as the book's
         ``MultiLayerNetExtend``: ``W1, b1, gamma1, beta1, W2, b2, gamma2, ...``.
         """
-        current = tuple(self.layers)
+        # The names too: a layer may make its parameters at its first forward.
+        current = tuple((layer, tuple(parameters_of(layer))) for layer in self.layers)
         if current == self._numbered[0]:  # compares layer by layer, identity first
             return self._numbered[1]
-        _check_each_layer_once(current)
+        _check_each_layer_once(self.layers)
         counts: dict[tuple[str, ...], int] = {}
         numbered = []
         owner: dict[str, int] = {}
-        for i, layer in enumerate(current):
-            params = getattr(layer, "params", None)
-            if params:
-                kind = tuple(params)
+        for i, (layer, kind) in enumerate(current):
+            if kind:
                 counts[kind] = counts.get(kind, 0) + 1
                 numbered.append((counts[kind], layer))
                 for name in kind:
-                    key = f"{name}{counts[kind]}"
+                    key = _numbered_key(name, counts[kind])
                     if key in owner:  # two kinds of layer sharing a parameter name
                         raise ValueError(
                             f"Sequential: layers {owner[key]} and {i} would both name a "
@@ -120,9 +129,9 @@ class Sequential:
     def params(self) -> dict[str, np.ndarray]:
         """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own arrays."""
         return {
-            f"{name}{k}": array
+            _numbered_key(name, k): array
             for k, layer in self._parametrized()
-            for name, array in layer.params.items()
+            for name, array in parameters_of(layer).items()
         }
 
     @property
@@ -130,18 +139,18 @@ class Sequential:
         """The gradients of the last backward, keyed like ``params``."""
         grads: dict[str, np.ndarray] = {}
         for k, layer in self._parametrized():
-            for name, grad in layer.grads.items():
+            for name, grad in gradients_of(layer).items():
                 if grad is None:
                     raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
-                grads[f"{name}{k}"] = grad
+                grads[_numbered_key(name, k)] = grad
         return grads
 
     def state(self) -> dict[str, np.ndarray]:
         """Every array a saved model needs: ``params`` plus non-learned buffers (running statistics)."""
         state = dict(self.params)
         for k, layer in self._parametrized():
-            for name, array in getattr(layer, "buffers", {}).items():
-                state[f"{name}{k}"] = array
+            for name, array in buffers_of(layer).items():
+                state[_numbered_key(name, k)] = array
         return state
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
@@ -178,7 +187,7 @@ class Sequential:
     def predict(self, x: Any) -> np.ndarray:
         """Run every layer forward; return the scores before the loss layer."""
         for layer in self.layers:
-            x = layer.forward(x)
+            x = _forward(layer, x, self.training)
         return as_result(x)
 
     def loss(self, x: Any, t: Any) -> float:
@@ -194,11 +203,15 @@ class Sequential:
         not move; the network's mode is put back afterwards. With a
         ``SigmoidWithLoss`` the scores are logits of independent yes/no answers:
         the fraction of answers right (logit > 0 against target >= 0.5).
+        NaN where a score is NaN (a network that diverged has no answers to count);
+        ``ValueError`` for no examples.
         """
         with evaluation_mode(self):
             scores = self.predict(x)
         right, answers = count_right(self.last_layer, scores, t, who="Sequential.accuracy")
-        return int(right) / answers if answers else 0.0
+        if not answers:
+            raise ValueError("Sequential.accuracy: no examples to count (an empty set)")
+        return float(right) / answers
 
     def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
         """Forward and backward; return the gradients keyed like ``params``.
@@ -210,7 +223,7 @@ class Sequential:
             if isinstance(layer, layers.Layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
-                x = layer.forward(x)
+                x = _forward(layer, x, self.training)
         self.last_loss = self.last_layer._checked_forward(as_result(x), t, borrowed=True)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
@@ -249,17 +262,94 @@ class Sequential:
         (2, 2)
         """
         check_device(device)
+        moved: dict[int, Any] = {}  # one array held twice (an attribute and params) moves once
         for layer in [*self.layers, self.last_layer]:
             if isinstance(layer, layers.Layer):
                 layer.to(device)
             else:  # a layer of the user's own, not built on Layer
-                move_arrays(layer, device)
+                move_arrays(layer, device, moved)
         return self
 
     def __repr__(self) -> str:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+# -- a layer's parameters, in the styles a learner writes them ------------------------
+
+# The book's BatchNormalization keeps these beside its parameters; a saved model needs them.
+BOOK_BUFFERS = ("running_mean", "running_var")
+
+
+def parameters_of(layer: Any) -> dict[str, Any]:
+    """A layer's learnable arrays by name, the layer's own objects.
+
+    scratchnn's layers (and any layer with a ``params`` dict) name them in that
+    dict; the book's sequel keeps a ``params`` list, named here ``params[0]``,
+    ``params[1]``, ...; the book keeps each array beside its gradient (``W`` and
+    ``dW``, ``gamma`` and ``dgamma``), found as a float array attribute ``X``
+    beside an attribute ``dX`` (None until the first backward).
+    """
+    params = getattr(layer, "params", None)
+    if isinstance(params, dict):
+        return params
+    if isinstance(params, (list, tuple)):
+        return {f"params[{j}]": array for j, array in enumerate(params)}
+    if params is not None:
+        raise TypeError(
+            f"{type(layer).__name__}.params must be a dict of arrays by name (or a list, as "
+            f"the book's sequel keeps them), got {type(params).__name__}"
+        )
+    found = getattr(layer, "__dict__", {})
+    return {
+        name: value
+        for name, value in found.items()
+        if is_array(value) and value.dtype.kind == "f" and f"d{name}" in found
+    }
+
+
+def gradients_of(layer: Any) -> dict[str, Any]:
+    """The gradients of :func:`parameters_of`'s arrays, by the same names (None before
+    the first backward)."""
+    params = getattr(layer, "params", None)
+    if isinstance(params, dict):
+        return dict(layer.grads)
+    if isinstance(params, (list, tuple)):
+        grads = getattr(layer, "grads", None)
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
+            raise TypeError(
+                f"{type(layer).__name__}: a params list needs a grads list of its length "
+                f"beside it, got {type(grads).__name__}"
+            )
+        return {f"params[{j}]": grad for j, grad in enumerate(grads)}
+    return {name: getattr(layer, f"d{name}") for name in parameters_of(layer)}
+
+
+def buffers_of(layer: Any) -> dict[str, Any]:
+    """The arrays a saved model needs beside the parameters (running statistics)."""
+    buffers = getattr(layer, "buffers", None)
+    if isinstance(buffers, dict):
+        return buffers
+    if getattr(layer, "params", None) is not None or not parameters_of(layer):
+        return {}
+    found = getattr(layer, "__dict__", {})
+    return {name: found[name] for name in BOOK_BUFFERS if is_array(found.get(name))}
+
+
+def _numbered_key(name: str, k: int) -> str:
+    """``W`` of the second such layer is ``W2``; the sequel's ``params[0]``, ``params2[0]``."""
+    base, bracket, index = name.partition("[")
+    return f"{base}{k}{bracket}{index}"
+
+
+def _forward(layer: Any, x: Any, training: bool) -> Any:
+    """A user's layer forward; the book's ``forward(x, train_flg=True)`` gets the mode."""
+    try:
+        takes_mode = "train_flg" in inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):  # no signature to read
+        takes_mode = False
+    return layer.forward(x, train_flg=training) if takes_mode else layer.forward(x)
 
 
 def has_answers(last_layer: Any, scores: Any) -> bool:
@@ -275,7 +365,9 @@ def count_right(
 
     Class scores: the arg-max against class indices or one-hot rows, one answer
     per example. With a ``SigmoidWithLoss`` the scores are logits of independent
-    yes/no answers: logit > 0 against target >= 0.5, one answer per score. The
+    yes/no answers: logit > 0 against target >= 0.5, one answer per score. Where
+    a score is NaN the count is NaN: NumPy's arg-max of a NaN row is the NaN's
+    place, and a diverged network would score a believable accuracy. The
     count stays where the scores are (a 0-d array: on a GPU, reading it waits
     for the card); class-index labels the loss would refuse raise ``ValueError``,
     unless ``labels_checked`` says the loss has just taken them (a check on a GPU
@@ -287,7 +379,7 @@ def count_right(
         if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
             raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")
         right = (scores.reshape(t.shape) > 0) == (t >= 0.5)
-        return np.sum(right), right.size
+        return _nan_if_any_nan(np.sum(right), scores), right.size
     if not has_answers(last_layer, scores):
         raise ValueError(
             f"{who}: scores of shape {scores.shape} have fewer than two classes to choose "
@@ -309,7 +401,15 @@ def count_right(
         raise ValueError(f"{who}: class-index labels must have an integer dtype, got {t.dtype}")
     if not labels_checked and t.size and _checks.labels_out_of_range(t, scores.shape[-1]):
         raise _checks.label_error(who, t, scores.shape[-1])
-    return np.sum(y == t), y.size
+    return _nan_if_any_nan(np.sum(y == t), scores), y.size
+
+
+def _nan_if_any_nan(count: Any, scores: Any) -> Any:
+    """``count``, or NaN where any score is NaN; on the scores' device, without a wait."""
+    if scores.dtype.kind != "f":
+        return count
+    xp = get_array_module(scores)
+    return xp.where(xp.isnan(scores).any(), xp.nan, count)
 
 
 @contextlib.contextmanager

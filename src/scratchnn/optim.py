@@ -167,7 +167,8 @@ class Optimizer:
         if key not in params:
             raise ValueError(
                 f"{who}: gradient {key!r} has no parameter of that name; "
-                f"params has {sorted(params)}"
+                f"params has {sorted(params)} (a layer that makes its parameters in its "
+                "first forward: read the network's params after that forward)"
             )
         param = params[key]
         if not is_array(param) or param.dtype not in FLOAT_DTYPES:

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from scratchnn import _checks
-from scratchnn.backend import device_of, to_device
+from scratchnn.backend import as_array, device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
 from scratchnn.models import count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
@@ -170,7 +170,7 @@ def evaluate(
                 network.last_layer, scores, tb, who="evaluate", labels_checked=True
             )
             right, answers = right + batch_right, answers + batch_answers
-    return total_loss / n, (int(right) / answers if answers else math.nan)
+    return total_loss / n, (float(right) / answers if answers else math.nan)
 
 
 def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
@@ -179,6 +179,21 @@ def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
         raise ValueError(f"{who}: the {what} has {len(x)} inputs but {len(t)} labels")
     if len(x) == 0:
         raise ValueError(f"{who}: the {what} is empty")
+
+
+def _check_set(network: Any, x: Any, t: Any, what: str) -> None:
+    """One example of the set through the network and its loss, in evaluation mode, and
+    every label against the classes: what the network cannot take fails now, named."""
+    try:
+        with evaluation_mode(network):
+            scores = network.predict(x[:1])
+            network.last_layer.forward(scores, t[:1])
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"fit: the {what}: {error}") from None
+    class_indices = t.ndim == scores.ndim - 1 and t.dtype.kind in "iu"
+    if class_indices and has_answers(network.last_layer, scores):
+        if _checks.labels_out_of_range(t, scores.shape[-1]):
+            raise _checks.label_error(f"fit: the {what}", t, scores.shape[-1])
 
 
 def fit(
@@ -233,11 +248,16 @@ def fit(
     _checks.count("fit", "batch_size", batch_size)
     if max_iterations is not None:
         _checks.count("fit", "max_iterations", max_iterations)
-    x_train, t_train = train_data
+    # Arrays, once (lists too: the training subset below indexes with an array).
+    x_train, t_train = (as_array(a, who="fit", what="training set") for a in train_data)
     # Both sets checked before the first step: a bad test set must not fail an epoch in.
     _check_pairs("fit", x_train, t_train, "training set")
+    _check_set(network, x_train, t_train, "training set")
     if test_data is not None:
+        test_data = (as_array(test_data[0], who="fit", what="test set"),
+                     as_array(test_data[1], who="fit", what="test set"))  # fmt: skip
         _check_pairs("fit", *test_data, "test set")
+        _check_set(network, *test_data, "test set")
     if train_eval_size is not None:
         train_eval_size = _checks.count("fit", "train_eval_size", train_eval_size)
     # A seed, not None: the subset must be the same every epoch and every run. (Any

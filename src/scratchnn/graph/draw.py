@@ -556,6 +556,8 @@ def network_drawing(
             f"network_drawing draws a network with layers, last_layer and params "
             f"(such as Sequential); {type(net).__name__} has no {', '.join(missing)}"
         )
+    from scratchnn.models import gradients_of, parameters_of  # any style of layer
+
     values = [np.asarray(x)]
     for layer in net.layers:
         values.append(np.asarray(layer.forward(values[-1])))
@@ -574,8 +576,8 @@ def network_drawing(
     for i, layer in enumerate(net.layers):
         name = "scores" if i == len(net.layers) - 1 else f"h{i + 1}"
         b.wire(ids[i], heads[i + 1], name, values[i + 1], grads[i + 1])
-        layer_grads = getattr(layer, "grads", {})
-        for key, array in getattr(layer, "params", {}).items():
+        layer_grads = gradients_of(layer)
+        for key, array in parameters_of(layer).items():
             b.wire_in(ids[i], param_names.get(id(array), key), array, layer_grads.get(key))
     b.wire_in(loss_id, "t", t, None)
     b.wire(loss_id, b.node("out", "", "end"), "L", loss, 1.0)
