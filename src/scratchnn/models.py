@@ -344,7 +344,9 @@ def _numbered_key(name: str, k: int) -> str:
 
 
 def _forward(layer: Any, x: Any, training: bool) -> Any:
-    """A user's layer forward; the book's ``forward(x, train_flg=True)`` gets the mode."""
+    """A layer's forward; the book's ``forward(x, train_flg=True)`` gets the mode."""
+    if isinstance(layer, layers.Layer):  # its mode is its training attribute
+        return layer.forward(x)
     try:
         takes_mode = "train_flg" in inspect.signature(layer.forward).parameters
     except (TypeError, ValueError):  # no signature to read
