@@ -10,9 +10,11 @@ numbers, never zeros.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,9 @@ from scratchnn.optim import SGD, make_optimizer
 def _real_cupy_reason() -> str | None:
     """Why the real-CuPy tests cannot run here, or None when they can."""
     try:
-        import cupy
+        with warnings.catch_warnings():  # CuPy's own (a version note) fail nothing here
+            warnings.simplefilter("ignore")
+            import cupy
     except ImportError:
         return "CuPy is not installed (pip install scratchnn[gpu]); GPU tests need an NVIDIA GPU"
     try:
@@ -1007,7 +1011,14 @@ def test_cli_evaluates_on_the_device_as_on_the_cpu(
     on_cpu = capsys.readouterr().out
     assert main(["evaluate", model, "--device", "cuda"]) == 0
     on_device = capsys.readouterr().out
-    assert "test accuracy" in on_cpu and on_device == on_cpu  # same accuracy, same matrix
+    assert "test accuracy" in on_cpu
+    # Same report; its counts the same but for an image or two whose two best scores
+    # are within float32's rounding (cuBLAS sums in another order than OpenBLAS).
+    number = r"\d+(?:\.\d+)?"
+    assert re.sub(number, "#", on_device) == re.sub(number, "#", on_cpu)
+    moved = [abs(float(a) - float(b)) for a, b in
+             zip(re.findall(number, on_device), re.findall(number, on_cpu))]  # fmt: skip
+    assert sum(moved) <= 8, f"more than two images differ:\n{on_cpu}\n{on_device}"
 
 
 def test_cli_evaluate_on_cuda_without_cupy_fails_with_one_line(

@@ -335,9 +335,18 @@ def test_two_layers_naming_one_parameter_alike_are_refused() -> None:
         def _backward(self, dout: np.ndarray) -> np.ndarray:
             return dout * self.gamma
 
-    net = snn.Sequential([Scale(), snn.BatchNorm(3, dtype=np.float64)])
-    with pytest.raises(ValueError, match="layers 0 and 1 would both name a parameter 'gamma1'"):
-        _ = net.params
+    # Numbered apart: each layer one more than the last number of any of its names.
+    net = snn.Sequential([Scale(), snn.BatchNorm(3, dtype=np.float64), Scale()])
+    assert list(net.params) == ["gamma1", "gamma2", "beta2", "gamma3"]
+
+    class NamedW1(Scale):  # a name ending in a digit: its key W11 is also the 11th W's
+        @property
+        def params(self) -> dict[str, np.ndarray]:
+            return {"W1": self.gamma}
+
+    affines = [snn.Affine(np.eye(3), np.zeros(3)) for _ in range(11)]
+    with pytest.raises(ValueError, match="layers 0 and 11 would both name a parameter 'W11'"):
+        _ = snn.Sequential([NamedW1(), *affines]).params
 
 
 def test_accuracy_runs_in_evaluation_mode_and_moves_nothing() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,8 +62,14 @@ class Sequential:
     dicts; the book's arrays beside their gradients (``W`` beside ``dW``;
     ``running_mean`` and ``running_var`` saved with them), numbered as
     scratchnn's; the sequel's ``params`` and ``grads`` lists, keyed
-    ``params1[0]``, ``params1[1]``, ``params2[0]``, .... A forward that takes
-    the book's ``train_flg`` gets the network's mode.
+    ``params1[0]``, ``params1[1]``, ``params2[0]``, .... A layer's number is
+    one more than the last number any of its names had, so that layers of
+    other kinds never share a key. A forward that takes the book's
+    ``train_flg`` gets the network's mode. An array that a forward received
+    or returned (the book's cached ``x``) is never a parameter, even beside a
+    ``dx``. One array held by two layers (the sequel's tied weights, also as
+    a transposed view) is one parameter, under its first key, whose gradient
+    is the sum of both layers' (transposed where the view is).
 
     >>> from scratchnn import Affine, Relu
     >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
@@ -90,9 +96,11 @@ class Sequential:
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
         self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
-        # (the layers, their numbering) as last computed: numbering asks every layer for
-        # its params, a cost paid twice a training step otherwise
+        # (the layers and their names, their numbering) as last computed
         self._numbered: tuple[tuple[Any, ...], list[tuple[int, Any]]] = ((), [])
+        # Per layer of the user's own (by id), the attributes that held what its forward
+        # took or gave: caches, never parameters, whatever sits beside them.
+        self._caches: dict[int, set[str]] = {}
 
     # -- the parameters ------------------------------------------------------------
 
@@ -103,20 +111,21 @@ class Sequential:
         ``MultiLayerNetExtend``: ``W1, b1, gamma1, beta1, W2, b2, gamma2, ...``.
         """
         # The names too: a layer may make its parameters at its first forward.
-        current = tuple((layer, tuple(parameters_of(layer))) for layer in self.layers)
+        current = tuple((layer, tuple(self._parameters_of(layer))) for layer in self.layers)
         if current == self._numbered[0]:  # compares layer by layer, identity first
             return self._numbered[1]
         _check_each_layer_once(self.layers)
-        counts: dict[tuple[str, ...], int] = {}
+        last: dict[str, int] = {}  # the last number each name had
         numbered = []
         owner: dict[str, int] = {}
-        for i, (layer, kind) in enumerate(current):
-            if kind:
-                counts[kind] = counts.get(kind, 0) + 1
-                numbered.append((counts[kind], layer))
-                for name in kind:
-                    key = _numbered_key(name, counts[kind])
-                    if key in owner:  # two kinds of layer sharing a parameter name
+        for i, (layer, names) in enumerate(current):
+            if names:
+                k = 1 + max(last.get(name, 0) for name in names)
+                last.update(dict.fromkeys(names, k))
+                numbered.append((k, layer))
+                for name in names:
+                    key = _numbered_key(name, k)
+                    if key in owner:  # "W" of layer 11 and a "W1" of layer 1
                         raise ValueError(
                             f"Sequential: layers {owner[key]} and {i} would both name a "
                             f"parameter {key!r}; give the custom layer's parameters other names"
@@ -125,24 +134,43 @@ class Sequential:
         self._numbered = (current, numbered)
         return numbered
 
+    def _parameters_of(self, layer: Any) -> dict[str, Any]:
+        return parameters_of(layer, caches=self._caches.get(id(layer), ()))
+
+    def _each_parameter(self) -> Iterator[tuple[str, Any, Any, str, tuple[str, bool] | None]]:
+        """(key, array, layer, name, tie) for every parameter; ``tie`` names the earlier
+        key the array is held under (and whether as its transpose), or is None."""
+        seen: dict[str, Any] = {}
+        for k, layer in self._parametrized():
+            for name, array in self._parameters_of(layer).items():
+                key = _numbered_key(name, k)
+                tie = _tied(array, seen)
+                if tie is None:
+                    seen[key] = array
+                yield key, array, layer, name, tie
+
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own arrays."""
-        return {
-            _numbered_key(name, k): array
-            for k, layer in self._parametrized()
-            for name, array in parameters_of(layer).items()
-        }
+        """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own
+        arrays, each once."""
+        return {key: array for key, array, _, _, tie in self._each_parameter() if tie is None}
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
-        """The gradients of the last backward, keyed like ``params``."""
+        """The gradients of the last backward, keyed like ``params`` (a tied array's summed)."""
         grads: dict[str, np.ndarray] = {}
-        for k, layer in self._parametrized():
-            for name, grad in gradients_of(layer).items():
-                if grad is None:
-                    raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
-                grads[_numbered_key(name, k)] = grad
+        layer_grads: dict[int, dict[str, Any]] = {}
+        for key, _, layer, name, tie in self._each_parameter():
+            if id(layer) not in layer_grads:
+                layer_grads[id(layer)] = gradients_of(layer)
+            grad = layer_grads[id(layer)].get(name)
+            if grad is None:
+                raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
+            if tie is None:
+                grads[key] = grad
+            else:  # a new array: the layers' own gradients stay as backward left them
+                first, transposed = tie
+                grads[first] = grads[first] + (grad.T if transposed else grad)
         return grads
 
     def state(self) -> dict[str, np.ndarray]:
@@ -150,7 +178,13 @@ class Sequential:
         state = dict(self.params)
         for k, layer in self._parametrized():
             for name, array in buffers_of(layer).items():
-                state[_numbered_key(name, k)] = array
+                key = _numbered_key(name, k)
+                if key in state:  # a book-style layer's running_mean beside a BatchNorm's
+                    raise ValueError(
+                        f"Sequential.state: two layers would both save {key!r} (one of them "
+                        f"is layer {self.layers.index(layer)}); give its arrays other names"
+                    )
+                state[key] = array
         return state
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
@@ -158,7 +192,16 @@ class Sequential:
         own = self.state()
         missing, unexpected = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
         if missing or unexpected:
-            raise ValueError(f"Sequential.load_state: missing {missing}, unexpected {unexpected}")
+            hint = (
+                " (a layer that makes arrays at its first forward, as the book's "
+                "BatchNormalization its running_mean, has them after one: run net.predict on "
+                "one example first)"
+                if unexpected and not missing
+                else ""
+            )
+            raise ValueError(
+                f"Sequential.load_state: missing {missing}, unexpected {unexpected}{hint}"
+            )
         checked = []  # every array is checked before any is copied: a bad call changes nothing
         for key, target in own.items():
             # A checkpoint's host arrays go to the network's device (and back).
@@ -187,7 +230,7 @@ class Sequential:
     def predict(self, x: Any) -> np.ndarray:
         """Run every layer forward; return the scores before the loss layer."""
         for layer in self.layers:
-            x = _forward(layer, x, self.training)
+            x = self._forward(layer, x)
         return as_result(x)
 
     def loss(self, x: Any, t: Any) -> float:
@@ -223,7 +266,7 @@ class Sequential:
             if isinstance(layer, layers.Layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
-                x = _forward(layer, x, self.training)
+                x = self._forward(layer, x)
         self.last_loss = self.last_layer._checked_forward(as_result(x), t, borrowed=True)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
@@ -234,6 +277,20 @@ class Sequential:
             else:
                 dout = layer.backward(dout)
         return self.grads
+
+    def _forward(self, layer: Any, x: Any) -> Any:
+        """A layer's forward in the network's mode; what a user's layer keeps of its input
+        or output is noted as a cache."""
+        out = forward_in_mode(layer, x, self.training)
+        if not isinstance(layer, layers.Layer):
+            kept = {
+                name
+                for name, value in getattr(layer, "__dict__", {}).items()
+                if is_array(value) and (_same_memory(value, x) or _same_memory(value, out))
+            }
+            if kept:
+                self._caches.setdefault(id(layer), set()).update(kept)
+        return out
 
     # -- modes and display -----------------------------------------------------------
 
@@ -262,10 +319,12 @@ class Sequential:
         (2, 2)
         """
         check_device(device)
-        moved: dict[int, Any] = {}  # one array held twice (an attribute and params) moves once
-        for layer in [*self.layers, self.last_layer]:
+        moved: dict[int, Any] = {}  # an array held twice (by two layers, or as W and in
+        for layer in [*self.layers, self.last_layer]:  # params) moves once
             if isinstance(layer, layers.Layer):
-                layer.to(device)
+                # A subclass's own to(device) (moving the layers it holds) is called as it is.
+                shares = "moved" in inspect.signature(layer.to).parameters
+                layer.to(device, moved=moved) if shares else layer.to(device)
             else:  # a layer of the user's own, not built on Layer
                 move_arrays(layer, device, moved)
         return self
@@ -282,14 +341,15 @@ class Sequential:
 BOOK_BUFFERS = ("running_mean", "running_var")
 
 
-def parameters_of(layer: Any) -> dict[str, Any]:
+def parameters_of(layer: Any, caches: Iterable[str] = ()) -> dict[str, Any]:
     """A layer's learnable arrays by name, the layer's own objects.
 
     scratchnn's layers (and any layer with a ``params`` dict) name them in that
     dict; the book's sequel keeps a ``params`` list, named here ``params[0]``,
     ``params[1]``, ...; the book keeps each array beside its gradient (``W`` and
     ``dW``, ``gamma`` and ``dgamma``), found as a float array attribute ``X``
-    beside an attribute ``dX`` (None until the first backward).
+    beside an attribute ``dX`` (None until the first backward), unless its name
+    is among ``caches`` (what a forward took or gave: ``x`` beside a ``dx``).
     """
     params = getattr(layer, "params", None)
     if isinstance(params, dict):
@@ -302,11 +362,13 @@ def parameters_of(layer: Any) -> dict[str, Any]:
             f"the book's sequel keeps them), got {type(params).__name__}"
         )
     found = getattr(layer, "__dict__", {})
+    caches = set(caches)
     return {
         name: value
         for name, value in found.items()
         if is_array(value) and value.dtype.kind == "f" and f"d{name}" in found
-    }
+        and name not in caches
+    }  # fmt: skip
 
 
 def gradients_of(layer: Any) -> dict[str, Any]:
@@ -323,7 +385,8 @@ def gradients_of(layer: Any) -> dict[str, Any]:
                 f"beside it, got {type(grads).__name__}"
             )
         return {f"params[{j}]": grad for j, grad in enumerate(grads)}
-    return {name: getattr(layer, f"d{name}") for name in parameters_of(layer)}
+    found = getattr(layer, "__dict__", {})
+    return {name[1:]: value for name, value in found.items() if name[:1] == "d"}
 
 
 def buffers_of(layer: Any) -> dict[str, Any]:
@@ -343,7 +406,7 @@ def _numbered_key(name: str, k: int) -> str:
     return f"{base}{k}{bracket}{index}"
 
 
-def _forward(layer: Any, x: Any, training: bool) -> Any:
+def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:
     """A layer's forward; the book's ``forward(x, train_flg=True)`` gets the mode."""
     if isinstance(layer, layers.Layer):  # its mode is its training attribute
         return layer.forward(x)
@@ -352,6 +415,34 @@ def _forward(layer: Any, x: Any, training: bool) -> Any:
     except (TypeError, ValueError):  # no signature to read
         takes_mode = False
     return layer.forward(x, train_flg=training) if takes_mode else layer.forward(x)
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    """Whether ``a`` is ``b`` or a view of the same memory (the book keeps a reshape of x)."""
+    if a is b:
+        return True
+    base_a, base_b = getattr(a, "base", None), getattr(b, "base", None)
+    return (base_a is not None and (base_a is b or base_a is base_b)) or base_b is a
+
+
+def _tied(array: Any, seen: dict[str, Any]) -> tuple[str, bool] | None:
+    """The key under which ``array`` (or its transpose, as a view) is already held."""
+    for key, other in seen.items():
+        if other is array:
+            return key, False
+        if (
+            array.ndim == 2 and other.ndim == 2 and array.shape == other.shape[::-1]
+            and array.strides == other.strides[::-1] and _address(array) == _address(other)
+            and type(array) is type(other)
+        ):  # fmt: skip
+            return key, True
+    return None
+
+
+def _address(array: Any) -> int:
+    if isinstance(array, np.ndarray):
+        return int(array.__array_interface__["data"][0])
+    return int(array.data.ptr)  # CuPy
 
 
 def has_answers(last_layer: Any, scores: Any) -> bool:

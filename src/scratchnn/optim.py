@@ -303,6 +303,8 @@ def _compiled_step(
     ``param`` (the kernels read and write through distinct pointers).
     """
     written = (param, *states)
+    if type(param) is not np.ndarray or type(grad) is not np.ndarray:
+        return False  # the compiled kernels are the host's (a float16 step on the GPU is not)
     if not _fused.ENABLED or not all(a.flags.c_contiguous for a in written):
         return False
     if np.may_share_memory(param, grad):

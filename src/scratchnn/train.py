@@ -188,8 +188,9 @@ def _check_set(network: Any, x: Any, t: Any, what: str) -> None:
         with evaluation_mode(network):
             scores = network.predict(x[:1])
             network.last_layer.forward(scores, t[:1])
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"fit: the {what}: {error}") from None
+    except (TypeError, ValueError) as error:  # the layer that raised stays in the traceback
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"fit: the {what}: {error}") from error
     class_indices = t.ndim == scores.ndim - 1 and t.dtype.kind in "iu"
     if class_indices and has_answers(network.last_layer, scores):
         if _checks.labels_out_of_range(t, scores.shape[-1]):
@@ -254,8 +255,9 @@ def fit(
     _check_pairs("fit", x_train, t_train, "training set")
     _check_set(network, x_train, t_train, "training set")
     if test_data is not None:
-        test_data = (as_array(test_data[0], who="fit", what="test set"),
-                     as_array(test_data[1], who="fit", what="test set"))  # fmt: skip
+        x_test, t_test = test_data
+        test_data = (as_array(x_test, who="fit", what="test set"),
+                     as_array(t_test, who="fit", what="test set"))  # fmt: skip
         _check_pairs("fit", *test_data, "test set")
         _check_set(network, *test_data, "test set")
     if train_eval_size is not None:

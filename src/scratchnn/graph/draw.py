@@ -556,15 +556,16 @@ def network_drawing(
             f"network_drawing draws a network with layers, last_layer and params "
             f"(such as Sequential); {type(net).__name__} has no {', '.join(missing)}"
         )
-    from scratchnn.models import gradients_of, parameters_of  # any style of layer
+    from scratchnn.models import forward_in_mode, gradients_of, parameters_of  # any style
 
     values = [np.asarray(x)]
     for layer in net.layers:
-        values.append(np.asarray(layer.forward(values[-1])))
+        values.append(np.asarray(forward_in_mode(layer, values[-1], getattr(net, "training", True))))
     loss = net.last_layer.forward(values[-1], t)
-    grads = [np.asarray(net.last_layer.backward(1.0))]
+    grads: list[Any] = [np.asarray(net.last_layer.backward(1.0))]
     for layer in reversed(net.layers):
-        grads.insert(0, np.asarray(layer.backward(grads[0])))
+        dx = layer.backward(grads[0])
+        grads.insert(0, None if dx is None else np.asarray(dx))  # None: indices (Embedding)
 
     # Parameter names as the network's own params dict gives them, matched by identity.
     param_names = {id(array): key for key, array in net.params.items()}
@@ -578,7 +579,8 @@ def network_drawing(
         b.wire(ids[i], heads[i + 1], name, values[i + 1], grads[i + 1])
         layer_grads = gradients_of(layer)
         for key, array in parameters_of(layer).items():
-            b.wire_in(ids[i], param_names.get(id(array), key), array, layer_grads.get(key))
+            if id(array) in param_names:  # not a cache, nor a tied array drawn already
+                b.wire_in(ids[i], param_names.pop(id(array)), array, layer_grads.get(key))
     b.wire_in(loss_id, "t", t, None)
     b.wire(loss_id, b.node("out", "", "end"), "L", loss, 1.0)
     shapes = " → ".join(str(v.shape) for v in values)

@@ -148,11 +148,12 @@ class Layer:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
 
-    def to(self, device: str) -> Layer:
+    def to(self, device: str, *, moved: dict[int, Any] | None = None) -> Layer:
         """Move the layer's arrays (parameters, gradients, what forward kept) to
         ``device``, in place, and return the layer: a backward after the move then
-        takes a ``dout`` on the new device. ``Sequential.to`` calls it for each layer."""
-        move_arrays(self, device)
+        takes a ``dout`` on the new device. ``Sequential.to`` calls it for each layer,
+        with one ``moved`` for the whole network (an array two layers hold moves once)."""
+        move_arrays(self, device, moved)
         self._device = device
         if getattr(self, "_out_shape", None) is not None:  # forward ran: its graph moved too
             self._gpu_forward = device == "cuda"
