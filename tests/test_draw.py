@@ -284,6 +284,27 @@ def test_network_draws_the_parameters_of_layers_in_the_books_and_the_sequels_sty
         np.testing.assert_allclose(parse_array(grads[key])[1], grad, rtol=5e-3, atol=1e-6)  # type: ignore[arg-type]
 
 
+def test_network_drawing_runs_in_the_networks_mode_and_takes_indices_in() -> None:
+    from test_models import SequelEmbedding
+
+    class BookDropout:  # the book's: a new mask in training, the mean scaling otherwise
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            if train_flg:
+                self.mask = np.random.default_rng().random(x.shape) > 0.5
+                return x * self.mask
+            return x * 0.5
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout * 0.5
+
+    rng = np.random.default_rng(3)
+    net = snn.Sequential([SequelEmbedding(rng.standard_normal((4, 3))), BookDropout()]).eval()
+    idx, t = np.array([1, 3]), np.array([0, 2])
+    dot = network_drawing(net, idx, t).to_dot()
+    assert dot == network_drawing(net, idx, t).to_dot()  # no mask drawn: the same drawing
+    assert "params1[0]" in gradients_by_name(dot) and "x" not in gradients_by_name(dot)
+
+
 def test_network_shows_only_shapes_of_large_arrays() -> None:
     rng = np.random.default_rng(0)
     net = mlp([5, 4, 3], rng=rng, dtype=np.float64)

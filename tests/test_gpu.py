@@ -737,6 +737,17 @@ def test_an_array_held_twice_by_a_users_layer_moves_as_one(gpu: Any) -> None:
     assert not np.array_equal(to_host(scale.s), np.ones(3))  # forward's s is the one trained
 
 
+def test_an_array_two_layers_hold_moves_as_one(gpu: Any) -> None:
+    from test_models import SequelAffine
+
+    rng = np.random.default_rng(91)
+    affine = snn.Affine(rng.standard_normal((3, 3)), np.zeros(3))
+    tied = SequelAffine(affine.W, np.zeros(3))  # a user's layer sharing scratchnn's W
+    net = snn.Sequential([affine, snn.Tanh(), tied]).to("cuda")
+    assert tied.params[0] is affine.W and isinstance(affine.W, gpu.ndarray)
+    assert list(net.params) == ["W1", "b1", "params1[1]"]
+
+
 def test_unknown_device_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown device"):
         to_device(np.zeros(2), "tpu")

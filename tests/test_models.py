@@ -614,3 +614,156 @@ def test_accuracy_is_nan_where_a_score_is_nan_and_refuses_an_empty_set() -> None
     assert np.isnan(yes_no.accuracy(x, (rng.random((6, 1)) > 0.5).astype(float)))
     with pytest.raises(ValueError, match="no examples to count"):
         net.accuracy(x[:0], t[:0])
+
+
+class SequelEmbedding:
+    """The sequel's Embedding: one weight, integer indices in, no gradient out."""
+
+    def __init__(self, W: np.ndarray) -> None:
+        self.params = [W]
+        self.grads = [np.zeros_like(W)]
+        self.idx: Any = None
+
+    def forward(self, idx: np.ndarray) -> np.ndarray:
+        (W,) = self.params
+        self.idx = idx
+        return W[idx]
+
+    def backward(self, dout: np.ndarray) -> None:
+        self.grads[0][...] = 0
+        np.add.at(self.grads[0], self.idx, dout)
+
+
+def test_layers_of_other_kinds_never_share_a_key() -> None:
+    rng = np.random.default_rng(74)
+    embed_then_affine = snn.Sequential([SequelEmbedding(rng.standard_normal((5, 3))),
+                                        SequelAffine(rng.standard_normal((3, 2)), np.zeros(2))])  # fmt: skip
+    assert list(embed_then_affine.params) == ["params1[0]", "params2[0]", "params2[1]"]
+
+    class BookScale:  # W without a b, in the book's style
+        def __init__(self) -> None:
+            self.W, self.dW = np.ones(3), None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return x * self.W
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.dW = np.sum(dout * self.x, axis=0)
+            return dout * self.W
+
+    net = snn.Sequential([BookScale(), snn.Affine(np.eye(3), np.zeros(3)), BookScale()])
+    assert list(net.params) == ["W1", "W2", "b2", "W3"]
+
+
+def test_what_a_forward_took_or_gave_is_never_a_parameter() -> None:
+    class KeepsDx(BookAffine):  # a learner who keeps dx beside the cached x
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.dx = super().backward(dout)
+            return self.dx
+
+    rng = np.random.default_rng(75)
+    net = snn.Sequential([KeepsDx(rng.standard_normal((4, 3)), np.zeros(3)),
+                          snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])  # fmt: skip
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 2, 6)
+    kept = x.copy()
+    for _ in range(3):  # the same x each step, as full-batch training passes it
+        SGD(0.1).update(net.params, net.gradient(x, t))
+    assert list(net.params) == list(net.state()) == ["W1", "b1", "W2", "b2"]
+    np.testing.assert_array_equal(x, kept)  # the caller's data, never stepped as a parameter
+
+
+def test_tied_weights_are_one_parameter_with_the_summed_gradient() -> None:
+    rng = np.random.default_rng(76)
+    W = rng.standard_normal((5, 3))  # the sequel's tying: an embedding and its transpose
+    net = snn.Sequential([SequelEmbedding(W), snn.Tanh(), SequelAffine(W.T, np.zeros(5))])
+    idx, t = rng.integers(0, 5, 4), rng.integers(0, 5, 4)
+    grads = net.gradient(idx, t)
+    assert list(net.params) == list(grads) == ["params1[0]", "params2[1]"]
+    leaf, bias = torch.tensor(W, requires_grad=True), torch.zeros(5, requires_grad=True, dtype=torch.float64)
+    scores = torch.tanh(leaf[torch.tensor(idx)]) @ leaf.T + bias
+    loss = torch.nn.functional.cross_entropy(scores, torch.tensor(t))
+    want_W, want_b = torch.autograd.grad(loss, (leaf, bias))
+    np.testing.assert_allclose(grads["params1[0]"], want_W.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grads["params2[1]"], want_b.numpy(), rtol=1e-12, atol=1e-14)
+    # The same array in two layers (not a view): also one parameter.
+    shared = rng.standard_normal((3, 3))
+    twice = snn.Sequential([SequelAffine(shared, np.zeros(3)), snn.Tanh(), SequelAffine(shared, np.zeros(3))])
+    assert list(twice.params) == ["params1[0]", "params1[1]", "params2[1]"]
+    assert snn.gradcheck(twice, rng.standard_normal((4, 3)), t % 3).max_relative_error < 1e-6
+
+
+def test_a_buffer_key_two_layers_would_share_is_refused() -> None:
+    class BookNorm:  # parameters named apart from BatchNorm's, running statistics not
+        def __init__(self) -> None:
+            self.scale, self.dscale = np.ones(3), None
+            self.running_mean, self.running_var = np.zeros(3), np.ones(3)
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            return x * self.scale
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    net = snn.Sequential([snn.BatchNorm(3, dtype=np.float64), BookNorm()])
+    with pytest.raises(ValueError, match="two layers would both save 'running_mean1'"):
+        net.state()
+
+
+def test_gradcheck_of_a_network_whose_first_forward_makes_arrays() -> None:
+    class BookBatchNorm:  # the book's: running statistics made at the first forward, rebound
+        def __init__(self, gamma: np.ndarray, beta: np.ndarray) -> None:
+            self.gamma, self.beta, self.momentum = gamma, beta, 0.9
+            self.running_mean: Any = None
+            self.running_var: Any = None
+            self.dgamma: Any = None
+            self.dbeta: Any = None
+
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            if self.running_mean is None:
+                self.running_mean, self.running_var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+            if not train_flg:
+                return self.gamma * (x - self.running_mean) / np.sqrt(self.running_var + 1e-7) + self.beta
+            mu = x.mean(axis=0)
+            self.xc = x - mu
+            var = np.mean(self.xc**2, axis=0)
+            self.std = np.sqrt(var + 1e-7)
+            self.xn = self.xc / self.std
+            self.running_mean = self.momentum * self.running_mean + (1 - self.momentum) * mu
+            self.running_var = self.momentum * self.running_var + (1 - self.momentum) * var
+            return self.gamma * self.xn + self.beta
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            n = dout.shape[0]
+            self.dbeta, self.dgamma = dout.sum(axis=0), np.sum(self.xn * dout, axis=0)
+            dxn = self.gamma * dout
+            dxc = dxn / self.std
+            dstd = -np.sum((dxn * self.xc) / (self.std * self.std), axis=0)
+            dxc += (2.0 / n) * self.xc * (0.5 * dstd / self.std)
+            return dxc - np.sum(dxc, axis=0) / n
+
+    rng = np.random.default_rng(77)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((4, 3)), np.zeros(3)),
+                          BookBatchNorm(np.ones(3), np.zeros(3)), snn.Tanh(),
+                          snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])  # fmt: skip
+    x, t = rng.standard_normal((8, 4)), rng.integers(0, 2, 8)
+    assert snn.gradcheck(net, x, t).max_relative_error < 1e-6  # fresh: no running_mean yet
+    state = {key: array.copy() for key, array in net.state().items()}
+    assert "running_mean1" in state
+    snn.gradcheck(net, x, t)
+    assert all(np.array_equal(net.state()[key], array) for key, array in state.items())
+
+
+def test_gradcheck_refuses_the_books_dropout_in_training_mode() -> None:
+    class Dropout:  # the book's name, its forward's train_flg
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            return x
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    rng = np.random.default_rng(78)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((3, 2)), np.zeros(2)), Dropout()])
+    with pytest.raises(ValueError, match="Dropout draws a new mask"):
+        snn.gradcheck(net, rng.standard_normal((4, 3)), np.array([0, 1, 1, 0]))
+    assert snn.gradcheck(net.eval(), rng.standard_normal((4, 3)), np.array([0, 1, 1, 0])).max_relative_error < 1e-6

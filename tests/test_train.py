@@ -665,3 +665,28 @@ def test_fit_takes_lists_beyond_the_training_metrics_subset() -> None:
     same = fit(twin, SGD(0.1), (x, t), epochs=2, batch_size=50,
                rng=np.random.default_rng(83), train_eval_size=100)  # fmt: skip
     assert history.train_loss == same.train_loss and history.train_acc == same.train_acc
+
+
+def test_fit_keeps_the_layers_own_error_as_the_cause_and_takes_two_part_sets() -> None:
+    class Strict:  # a user's layer with an error class of its own
+        class ShapeError(ValueError):
+            def __init__(self, shape: tuple[int, ...], why: str) -> None:
+                super().__init__(f"bad shape {shape}: {why}")
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            if x.shape[1] != 20:
+                raise Strict.ShapeError(x.shape, "20 features expected")
+            return x
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    rng = np.random.default_rng(84)
+    train = blobs(100, rng)
+    net = snn.Sequential([Strict(), snn.Affine(rng.standard_normal((20, 10)), np.zeros(10))])
+    x, t = blobs(20, rng)
+    with pytest.raises(ValueError, match=r"fit: the test set: bad shape \(1, 19\)") as caught:
+        fit(net, SGD(0.1), train, (x[:, :19], t), epochs=1, batch_size=50, rng=rng)
+    assert isinstance(caught.value.__cause__, Strict.ShapeError)
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        fit(net, SGD(0.1), train, (x, t, t), epochs=1, batch_size=50, rng=rng)  # type: ignore[arg-type]

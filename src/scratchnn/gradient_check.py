@@ -100,15 +100,27 @@ def gradcheck(
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)
-    # Buffers (running statistics) as they were, to put back at the end (those a layer
-    # makes at its first forward, as the book's BatchNormalization, did not exist: kept).
-    saved_state = {k: v.copy() for k, v in network.state().items()} if hasattr(network, "state") else None
+    # Buffers (running statistics) as they were, to put back at the end.
+    saved = {k: (v, v.copy()) for k, v in network.state().items()} if hasattr(network, "state") else {}
     try:
         return _check_each(network, x, t, h, max_per_param, rng, floor)
     finally:
-        if saved_state is not None:
-            now = network.state()
-            network.load_state({key: saved_state.get(key, now[key]) for key in now})
+        _put_back(network, saved)
+
+
+def _put_back(network: Any, saved: dict[str, tuple[Any, Any]]) -> None:
+    """Each saved array's values back into it where the network still holds it, else into
+    the array now under its name (the book's BatchNormalization rebinds its running_mean).
+    Arrays a layer made at the first forward did not exist before: they stay."""
+    if not saved:
+        return
+    now = network.state()
+    held = {id(array) for array in now.values()}
+    for key, (array, values) in saved.items():
+        if id(array) in held:  # by identity: a first forward may have renumbered the keys
+            array[...] = values
+        elif key in now and now[key].shape == values.shape:
+            now[key][...] = values
 
 
 def _check_each(
