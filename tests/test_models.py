@@ -593,6 +593,13 @@ def test_parameters_a_layer_makes_at_its_first_forward_are_found_then() -> None:
     SGD(0.1).update(net.params, grads)
     assert not np.array_equal(net.layers[1].params["s"], np.ones(3))
     assert "s1" in net.state()
+    # gradcheck of a fresh network: its first forward renumbers the keys (s1 joins before
+    # W2), and every array it moved ends as it was.
+    fresh = snn.Sequential([LazyScale(), snn.Affine(rng.standard_normal((4, 3)), np.zeros(3))])
+    W = fresh.layers[1].W.copy()
+    assert snn.gradcheck(fresh, x, t).max_relative_error < 1e-6
+    assert list(fresh.params) == ["s1", "W1", "b1"]
+    np.testing.assert_array_equal(fresh.layers[1].W, W)
 
 
 def test_a_params_list_without_a_grads_list_of_its_length_is_named() -> None:
