@@ -774,3 +774,26 @@ def test_gradcheck_refuses_the_books_dropout_in_training_mode() -> None:
     with pytest.raises(ValueError, match="Dropout draws a new mask"):
         snn.gradcheck(net, rng.standard_normal((4, 3)), np.array([0, 1, 1, 0]))
     assert snn.gradcheck(net.eval(), rng.standard_normal((4, 3)), np.array([0, 1, 1, 0])).max_relative_error < 1e-6
+
+
+def test_a_book_style_parameter_kept_as_a_float_is_named() -> None:
+    class PRelu:  # a learner's PReLU whose slope is a Python float beside its gradient
+        def __init__(self) -> None:
+            self.a, self.da = 0.25, None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return np.where(x > 0, x, self.a * x)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.da = float(np.sum(np.where(self.x > 0, 0.0, self.x) * dout))
+            return np.where(self.x > 0, dout, self.a * dout)
+
+    net = snn.Sequential([snn.Affine(np.eye(2), np.zeros(2)), PRelu()])
+    with pytest.raises(TypeError, match=r"PRelu keeps its parameter a as a float: keep it as an array"):
+        _ = net.params
+    layer = PRelu()
+    layer.a = np.array(0.25)  # as the message says: then it trains
+    net = snn.Sequential([snn.Affine(np.eye(2), np.zeros(2)), layer])
+    SGD(0.1).update(net.params, net.gradient(np.array([[1.0, -2.0]]), np.array([0])))
+    assert list(net.params) == ["W1", "b1", "a1"] and float(layer.a) != 0.25

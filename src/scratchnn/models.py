@@ -363,6 +363,16 @@ def parameters_of(layer: Any, caches: Iterable[str] = ()) -> dict[str, Any]:
         )
     found = getattr(layer, "__dict__", {})
     caches = set(caches)
+    scalars = [
+        name
+        for name, value in found.items()
+        if isinstance(value, (float, np.floating)) and f"d{name}" in found and name not in caches
+    ]
+    if scalars:  # check_layer takes them; an optimiser can move only an array, in place
+        raise TypeError(
+            f"{type(layer).__name__} keeps its parameter {scalars[0]} as a float: keep it as an "
+            f"array (self.{scalars[0]} = np.array(...)), which an optimiser updates in place"
+        )
     return {
         name: value
         for name, value in found.items()
