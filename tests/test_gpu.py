@@ -748,6 +748,20 @@ def test_an_array_two_layers_hold_moves_as_one(gpu: Any) -> None:
     assert list(net.params) == ["W1", "b1", "params1[1]"]
 
 
+def test_a_tie_through_a_transposed_view_survives_moves_both_ways(gpu: Any) -> None:
+    from test_models import SequelAffine, SequelEmbedding
+
+    rng = np.random.default_rng(92)
+    W = rng.standard_normal((5, 3))
+    net = snn.Sequential([SequelEmbedding(W), snn.Tanh(), SequelAffine(W.T, np.zeros(5))])
+    for device in ("cuda", "cpu"):
+        net.to(device)
+        assert list(net.params) == ["params1[0]", "params2[1]"]  # still one array
+        embedding, affine = net.layers[0].params[0], net.layers[2].params[0]
+        embedding[0, 0] = 42.0
+        assert float(affine[0, 0]) == 42.0  # the transpose sees the write
+
+
 def test_unknown_device_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown device"):
         to_device(np.zeros(2), "tpu")

@@ -11,7 +11,7 @@ import pytest
 
 import scratchnn as snn
 from scratchnn.models import cnn
-from scratchnn.optim import SGD
+from scratchnn.optim import SGD, Adam
 from scratchnn.train import evaluate
 
 ACTIVATIONS = [
@@ -790,10 +790,175 @@ def test_a_book_style_parameter_kept_as_a_float_is_named() -> None:
             return np.where(self.x > 0, dout, self.a * dout)
 
     net = snn.Sequential([snn.Affine(np.eye(2), np.zeros(2)), PRelu()])
-    with pytest.raises(TypeError, match=r"PRelu keeps its parameter a as a float: keep it as an array"):
-        _ = net.params
+    # Found when its backward sets da (a float t beside a step dt, both set once, is not).
+    with pytest.raises(TypeError, match=r"PRelu keeps its parameter a as a float: keep it as a float array"):
+        net.gradient(np.array([[1.0, -2.0]]), np.array([0]))
     layer = PRelu()
     layer.a = np.array(0.25)  # as the message says: then it trains
     net = snn.Sequential([snn.Affine(np.eye(2), np.zeros(2)), layer])
     SGD(0.1).update(net.params, net.gradient(np.array([[1.0, -2.0]]), np.array([0])))
     assert list(net.params) == ["W1", "b1", "a1"] and float(layer.a) != 0.25
+
+
+# -- what forward assigns is a cache; what it leaves is a parameter (third audit) ------------
+
+
+def test_a_weight_forward_returns_or_data_it_was_sliced_from_stays_a_parameter() -> None:
+    class LearnedConstant:  # returns its own weight, whatever comes in
+        def __init__(self) -> None:
+            self.W, self.dW = np.ones((1, 3)), None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.n = len(x)
+            return np.broadcast_to(self.W, (self.n, 3))
+
+        def backward(self, dout: np.ndarray) -> None:
+            self.dW = dout.sum(axis=0, keepdims=True)
+
+    class Prototypes(BookAffine):  # W a slice of the training data, batches other slices
+        pass
+
+    rng = np.random.default_rng(79)
+    data = rng.standard_normal((300, 4))
+    net = snn.Sequential([Prototypes(data[:4, :3].T, np.zeros(4)),  # a view of the data
+                          snn.Affine(rng.standard_normal((4, 2)), np.zeros(2))])  # fmt: skip
+    for start in (100, 200):
+        net.gradient(data[start : start + 50, :3], rng.integers(0, 2, 50))
+    assert list(net.params) == ["W1", "b1", "W2", "b2"]
+    constant = snn.Sequential([LearnedConstant(), snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    for _ in range(2):
+        SGD(0.1).update(constant.params, constant.gradient(data[:5], np.zeros(5, int)))
+    assert list(constant.params) == ["W1", "W2", "b2"] and not np.array_equal(constant.layers[0].W, np.ones((1, 3)))
+
+
+class Transposes:  # hands the next layer a transposed (non-contiguous) array
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x.T.copy().T
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        return dout
+
+
+class KeepsDxCopy(BookAffine):  # keeps a copy of x, and dx beside it
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = np.ascontiguousarray(x).reshape(len(x), -1).copy()
+        return np.dot(self.x, self.W) + self.b
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        self.dx = super().backward(dout)
+        return self.dx
+
+
+def test_a_cache_that_is_a_copy_and_survives_copies_of_the_network() -> None:
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(80)
+    net = snn.Sequential([Transposes(), KeepsDxCopy(rng.standard_normal((4, 3)), np.zeros(3))])
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    for _ in range(2):
+        Adam().update(net.params, net.gradient(x, t))
+        assert list(net.params) == ["W1", "b1"]
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)), snn.Sequential(net.layers)):
+        assert list(twin.params) == list(twin.state()) == ["W1", "b1"]
+
+
+def test_a_parameter_made_at_the_first_forward_counts_from_the_second() -> None:
+    class LazyBookScale:
+        def __init__(self) -> None:
+            self.W: Any = None
+            self.dW: Any = None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            if self.W is None:
+                self.W = np.ones(x.shape[1])
+            self.x = x
+            return x * self.W
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            self.dW = np.sum(dout * self.x, axis=0)
+            return dout * self.W
+
+    rng = np.random.default_rng(81)
+    net = snn.Sequential([LazyBookScale(), snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    x, t = rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    assert list(net.gradient(x, t)) == ["W1", "b1"]  # the Affine's: W made just now
+    assert list(net.gradient(x, t)) == ["W1", "W2", "b2"]  # kept by the second forward: W1
+
+
+def test_views_of_one_array_are_one_parameter_and_other_overlaps_are_refused() -> None:
+    rng = np.random.default_rng(82)
+    W = rng.standard_normal((3, 3))
+    same = snn.Sequential([SequelAffine(W, np.zeros(3)), snn.Tanh(), SequelAffine(W[:], np.zeros(3))])
+    assert list(same.params) == ["params1[0]", "params1[1]", "params2[1]"]
+    wide = rng.standard_normal((3, 4))
+    overlapping = snn.Sequential([SequelAffine(wide[:, :3], np.zeros(3)), SequelAffine(wide[:, 1:], np.zeros(3))])
+    with pytest.raises(ValueError, match=r"params1\[0\] and params2\[0\] share memory without being one array"):
+        _ = overlapping.params
+
+
+def test_parameters_that_are_not_float_arrays_are_named() -> None:
+    class FloatInParams:
+        def __init__(self) -> None:
+            self.params, self.grads = {"s": 0.5}, {"s": None}
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout
+
+    class IntegerW(BookAffine):
+        pass
+
+    class Clock(BookAffine):  # t and dt, a time and its step: no parameter
+        def __init__(self, W: np.ndarray, b: np.ndarray) -> None:
+            super().__init__(W, b)
+            self.t, self.dt = 0.0, 0.1
+
+    with pytest.raises(TypeError, match=r"FloatInParams keeps its parameter params\['s'\] as a float"):
+        _ = snn.Sequential([FloatInParams()]).params
+    integer = snn.Sequential([IntegerW(np.ones((2, 2), dtype=int), np.zeros(2))])
+    with pytest.raises(TypeError, match="IntegerW keeps its parameter W as an array of int64"):
+        integer.gradient(np.ones((1, 2)), np.array([0]))
+    clock = snn.Sequential([Clock(np.eye(2), np.zeros(2))])
+    assert list(clock.gradient(np.ones((1, 2)), np.array([0]))) == ["W1", "b1"]
+
+
+def test_gradcheck_puts_each_running_statistic_back_into_its_own_layer() -> None:
+    class BookNorm:  # the book's BatchNormalization, made at the first forward if not sized
+        def __init__(self, n: int | None = None) -> None:
+            self.gamma: Any = None
+            self.dgamma: Any = None
+            self.dbeta: Any = None
+            if n:
+                self._make(n)
+
+        def _make(self, n: int) -> None:
+            self.gamma, self.beta = np.ones(n), np.zeros(n)
+            self.running_mean, self.running_var = np.zeros(n), np.ones(n)
+
+        def forward(self, x: np.ndarray, train_flg: bool = True) -> np.ndarray:
+            if self.gamma is None:
+                self._make(x.shape[1])
+            self.xc = x - x.mean(axis=0)
+            self.std = np.sqrt(np.mean(self.xc**2, axis=0) + 1e-7)
+            self.running_mean = 0.9 * self.running_mean + 0.1 * x.mean(axis=0)  # rebound
+            self.running_var = 0.9 * self.running_var + 0.1 * self.std**2
+            return self.gamma * self.xc / self.std + self.beta
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            xn, n = self.xc / self.std, len(dout)
+            self.dbeta, self.dgamma = dout.sum(axis=0), np.sum(xn * dout, axis=0)
+            dxn = self.gamma * dout
+            return (dxn - dxn.mean(axis=0) - xn * np.mean(dxn * xn, axis=0)) / self.std * (n / n)
+
+    rng = np.random.default_rng(83)
+    lazy, eager = BookNorm(), BookNorm(3)
+    eager.running_mean[...] = 7.0
+    net = snn.Sequential([lazy, snn.Affine(rng.standard_normal((3, 3)), np.zeros(3)), eager,
+                          snn.Tanh(), snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])  # fmt: skip
+    x, t = rng.standard_normal((8, 3)), rng.integers(0, 2, 8)
+    assert snn.gradcheck(net, x, t).max_relative_error < 1e-6  # renumbers: lazy's keys join
+    np.testing.assert_array_equal(eager.running_mean, np.full(3, 7.0))  # its own, put back
+    assert not np.allclose(lazy.running_mean, 7.0)  # made during the check: left as it ends

@@ -166,7 +166,8 @@ def move_arrays(obj: object, device: str, moved: dict[int, Any] | None = None) -
     def move(array: Any) -> Any:
         if id(array) not in moved:
             # The original is kept beside its copy: while it lives, no other array has its id.
-            moved[id(array)] = (array, to_device(array, device))
+            view = _moved_view(array, moved)
+            moved[id(array)] = (array, to_device(array, device) if view is None else view)
         return moved[id(array)][1]
 
     for name, value in list(vars(obj).items()):
@@ -182,6 +183,21 @@ def move_arrays(obj: object, device: str, moved: dict[int, Any] | None = None) -
                     value[i] = move(item)
         elif type(value) is tuple and any(is_array(item) for item in value):
             setattr(obj, name, tuple(move(v) if is_array(v) else v for v in value))
+
+
+def _moved_view(array: Any, moved: dict[int, tuple[Any, Any]]) -> Any:
+    """``array``'s copy made from an array moved already, where ``array`` views the same
+    elements (``W[:]``) or its transpose (the sequel's tied ``W.T``); else None."""
+    from scratchnn.parameters import layout  # (it reads addresses of both modules' arrays)
+
+    for original, copy in moved.values():
+        if type(original) is type(array) and original.dtype == array.dtype:
+            found = layout(array, original)
+            if found is not None:
+                if copy is original:  # not moved (already there): the view stays itself
+                    return array
+                return copy if found == "same" else copy.T
+    return None
 
 
 def as_result(value: Any) -> Any:

@@ -100,27 +100,35 @@ def gradcheck(
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)
-    # Buffers (running statistics) as they were, to put back at the end.
-    saved = {k: (v, v.copy()) for k, v in network.state().items()} if hasattr(network, "state") else {}
+    # Weights and buffers (running statistics) as they were, to put back at the end.
+    saved = _places(network)
     try:
         return _check_each(network, x, t, h, max_per_param, rng, floor)
     finally:
-        _put_back(network, saved)
+        for layer, name, array, values in saved:
+            # Where the layer holds it now: the book's BatchNormalization rebinds its
+            # running_mean; keys would not do, as a first forward may renumber them.
+            now = getattr(layer, name, None) if layer is not None else array
+            if isinstance(now, np.ndarray) and now.shape == values.shape:
+                now[...] = values
 
 
-def _put_back(network: Any, saved: dict[str, tuple[Any, Any]]) -> None:
-    """Each saved array's values back into it where the network still holds it, else into
-    the array now under its name (the book's BatchNormalization rebinds its running_mean).
-    Arrays a layer made at the first forward did not exist before: they stay."""
-    if not saved:
-        return
-    now = network.state()
-    held = {id(array) for array in now.values()}
-    for key, (array, values) in saved.items():
-        if id(array) in held:  # by identity: a first forward may have renumbered the keys
-            array[...] = values
-        elif key in now and now[key].shape == values.shape:
-            now[key][...] = values
+def _places(network: Any) -> list[tuple[Any, str, Any, np.ndarray]]:
+    """(layer, attribute, array, a copy of its values) for each array of the network's
+    state, found by identity among its layers' attributes; (None, "", array, copy) for
+    one held otherwise (in a list, as the sequel's params). Arrays a first forward makes
+    did not exist before: they stay as they end."""
+    if not hasattr(network, "state"):
+        return []
+    state = {id(array): array for array in network.state().values()}
+    places: list[tuple[Any, str, Any, np.ndarray]] = []
+    for layer in getattr(network, "layers", ()):
+        for name, value in getattr(layer, "__dict__", {}).items():
+            if id(value) in state:
+                places.append((layer, name, value, value.copy()))
+                del state[id(value)]
+    places += [(None, "", array, array.copy()) for array in state.values()]
+    return places
 
 
 def _check_each(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,11 +17,20 @@ from scratchnn.backend import (
     check_device,
     device_of,
     get_array_module,
-    is_array,
     move_arrays,
     to_device,
 )
 from scratchnn.layers.losses import Loss, SigmoidWithLoss, SoftmaxWithLoss
+from scratchnn.parameters import (
+    Entry,
+    backward_noted,
+    buffers_of,
+    forward_in_mode,
+    gradients_of,
+    numbered_key,
+    parameter_table,
+    parameters_of,
+)
 
 # The activations a ready-made network can use, by the name the command line takes.
 ACTIVATIONS: dict[str, Any] = {
@@ -58,16 +67,17 @@ class Sequential:
     ``training`` attribute, as dropout and batch normalisation have).
 
     Layers of the user's own join in any of three styles, as
-    :func:`parameters_of` reads them: scratchnn's ``params`` and ``grads``
+    :mod:`scratchnn.parameters` reads them: scratchnn's ``params`` and ``grads``
     dicts; the book's arrays beside their gradients (``W`` beside ``dW``;
     ``running_mean`` and ``running_var`` saved with them), numbered as
     scratchnn's; the sequel's ``params`` and ``grads`` lists, keyed
     ``params1[0]``, ``params1[1]``, ``params2[0]``, .... A layer's number is
     one more than the last number any of its names had, so that layers of
     other kinds never share a key. A forward that takes the book's
-    ``train_flg`` gets the network's mode. An array that a forward received
-    or returned (the book's cached ``x``) is never a parameter, even beside a
-    ``dx``. One array held by two layers (the sequel's tied weights, also as
+    ``train_flg`` gets the network's mode. What a forward assigns (the book's
+    cached ``x``) is never a parameter, even beside a ``dx``; a parameter a
+    layer makes at its first forward counts from its second. One array held
+    by two layers (the sequel's tied weights, also as
     a transposed view) is one parameter, under its first key, whose gradient
     is the sum of both layers' (transposed where the view is).
 
@@ -96,89 +106,63 @@ class Sequential:
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
         self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
-        # (the layers and their names, their numbering) as last computed
-        self._numbered: tuple[tuple[Any, ...], list[tuple[int, Any]]] = ((), [])
-        # Per layer of the user's own (by id), the attributes that held what its forward
-        # took or gave: caches, never parameters, whatever sits beside them.
-        self._caches: dict[int, set[str]] = {}
+        # (what the layers hold, the table of parameters and the layers' numbers) as last
+        # computed: it is read at least twice a training step
+        self._table: tuple[list[Any], list[Entry], dict[int, int]] = ([None], [], {})
 
     # -- the parameters ------------------------------------------------------------
 
-    def _parametrized(self) -> list[tuple[int, Any]]:
-        """(1-based number, layer) for each layer that has parameters.
-
-        Layers are numbered per kind of parameters, as the book's
-        ``MultiLayerNetExtend``: ``W1, b1, gamma1, beta1, W2, b2, gamma2, ...``.
-        """
-        # The names too: a layer may make its parameters at its first forward.
-        current = tuple((layer, tuple(self._parameters_of(layer))) for layer in self.layers)
-        if current == self._numbered[0]:  # compares layer by layer, identity first
-            return self._numbered[1]
-        _check_each_layer_once(self.layers)
-        last: dict[str, int] = {}  # the last number each name had
-        numbered = []
-        owner: dict[str, int] = {}
-        for i, (layer, names) in enumerate(current):
-            if names:
-                k = 1 + max(last.get(name, 0) for name in names)
-                last.update(dict.fromkeys(names, k))
-                numbered.append((k, layer))
-                for name in names:
-                    key = _numbered_key(name, k)
-                    if key in owner:  # "W" of layer 11 and a "W1" of layer 1
-                        raise ValueError(
-                            f"Sequential: layers {owner[key]} and {i} would both name a "
-                            f"parameter {key!r}; give the custom layer's parameters other names"
-                        )
-                    owner[key] = i
-        self._numbered = (current, numbered)
-        return numbered
-
-    def _parameters_of(self, layer: Any) -> dict[str, Any]:
-        return parameters_of(layer, caches=self._caches.get(id(layer), ()))
-
-    def _each_parameter(self) -> Iterator[tuple[str, Any, Any, str, tuple[str, bool] | None]]:
-        """(key, array, layer, name, tie) for every parameter; ``tie`` names the earlier
-        key the array is held under (and whether as its transpose), or is None."""
-        seen: dict[str, Any] = {}
-        for k, layer in self._parametrized():
-            for name, array in self._parameters_of(layer).items():
-                key = _numbered_key(name, k)
-                tie = _tied(array, seen)
-                if tie is None:
-                    seen[key] = array
-                yield key, array, layer, name, tie
+    def _parameter_table(self) -> tuple[list[Entry], dict[int, int]]:
+        """Every parameter (see :func:`scratchnn.parameters.parameter_table`), and each
+        layer's number, computed again only when a layer holds other arrays."""
+        per_layer = [(layer, parameters_of(layer)) for layer in self.layers]
+        # What the layers hold now, by identity (the table keeps the layers and arrays
+        # alive, so no id in it is reused while it stands), and by name.
+        held: list[Any] = [id(layer) for layer in self.layers]
+        for _, params in per_layer:
+            held += params
+            held += map(id, params.values())
+        if held != self._table[0]:
+            _check_each_layer_once(self.layers)
+            entries, numbers = parameter_table(per_layer)
+            self._table = (held, entries, numbers)
+        return self._table[1], self._table[2]
 
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Every learnable array, by book-style key (``W1``, ``b1``, ...): the layers' own
         arrays, each once."""
-        return {key: array for key, array, _, _, tie in self._each_parameter() if tie is None}
+        entries, _ = self._parameter_table()
+        return {entry.key: entry.array for entry in entries if entry.tie is None}
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
         """The gradients of the last backward, keyed like ``params`` (a tied array's summed)."""
         grads: dict[str, np.ndarray] = {}
         layer_grads: dict[int, dict[str, Any]] = {}
-        for key, _, layer, name, tie in self._each_parameter():
-            if id(layer) not in layer_grads:
-                layer_grads[id(layer)] = gradients_of(layer)
-            grad = layer_grads[id(layer)].get(name)
+        entries, _ = self._parameter_table()
+        for entry in entries:
+            if id(entry.layer) not in layer_grads:
+                layer_grads[id(entry.layer)] = gradients_of(entry.layer)
+            grad = layer_grads[id(entry.layer)].get(entry.name)
             if grad is None:
                 raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
-            if tie is None:
-                grads[key] = grad
+            if entry.tie is None:
+                grads[entry.key] = grad
             else:  # a new array: the layers' own gradients stay as backward left them
-                first, transposed = tie
+                first, transposed = entry.tie
                 grads[first] = grads[first] + (grad.T if transposed else grad)
         return grads
 
     def state(self) -> dict[str, np.ndarray]:
         """Every array a saved model needs: ``params`` plus non-learned buffers (running statistics)."""
         state = dict(self.params)
-        for k, layer in self._parametrized():
+        _, numbers = self._parameter_table()
+        for layer in self.layers:
+            if id(layer) not in numbers:
+                continue
             for name, array in buffers_of(layer).items():
-                key = _numbered_key(name, k)
+                key = numbered_key(name, numbers[id(layer)])
                 if key in state:  # a book-style layer's running_mean beside a BatchNorm's
                     raise ValueError(
                         f"Sequential.state: two layers would both save {key!r} (one of them "
@@ -230,7 +214,7 @@ class Sequential:
     def predict(self, x: Any) -> np.ndarray:
         """Run every layer forward; return the scores before the loss layer."""
         for layer in self.layers:
-            x = self._forward(layer, x)
+            x = forward_in_mode(layer, x, self.training)
         return as_result(x)
 
     def loss(self, x: Any, t: Any) -> float:
@@ -266,7 +250,7 @@ class Sequential:
             if isinstance(layer, layers.Layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
-                x = self._forward(layer, x)
+                x = forward_in_mode(layer, x, self.training)
         self.last_loss = self.last_layer._checked_forward(as_result(x), t, borrowed=True)
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
@@ -274,23 +258,11 @@ class Sequential:
             if i == 0 and isinstance(layer, layers.Layer):
                 # The input is data: nothing needs its gradient, so the first layer skips dx.
                 layer.backward(dout, input_grad=False)
-            else:
+            elif isinstance(layer, layers.Layer):
                 dout = layer.backward(dout)
+            else:
+                dout = backward_noted(layer, dout)
         return self.grads
-
-    def _forward(self, layer: Any, x: Any) -> Any:
-        """A layer's forward in the network's mode; what a user's layer keeps of its input
-        or output is noted as a cache."""
-        out = forward_in_mode(layer, x, self.training)
-        if not isinstance(layer, layers.Layer):
-            kept = {
-                name
-                for name, value in getattr(layer, "__dict__", {}).items()
-                if is_array(value) and (_same_memory(value, x) or _same_memory(value, out))
-            }
-            if kept:
-                self._caches.setdefault(id(layer), set()).update(kept)
-        return out
 
     # -- modes and display -----------------------------------------------------------
 
@@ -333,126 +305,6 @@ class Sequential:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
-
-
-# -- a layer's parameters, in the styles a learner writes them ------------------------
-
-# The book's BatchNormalization keeps these beside its parameters; a saved model needs them.
-BOOK_BUFFERS = ("running_mean", "running_var")
-
-
-def parameters_of(layer: Any, caches: Iterable[str] = ()) -> dict[str, Any]:
-    """A layer's learnable arrays by name, the layer's own objects.
-
-    scratchnn's layers (and any layer with a ``params`` dict) name them in that
-    dict; the book's sequel keeps a ``params`` list, named here ``params[0]``,
-    ``params[1]``, ...; the book keeps each array beside its gradient (``W`` and
-    ``dW``, ``gamma`` and ``dgamma``), found as a float array attribute ``X``
-    beside an attribute ``dX`` (None until the first backward), unless its name
-    is among ``caches`` (what a forward took or gave: ``x`` beside a ``dx``).
-    """
-    params = getattr(layer, "params", None)
-    if isinstance(params, dict):
-        return params
-    if isinstance(params, (list, tuple)):
-        return {f"params[{j}]": array for j, array in enumerate(params)}
-    if params is not None:
-        raise TypeError(
-            f"{type(layer).__name__}.params must be a dict of arrays by name (or a list, as "
-            f"the book's sequel keeps them), got {type(params).__name__}"
-        )
-    found = getattr(layer, "__dict__", {})
-    caches = set(caches)
-    scalars = [
-        name
-        for name, value in found.items()
-        if isinstance(value, (float, np.floating)) and f"d{name}" in found and name not in caches
-    ]
-    if scalars:  # check_layer takes them; an optimiser can move only an array, in place
-        raise TypeError(
-            f"{type(layer).__name__} keeps its parameter {scalars[0]} as a float: keep it as an "
-            f"array (self.{scalars[0]} = np.array(...)), which an optimiser updates in place"
-        )
-    return {
-        name: value
-        for name, value in found.items()
-        if is_array(value) and value.dtype.kind == "f" and f"d{name}" in found
-        and name not in caches
-    }  # fmt: skip
-
-
-def gradients_of(layer: Any) -> dict[str, Any]:
-    """The gradients of :func:`parameters_of`'s arrays, by the same names (None before
-    the first backward)."""
-    params = getattr(layer, "params", None)
-    if isinstance(params, dict):
-        return dict(layer.grads)
-    if isinstance(params, (list, tuple)):
-        grads = getattr(layer, "grads", None)
-        if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
-            raise TypeError(
-                f"{type(layer).__name__}: a params list needs a grads list of its length "
-                f"beside it, got {type(grads).__name__}"
-            )
-        return {f"params[{j}]": grad for j, grad in enumerate(grads)}
-    found = getattr(layer, "__dict__", {})
-    return {name[1:]: value for name, value in found.items() if name[:1] == "d"}
-
-
-def buffers_of(layer: Any) -> dict[str, Any]:
-    """The arrays a saved model needs beside the parameters (running statistics)."""
-    buffers = getattr(layer, "buffers", None)
-    if isinstance(buffers, dict):
-        return buffers
-    if getattr(layer, "params", None) is not None or not parameters_of(layer):
-        return {}
-    found = getattr(layer, "__dict__", {})
-    return {name: found[name] for name in BOOK_BUFFERS if is_array(found.get(name))}
-
-
-def _numbered_key(name: str, k: int) -> str:
-    """``W`` of the second such layer is ``W2``; the sequel's ``params[0]``, ``params2[0]``."""
-    base, bracket, index = name.partition("[")
-    return f"{base}{k}{bracket}{index}"
-
-
-def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:
-    """A layer's forward; the book's ``forward(x, train_flg=True)`` gets the mode."""
-    if isinstance(layer, layers.Layer):  # its mode is its training attribute
-        return layer.forward(x)
-    try:
-        takes_mode = "train_flg" in inspect.signature(layer.forward).parameters
-    except (TypeError, ValueError):  # no signature to read
-        takes_mode = False
-    return layer.forward(x, train_flg=training) if takes_mode else layer.forward(x)
-
-
-def _same_memory(a: Any, b: Any) -> bool:
-    """Whether ``a`` is ``b`` or a view of the same memory (the book keeps a reshape of x)."""
-    if a is b:
-        return True
-    base_a, base_b = getattr(a, "base", None), getattr(b, "base", None)
-    return (base_a is not None and (base_a is b or base_a is base_b)) or base_b is a
-
-
-def _tied(array: Any, seen: dict[str, Any]) -> tuple[str, bool] | None:
-    """The key under which ``array`` (or its transpose, as a view) is already held."""
-    for key, other in seen.items():
-        if other is array:
-            return key, False
-        if (
-            array.ndim == 2 and other.ndim == 2 and array.shape == other.shape[::-1]
-            and array.strides == other.strides[::-1] and _address(array) == _address(other)
-            and type(array) is type(other)
-        ):  # fmt: skip
-            return key, True
-    return None
-
-
-def _address(array: Any) -> int:
-    if isinstance(array, np.ndarray):
-        return int(array.__array_interface__["data"][0])
-    return int(array.data.ptr)  # CuPy
 
 
 def has_answers(last_layer: Any, scores: Any) -> bool:

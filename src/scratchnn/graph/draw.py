@@ -556,7 +556,7 @@ def network_drawing(
             f"network_drawing draws a network with layers, last_layer and params "
             f"(such as Sequential); {type(net).__name__} has no {', '.join(missing)}"
         )
-    from scratchnn.models import forward_in_mode, gradients_of, parameters_of  # any style
+    from scratchnn.parameters import forward_in_mode, gradients_of, parameters_of  # any style
 
     values = [np.asarray(x)]
     for layer in net.layers:

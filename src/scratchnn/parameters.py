@@ -1,0 +1,264 @@
+"""A network's parameters: found in each layer in the style it was written in, numbered as
+the book numbers them, and held once where two layers share an array.
+
+Three styles, as a learner meets them:
+
+- scratchnn's: a ``params`` dict and a ``grads`` dict of the same names;
+- the book's: each parameter an array attribute ``W`` beside an attribute ``dW``
+  that backward sets (``gamma`` beside ``dgamma``); ``running_mean`` and
+  ``running_var`` are saved with them;
+- the sequel's: ``params`` and ``grads`` lists, named here ``params[0]``, ...
+
+In the book's style a cache (``x`` kept for backward) looks like a parameter when a
+``dx`` sits beside it. What tells them apart is what forward does: it assigns its
+caches, and leaves its parameters as they are. So forward and backward of a user's
+layer run through :func:`forward_in_mode` and :func:`backward_noted`, which note on
+the layer (in ``_scratchnn_assigned``, carried by copies of the layer) what each
+assigned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from scratchnn.backend import get_array_module, is_array
+from scratchnn.layers.base import Layer
+
+# The book's BatchNormalization keeps these beside its parameters; a saved model needs them.
+BOOK_BUFFERS = ("running_mean", "running_var")
+NOTES = "_scratchnn_assigned"
+
+
+@dataclasses.dataclass(frozen=True)
+class Assigned:
+    """What a user's layer's forward and backward assigned, by attribute name."""
+
+    caches: frozenset[str] = frozenset()  # rebound by a forward, or holding its input
+    latest: frozenset[str] = frozenset()  # made by the last forward (a cache, or a parameter made late)
+    gradients: frozenset[str] = frozenset()  # X whose dX a backward set
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter of a network: its key, its array, the layer and the name it has
+    there, and, for an array already held under an earlier key, that key and whether
+    it is held transposed."""
+
+    key: str
+    array: Any
+    layer: Any
+    name: str
+    tie: tuple[str, bool] | None
+
+
+# -- running a user's layer ---------------------------------------------------------------
+
+
+def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:
+    """A layer's forward; the book's ``forward(x, train_flg=True)`` gets the mode, and a
+    user's layer has what its forward assigned noted on it."""
+    if isinstance(layer, Layer):  # its mode is its training attribute
+        return layer.forward(x)
+    try:
+        takes_mode = "train_flg" in inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):  # no signature to read
+        takes_mode = False
+    found = getattr(layer, "__dict__", None)
+    before = dict(found) if found is not None else {}
+    out = layer.forward(x, train_flg=training) if takes_mode else layer.forward(x)
+    if found is not None:
+        _note_forward(found, before, x)
+    return out
+
+
+def backward_noted(layer: Any, dout: Any) -> Any:
+    """A user's layer's backward, with the gradients it set noted on it."""
+    found = getattr(layer, "__dict__", None)
+    before = dict(found) if found is not None else {}
+    dx = layer.backward(dout)
+    if found is not None:
+        set_now = {name[1:] for name, value in found.items() if name[:1] == "d" and before.get(name) is not value}
+        notes = found.get(NOTES, Assigned())
+        found[NOTES] = dataclasses.replace(notes, gradients=notes.gradients | set_now)
+    return dx
+
+
+def _note_forward(found: dict[str, Any], before: dict[str, Any], x: Any) -> None:
+    assigned = {name for name, value in found.items() if is_array(value) and before.get(name) is not value}
+    # Rebound from one array to another: a cache for good. Made from nothing: a cache
+    # until the next forward shows whether it keeps it (a parameter made late does).
+    rebound = {name for name in assigned if is_array(before.get(name))}
+    # The same input every step (full-batch training) is never rebound: held input.
+    holding = {
+        name for name, value in found.items()
+        if is_array(value) and is_array(x) and type(value) is type(x) and _may_overlap(value, x)
+    }  # fmt: skip
+    notes = found.get(NOTES, Assigned())
+    found[NOTES] = dataclasses.replace(
+        notes, caches=notes.caches | rebound | holding, latest=frozenset(assigned)
+    )
+
+
+# -- what a layer holds ---------------------------------------------------------------------
+
+
+def parameters_of(layer: Any) -> dict[str, Any]:
+    """A layer's learnable arrays by name, the layer's own objects (see the module's
+    docstring for the three styles). ``TypeError`` for a parameter that is not a float
+    array, which no optimiser could update in place."""
+    params = getattr(layer, "params", None)
+    if type(layer).__module__.startswith("scratchnn."):  # ours: a dict of float arrays, or none
+        return params if isinstance(params, dict) else {}
+    if isinstance(params, dict):
+        for name, value in params.items():
+            _require_float_array(layer, f"params[{name!r}]", value)
+        return params
+    if isinstance(params, (list, tuple)):
+        named = {f"params[{j}]": array for j, array in enumerate(params)}
+        for name, value in named.items():
+            _require_float_array(layer, name, value)
+        return named
+    if params is not None:
+        raise TypeError(
+            f"{type(layer).__name__}.params must be a dict of arrays by name (or a list, as "
+            f"the book's sequel keeps them), got {type(params).__name__}"
+        )
+    found = getattr(layer, "__dict__", {})
+    notes = found.get(NOTES, Assigned())
+    found_params = {}
+    for name, value in found.items():
+        if f"d{name}" not in found or name in notes.caches or name in notes.latest:
+            continue
+        if is_array(value) and value.dtype.kind == "f":
+            found_params[name] = value
+        elif name in notes.gradients:  # backward sets its gradient: a parameter, misheld
+            _require_float_array(layer, name, value)
+    return found_params
+
+
+def _require_float_array(layer: Any, name: str, value: Any) -> None:
+    if not (is_array(value) and value.dtype.kind == "f"):
+        what = f"an array of {value.dtype}" if is_array(value) else f"a {type(value).__name__}"
+        raise TypeError(
+            f"{type(layer).__name__} keeps its parameter {name} as {what}: keep it as a float "
+            "array (np.array(..., dtype=float)), which an optimiser updates in place"
+        )
+
+
+def gradients_of(layer: Any) -> dict[str, Any]:
+    """The gradients of :func:`parameters_of`'s arrays, by the same names (None before
+    the first backward)."""
+    params = getattr(layer, "params", None)
+    if isinstance(params, dict):
+        return dict(layer.grads)
+    if isinstance(params, (list, tuple)):
+        grads = getattr(layer, "grads", None)
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
+            raise TypeError(
+                f"{type(layer).__name__}: a params list needs a grads list of its length "
+                f"beside it, got {type(grads).__name__}"
+            )
+        return {f"params[{j}]": grad for j, grad in enumerate(grads)}
+    found = getattr(layer, "__dict__", {})
+    return {name[1:]: value for name, value in found.items() if name[:1] == "d"}
+
+
+def buffers_of(layer: Any) -> dict[str, Any]:
+    """The arrays a saved model needs beside the parameters (running statistics)."""
+    buffers = getattr(layer, "buffers", None)
+    if isinstance(buffers, dict):
+        return buffers
+    if getattr(layer, "params", None) is not None or not parameters_of(layer):
+        return {}
+    found = getattr(layer, "__dict__", {})
+    return {name: found[name] for name in BOOK_BUFFERS if is_array(found.get(name))}
+
+
+# -- a network's parameters -----------------------------------------------------------------
+
+
+def numbered_key(name: str, k: int) -> str:
+    """``W`` of the second such layer is ``W2``; the sequel's ``params[0]``, ``params2[0]``."""
+    base, bracket, index = name.partition("[")
+    return f"{base}{k}{bracket}{index}"
+
+
+def parameter_table(
+    per_layer: Sequence[tuple[Any, dict[str, Any]]],
+) -> tuple[list[Entry], dict[int, int]]:
+    """Every parameter of the layers (each with :func:`parameters_of`'s dict), keyed as
+    the book keys them, and each layer's number (by id).
+
+    A layer's number is one more than the last number any of its names had, so that
+    ``W1, b1, gamma1, beta1, W2, b2, ...`` come out as the book's
+    ``MultiLayerNetExtend`` numbers them and layers of other kinds never share a key.
+    """
+    last: dict[str, int] = {}
+    numbers: dict[int, int] = {}
+    owner: dict[str, int] = {}
+    entries: list[Entry] = []
+    seen: dict[str, Any] = {}
+    for i, (layer, params) in enumerate(per_layer):
+        if not params:
+            continue
+        k = 1 + max(last.get(name, 0) for name in params)
+        last.update(dict.fromkeys(params, k))
+        numbers[id(layer)] = k
+        for name, array in params.items():
+            key = numbered_key(name, k)
+            if key in owner:  # "W" of layer 11 and a "W1" of layer 1
+                raise ValueError(
+                    f"Sequential: layers {owner[key]} and {i} would both name a parameter "
+                    f"{key!r}; give the custom layer's parameters other names"
+                )
+            owner[key] = i
+            tie = _tied(key, array, seen)
+            if tie is None:
+                seen[key] = array
+            entries.append(Entry(key, array, layer, name, tie))
+    return entries, numbers
+
+
+def _tied(key: str, array: Any, seen: dict[str, Any]) -> tuple[str, bool] | None:
+    """The key under which ``array`` is already held (as it is, or transposed); a
+    ``ValueError`` for an array that overlaps another any other way."""
+    for other_key, other in seen.items():
+        if other is array:
+            return other_key, False
+        if type(other) is not type(array) or other.dtype != array.dtype:
+            continue
+        if layout(array, other) is not None:
+            return other_key, layout(array, other) == "transposed"
+        if _may_overlap(array, other):
+            raise ValueError(
+                f"Sequential: parameters {other_key} and {key} share memory without being "
+                "one array or its transpose; an optimiser would step the shared part twice"
+            )
+    return None
+
+
+def layout(a: Any, b: Any) -> str | None:
+    """``"same"`` where ``a`` and ``b`` are views of the same elements in the same order,
+    ``"transposed"`` where ``a`` is ``b.T`` (2-d), else None."""
+    if _address(a) != _address(b):
+        return None
+    if a.shape == b.shape and a.strides == b.strides:
+        return "same"
+    if a.ndim == 2 and a.shape == b.shape[::-1] and a.strides == b.strides[::-1]:
+        return "transposed"
+    return None
+
+
+def _address(array: Any) -> int:
+    if isinstance(array, np.ndarray):
+        return int(array.__array_interface__["data"][0])
+    return int(array.data.ptr)  # CuPy
+
+
+def _may_overlap(a: Any, b: Any) -> bool:
+    return bool(get_array_module(a, b).may_share_memory(a, b))
