@@ -87,3 +87,16 @@ def test_the_japanese_page_explains_every_line_check_layer_reports() -> None:
     assert len(titles) == 10
     missing = [title for title in titles if f"| `{title}` |" not in table]
     assert not missing, f"check-layer.ja.md's table lacks {missing}"
+
+
+def test_both_pages_from_the_book_list_the_same_differences() -> None:
+    # Each row of the silent differences starts with the same code span in both languages.
+    def rows(page: str) -> list[str]:
+        text = (DOCS / page).read_text(encoding="utf-8")
+        table = text.split("\n## ")[1]
+        return [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+
+    english, japanese = rows("from-the-book.md"), rows("from-the-book.ja.md")
+    assert len(english) == len(japanese) == 13
+    spans = [re.findall(r"`[^`]+`", cell) for cell in english]
+    assert spans == [re.findall(r"`[^`]+`", cell) for cell in japanese]
