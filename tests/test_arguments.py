@@ -184,6 +184,9 @@ def test_accuracy_refuses_complex_targets_and_fit_a_history_that_is_not_one() ->
     with pytest.raises(TypeError, match=r"Sequential\.accuracy: unsupported targets dtype complex"):
         net.accuracy(np.ones((2, 3)), np.ones((2, 3), complex))
     x, t = np.ones((4, 3)), np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="fit: the network has no parameters to train"):
+        fit(net, SGD(0.1), (x, t), epochs=1, batch_size=2, rng=RNG)
+    net = snn.Sequential([snn.Affine(np.eye(3), np.zeros(3))])
     with pytest.raises(TypeError, match="fit: history must be a History or None, got str"):
         fit(net, SGD(0.1), (x, t), epochs=1, batch_size=2, rng=RNG, history="abc")  # type: ignore[arg-type]
 

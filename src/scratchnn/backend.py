@@ -170,7 +170,7 @@ def move_arrays(obj: object, device: str, moved: dict[int, Any] | None = None) -
             moved[id(array)] = (array, to_device(array, device) if view is None else view)
         return moved[id(array)][1]
 
-    for name, value in list(vars(obj).items()):
+    for name, value in list(_attributes(obj).items()):
         if is_array(value):
             setattr(obj, name, move(value))
         elif isinstance(value, dict):
@@ -183,6 +183,18 @@ def move_arrays(obj: object, device: str, moved: dict[int, Any] | None = None) -
                     value[i] = move(item)
         elif type(value) is tuple and any(is_array(item) for item in value):
             setattr(obj, name, tuple(move(v) if is_array(v) else v for v in value))
+
+
+def _attributes(obj: object) -> dict[str, Any]:
+    """``obj``'s attributes: its ``__dict__``, or what its ``__slots__`` hold."""
+    found = getattr(obj, "__dict__", None)
+    if found is not None:
+        return dict(found)
+    names = []
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return {name: getattr(obj, name) for name in names if hasattr(obj, name)}
 
 
 def _moved_view(array: Any, moved: dict[int, tuple[Any, Any]]) -> Any:

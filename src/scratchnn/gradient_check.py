@@ -140,8 +140,11 @@ def _check_each(
     rng: np.random.Generator | None,
     floor: float,
 ) -> GradcheckResult:
+    # Two forwards before params are read: a parameter a layer makes at its first
+    # forward counts from its second (see scratchnn.parameters).
+    network.loss(x, t)
     analytic = {key: grad.copy() for key, grad in network.gradient(x, t).items()}
-    params = network.params  # after a forward: parameters made by a first forward too
+    params = network.params
     worst = GradcheckResult(0.0, "", (), 0.0, 0.0, 0)
     checked = 0
     for key, array in params.items():

@@ -157,6 +157,11 @@ def check_layer(
         )
     if not inputs:
         raise TypeError("check_layer: give the layer's input(s) after the layer")
+    if not hasattr(layer, "__dict__"):
+        raise TypeError(
+            f"check_layer reads a layer's attributes, and {type(layer).__name__} keeps them in "
+            "__slots__: check it without __slots__"
+        )
     h = _checks.positive("check_layer", "h", h)
     tolerance = _checks.positive("check_layer", "tolerance", tolerance)
     if max_per_array is not None:

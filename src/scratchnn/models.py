@@ -27,6 +27,7 @@ from scratchnn.parameters import (
     buffers_of,
     forward_in_mode,
     gradients_of,
+    is_ours,
     numbered_key,
     parameter_table,
     parameters_of,
@@ -124,7 +125,9 @@ class Sequential:
             held += map(id, params.values())
         if held != self._table[0]:
             _check_each_layer_once(self.layers)
-            entries, numbers = parameter_table(per_layer)
+            # The same layers, in the same order: they keep their numbers.
+            same_layers = held[: len(self.layers)] == self._table[0][: len(self.layers)]
+            entries, numbers = parameter_table(per_layer, self._table[2] if same_layers else None)
             self._table = (held, entries, numbers)
         return self._table[1], self._table[2]
 
@@ -178,8 +181,8 @@ class Sequential:
         if missing or unexpected:
             hint = (
                 " (a layer that makes arrays at its first forward, as the book's "
-                "BatchNormalization its running_mean, has them after one: run net.predict on "
-                "one example first)"
+                "BatchNormalization its running_mean, has them after it, and its parameters "
+                "count from the second: run net.predict on one example twice first)"
                 if unexpected and not missing
                 else ""
             )
@@ -247,7 +250,7 @@ class Sequential:
         nothing can change them between this call's forward and backward.
         """
         for layer in self.layers:
-            if isinstance(layer, layers.Layer):
+            if is_ours(layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
                 x = forward_in_mode(layer, x, self.training)
@@ -255,10 +258,10 @@ class Sequential:
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
-            if i == 0 and isinstance(layer, layers.Layer):
+            if i == 0 and is_ours(layer):
                 # The input is data: nothing needs its gradient, so the first layer skips dx.
                 layer.backward(dout, input_grad=False)
-            elif isinstance(layer, layers.Layer):
+            elif is_ours(layer):
                 dout = layer.backward(dout)
             else:
                 dout = backward_noted(layer, dout)

@@ -14,7 +14,14 @@ In the book's style a cache (``x`` kept for backward) looks like a parameter whe
 caches, and leaves its parameters as they are. So forward and backward of a user's
 layer run through :func:`forward_in_mode` and :func:`backward_noted`, which note on
 the layer (in ``_scratchnn_assigned``, carried by copies of the layer) what each
-assigned.
+assigned. An attribute is a cache while the last forward assigned it (or it holds
+that forward's input: the same batch every full-batch step), and for good once two
+forwards have assigned it; one that a first forward made or cast, and later ones
+leave, is a parameter from the second forward on. A layer keeps its number while
+the network's layers stay the same, so a parameter made late takes a new key and
+moves no other (an optimiser's state stays with its array). Layers whose
+attributes sit in ``__slots__`` cannot be noted: in the book's style they are
+refused by name.
 """
 
 from __future__ import annotations
@@ -38,8 +45,14 @@ NOTES = "_scratchnn_assigned"
 class Assigned:
     """What a user's layer's forward and backward assigned, by attribute name."""
 
-    caches: frozenset[str] = frozenset()  # rebound by a forward, or holding its input
-    latest: frozenset[str] = frozenset()  # made by the last forward (a cache, or a parameter made late)
+    # Assigned by the last forward, or holding its input: caches now (a parameter made
+    # or cast by a first forward keeps still from the second on).
+    latest: frozenset[str] = frozenset()
+    # Assigned by two forwards or more: caches for good, also after a forward that
+    # leaves them (an evaluation that keeps no x).
+    caches: frozenset[str] = frozenset()
+    # Assigned by exactly one forward so far.
+    once: frozenset[str] = frozenset()
     gradients: frozenset[str] = frozenset()  # X whose dX a backward set
 
 
@@ -59,10 +72,15 @@ class Entry:
 # -- running a user's layer ---------------------------------------------------------------
 
 
+def is_ours(layer: Any) -> bool:
+    """Whether ``layer`` is one of scratchnn's own (a user's subclass of ``Layer`` is not)."""
+    return isinstance(layer, Layer) and type(layer).__module__.startswith("scratchnn.")
+
+
 def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:
     """A layer's forward; the book's ``forward(x, train_flg=True)`` gets the mode, and a
     user's layer has what its forward assigned noted on it."""
-    if isinstance(layer, Layer):  # its mode is its training attribute
+    if is_ours(layer):  # its mode is its training attribute
         return layer.forward(x)
     try:
         takes_mode = "train_flg" in inspect.signature(layer.forward).parameters
@@ -89,10 +107,11 @@ def backward_noted(layer: Any, dout: Any) -> Any:
 
 
 def _note_forward(found: dict[str, Any], before: dict[str, Any], x: Any) -> None:
-    assigned = {name for name, value in found.items() if is_array(value) and before.get(name) is not value}
-    # Rebound from one array to another: a cache for good. Made from nothing: a cache
-    # until the next forward shows whether it keeps it (a parameter made late does).
-    rebound = {name for name in assigned if is_array(before.get(name))}
+    # Anything assigned, arrays and numbers alike (a cached std is an np.float64).
+    assigned = {
+        name for name, value in found.items()
+        if name != NOTES and before.get(name, _MISSING) is not value
+    }  # fmt: skip
     # The same input every step (full-batch training) is never rebound: held input.
     holding = {
         name for name, value in found.items()
@@ -100,8 +119,14 @@ def _note_forward(found: dict[str, Any], before: dict[str, Any], x: Any) -> None
     }  # fmt: skip
     notes = found.get(NOTES, Assigned())
     found[NOTES] = dataclasses.replace(
-        notes, caches=notes.caches | rebound | holding, latest=frozenset(assigned)
+        notes,
+        latest=frozenset(assigned | holding),
+        caches=notes.caches | (assigned & notes.once),
+        once=(notes.once | assigned) - (assigned & notes.once),
     )
+
+
+_MISSING = object()
 
 
 # -- what a layer holds ---------------------------------------------------------------------
@@ -112,7 +137,7 @@ def parameters_of(layer: Any) -> dict[str, Any]:
     docstring for the three styles). ``TypeError`` for a parameter that is not a float
     array, which no optimiser could update in place."""
     params = getattr(layer, "params", None)
-    if type(layer).__module__.startswith("scratchnn."):  # ours: a dict of float arrays, or none
+    if is_ours(layer):  # a dict of float arrays, or none
         return params if isinstance(params, dict) else {}
     if isinstance(params, dict):
         for name, value in params.items():
@@ -128,17 +153,32 @@ def parameters_of(layer: Any) -> dict[str, Any]:
             f"{type(layer).__name__}.params must be a dict of arrays by name (or a list, as "
             f"the book's sequel keeps them), got {type(params).__name__}"
         )
-    found = getattr(layer, "__dict__", {})
+    found = getattr(layer, "__dict__", None)
+    if found is None:
+        _refuse_slots(layer)
+        return {}
     notes = found.get(NOTES, Assigned())
     found_params = {}
     for name, value in found.items():
-        if f"d{name}" not in found or name in notes.caches or name in notes.latest:
+        if f"d{name}" not in found or name in notes.latest or name in notes.caches:
             continue
         if is_array(value) and value.dtype.kind == "f":
             found_params[name] = value
         elif name in notes.gradients:  # backward sets its gradient: a parameter, misheld
             _require_float_array(layer, name, value)
     return found_params
+
+
+def _refuse_slots(layer: Any) -> None:
+    """A layer in the book's style whose arrays sit in ``__slots__`` cannot have its
+    caches told from its parameters (nothing can be noted on it): ``TypeError``."""
+    slots = {name for cls in type(layer).__mro__ for name in getattr(cls, "__slots__", ())}
+    paired = sorted(name for name in slots if f"d{name}" in slots)
+    if paired:
+        raise TypeError(
+            f"{type(layer).__name__} keeps {paired[0]} beside d{paired[0]} in __slots__: give "
+            "it a __dict__ (no __slots__), or a params dict and a grads dict"
+        )
 
 
 def _require_float_array(layer: Any, name: str, value: Any) -> None:
@@ -189,7 +229,7 @@ def numbered_key(name: str, k: int) -> str:
 
 
 def parameter_table(
-    per_layer: Sequence[tuple[Any, dict[str, Any]]],
+    per_layer: Sequence[tuple[Any, dict[str, Any]]], kept: dict[int, int] | None = None
 ) -> tuple[list[Entry], dict[int, int]]:
     """Every parameter of the layers (each with :func:`parameters_of`'s dict), keyed as
     the book keys them, and each layer's number (by id).
@@ -197,8 +237,16 @@ def parameter_table(
     A layer's number is one more than the last number any of its names had, so that
     ``W1, b1, gamma1, beta1, W2, b2, ...`` come out as the book's
     ``MultiLayerNetExtend`` numbers them and layers of other kinds never share a key.
+    ``kept`` are the numbers the same layers had before (when only their parameters
+    changed): those layers keep them, so that a parameter a layer makes late takes a
+    new key and moves no other (an optimiser's state stays with its array).
     """
+    kept = kept or {}
     last: dict[str, int] = {}
+    for layer, params in per_layer:  # the numbers kept are taken, wherever they stand
+        if id(layer) in kept:
+            for name in params:
+                last[name] = max(last.get(name, 0), kept[id(layer)])
     numbers: dict[int, int] = {}
     owner: dict[str, int] = {}
     entries: list[Entry] = []
@@ -206,8 +254,11 @@ def parameter_table(
     for i, (layer, params) in enumerate(per_layer):
         if not params:
             continue
-        k = 1 + max(last.get(name, 0) for name in params)
-        last.update(dict.fromkeys(params, k))
+        k = kept.get(id(layer), 0)
+        if not k or any(owner.get(numbered_key(name, k), i) != i for name in params):
+            k = 1 + max(last.get(name, 0) for name in params)
+        for name in params:
+            last[name] = max(last.get(name, 0), k)
         numbers[id(layer)] = k
         for name, array in params.items():
             key = numbered_key(name, k)

@@ -254,6 +254,15 @@ def fit(
     # Both sets checked before the first step: a bad test set must not fail an epoch in.
     _check_pairs("fit", x_train, t_train, "training set")
     _check_set(network, x_train, t_train, "training set")
+    if hasattr(network, "params") and not network.params:
+        # A parameter a layer makes (or casts) at its first forward counts from its second.
+        with evaluation_mode(network):
+            network.predict(x_train[:1])
+    if hasattr(network, "params") and not network.params:
+        raise ValueError(
+            "fit: the network has no parameters to train (a layer of your own in the book's "
+            "style keeps each W beside a dW that its backward sets)"
+        )
     if test_data is not None:
         x_test, t_test = test_data
         test_data = (as_array(x_test, who="fit", what="test set"),

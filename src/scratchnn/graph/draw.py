@@ -556,7 +556,12 @@ def network_drawing(
             f"network_drawing draws a network with layers, last_layer and params "
             f"(such as Sequential); {type(net).__name__} has no {', '.join(missing)}"
         )
-    from scratchnn.parameters import forward_in_mode, gradients_of, parameters_of  # any style
+    from scratchnn.parameters import (  # any style of layer
+        backward_noted,
+        forward_in_mode,
+        gradients_of,
+        parameters_of,
+    )
 
     values = [np.asarray(x)]
     for layer in net.layers:
@@ -564,7 +569,7 @@ def network_drawing(
     loss = net.last_layer.forward(values[-1], t)
     grads: list[Any] = [np.asarray(net.last_layer.backward(1.0))]
     for layer in reversed(net.layers):
-        dx = layer.backward(grads[0])
+        dx = backward_noted(layer, grads[0])
         grads.insert(0, None if dx is None else np.asarray(dx))  # None: indices (Embedding)
 
     # Parameter names as the network's own params dict gives them, matched by identity.
