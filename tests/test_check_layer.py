@@ -840,8 +840,9 @@ def test_a_parameter_reshaped_in_forward_is_named_as_unchecked() -> None:
 
     report = check_layer(ReshapesGamma(), np.random.default_rng(34).standard_normal((2, 3)))
     assert report.notes == (
-        "gamma rebound by each forward (a reshape?), so not checked: keep the parameter as it "
-        "is and reshape into a local variable",
+        "gamma rebound by each forward, so not checked as a parameter: right for a state such "
+        "as the sequel's h; a parameter reshaped in forward should stay as it is, reshaped "
+        "into a local variable",
     )
 
 

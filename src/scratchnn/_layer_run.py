@@ -558,8 +558,9 @@ class Run:
         if rebound:
             notes.append(
                 ", ".join(rebound)
-                + " rebound by each forward (a reshape?), so not checked: keep the parameter "
-                "as it is and reshape into a local variable"
+                + " rebound by each forward, so not checked as a parameter: right for a state "
+                "such as the sequel's h; a parameter reshaped in forward should stay as it is, "
+                "reshaped into a local variable"
             )
         return params, param_grads, replaced, notes
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from scratchnn import _checks
 from scratchnn.layers.regularization import Dropout
+from scratchnn.parameters import bindings, rebind
 
 
 @dataclass(frozen=True)
@@ -140,19 +141,30 @@ def _check_each(
     rng: np.random.Generator | None,
     floor: float,
 ) -> GradcheckResult:
+    layers = getattr(network, "layers", ())
+    at_start = bindings(layers)
     # Two forwards before params are read: a parameter a layer makes at its first
     # forward counts from its second (see scratchnn.parameters).
     network.loss(x, t)
+    # Every loss from the same state: a stateful layer (the sequel's h) would carry
+    # each forward's into the next, and the differences would compare two functions.
+    at_gradient = bindings(layers)
     analytic = {key: grad.copy() for key, grad in network.gradient(x, t).items()}
     params = network.params
+
+    def loss() -> Any:
+        rebind(at_gradient)
+        return network.loss(x, t)
+
     worst = GradcheckResult(0.0, "", (), 0.0, 0.0, 0)
     checked = 0
-    for key, array in params.items():
-        result = _worst_difference(
-            key, array, analytic[key], lambda: network.loss(x, t), h, max_per_param, rng, floor
-        )
-        checked += result.checked
-        worst = _worse(worst, result)
+    try:
+        for key, array in params.items():
+            result = _worst_difference(key, array, analytic[key], loss, h, max_per_param, rng, floor)
+            checked += result.checked
+            worst = _worse(worst, result)
+    finally:
+        rebind(at_start)
     return dataclasses.replace(worst, checked=checked)
 
 

@@ -24,6 +24,7 @@ from scratchnn.layers.losses import Loss, SigmoidWithLoss, SoftmaxWithLoss
 from scratchnn.parameters import (
     Entry,
     backward_noted,
+    bindings,
     buffers_of,
     forward_in_mode,
     gradients_of,
@@ -31,6 +32,7 @@ from scratchnn.parameters import (
     numbered_key,
     parameter_table,
     parameters_of,
+    rebind,
 )
 
 # The activations a ready-made network can use, by the name the command line takes.
@@ -108,8 +110,11 @@ class Sequential:
         self.training = True
         self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
         # (what the layers hold, the table of parameters and the layers' numbers) as last
-        # computed: it is read at least twice a training step
+        # computed: it is read at least twice a training step. Made now, so that the
+        # numbers do not depend on when params is first read (a parameter a layer makes
+        # at its first forward takes a new number, in a trained network as in a new one).
         self._table: tuple[list[Any], list[Entry], dict[int, int]] = ([None], [], {})
+        self._parameter_table()
 
     # -- the parameters ------------------------------------------------------------
 
@@ -371,11 +376,15 @@ def _nan_if_any_nan(count: Any, scores: Any) -> Any:
 
 
 @contextlib.contextmanager
-def evaluation_mode(network: Any) -> Iterator[None]:
+def evaluation_mode(network: Any, put_back_layers: bool = True) -> Iterator[None]:
     """Run the block with ``network`` in evaluation mode, then put back the mode of the
     network and of each of its layers as it was: a layer its user set apart (a BatchNorm
     frozen with ``training = False``) stays as it was, where ``network.train()`` would
-    overwrite it."""
+    overwrite it. The attributes of the user's layers are put back too (a stateful
+    layer's ``h``, the caches the block's forwards made), so that an evaluation between
+    training steps changes nothing of what the next step reads (unless
+    ``put_back_layers`` is false)."""
+    bound = bindings(getattr(network, "layers", ())) if put_back_layers else []
     saved = [
         (layer, layer.training)
         for layer in getattr(network, "layers", ())
@@ -390,6 +399,7 @@ def evaluation_mode(network: Any) -> Iterator[None]:
             network.training = was_training
         for layer, mode in saved:
             layer.training = mode
+        rebind(bound)
 
 
 def _check_each_layer_once(layers: Sequence[Any]) -> None:

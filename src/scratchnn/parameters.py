@@ -17,9 +17,11 @@ the layer (in ``_scratchnn_assigned``, carried by copies of the layer) what each
 assigned. An attribute is a cache while the last forward assigned it (or it holds
 that forward's input: the same batch every full-batch step), and for good once two
 forwards have assigned it; one that a first forward made or cast, and later ones
-leave, is a parameter from the second forward on. A layer keeps its number while
-the network's layers stay the same, so a parameter made late takes a new key and
-moves no other (an optimiser's state stays with its array). Layers whose
+leave, is a parameter from the second forward on. A layer keeps its number (first
+given when the network is built) while the network's layers stay the same, so a
+parameter made late takes a new key and moves no other (an optimiser's state stays
+with its array). :func:`bindings` and :func:`rebind` put a user's layers'
+attributes back after an evaluation (a stateful layer's ``h``). Layers whose
 attributes sit in ``__slots__`` cannot be noted: in the book's style they are
 refused by name.
 """
@@ -104,6 +106,28 @@ def backward_noted(layer: Any, dout: Any) -> Any:
         notes = found.get(NOTES, Assigned())
         found[NOTES] = dataclasses.replace(notes, gradients=notes.gradients | set_now)
     return dx
+
+
+def bindings(layers: Sequence[Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """What each user's layer's attributes are bound to now, to :func:`rebind` them to
+    later: a stateful layer (the sequel's ``TimeLSTM(stateful=True)`` keeps ``h``)
+    carries each forward's state into the next, which an evaluation must not."""
+    return [
+        (layer.__dict__, dict(layer.__dict__))
+        for layer in layers
+        if not is_ours(layer) and hasattr(layer, "__dict__")
+    ]
+
+
+def rebind(saved: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Each user's layer's attributes back to what :func:`bindings` saw: rebound to the
+    same objects, and those made since (caches, notes, a parameter made late) gone."""
+    for found, was in saved:
+        for name in [name for name in found if name not in was]:
+            del found[name]
+        for name, value in was.items():
+            if found.get(name, _MISSING) is not value:
+                found[name] = value
 
 
 def _note_forward(found: dict[str, Any], before: dict[str, Any], x: Any) -> None:

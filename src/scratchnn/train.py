@@ -254,9 +254,12 @@ def fit(
     # Both sets checked before the first step: a bad test set must not fail an epoch in.
     _check_pairs("fit", x_train, t_train, "training set")
     _check_set(network, x_train, t_train, "training set")
-    if hasattr(network, "params") and not network.params:
-        # A parameter a layer makes (or casts) at its first forward counts from its second.
-        with evaluation_mode(network):
+    for _ in range(2):
+        if not hasattr(network, "params") or network.params:
+            break
+        # A parameter a layer makes (or casts) at its first forward counts from its second:
+        # forwards that keep what they make.
+        with evaluation_mode(network, put_back_layers=False):
             network.predict(x_train[:1])
     if hasattr(network, "params") and not network.params:
         raise ValueError(
