@@ -641,25 +641,39 @@ class SequelEmbedding:
         np.add.at(self.grads[0], self.idx, dout)
 
 
+class ScaleByW:
+    """``x * W`` in the book's style: W without a b, its dW set by backward."""
+
+    __slots__: tuple[str, ...] = ()  # (the subclasses say where W lives)
+    W: np.ndarray
+    dW: Any
+    x: np.ndarray
+
+    def __init__(self, n: int = 2) -> None:
+        self.W, self.dW = np.ones(n), None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return x * self.W
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        self.dW = np.sum(dout * self.x, axis=0)
+        return dout * self.W
+
+
+class BookScale(ScaleByW):
+    """The same, with a ``__dict__`` as the book's layers have."""
+
+    __dict__: dict[str, Any]
+
+
 def test_layers_of_other_kinds_never_share_a_key() -> None:
     rng = np.random.default_rng(74)
     embed_then_affine = snn.Sequential([SequelEmbedding(rng.standard_normal((5, 3))),
                                         SequelAffine(rng.standard_normal((3, 2)), np.zeros(2))])  # fmt: skip
     assert list(embed_then_affine.params) == ["params1[0]", "params2[0]", "params2[1]"]
 
-    class BookScale:  # W without a b, in the book's style
-        def __init__(self) -> None:
-            self.W, self.dW = np.ones(3), None
-
-        def forward(self, x: np.ndarray) -> np.ndarray:
-            self.x = x
-            return x * self.W
-
-        def backward(self, dout: np.ndarray) -> np.ndarray:
-            self.dW = np.sum(dout * self.x, axis=0)
-            return dout * self.W
-
-    net = snn.Sequential([BookScale(), snn.Affine(np.eye(3), np.zeros(3)), BookScale()])
+    net = snn.Sequential([BookScale(3), snn.Affine(np.eye(3), np.zeros(3)), BookScale(3)])
     assert list(net.params) == ["W1", "W2", "b2", "W3"]
 
 
@@ -1063,19 +1077,8 @@ def test_gradcheck_of_a_fresh_network_checks_a_parameter_made_at_the_first_forwa
 
 
 def test_a_book_style_layer_in_slots_is_refused_and_slots_layers_move_and_are_named() -> None:
-    class Slotted:
+    class Slotted(ScaleByW):
         __slots__ = ("W", "dW", "x")
-
-        def __init__(self) -> None:
-            self.W, self.dW = np.ones(2), None
-
-        def forward(self, x: np.ndarray) -> np.ndarray:
-            self.x = x
-            return x * self.W
-
-        def backward(self, dout: np.ndarray) -> np.ndarray:
-            self.dW = np.sum(dout * self.x, axis=0)
-            return dout * self.W
 
     class SlottedScale:  # scratchnn's style, in slots: fine
         __slots__ = ("grads", "params", "x")
