@@ -1144,3 +1144,30 @@ def test_a_stateful_layer_trains_and_checks_and_evaluation_leaves_its_state() ->
     # gradcheck: every loss from the state its gradient saw, and the state put back.
     assert snn.gradcheck(net, x, t).max_relative_error < 1e-6
     assert cell.h is h
+
+
+def test_a_stateful_layer_trains_again_and_gradcheck_takes_late_parameters_alone() -> None:
+    from scratchnn.train import fit
+
+    rng = np.random.default_rng(88)
+    cell = StatefulCell(0.5 * rng.standard_normal((4, 3)), 0.5 * rng.standard_normal((3, 3)))
+    net = snn.Sequential([cell, snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    # (One batch of 4: the epoch's evaluations run the same size, as a state needs.)
+    x, t = rng.standard_normal((4, 4)), rng.integers(0, 2, 4)
+    history = fit(net, SGD(0.1), (x, t), epochs=1, batch_size=4, rng=rng)
+    net.loss(x, t)  # the state now has the batch's size, 4: fit's check takes a batch too
+    fit(net, SGD(0.1), (x, t), epochs=2, batch_size=4, rng=rng, history=history)  # again
+    assert len(history) == 2
+
+    class LazyOnly(ScaleByW):  # its only parameter made at its first forward
+        def __init__(self) -> None:
+            self.W: Any = None
+            self.dW: Any = None
+
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            if self.W is None:
+                self.W = np.linspace(0.5, 1.5, x.shape[1])
+            return super().forward(x)
+
+    lazy = snn.Sequential([LazyOnly()])
+    assert snn.gradcheck(lazy, rng.standard_normal((5, 3)), rng.integers(0, 3, 5)).max_relative_error < 1e-6

@@ -306,7 +306,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         return _fail("evaluate", str(error))
     for warning in caught:  # one line each, not Python's two-line warning format
         print(f"scratchnn evaluate: note: {warning.message}", file=sys.stderr)
-    print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
+    if math.isnan(accuracy):  # a broken model: no answers to count
+        print("test accuracy: none, the scores hold NaN (the matrix below counts a NaN row as class 0)")
+    else:
+        print(f"test accuracy {100 * accuracy:.2f}% ({int(matrix.trace())} of {int(matrix.sum())})")
     print(format_confusion(matrix, names))
     return 0
 

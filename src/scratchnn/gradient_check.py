@@ -75,6 +75,12 @@ def gradcheck(
             f"Sequential has; got {type(network).__name__}"
         )
     params = network.params
+    if not params:  # one forward: a parameter a layer makes at its first may count then
+        at_start = bindings(getattr(network, "layers", ()))
+        network.loss(x, t)
+        network.loss(x, t)
+        params = network.params
+        rebind(at_start)
     if not params:
         raise ValueError("gradcheck: the network has no parameters to check")
     if max_per_param is not None:
@@ -97,7 +103,8 @@ def gradcheck(
             raise ValueError(
                 "gradcheck: Dropout draws a new mask each time the loss is computed, so in "
                 "training mode there is no one function to differentiate; call "
-                "network.eval() first (Dropout off) or check the network without it"
+                "network.eval() first (scratchnn's Dropout off; the book's backward needs a "
+                "training mask, so check a network with it left out)"
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)

@@ -173,6 +173,14 @@ def evaluate(
     return total_loss / n, (float(right) / answers if answers else math.nan)
 
 
+def _pair(data: Any, what: str) -> tuple[Any, Any]:
+    """``(inputs, labels)``, or a ``ValueError`` naming the set."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        got = f"{len(data)} parts" if isinstance(data, (tuple, list)) else type(data).__name__
+        raise ValueError(f"fit: the {what} must be a pair (inputs, labels), got {got}")
+    return data[0], data[1]
+
+
 def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
     """``ValueError`` unless ``x`` and ``t`` hold the same, non-zero number of examples."""
     if len(x) != len(t):
@@ -181,13 +189,14 @@ def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
         raise ValueError(f"{who}: the {what} is empty")
 
 
-def _check_set(network: Any, x: Any, t: Any, what: str) -> None:
-    """One example of the set through the network and its loss, in evaluation mode, and
-    every label against the classes: what the network cannot take fails now, named."""
+def _check_set(network: Any, x: Any, t: Any, what: str, batch_size: int) -> None:
+    """A batch of the set through the network and its loss, in evaluation mode (a
+    batch, not one example: a stateful layer's state has the batch's size), and every
+    label against the classes: what the network cannot take fails now, named."""
     try:
         with evaluation_mode(network):
-            scores = network.predict(x[:1])
-            network.last_layer.forward(scores, t[:1])
+            scores = network.predict(x[:batch_size])
+            network.last_layer.forward(scores, t[:batch_size])
     except (TypeError, ValueError) as error:  # the layer that raised stays in the traceback
         kind = TypeError if isinstance(error, TypeError) else ValueError
         raise kind(f"fit: the {what}: {error}") from error
@@ -250,10 +259,12 @@ def fit(
     if max_iterations is not None:
         _checks.count("fit", "max_iterations", max_iterations)
     # Arrays, once (lists too: the training subset below indexes with an array).
-    x_train, t_train = (as_array(a, who="fit", what="training set") for a in train_data)
+    x_train, t_train = (
+        as_array(a, who="fit", what="training set") for a in _pair(train_data, "training set")
+    )
     # Both sets checked before the first step: a bad test set must not fail an epoch in.
     _check_pairs("fit", x_train, t_train, "training set")
-    _check_set(network, x_train, t_train, "training set")
+    _check_set(network, x_train, t_train, "training set", batch_size)
     for _ in range(2):
         if not hasattr(network, "params") or network.params:
             break
@@ -264,14 +275,14 @@ def fit(
     if hasattr(network, "params") and not network.params:
         raise ValueError(
             "fit: the network has no parameters to train (a layer of your own in the book's "
-            "style keeps each W beside a dW that its backward sets)"
+            "style keeps each W, a float array, beside a dW that its backward sets)"
         )
     if test_data is not None:
-        x_test, t_test = test_data
+        x_test, t_test = _pair(test_data, "test set")
         test_data = (as_array(x_test, who="fit", what="test set"),
                      as_array(t_test, who="fit", what="test set"))  # fmt: skip
         _check_pairs("fit", *test_data, "test set")
-        _check_set(network, *test_data, "test set")
+        _check_set(network, *test_data, "test set", batch_size)
     if train_eval_size is not None:
         train_eval_size = _checks.count("fit", "train_eval_size", train_eval_size)
     # A seed, not None: the subset must be the same every epoch and every run. (Any
