@@ -667,6 +667,21 @@ class BookScale(ScaleByW):
     __dict__: dict[str, Any]
 
 
+class LazyScaleByW(ScaleByW):
+    """The same, its W made at its first forward, sized by the input."""
+
+    __dict__: dict[str, Any]
+
+    def __init__(self) -> None:
+        self.W: Any = None
+        self.dW = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if self.W is None:
+            self.W = np.linspace(0.5, 1.5, x.shape[1])
+        return super().forward(x)
+
+
 def test_layers_of_other_kinds_never_share_a_key() -> None:
     rng = np.random.default_rng(74)
     embed_then_affine = snn.Sequential([SequelEmbedding(rng.standard_normal((5, 3))),
@@ -1055,20 +1070,11 @@ def test_a_scalar_cache_and_a_weight_cast_at_the_first_forward() -> None:
 
 
 def test_gradcheck_of_a_fresh_network_checks_a_parameter_made_at_the_first_forward() -> None:
-    class LazyDoubled:  # makes W at its first forward; its dW is twice the truth
-        def __init__(self) -> None:
-            self.W: Any = None
-            self.dW: Any = None
-
-        def forward(self, x: np.ndarray) -> np.ndarray:
-            if self.W is None:
-                self.W = np.linspace(0.5, 1.5, x.shape[1])
-            self.x = x
-            return x * self.W
-
+    class LazyDoubled(LazyScaleByW):  # its dW twice the truth
         def backward(self, dout: np.ndarray) -> np.ndarray:
-            self.dW = 2 * np.sum(dout * self.x, axis=0)
-            return dout * self.W
+            dx = super().backward(dout)
+            self.dW = 2 * self.dW
+            return dx
 
     rng = np.random.default_rng(86)
     net = snn.Sequential([LazyDoubled(), snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
@@ -1159,15 +1165,5 @@ def test_a_stateful_layer_trains_again_and_gradcheck_takes_late_parameters_alone
     fit(net, SGD(0.1), (x, t), epochs=2, batch_size=4, rng=rng, history=history)  # again
     assert len(history) == 2
 
-    class LazyOnly(ScaleByW):  # its only parameter made at its first forward
-        def __init__(self) -> None:
-            self.W: Any = None
-            self.dW: Any = None
-
-        def forward(self, x: np.ndarray) -> np.ndarray:
-            if self.W is None:
-                self.W = np.linspace(0.5, 1.5, x.shape[1])
-            return super().forward(x)
-
-    lazy = snn.Sequential([LazyOnly()])
+    lazy = snn.Sequential([LazyScaleByW()])  # its only parameter made at its first forward
     assert snn.gradcheck(lazy, rng.standard_normal((5, 3)), rng.integers(0, 3, 5)).max_relative_error < 1e-6
