@@ -142,11 +142,12 @@ def _note_forward(found: dict[str, Any], before: dict[str, Any], x: Any) -> None
         if is_array(value) and is_array(x) and type(value) is type(x) and _may_overlap(value, x)
     }  # fmt: skip
     notes = found.get(NOTES, Assigned())
-    found[NOTES] = dataclasses.replace(
-        notes,
+    caches = notes.caches | (assigned & notes.once)  # a second assignment: for good
+    found[NOTES] = Assigned(
         latest=frozenset(assigned | holding),
-        caches=notes.caches | (assigned & notes.once),
-        once=(notes.once | assigned) - (assigned & notes.once),
+        caches=caches,
+        once=(notes.once | assigned) - caches,
+        gradients=notes.gradients,
     )
 
 
