@@ -74,24 +74,10 @@ def gradcheck(
             "gradcheck: network must have params, gradient(x, t) and loss(x, t), as a "
             f"Sequential has; got {type(network).__name__}"
         )
-    params = network.params
-    if not params:  # one forward: a parameter a layer makes at its first may count then
-        at_start = bindings(getattr(network, "layers", ()))
-        network.loss(x, t)
-        network.loss(x, t)
-        params = network.params
-        rebind(at_start)
-    if not params:
-        raise ValueError("gradcheck: the network has no parameters to check")
     if max_per_param is not None:
         max_per_param = _checks.count("gradcheck", "max_per_param", max_per_param)
     h = _checks.positive("gradcheck", "h", h)
     floor = _checks.positive("gradcheck", "floor", floor)
-    for key, array in params.items():
-        if array.dtype != np.float64:
-            raise ValueError(
-                f"gradcheck: parameter {key} is {array.dtype}; build the network in float64 to check it"
-            )
     for layer in getattr(network, "layers", ()):
         # scratchnn's Dropout by its mode; the book's by its name, in a training network.
         books = "dropout" in type(layer).__name__.lower() and getattr(network, "training", False)
@@ -108,11 +94,14 @@ def gradcheck(
             )
     if max_per_param is not None and rng is None:
         rng = np.random.default_rng(0)
-    # Weights and buffers (running statistics) as they were, to put back at the end.
+    # Weights and buffers (running statistics) as they were, and what a user's layers
+    # hold (a stateful layer's h), to put back at the end.
     saved = _places(network)
+    at_start = bindings(getattr(network, "layers", ()))
     try:
         return _check_each(network, x, t, h, max_per_param, rng, floor)
     finally:
+        rebind(at_start)
         for layer, name, array, values in saved:
             # Where the layer holds it now: the book's BatchNormalization rebinds its
             # running_mean; keys would not do, as a first forward may renumber them.
@@ -148,16 +137,21 @@ def _check_each(
     rng: np.random.Generator | None,
     floor: float,
 ) -> GradcheckResult:
-    layers = getattr(network, "layers", ())
-    at_start = bindings(layers)
     # Two forwards before params are read: a parameter a layer makes at its first
     # forward counts from its second (see scratchnn.parameters).
     network.loss(x, t)
     # Every loss from the same state: a stateful layer (the sequel's h) would carry
     # each forward's into the next, and the differences would compare two functions.
-    at_gradient = bindings(layers)
+    at_gradient = bindings(getattr(network, "layers", ()))
     analytic = {key: grad.copy() for key, grad in network.gradient(x, t).items()}
     params = network.params
+    if not params:
+        raise ValueError("gradcheck: the network has no parameters to check")
+    for key, array in params.items():
+        if array.dtype != np.float64:
+            raise ValueError(
+                f"gradcheck: parameter {key} is {array.dtype}; build the network in float64 to check it"
+            )
 
     def loss() -> Any:
         rebind(at_gradient)
@@ -165,13 +159,10 @@ def _check_each(
 
     worst = GradcheckResult(0.0, "", (), 0.0, 0.0, 0)
     checked = 0
-    try:
-        for key, array in params.items():
-            result = _worst_difference(key, array, analytic[key], loss, h, max_per_param, rng, floor)
-            checked += result.checked
-            worst = _worse(worst, result)
-    finally:
-        rebind(at_start)
+    for key, array in params.items():
+        result = _worst_difference(key, array, analytic[key], loss, h, max_per_param, rng, floor)
+        checked += result.checked
+        worst = _worse(worst, result)
     return dataclasses.replace(worst, checked=checked)
 
 

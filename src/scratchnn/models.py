@@ -76,7 +76,8 @@ class Sequential:
     scratchnn's; the sequel's ``params`` and ``grads`` lists, keyed
     ``params1[0]``, ``params1[1]``, ``params2[0]``, .... A layer's number is
     one more than the last number any of its names had, so that layers of
-    other kinds never share a key. A forward that takes the book's
+    other kinds never share a key, given when the network is built and kept
+    while its layers stay the same. A forward that takes the book's
     ``train_flg`` gets the network's mode. What a forward assigns (the book's
     cached ``x``) is never a parameter, even beside a ``dx``; a parameter a
     layer makes at its first forward counts from its second. One array held
@@ -266,8 +267,6 @@ class Sequential:
             if i == 0 and is_ours(layer):
                 # The input is data: nothing needs its gradient, so the first layer skips dx.
                 layer.backward(dout, input_grad=False)
-            elif is_ours(layer):
-                dout = layer.backward(dout)
             else:
                 dout = backward_noted(layer, dout)
         return self.grads
