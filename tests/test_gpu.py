@@ -9,6 +9,7 @@ numbers, never zeros.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -381,6 +382,110 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
     assert fake_cuda.launches.count("softmax_xent") == 1
     assert fake_cuda.launches.count("softmax_xent_backward") == 1
     assert [n for n in fake_cuda.launches if n.startswith("sgd")] == ["sgd_x6"]  # one step
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_fits_steps_on_the_device_leave_their_losses_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fit checked every label before its first step, so no step waits for the card: the
+    # losses are read together when the bar draws and at the end of the epoch.
+    from scratchnn.train import fit
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    x, t = _blobs(300, 6)
+    runs = []
+    for device, stream in (("cpu", _Terminal()), ("cuda", _Terminal()), ("cuda", io.StringIO())):
+        net = snn.mlp([20, 16, 10], rng=np.random.default_rng(0), dtype=np.float64).to(device)
+        optimizer = make_optimizer("sgd", lr=0.1)
+        reads_at_steps: list[int] = []
+        update = optimizer.update
+
+        def counted(
+            params: Any, grads: Any, update: Any = update, reads: list[int] = reads_at_steps
+        ) -> None:
+            update(params, grads)
+            reads.append(len(fake_cupy.transfers))
+
+        optimizer.update = counted  # type: ignore[method-assign]
+        data = (to_device(x.astype(np.float64), device), to_device(t, device))
+        fake_cupy.transfers.clear()
+        fit(net, optimizer, data, epochs=1, batch_size=20, rng=np.random.default_rng(5),
+            train_eval_size=100, progress_stream=stream)  # fmt: skip
+        runs.append((stream.getvalue(), net, reads_at_steps))
+    (cpu_bar, cpu_net, _), (bar, _, _), (quiet, net, reads_at_steps) = runs
+    # The bar's running mean of every step's loss, as on the CPU (the bar reads the losses
+    # when it draws: at most 20 times a second).
+    assert bar.rsplit(" loss ", 1)[1].split()[0] == cpu_bar.rsplit(" loss ", 1)[1].split()[0]
+    # No bar to draw: no step read anything.
+    assert quiet == "" and len(reads_at_steps) == 15 and len(set(reads_at_steps)) == 1
+    fake_cupy.transfers.clear()
+    assert net.last_loss == pytest.approx(cpu_net.last_loss, rel=1e-12)
+    assert net.last_loss == pytest.approx(cpu_net.last_loss, rel=1e-12)
+    assert fake_cupy.transfers == ["get"]  # read once, then kept
+    assert fake.asarray(1.0).get() == 1.0  # (the fake device in use above)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_a_loss_left_on_the_device_checks_the_labels_when_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from scratchnn.layers.losses import DeviceLoss, read_losses
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 4))
+    good, bad = np.array([0, 1, 2, 3, 0, 1]), np.array([0, 1, 7, 3, 0, 1])
+    cpu_loss = snn.SoftmaxWithLoss().forward(x, good)
+    losses = []
+    for t in (good, bad):
+        loss = snn.SoftmaxWithLoss()
+        unread = loss._checked_forward(fake.asarray(x), fake.asarray(t), borrowed=True, wait=False)
+        assert type(unread) is DeviceLoss
+        losses.append(unread)
+    fake_cupy.transfers.clear()
+    assert read_losses([0.5, losses[0], 1.5, losses[0]]) == pytest.approx(
+        [0.5, cpu_loss, 1.5, cpu_loss], rel=1e-12
+    )
+    assert fake_cupy.transfers == ["get"]  # several, one wait
+    with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 4\), got "
+                       r"values from 0 to 7"):  # fmt: skip
+        float(losses[1])
+    with pytest.raises(ValueError, match="labels must lie in"):
+        read_losses([losses[0], losses[1]])
+    # Waiting (forward, Sequential.gradient), the bad labels raise at once and backward
+    # after it refuses, as on the CPU.
+    loss = snn.SoftmaxWithLoss()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        loss.forward(fake.asarray(x), fake.asarray(bad))
+    with pytest.raises(RuntimeError, match="before forward"):
+        loss.backward()
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_fit_still_checks_the_labels_of_the_losses_it_left_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Labels out of range never reach a step (fit checks them first); were that check
+    # missing, the epoch's read of its losses would still refuse them.
+    from scratchnn import train
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    x, t = _blobs(60, 7)
+    t[45] = 10  # beyond the batch that fit runs first: found by the check of every label
+    net = snn.mlp([20, 8, 10], rng=np.random.default_rng(0)).to("cuda")
+    data = (fake.asarray(x), fake.asarray(t))
+    with pytest.raises(ValueError, match=r"fit: the training set: labels must lie in \[0, 10\)"):
+        train.fit(net, SGD(0.1), data, epochs=1, batch_size=20, rng=np.random.default_rng(0))
+    monkeypatch.setattr(train, "_check_set", lambda *args: None)
+    monkeypatch.setattr(train, "evaluate", lambda *args: (0.0, 0.0))  # (which would wait)
+    with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 10\)"):
+        train.fit(net, SGD(0.1), data, epochs=1, batch_size=20, rng=np.random.default_rng(0))
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))

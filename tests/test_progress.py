@@ -34,6 +34,26 @@ def test_quiet_when_not_a_terminal() -> None:
     assert stream.getvalue() == ""
 
 
+def test_a_loss_given_as_a_function_is_computed_only_to_draw() -> None:
+    # fit passes its running loss so: reading losses from a GPU waits for the card.
+    calls: list[int] = []
+
+    def loss() -> float:
+        calls.append(1)
+        return 0.125
+
+    quiet = ProgressBar(total=3, stream=io.StringIO())
+    for _ in range(3):
+        quiet.update(loss=loss)
+    assert calls == []
+    stream = Terminal()
+    bar = ProgressBar(total=3, stream=stream)
+    for _ in range(3):  # the first draws, the second is within 50 ms of it, the last draws
+        bar.update(loss=loss)
+    assert 2 <= len(calls) <= 3
+    assert stream.getvalue().count(" loss 0.125 ") == len(calls)
+
+
 @pytest.mark.parametrize("columns", [10, 40, 80])
 @pytest.mark.parametrize("loss", [0.4312, 6.3e29, float("nan")])
 def test_every_redraw_fits_the_terminal(

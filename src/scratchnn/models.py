@@ -20,7 +20,7 @@ from scratchnn.backend import (
     move_arrays,
     to_device,
 )
-from scratchnn.layers.losses import Loss, SigmoidWithLoss, SoftmaxWithLoss
+from scratchnn.layers.losses import DeviceLoss, Loss, SigmoidWithLoss, SoftmaxWithLoss
 from scratchnn.parameters import (
     Entry,
     backward_noted,
@@ -109,7 +109,7 @@ class Sequential:
         self.layers = layers
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
-        self.last_loss = math.nan  # the loss of the last ``loss``/``gradient`` call
+        self._last_loss: float | DeviceLoss = math.nan  # see last_loss
         # (what the layers hold, the table of parameters and the layers' numbers) as last
         # computed: it is read at least twice a training step. Made now, so that the
         # numbers do not depend on when params is first read (a parameter a layer makes
@@ -255,12 +255,20 @@ class Sequential:
         The layers keep views of ``x`` and of the arrays between them, not copies:
         nothing can change them between this call's forward and backward.
         """
+        return self._gradient(x, t, wait=True)
+
+    def _gradient(self, x: Any, t: Any, *, wait: bool) -> dict[str, np.ndarray]:
+        """``gradient``; ``wait=False`` leaves a loss on the GPU unread (a
+        :class:`~scratchnn.layers.losses.DeviceLoss` in ``_last_loss``), so the step
+        does not wait for the card: for ``fit``, which checked every label first."""
         for layer in self.layers:
             if is_ours(layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
                 x = forward_in_mode(layer, x, self.training)
-        self.last_loss = self.last_layer._checked_forward(as_result(x), t, borrowed=True)
+        self._last_loss = self.last_layer._checked_forward(
+            as_result(x), t, borrowed=True, wait=wait
+        )
         dout = self.last_layer.backward(1.0)
         for i in reversed(range(len(self.layers))):
             layer = self.layers[i]
@@ -270,6 +278,17 @@ class Sequential:
             else:
                 dout = backward_noted(layer, dout)
         return self.grads
+
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last ``loss`` or ``gradient`` call (NaN before the first)."""
+        if type(self._last_loss) is not float:  # left on the GPU by fit's steps: read now
+            self._last_loss = float(self._last_loss)
+        return self._last_loss
+
+    @last_loss.setter
+    def last_loss(self, value: float) -> None:
+        self._last_loss = value
 
     # -- modes and display -----------------------------------------------------------
 

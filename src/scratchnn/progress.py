@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -36,8 +37,12 @@ class ProgressBar:
         self.started = time.perf_counter()
         self._last_draw = 0.0
 
-    def update(self, n: int = 1, *, loss: float | None = None) -> None:
-        """Advance by ``n`` steps and redraw (at most 20 times a second)."""
+    def update(self, n: int = 1, *, loss: float | Callable[[], float] | None = None) -> None:
+        """Advance by ``n`` steps and redraw (at most 20 times a second).
+
+        ``loss`` may be a function that gives it, called only when the bar draws
+        (reading a loss from a GPU waits for the card).
+        """
         self.count = min(self.count + n, self.total)
         now = time.perf_counter()
         if self.enabled and (now - self._last_draw > 0.05 or self.count == self.total):
@@ -58,7 +63,9 @@ class ProgressBar:
         except (AttributeError, OSError, ValueError):  # no file descriptor, or not a terminal
             return shutil.get_terminal_size().columns
 
-    def _draw(self, loss: float | None, now: float) -> None:
+    def _draw(self, loss: float | Callable[[], float] | None, now: float) -> None:
+        if callable(loss):
+            loss = loss()
         elapsed = now - self.started
         eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
         # .4g: a diverging loss (1e30) stays a few characters wide.

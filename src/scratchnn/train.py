@@ -26,7 +26,8 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import as_array, device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
-from scratchnn.models import count_right, evaluation_mode, has_answers
+from scratchnn.layers.losses import DeviceLoss, read_losses
+from scratchnn.models import Sequential, count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
@@ -189,6 +190,34 @@ def _check_pairs(who: str, x: Any, t: Any, what: str = "data") -> None:
         raise ValueError(f"{who}: the {what} is empty")
 
 
+class RunningLoss:
+    """The mean loss per example over an epoch's steps so far, as the progress bar shows it.
+
+    A short last batch weighs what it holds. Losses still on the GPU
+    (:class:`~scratchnn.layers.losses.DeviceLoss`) are kept unread and read
+    together when ``mean()`` is called: one wait for the card per call, not
+    one per step.
+    """
+
+    def __init__(self) -> None:
+        self.value, self.seen = 0.0, 0
+        self.pending: list[tuple[float | DeviceLoss, int]] = []
+
+    def add(self, loss: float | DeviceLoss, count: int) -> None:
+        self.pending.append((loss, count))
+        if type(loss) is float and len(self.pending) == 1:
+            self.mean()  # nothing to wait for: fold it in now, keeping the list short
+
+    def mean(self) -> float:
+        if self.pending:
+            losses = read_losses([loss for loss, _ in self.pending])
+            for loss, (_, count) in zip(losses, self.pending):
+                self.seen += count
+                self.value += (loss - self.value) * count / self.seen
+            self.pending.clear()
+        return self.value
+
+
 def _check_set(network: Any, x: Any, t: Any, what: str, batch_size: int) -> None:
     """A batch of the set through the network and its loss, in evaluation mode (a
     batch, not one example: a stateful layer's state has the batch's size), and every
@@ -334,6 +363,10 @@ def _epochs(
     """fit's epochs, once its arguments are checked."""
     (x_train, t_train), (x_eval, t_eval) = train_data, eval_data
     batches_per_epoch = math.ceil(len(x_train) / batch_size)
+    # Every label was checked before the first step (_check_set), so a Sequential's steps
+    # may leave their losses on the GPU unread: no step waits for the card.
+    # (Not where its gradient is another's: a subclass's, or one set on the network.)
+    unread = getattr(network.gradient, "__func__", None) is Sequential.gradient
     iterations_done = len(history) * batches_per_epoch
     for epoch in range(len(history) + 1, epochs + 1):
         if max_iterations is not None and iterations_done >= max_iterations:
@@ -346,18 +379,21 @@ def _epochs(
         if max_iterations is not None:
             steps = min(steps, max_iterations - iterations_done)
         bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
-        running, seen = 0.0, 0
+        running = RunningLoss()
         batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
         try:
             for step, (xb, tb) in enumerate(batches, start=1):
-                grads = network.gradient(xb, tb)
+                if unread:
+                    grads = network._gradient(xb, tb, wait=False)
+                    running.add(network._last_loss, len(xb))
+                else:
+                    grads = network.gradient(xb, tb)
+                    running.add(network.last_loss, len(xb))
                 optimizer.update(network.params, grads)
-                # The mean loss per example so far: a short last batch weighs what it holds.
-                seen += len(xb)
-                running += (network.last_loss - running) * len(xb) / seen
-                bar.update(loss=running)
+                bar.update(loss=running.mean)  # read only when the bar draws
                 if step == steps:
                     break
+            running.mean()  # the losses left on the GPU are read, and their labels checked
         finally:  # Ctrl-C too: the terminal line is left clean for what is printed next
             bar.close()
         iterations_done += steps

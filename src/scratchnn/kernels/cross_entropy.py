@@ -6,7 +6,9 @@ forward is about a dozen launches and two waits (the labels' range check, then
 the loss); its backward four launches. Here the forward is one launch and one
 wait: a single block walks the rows, writes the softmax and sums both the loss
 and the count of labels out of range, which come back to the host together.
-The backward is one launch: ``dx = (y - onehot(t)) * scale``.
+The backward is one launch: ``dx = (y - onehot(t)) * scale``. The two numbers
+stay on the card until they are read, so a training loop whose labels were
+checked beforehand (``fit``) need not wait for each step's loss.
 
 The formulas are those of the NumPy path of :class:`scratchnn.SoftmaxWithLoss`:
 ``y = exp(x - max) / total`` and, per row, ``-log y[t] = log(total) - (x[t] - max)``;
@@ -159,10 +161,11 @@ def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
     return kernel
 
 
-def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, float, int]:
-    """Softmax ``y`` of ``x`` over its last axis, the summed loss and the count of bad labels.
+def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, Any]:
+    """Softmax ``y`` of ``x`` over its last axis, and ``result``, on the card: the summed
+    loss and the count of labels out of range (two float64 numbers).
 
-    One launch and one transfer of two numbers back to the host.
+    One launch; nothing waits for the card until ``result`` is read.
     """
     x = cupy.ascontiguousarray(x)
     t = cupy.ascontiguousarray(t)
@@ -171,8 +174,7 @@ def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, float, int]:
     result = cupy.empty(2, dtype=np.float64)
     kernel = _kernel(cupy, x.dtype, t.dtype, "softmax_xent")
     kernel((1,), (BLOCK,), (x, t, y, result, np.int64(x.size // classes), np.int32(classes)))
-    loss_sum, bad = result.get()
-    return y, float(loss_sum), int(bad)
+    return y, result
 
 
 def backward(cupy: Any, y: Any, t: Any, scale: float) -> Any:

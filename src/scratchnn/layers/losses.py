@@ -6,6 +6,7 @@ values, backward before forward) live in :class:`Loss`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +22,54 @@ from scratchnn.backend import (
     is_array,
     to_compute,
 )
+
+
+class DeviceLoss:
+    """A batch's mean loss still on the GPU, where :class:`SoftmaxWithLoss`'s kernel left it.
+
+    ``float()`` reads it (one wait for the card) and raises ``ValueError``, as
+    ``forward`` does, if the batch had labels out of range; :func:`read_losses`
+    reads many with one wait. ``Sequential.gradient`` reads it at once; ``fit``,
+    which checked every label before its first step, reads its steps' losses
+    together, when its progress bar draws and at the end of the epoch.
+    """
+
+    __slots__ = ("classes", "labels", "result", "rows", "who")
+
+    def __init__(self, result: Any, rows: int, labels: Any, classes: int, who: str) -> None:
+        self.result = result  # the summed loss and the count of bad labels, float64
+        self.rows, self.labels, self.classes, self.who = rows, labels, classes, who
+
+    def __float__(self) -> float:
+        return read_losses([self])[0]
+
+    def __repr__(self) -> str:
+        return f"DeviceLoss(rows={self.rows}, classes={self.classes}, unread)"
+
+
+def read_losses(losses: Sequence[float | DeviceLoss]) -> list[float]:
+    """Each loss as a float; those still on the GPU are read together, with one wait.
+
+    ``ValueError`` names the first batch whose labels were out of range.
+    """
+    pending = [loss for loss in losses if type(loss) is DeviceLoss]
+    if not pending:
+        return [float(loss) for loss in losses]
+    if len(pending) == 1:
+        read = pending[0].result.get()[np.newaxis]
+    else:  # one launch to gather them, one transfer
+        read = get_array_module(pending[0].result).stack([loss.result for loss in pending]).get()
+    numbers = iter(read.tolist())
+    values = []
+    for loss in losses:
+        if type(loss) is not DeviceLoss:
+            values.append(float(loss))
+            continue
+        total, bad = next(numbers)
+        if bad:
+            raise _checks.label_error(loss.who, loss.labels, loss.classes)
+        values.append(total / loss.rows)
+    return values
 
 
 class Loss:
@@ -49,11 +98,15 @@ class Loss:
         A target the caller still holds is copied before it is kept, so that
         changing it afterwards cannot change ``backward``.
         """
-        return self._checked_forward(x, t, borrowed=False)
+        return float(self._checked_forward(x, t, borrowed=False))
 
-    def _checked_forward(self, x: Any, t: Any, *, borrowed: bool) -> float:
+    def _checked_forward(
+        self, x: Any, t: Any, *, borrowed: bool, wait: bool = True
+    ) -> float | DeviceLoss:
         """``forward``; ``borrowed=True`` promises that ``t`` stays unchanged until
-        ``backward`` (``Sequential.gradient`` runs both in one call), so it is kept as is."""
+        ``backward`` (``Sequential.gradient`` runs both in one call), so it is kept as is.
+        ``wait=False`` may return a :class:`DeviceLoss` unread: for a caller that checked
+        the labels' range itself, since this forward then does not (``fit``)."""
         name = type(self).__name__
         self._x_shape = None
         x = as_array(x, who=name, what="prediction")
@@ -67,8 +120,10 @@ class Loss:
         if not borrowed and is_array(given) and np.may_share_memory(t, given):
             t = t.copy()
         loss = self._forward(to_compute(x), t)
+        if wait or type(loss) is not DeviceLoss:
+            loss = float(loss)  # labels out of range raise here, before backward may run
         self._x_shape, self._x_dtype = x.shape, x.dtype
-        return float(loss)
+        return loss
 
     def backward(self, dout: Any = 1.0) -> np.ndarray:
         """The gradient of ``dout * loss`` with respect to the prediction."""
@@ -89,7 +144,7 @@ class Loss:
         """Whether ``_forward`` checks the class indices' range itself (on the GPU, in its kernel)."""
         return False
 
-    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float | DeviceLoss:
         raise NotImplementedError
 
     def _backward(self, dout: float) -> np.ndarray:
@@ -168,16 +223,15 @@ class SoftmaxWithLoss(Loss):
     def _checks_labels(self, x: np.ndarray, t: np.ndarray) -> bool:
         return _cuda_kernels(x, t) is not None
 
-    def _forward(self, x: np.ndarray, t: np.ndarray) -> float:
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> float | DeviceLoss:
         kernels = _cuda_kernels(x, t)
         if kernels is not None:
-            # On the GPU: one launch, and one wait for the loss and the labels' check together.
-            xp = get_array_module(x)
-            y, loss_sum, bad = kernels.forward(xp, x, t)
-            if bad:
-                raise _checks.label_error(type(self).__name__, t, x.shape[-1])
+            # On the GPU: one launch; the loss and the labels' check come back together,
+            # when the loss is read.
+            y, result = kernels.forward(get_array_module(x), x, t)
             self.y, self.t = y, t
-            return loss_sum / (x.size // x.shape[-1])
+            classes = x.shape[-1]
+            return DeviceLoss(result, x.size // classes, t, classes, type(self).__name__)
         # The arrays are small (batch x classes): the time goes into NumPy calls, not
         # passes, so each step below is the cheapest call found for short rows.
         n_classes = x.shape[-1]
