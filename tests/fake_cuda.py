@@ -36,7 +36,7 @@ import tempfile
 import threading
 import types
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -295,15 +295,7 @@ class RawModule:
         return RawKernel(self.code, name)
 
 
-class Device:
-    """The current device: id 0, an SM count small enough that grids stay short."""
-
-    id = 0
-    attributes: ClassVar[dict[str, int]] = {"MultiProcessorCount": 2}
-
-
 def install(module: types.ModuleType) -> None:
     """Give the fake ``cupy`` module kernels that run on the CPU."""
     module.RawKernel = RawKernel  # type: ignore[attr-defined]
     module.RawModule = RawModule  # type: ignore[attr-defined]
-    module.cuda.Device = Device  # type: ignore[attr-defined]

@@ -255,14 +255,13 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     With ``kernels``, it also runs CUDA kernels, compiled for the CPU (``fake_cuda``).
     """
     module = make_module()
-    # The library caches compiled kernels and the SM count per process: fresh caches for
-    # this test, so that no fake kernel reaches a later test on real CuPy, nor a real one
-    # this test (monkeypatch puts the real caches back afterwards).
+    # The library caches compiled kernels per process: fresh caches for this test, so that
+    # no fake kernel reaches a later test on real CuPy, nor a real one this test
+    # (monkeypatch puts the real caches back afterwards).
     from scratchnn.kernels import cross_entropy, cuda
 
     monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
-    monkeypatch.setattr(cuda, "_sm_counts", {})
     if kernels:
         import fake_cuda
 

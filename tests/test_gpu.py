@@ -1069,6 +1069,31 @@ def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
     assert net.loss(x, t) == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_kernels_launch_a_block_for_every_256_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As PyTorch launches its element-wise kernels: a grid sized to the card left its last
+    # blocks a second, mostly empty wave wherever fewer blocks than planned fit an SM.
+    from scratchnn.kernels import cuda
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    grids: list[tuple[str, int]] = []
+    call = fake.RawKernel.__call__
+
+    def recorded(kernel: Any, grid: Any, block: Any, args: Any, **options: Any) -> Any:
+        assert block == (cuda.BLOCK,)
+        grids.append((kernel.name, grid[0]))
+        return call(kernel, grid, block, args, **options)
+
+    monkeypatch.setattr(fake.RawKernel, "__call__", recorded)
+    x = fake.asarray(np.random.default_rng(3).standard_normal(4 * 256 * 10 + 3, dtype=np.float32))
+    snn.Sigmoid().forward(x)  # 2560 vectors of four and a scalar tail of 3
+    snn.Sigmoid().forward(x[1:])  # one element in: unaligned, 10242 elements one at a time
+    monkeypatch.setattr(cuda, "MAX_BLOCKS", 7)
+    y = snn.Sigmoid().forward(x)  # the grid-stride loops cover what 7 blocks do not
+    np.testing.assert_allclose(y.get(), snn.Sigmoid().forward(x.get()), rtol=1e-6)
+    assert grids == [("sigmoid_forward", 10), ("sigmoid_forward", 41), ("sigmoid_forward", 7)]
+
+
 # The CUDA sources run on the CPU (tests/fake_cuda.py). With launches set by hand, this checks
 # each kernel's indexing (vector path, scalar tail, grid-stride loop) and its translated
 # formula against the op's NumPy evaluation.

@@ -7,8 +7,9 @@ at the memory-bandwidth floor. What the kernel does instead:
 
 * 16-byte vector loads and stores (``float4``, ``double2``) when every array
   is aligned, so each memory transaction is full width; a scalar tail;
-* a grid-stride loop over a grid sized to the card (a few blocks per SM), so
-  no launch is larger than the card and index arithmetic stays cheap;
+* one block of 256 threads for every 256 vectors, as PyTorch's element-wise
+  kernels are launched, so no wave of blocks runs part-empty for long (a
+  grid-stride loop covers what a grid cannot hold);
 * no temporaries: every intermediate lives in registers; outputs are allocated
   once (in-place outputs, the optimiser's, not at all).
 
@@ -237,7 +238,9 @@ extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
 
 
 _kernels: dict[tuple[str, str], Any] = {}
-_sm_counts: dict[int, int] = {}
+
+# The most blocks of one launch (CUDA's limit for a grid's x size); beyond, the loops stride.
+MAX_BLOCKS = 2**31 - 1
 
 
 def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
@@ -249,13 +252,15 @@ def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
     return kernel
 
 
-def _grid(cupy: Any, items: int) -> int:
-    device = cupy.cuda.Device()
-    count = _sm_counts.get(device.id)
-    if count is None:
-        count = _sm_counts[device.id] = int(device.attributes["MultiProcessorCount"])
-    # Eight blocks of 256 threads fill an SM (2048 threads); the grid-stride loop does the rest.
-    return max(1, min(-(-items // BLOCK), count * 8))
+def _grid(items: int) -> int:
+    """One block for every ``BLOCK`` items (vectors, or elements on the scalar path), as
+    PyTorch launches its element-wise kernels. A grid of a few blocks per SM, with each
+    thread striding over many items, ran its last blocks as a second, mostly empty wave
+    wherever a kernel's registers let fewer blocks stay on an SM than it was sized for
+    (ptxas for sm_90: ReLU's float32 forward takes 40 registers a thread, so 6 blocks of
+    256 fit an SM, not 8; Adam's step takes 44, so 5). Many small blocks leave a tail of
+    under one wave in dozens."""
+    return max(1, min(-(-items // BLOCK), MAX_BLOCKS))
 
 
 def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> list[Any]:
@@ -276,7 +281,7 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
         args += [dtype.type(scalars[name]) for name in op.scalars]
         args += [np.int64(n), np.int32(vec)]
         items = n // _VECTOR[_C_TYPES[dtype]][1] if vec else n
-        _kernel(cupy, op, dtype)((_grid(cupy, items),), (BLOCK,), tuple(args))
+        _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(args))
     return [by_name[name] for name in op.outputs]
 
 
@@ -311,7 +316,7 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
             vec = _vector_path(arrays, n, dtype)
             args += [np.int64(n), np.int32(vec)]
             items = max(items, n // lanes if vec else n)
-        _many_kernel(cupy, op, dtype, len(chunk))((_grid(cupy, items),), (BLOCK,), tuple(args))
+        _many_kernel(cupy, op, dtype, len(chunk))((_grid(items),), (BLOCK,), tuple(args))
 
 
 def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
