@@ -9,12 +9,16 @@
 2. Timings, each the median of ``--repeats`` CUDA-event measurements after a
    warm-up: every activation's forward+backward at 2**26 float32 against
    PyTorch autograd; a device copy of the same size (the bandwidth floor);
-   the MLP step 784-1024-1024-10, batch 512, SGD, against PyTorch; and
+   the MLP step 784-1024-1024-10, batch 512, SGD, against PyTorch, as fit
+   runs it (the loss left on the card, PyTorch's not read) and through
+   ``gradient`` (which reads it, PyTorch ``loss.item()``); and
    Fashion-MNIST epochs of ``scratchnn train``'s default network
    (784-256-128-10, ReLU, Adam 1e-3 decayed by 0.85 an epoch, batch 128)
    against PyTorch with the same initial weights, rates and batches, with
    both test accuracies.
-3. The card, the versions and a short table, printed last.
+3. The card, the versions and a short table, printed last. Each row is also
+   printed as it is measured, and a timing that raises is printed with its
+   traceback and named in the table while the others still run (exit 1).
 
 Without a GPU (or without CuPy) it says so and exits with status 0, or 3
 with ``--require-gpu`` (as ``benchmarks/gpu.sh`` runs it, so that a lent
@@ -31,6 +35,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +243,7 @@ def check_all(
 
 def median_ms(fn: Callable[[], Any], event: Callable[[], Any], elapsed: Callable[[Any, Any], float],
               repeats: int, warmup: int = 3) -> float:  # fmt: skip
-    """The median over ``repeats`` runs of ``fn``, each timed by a pair of CUDA events."""
+    """The median over ``repeats`` runs of ``fn``, each timed by a pair of events."""
     for _ in range(warmup):
         fn()
     times = []
@@ -250,6 +255,31 @@ def median_ms(fn: Callable[[], Any], event: Callable[[], Any], elapsed: Callable
         stop.synchronize()
         times.append(elapsed(start, stop))
     return statistics.median(times)
+
+
+class CudaClock:
+    """How the timings are read: CUDA events for each framework's own queue, and waits
+    for it. PyTorch's tensors live on ``torch_device``. (The tests give the timing
+    functions a clock of the host's instead, and PyTorch's CPU device, so that they
+    run, if not measure, without a GPU.)"""
+
+    torch_device = "cuda"
+
+    def __init__(self, cupy: Any, torch: Any) -> None:
+        self.cupy, self.torch = cupy, torch
+
+    def cupy_ms(self, fn: Callable[[], Any], repeats: int) -> float:
+        return median_ms(fn, self.cupy.cuda.Event, self.cupy.cuda.get_elapsed_time, repeats)
+
+    def torch_ms(self, fn: Callable[[], Any], repeats: int) -> float:
+        return median_ms(fn, lambda: self.torch.cuda.Event(enable_timing=True),
+                         lambda a, b: a.elapsed_time(b), repeats)  # fmt: skip
+
+    def wait_cupy(self) -> None:
+        self.cupy.cuda.Device().synchronize()
+
+    def wait_torch(self) -> None:
+        self.torch.cuda.synchronize()
 
 
 @dataclass
@@ -269,28 +299,19 @@ class Row:
         return f"{'met' if met else 'MISSED'} (<= {self.target:g})"
 
 
-def time_activations(cupy: Any, torch: Any, repeats: int) -> list[Row]:
-    def cupy_time(fn: Callable[[], Any]) -> float:
-        return median_ms(fn, cupy.cuda.Event, cupy.cuda.get_elapsed_time, repeats)
-
-    def torch_time(fn: Callable[[], Any]) -> float:
-        return median_ms(
-            fn,
-            lambda: torch.cuda.Event(enable_timing=True),
-            lambda a, b: a.elapsed_time(b),
-            repeats,
-        )
-
-    rng = cupy.random.default_rng(0)
-    x = rng.standard_normal(N_BIG, dtype=cupy.float32) * 3
-    dout = rng.standard_normal(N_BIG, dtype=cupy.float32)
+def time_activations(cupy: Any, torch: Any, repeats: int, clock: Any, n: int = N_BIG) -> list[Row]:
+    host = np.random.default_rng(0)
+    x_host = (3 * host.standard_normal(n, dtype=np.float32)).astype(np.float32)
+    dout_host = host.standard_normal(n, dtype=np.float32)
+    x, dout = cupy.asarray(x_host), cupy.asarray(dout_host)
     y = cupy.empty_like(x)
-    copy_ms = cupy_time(lambda: cupy.copyto(y, x))
-    tx, ty = torch.as_tensor(x, device="cuda"), torch.as_tensor(y, device="cuda")  # shared memory
-    copy_torch = torch_time(lambda: ty.copy_(tx))
-    rows = [Row("device copy 2^26 f32 (read+write)", copy_ms, copy_torch,
-                f"{2 * 4 * N_BIG / copy_ms / 1e6:.0f} GB/s")]  # fmt: skip
-    tx, tg = tx.clone(), torch.as_tensor(dout, device="cuda").clone()
+    copy_ms = clock.cupy_ms(lambda: cupy.copyto(y, x), repeats)
+    tx = torch.as_tensor(x_host, device=clock.torch_device)
+    ty, tg = torch.empty_like(tx), torch.as_tensor(dout_host, device=clock.torch_device)
+    copy_torch = clock.torch_ms(lambda: ty.copy_(tx), repeats)
+    size = f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+    rows = [Row(f"device copy {size} f32 (read+write)", copy_ms, copy_torch,
+                f"{2 * 4 * n / copy_ms / 1e6:.0f} GB/s")]  # fmt: skip
     functional = torch.nn.functional
     for name, make, op_name, (torch_name, kwargs) in ACTIVATIONS:
         layer = make()
@@ -312,9 +333,9 @@ def time_activations(cupy: Any, torch: Any, repeats: int) -> list[Row]:
         forward, backward = OPS[op_name], OPS[op_name.replace("_forward", "_backward")]
         arrays = [*forward.inputs, *forward.outputs, *backward.inputs, *backward.outputs]
         masks = forward.masks | backward.masks
-        traffic = sum(1 if a in masks else 4 for a in arrays) * N_BIG
-        ms = cupy_time(ours)
-        rows.append(Row(f"{name} fwd+bwd 2^26 f32", ms, torch_time(theirs),
+        traffic = sum(1 if a in masks else 4 for a in arrays) * n
+        ms = clock.cupy_ms(ours, repeats)
+        rows.append(Row(f"{name} fwd+bwd {size} f32", ms, clock.torch_ms(theirs, repeats),
                         f"{traffic / ms / 1e6:.0f} GB/s, {ms / copy_ms:.2f} copies",
                         target=1.05))  # fmt: skip
     return rows
@@ -335,13 +356,21 @@ def _torch_mlp(torch: Any, net: Any, device: str) -> Any:
     return torch.nn.Sequential(*modules).to(device)
 
 
-def time_mlp_step(cupy: Any, torch: Any, repeats: int) -> list[Row]:
+def time_mlp_step(
+    cupy: Any, torch: Any, repeats: int, clock: Any,
+    sizes: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 512,
+) -> list[Row]:  # fmt: skip
+    """One SGD step, twice: as ``fit`` runs it (the loss left on the card, PyTorch's not
+    read either) and through ``gradient`` (which reads the loss, against PyTorch reading
+    ``loss.item()`` after its step)."""
     rng = np.random.default_rng(0)
-    net = mlp([784, 1024, 1024, 10], rng=rng).to("cuda")
-    model = _torch_mlp(torch, net, "cuda")
-    x_host, t_host = rng.standard_normal((512, 784)).astype(np.float32), rng.integers(0, 10, 512)
+    net = mlp(list(sizes), rng=rng).to("cuda")
+    model = _torch_mlp(torch, net, clock.torch_device)
+    x_host = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    t_host = rng.integers(0, sizes[-1], batch)
     x, t = cupy.asarray(x_host), cupy.asarray(t_host)
-    tx, tt = torch.as_tensor(x_host, device="cuda"), torch.as_tensor(t_host, device="cuda")
+    tx = torch.as_tensor(x_host, device=clock.torch_device)
+    tt = torch.as_tensor(t_host, device=clock.torch_device)
     optimizer = make_optimizer("sgd", lr=0.01)
     torch_opt = torch.optim.SGD(model.parameters(), lr=0.01)
     first_loss = float(net.loss(x, t))
@@ -349,41 +378,58 @@ def time_mlp_step(cupy: Any, torch: Any, repeats: int) -> list[Row]:
     if abs(first_loss - torch_loss) > 1e-4 * abs(torch_loss):
         raise SystemExit(f"MLP: scratchnn loss {first_loss} differs from PyTorch's {torch_loss}")
 
-    def ours() -> None:
+    def ours_unread() -> None:
+        optimizer.update(net.params, net._gradient(x, t, wait=False))
+
+    def ours_read() -> None:
         optimizer.update(net.params, net.gradient(x, t))
 
-    def theirs() -> None:
-        torch_opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(tx), tt).backward()
-        torch_opt.step()
+    def theirs(read: bool) -> Callable[[], None]:
+        def step() -> None:
+            torch_opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(tx), tt)
+            loss.backward()
+            torch_opt.step()
+            if read:
+                loss.item()
 
-    ms = median_ms(ours, cupy.cuda.Event, cupy.cuda.get_elapsed_time, repeats)
-    torch_ms = median_ms(theirs, lambda: torch.cuda.Event(enable_timing=True),
-                         lambda a, b: a.elapsed_time(b), repeats)  # fmt: skip
-    note = "scratchnn reads the loss (one sync) each step; PyTorch does not"
-    return [Row("MLP step 784-1024-1024-10 b512 SGD", ms, torch_ms, note, target=1.0)]
+        return step
+
+    shape = "-".join(map(str, sizes))
+    return [
+        Row(f"MLP step {shape} b{batch} SGD, as fit", clock.cupy_ms(ours_unread, repeats),
+            clock.torch_ms(theirs(False), repeats), "neither reads its loss", target=1.0),
+        Row(f"MLP step {shape} b{batch} SGD, read", clock.cupy_ms(ours_read, repeats),
+            clock.torch_ms(theirs(True), repeats),
+            "gradient() reads the loss; PyTorch loss.item()", target=1.0),
+    ]  # fmt: skip
 
 
-def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Row]:
+def time_epochs(
+    cupy: Any, torch: Any, data: str | None, epochs: int, clock: Any, limit: int | None = None
+) -> list[Row]:
     from scratchnn.data import load_fashion_mnist
 
     try:
         (x_train, t_train), (x_test, t_test) = load_fashion_mnist(data, normalize=True)
     except FileNotFoundError as error:
         return [Row(f"Fashion-MNIST epoch: skipped ({error})", math.nan, None)]
-    x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
+    x_train, x_test = x_train[:limit].astype(np.float32), x_test.astype(np.float32)
+    t_train = t_train[:limit]
     # The generator of `scratchnn train` (time_train_command): it draws the initial weights,
     # then one permutation per epoch. Both hand loops take the same, so all three runs see
     # the same weights and batches, and their test accuracies compare like with like.
     rng = np.random.default_rng(0)
     net = mlp([784, 256, 128, 10], rng=rng).to("cuda")
-    model = _torch_mlp(torch, net, "cuda")
+    model = _torch_mlp(torch, net, clock.torch_device)
     optimizer = make_optimizer("adam", lr=1e-3)
     torch_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    on_torch = clock.torch_device
     gx, gt = cupy.asarray(x_train), cupy.asarray(t_train.astype(np.int64))
-    tx, tt = torch.as_tensor(x_train, device="cuda"), torch.as_tensor(t_train, device="cuda").long()
-    test_gx, test_tx = cupy.asarray(x_test), torch.as_tensor(x_test, device="cuda")
-    test_tt = torch.as_tensor(t_test, device="cuda").long()
+    tx = torch.as_tensor(x_train, device=on_torch)
+    tt = torch.as_tensor(t_train, device=on_torch).long()
+    test_gx, test_tx = cupy.asarray(x_test), torch.as_tensor(x_test, device=on_torch)
+    test_tt = torch.as_tensor(t_test, device=on_torch).long()
     ours_s, theirs_s, theirs_eval_s = [], [], []
     for epoch in range(epochs):
         # The default preset's rate: 1e-3 decayed by LR_DECAY each epoch, as fit sets it.
@@ -393,12 +439,13 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
         # The same batches for both: one order per epoch, drawn on the host and moved to
         # each device once, before the timing (as fit moves it).
         order = rng.permutation(len(x_train))
-        our_order, torch_order = cupy.asarray(order), torch.as_tensor(order, device="cuda")
+        our_order, torch_order = cupy.asarray(order), torch.as_tensor(order, device=on_torch)
         started = time.perf_counter()
         for start in range(0, len(order), 128):
             index = our_order[start : start + 128]
-            optimizer.update(net.params, net.gradient(gx[index], gt[index]))
-        cupy.cuda.Device().synchronize()
+            # As fit's steps: its labels are checked once, its losses not read each step.
+            optimizer.update(net.params, net._gradient(gx[index], gt[index], wait=False))
+        clock.wait_cupy()
         ours_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         for start in range(0, len(order), 128):
@@ -406,7 +453,7 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
             torch_opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(tx[index]), tt[index]).backward()
             torch_opt.step()
-        torch.cuda.synchronize()
+        clock.wait_torch()
         theirs_s.append(time.perf_counter() - started)
         # What fit adds to each epoch, done as fit does it (batches of DEVICE_EVAL_BATCH, the
         # loss read back after each, the count of correct answers summed on the card): the
@@ -417,7 +464,7 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
         size = DEVICE_EVAL_BATCH
         with torch.no_grad():
             for images, labels in ((tx[:10000], tt[:10000]), (test_tx, test_tt)):
-                total, correct = 0.0, torch.zeros((), dtype=torch.int64, device="cuda")
+                total, correct = 0.0, torch.zeros((), dtype=torch.int64, device=on_torch)
                 for start in range(0, len(images), size):
                     scores = model(images[start : start + size])
                     batch = labels[start : start + size]
@@ -427,7 +474,8 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
         model.train()
         theirs_eval_s.append(time.perf_counter() - started)
     net.eval()
-    ours_acc = float(cupy.mean(cupy.argmax(net.predict(test_gx), axis=1) == cupy.asarray(t_test)))
+    predicted_ours = to_host(cupy.argmax(net.predict(test_gx), axis=1))
+    ours_acc = float(np.mean(predicted_ours == t_test))
     with torch.no_grad():
         predicted = model(test_tx).argmax(dim=1).cpu().numpy()
     torch_acc = float(np.mean(predicted == t_test))
@@ -436,7 +484,7 @@ def time_epochs(cupy: Any, torch: Any, data: str | None, epochs: int) -> list[Ro
     hand_loop = Row("Fashion-MNIST epoch 784-256-128-10 Adam b128", 1e3 * statistics.median(ours_s),
                     1e3 * statistics.median(theirs_s), note)  # fmt: skip
     torch_epoch_s = statistics.median(t + e for t, e in zip(theirs_s, theirs_eval_s))
-    return [hand_loop, time_train_command(data, epochs, torch_epoch_s, torch_acc)]
+    return [hand_loop, time_train_command(data, epochs, torch_epoch_s, torch_acc, limit)]
 
 
 def time_train_command(
@@ -529,9 +577,13 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             print(f"benchmarks/gpu.py: {error}")
             return missing
-    rows = time_activations(cupy, torch, args.repeats)
-    rows += time_mlp_step(cupy, torch, args.repeats)
-    rows += time_epochs(cupy, torch, args.data, args.epochs)
+    clock = CudaClock(cupy, torch)
+    sections: list[tuple[str, Callable[[], list[Row]]]] = [
+        ("activations", lambda: time_activations(cupy, torch, args.repeats, clock)),
+        ("MLP step", lambda: time_mlp_step(cupy, torch, args.repeats, clock)),
+        ("epochs", lambda: time_epochs(cupy, torch, args.data, args.epochs, clock)),
+    ]
+    rows, broken = timings(sections)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     print()
     print(f"card: {props['name'].decode()}, {props['multiProcessorCount']} SMs, "
@@ -540,12 +592,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: scratchnn {snn.__version__}, CuPy {cupy.__version__}, "
           f"PyTorch {torch.__version__}, NumPy {np.__version__}, Python {sys.version.split()[0]}")  # fmt: skip
     print(f"times: ms, median of {args.repeats} CUDA-event runs (epochs: wall clock)")
-    print(f"{'':44} {'scratchnn':>10} {'PyTorch':>10} {'ratio':>6}  {'target':<15} note")
+    print(table(rows))
+    return 1 if broken else 0
+
+
+def timings(sections: list[tuple[str, Callable[[], list[Row]]]]) -> tuple[list[Row], bool]:
+    """Each section's rows, each row printed as it comes (so that a run cut short still
+    shows them); a section that raises is printed with its traceback and named in a row,
+    and the others still run. Returns the rows and whether any section broke."""
+    rows: list[Row] = []
+    broken = False
+    for name, section in sections:
+        try:
+            new = section()
+        except Exception as error:  # one broken section must not lose the others' numbers
+            traceback.print_exc()
+            new, broken = [Row(f"{name}: FAILED, {type(error).__name__}: {error}", math.nan, None)], True
+        for row in new:
+            print(table([row], header=False), flush=True)
+        rows += new
+    return rows, broken
+
+
+def table(rows: list[Row], header: bool = True) -> str:
+    """The rows as the report's table: times, their ratio, and the target's verdict."""
+    lines = [f"{'':44} {'scratchnn':>10} {'PyTorch':>10} {'ratio':>6}  {'target':<15} note"] * header
     for row in rows:
         ratio = f"{row.ours / row.torch:6.2f}" if row.torch else "      "
         torch_ms = f"{row.torch:10.3f}" if row.torch else " " * 10
-        print(f"{row.what:44} {row.ours:10.3f} {torch_ms} {ratio}  {row.verdict:<15} {row.note}")
-    return 0
+        lines.append(f"{row.what:44} {row.ours:10.3f} {torch_ms} {ratio}  {row.verdict:<15} {row.note}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -1056,6 +1057,83 @@ def test_the_gpu_benchmark_times_the_train_command_on_the_fake_device(
     assert row.what == "scratchnn train --device cuda, epoch" and row.ours > 0
     assert row.verdict in ("met (<= 1)", "MISSED (<= 1)")
     assert "test acc" in row.note
+
+
+class _HostEvent:
+    """A CUDA event's record/synchronize on the host clock, for the timings' dry runs."""
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _HostClock:
+    """benchmarks/gpu.py's CudaClock on the host: PyTorch on its CPU device."""
+
+    torch_device = "cpu"
+
+    def cupy_ms(self, fn: Any, repeats: int) -> float:
+        return float(_benchmark_module().median_ms(fn, _HostEvent, _host_ms, repeats, warmup=1))
+
+    torch_ms = cupy_ms
+
+    def wait_cupy(self) -> None:
+        pass
+
+    wait_torch = wait_cupy
+
+
+def _host_ms(start: _HostEvent, stop: _HostEvent) -> float:
+    return 1e3 * (stop.at - start.at)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dry run of every timing, small, before a lent GPU's few minutes run them for real:
+    # the Python of each (the layers' calls, PyTorch's copies, the rows) works.
+    torch = pytest.importorskip("torch")
+    require_fashion_mnist()
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    benchmark = _benchmark_module()
+    clock = _HostClock()
+    rows = benchmark.time_activations(fake, torch, 2, clock, n=4096)
+    assert [r.what.split()[0] for r in rows] == ["device"] + [a[0] for a in benchmark.ACTIVATIONS]
+    assert all(r.ours > 0 and r.torch and r.verdict for r in rows[1:])
+    rows = benchmark.time_mlp_step(fake, torch, 2, clock, sizes=(20, 16, 16, 10), batch=32)
+    assert [r.what for r in rows] == ["MLP step 20-16-16-10 b32 SGD, as fit",
+                                      "MLP step 20-16-16-10 b32 SGD, read"]  # fmt: skip
+    rows = benchmark.time_epochs(fake, torch, None, 1, clock, limit=300)
+    assert [r.what for r in rows] == ["Fashion-MNIST epoch 784-256-128-10 Adam b128",
+                                      "scratchnn train --device cuda, epoch"]  # fmt: skip
+    # The same weights and batches: after one epoch of 300 images, both nets answer alike.
+    ours, theirs = (float(p) for p in re.findall(r"(\d+\.\d+)%", rows[0].note))
+    assert abs(ours - theirs) <= 1.0
+
+
+def test_a_broken_timing_is_reported_and_the_others_still_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    benchmark = _benchmark_module()
+
+    def broken() -> list[Any]:
+        raise RuntimeError("no such kernel")
+
+    rows, failed = benchmark.timings([
+        ("first", lambda: [benchmark.Row("first row", 2.0, 4.0, target=1.0)]),
+        ("second", broken),
+        ("third", lambda: [benchmark.Row("third row", 3.0, 1.0)]),
+    ])  # fmt: skip
+    assert failed
+    assert [r.what for r in rows] == [
+        "first row", "second: FAILED, RuntimeError: no such kernel", "third row"
+    ]  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "first row" in out and "met (<= 1)" in out and "third row" in out
+    assert "RuntimeError: no such kernel" in err  # the traceback
 
 
 def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
