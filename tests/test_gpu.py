@@ -483,10 +483,39 @@ def test_fit_still_checks_the_labels_of_the_losses_it_left_unread(
     data = (fake.asarray(x), fake.asarray(t))
     with pytest.raises(ValueError, match=r"fit: the training set: labels must lie in \[0, 10\)"):
         train.fit(net, SGD(0.1), data, epochs=1, batch_size=20, rng=np.random.default_rng(0))
-    monkeypatch.setattr(train, "_check_set", lambda *args: None)
+    monkeypatch.setattr(train, "_check_set", lambda *args: True)  # "checked"
     monkeypatch.setattr(train, "evaluate", lambda *args: (0.0, 0.0))  # (which would wait)
     with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 10\)"):
         train.fit(net, SGD(0.1), data, epochs=1, batch_size=20, rng=np.random.default_rng(0))
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_fit_waits_for_each_loss_where_it_could_not_check_the_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One class: no answers to count, so fit's check of every label leaves it to the loss.
+    # Each step then reads its loss, and the batch with a bad label stops the run there,
+    # before its step, not at the end of the epoch.
+    from scratchnn.train import fit
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    x, t = _blobs(60, 8)
+    t[:] = 0
+    t[45] = 1
+    net = snn.mlp([20, 8, 1], rng=np.random.default_rng(0)).to("cuda")
+    optimizer = SGD(0.1)
+    steps: list[int] = []
+    update = optimizer.update
+
+    def counted(params: Any, grads: Any) -> None:
+        steps.append(1)
+        update(params, grads)
+
+    optimizer.update = counted  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\)"):
+        fit(net, optimizer, (fake.asarray(x), fake.asarray(t)), epochs=1, batch_size=20,
+            rng=np.random.default_rng(0))  # fmt: skip
+    assert len(steps) < 3
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))

@@ -218,10 +218,11 @@ class RunningLoss:
         return self.value
 
 
-def _check_set(network: Any, x: Any, t: Any, what: str, batch_size: int) -> None:
+def _check_set(network: Any, x: Any, t: Any, what: str, batch_size: int) -> bool:
     """A batch of the set through the network and its loss, in evaluation mode (a
     batch, not one example: a stateful layer's state has the batch's size), and every
-    label against the classes: what the network cannot take fails now, named."""
+    label against the classes: what the network cannot take fails now, named.
+    Returns whether the labels were checked (class indices against two classes or more)."""
     try:
         with evaluation_mode(network):
             scores = network.predict(x[:batch_size])
@@ -233,6 +234,8 @@ def _check_set(network: Any, x: Any, t: Any, what: str, batch_size: int) -> None
     if class_indices and has_answers(network.last_layer, scores):
         if _checks.labels_out_of_range(t, scores.shape[-1]):
             raise _checks.label_error(f"fit: the {what}", t, scores.shape[-1])
+        return True
+    return False
 
 
 def fit(
@@ -293,7 +296,7 @@ def fit(
     )
     # Both sets checked before the first step: a bad test set must not fail an epoch in.
     _check_pairs("fit", x_train, t_train, "training set")
-    _check_set(network, x_train, t_train, "training set", batch_size)
+    labels_checked = _check_set(network, x_train, t_train, "training set", batch_size)
     for _ in range(2):
         if not hasattr(network, "params") or network.params:
             break
@@ -336,6 +339,7 @@ def fit(
         return _epochs(
             network, optimizer, (x_train, t_train), (x_eval, t_eval), test_data, history,
             epochs, batch_size, max_iterations, lr_decay, base_lr, rng, callbacks, progress_stream,
+            labels_checked,
         )  # fmt: skip
     finally:
         # Interrupted or not, the optimiser keeps its base rate: the schedule is a function
@@ -359,14 +363,15 @@ def _epochs(
     rng: Any,
     callbacks: Any,
     progress_stream: Any,
+    labels_checked: bool,
 ) -> History:
     """fit's epochs, once its arguments are checked."""
     (x_train, t_train), (x_eval, t_eval) = train_data, eval_data
     batches_per_epoch = math.ceil(len(x_train) / batch_size)
-    # Every label was checked before the first step (_check_set), so a Sequential's steps
-    # may leave their losses on the GPU unread: no step waits for the card.
-    # (Not where its gradient is another's: a subclass's, or one set on the network.)
-    unread = getattr(network.gradient, "__func__", None) is Sequential.gradient
+    # Where every label was checked before the first step (_check_set), a Sequential's
+    # steps may leave their losses on the GPU unread: no step waits for the card. (Not
+    # where its gradient is another's: a subclass's, or one set on the network.)
+    unread = labels_checked and getattr(network.gradient, "__func__", None) is Sequential.gradient
     iterations_done = len(history) * batches_per_epoch
     for epoch in range(len(history) + 1, epochs + 1):
         if max_iterations is not None and iterations_done >= max_iterations:
