@@ -272,6 +272,36 @@ def test_every_label_outside_the_classes_is_refused_whatever_its_dtype(
                 snn.SoftmaxWithLoss().forward(x, t)
 
 
+def test_logits_at_the_ends_of_the_float_range_raise_no_warning() -> None:
+    # -1e308 below its row's maximum 1e308 is 2e308 below, beyond float64: its probability
+    # is 0 and the loss exact, with no overflow warning (on both paths), as PyTorch's.
+    torch = pytest.importorskip("torch")
+    x, t = np.array([[1e308, -1e308, 0.0], [-1e308, 5.0, 1e308]]), np.array([0, 2])
+    loss = snn.SoftmaxWithLoss()
+    with warnings.catch_warnings(), np.errstate(over="raise", divide="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        value, dx = loss.forward(x, t), loss.backward()
+    tx = torch.tensor(x, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(tx, torch.tensor(t))
+    expected.backward()
+    assert value == expected.item() == 0.0
+    np.testing.assert_array_equal(dx, tx.grad.numpy())
+
+
+@pytest.mark.parametrize("alpha", [1.5, -2.0, 0.0])
+def test_leaky_relu_raises_no_warning_where_its_output_is_exact(alpha: float) -> None:
+    # alpha x overflows for |alpha| > 1 (or is 0 * inf) where x itself is the output.
+    torch = pytest.importorskip("torch")
+    big = np.finfo(np.float64).max
+    x = np.array([big, -big, np.inf, -np.inf, 1.0, -1.0, 0.0])
+    layer = snn.LeakyRelu(alpha)
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        y = layer.forward(x)
+    expected = torch.nn.functional.leaky_relu(torch.tensor(x), alpha).numpy()
+    np.testing.assert_array_equal(y, expected)  # the infinities and NaN where PyTorch has them
+
+
 def test_sigmoid_with_loss_rejects_targets_outside_0_1() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         snn.SigmoidWithLoss().forward(np.zeros(2), np.array([0.5, 2.0]))

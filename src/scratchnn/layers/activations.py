@@ -296,7 +296,9 @@ class LeakyRelu(Layer):
         def forward_block(start: int, stop: int) -> None:
             np.greater(zf[start:stop], 0, out=mask[start:stop])
             np.logical_not(mask[start:stop], out=mask[start:stop])  # NaN's slope is alpha
-            np.multiply(zf[start:stop], self.alpha, out=out_flat[start:stop])
+            # alpha x may overflow (|alpha| > 1) or be 0 * inf where x itself is picked.
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.multiply(zf[start:stop], self.alpha, out=out_flat[start:stop])
             pick(zf[start:stop], out_flat[start:stop], out=out_flat[start:stop])
             if self.alpha == 0.0:  # max(inf, 0 * inf) is NaN; x > 0 picks x = inf
                 np.copyto(out_flat[start:stop], zf[start:stop], where=zf[start:stop] == np.inf)

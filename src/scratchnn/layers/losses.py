@@ -248,7 +248,10 @@ class SoftmaxWithLoss(Loss):
                 return float(-(t.reshape(x2.shape) * log_y).sum() / len(x2))
         # The row maxima through argmax and a gather: a third of the time of np.max along
         # a short last axis, and the same values (a NaN, which argmax picks, included).
-        shifted = x2 - x2[rows, x2.argmax(axis=1)][:, np.newaxis]
+        # A logit beyond the float range below its row's maximum (-1e308 beside 1e308)
+        # overflows to -inf here, and its probability is 0, as it should be.
+        with np.errstate(over="ignore"):
+            shifted = x2 - x2[rows, x2.argmax(axis=1)][:, np.newaxis]
         y = np.exp(shifted)
         total = y @ xp.ones(n_classes, y.dtype)  # the row sums, again faster than np.sum
         y /= total[:, np.newaxis]
