@@ -345,14 +345,16 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
 
 
 @needs_data
-def test_an_interrupted_overwrite_leaves_no_file_of_the_replaced_run(
+def test_an_interrupted_overwrite_leaves_the_replaced_run_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The new run saved nothing: the folder still holds the old run, every file of it
+    # (none of the new run's), and evaluate scores that run, as it is.
     import scratchnn.runs
 
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
-    assert (out / "model.safetensors").exists()
+    before = {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES}
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the new run's first epoch
@@ -360,10 +362,11 @@ def test_an_interrupted_overwrite_leaves_no_file_of_the_replaced_run(
     monkeypatch.setattr(scratchnn.runs, "fit", interrupted)
     capsys.readouterr()
     assert main(["train", *SMALL, "--epochs", "3", "--overwrite", "--out", str(out)]) == 130
-    # evaluate must not score the old model as if it were the new run's
-    assert not any((out / name).exists() for name in scratchnn.runs.RUN_FILES)
+    assert {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(scratchnn.runs.RUN_FILES)
     err = capsys.readouterr().err
     assert "nothing to resume; run it again" in err and "--resume" not in err
+    assert f"the run already in {out} is as it was" in err
 
 
 @needs_data
@@ -474,3 +477,154 @@ def test_a_diverging_runs_warnings_are_one_line_notes(
     notes = [line for line in err.splitlines() if line]
     assert "scratchnn train: note: overflow encountered" in err
     assert all(line.startswith("scratchnn train: note: ") for line in notes), err
+
+
+# -- a replaced run stays whole until the new one has saved; one run at a time ----------------
+
+
+@needs_data
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_replaced_run_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 10**19 epochs pass the settings' own checks and fail in fit, after the data loaded.
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    before = files_of(out)
+    capsys.readouterr()
+    huge = str(10**19)
+    assert main(["train", *SMALL, "--epochs", huge, "--overwrite", "--out", str(out)]) == 2
+    assert main(["train", "--resume", "--epochs", huge, "--out", str(out)]) == 2
+    assert files_of(out) == before
+    # A new folder for such a run is not left behind.
+    assert main(["train", *SMALL, "--epochs", huge, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert not (tmp_path / "new").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
+@needs_data
+def test_any_file_of_a_run_marks_its_folder_as_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    (out / "checkpoint.safetensors").unlink()  # a finished run's model and histories remain
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 2
+    assert "already holds a training run (model.safetensors, history.json" in capsys.readouterr().err
+    assert files_of(out) == before
+
+
+@needs_data
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
+def test_a_second_run_into_a_busy_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.runs import _RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / _RunLock.FILE).write_text("")  # left by a killed run: not a lock any more
+    held = _RunLock(out)  # as another process training there now would hold it
+    try:
+        assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 2
+        assert "another scratchnn run is writing to" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [_RunLock.FILE]
+    finally:
+        held.release()
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    assert not (out / _RunLock.FILE).exists()  # released, and removed
+
+
+@needs_data
+def test_an_interrupt_before_any_epoch_of_an_overwrite_points_at_nothing_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scratchnn.runs
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "3", "--out", str(out)]) == 0
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the data loads
+
+    monkeypatch.setattr(scratchnn.runs, "load_data", interrupted)
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--epochs", "1", "--overwrite", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "--resume" not in err and "is as it was" in err
+
+
+@needs_data
+def test_an_error_writing_the_run_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    (out / "history.json").unlink()
+    (out / "history.json").mkdir()  # where the run writes a file
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--epochs", "1", "--overwrite", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "history.json" in err, err
+
+
+@needs_data
+@pytest.mark.parametrize("dtype", [np.complex64, np.bool_])
+def test_evaluate_refuses_weights_of_a_dtype_no_layer_takes_in_one_line(
+    dtype: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.checkpoint import load_safetensors, save_safetensors
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    tensors, metadata = load_safetensors(out / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("b2"))
+    tensors[key] = tensors[key].astype(dtype)
+    save_safetensors(tmp_path / "bad.safetensors", tensors, metadata)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "b2" in err and np.dtype(dtype).name in err, err
+
+
+@needs_data
+@pytest.mark.parametrize("file", ["model.safetensors", "checkpoint.safetensors"])
+def test_a_saved_configuration_missing_a_setting_is_refused(
+    file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Filled in from the defaults, a tanh network without its "activation" was scored as
+    # a ReLU one, and a checkpoint without its "limit" resumed on all 60,000 images.
+    from scratchnn.checkpoint import load_safetensors, save_safetensors
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--activation", "tanh", "--epochs", "1", "--out", str(out)]) == 0
+    tensors, metadata = load_safetensors(out / file)
+    key = next(k for k in metadata if "config" in k)
+    config = json.loads(metadata[key])
+    del config["activation"]
+    save_safetensors(out / file, tensors, {**metadata, key: json.dumps(config)})
+    capsys.readouterr()
+    command = ["evaluate", str(out / file)] if file.startswith("model") else [
+        "train", "--resume", "--epochs", "2", "--out", str(out)]  # fmt: skip
+    assert main(command) == 2
+    assert "run settings missing: ['activation']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_evaluate_refuses_a_pipe_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Opening a pipe for reading waits for a writer: it must be refused before it is opened.
+    import threading
+
+    pipe = tmp_path / "model.safetensors"
+    os.mkfifo(pipe)
+    codes: list[int] = []
+    command = threading.Thread(target=lambda: codes.append(main(["evaluate", str(pipe)])))
+    command.start()
+    command.join(timeout=10)
+    if command.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # release the waiting open
+        command.join()
+        pytest.fail("evaluate waited on the pipe for a writer")
+    assert codes == [2]
+    assert f"{pipe}: not a regular file" in capsys.readouterr().err

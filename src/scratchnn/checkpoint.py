@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn.backend import to_host
-from scratchnn.files import atomic_path
+from scratchnn.files import atomic_path, check_regular_file
 
 __all__ = [
     "Checkpoint",
@@ -214,6 +214,10 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
     the file (``FileNotFoundError`` and other ``OSError``) propagate unchanged.
     """
     name = os.fspath(path)
+    try:
+        check_regular_file(name)  # a pipe would hang the open; the header check sizes the file
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     with open(name, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         header_size, entries, metadata = _read_header(file, size, name)

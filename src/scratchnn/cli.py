@@ -150,7 +150,7 @@ def _note_for(command: str) -> Any:
 def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: str) -> int:
     from scratchnn.backend import DeviceUnavailableError
     from scratchnn.checkpoint import CheckpointError
-    from scratchnn.runs import CHECKPOINT_FILE, preset_config, train_run
+    from scratchnn.runs import CHECKPOINT_FILE, RunBusyError, preset_config, train_run
 
     try:
         if args.resume:
@@ -176,10 +176,17 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
             f"{error}: continue it with --resume, replace it with --overwrite, "
             "or choose another --out",
         )
-    except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError,
+            RunBusyError) as error:  # fmt: skip
         return _fail("train", str(error))
-    except KeyboardInterrupt:
-        if os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
+    except OSError as error:  # a full disk, a folder where a file goes: what the system said
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail("train", f"{where}{error.strerror or error} (the last checkpoint is kept)")
+    except KeyboardInterrupt as interrupt:
+        # How many epochs this run saved: none means the directory holds what it held
+        # before (a replaced run whole), so --resume would continue that one, not this.
+        saved = getattr(interrupt, "epochs_saved", 0)
+        if (saved or args.resume) and os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
             # What the checkpoint does not hold: an --epochs not yet saved in it (stopped
             # before a resumed run's first epoch ended), the data folder, the device.
             again = ["--resume", "--out", out]
@@ -189,8 +196,10 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
             if args.device != "cpu":
                 again += ["--device", args.device]
             hint = f"continue with: scratchnn train {shlex.join(again)}"
-        else:  # stopped in its first epoch: there is nothing to resume yet
+        else:  # stopped in its first epoch: there is nothing of it to resume
             hint = "no epoch was completed, so there is nothing to resume; run it again"
+            if args.overwrite and os.path.exists(os.path.join(out, CHECKPOINT_FILE)):
+                hint += f" (the run already in {out} is as it was)"
         print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130
     return 0

@@ -32,6 +32,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """``ValueError`` where ``path`` names something other than a file or a directory (a
+    pipe, a socket, a device), checked before it is opened: opening a pipe waits for a
+    writer, and a reader that sizes or rewinds a file cannot do either with one. A
+    missing path raises ``FileNotFoundError``; a directory is left to ``open``."""
+    name = os.fspath(path)
+    if not stat.S_ISREG(os.stat(name).st_mode) and not os.path.isdir(name):
+        raise ValueError(f"{name}: not a regular file")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a new empty temporary file beside ``path``; on success it replaces ``path``.

@@ -41,6 +41,11 @@ from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import History, evaluate, fit
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 DATASETS = ("fashion-mnist", "mnist")
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
@@ -157,11 +162,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, data: dict[str, Any], *, complete: bool = False) -> RunConfig:
+        """The configuration ``data`` describes; settings it leaves out take their
+        defaults, unless ``complete`` (a file's configuration, which names every one:
+        a setting missing there would change the network or the run without a word)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown run settings {unknown}")
+        missing = sorted(known - set(data)) if complete else []
+        if missing:
+            raise ValueError(f"run settings missing: {missing}")
         config = cls(**data)
         config.check()
         return config
@@ -310,6 +321,19 @@ def load_data(
     return (x_train, t_train), (x_test, t_test)
 
 
+class RunBusyError(RuntimeError):
+    """Another process is training into the same output directory."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train_run``; ``epochs_saved`` says how many epochs this call had
+    checkpointed (0: ``out_dir`` holds what it held before, nothing of this call)."""
+
+    def __init__(self, epochs_saved: int) -> None:
+        super().__init__()
+        self.epochs_saved = epochs_saved
+
+
 def train_run(
     config: RunConfig | None,
     out_dir: str | os.PathLike[str],
@@ -332,10 +356,14 @@ def train_run(
     with the configuration saved there (``config`` must be None; ``epochs`` may
     raise the number of epochs), and ends with the same weights, bit for bit,
     as a run that was never stopped. A new run does not replace one that
-    ``out_dir`` already holds (``FileExistsError``) unless ``overwrite=True``.
-    Every setting, the data and the output directory are checked before any
-    work starts; a directory created for a run that then fails to start is
-    removed again.
+    ``out_dir`` already holds (any of its files: ``FileExistsError``) unless
+    ``overwrite=True``, and even then the run it replaces stays whole until the
+    new run's first checkpoint is written: a new run that fails or is
+    interrupted before that leaves ``out_dir`` as it was (and a directory
+    created for it is removed again). Every setting, the data and the output
+    directory are checked before any work starts. One run at a time writes into
+    a directory: a second gets ``RunBusyError`` (where the system has ``fcntl``
+    file locks, as Linux and macOS do). Ctrl-C raises :class:`RunInterrupted`.
     """
     stream = stream if stream is not None else sys.stdout
     if (config is None) != resume:
@@ -345,22 +373,38 @@ def train_run(
     if check_device(device) == "cuda":
         import_cupy()  # before any work: a missing CuPy or GPU is one clear error
     out = Path(out_dir)
-    if resume and not (out / CHECKPOINT_FILE).exists():
-        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
-    if not resume and not overwrite and (out / CHECKPOINT_FILE).exists():
-        raise FileExistsError(f"{out} already holds a training run ({CHECKPOINT_FILE})")
     # The folders this call creates (out and any missing parents), innermost first.
     created = [folder for folder in [out, *out.absolute().parents] if not folder.exists()]
     check_writable_directory(out)
+    saved: list[int] = []  # the epochs this call has checkpointed
+    lock = _RunLock(out)
     try:
-        config, network, optimizer, rng, history, train_data, test_data = _start(
-            config, out, resume, epochs, data_path
-        )
-    except BaseException:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty
-        raise
+        if resume and not (out / CHECKPOINT_FILE).exists():
+            raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if not resume and not overwrite and held:
+            raise FileExistsError(f"{out} already holds a training run ({', '.join(held)})")
+        return _train(config, out, resume, epochs, data_path, stream, progress_stream, device,
+                      saved)  # fmt: skip
+    except KeyboardInterrupt:
+        raise RunInterrupted(len(saved)) from None
+    finally:
+        lock.release()
+        if not saved:  # nothing of this call was kept: no folder of its either
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if still empty
+
+
+def _train(
+    config: RunConfig | None, out: Path, resume: bool, epochs: int | None,
+    data_path: str | None, stream: TextIO, progress_stream: TextIO | None, device: str,
+    saved: list[int],
+) -> History:  # fmt: skip
+    """train_run's work, in its locked directory; appends each epoch it saves to ``saved``."""
+    config, network, optimizer, rng, history, train_data, test_data = _start(
+        config, out, resume, epochs, data_path
+    )
     if resume:
         print(f"resuming {out} after epoch {len(history or [])} of {config.epochs}", file=stream)
     if device == "cpu" and not _fused.available():
@@ -370,13 +414,6 @@ def train_run(
             "several times slower",
             file=stream,
         )
-    # No file of what came before may outlive the training to come, or an interrupted run
-    # would leave an older model for evaluate to score as if it were the latest. A new run
-    # starts over; a resumed one keeps its checkpoint and history, which it continues.
-    replaced = (MODEL_FILE, RUN_FILES[-1]) if resume else RUN_FILES
-    for name in replaced:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
     network.to(device)
     optimizer.to(device)
     # The data set moves to the device once; each batch is then a slice on the device.
@@ -393,6 +430,16 @@ def train_run(
             config=config.to_dict(),
             metadata={"history": run_history.to_json()},
         )
+        if not saved:
+            # The first checkpoint of this call replaced the run's: no other file of what
+            # came before may outlive it, or an interrupted run would leave an older model
+            # for evaluate to score as if it were the latest. (Until now, a failure left
+            # the directory as it was.) The histories are written again just below.
+            for name in RUN_FILES:
+                if name != CHECKPOINT_FILE:
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / name).unlink()
+        saved.append(epoch)
         write_text_atomically(out / "history.json", run_history.to_json() + "\n")
         write_text_atomically(out / "history.csv", run_history.to_csv())
         i = -1
@@ -446,6 +493,45 @@ def train_run(
     return history
 
 
+class _RunLock:
+    """An exclusive lock on ``out/.scratchnn-run.lock`` while a run writes there, so that
+    two runs cannot both find the directory free and then replace each other's files.
+    The kernel drops the lock when its process ends, however it ends; the file is
+    removed on release (a killed run leaves it, and the next run takes it)."""
+
+    FILE = ".scratchnn-run.lock"
+
+    def __init__(self, out: Path) -> None:
+        self.path, self.fd = out / self.FILE, -1
+        if fcntl is None:  # no such locks here (Windows): one run at a time is the user's care
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise RunBusyError(
+                    f"another scratchnn run is writing to {out} now; wait for it to end, "
+                    "or choose another --out"
+                ) from None
+            # A run that ended between our open and our lock removed the file we hold:
+            # lock the one at the path, as a new run would.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = -1
+
+
 def _start(
     config: RunConfig | None, out: Path, resume: bool, epochs: int | None, data_path: str | None
 ) -> tuple[RunConfig, Sequential, Any, np.random.Generator, History | None, Any, Any]:
@@ -456,8 +542,7 @@ def _start(
     if resume:
         checkpoint = load_checkpoint(checkpoint_path)
         with _naming(checkpoint_path):
-            config = RunConfig.from_dict(checkpoint.config)
-            config.check()
+            config = RunConfig.from_dict(checkpoint.config, complete=True)
             stored_epochs = config.epochs
             history = History.from_json(checkpoint.metadata.get("history", "{}"))
             if len(history) != checkpoint.epoch:
@@ -545,7 +630,7 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
             )
     params, config_dict = load_model(path)
     with _naming(Path(path)):
-        config = RunConfig.from_dict(config_dict)
+        config = RunConfig.from_dict(config_dict, complete=True)
         _check_sizes_are_stored(config, params)
         first = params.get("W1")
         if config.model == "mlp" and first is not None and first.shape[0] != 784:
@@ -557,7 +642,7 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
         network = build_network(config, np.random.default_rng(0))
     try:
         network.load_state(params)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a weight of a complex or bool dtype
         raise ValueError(
             f"{os.fspath(path)}: the weights do not fit the saved configuration: {error}"
         ) from None

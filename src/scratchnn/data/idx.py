@@ -18,12 +18,13 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import stat
 import struct
 import zlib
 from typing import Any, Protocol
 
 import numpy as np
+
+from scratchnn.files import check_regular_file
 
 # Type code -> big-endian dtype, as the IDX format defines them.
 IDX_DTYPES: dict[int, np.dtype[Any]] = {
@@ -72,10 +73,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     array([[  1, 256]], dtype=int16)
     """
     name = os.fspath(path)
-    # Before opening: opening a pipe would wait for a writer. A pipe cannot be sized or
-    # rewound, and the checks above need both. (A missing file raises FileNotFoundError.)
-    if not stat.S_ISREG(os.stat(name).st_mode) and not os.path.isdir(name):
-        raise ValueError(f"{name}: not a regular file")
+    check_regular_file(name)  # the checks above size and rewind the file
     with open(name, "rb") as raw:
         if raw.read(2) == _GZIP_MAGIC:
             compressed_size = os.fstat(raw.fileno()).st_size
