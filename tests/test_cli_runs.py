@@ -43,12 +43,18 @@ def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def trained_run(tmp_path: Path, *options: str) -> Path:
+    """``tmp_path/run``, holding a small run of one epoch trained by ``scratchnn train``."""
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", *options, "--out", str(out)]) == 0
+    return out
+
+
 @needs_data
 def test_a_new_run_does_not_replace_an_existing_one_unless_told(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     before = files_of(out)
     capsys.readouterr()
     assert main(["train", *SMALL, "--epochs", "2", "--seed", "5", "--out", str(out)]) == 2
@@ -352,8 +358,7 @@ def test_an_interrupted_overwrite_leaves_the_replaced_run_whole(
     # (none of the new run's), and evaluate scores that run, as it is.
     import scratchnn.runs
 
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     before = {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES}
 
     def interrupted(*args: object, **kwargs: object) -> None:
@@ -375,8 +380,7 @@ def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
 ) -> None:
     import scratchnn.runs
 
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     # Ctrl-C right after epoch 2's checkpoint
     monkeypatch.setattr(scratchnn.runs, "fit", stopped_after_an_epoch(scratchnn.runs.fit))
     assert main(["train", "--resume", "--epochs", "3", "--out", str(out)]) == 130
@@ -487,8 +491,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_replaced_run_whole(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 10**19 epochs pass the settings' own checks and fail in fit, after the data loaded.
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     before = files_of(out)
     capsys.readouterr()
     huge = str(10**19)
@@ -505,8 +508,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_replaced_run_whole(
 def test_any_file_of_a_run_marks_its_folder_as_taken(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     (out / "checkpoint.safetensors").unlink()  # a finished run's model and histories remain
     before = files_of(out)
     capsys.readouterr()
@@ -559,8 +561,7 @@ def test_an_interrupt_before_any_epoch_of_an_overwrite_points_at_nothing_to_resu
 def test_an_error_writing_the_run_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     (out / "history.json").unlink()
     (out / "history.json").mkdir()  # where the run writes a file
     capsys.readouterr()
@@ -576,8 +577,7 @@ def test_evaluate_refuses_weights_of_a_dtype_no_layer_takes_in_one_line(
 ) -> None:
     from scratchnn.checkpoint import load_safetensors, save_safetensors
 
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path)
     tensors, metadata = load_safetensors(out / "model.safetensors")
     key = next(k for k in tensors if k.endswith("b2"))
     tensors[key] = tensors[key].astype(dtype)
@@ -597,8 +597,7 @@ def test_a_saved_configuration_missing_a_setting_is_refused(
     # a ReLU one, and a checkpoint without its "limit" resumed on all 60,000 images.
     from scratchnn.checkpoint import load_safetensors, save_safetensors
 
-    out = tmp_path / "run"
-    assert main(["train", *SMALL, "--activation", "tanh", "--epochs", "1", "--out", str(out)]) == 0
+    out = trained_run(tmp_path, "--activation", "tanh")
     tensors, metadata = load_safetensors(out / file)
     key = next(k for k in metadata if "config" in k)
     config = json.loads(metadata[key])
