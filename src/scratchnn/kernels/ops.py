@@ -145,7 +145,8 @@ _add(Op("leaky_relu_backward", ("dout", "mask"), ("dx",),
 # exp only of min(x, 0): exp of a large positive x would overflow.
 _add(Op("elu_forward", ("x",), ("y",), "y = where(x > 0, x, alpha * expm1(min(x, 0.0)))",
         ("alpha",)))  # fmt: skip
-# Its slope at NaN is 1, as PyTorch's: "x <= 0" is false there.
+# Its slope at NaN is 1 ("x <= 0" is false there), as PyTorch's element loop gives (its
+# vectorised loop, on longer tensors, gives NaN).
 _add(Op("elu_backward", ("dout", "x"), ("dx",),
         "dx = where(x <= 0, dout * (alpha * exp(min(x, 0.0))), dout)", ("alpha",)))  # fmt: skip
 # Exact Gelu: Phi by erfc (no cancellation in the left tail); the pdf's |x| clipped at 40,

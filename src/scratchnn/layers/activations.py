@@ -328,7 +328,8 @@ class Elu(Layer):
 
     Forward: ``y = x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
     Backward: ``dy/dx = alpha * exp(x)`` where ``x <= 0``, else 1 (at NaN too,
-    as in PyTorch).
+    as PyTorch's element-by-element loop has it; its vectorised loop, which
+    longer tensors take, gives NaN there).
 
     Keeps ``slope``, dy/dx at each input, computed in forward beside the
     output (recovering ``alpha * exp(x)`` from the output as ``y + alpha``
@@ -375,7 +376,8 @@ class Elu(Layer):
             np.add(out, np.maximum(z, 0), out=out)
             np.exp(slope, out=slope)
             np.multiply(slope, alpha, out=slope)  # alpha exp(min(x, 0))
-            # 1 where not x <= 0: where x > 0, and at NaN (as PyTorch's slope there).
+            # 1 where not x <= 0: where x > 0, and at NaN (as PyTorch's element loop gives;
+            # its vectorised loop, on longer tensors, gives NaN).
             one = np.less_equal(z, 0)
             np.logical_not(one, out=one)
             if not 0.0 <= alpha <= 1.0:
