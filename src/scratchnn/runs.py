@@ -509,12 +509,15 @@ class _RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 os.close(fd)
                 raise RunBusyError(
                     f"another scratchnn run is writing to {out} now; wait for it to end, "
                     "or choose another --out"
                 ) from None
+            except OSError:  # a file system without such locks (some network mounts)
+                self.fd = fd
+                return
             # A run that ended between our open and our lock removed the file we hold:
             # lock the one at the path, as a new run would.
             with contextlib.suppress(FileNotFoundError):
