@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import scratchnn as snn
-from scratchnn.models import cnn
+from scratchnn.models import cnn, mlp
 from scratchnn.optim import SGD, Adam
 from scratchnn.train import evaluate
 
@@ -1167,3 +1167,14 @@ def test_a_stateful_layer_trains_again_and_gradcheck_takes_late_parameters_alone
 
     lazy = snn.Sequential([LazyScaleByW()])  # its only parameter made at its first forward
     assert snn.gradcheck(lazy, rng.standard_normal((5, 3)), rng.integers(0, 3, 5)).max_relative_error < 1e-6
+
+
+def test_load_state_from_the_networks_own_arrays_swapped() -> None:
+    # Copied one by one, W1's new value (W2) was written before W2 read W1: both held W2.
+    net = mlp([4, 4, 4], rng=np.random.default_rng(0))
+    W1, W2 = net.params["W1"].copy(), net.params["W2"].copy()
+    state = net.state()
+    state["W1"], state["W2"] = net.params["W2"], net.params["W1"]
+    net.load_state(state)
+    np.testing.assert_array_equal(net.params["W1"], W2)
+    np.testing.assert_array_equal(net.params["W2"], W1)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -690,3 +691,84 @@ def test_fit_keeps_the_layers_own_error_as_the_cause_and_takes_two_part_sets() -
     assert isinstance(caught.value.__cause__, Strict.ShapeError)
     with pytest.raises(ValueError, match=r"fit: the test set must be a pair \(inputs, labels\), got 3 parts"):
         fit(net, SGD(0.1), train, (x, t, t), epochs=1, batch_size=50, rng=rng)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rng": None}, TypeError, "fit: rng must be a numpy.random.Generator"),
+        ({"rng": 0}, TypeError, "fit: rng must be a numpy.random.Generator"),
+        ({"lr_decay": True}, TypeError, "fit: lr_decay must be a number, got True"),
+        ({"lr_decay": "0.9"}, TypeError, "fit: lr_decay must be a number, got '0.9'"),
+        ({"callbacks": print}, TypeError, r"for one, give \[function\]"),
+        ({"callbacks": [print, 1]}, TypeError, "each callback must be a function, got 1"),
+        ({"progress_stream": "log.txt"}, TypeError, "progress_stream must be a text stream"),
+        ({"optimizer": SGD}, TypeError, "optimizer must be an optimiser object"),
+    ],
+)
+def test_fit_refuses_arguments_it_would_ignore_or_fail_on_late(
+    kwargs: dict, error: type, message: str
+) -> None:
+    # Each was accepted: rng=None shuffled unseeded, a file name as the stream was ignored,
+    # a callback that is not one failed after a whole epoch had trained.
+    rng = np.random.default_rng(21)
+    net = snn.Sequential([snn.Affine(rng.standard_normal((3, 2)), np.zeros(2))])
+    x, t = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
+    arguments = {"optimizer": SGD(0.1), "epochs": 1, "batch_size": 5, "rng": rng, **kwargs}
+    optimizer = arguments.pop("optimizer")
+    with pytest.raises(error, match=message):
+        fit(net, optimizer, (x, t), **arguments)
+    assert net.params["W1"].tolist() == np.random.default_rng(21).standard_normal((3, 2)).tolist()
+
+
+def test_fit_counts_in_python_ints_whatever_numbers_it_is_given() -> None:
+    # int8 127 epochs: epochs + 1 wrapped to -128 and no epoch ran, with only a warning.
+    rng = np.random.default_rng(22)
+    x, t = blobs(200, rng)
+    runs = []
+    for epochs, batch_size in ((3, 100), (np.int8(3), np.uint8(100))):
+        net = snn.models.mlp([20, 8, 10], rng=np.random.default_rng(0))
+        history = fit(net, SGD(0.1), (x, t), epochs=epochs, batch_size=batch_size,
+                      rng=np.random.default_rng(1))  # fmt: skip
+        runs.append((history.to_dict(), net.params["W1"].copy()))
+    assert runs[0][0]["train_loss"] == runs[1][0]["train_loss"]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    net = snn.models.mlp([20, 8, 10], rng=np.random.default_rng(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow in the epoch count
+        history = fit(net, SGD(0.1), (x[:20], t[:20]), epochs=np.int8(127), batch_size=20,
+                      rng=np.random.default_rng(1), train_eval_size=None)  # fmt: skip
+    assert len(history) == 127
+
+
+def test_fit_keeps_a_layer_frozen_apart_from_the_network() -> None:
+    # network.train() each epoch set every layer training: a BatchNorm frozen by its user
+    # moved its running statistics. evaluate already put such a layer's mode back.
+    rng = np.random.default_rng(23)
+    x, t = blobs(200, rng)
+    norm = snn.BatchNorm(8)
+    net = snn.Sequential([snn.Affine(0.1 * rng.standard_normal((20, 8)), np.zeros(8)), norm,
+                          snn.Relu(), snn.Affine(0.1 * rng.standard_normal((8, 10)), np.zeros(10))])  # fmt: skip
+    norm.training = False
+    mean, var = norm.running_mean.copy(), norm.running_var.copy()
+    fit(net, SGD(0.1), (x, t), epochs=2, batch_size=50, rng=rng)
+    assert norm.training is False and net.training is True
+    np.testing.assert_array_equal(norm.running_mean, mean)
+    np.testing.assert_array_equal(norm.running_var, var)
+    # A network put in evaluation mode as a whole trains as a whole.
+    net.eval()
+    fit(net, SGD(0.1), (x, t), epochs=1, batch_size=50, rng=rng)
+    assert norm.training is True and not np.array_equal(norm.running_mean, mean)
+
+
+def test_fit_refuses_a_history_longer_than_its_epochs_or_out_of_step() -> None:
+    rng = np.random.default_rng(24)
+    x, t = blobs(100, rng)
+    net = snn.models.mlp([20, 8, 10], rng=rng)
+    history = fit(net, SGD(0.1), (x, t), epochs=2, batch_size=50, rng=rng)
+    with pytest.raises(ValueError, match="has 2 epochs already, more than epochs=1"):
+        fit(net, SGD(0.1), (x, t), epochs=1, batch_size=50, rng=rng, history=history)
+    assert fit(net, SGD(0.1), (x, t), epochs=2, batch_size=50, rng=rng, history=history) is history
+    bad = History(epoch=[1, 2], train_loss=[0.5])
+    with pytest.raises(ValueError, match="fit: the history passed in: history lists have different"):
+        fit(net, SGD(0.1), (x, t), epochs=3, batch_size=50, rng=rng, history=bad)

@@ -215,6 +215,12 @@ class Sequential:
                     f"Sequential.load_state: {key} has values beyond the range of {target.dtype}"
                 )
             checked.append((target, cast))
+        targets = [target for target, _ in checked]
+        for i, (target, cast) in enumerate(checked):
+            # A source that is one of the network's own arrays (W1 and W2 swapped) would be
+            # overwritten before it is read: such a one is copied first.
+            if any(np.may_share_memory(cast, other) for j, other in enumerate(targets) if j != i):
+                checked[i] = (target, cast.copy())
         for target, cast in checked:
             target[...] = cast
 

@@ -261,7 +261,11 @@ def fit(
     per mini-batch; then it records the loss and accuracy on the training and
     test data and the epoch's seconds, and calls every callback with
     ``(epoch, history)``. A ``history`` passed in (from a checkpoint) is
-    continued: training starts at epoch ``len(history) + 1``.
+    continued: training starts at epoch ``len(history) + 1`` (a history of more
+    than ``epochs`` epochs raises ``ValueError``). Each epoch trains in training
+    mode (``network.train()``), but a layer whose mode differs from the
+    network's when ``fit`` starts (a BatchNorm frozen with ``training = False``)
+    keeps its own.
     ``max_iterations`` stops after that many optimiser steps in all (the
     book's ``iters_num``); the last epoch may then be partial. (A history
     passed in counts each of its epochs as whole: continue a run that the cap
@@ -281,15 +285,53 @@ def fit(
     generator, so it never moves ``rng``: a resumed run shuffles as one that
     was never stopped.
     """
+    # Each argument checked before any work, naming it: a wrong one must not be ignored
+    # (rng=None would shuffle unseeded), nor fail an epoch in.
+    if isinstance(optimizer, type) or not callable(getattr(optimizer, "update", None)):
+        raise TypeError(
+            "fit: optimizer must be an optimiser object with update(params, grads), such as "
+            f"SGD(lr=0.1) or make_optimizer('adam'), got {optimizer!r}"
+        )
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            "fit: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+            f"got {type(rng).__name__}"
+        )
+    if isinstance(lr_decay, (bool, np.bool_)) or not isinstance(lr_decay, numbers.Real):
+        raise TypeError(f"fit: lr_decay must be a number, got {lr_decay!r}")
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"fit: lr_decay must lie in (0, 1], got {lr_decay}")
+    lr_decay = float(lr_decay)
     base_lr = getattr(optimizer, "lr", None)
     if lr_decay != 1.0 and base_lr is None:
         raise TypeError("fit: lr_decay needs an optimiser with an `lr` attribute")
-    _checks.count("fit", "epochs", epochs)
-    _checks.count("fit", "batch_size", batch_size)
+    # Python ints from here on: epochs + 1 of an int8 127 would wrap to -128.
+    epochs = _checks.count("fit", "epochs", epochs)
+    batch_size = _checks.count("fit", "batch_size", batch_size)
     if max_iterations is not None:
-        _checks.count("fit", "max_iterations", max_iterations)
+        max_iterations = _checks.count("fit", "max_iterations", max_iterations)
+    if callable(callbacks):
+        raise TypeError("fit: callbacks must be a list of functions; for one, give [function]")
+    callbacks = list(callbacks)  # once: each epoch calls them all, a generator once only
+    for callback in callbacks:
+        if not callable(callback):
+            raise TypeError(f"fit: each callback must be a function, got {callback!r}")
+    if progress_stream is not None and not callable(getattr(progress_stream, "write", None)):
+        raise TypeError(
+            f"fit: progress_stream must be a text stream (sys.stderr), got {progress_stream!r}"
+        )
+    if history is not None and not isinstance(history, History):
+        raise TypeError(f"fit: history must be a History or None, got {type(history).__name__}")
+    if history is not None:
+        try:  # one length for all, epochs 1, 2, ...
+            History.from_dict(history.to_dict())
+        except ValueError as error:
+            raise ValueError(f"fit: the history passed in: {error}") from None
+        if len(history) > epochs:
+            raise ValueError(
+                f"fit: the history passed in has {len(history)} epochs already, more than "
+                f"epochs={epochs}"
+            )
     # Arrays, once (lists too: the training subset below indexes with an array).
     x_train, t_train = (
         as_array(a, who="fit", what="training set") for a in _pair(train_data, "training set")
@@ -323,7 +365,6 @@ def fit(
         raise TypeError(f"fit: train_eval_seed must be an int, got {train_eval_seed!r}")
     if train_eval_seed < 0:
         raise ValueError(f"fit: train_eval_seed must be >= 0, got {train_eval_seed}")
-    callbacks = list(callbacks)  # once: each epoch calls them all, a generator once only
     x_eval, t_eval = x_train, t_train
     if train_eval_size is not None and train_eval_size < len(x_train):
         chosen = np.random.default_rng(train_eval_seed).choice(
@@ -332,8 +373,6 @@ def fit(
         chosen.sort()
         chosen = to_device(chosen, device_of(x_train))  # CuPy indexes only with its own arrays
         x_eval, t_eval = x_train[chosen], t_train[chosen]
-    if history is not None and not isinstance(history, History):
-        raise TypeError(f"fit: history must be a History or None, got {type(history).__name__}")
     history = history if history is not None else History()
     try:
         return _epochs(
@@ -373,6 +412,15 @@ def _epochs(
     # where its gradient is another's: a subclass's, or one set on the network.)
     unread = labels_checked and getattr(network.gradient, "__func__", None) is Sequential.gradient
     iterations_done = len(history) * batches_per_epoch
+    # A layer whose mode its user set apart from the network's (a BatchNorm frozen with
+    # training = False in a network that trains) keeps it: network.train() would not.
+    set_apart = [
+        (layer, layer.training)
+        for layer in getattr(network, "layers", ())
+        if hasattr(network, "training")
+        and hasattr(layer, "training")
+        and layer.training != network.training
+    ]
     for epoch in range(len(history) + 1, epochs + 1):
         if max_iterations is not None and iterations_done >= max_iterations:
             break
@@ -380,6 +428,8 @@ def _epochs(
         if base_lr is not None and lr_decay != 1.0:
             optimizer.lr = base_lr * lr_decay ** (epoch - 1)
         network.train()
+        for layer, mode in set_apart:
+            layer.training = mode
         steps = batches_per_epoch
         if max_iterations is not None:
             steps = min(steps, max_iterations - iterations_done)
