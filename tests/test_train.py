@@ -772,3 +772,19 @@ def test_fit_refuses_a_history_longer_than_its_epochs_or_out_of_step() -> None:
     bad = History(epoch=[1, 2], train_loss=[0.5])
     with pytest.raises(ValueError, match="fit: the history passed in: history lists have different"):
         fit(net, SGD(0.1), (x, t), epochs=3, batch_size=50, rng=rng, history=bad)
+
+
+def test_the_builders_and_evaluate_name_arguments_of_the_wrong_kind() -> None:
+    rng = np.random.default_rng(25)
+    with pytest.raises(TypeError, match="mlp: activation must be a name such as 'relu'"):
+        snn.models.mlp([4, 3, 2], activation=["relu"], rng=rng)
+    with pytest.raises(TypeError, match="mlp: sizes must be a list of ints, got generator"):
+        snn.models.mlp((n for n in [4, 3, 2]), rng=rng)
+    with pytest.raises(TypeError, match=r"cnn: hidden must be an int, got 2\.5"):
+        snn.models.cnn(hidden=2.5, rng=rng)  # type: ignore[arg-type]
+    net = snn.models.mlp([4, 3, 2], rng=rng)
+    x, t = rng.standard_normal((300, 4)), rng.integers(0, 2, 300)
+    # A uint8 batch size of 100: the batch starts, counted in uint8, wrapped past 255 and
+    # gave an empty batch ("the prediction is empty").
+    assert evaluate(net, x, t, batch_size=np.uint8(100)) == evaluate(net, x, t, batch_size=100)
+    assert evaluate(net, list(x), list(t)) == evaluate(net, x, t)

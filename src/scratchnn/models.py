@@ -465,8 +465,12 @@ def mlp(
     """
     from scratchnn.init import make_initializer
 
+    if not isinstance(activation, str):
+        raise TypeError(f"mlp: activation must be a name such as 'relu', got {activation!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+        raise TypeError(f"mlp: sizes must be a list of ints, got {type(sizes).__name__}")
     if len(sizes) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {list(sizes)}")
     initializer = make_initializer(init)
@@ -535,6 +539,7 @@ def cnn(
     if isinstance(channels, (str, bytes)):  # b"ab" would be 97 and 98 channels
         raise TypeError(f"cnn: channels must be a sequence of ints, got {channels!r}")
     channels = [_checks.count("cnn", "channels", n) for n in channels]
+    hidden = _checks.count("cnn", "hidden", hidden)
     if min(h, w) >> len(channels) < 1:
         # Each block's pooling halves the image: checked before any weight is drawn.
         raise ValueError(

@@ -153,9 +153,10 @@ def evaluate(
     not cache misses. The results are the same but for the rounding of the
     sums.
     """
+    x, t = as_array(x, who="evaluate", what="data"), as_array(t, who="evaluate", what="labels")
     if batch_size is None:
         batch_size = 128 if device_of(x) == "cpu" else DEVICE_EVAL_BATCH
-    _checks.count("evaluate", "batch_size", batch_size)
+    batch_size = _checks.count("evaluate", "batch_size", batch_size)  # a Python int
     _check_pairs("evaluate", x, t)
     total_loss, right, answers, n = 0.0, 0, 0, len(x)
     with evaluation_mode(network):
