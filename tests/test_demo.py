@@ -138,6 +138,34 @@ def test_values_beyond_the_dtype_are_refused(
     assert captured.err.count("\n") == 1 and "must be a finite number in float32" in captured.err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--dout", "1e-50", "--dtype", "float32"], "dout = 1e-50 rounds to 0 in float32"),
+        (["demo", "--x", "1e-50", "--dtype", "float32"], "x = 1e-50 rounds to 0 in float32"),
+    ],
+)
+def test_values_that_round_to_zero_in_the_dtype_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The header said dout = 1e-50 over a table of zeros: the chain had run on 0.
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_negative_numbers_with_an_exponent_are_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse took -1e-2 for an option ("expected one argument"); -2.5 it took.
+    assert main(["demo", "--x", "-1e-2", "--dout", "-2.5E1"]) == 0
+    spaced = capsys.readouterr().out
+    assert main(["demo", "--x=-0.01", "--dout=-25"]) == 0
+    assert capsys.readouterr().out == spaced
+    with pytest.raises(SystemExit) as parser_exit:  # argparse's own error: one line, status 2
+        main(["demo", "--x", "-inf"])
+    assert parser_exit.value.code == 2
+    assert "argument --x: must be finite, got '-inf'" in capsys.readouterr().err
+
+
 def test_library_functions_refuse_other_dtypes_before_any_work() -> None:
     from scratchnn.demo import sigmoid_steps, step_table
 

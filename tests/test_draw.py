@@ -585,3 +585,16 @@ def test_mermaid_ids_are_single_ids_whatever_a_parameter_is_called(key: str) -> 
     assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", i) and i.lower() != "end" for i in ids)
     # one id per node, as the DOT text has
     assert len(ids) == len(drawing.nodes)
+
+
+@pytest.mark.parametrize("graph", ["mul", "add"])
+def test_a_shopping_graph_beyond_float64_is_one_line(
+    graph: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It drew inf where the gradient is 2.2e308, with two raw overflow warnings.
+    assert main(["graph", graph, "--dout", "1e308", "--format", "mermaid"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "beyond the float64 range" in captured.err
+    with pytest.raises(ValueError, match=f"{graph}: dtax is inf"):
+        (mul_drawing if graph == "mul" else add_drawing)(dout=1e308)

@@ -1178,3 +1178,51 @@ def test_load_state_from_the_networks_own_arrays_swapped() -> None:
     net.load_state(state)
     np.testing.assert_array_equal(net.params["W1"], W2)
     np.testing.assert_array_equal(net.params["W2"], W1)
+
+
+class _BookAffine:
+    """The book's Affine, with one of a learner's slips in its backward."""
+
+    def __init__(self, W: np.ndarray, slip: str) -> None:
+        self.W, self.b, self.dW, self.db, self.slip = W, np.zeros(W.shape[1]), None, None, slip
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.x = x
+        return x @ self.W + self.b
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        dW = dout.T @ self.x if self.slip == "transposed" else self.x.T @ dout
+        if self.slip != "dW unset":
+            self.dW = dW
+        self.db = dout.sum(axis=0, keepdims=self.slip == "db kept 2-d")
+        return dout @ self.W.T
+
+
+@pytest.mark.parametrize(
+    ("slip", "error", "message"),
+    [
+        ("transposed", ValueError, r"the gradient of W1 has shape \(3, 4\), the parameter \(4, 3\)"),
+        ("db kept 2-d", ValueError, r"the gradient of b1 has shape \(1, 3\), the parameter \(3,\)"),
+        ("dW unset", RuntimeError, r"layer 0 \(_BookAffine\) has no gradient of its W after backward"),
+    ],
+)
+def test_gradcheck_names_a_gradient_of_the_wrong_shape_or_none(
+    slip: str, error: type, message: str
+) -> None:
+    # They were an IndexError, a TypeError of float(), and "no gradients yet; call
+    # gradient(x, t) first" right after gradient had run.
+    rng = np.random.default_rng(3)
+    net = snn.Sequential([_BookAffine(rng.standard_normal((4, 3)), slip)])
+    with pytest.raises(error, match=message):
+        snn.gradcheck(net, rng.standard_normal((5, 4)), rng.integers(0, 3, 5))
+
+
+def test_gradcheck_takes_a_seed_as_check_layer_does() -> None:
+    rng = np.random.default_rng(4)
+    net = mlp([4, 6, 3], rng=rng, dtype=np.float64)
+    x, t = rng.standard_normal((5, 4)), rng.integers(0, 3, 5)
+    seeded = snn.gradcheck(net, x, t, max_per_param=2, rng=7)
+    assert seeded == snn.gradcheck(net, x, t, max_per_param=2, rng=np.random.default_rng(7))
+    assert seeded.checked == 8 and seeded.max_relative_error < 1e-6
+    with pytest.raises(TypeError, match=r"gradcheck: rng must be a numpy\.random\.Generator or a seed"):
+        snn.gradcheck(net, x, t, max_per_param=2, rng="seven")

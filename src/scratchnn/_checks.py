@@ -89,6 +89,15 @@ def count(who: str, name: str, value: object, minimum: int = 1) -> int:
     return result
 
 
+def generator(who: str, rng: object) -> np.random.Generator:
+    """``rng`` itself, or a new generator from a seed; ``TypeError`` for anything else."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, (bool, np.bool_)):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"{who}: rng must be a numpy.random.Generator or a seed, got {rng!r}")
+
+
 def labels_out_of_range(t: Any, n_classes: int) -> bool:
     """Whether any integer label lies outside ``[0, n_classes)``."""
     if t.dtype.kind == "i" and n_classes > np.iinfo(t.dtype).max + 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -21,7 +22,16 @@ from scratchnn.demo import run_demo
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr, with exit status 2."""
+    """An argument parser whose errors are one line on stderr, with exit status 2, and
+    that reads ``--x -1e-3`` and ``--x -inf`` as numbers given to ``--x``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes only -2 and -2.5 for negative numbers: -1e-3 looked like an
+        # option to it ("expected one argument"). (-inf then fails as not finite.)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE
+        )
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

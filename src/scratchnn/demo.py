@@ -36,6 +36,8 @@ def _check_inputs(x: float, dout: float, dtype: str) -> np.dtype:
             in_dtype = np.asarray(value, dtype=float_dtype)
         if in_dtype.ndim != 0 or not np.isfinite(in_dtype):
             raise ValueError(f"{name} must be a finite number in {float_dtype}, got {value!r}")
+        if in_dtype == 0 and value != 0:  # the chain would run on 0, not on what was asked
+            raise ValueError(f"{name} = {value!r} rounds to 0 in {float_dtype}")
     return float_dtype
 
 

@@ -44,7 +44,7 @@ def gradcheck(
     *,
     h: float = 1e-5,
     max_per_param: int | None = None,
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | int | None = None,
     floor: float = 1e-5,
 ) -> GradcheckResult:
     """Compare ``network.gradient(x, t)`` with central differences of ``network.loss(x, t)``.
@@ -92,7 +92,9 @@ def gradcheck(
                 "network.eval() first (scratchnn's Dropout off; the book's backward needs a "
                 "training mask, so check a network with it left out)"
             )
-    if max_per_param is not None and rng is None:
+    if rng is not None:
+        rng = _checks.generator("gradcheck", rng)  # a seed too, as check_layer takes
+    elif max_per_param is not None:
         rng = np.random.default_rng(0)
     # Weights and buffers (running statistics) as they were, and what a user's layers
     # hold (a stateful layer's h), to put back at the end.
@@ -151,6 +153,14 @@ def _check_each(
         if array.dtype != np.float64:
             raise ValueError(
                 f"gradcheck: parameter {key} is {array.dtype}; build the network in float64 to check it"
+            )
+        # A gradient of another shape (dout.T @ x for x.T @ dout, a sum kept 2-d or over
+        # the other axis) has no element to compare with each of the parameter's.
+        gradient_shape = getattr(analytic.get(key), "shape", None)
+        if gradient_shape != array.shape:
+            raise ValueError(
+                f"gradcheck: the gradient of {key} has shape {gradient_shape}, "
+                f"the parameter {array.shape}: backward computes it wrongly"
             )
 
     def loss() -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import numbers
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -202,11 +201,7 @@ def _generator(rng: object) -> np.random.Generator:
         # Not seed 0: a learner's x drawn from default_rng(0) would be the dout drawn
         # here, and a backward right only for dout proportional to x would pass.
         return np.random.default_rng(DEFAULT_SEED)
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"check_layer: rng must be a numpy.random.Generator or a seed, got {rng!r}")
+    return _checks.generator("check_layer", rng)
 
 
 def _upstream_slots(layer: Any) -> Outputs:

@@ -110,6 +110,7 @@ class Sequential:
         self.last_layer: Loss = loss if loss is not None else SoftmaxWithLoss()
         self.training = True
         self._last_loss: float | DeviceLoss = math.nan  # see last_loss
+        self._backward_ran = False  # has gradient() run? (names a gradient backward left unset)
         # (what the layers hold, the table of parameters and the layers' numbers) as last
         # computed: it is read at least twice a training step. Made now, so that the
         # numbers do not depend on when params is first read (a parameter a layer makes
@@ -154,6 +155,13 @@ class Sequential:
             if id(entry.layer) not in layer_grads:
                 layer_grads[id(entry.layer)] = gradients_of(entry.layer)
             grad = layer_grads[id(entry.layer)].get(entry.name)
+            if grad is None and self._backward_ran:
+                index = next(i for i, layer in enumerate(self.layers) if layer is entry.layer)
+                raise RuntimeError(
+                    f"Sequential: layer {index} ({type(entry.layer).__name__}) has no gradient "
+                    f"of its {entry.name} after backward: its backward must set it (the "
+                    "book's dW beside W, an entry of a grads dict or list)"
+                )
             if grad is None:
                 raise RuntimeError("Sequential: no gradients yet; call gradient(x, t) first")
             if entry.tie is None:
@@ -283,6 +291,7 @@ class Sequential:
                 layer.backward(dout, input_grad=False)
             else:
                 dout = backward_noted(layer, dout)
+        self._backward_ran = True
         return self.grads
 
     @property

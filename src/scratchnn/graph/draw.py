@@ -463,6 +463,16 @@ class _Builder:
         return Drawing(name, title, tuple(self.nodes), tuple(self.wires))
 
 
+def _refuse_overflow(graph: str, **values: Any) -> None:
+    """``ValueError`` naming the first value of a shopping graph beyond float64: an
+    ``inf`` on its edge would stand where the book's number is."""
+    for name, value in values.items():
+        if not np.isfinite(value):
+            raise ValueError(
+                f"{graph}: {name} is {float(value)}, beyond the float64 range; give smaller numbers"
+            )
+
+
 def mul_drawing(
     apple: float = 100.0,
     apple_num: float = 2.0,
@@ -473,10 +483,13 @@ def mul_drawing(
 ) -> Drawing:
     """The book's apple shopping: ``apple × apple_num × tax``, through two ``MulLayer`` nodes."""
     mul_apple_layer, mul_tax_layer = MulLayer(), MulLayer()
-    apple_price = mul_apple_layer.forward(apple, apple_num)
-    price = mul_tax_layer.forward(apple_price, tax)
-    dapple_price, dtax = mul_tax_layer.backward(dout)
-    dapple, dapple_num = mul_apple_layer.backward(dapple_price)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the number
+        apple_price = mul_apple_layer.forward(apple, apple_num)
+        price = mul_tax_layer.forward(apple_price, tax)
+        dapple_price, dtax = mul_tax_layer.backward(dout)
+        dapple, dapple_num = mul_apple_layer.backward(dapple_price)
+    _refuse_overflow("mul", apple_price=apple_price, price=price, dapple_price=dapple_price,
+                     dtax=dtax, dapple=dapple, dapple_num=dapple_num)  # fmt: skip
 
     b = _Builder(digits)
     b.node("mul_apple", mul_apple_layer.label)
@@ -504,14 +517,19 @@ def add_drawing(
     """The book's apples and oranges: ``(apple × apple_num + orange × orange_num) × tax``."""
     mul_apple_layer, mul_orange_layer = MulLayer(), MulLayer()
     add_apple_orange_layer, mul_tax_layer = AddLayer(), MulLayer()
-    apple_price = mul_apple_layer.forward(apple, apple_num)
-    orange_price = mul_orange_layer.forward(orange, orange_num)
-    all_price = add_apple_orange_layer.forward(apple_price, orange_price)
-    price = mul_tax_layer.forward(all_price, tax)
-    dall_price, dtax = mul_tax_layer.backward(dout)
-    dapple_price, dorange_price = add_apple_orange_layer.backward(dall_price)
-    dorange, dorange_num = mul_orange_layer.backward(dorange_price)
-    dapple, dapple_num = mul_apple_layer.backward(dapple_price)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the number
+        apple_price = mul_apple_layer.forward(apple, apple_num)
+        orange_price = mul_orange_layer.forward(orange, orange_num)
+        all_price = add_apple_orange_layer.forward(apple_price, orange_price)
+        price = mul_tax_layer.forward(all_price, tax)
+        dall_price, dtax = mul_tax_layer.backward(dout)
+        dapple_price, dorange_price = add_apple_orange_layer.backward(dall_price)
+        dorange, dorange_num = mul_orange_layer.backward(dorange_price)
+        dapple, dapple_num = mul_apple_layer.backward(dapple_price)
+    _refuse_overflow("add", apple_price=apple_price, orange_price=orange_price,
+                     all_price=all_price, price=price, dall_price=dall_price, dtax=dtax,
+                     dapple_price=dapple_price, dorange_price=dorange_price, dorange=dorange,
+                     dorange_num=dorange_num, dapple=dapple, dapple_num=dapple_num)  # fmt: skip
 
     b = _Builder(digits)
     b.node("mul_apple", mul_apple_layer.label)
