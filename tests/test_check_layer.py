@@ -10,6 +10,7 @@ into ``dout``; book-style layers are written here as the book writes them.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -737,6 +738,30 @@ def test_a_cache_filled_once_is_found() -> None:
     assert [f.detail for f in report.findings if not f.passed] == [
         "dx differs (a cache that forward fills once and not again?)"
     ]
+    # Inputs of one sign keep it in any shuffle, and so did the stale mask: it passed. The
+    # same values with their signs turned find it.
+    for x in (np.random.default_rng(31).random((3, 4)) + 0.1, np.array([0.7]), -np.ones(3)):
+        report = check_layer(StaleMask(), x)
+        assert [f.detail for f in report.findings if not f.passed] == [
+            "dx differs (a cache that forward fills once and not again?)"
+        ], x
+
+
+def test_inputs_of_one_sign_turned_only_where_the_layer_takes_them() -> None:
+    # A log takes positive inputs only: their signs turned, it would warn and give NaN, so
+    # that comparison is left out and the layer passes, as the right layer it is.
+    class Log:
+        def forward(self, x: np.ndarray) -> np.ndarray:
+            self.x = x
+            return np.log(x)
+
+        def backward(self, dout: np.ndarray) -> np.ndarray:
+            return dout / self.x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_layer(Log(), np.random.default_rng(32).random((3, 4)) + 0.5).passed
+        assert check_layer(snn.Relu(), np.random.default_rng(33).random((3, 4)) + 0.1).passed
 
 
 def test_elements_on_a_kink_are_skipped_and_named() -> None:

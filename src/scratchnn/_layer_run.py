@@ -638,17 +638,48 @@ class Run:
             else x
             for x, float_input in zip(self.xs, self.differentiated)
         ]
+        # Inputs of one sign keep it in any shuffle, and so would a cache filled at the
+        # first forward only (a ReLU's mask of all-positive inputs): the same values with
+        # their sign turned show it, where the layer takes them (finite, without a warning).
+        mirrored = [-x if f else x for x, f in zip(elsewhere, self.differentiated)]
+        one_signed = all(
+            bool(np.all(x >= 0) or np.all(x <= 0))
+            for x, f in zip(self.xs, self.differentiated)
+            if f
+        )
+        spare = _copy_of(self.fresh) if one_signed and any(self.differentiated) else None
+        differ = self._used_against_fresh(self.fresh, elsewhere, upstream, params)
+        if not differ and spare is not None and self._takes(spare, mirrored):
+            differ = self._used_against_fresh(spare, mirrored, upstream, params)
+        return differ
+
+    def _takes(self, fresh: Any, xs: list[np.ndarray]) -> bool:
+        """Whether a copy of ``fresh`` runs forward at ``xs`` to finite outputs, silently."""
+        probe = _copy_of(fresh)
+        try:
+            with np.errstate(all="raise"), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                out = self.forward(xs, probe)
+        except Exception:  # outside the layer's domain: nothing to learn there
+            return False
+        return bool(np.all(np.isfinite(out)))
+
+    def _used_against_fresh(
+        self, fresh: Any, xs: list[np.ndarray], upstream: np.ndarray, params: dict[str, np.ndarray]
+    ) -> list[str]:
+        """Forward and backward at ``xs`` by the used layer and by ``fresh``, never run
+        before; the gradients that differ."""
         results = []
-        for layer in (self.fresh, self.layer):
-            self.forward(elsewhere, layer)
-            if layer is self.fresh:
+        for layer in (fresh, self.layer):
+            self.forward(xs, layer)
+            if layer is fresh:
                 # Weights drawn at the first forward (np.random, unseeded) differ between
                 # the copies: the fresh one gets the used one's, then runs again.
                 for key, array in params.items():
                     mine = _param_array(layer, key)
                     if isinstance(mine, np.ndarray) and mine.shape == array.shape:
                         mine[...] = array
-                self.forward(elsewhere, layer)
+                self.forward(xs, layer)
             dxs, _ = self.gradients(self.outputs.backward(layer, upstream))
             results.append((dxs, {key: self.current_grad(key, layer) for key in params}))
         (fresh_dxs, fresh_grads), (used_dxs, used_grads) = results

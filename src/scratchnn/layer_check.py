@@ -114,7 +114,8 @@ def check_layer(
       ``dW`` and ``db``) and sets one per parameter, each of its array's
       shape (in the sequel's style, written into ``grads[i]``, not rebound);
     - that a copy of the layer that has run all these passes gives, at
-      another input (``inputs`` shuffled), the same gradients as a copy of
+      another input (``inputs`` shuffled; inputs of one sign also with their
+      signs turned, where the layer takes them), the same gradients as a copy of
       the layer as given (a ``dW +=`` never reset, or a cache filled once,
       does not; a layer that had run before it was given is its own
       reference, so check a new instance);
