@@ -30,6 +30,11 @@ The state (velocities, moments, step counts) is exported by ``state_dict()``
 as a flat dict of arrays named ``"<slot>/<param>"`` (``"v/W1"``, ``"m/W1"``,
 ``"step/W1"``), which a checkpoint can store, and read back by
 ``load_state_dict``; ``make_optimizer("adam", lr=...)`` builds one by name.
+The state is kept by parameter name, as the book's optimisers keep theirs:
+one optimiser trains one network. Given a second network whose names and
+shapes are the same, it would carry the first network's momenta into it;
+make a new optimiser for each network (a PyTorch optimiser is tied to its
+parameters in the same way).
 """
 
 from __future__ import annotations
