@@ -180,14 +180,56 @@ BOTH(silu)
 BOTH(gelu_tanh)
 
 /* Gelu, exact: x Phi(x) with Phi(x) = erfc(-x / sqrt 2) / 2; slope Phi + x phi with
- * phi(x) = exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64. */
+ * phi(x) = exp(-x^2/2) / sqrt(2 pi), |x| clipped at 40, where phi is 0 in float64.
+ * GELU_PHI_##F computes cdf = Phi(x) and pdf = phi(x): GELU_PHI_ in double, GELU_PHI_f
+ * in float. */
 #define gelu_BODY(T, F)                                                                   \
-    T cdf = MATH(erfc, F)(x[i] * (T)-ONE_OVER_SQRT_2) * (T)0.5;                           \
-    T a = MATH(fabs, F)(x[i]);                                                            \
-    a = a > 40 ? (T)40 : a;                                                               \
-    T pdf = MATH(exp, F)(a * a * (T)-0.5) / (T)SQRT_2_PI;                                 \
+    GELU_PHI_##F(T)                                                                       \
     out[i] = x[i] * cdf;                                                                  \
     out2[i] = cdf + x[i] * pdf;
+#define GELU_PHI_(T)                                                                      \
+    T cdf = erfc(x[i] * -ONE_OVER_SQRT_2) * 0.5;                                          \
+    T a = fabs(x[i]);                                                                     \
+    a = a > 40 ? 40.0 : a;                                                                \
+    T pdf = exp(a * a * -0.5) / SQRT_2_PI;
+/* In float32, one exponential serves Phi and phi: libmvec's erfcf took 1 ns an element
+ * on a Zen 4 core, three times its expf. erfc(y) = exp(-y^2) R(y) for y = |x| / sqrt 2 >= 0,
+ * R Cody's middle-interval rational (functional.py's coefficients, Horner as _rational
+ * there: within 5e-10 of erfc up to y = 10.5, beyond which exp(-y^2) is 0 in float32),
+ * and exp(-y^2) = exp(-x^2 / 2) exactly: x^2 split as s + e, exp(-s/2) (1 - e/2), so that
+ * the left tail keeps its relative accuracy (s alone is off by up to 2^-24 s, 100 ulps of
+ * the exponential at |x| = 14). e is Dekker's exact product error, from |x| split into
+ * two 12-bit halves (no fma: the AVX2 clone may run where there is none).
+ * erfc(-y) = 2 - erfc(y). The NumPy path (activations._gelu_one_exponential) computes the
+ * same, operation for operation. */
+#define GELU_PHI_f(T)                                                                     \
+    T a = fabsf(x[i]);                                                                    \
+    a = a > 40 ? 40.0f : a;                                                               \
+    T s = a * a;                                                                          \
+    T big = a * 4097.0f;                                                                  \
+    T hi = big - (big - a), lo = a - hi;                                                  \
+    T e = ((hi * hi - s) + hi * lo * 2.0f) + lo * lo;                                     \
+    T E = expf(s * -0.5f) * (1.0f - e * 0.5f);                                            \
+    T y = a * (T)ONE_OVER_SQRT_2;                                                         \
+    T num = y * (T)2.15311535474403846e-8 + (T)5.64188496988670089e-1;                   \
+    num = num * y + (T)8.88314979438837594e00;                                            \
+    num = num * y + (T)6.61191906371416295e01;                                            \
+    num = num * y + (T)2.98635138197400131e02;                                            \
+    num = num * y + (T)8.81952221241769090e02;                                            \
+    num = num * y + (T)1.71204761263407058e03;                                            \
+    num = num * y + (T)2.05107837782607147e03;                                            \
+    num = num * y + (T)1.23033935479799725e03;                                            \
+    T den = y + (T)1.57449261107098347e01;                                                \
+    den = den * y + (T)1.17693950891312499e02;                                            \
+    den = den * y + (T)5.37181101862009858e02;                                            \
+    den = den * y + (T)1.62138957456669019e03;                                            \
+    den = den * y + (T)3.29079923573345963e03;                                            \
+    den = den * y + (T)4.36261909014324716e03;                                            \
+    den = den * y + (T)3.43936767414372164e03;                                            \
+    den = den * y + (T)1.23033935480374942e03;                                            \
+    T half_tail = E * (num / den) * 0.5f; /* erfc(|x| / sqrt 2) / 2 */                    \
+    T cdf = x[i] < 0 ? half_tail : 1.0f - half_tail;                                      \
+    T pdf = E / (T)SQRT_2_PI;
 BOTH(gelu)
 
 /* The optimisers' steps, in place: out is the parameter, g its gradient, out2 and
