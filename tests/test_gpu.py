@@ -156,7 +156,9 @@ def test_the_graphs_two_input_nodes_on_device(make: Any, gpu: Any) -> None:
         assert device_of(got) == device_of(dx) == "cuda"
         np.testing.assert_allclose(to_host(got), want, rtol=1e-15)
         np.testing.assert_allclose(to_host(dx), want_dx, rtol=1e-15)
-        np.testing.assert_allclose(to_host(dy), want_dy, rtol=1e-15)
+        # dy sums over the broadcast axis: CuPy's reduction adds in another order than
+        # NumPy's ((a + c) + b for three rows), a few ulps apart.
+        np.testing.assert_allclose(to_host(dy), want_dy, rtol=1e-13, atol=1e-15)
 
 
 def test_the_chain_of_the_seeds_figures_refuses_device_arrays(gpu: Any) -> None:
@@ -661,7 +663,12 @@ def test_adam_unfolded_on_the_device_as_on_the_host(dtype: Any, lr: float, gpu: 
         a.update(host, {"w": grad})
         b.update(device, {"w": to_device(grad, "cuda")})
     assert np.any(host["w"] != start) and not np.isnan(host["w"]).any()
-    np.testing.assert_array_equal(to_host(device["w"]), host["w"])
+    expected = host["w"]
+    if not getattr(gpu, "__fake__", False) and dtype == np.float32:
+        # CuPy compiles every kernel, its own and ours, with -ftz=true: float32 subnormals
+        # (all of these weights, at lr = 1e-39) are zero on the GPU.
+        expected = np.where(np.abs(expected) < np.finfo(np.float32).smallest_normal, 0, expected)
+    np.testing.assert_array_equal(to_host(device["w"]), expected)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
