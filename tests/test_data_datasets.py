@@ -283,3 +283,31 @@ def test_a_runs_data_is_normalised_in_its_dtype(isolated: Path, dtype: str) -> N
     exact = arrays["train-images-idx3-ubyte"][:7].reshape(7, 784) / np.float64(255)
     np.testing.assert_array_equal(x_train, exact.astype(dtype))
     assert x_train.base is None or x_train.base.size == x_train.size  # not a view of all 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"dtype": None}, TypeError, "load_fashion_mnist: dtype must be float16, float32 or float64, got None"),
+        ({"dtype": np.longdouble}, TypeError, "load_fashion_mnist: dtype must be float16"),
+        ({"normalize": "False"}, TypeError, "load_fashion_mnist: normalize must be True or False"),
+        ({"flatten": None}, TypeError, "load_fashion_mnist: flatten must be True or False"),
+        ({"one_hot_label": "no"}, TypeError, "load_fashion_mnist: one_hot_label must be True or False"),
+    ],
+)
+def test_the_loaders_keywords_are_checked(
+    kwargs: dict, error: type, message: str, tmp_path: Path
+) -> None:
+    # Each was taken: None as float64, the strings as true, None as false.
+    make_dataset(tmp_path / "data")
+    with pytest.raises(error, match=message):
+        load_fashion_mnist(tmp_path / "data", **kwargs)
+
+
+def test_a_big_endian_dtype_gives_native_arrays(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    (x, t), _ = load_fashion_mnist(tmp_path / "data", dtype=">f4", one_hot_label=True)
+    (x32, t32), _ = load_fashion_mnist(tmp_path / "data", dtype=np.float32, one_hot_label=True)
+    assert x.dtype == t.dtype == np.dtype(np.float32) and x.dtype.isnative
+    np.testing.assert_array_equal(x, x32)
+    np.testing.assert_array_equal(t, t32)

@@ -135,3 +135,15 @@ def test_softmax_of_rows_with_infinities_and_nan_matches_torch(axis: int) -> Non
     want = torch.softmax(torch.tensor(x), dim=axis).numpy()
     np.testing.assert_allclose(out, want, rtol=1e-15, atol=1e-15)  # NaN exactly where torch's
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("size", [64, 70_000])  # one block, and the two-thread kernel
+@pytest.mark.parametrize("shift", [1, -1])
+def test_sigmoid_into_an_output_that_overlaps_its_input(size: int, shift: int) -> None:
+    # out = z shifted by one element: the compiled pass read values it had written
+    # (errors of 0.44); the NumPy path did not. Now both read z first.
+    buffer = np.linspace(-5.0, 5.0, size + 1)
+    z, out = (buffer[:-1], buffer[1:]) if shift == 1 else (buffer[1:], buffer[:-1])
+    want = 1.0 / (1.0 + np.exp(-z.copy()))
+    F.sigmoid_into(z, out)
+    np.testing.assert_allclose(out, want, rtol=1e-14)

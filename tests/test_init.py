@@ -248,3 +248,18 @@ def test_weights_that_overflow_their_dtype_raise(dtype: Any) -> None:
     with pytest.raises(ValueError, match="normal_std: the weights overflow"):
         normal_std(3, 4, np.random.default_rng(0), dtype, std=1e300)
     assert np.isfinite(normal_std(3, 4, np.random.default_rng(0), dtype, std=1e3)).all()
+
+
+def test_a_std_too_large_for_the_dtype_leaves_the_generator_as_it_was() -> None:
+    # The weights were drawn, then found to overflow float32: the caller's generator had
+    # moved on six draws although the call failed.
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    with pytest.raises(ValueError, match="normal_std: the weights overflow float32"):
+        normal_std(3, 2, rng, std=1e300)
+    assert rng.bit_generator.state == state
+
+
+def test_a_fixed_std_initializer_checks_its_fans_as_the_others() -> None:
+    with pytest.raises(ValueError, match=r"fans\[0\] must be >= 1, got -5"):
+        make_initializer(0.01)(3, 2, np.random.default_rng(0), fans=(-5, 3))

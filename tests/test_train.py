@@ -541,6 +541,26 @@ def test_the_learning_curve_of_a_fit_without_a_test_set_names_training_accuracy(
     assert list(acc_axis.get_xticks()) == [1.0]  # whole epochs, not 0.96 ... 1.04
 
 
+def test_the_learning_curve_of_a_diverged_run_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A NaN last test accuracy took the branch for runs without a test set ("final
+    # training accuracy nan%"), and infinite losses drew no point and no word.
+    pytest.importorskip("matplotlib")
+    from scratchnn import plots
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "save_figure_atomically", lambda figure, path: drawn.append(figure))
+    history = History()
+    history.append(epoch=1, train_loss=0.7, train_acc=0.6, test_loss=0.8, test_acc=0.55, seconds=1.0)
+    history.append(epoch=2, train_loss=float("inf"), train_acc=float("nan"),
+                   test_loss=float("inf"), test_acc=float("nan"), seconds=1.0)  # fmt: skip
+    plots.plot_learning_curve(history, tmp_path / "curve.png")
+    loss_axis, acc_axis = drawn[0].axes
+    assert acc_axis.get_title() == "final test accuracy: none (the scores hold NaN)"
+    assert loss_axis.get_title() == "cross-entropy loss (not finite from epoch 2: diverged)"
+
+
 def test_a_model_whose_first_layer_does_not_fit_its_images_is_named(tmp_path: Path) -> None:
     from scratchnn.checkpoint import save_model
     from scratchnn.runs import load_network

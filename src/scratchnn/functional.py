@@ -39,7 +39,11 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def sigmoid_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[...] = sigmoid(z)`` (see :func:`sigmoid`), for float arrays of one shape and
-    dtype; ``out`` may be ``z`` itself. Returns ``out``."""
+    dtype; ``out`` may be ``z`` itself, or overlap it otherwise. Returns ``out``."""
+    if out is not z and np.may_share_memory(out, z):
+        # Overlapping otherwise (z shifted by an element), the passes would read what they
+        # have already written: z is read from a copy.
+        z = z.copy()
     if _fused.run("sigmoid", out, z):  # the same formula in one compiled pass
         return out
     # In place, one scratch array and the result: each temporary of NumPy's

@@ -264,7 +264,8 @@ def make_initializer(name_or_std: str | float) -> Initializer:
         device: str = "cpu",
         fans: tuple[int, int] | None = None,
     ) -> Any:
-        return normal_std(fan_in, fan_out, rng, dtype, std=std, device=device)
+        # fans do not change a fixed std, but are checked as every initialiser checks them
+        return normal_std(fan_in, fan_out, rng, dtype, std=std, device=device, fans=fans)
 
     fixed_std.__qualname__ = fixed_std.__name__ = f"normal_std(std={std!r})"
     return fixed_std
@@ -287,9 +288,14 @@ def _normal(
     defaulting to that shape) once the arguments are checked."""
     fan_in, fan_out, out_dtype = _check(who, fan_in, fan_out, rng, dtype, device)
     std = std_of(*_fans(who, fans, fan_in, fan_out))
+    before = rng.bit_generator.state
     weights = rng.standard_normal((fan_in, fan_out))
     weights *= std
-    return to_device(_cast(who, weights, out_dtype), device)
+    try:
+        return to_device(_cast(who, weights, out_dtype), device)
+    except ValueError:  # weights beyond the dtype: the caller's generator as it was
+        rng.bit_generator.state = before
+        raise
 
 
 def _fans(who: str, fans: object, fan_in: int, fan_out: int) -> tuple[int, int]:

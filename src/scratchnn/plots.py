@@ -71,11 +71,23 @@ def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: st
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
         axis.legend()
-    if history.test_acc and not math.isnan(history.test_acc[-1]):
-        acc_axis.set_title(f"final test accuracy {100 * history.test_acc[-1]:.2f}%")
-    elif history.train_acc:  # fit without a test set
-        acc_axis.set_title(f"final training accuracy {100 * history.train_acc[-1]:.2f}%")
-    loss_axis.set_title("cross-entropy loss")
+    # fit without a test set records NaN for every test metric; a run that diverged has
+    # finite ones first.
+    had_test = any(not math.isnan(v) for v in [*history.test_loss, *history.test_acc])
+    which = "test" if had_test else "training"
+    accuracies = history.test_acc if had_test else history.train_acc
+    if accuracies:
+        final = accuracies[-1]
+        acc_axis.set_title(
+            f"final {which} accuracy: none (the scores hold NaN)"
+            if math.isnan(final)
+            else f"final {which} accuracy {100 * final:.2f}%"
+        )
+    # A loss that is not finite draws no point: say where the run diverged instead.
+    losses = zip(history.epoch, history.train_loss, history.test_loss)
+    broken = [e for e, a, b in losses if not math.isfinite(a) or (had_test and not math.isfinite(b))]
+    diverged = f" (not finite from epoch {broken[0]}: diverged)" if broken else ""
+    loss_axis.set_title(f"cross-entropy loss{diverged}")
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from scratchnn import _checks
 from scratchnn.data.download import IDX_FILES, _check_name, default_cache_dir
 from scratchnn.data.idx import read_idx
 
@@ -192,9 +193,12 @@ def _load(
     one_hot_label: bool,
     dtype: DTypeLike,
 ) -> tuple[Split, Split]:
-    float_dtype = np.dtype(dtype)
-    if float_dtype.kind != "f":
-        raise TypeError(f"dtype must be a floating dtype, got {float_dtype}")
+    who = f"load_{name.replace('-', '_')}"
+    # float16/32/64 in the machine's byte order; None is refused, not read as float64.
+    float_dtype = _checks.float_dtype(who, dtype).newbyteorder("=")
+    normalize = _checks.flag(who, "normalize", normalize)  # "False" would be true
+    flatten = _checks.flag(who, "flatten", flatten)
+    one_hot_label = _checks.flag(who, "one_hot_label", one_hot_label)
     files = find_dataset_files(name, path)
     splits = []
     for prefix in ("train", "t10k"):
