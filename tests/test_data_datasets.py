@@ -93,7 +93,7 @@ def test_dtype_keyword(isolated: Path) -> None:
         isolated / "data", dtype=np.float64, one_hot_label=True
     )
     assert x_train.dtype == np.float64 and t_train.dtype == np.float64
-    with pytest.raises(TypeError, match="floating dtype"):
+    with pytest.raises(TypeError, match="dtype must be float16, float32 or float64"):
         load_fashion_mnist(isolated / "data", dtype=np.int32)
 
 
