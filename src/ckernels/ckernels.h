@@ -8,6 +8,7 @@
  *   elementwise.c  one loop per activation and optimiser step, and run()
  *   softmax.c      Softmax by rows (with log-softmax), forward and backward
  *   relu_packed.c  Relu with its mask packed to one bit per element
+ *   relu_stream.c  Relu's large outputs written with non-temporal stores
  *   convolution.c  im2col and col2im for Conv2d, and conv()
  *   pooling.c      max pooling over disjoint windows for MaxPool2d, and pool()
  *   batchnorm.c    BatchNorm's training pass over NCHW images, and batchnorm()
