@@ -191,7 +191,7 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
         return _fail("train", str(error))
     except OSError as error:  # a full disk, a folder where a file goes: what the system said
         where = f"{error.filename}: " if error.filename else ""
-        return _fail("train", f"{where}{error.strerror or error} (the last checkpoint is kept)")
+        return _fail("train", f"{where}{error.strerror or error}")
     except KeyboardInterrupt as interrupt:
         # How many epochs this run saved: none means the directory holds what it held
         # before (a replaced run whole), so --resume would continue that one, not this.
