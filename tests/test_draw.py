@@ -598,3 +598,8 @@ def test_a_shopping_graph_beyond_float64_is_one_line(
     assert captured.err.count("\n") == 1 and "beyond the float64 range" in captured.err
     with pytest.raises(ValueError, match=f"{graph}: dtax is inf"):
         (mul_drawing if graph == "mul" else add_drawing)(dout=1e308)
+
+
+def test_the_overflow_named_is_of_the_numbers_dtype() -> None:
+    with pytest.raises(ValueError, match="apple_price is inf, beyond the float32 range"):
+        mul_drawing(apple=np.float32(3e38), apple_num=np.float32(10))

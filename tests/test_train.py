@@ -761,24 +761,31 @@ def test_fit_counts_in_python_ints_whatever_numbers_it_is_given() -> None:
     assert len(history) == 127
 
 
-def test_fit_keeps_a_layer_frozen_apart_from_the_network() -> None:
-    # network.train() each epoch set every layer training: a BatchNorm frozen by its user
-    # moved its running statistics. evaluate already put such a layer's mode back.
+def test_fit_trains_every_layer_and_evaluation_puts_their_modes_back() -> None:
+    # network.train() each epoch, as PyTorch's model.train(): layers built in evaluation
+    # mode (taken from a network put in eval) train too. A BatchNorm frozen by hand trains
+    # again, as documented; the evaluations after each epoch leave each layer's mode as
+    # they found it.
     rng = np.random.default_rng(23)
     x, t = blobs(200, rng)
-    norm = snn.BatchNorm(8)
-    net = snn.Sequential([snn.Affine(0.1 * rng.standard_normal((20, 8)), np.zeros(8)), norm,
-                          snn.Relu(), snn.Affine(0.1 * rng.standard_normal((8, 10)), np.zeros(10))])  # fmt: skip
-    norm.training = False
-    mean, var = norm.running_mean.copy(), norm.running_var.copy()
+    norm, dropout = snn.BatchNorm(8), snn.Dropout(0.5, rng=np.random.default_rng(1))
+    layers = [snn.Affine(0.1 * rng.standard_normal((20, 8)), np.zeros(8)), norm, snn.Relu(),
+              dropout, snn.Affine(0.1 * rng.standard_normal((8, 10)), np.zeros(10))]  # fmt: skip
+    snn.Sequential(layers).eval()
+    net = snn.Sequential(layers)
+    modes: list[tuple[bool, bool]] = []
+    backward = dropout.backward
+
+    def recorded(dout: np.ndarray) -> np.ndarray:
+        modes.append((norm.training, dropout.training))
+        return backward(dout)
+
+    dropout.backward = recorded  # type: ignore[method-assign]
+    mean = norm.running_mean.copy()
     fit(net, SGD(0.1), (x, t), epochs=2, batch_size=50, rng=rng)
-    assert norm.training is False and net.training is True
-    np.testing.assert_array_equal(norm.running_mean, mean)
-    np.testing.assert_array_equal(norm.running_var, var)
-    # A network put in evaluation mode as a whole trains as a whole.
-    net.eval()
-    fit(net, SGD(0.1), (x, t), epochs=1, batch_size=50, rng=rng)
-    assert norm.training is True and not np.array_equal(norm.running_mean, mean)
+    assert modes and set(modes) == {(True, True)}
+    assert not np.array_equal(norm.running_mean, mean)
+    assert net.training and norm.training and dropout.training
 
 
 def test_fit_refuses_a_history_longer_than_its_epochs_or_out_of_step() -> None:

@@ -189,6 +189,8 @@ def _train(args: argparse.Namespace, given: dict[str, Any], preset: str, out: st
     except (ValueError, FileNotFoundError, CheckpointError, DeviceUnavailableError,
             RunBusyError) as error:  # fmt: skip
         return _fail("train", str(error))
+    except BrokenPipeError:  # `train | head`: main() ends quietly, as for every command
+        raise
     except OSError as error:  # a full disk, a folder where a file goes: what the system said
         where = f"{error.filename}: " if error.filename else ""
         return _fail("train", f"{where}{error.strerror or error}")

@@ -56,6 +56,11 @@ MODEL_FILE = "model.safetensors"
 RUN_FILES = (MODEL_FILE, CHECKPOINT_FILE, "history.json", "history.csv", "learning_curve.png")
 
 
+# Settings added after the first saved runs (the cnn model; the learning-rate decay): a
+# file without them was an MLP without decay, the values their defaults give.
+LATER_SETTINGS = frozenset({"model", "channels", "dropout", "lr_decay"})
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a training run; saved in its checkpoints as JSON."""
@@ -170,7 +175,10 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown run settings {unknown}")
-        missing = sorted(known - set(data)) if complete else []
+        # Files of earlier versions lack the settings added since; those take the values
+        # the earlier versions used, which are the defaults. Any other missing setting is
+        # an error (a tanh network without "activation" would be rebuilt as a ReLU one).
+        missing = sorted(known - set(data) - LATER_SETTINGS) if complete else []
         if missing:
             raise ValueError(f"run settings missing: {missing}")
         config = cls(**data)
@@ -386,8 +394,8 @@ def train_run(
             raise FileExistsError(f"{out} already holds a training run ({', '.join(held)})")
         return _train(config, out, resume, epochs, data_path, stream, progress_stream, device,
                       saved)  # fmt: skip
-    except KeyboardInterrupt:
-        raise RunInterrupted(len(saved)) from None
+    except KeyboardInterrupt as interrupt:
+        raise RunInterrupted(len(saved)) from interrupt
     finally:
         lock.release()
         if not saved:  # nothing of this call was kept: no folder of its either
@@ -421,6 +429,14 @@ def _train(
     test_data = (to_device(test_data[0], device), to_device(test_data[1], device))
 
     def save_epoch(epoch: int, run_history: History) -> None:
+        if not saved:
+            # This call's first checkpoint is about to replace the run's: the model and
+            # curve of what came before go first, so that no moment leaves an older model
+            # beside a newer checkpoint for evaluate to score as the latest. (Until now,
+            # a failure left the directory as it was.) The histories are rewritten below.
+            for name in (MODEL_FILE, RUN_FILES[-1]):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
         save_checkpoint(
             out / CHECKPOINT_FILE,
             params=network.state(),
@@ -430,15 +446,6 @@ def _train(
             config=config.to_dict(),
             metadata={"history": run_history.to_json()},
         )
-        if not saved:
-            # The first checkpoint of this call replaced the run's: no other file of what
-            # came before may outlive it, or an interrupted run would leave an older model
-            # for evaluate to score as if it were the latest. (Until now, a failure left
-            # the directory as it was.) The histories are written again just below.
-            for name in RUN_FILES:
-                if name != CHECKPOINT_FILE:
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / name).unlink()
         saved.append(epoch)
         write_text_atomically(out / "history.json", run_history.to_json() + "\n")
         write_text_atomically(out / "history.csv", run_history.to_csv())

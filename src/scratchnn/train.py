@@ -264,9 +264,9 @@ def fit(
     ``(epoch, history)``. A ``history`` passed in (from a checkpoint) is
     continued: training starts at epoch ``len(history) + 1`` (a history of more
     than ``epochs`` epochs raises ``ValueError``). Each epoch trains in training
-    mode (``network.train()``), but a layer whose mode differs from the
-    network's when ``fit`` starts (a BatchNorm frozen with ``training = False``)
-    keeps its own.
+    mode: ``network.train()`` sets every layer's mode, as PyTorch's
+    ``model.train()`` does (a BatchNorm set to ``training = False`` trains again;
+    the evaluations after each epoch put every layer's own mode back).
     ``max_iterations`` stops after that many optimiser steps in all (the
     book's ``iters_num``); the last epoch may then be partial. (A history
     passed in counts each of its epochs as whole: continue a run that the cap
@@ -413,15 +413,6 @@ def _epochs(
     # where its gradient is another's: a subclass's, or one set on the network.)
     unread = labels_checked and getattr(network.gradient, "__func__", None) is Sequential.gradient
     iterations_done = len(history) * batches_per_epoch
-    # A layer whose mode its user set apart from the network's (a BatchNorm frozen with
-    # training = False in a network that trains) keeps it: network.train() would not.
-    set_apart = [
-        (layer, layer.training)
-        for layer in getattr(network, "layers", ())
-        if hasattr(network, "training")
-        and hasattr(layer, "training")
-        and layer.training != network.training
-    ]
     for epoch in range(len(history) + 1, epochs + 1):
         if max_iterations is not None and iterations_done >= max_iterations:
             break
@@ -429,8 +420,6 @@ def _epochs(
         if base_lr is not None and lr_decay != 1.0:
             optimizer.lr = base_lr * lr_decay ** (epoch - 1)
         network.train()
-        for layer, mode in set_apart:
-            layer.training = mode
         steps = batches_per_epoch
         if max_iterations is not None:
             steps = min(steps, max_iterations - iterations_done)

@@ -468,8 +468,9 @@ def _refuse_overflow(graph: str, **values: Any) -> None:
     ``inf`` on its edge would stand where the book's number is."""
     for name, value in values.items():
         if not np.isfinite(value):
+            dtype = np.asarray(value).dtype  # float64 for Python numbers
             raise ValueError(
-                f"{graph}: {name} is {float(value)}, beyond the float64 range; give smaller numbers"
+                f"{graph}: {name} is {float(value)}, beyond the {dtype} range; give smaller numbers"
             )
 
 
