@@ -523,19 +523,27 @@ def test_format_confusion_needs_a_name_per_class() -> None:
             format_confusion(matrix, names)
 
 
-def test_the_learning_curve_of_a_fit_without_a_test_set_names_training_accuracy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def drawn_curve(rows: list[dict[str, float]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The figure plot_learning_curve draws for a history of ``rows``, caught unsaved."""
     pytest.importorskip("matplotlib")
     from scratchnn import plots
 
     drawn: list[Any] = []
     monkeypatch.setattr(plots, "save_figure_atomically", lambda figure, path: drawn.append(figure))
     history = History()
-    history.append(epoch=1, train_loss=0.7, train_acc=0.625, test_loss=float("nan"),
-                   test_acc=float("nan"), seconds=1.0)  # fmt: skip
+    for epoch, row in enumerate(rows, start=1):
+        history.append(epoch=epoch, seconds=1.0, **row)
     plots.plot_learning_curve(history, tmp_path / "curve.png")
     (figure,) = drawn
+    return figure
+
+
+def test_the_learning_curve_of_a_fit_without_a_test_set_names_training_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nan = float("nan")
+    figure = drawn_curve([{"train_loss": 0.7, "train_acc": 0.625, "test_loss": nan,
+                           "test_acc": nan}], tmp_path, monkeypatch)  # fmt: skip
     _, acc_axis = figure.axes
     assert acc_axis.get_title() == "final training accuracy 62.50%"  # not "test ... nan%"
     assert list(acc_axis.get_xticks()) == [1.0]  # whole epochs, not 0.96 ... 1.04
@@ -546,17 +554,11 @@ def test_the_learning_curve_of_a_diverged_run_says_so(
 ) -> None:
     # A NaN last test accuracy took the branch for runs without a test set ("final
     # training accuracy nan%"), and infinite losses drew no point and no word.
-    pytest.importorskip("matplotlib")
-    from scratchnn import plots
-
-    drawn: list[Any] = []
-    monkeypatch.setattr(plots, "save_figure_atomically", lambda figure, path: drawn.append(figure))
-    history = History()
-    history.append(epoch=1, train_loss=0.7, train_acc=0.6, test_loss=0.8, test_acc=0.55, seconds=1.0)
-    history.append(epoch=2, train_loss=float("inf"), train_acc=float("nan"),
-                   test_loss=float("inf"), test_acc=float("nan"), seconds=1.0)  # fmt: skip
-    plots.plot_learning_curve(history, tmp_path / "curve.png")
-    loss_axis, acc_axis = drawn[0].axes
+    inf, nan = float("inf"), float("nan")
+    figure = drawn_curve([{"train_loss": 0.7, "train_acc": 0.6, "test_loss": 0.8, "test_acc": 0.55},
+                          {"train_loss": inf, "train_acc": nan, "test_loss": inf, "test_acc": nan}],
+                         tmp_path, monkeypatch)  # fmt: skip
+    loss_axis, acc_axis = figure.axes
     assert acc_axis.get_title() == "final test accuracy: none (the scores hold NaN)"
     assert loss_axis.get_title() == "cross-entropy loss (not finite from epoch 2: diverged)"
 
