@@ -89,6 +89,18 @@ def count(who: str, name: str, value: object, minimum: int = 1) -> int:
     return result
 
 
+def given_generator(who: str, rng: object, *, or_none: bool = False) -> None:
+    """``TypeError`` unless ``rng`` is a ``numpy.random.Generator`` (or None, where
+    ``or_none``): the global NumPy random state is never used, and a seed would hide
+    that the caller's generator does not move."""
+    if isinstance(rng, np.random.Generator) or (or_none and rng is None):
+        return
+    raise TypeError(
+        f"{who}: rng must be a numpy.random.Generator (np.random.default_rng(seed))"
+        f"{' or None' if or_none else ''}, got {type(rng).__name__}"
+    )
+
+
 def generator(who: str, rng: object) -> np.random.Generator:
     """``rng`` itself, or a new generator from a seed; ``TypeError`` for anything else."""
     if isinstance(rng, np.random.Generator):

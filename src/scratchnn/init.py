@@ -321,11 +321,7 @@ def _check(
 ) -> tuple[int, int, np.dtype[Any]]:
     if check_device(device) == "cuda":
         import_cupy()  # before drawing: a failed call must not advance the caller's generator
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"{who}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
-            f"got {type(rng).__name__}; the global NumPy random state is never used"
-        )
+    _checks.given_generator(who, rng)
     return (
         _checks.count(who, "fan_in", fan_in),
         _checks.count(who, "fan_out", fan_out),

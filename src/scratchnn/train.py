@@ -293,11 +293,7 @@ def fit(
             "fit: optimizer must be an optimiser object with update(params, grads), such as "
             f"SGD(lr=0.1) or make_optimizer('adam'), got {optimizer!r}"
         )
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            "fit: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
-            f"got {type(rng).__name__}"
-        )
+    _checks.given_generator("fit", rng)
     if isinstance(lr_decay, (bool, np.bool_)) or not isinstance(lr_decay, numbers.Real):
         raise TypeError(f"fit: lr_decay must be a number, got {lr_decay!r}")
     if not 0.0 < lr_decay <= 1.0:

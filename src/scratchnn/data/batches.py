@@ -52,11 +52,7 @@ def iterate_minibatches(
         raise TypeError(f"batch_size must be an integer, got {type(batch_size).__name__}") from None
     if size < 1:
         raise ValueError(f"batch_size must be at least 1, got {size}")
-    if rng is not None and not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            "rng must be a numpy.random.Generator (np.random.default_rng(seed)) or None, "
-            f"got {type(rng).__name__}"
-        )
+    _checks.given_generator("iterate_minibatches", rng, or_none=True)
     # Arrays of any module (NumPy, CuPy) pass as they are; lists become NumPy arrays.
     x = x if hasattr(x, "shape") else _as_numpy(x, "x")
     t = t if hasattr(t, "shape") else _as_numpy(t, "t")

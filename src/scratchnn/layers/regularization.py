@@ -49,11 +49,7 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5, *, rng: np.random.Generator) -> None:
         super().__init__()
-        if not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"Dropout: rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
-                f"got {type(rng).__name__}"
-            )
+        _checks.given_generator("Dropout", rng)
         self.p = _checks.fraction("Dropout", "p", p, one=True)
         self.rng = rng
         self.training = True
