@@ -460,21 +460,22 @@ def time_epochs(
         clock.wait_torch()
         theirs_s.append(time.perf_counter() - started)
         # What fit adds to each epoch, done as fit does it (batches of DEVICE_EVAL_BATCH, the
-        # loss read back after each, the count of correct answers summed on the card): the
-        # loss and accuracy of 10,000 training images and of the test set, for the train
-        # command's row below.
+        # losses and the count of correct answers summed on the card and read at the end):
+        # the loss and accuracy of 10,000 training images and of the test set, for the
+        # train command's row below.
         started = time.perf_counter()
         model.eval()
         size = DEVICE_EVAL_BATCH
         with torch.no_grad():
             for images, labels in ((tx[:10000], tt[:10000]), (test_tx, test_tt)):
-                total, correct = 0.0, torch.zeros((), dtype=torch.int64, device=on_torch)
+                total = torch.zeros((), dtype=torch.float64, device=on_torch)
+                correct = torch.zeros((), dtype=torch.int64, device=on_torch)
                 for start in range(0, len(images), size):
                     scores = model(images[start : start + size])
                     batch = labels[start : start + size]
-                    total += torch.nn.functional.cross_entropy(scores, batch).item() * len(batch)
+                    total += torch.nn.functional.cross_entropy(scores, batch) * len(batch)
                     correct += (scores.argmax(dim=1) == batch).sum()
-                int(correct.item())
+                float(total.item()), int(correct.item())
         model.train()
         theirs_eval_s.append(time.perf_counter() - started)
     net.eval()

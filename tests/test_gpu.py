@@ -524,7 +524,7 @@ def test_fit_waits_for_each_loss_where_it_could_not_check_the_labels(
 def test_evaluate_on_the_device_takes_large_batches_and_gives_the_cpus_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Each batch costs a wait for the card there: 2500 examples are 3 batches, not 20.
+    # Each batch costs its launches there: 2500 examples are 3 batches, not 20.
     from scratchnn.train import DEVICE_EVAL_BATCH, evaluate
 
     fake = fake_cupy.install(monkeypatch, kernels=True)
@@ -538,8 +538,8 @@ def test_evaluate_on_the_device_takes_large_batches_and_gives_the_cpus_numbers(
     fake_cupy.transfers.clear()
     got = evaluate(net, x_device, t_device)
     assert fake_cuda.launches.count("softmax_xent") == -(-2500 // DEVICE_EVAL_BATCH) == 3
-    # A wait per batch, for its loss; the correct answers are read once, at the end.
-    assert fake_cupy.transfers == ["get"] * 3 + ["__float__"]
+    # No wait per batch: the losses are read together at the end, then the correct answers.
+    assert fake_cupy.transfers == ["get", "__float__"]
     assert got[1] == want[1]
     assert got[0] == pytest.approx(want[0], rel=1e-12)
 
@@ -1393,3 +1393,19 @@ def test_to_moves_arrays_in_lists_and_tuples_and_a_layer_moves_the_layers_it_hol
     assert device_of(block.pair[0]) == "cuda" and block.pair[1] == "label"
     out = net.predict(to_device(np.ones((1, 2)), "cuda"))
     np.testing.assert_array_equal(to_host(out), [[3.0, 3.0]])
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_evaluate_on_the_device_refuses_bad_labels_when_it_reads_its_losses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The losses stay on the card until the end; their labels are checked then.
+    from scratchnn.train import evaluate
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(12)
+    net = snn.mlp([12, 8, 4], rng=rng).to("cuda")
+    x, t = rng.standard_normal((2500, 12)).astype(np.float32), rng.integers(0, 4, 2500)
+    t[2200] = 4
+    with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 4\)"):
+        evaluate(net, fake.asarray(x), fake.asarray(t))

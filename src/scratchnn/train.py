@@ -26,7 +26,7 @@ import numpy as np
 from scratchnn import _checks
 from scratchnn.backend import as_array, device_of, to_device
 from scratchnn.data.batches import iterate_minibatches
-from scratchnn.layers.losses import DeviceLoss, read_losses
+from scratchnn.layers.losses import DeviceLoss, Loss, read_losses
 from scratchnn.models import Sequential, count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
 
@@ -148,30 +148,39 @@ def evaluate(
     By default batches of 128 on the CPU: a CNN's im2col matrices then stay in
     the processor's cache, and evaluation runs about twice as fast as in
     batches of 1,000. On a GPU, batches of ``DEVICE_EVAL_BATCH``: there each
-    batch costs its kernel launches and a wait for the card (its loss comes
-    back to the host; the correct answers are counted there and read once),
-    not cache misses. The results are the same but for the rounding of the
-    sums.
+    batch costs its kernel launches, not cache misses, and nothing waits for
+    the card until the end: the losses stay there (``DeviceLoss``) and are read
+    together, their labels checked then; the correct answers are counted there
+    and read once. The results are the same but for the rounding of the sums.
     """
     x, t = as_array(x, who="evaluate", what="data"), as_array(t, who="evaluate", what="labels")
     if batch_size is None:
         batch_size = 128 if device_of(x) == "cpu" else DEVICE_EVAL_BATCH
     batch_size = _checks.count("evaluate", "batch_size", batch_size)  # a Python int
     _check_pairs("evaluate", x, t)
-    total_loss, right, answers, n = 0.0, 0, 0, len(x)
+    right, answers, n = 0, 0, len(x)
+    losses: list[float | DeviceLoss] = []
+    last_layer = network.last_layer
     with evaluation_mode(network):
         for start in range(0, n, batch_size):
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             scores = network.predict(xb)
-            total_loss += network.last_layer.forward(scores, tb) * len(xb)
-            if not has_answers(network.last_layer, scores):
+            if isinstance(last_layer, Loss):  # on a GPU the loss stays there, unread
+                losses.append(last_layer._checked_forward(scores, tb, borrowed=True, wait=False))
+            else:  # a loss layer of the user's own
+                losses.append(last_layer.forward(scores, tb))
+            if not has_answers(last_layer, scores):
                 continue  # a regression network (MeanSquaredError, one output): no accuracy
             # Counted as accuracy counts (yes/no answers too), where the scores are: on a
-            # GPU, no wait for the card per batch. The loss has just checked the labels.
+            # GPU, no wait for the card per batch. The loss checks the labels (on a GPU,
+            # when read below: evaluate changes nothing, so a late error loses nothing).
             batch_right, batch_answers = count_right(
-                network.last_layer, scores, tb, who="evaluate", labels_checked=True
+                last_layer, scores, tb, who="evaluate", labels_checked=True
             )
             right, answers = right + batch_right, answers + batch_answers
+    total_loss = 0.0
+    for start, loss in zip(range(0, n, batch_size), read_losses(losses)):
+        total_loss += loss * min(batch_size, n - start)  # each batch weighs what it holds
     return total_loss / n, (float(right) / answers if answers else math.nan)
 
 
