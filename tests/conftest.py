@@ -16,7 +16,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("SCRATCHNN_REQUIRE_KERNELS") == "1" and not _fused.available():
         raise pytest.UsageError(
             "SCRATCHNN_REQUIRE_KERNELS=1, but the compiled kernels are not built "
-            "(see the pip output of scripts/setup.sh); set it to 0 to test without them"
+            "(the compiler's messages are in .venv/pip-install.log); set it to 0 to test without them"
         )
 
 
