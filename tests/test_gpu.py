@@ -277,6 +277,26 @@ def test_every_loss_on_device_matches_the_cpu(make: Any, one_hot: bool, gpu: Any
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("route", ["cuda | cpu", "cpu | cuda", "cuda | cpu | cuda"])
+def test_softmax_cross_entropy_moved_between_forward_and_backward(route: str, gpu: Any) -> None:
+    # "a | b | c": forward on a, then the layer's arrays move to b (and c) before backward.
+    # The kernels forward chose must not be handed host arrays, nor be missed back on the card.
+    rng = np.random.default_rng(43)
+    x, t = rng.standard_normal((6, 4)), rng.integers(0, 4, 6)
+    reference = snn.SoftmaxWithLoss()
+    expected_loss = reference.forward(x, t)
+    expected = reference.backward(1.0)
+    first, *moves = route.split(" | ")
+    loss = snn.SoftmaxWithLoss()
+    value = loss.forward(to_device(x, first), to_device(t, first))
+    for device in moves:
+        move_arrays(loss, device)
+    dx = loss.backward(1.0)
+    assert device_of(dx) == moves[-1]
+    assert value == pytest.approx(expected_loss, rel=1e-12)
+    np.testing.assert_allclose(to_host(dx), expected, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("case", DEVICE_CASES, ids=str)
 def test_backward_refuses_dout_on_the_other_device(case: Case, gpu: Any) -> None:
     x, dout = _inputs(case, (3, 4), 8)
@@ -1409,3 +1429,22 @@ def test_evaluate_on_the_device_refuses_bad_labels_when_it_reads_its_losses(
     t[2200] = 4
     with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 4\)"):
         evaluate(net, fake.asarray(x), fake.asarray(t))
+
+
+# -- benchmarks/bench_gpu_host.py: scratchnn's host time per step, on a null device -------------
+
+
+def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
+    # The benchmark's difference is scratchnn's own Python only if both steps ask the device
+    # for the same work; it says so when they do not, and any NumPy dispatch left in a
+    # layer shows as a "numpy ..." call.
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_host.py"
+    result = subprocess.run(
+        [sys.executable, str(path), "--rounds", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "differ in device calls" not in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        assert "numpy" not in row and "7 kernel, 8 matmul" in row, row

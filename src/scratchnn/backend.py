@@ -18,6 +18,7 @@ dtype its computation runs in, so that those rules are written once.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -57,15 +58,29 @@ def get_array_module(*arrays: object) -> ModuleType:
             break
     else:
         return np
-    if any(isinstance(a, np.ndarray) for a in arrays):
+    if len(arrays) > 1 and any(isinstance(a, np.ndarray) for a in arrays):
         raise TypeError(
             "cannot mix NumPy (cpu) and CuPy (cuda) arrays in one call; move them to one "
             "device first, e.g. with scratchnn.backend.to_device(array, 'cuda') or "
             "network.to('cuda')"
         )
-    import cupy
+    return sys.modules["cupy"]  # imported: one of its arrays is here
 
-    return cupy
+
+def may_share_memory(a: Any, b: Any) -> bool:
+    """``np.may_share_memory(a, b)`` of two arrays of one device; for CuPy arrays CuPy's own,
+    called directly (through NumPy, its dispatch to CuPy costs more than the check)."""
+    if type(a) is np.ndarray:
+        return bool(np.may_share_memory(a, b))
+    return bool(get_array_module(a).may_share_memory(a, b))
+
+
+def cupy_array_type() -> Any:
+    """``cupy.ndarray`` where CuPy is imported, else None: ``type(x) is cupy_array_type()``
+    tells a CuPy array in a dictionary look-up (a layer's forward asks it on every call).
+    Where no CuPy array can exist yet, CuPy is not imported for the answer."""
+    cupy = sys.modules.get("cupy")
+    return None if cupy is None else getattr(cupy, "ndarray", None)
 
 
 class DeviceUnavailableError(RuntimeError):

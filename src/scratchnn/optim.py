@@ -49,6 +49,7 @@ from scratchnn import _checks, _fused, kernels
 from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
+    cupy_array_type,
     device_of,
     get_array_module,
     is_array,
@@ -113,18 +114,18 @@ class Optimizer:
         # Check every pair before touching any parameter, so a bad call changes nothing.
         who = f"{type(self).__name__}.update"
         for name, value in (("params", params), ("grads", grads)):
-            if not isinstance(value, Mapping):
+            if type(value) is not dict and not isinstance(value, Mapping):  # (dict: no ABC check)
                 raise TypeError(
                     f"{who}: {name} must be a dict of arrays by name, got {type(value).__name__}"
                 )
         checked = [self._check(key, params, grad) for key, grad in grads.items()]
-        on_gpu: dict[tuple[str, str, tuple[tuple[str, float], ...]], list[list[Any]]] = {}
+        on_gpu: dict[tuple[str, np.dtype[Any], tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:
             if not isinstance(param, np.ndarray) and self._fusable(key, param):
                 # CuPy: each step one fused pass, every parameter with the same step in one
                 # launch (kernels.run_many), as PyTorch's multi-tensor steps.
                 name, arrays, scalars = self._gpu_step(key, param, grad)
-                group = (name, param.dtype.str, tuple(scalars.items()))
+                group = (name, param.dtype, tuple(scalars.items()))
                 on_gpu.setdefault(group, []).append(arrays)
                 continue
             work = self._scratch(self._work, key, param)
@@ -176,19 +177,28 @@ class Optimizer:
                 "first forward: read the network's params after that forward)"
             )
         param = params[key]
-        if not is_array(param) or param.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{who}: parameter {key!r} must be a float16/32/64 array to be updated in "
-                f"place, got {type(param).__module__}.{type(param).__name__}"
-            )
+        kind = type(param)
+        if not (
+            # The common case, two float arrays of one kind (so of one device), needs no
+            # conversion: checked in a few look-ups, as this runs for every parameter.
+            (kind is np.ndarray or kind is cupy_array_type())
+            and type(grad) is kind
+            and param.dtype in FLOAT_DTYPES
+            and grad.dtype in FLOAT_DTYPES
+        ):
+            if not is_array(param) or param.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"{who}: parameter {key!r} must be a float16/32/64 array to be updated in "
+                    f"place, got {type(param).__module__}.{type(param).__name__}"
+                )
+            if is_array(grad) and device_of(grad) != device_of(param):
+                raise TypeError(
+                    f"{who}: gradient {key!r} is on {device_of(grad)}, its parameter on "
+                    f"{device_of(param)}"
+                )
+            grad = as_array(grad, who=who, what=f"gradient {key!r}")
         if isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{who}: parameter {key!r} is read-only; it is updated in place")
-        if is_array(grad) and device_of(grad) != device_of(param):
-            raise TypeError(
-                f"{who}: gradient {key!r} is on {device_of(grad)}, its parameter on "
-                f"{device_of(param)}"
-            )
-        grad = as_array(grad, who=who, what=f"gradient {key!r}")
         if grad.shape != param.shape:
             raise ValueError(
                 f"{who}: gradient {key!r} has shape {grad.shape}, "

@@ -76,7 +76,16 @@ class Entry:
 
 def is_ours(layer: Any) -> bool:
     """Whether ``layer`` is one of scratchnn's own (a user's subclass of ``Layer`` is not)."""
-    return isinstance(layer, Layer) and type(layer).__module__.startswith("scratchnn.")
+    kind = type(layer)
+    answer = _ours_by_type.get(kind)
+    if answer is None:  # asked of each layer twice a step: worked out once per class
+        answer = _ours_by_type[kind] = issubclass(kind, Layer) and kind.__module__.startswith(
+            "scratchnn."
+        )
+    return answer
+
+
+_ours_by_type: dict[type, bool] = {}
 
 
 def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from scratchnn.backend import get_array_module
+from scratchnn.kernels import cuda  # (plain text and NumPy: it imports no CuPy)
 from scratchnn.kernels.ops import OPS, Op, evaluate
 
 __all__ = ["OPS", "Op", "run", "run_many"]
@@ -29,8 +30,6 @@ def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
     xp = get_array_module(*arrays)
     ready = _ready_for_cuda(op, xp, arrays)
     if ready is not None:
-        from scratchnn.kernels import cuda
-
         return cuda.launch(xp, op, ready, scalars)
     return evaluate(op, xp, list(arrays), scalars)
 
@@ -46,8 +45,6 @@ def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> N
     ready = [_ready_for_cuda(op, xp, arrays) for arrays in tensors]
     dtype = tensors[0][0].dtype
     if all(r is not None and r[0].dtype == dtype for r in ready):
-        from scratchnn.kernels import cuda
-
         cuda.launch_many(xp, op, [r for r in ready if r is not None], scalars)
         return
     for arrays in tensors:
@@ -60,16 +57,17 @@ def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] 
     array updated in place that is not C-contiguous."""
     if xp.__name__ != "cupy" or not hasattr(xp, "RawKernel"):
         return None
-    from scratchnn.kernels import cuda
-
     first = arrays[0]
-    floats = [a for a, n in zip(arrays, op.inputs) if n not in op.masks]
-    if not cuda.supported_dtype(first.dtype) or not all(
-        a.dtype == first.dtype and a.shape == first.shape for a in floats
-    ):
+    dtype, shape = first.dtype, first.shape
+    if not cuda.supported_dtype(dtype):
         return None
-    in_place = set(op.inputs) & set(op.outputs)
-    if not all(a.flags.c_contiguous for a, n in zip(arrays, op.inputs) if n in in_place):
-        return None
-    # Inputs that are only read may be any layout: made contiguous, once.
-    return [a if n in in_place else xp.ascontiguousarray(a) for a, n in zip(arrays, op.inputs)]
+    ready = list(arrays)
+    # A plain loop over roles worked out once: this runs for every kernel a step launches.
+    for i, (array, (is_mask, in_place)) in enumerate(zip(arrays, op.input_roles)):
+        if not is_mask and (array.dtype != dtype or array.shape != shape):
+            return None
+        if not array.flags.c_contiguous:
+            if in_place:
+                return None
+            ready[i] = xp.ascontiguousarray(array)  # only read: any layout, made contiguous once
+    return ready

@@ -237,14 +237,14 @@ extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
 """
 
 
-_kernels: dict[tuple[str, str], Any] = {}
+_kernels: dict[tuple[str, np.dtype[Any]], Any] = {}
 
 # The most blocks of one launch (CUDA's limit for a grid's x size); beyond, the loops stride.
 MAX_BLOCKS = 2**31 - 1
 
 
 def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
-    key = (op.name, dtype.str)
+    key = (op.name, dtype)
     kernel = _kernels.get(key)
     if kernel is None:
         # RawKernel compiles on first launch (NVRTC) and CuPy caches the binary on disk.
@@ -269,29 +269,35 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
     Returns the outputs in ``op.outputs`` order: in-place ones are the input
     arrays themselves, the others new arrays.
     """
-    dtype = np.dtype(arrays[0].dtype)
-    shape, n = arrays[0].shape, arrays[0].size
-    by_name = dict(zip(op.inputs, arrays))
-    for name in op.outputs:
-        if name not in by_name:
-            by_name[name] = cupy.empty(shape, dtype=bool if name in op.masks else dtype)
+    first = arrays[0]
+    dtype = np.dtype(first.dtype)
+    shape, n = first.shape, first.size
+    args = list(arrays)
+    for is_mask in op.fresh_outputs:
+        args.append(cupy.empty(shape, dtype=np.bool_ if is_mask else dtype))
     if n:
-        args = [by_name[name] for name in _arrays(op)]
-        vec = _vector_path(args, n, dtype)
-        args += [dtype.type(scalars[name]) for name in op.scalars]
-        args += [np.int64(n), np.int32(vec)]
-        items = n // _VECTOR[_C_TYPES[dtype]][1] if vec else n
-        _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(args))
-    return [by_name[name] for name in op.outputs]
+        lanes = _LANES_OF[dtype]
+        vec = _vector_path(args, n, lanes)
+        kernel_args = args + [dtype.type(scalars[name]) for name in op.scalars]
+        kernel_args += (np.int64(n), np.int32(vec))
+        items = n // lanes if vec else n
+        _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(kernel_args))
+    return [args[i] for i in op.output_positions]
 
 
-def _vector_path(arrays: list[Any], n: int, dtype: np.dtype[Any]) -> bool:
+# Elements per 16-byte vector, by dtype.
+_LANES_OF = {dtype: _VECTOR[c_type][1] for dtype, c_type in _C_TYPES.items()}
+
+
+def _vector_path(arrays: list[Any], n: int, lanes: int) -> bool:
     """Whether the 16-byte vector path may run: every float array 16-byte aligned (masks
     ``lanes`` bytes); fresh CuPy allocations are, views at an offset may not be."""
-    lanes = _VECTOR[_C_TYPES[dtype]][1]
-    return n >= lanes and all(
-        a.data.ptr % (lanes if a.dtype == np.bool_ else 16) == 0 for a in arrays
-    )
+    if n < lanes:
+        return False
+    for a in arrays:  # (a loop, not all() of a generator: it runs at every launch)
+        if a.data.ptr % (lanes if a.dtype == np.bool_ else 16):
+            return False
+    return True
 
 
 # The most tensors one launch of launch_many takes (each adds a few kernel arguments).
@@ -304,7 +310,7 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
     one launch per ``MANY`` tensors where :func:`launch` would make one each."""
     assert set(op.outputs) <= set(op.inputs), f"{op.name} has outputs of its own"
     dtype = np.dtype(tensors[0][0].dtype)
-    lanes = _VECTOR[_C_TYPES[dtype]][1]
+    lanes = _LANES_OF[dtype]
     work = [arrays for arrays in tensors if arrays[0].size]
     for first in range(0, len(work), MANY):
         chunk = work[first : first + MANY]
@@ -313,7 +319,7 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
         items = 1
         for arrays in chunk:
             n = arrays[0].size
-            vec = _vector_path(arrays, n, dtype)
+            vec = _vector_path(arrays, n, lanes)
             args += [np.int64(n), np.int32(vec)]
             items = max(items, n // lanes if vec else n)
         _many_kernel(cupy, op, dtype, len(chunk))((_grid(items),), (BLOCK,), tuple(args))
@@ -321,7 +327,7 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
 
 def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
     name = f"{op.name}_x{count}"
-    key = (name, dtype.str)
+    key = (name, dtype)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = _kernels[key] = cupy.RawKernel(source_many(op, dtype, count), name)

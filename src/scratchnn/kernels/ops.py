@@ -64,6 +64,24 @@ class Op:
     def code(self) -> CodeType:
         return compile(self.body, f"<op {self.name}>", "exec")
 
+    @cached_property
+    def input_roles(self) -> tuple[tuple[bool, bool], ...]:
+        """Per input, (is a mask, is updated in place): what a launch checks of each array,
+        worked out once (a training step launches a dozen kernels)."""
+        return tuple((name in self.masks, name in self.outputs) for name in self.inputs)
+
+    @cached_property
+    def fresh_outputs(self) -> tuple[bool, ...]:
+        """Per output that is not an input (a new array each call), whether it is a mask."""
+        return tuple(name in self.masks for name in self.outputs if name not in self.inputs)
+
+    @cached_property
+    def output_positions(self) -> tuple[int, ...]:
+        """Each output's place among the inputs followed by the fresh outputs (the
+        kernel's array parameters, in order)."""
+        order = [*self.inputs, *(name for name in self.outputs if name not in self.inputs)]
+        return tuple(order.index(name) for name in self.outputs)
+
 
 def _functions(xp: ModuleType) -> dict[str, Callable[..., Any]]:
     from scratchnn import functional as F

@@ -29,9 +29,11 @@ from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
     as_result,
+    cupy_array_type,
     device_of,
     float_dtype_of,
     is_array,
+    may_share_memory,
     move_arrays,
     to_device,
 )
@@ -79,16 +81,25 @@ class Layer:
             name = type(self).__name__
             raise TypeError(f"{name}.forward takes {self.n_inputs} input(s), got {len(inputs)}")
         x = inputs[0]
-        if getattr(self, "_device", "cpu") != "cpu":  # (a subclass may skip our __init__)
-            self._check_input_device(inputs)
-        if len(inputs) == 1 and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:
-            # The common case, one float NumPy array: nothing to check or convert.
+        single = len(inputs) == 1
+        on_host = getattr(self, "_device", "cpu") == "cpu"  # (a subclass may skip our __init__)
+        if single and type(x) is np.ndarray and x.dtype in FLOAT_DTYPES and on_host:
+            # The CPU's common case, one float NumPy array: nothing to check or convert.
             self._caller_owned = (not borrowed,)
             out = self._forward(x)
             self._in_dtypes = (x.dtype,)
+        elif single and type(x) is cupy_array_type() and x.dtype in FLOAT_DTYPES:
+            # The GPU's: one float CuPy array, nothing to convert, and no device to check
+            # (a layer moved to "cuda" takes it; one left on "cpu" takes any array).
+            self._caller_owned = (not borrowed,)
+            out = self._forward_gpu(x)
+            self._in_dtypes = (x.dtype,)
         else:
+            if not on_host:
+                self._check_input_device(inputs)
             out = self._general_forward(inputs, borrowed)
-        if type(out) is not np.ndarray:
+        kind = type(out)
+        if kind is not np.ndarray and kind is not cupy_array_type():
             out = as_result(out)  # np.asarray would pull a CuPy array to the host
         self._out_shape = out.shape
         self._out_dtype = out.dtype
@@ -125,10 +136,13 @@ class Layer:
                 f"{type(self).__name__}.backward() called before forward(): "
                 "run forward first so that the layer has something to differentiate"
             )
-        if self._gpu_forward is (type(dout) is np.ndarray):
+        kind = type(dout)
+        if self._gpu_forward is (kind is np.ndarray):
             self._check_dout_device(dout)
-        if not (type(dout) is np.ndarray and dout.dtype == self._out_dtype):
-            # (the common case, a NumPy array of the output's dtype, needs no conversion)
+        if not (
+            (kind is np.ndarray or kind is cupy_array_type()) and dout.dtype == self._out_dtype
+        ):
+            # (the common case, an array of the output's dtype, needs no conversion)
             dout = as_array(dout, who=f"{type(self).__name__}.backward", what="dout")
             if self._out_dtype.kind == "f":
                 dout = dout.astype(self._out_dtype, copy=False)
@@ -244,11 +258,12 @@ class Layer:
 
     @staticmethod
     def _finish_grad(grad: np.ndarray, in_dtype: np.dtype[Any], dout: np.ndarray) -> np.ndarray:
-        if type(grad) is not np.ndarray:
+        kind = type(grad)
+        if kind is not np.ndarray and kind is not cupy_array_type():
             grad = as_result(grad)
         if in_dtype.kind == "f" and grad.dtype != in_dtype:
             grad = grad.astype(in_dtype)
-        if np.may_share_memory(grad, dout):
+        if may_share_memory(grad, dout):
             grad = grad.copy()
         return grad
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from scratchnn.backend import FLOAT_DTYPES, as_array
+from scratchnn.backend import FLOAT_DTYPES, as_array, may_share_memory
 from scratchnn.layers.base import WeightBiasLayer
 
 
@@ -76,10 +76,11 @@ class Affine(WeightBiasLayer):
                 )
             flat = x.reshape(1 if single else x.shape[0], n_in)
         self._x_shape = x.shape
-        self.x = self._keep_input(flat) if np.may_share_memory(flat, x) else flat
+        self.x = self._keep_input(flat) if flat is x or may_share_memory(flat, x) else flat
         xw = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
-        out = np.matmul(xw, W)
-        np.add(out, self.b, out=out)  # in place: the product is a new array
+        # Operators, not np.matmul and np.add: on CuPy arrays they skip NumPy's dispatch.
+        out = xw @ W
+        out += self.b  # in place: the product is a new array
         return out[0] if single else out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -97,6 +98,7 @@ class Affine(WeightBiasLayer):
         if g.dtype != W.dtype:
             g = g.astype(W.dtype)
         x = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
-        self.dW = np.matmul(x.T, g)
-        self.db = np.add.reduce(g, axis=0)  # g.sum(axis=0) without np.sum's Python wrapper
+        self.dW = x.T @ g
+        # NumPy: g.sum(axis=0) without np.sum's Python wrapper; CuPy's own sum otherwise.
+        self.db = np.add.reduce(g, axis=0) if type(g) is np.ndarray else g.sum(axis=0)
         return g
