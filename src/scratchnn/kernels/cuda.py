@@ -237,7 +237,7 @@ extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
 """
 
 
-_kernels: dict[tuple[str, np.dtype[Any]], Any] = {}
+_kernels: dict[tuple[Any, ...], Any] = {}
 
 # The most blocks of one launch (CUDA's limit for a grid's x size); beyond, the loops stride.
 MAX_BLOCKS = 2**31 - 1
@@ -278,8 +278,8 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
     if n:
         lanes = _LANES_OF[dtype]
         vec = _vector_path(args, n, lanes)
-        kernel_args = args + [dtype.type(scalars[name]) for name in op.scalars]
-        kernel_args += (np.int64(n), np.int32(vec))
+        kernel_args = args + [dtype.type(scalars[name]) for name in op.scalars] if op.scalars else args
+        kernel_args = [*kernel_args, np.int64(n), _VECTOR_FLAG[vec]]
         items = n // lanes if vec else n
         _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(kernel_args))
     return [args[i] for i in op.output_positions]
@@ -287,6 +287,8 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
 
 # Elements per 16-byte vector, by dtype.
 _LANES_OF = {dtype: _VECTOR[c_type][1] for dtype, c_type in _C_TYPES.items()}
+# The kernels' int argument "vec", made once: a launch passes one.
+_VECTOR_FLAG = (np.int32(0), np.int32(1))
 
 
 def _vector_path(arrays: list[Any], n: int, lanes: int) -> bool:
@@ -308,27 +310,28 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
     """Run the in-place ``op`` (an optimiser's step) over several tensors, each a list of
     C-contiguous CuPy arrays of one shape in ``op.inputs`` order, all of one float dtype:
     one launch per ``MANY`` tensors where :func:`launch` would make one each."""
-    assert set(op.outputs) <= set(op.inputs), f"{op.name} has outputs of its own"
+    assert not op.fresh_outputs, f"{op.name} has outputs of its own"
     dtype = np.dtype(tensors[0][0].dtype)
     lanes = _LANES_OF[dtype]
+    step_scalars = [dtype.type(scalars[name]) for name in op.scalars]
     work = [arrays for arrays in tensors if arrays[0].size]
     for first in range(0, len(work), MANY):
         chunk = work[first : first + MANY]
         args: list[Any] = [a for arrays in chunk for a in arrays]
-        args += [dtype.type(scalars[name]) for name in op.scalars]
+        args += step_scalars
         items = 1
         for arrays in chunk:
             n = arrays[0].size
             vec = _vector_path(arrays, n, lanes)
-            args += [np.int64(n), np.int32(vec)]
+            args += (np.int64(n), _VECTOR_FLAG[vec])
             items = max(items, n // lanes if vec else n)
         _many_kernel(cupy, op, dtype, len(chunk))((_grid(items),), (BLOCK,), tuple(args))
 
 
 def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
-    name = f"{op.name}_x{count}"
-    key = (name, dtype)
+    key = (op.name, dtype, count)
     kernel = _kernels.get(key)
     if kernel is None:
+        name = f"{op.name}_x{count}"
         kernel = _kernels[key] = cupy.RawKernel(source_many(op, dtype, count), name)
     return kernel
