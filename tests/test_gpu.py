@@ -1161,7 +1161,9 @@ def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
     assert all(r.ours > 0 and r.torch and r.verdict for r in rows[1:])
     rows = benchmark.time_mlp_step(fake, torch, 2, clock, sizes=(20, 16, 16, 10), batch=32)
     assert [r.what for r in rows] == ["MLP step 20-16-16-10 b32 SGD, as fit",
-                                      "MLP step 20-16-16-10 b32 SGD, read"]  # fmt: skip
+                                      "MLP step 20-16-16-10 b32 SGD, read",
+                                      "MLP step 20-16-16-10 b32 SGD, host side"]  # fmt: skip
+    assert all(r.ours > 0 and r.torch for r in rows) and not rows[2].verdict
     rows = benchmark.time_epochs(fake, torch, None, 1, clock, limit=300)
     assert [r.what for r in rows] == ["Fashion-MNIST epoch 784-256-128-10 Adam b128",
                                       "scratchnn train --device cuda, epoch"]  # fmt: skip
