@@ -278,8 +278,8 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
     if n:
         lanes = _LANES_OF[dtype]
         vec = _vector_path(args, n, lanes)
-        kernel_args = args + [dtype.type(scalars[name]) for name in op.scalars] if op.scalars else args
-        kernel_args = [*kernel_args, np.int64(n), _VECTOR_FLAG[vec]]
+        kernel_args = [*args, *[dtype.type(scalars[name]) for name in op.scalars]]
+        kernel_args += (np.int64(n), _VECTOR_FLAG[vec])
         items = n // lanes if vec else n
         _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(kernel_args))
     return [args[i] for i in op.output_positions]

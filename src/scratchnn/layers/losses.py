@@ -23,6 +23,7 @@ from scratchnn.backend import (
     is_array,
     to_compute,
 )
+from scratchnn.kernels import cross_entropy  # (plain text and NumPy: it imports no CuPy)
 
 
 class DeviceLoss:
@@ -185,8 +186,6 @@ def _cuda_kernels(x: Any, t: Any) -> Any:
     xp = get_array_module(x, t)  # a NumPy t beside a CuPy x: the mixing TypeError
     if xp.__name__ != "cupy" or not hasattr(xp, "RawModule"):
         return None
-    from scratchnn.kernels import cross_entropy
-
     return cross_entropy if cross_entropy.supported(to_compute(x), t) else None
 
 
@@ -220,22 +219,12 @@ class SoftmaxWithLoss(Loss):
         super().__init__()
         self.y: np.ndarray | None = None
         self.t: np.ndarray | None = None
-        # (x, t, the kernels) of the last _checks_labels, for the _forward that follows it
-        self._kernels_asked: tuple[Any, Any, Any] | None = None
-        self._kernels_used: Any = None  # the kernels _forward ran, for backward
 
     def _checks_labels(self, x: np.ndarray, t: np.ndarray) -> bool:
-        kernels = _cuda_kernels(x, t)
-        self._kernels_asked = (x, t, kernels)
-        return kernels is not None
+        return _cuda_kernels(x, t) is not None
 
     def _forward(self, x: np.ndarray, t: np.ndarray) -> float | DeviceLoss:
-        asked, self._kernels_asked = self._kernels_asked, None
-        if asked is not None and asked[0] is x and asked[1] is t:
-            kernels = asked[2]  # asked of these very arrays a moment ago
-        else:
-            kernels = _cuda_kernels(x, t)
-        self._kernels_used = kernels
+        kernels = _cuda_kernels(x, t)
         if kernels is not None:
             # On the GPU: one launch; the loss and the labels' check come back together,
             # when the loss is read.
@@ -281,8 +270,7 @@ class SoftmaxWithLoss(Loss):
             # The gradient of -sum t log y is y sum(t) - t: y - t when each row of t sums
             # to 1 (one-hot rows, probabilities), right for any other rows too (as PyTorch).
             return (y * t.sum(axis=-1, keepdims=True) - t) * (dout / n)
-        # The kernels forward ran take y and t still, unless to() moved them to the host.
-        kernels = self._kernels_used if type(y) is not np.ndarray else None
+        kernels = _cuda_kernels(y, t)
         if kernels is not None:
             return kernels.backward(sys.modules["cupy"], y, t, dout / n)
         # y minus the one-hot rows of the labels, without building those rows.
