@@ -54,9 +54,16 @@ echo "setup: installing scratchnn${extras:+ with [$extras]} into .venv"
 # pip install --no-deps --no-build-isolation -e .
 # An earlier build's compiled kernels must not stand in for a build that now fails.
 rm -f src/scratchnn/_ckernels*.so
+# Once the venv has that setuptools, the build uses it (no isolated build environment,
+# whose setuptools pip would download again on every run: a re-run works offline).
+isolation=()
+if .venv/bin/python -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
+    >/dev/null 2>&1; then
+    isolation=(--no-build-isolation)
+fi
 status=0
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --log .venv/pip-install.log \
-    -e "$spec" "setuptools>=77" \
+    "${isolation[@]}" -e "$spec" "setuptools>=77" \
     2>&1 | grep -v "is ignored: it is neither a file nor a directory" || status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then
     echo "setup: pip failed (exit $status); see its messages above" >&2
