@@ -788,6 +788,37 @@ def test_network_gradient_on_device_matches_cpu(activation: str, gpu: Any) -> No
     assert all(isinstance(v, np.ndarray) for v in net.grads.values())
 
 
+@pytest.mark.parametrize("first", [snn.Relu, snn.Tanh, snn.Sigmoid, snn.Identity])
+def test_a_network_whose_first_layer_has_no_parameters_differentiates_on_device(
+    first: Any, gpu: Any
+) -> None:
+    # The first layer's backward skips dx (input_grad=False); one without parameters of its
+    # own still ran its backward on the host's path, which CuPy arrays cannot take.
+    x, t = _blobs(32, 2)
+    rng = np.random.default_rng(5)
+    W, b = rng.standard_normal((20, 10)), rng.standard_normal(10)
+    net = snn.Sequential([first(), snn.Affine(W, b)]).eval()
+    expected = {k: v.copy() for k, v in net.gradient(x.astype(np.float64), t).items()}
+    net.to("cuda")
+    grads = net.gradient(gpu.asarray(x.astype(np.float64)), gpu.asarray(t))
+    for key, value in expected.items():
+        np.testing.assert_allclose(to_host(grads[key]), value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [snn.Relu, snn.Sigmoid, snn.Gelu, snn.Softplus, snn.Elu])
+def test_a_0d_input_on_device_keeps_its_shape(make: Any, gpu: Any) -> None:
+    # As on the CPU: a 0-d input gives a 0-d output, and backward takes a 0-d dout.
+    x, dout = np.array(-0.75), np.array(2.0)
+    reference = make()
+    expected_y, expected_dx = reference.forward(x), reference.backward(dout)
+    layer = make().to("cuda")
+    y = layer.forward(gpu.asarray(x))
+    dx = layer.backward(gpu.asarray(dout))
+    assert y.shape == () and dx.shape == ()
+    np.testing.assert_allclose(to_host(y), expected_y, rtol=1e-12)
+    np.testing.assert_allclose(to_host(dx), expected_dx, rtol=1e-12)
+
+
 def test_training_on_device_follows_the_cpu_run(gpu: Any) -> None:
     from scratchnn.train import fit
 
@@ -1271,6 +1302,19 @@ def test_every_kernel_source_computes_its_op_on_the_cpu(
                 np.testing.assert_allclose(
                     on_device[output].get(), want, rtol=rtol, atol=rtol, err_msg=f"{name} {output}"
                 )
+
+
+def test_kernels_refuse_a_wrong_count_of_arrays(gpu: Any) -> None:
+    # A kernel takes its arguments by position (and CuPy does not count them): one array too
+    # many or too few would shift all the later ones, so the count is checked first.
+    from scratchnn import kernels
+
+    x = gpu.asarray(np.ones(8))
+    with pytest.raises(TypeError, match=r"relu_backward takes 2 arrays \(dout, mask\), got 1"):
+        kernels.run("relu_backward", x)
+    with pytest.raises(TypeError, match="sgd takes 2 arrays"):
+        kernels.run_many("sgd", [[x, x], [x, x, x]], lr=0.1)
+    assert np.array_equal(to_host(x), np.ones(8))  # refused before any step
 
 
 def test_cli_trains_on_the_device_and_resumes_on_the_cpu(

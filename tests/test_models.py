@@ -1226,3 +1226,24 @@ def test_gradcheck_takes_a_seed_as_check_layer_does() -> None:
     assert seeded.checked == 8 and seeded.max_relative_error < 1e-6
     with pytest.raises(TypeError, match=r"gradcheck: rng must be a numpy\.random\.Generator or a seed"):
         snn.gradcheck(net, x, t, max_per_param=2, rng="seven")
+
+
+def test_the_network_code_keeps_no_users_layer_class_alive() -> None:
+    # Whether a layer is scratchnn's own is remembered per class for speed, but only for
+    # scratchnn's classes: a notebook that defines a layer class again and again keeps none.
+    import gc
+    import weakref
+
+    from scratchnn.parameters import is_ours
+
+    class Mine(snn.Relu):
+        pass
+
+    assert not is_ours(Mine()) and is_ours(snn.Relu())
+    net = snn.Sequential([Mine(), snn.Affine(np.ones((3, 2)), np.zeros(2))])
+    net.gradient(np.ones((4, 3)), np.array([0, 1, 0, 1]))
+    assert not is_ours(Mine())  # asked again: the same answer
+    mine = weakref.ref(Mine)
+    del Mine, net
+    gc.collect()
+    assert mine() is None

@@ -148,6 +148,33 @@ def test_a_learning_rate_of_zero_then_a_schedule_match_torch(name: str, eps: flo
             assert all(np.array_equal(params[key], before[key]) for key in params)
 
 
+def test_adam_hyperparameters_changed_between_steps_match_torch() -> None:
+    # Adam works out its folded scalars once a step for all parameters: a beta or eps
+    # changed between steps (set anew, or a NumPy number changed in place) must be seen.
+    rng = np.random.default_rng(9)
+    params = random_params(rng)
+    tensors = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    ours = Adam(lr=0.05)
+    theirs = torch.optim.Adam(list(tensors.values()), lr=0.05)
+    group = theirs.param_groups[0]
+    step_both(ours, theirs, params, tensors, random_grads(rng))
+    ours.beta1, group["betas"] = 0.5, (0.5, 0.999)
+    step_both(ours, theirs, params, tensors, random_grads(rng))
+    # Two updates at one step count (each parameter counts its own steps), eps changed
+    # in place between them: the same object, a new value.
+    ours.eps = np.array(1e-3)
+    group["eps"] = 1e-3
+    for keys, eps in ((["W1", "b1"], 1e-3), (["W2", "s"], 0.5)):
+        ours.eps[...] = group["eps"] = eps
+        grads = {key: value for key, value in random_grads(rng).items() if key in keys}
+        for key, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[key]) if key in grads else None
+        ours.update(params, grads)
+        theirs.step()
+        for key, tensor in tensors.items():
+            assert_close(params[key], tensor.detach().numpy())
+
+
 def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
     rng = np.random.default_rng(3)
     params = random_params(rng)

@@ -562,6 +562,8 @@ class Adam(Optimizer):
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
         self.steps: dict[str, int] = {}
+        # (the inputs and the result of the last _folded_scalars, shared by a step's parameters)
+        self._last_scalars: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
         m = self._state("m", key, param)
@@ -639,8 +641,9 @@ class Adam(Optimizer):
         in PyTorch. Python floats throughout: a NumPy float64 scalar would lift
         float32 work to float64.
         """
-        given = (t, self.lr, self.beta1, self.beta2, self.eps)
-        last = getattr(self, "_last_scalars", None)
+        # (floats: a hyperparameter set to a NumPy number and changed in place is seen)
+        given = (t, float(self.lr), float(self.beta1), float(self.beta2), float(self.eps))
+        last = getattr(self, "_last_scalars", None)  # (a subclass may skip our __init__)
         if last is not None and last[0] == given:
             return last[1]  # every parameter of a step shares them: worked out once a step
         step_size = self.lr / (1.0 - self.beta1**t)

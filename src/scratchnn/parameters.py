@@ -77,15 +77,15 @@ class Entry:
 def is_ours(layer: Any) -> bool:
     """Whether ``layer`` is one of scratchnn's own (a user's subclass of ``Layer`` is not)."""
     kind = type(layer)
-    answer = _ours_by_type.get(kind)
-    if answer is None:  # asked of each layer twice a step: worked out once per class
-        answer = _ours_by_type[kind] = issubclass(kind, Layer) and kind.__module__.startswith(
-            "scratchnn."
-        )
-    return answer
+    if kind in _our_classes:  # asked of each layer twice a step: remembered for ours
+        return True
+    ours = issubclass(kind, Layer) and kind.__module__.startswith("scratchnn.")
+    if ours:  # (a user's classes are not kept: a notebook may define thousands)
+        _our_classes.add(kind)
+    return ours
 
 
-_ours_by_type: dict[type, bool] = {}
+_our_classes: set[type] = set()
 
 
 def forward_in_mode(layer: Any, x: Any, training: bool) -> Any:

@@ -27,6 +27,7 @@ def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
     optimiser's parameter and state) are updated in place.
     """
     op = OPS[name]
+    _check_count(op, arrays)
     xp = get_array_module(*arrays)
     ready = _ready_for_cuda(op, xp, arrays)
     if ready is not None:
@@ -41,6 +42,8 @@ def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> N
     op = OPS[name]
     if not tensors:
         return
+    for arrays in tensors:
+        _check_count(op, arrays)
     xp = get_array_module(*tensors[0])
     ready = [_ready_for_cuda(op, xp, arrays) for arrays in tensors]
     dtype = tensors[0][0].dtype
@@ -49,6 +52,16 @@ def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> N
         return
     for arrays in tensors:
         run(name, *arrays, **scalars)
+
+
+def _check_count(op: Op, arrays: Sequence[Any]) -> None:
+    # A kernel takes its arguments by position and CuPy does not count them: one array
+    # too many or too few would shift every later one.
+    if len(arrays) != len(op.inputs):
+        raise TypeError(
+            f"kernels: {op.name} takes {len(op.inputs)} arrays ({', '.join(op.inputs)}), "
+            f"got {len(arrays)}"
+        )
 
 
 def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] | None:

@@ -106,11 +106,6 @@ def _element_code(op: Op, translator: _Translator, declared: set[str]) -> list[s
     return lines
 
 
-def _arrays(op: Op) -> list[str]:
-    """The kernel's array parameters in order: every input, then the outputs that are not."""
-    return [*op.inputs, *(name for name in op.outputs if name not in op.inputs)]
-
-
 def _loops(op: Op, c_type: str, tag: str) -> str:
     """The grid-stride loops of ``op`` over one tensor: its arrays ``<name>_<tag>``, its
     element count ``n<tag>`` and its vector flag ``vec<tag>``."""
@@ -190,7 +185,7 @@ def _parameters(op: Op, tags: list[str]) -> str:
     params = [
         f"{'' if name in written else 'const '}{element_type(name)}* __restrict__ {name}_{tag}"
         for tag in tags
-        for name in _arrays(op)
+        for name in op.arrays
     ]
     params += [f"const T {name}" for name in op.scalars]
     params += [f"const long long n{tag}, const int vec{tag}" for tag in tags]

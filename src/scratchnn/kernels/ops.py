@@ -71,16 +71,20 @@ class Op:
         return tuple((name in self.masks, name in self.outputs) for name in self.inputs)
 
     @cached_property
+    def arrays(self) -> tuple[str, ...]:
+        """The arrays a kernel of the op takes, in order: every input, then the outputs
+        that are not inputs (fresh arrays, made for each call)."""
+        return (*self.inputs, *(name for name in self.outputs if name not in self.inputs))
+
+    @cached_property
     def fresh_outputs(self) -> tuple[bool, ...]:
-        """Per output that is not an input (a new array each call), whether it is a mask."""
-        return tuple(name in self.masks for name in self.outputs if name not in self.inputs)
+        """Per fresh output (see ``arrays``), whether it is a mask."""
+        return tuple(name in self.masks for name in self.arrays[len(self.inputs) :])
 
     @cached_property
     def output_positions(self) -> tuple[int, ...]:
-        """Each output's place among the inputs followed by the fresh outputs (the
-        kernel's array parameters, in order)."""
-        order = [*self.inputs, *(name for name in self.outputs if name not in self.inputs)]
-        return tuple(order.index(name) for name in self.outputs)
+        """Each output's place in ``arrays``."""
+        return tuple(self.arrays.index(name) for name in self.outputs)
 
 
 def _functions(xp: ModuleType) -> dict[str, Callable[..., Any]]:

@@ -222,7 +222,10 @@ class Layer:
 
         A layer with parameters overrides it to skip the input gradient.
         """
-        self._backward(dout)
+        if isinstance(dout, np.ndarray):
+            self._backward(dout)
+        else:  # CuPy: the GPU path (a network's first layer on the card, an activation say)
+            self._backward_gpu(dout)
 
     def _keep_input(self, x: np.ndarray, index: int = 0) -> np.ndarray:
         """Return ``x`` safe to keep for ``backward``: a copy if the caller owns it.
