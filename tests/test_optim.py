@@ -115,9 +115,10 @@ def step_both(
     tensors: dict[str, Any],
     grads: dict[str, np.ndarray],
 ) -> None:
-    """One step of our optimiser and of torch's on the same gradients; the same parameters after."""
+    """One step of our optimiser and of torch's on the same gradients (a parameter without
+    one is skipped: its grad None for torch); the same parameters after."""
     for key, tensor in tensors.items():
-        tensor.grad = torch.tensor(grads[key])
+        tensor.grad = torch.tensor(grads[key]) if key in grads else None
     ours.update(params, grads)
     theirs.step()
     for key, tensor in tensors.items():
@@ -167,12 +168,7 @@ def test_adam_hyperparameters_changed_between_steps_match_torch() -> None:
     for keys, eps in ((["W1", "b1"], 1e-3), (["W2", "s"], 0.5)):
         ours.eps[...] = group["eps"] = eps
         grads = {key: value for key, value in random_grads(rng).items() if key in keys}
-        for key, tensor in tensors.items():
-            tensor.grad = torch.tensor(grads[key]) if key in grads else None
-        ours.update(params, grads)
-        theirs.step()
-        for key, tensor in tensors.items():
-            assert_close(params[key], tensor.detach().numpy())
+        step_both(ours, theirs, params, tensors, grads)
 
 
 def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
@@ -185,12 +181,7 @@ def test_adam_skipped_parameter_keeps_its_own_step_count_as_torch() -> None:
         grads = random_grads(rng)
         if step % 2:
             del grads["b1"]  # b1 has no gradient on odd steps: torch skips it (grad None)
-        for key, tensor in tensors.items():
-            tensor.grad = torch.tensor(grads[key]) if key in grads else None
-        ours.update(params, grads)
-        theirs.step()
-        for key, tensor in tensors.items():
-            assert_close(params[key], tensor.detach().numpy())
+        step_both(ours, theirs, params, tensors, grads)
     assert ours.steps == {"W1": N_STEPS, "b1": N_STEPS // 2, "W2": N_STEPS, "s": N_STEPS}
 
 
