@@ -22,7 +22,7 @@ import numpy as np
 # Run as a script, this folder is on sys.path: _common and seed_layers import as modules.
 import seed_layers
 import torch
-from _common import format_seconds, machine_report, paired_rounds, print_table
+from _common import format_seconds, machine_report, paired_rounds, positive_int, print_table
 
 import scratchnn as snn
 from scratchnn import _fused
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e5, 1e6, 1.6e7])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument(
-        "--torch-threads", type=int, help="PyTorch's threads (default: its own choice)"
+        "--torch-threads", type=positive_int, help="PyTorch's threads (default: its own choice)"
     )
     args = parser.parse_args(argv)
     if args.torch_threads:

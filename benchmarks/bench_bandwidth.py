@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from _common import format_seconds, machine_report, paired_rounds, print_table
+from _common import format_seconds, machine_report, paired_rounds, positive_int, print_table
 
 import scratchnn as snn
 
@@ -44,7 +44,7 @@ BIG = 64_000_000  # float32 elements: 256 MB
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     args = parser.parse_args(argv)
     print(machine_report())
 

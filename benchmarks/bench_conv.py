@@ -31,7 +31,14 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from _common import format_seconds, limit_threads, machine_report, paired_rounds, print_table
+from _common import (
+    format_seconds,
+    limit_threads,
+    machine_report,
+    paired_rounds,
+    positive_int,
+    print_table,
+)
 
 import scratchnn as snn
 
@@ -149,9 +156,9 @@ def step_contenders(batch: int) -> dict[str, Callable[[], object]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--threads", type=int, help="threads for both (default: OpenBLAS's)")
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=11)
+    parser.add_argument("--threads", type=positive_int, help="threads for both (default: OpenBLAS's)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         limit_threads(args.threads)  # OpenBLAS, PyTorch and scratchnn's own threads

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import limit_threads, machine_report, print_table
+from _common import limit_threads, machine_report, positive_int, print_table
 
 from scratchnn import mlp
 from scratchnn.data import load_fashion_mnist
@@ -139,10 +139,10 @@ def _status_kib(field: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--net", nargs="+", default=list(NETS), choices=list(NETS))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--threads", type=int, help="threads of PyTorch, OpenBLAS and scratchnn (default: theirs)"
+        "--threads", type=positive_int, help="threads of PyTorch, OpenBLAS and scratchnn (default: theirs)"
     )
     args = parser.parse_args(argv)
     if args.threads:

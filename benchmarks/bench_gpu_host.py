@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import format_seconds, machine_report, paired_rounds, print_table
+from _common import format_seconds, machine_report, paired_rounds, positive_int, print_table
 
 # -- the null device ------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ def calls_per_step(step: Callable[[], None]) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     args = parser.parse_args()
     sys.modules["cupy"] = cupy = null_cupy()
     print(machine_report())

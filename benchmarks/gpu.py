@@ -575,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 3 (not 0) where there is no GPU, no PyTorch with CUDA or no data",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    for name in ("epochs", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     missing = 3 if args.require_gpu else 0
     reason = gpu_unavailable_reason()
     if reason is not None:

@@ -1494,3 +1494,17 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     assert len(rows) == 2, result.stdout
     for row in rows:
         assert "numpy" not in row and "7 kernel, 8 matmul" in row, row
+
+
+@pytest.mark.parametrize(
+    ("script", "argument"),
+    [("bench_gpu_host.py", "--rounds"), ("bench_epoch.py", "--rounds"), ("gpu.py", "--repeats")],
+)
+def test_the_benchmarks_refuse_zero_rounds_by_name(script: str, argument: str) -> None:
+    # Zero rounds would end in a median of nothing: refused at once, the argument named.
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    result = subprocess.run(
+        [sys.executable, str(path), argument, "0"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert argument in result.stderr and "at least 1" in result.stderr
