@@ -87,6 +87,28 @@ def test_conv_empty_batch_gives_empty_dx_and_zero_gradients(c_in: int) -> None:
     np.testing.assert_array_equal(layer.db, np.zeros(4, np.float32))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: snn.Conv2d(1, 2, 1, padding=1, rng=np.random.default_rng(0)),
+        lambda: snn.MaxPool2d(2, 1, 1),
+        lambda: snn.AvgPool2d(2, 1, 1),
+    ],
+    ids=["Conv2d", "MaxPool2d", "AvgPool2d"],
+)
+@pytest.mark.parametrize("shape", [(1, 1, 0, 3), (2, 1, 3, 0)])
+def test_images_without_rows_or_columns_are_refused_as_pytorch_does(
+    make: Any, shape: tuple[int, ...]
+) -> None:
+    # With padding, every window of an empty image lies in the padding: an output of
+    # padding alone (-inf, 0, the bias) would pass for a real one. PyTorch raises too.
+    layer = make()
+    with pytest.raises(ValueError, match="images are empty"):
+        layer.forward(np.zeros(shape))
+    with pytest.raises(RuntimeError):
+        TF.conv2d(torch.zeros(shape), torch.zeros(2, 1, 1, 1), padding=1)
+
+
 @pytest.mark.parametrize("stride, padding", [(1, 1), ((2, 1), (0, 2))], ids=["same", "strided"])
 def test_conv_products_in_pieces_match_torch(
     stride: Any, padding: Any, monkeypatch: pytest.MonkeyPatch
@@ -268,3 +290,13 @@ def test_avg_pool_counts_the_padding_as_torch() -> None:
     out = snn.AvgPool2d(3, 1, 1).forward(x)
     np.testing.assert_allclose(out, TF.avg_pool2d(torch.tensor(x), 3, 1, 1).numpy(), rtol=1e-15)
     assert out[0, 0, 0, 0] == pytest.approx(4 / 9)
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_flatten_refuses_an_input_without_a_batch_and_a_feature_axis(shape: tuple[int, ...]) -> None:
+    # A 1-d array (labels passed by mistake) would silently become a column; torch.nn.Flatten
+    # refuses it too.
+    with pytest.raises(ValueError, match=r"Flatten: expected input of shape \(batch, d1, ...\)"):
+        snn.Flatten().forward(np.zeros(shape))
+    with pytest.raises(IndexError):
+        torch.nn.Flatten()(torch.zeros(shape))

@@ -45,6 +45,9 @@ def check_images(
     c = "C" if channels is None else str(channels)
     if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
         raise ValueError(f"{who}: expected input of shape (batch, {c}, H, W); got {x.shape}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        # Every window would lie in the padding: an output of padding alone, as PyTorch refuses.
+        raise ValueError(f"{who}: the images are empty (H and W must be at least 1); got {x.shape}")
     for axis, k, p in ((2, kernel[0], pad[0]), (3, kernel[1], pad[1])):
         if x.shape[axis] + 2 * p < k:
             raise ValueError(

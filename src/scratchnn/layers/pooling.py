@@ -261,8 +261,8 @@ class Flatten(Layer):
         self._x_shape: tuple[int, ...] = ()
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim < 1:
-            raise ValueError(f"Flatten: expected input of shape (batch, ...); got {x.shape}")
+        if x.ndim < 2:  # (a 1-d array, labels say, would silently become a column)
+            raise ValueError(f"Flatten: expected input of shape (batch, d1, ...); got {x.shape}")
         self._x_shape = x.shape
         view = x.reshape(x.shape[0], -1) if x.shape[0] else x.reshape(0, math.prod(x.shape[1:]))
         if np.may_share_memory(view, x):
