@@ -603,3 +603,77 @@ def test_a_shopping_graph_beyond_float64_is_one_line(
 def test_the_overflow_named_is_of_the_numbers_dtype() -> None:
     with pytest.raises(ValueError, match="apple_price is inf, beyond the float32 range"):
         mul_drawing(apple=np.float32(3e38), apple_num=np.float32(10))
+
+
+# -- after an audit: encodings, an existing .dot, Mermaid's backtick, names in errors ----------
+
+
+@pytest.mark.parametrize("console", ["cp1252", "ascii"])
+def test_cli_writes_utf8_to_stdout_whatever_the_console(console: str) -> None:
+    # The drawings hold "×" and "→"; dot reads UTF-8 and an SVG says so in its header. A
+    # cp1252 console wrote other bytes (dot refused them), an ASCII one raised.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": console}
+    code = "import sys; from scratchnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "graph", "add"], capture_output=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode("utf-8") == add_drawing().to_dot()
+
+
+def test_missing_dot_leaves_an_existing_dot_file_and_quotes_its_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    folder = tmp_path / "my figures"
+    folder.mkdir()
+    kept = folder / "keep.dot"
+    kept.write_text("my hand-edited graph", encoding="utf-8")
+    with pytest.raises(GraphvizNotFoundError, match=r"keep\.dot exists, so the DOT text was not"):
+        sigmoid_drawing().save(folder / "keep.svg")
+    assert kept.read_text(encoding="utf-8") == "my hand-edited graph"
+    with pytest.raises(GraphvizNotFoundError) as raised:
+        sigmoid_drawing().save(folder / "new.svg")
+    command = re.search(r"render it with: (.*?)\); install", str(raised.value))
+    assert command is not None
+    import shlex
+
+    assert shlex.split(command.group(1)) == [
+        "dot", "-Tsvg", str(folder / "new.dot"), "-o", str(folder / "new.svg")
+    ]  # fmt: skip
+
+
+def test_mermaid_labels_escape_a_leading_backtick() -> None:
+    from scratchnn.graph.draw import _mermaid_text
+
+    # Mermaid reads a quoted label that opens with a backtick as Markdown (and fails to parse
+    # an unclosed one): the character goes as its entity code, as the quote does.
+    assert _mermaid_text('`x" = 1') == '"#96;x#quot; = 1"'
+
+
+def test_the_shopping_and_chain_drawings_name_a_wrong_argument() -> None:
+    with pytest.raises(ValueError, match="mul: apple must be one number, got an array of shape"):
+        mul_drawing(apple=np.array([100.0, 200.0]))
+    with pytest.raises(ValueError, match="add: tax must be one number"):
+        add_drawing(tax=[1.1, 1.08])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mul: apple is inf; give a finite number"):
+        mul_drawing(apple=float("inf"))
+    with pytest.raises(TypeError, match=r"sigmoid_drawing: x must be a real number .* NoneType"):
+        sigmoid_drawing(None)
+    with pytest.raises(ValueError, match="sigmoid_drawing: x has 401 digits, beyond float64"):
+        sigmoid_drawing(10**400)
+    with pytest.raises(TypeError, match="relu_drawing: dout must be a real number"):
+        relu_drawing(1.0, "one")
+
+
+def test_cli_graph_names_an_empty_out_and_takes_underscored_negative_numbers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["graph", "sigmoid", "--format", "dot", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert main(["graph", "sigmoid", "--x", "-1_0.5"]) == 0
+    assert capsys.readouterr().out == sigmoid_drawing(-10.5).to_dot()

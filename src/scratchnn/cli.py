@@ -29,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # argparse takes only -2 and -2.5 for negative numbers: -1e-3 looked like an
         # option to it ("expected one argument"). (-inf then fails as not finite.)
+        digits = r"\d(?:_?\d)*"  # as float() reads them: 1_000 is 1000
         self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE
+            rf"^-({digits}(?:\.(?:{digits})?)?|\.{digits})(?:e[-+]?{digits})?$"
+            r"|^-(inf|infinity|nan)$",
+            re.IGNORECASE,
         )
 
     def error(self, message: str) -> NoReturn:
@@ -416,6 +419,8 @@ def _run_graph(args: argparse.Namespace) -> int:
         options = ", ".join("--" + name for name in wrong)
         return _fail("graph", f"{options} does not apply to the {args.name} graph")
     fmt = args.format
+    if args.out == "":
+        return _fail("graph", "--out is empty: give the name of the file to write")
     if args.out is not None:
         suffix_format = FORMATS.get(os.path.splitext(args.out)[1].lower())
         if fmt is None and suffix_format is None:
@@ -442,17 +447,29 @@ def _run_graph(args: argparse.Namespace) -> int:
             drawing.save(args.out, fmt)
             print(f"wrote {args.out}")
         elif fmt == "mermaid":
-            sys.stdout.write(drawing.to_mermaid())
+            _write_utf8(drawing.to_mermaid().encode("utf-8"))
         elif fmt == "svg":
-            sys.stdout.write(render(drawing.to_dot(), "svg").decode("utf-8"))
+            _write_utf8(render(drawing.to_dot(), "svg"))
         else:
-            sys.stdout.write(drawing.to_dot())
+            _write_utf8(drawing.to_dot().encode("utf-8"))
     except RuntimeError as error:  # no Graphviz (the DOT file is written), or dot failed
         print(f"scratchnn graph: {error}", file=sys.stderr)
         return 1
     except OSError as error:
         return _fail("graph", str(error))
     return 0
+
+
+def _write_utf8(data: bytes) -> None:
+    """Write UTF-8 bytes to stdout whatever the console's encoding: the drawings hold "×"
+    and "→", and DOT, Mermaid and SVG readers expect UTF-8 (an SVG says so in its header)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (a test's StringIO): text as it is
+        sys.stdout.write(data.decode("utf-8"))
+    else:
+        buffer.write(data)
+        buffer.flush()
 
 
 def _add_graph_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -84,6 +85,34 @@ def _describe(value: Any, digits: int, max_values: int) -> str:
     if array.size <= max_values:
         return f"{array.shape} {format_value(array, digits)}"
     return f"{array.shape}"
+
+
+def _numbers(who: str, name: str, value: Any) -> np.ndarray:
+    """``value`` as an array of real numbers, or an error naming the argument ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**1023:
+        raise ValueError(f"{who}: {name} has {len(str(abs(value)))} digits, beyond float64")
+    try:
+        array = np.asarray(value)
+    except ValueError as error:  # a ragged list
+        raise ValueError(f"{who}: {name} is not a rectangular array: {error}") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{who}: {name} must be a real number or an array of them, got "
+            f"{type(value).__name__}" + (f" of {array.dtype}" if array.ndim else "")
+        )
+    return array
+
+
+def _check_prices(who: str, **values: Any) -> None:
+    """A shopping graph's numbers are one finite real number each, as in the book (an array
+    would meet the nodes' scalar gradient; an inf would stand where a price is drawn). They
+    keep their type: a float32 price is computed in float32."""
+    for name, value in values.items():
+        array = _numbers(who, name, value)
+        if array.ndim:
+            raise ValueError(f"{who}: {name} must be one number, got an array of shape {array.shape}")
+        if not np.isfinite(array):
+            raise ValueError(f"{who}: {name} is {float(array)}; give a finite number")
 
 
 def _title_value(value: Any, digits: int) -> str:
@@ -209,6 +238,8 @@ class Drawing:
         beside ``path`` (suffix ``.dot``) and :class:`GraphvizNotFoundError`
         says where. Every file is written atomically.
         """
+        if not os.fspath(path):  # (Path("") would be the current directory)
+            raise ValueError("Drawing.save: the path to write is empty")
         path = Path(path)
         format = format if format is not None else FORMATS.get(path.suffix.lower())
         if format is None:
@@ -221,7 +252,7 @@ class Drawing:
         elif format == "mermaid":
             write_text_atomically(path, self.to_mermaid())
         elif format in ("svg", "png"):
-            data = render(self.to_dot(), format, dot_path=path.with_suffix(".dot"))
+            data = render(self.to_dot(), format, dot_path=path.with_suffix(".dot"), target=path)
             with atomic_path(path) as temporary:
                 temporary.write_bytes(data)
         else:
@@ -235,21 +266,31 @@ class Drawing:
         return render(self.to_dot(), "svg").decode("utf-8")
 
 
-def render(dot_text: str, format: str, *, dot_path: str | os.PathLike[str] | None = None) -> bytes:
+def render(
+    dot_text: str,
+    format: str,
+    *,
+    dot_path: str | os.PathLike[str] | None = None,
+    target: str | os.PathLike[str] | None = None,
+) -> bytes:
     """Render DOT text to ``svg`` or ``png`` bytes with Graphviz's ``dot``.
 
     Without ``dot`` on the PATH it raises :class:`GraphvizNotFoundError`,
-    after writing ``dot_text`` to ``dot_path`` when one is given, so that the
-    drawing can be rendered elsewhere.
+    after writing ``dot_text`` to ``dot_path`` when one is given and no file
+    is there (so that the drawing can be rendered elsewhere: the message gives
+    the command, with ``target`` as its output file).
     """
     program = shutil.which("dot")
     if program is None:
         where = ""
-        if dot_path is not None:
+        if dot_path is not None and os.path.exists(dot_path):
+            where = f" ({dot_path} exists, so the DOT text was not written there)"
+        elif dot_path is not None:
             write_text_atomically(dot_path, dot_text)
-            where = (
-                f"; wrote the DOT text to {dot_path} (render it with: dot -T{format} {dot_path})"
-            )
+            command = f"dot -T{format} {shlex.quote(str(dot_path))}"
+            if target is not None:
+                command += f" -o {shlex.quote(str(target))}"
+            where = f"; wrote the DOT text to {dot_path} (render it with: {command})"
         raise GraphvizNotFoundError(
             f"Graphviz's dot is not installed, so no {format.upper()} can be made{where}; "
             "install Graphviz (https://graphviz.org/download/) or use the dot or mermaid format"
@@ -316,8 +357,9 @@ def _mermaid_id(node_id: str) -> str:
 
 
 def _mermaid_text(text: str) -> str:
-    # Mermaid reads a quoted label verbatim except for its entity codes.
-    return '"' + text.replace('"', "#quot;") + '"'
+    # Mermaid reads a quoted label verbatim except for its entity codes, and one that opens
+    # with a backtick as Markdown: both characters as entity codes.
+    return '"' + text.replace('"', "#quot;").replace("`", "#96;") + '"'
 
 
 # -- drawings of the seed's graphs --------------------------------------------------
@@ -403,6 +445,7 @@ def sigmoid_drawing(
         chain = Chain([Sigmoid()], names=["x", "y"])
     else:
         raise ValueError(f"sigmoid_drawing: form must be 'detailed' or 'grouped', got {form!r}")
+    x, dout = _numbers("sigmoid_drawing", "x", x), _numbers("sigmoid_drawing", "dout", dout)
     title = f"sigmoid, x = {_title_value(x, digits)}, dL/dy = {_title_value(dout, digits)}"
     if step is not None:
         title += f": backward step {step} of {len(chain)}"
@@ -422,6 +465,7 @@ def relu_drawing(x: Any = 1.0, dout: Any = 1.0, *, digits: int = 4) -> Drawing:
             return "switch off" if mask else "switch on"
         return f"{int(np.count_nonzero(~mask))} of {mask.size} on"
 
+    x, dout = _numbers("relu_drawing", "x", x), _numbers("relu_drawing", "dout", dout)
     title = (
         f"ReLU, x = {_title_value(x, digits)}, dL/dy = {_title_value(dout, digits)}"
         "  (forward values in black above, gradients in red below)"
@@ -483,6 +527,7 @@ def mul_drawing(
     digits: int = 4,
 ) -> Drawing:
     """The book's apple shopping: ``apple × apple_num × tax``, through two ``MulLayer`` nodes."""
+    _check_prices("mul", apple=apple, apple_num=apple_num, tax=tax, dout=dout)
     mul_apple_layer, mul_tax_layer = MulLayer(), MulLayer()
     with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the number
         apple_price = mul_apple_layer.forward(apple, apple_num)
@@ -516,6 +561,8 @@ def add_drawing(
     digits: int = 4,
 ) -> Drawing:
     """The book's apples and oranges: ``(apple × apple_num + orange × orange_num) × tax``."""
+    _check_prices("add", apple=apple, apple_num=apple_num, orange=orange,
+                  orange_num=orange_num, tax=tax, dout=dout)  # fmt: skip
     mul_apple_layer, mul_orange_layer = MulLayer(), MulLayer()
     add_apple_orange_layer, mul_tax_layer = AddLayer(), MulLayer()
     with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the number
