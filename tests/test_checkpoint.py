@@ -719,3 +719,34 @@ def test_saved_files_are_not_executable(tmp_path: Path) -> None:
     path = tmp_path / "weights.safetensors"
     save_safetensors(path, {"a": np.ones(2)})
     assert os.stat(path).st_mode & 0o111 == 0
+
+
+# -- after an audit: repeated keys anywhere, in linear time; a size no weight holds ----------
+
+
+def test_a_header_of_many_keys_with_a_repeat_is_refused_quickly(tmp_path: Path) -> None:
+    # The repeat was found by counting each key among all the others, quadratic in their
+    # number: 40,000 keys took 16 s, a 1 MB header minutes. (20,000 here: 4 s that way.)
+    entry_text = '{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}'
+    keys = [f'"k{i}": {entry_text}' for i in range(20_000)]
+    header = ("{" + ", ".join([*keys, keys[0]]) + "}").encode()
+    path = write_raw(tmp_path / "many.safetensors", header)
+    with pytest.raises(CheckpointError, match=r"repeated key\(s\) \['k0'\]"):
+        load_safetensors(path)
+
+
+def test_a_repeated_setting_inside_the_saved_configuration_is_refused(tmp_path: Path) -> None:
+    # The outer header refused repeated keys, the JSON inside it (the configuration that
+    # builds the network, the history, the generator's state) did not: the last won, and a
+    # ReLU network was scored as a tanh one.
+    from scratchnn.runs import RunConfig
+
+    path = tmp_path / "model.safetensors"
+    save_model(path, {"W1": np.zeros((784, 10), np.float32), "b1": np.zeros(10, np.float32)},
+               RunConfig(hidden=[]).to_dict())  # fmt: skip
+    tensors, metadata = load_safetensors(path)
+    key = next(k for k, v in metadata.items() if '"activation"' in v)
+    metadata[key] = metadata[key][:-1] + ', "activation": "tanh"}'
+    save_safetensors(path, tensors, metadata)
+    with pytest.raises(CheckpointError, match=r"repeated key\(s\) \['activation'\]"):
+        load_model(path)

@@ -653,3 +653,38 @@ def test_runs_saved_before_later_settings_existed_still_load(
     capsys.readouterr()
     assert main(["evaluate", str(out / "model.safetensors")]) == 0
     assert main(["train", "--resume", "--epochs", "2", "--out", str(out)]) == 0
+
+
+def test_a_model_file_cannot_name_more_parameters_than_it_stores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A weight of no elements, shape (0, n), has n for a dimension: each configured size
+    # seemed stored, and a 536-byte file built a 30000 x 30000 network (11.5 GB) before the
+    # weights were compared. The count of parameters the configuration implies is checked
+    # against the numbers the file holds first.
+    from scratchnn.checkpoint import save_model
+    from scratchnn.runs import RunConfig
+
+    path = tmp_path / "model.safetensors"
+    config = RunConfig(hidden=[30_000, 30_000], epochs=1)
+    save_model(path, {"W2": np.zeros((0, 30_000), np.float32)}, config.to_dict())
+    assert path.stat().st_size < 1000
+    assert main(["evaluate", str(path)]) == 2
+    err = capsys.readouterr().err
+    needed = 784 * 30_000 + 30_000 + 30_000 * 30_000 + 30_000 + 30_000 * 10 + 10
+    assert f"the configuration's network has {needed} parameters" in err
+    assert "but the file holds 0 numbers" in err
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"hidden": [50]}, {"hidden": [256, 128, 64]},
+     {"model": "cnn", "hidden": [128], "channels": [16, 32]},
+     {"model": "cnn", "hidden": [7], "channels": [3, 5, 2]}],
+)  # fmt: skip
+def test_the_parameter_count_of_a_configuration_is_that_of_its_network(settings: Any) -> None:
+    from scratchnn.runs import RunConfig, build_network, parameter_count
+
+    config = RunConfig(**settings)
+    network = build_network(config, np.random.default_rng(0))
+    assert parameter_count(config) == sum(array.size for array in network.params.values())

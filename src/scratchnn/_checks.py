@@ -1,5 +1,6 @@
-"""The checks of constructor arguments that layers and optimisers share, and of
-class-index labels, which the losses and ``Sequential.accuracy`` share.
+"""The checks of constructor arguments that layers and optimisers share, of
+class-index labels, which the losses and ``Sequential.accuracy`` share, and the strict
+JSON reading of every file a user loads (:func:`strict_json`).
 
 Each argument check returns the value as a plain Python ``int`` or
 ``float``, or raises ``TypeError`` (not a number of that kind: a bool, a
@@ -11,8 +12,10 @@ any lies outside the classes and :func:`label_error` makes the error to raise.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -147,3 +150,32 @@ def flag(who: str, name: str, value: object) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{who}: {name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads(text)``, refusing what two readers could read differently: a repeated key
+    in an object (one reader keeps the first, another the last), a lone surrogate escape
+    (``"\\ud800"``: no Unicode text, and no UTF-8 writer could write it back), and
+    ``NaN``/``Infinity``, which are not JSON. Raises ``ValueError`` (and ``RecursionError``
+    for absurdly nested text, as ``json.loads`` does)."""
+    return json.loads(text, object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):  # (counted in one pass: a hostile file has many keys)
+        repeated = sorted(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+        shown = repeated[:5] + (["..."] if len(repeated) > 5 else [])
+        raise ValueError(f"repeated key(s) {shown}")
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown_text = repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
+                raise ValueError(f"{shown_text} holds a lone surrogate escape") from None
+    return result
+
+
+def _no_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not allowed in JSON")

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn import _checks
 from scratchnn.backend import to_host
 from scratchnn.files import atomic_path, check_regular_file
 
@@ -245,11 +246,7 @@ def _read_header(
     if len(raw) != header_size:
         raise CheckpointError(f"{name}: the file ended inside the header")
     try:
-        header = json.loads(
-            raw.decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constant,
-        )
+        header = _checks.strict_json(raw.decode("utf-8"))
     except (ValueError, RecursionError) as error:
         # UnicodeDecodeError and JSONDecodeError are ValueErrors; RecursionError
         # comes from absurdly nested JSON.
@@ -329,30 +326,6 @@ def _check_entry(
 def _is_count(value: object) -> bool:
     """A non-negative JSON integer (``true`` does not count)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON object hook: a repeated key would let two readers see different files; a lone
-    surrogate escape (``"\\ud800"``) is no Unicode text, and no UTF-8 writer could write
-    the name back (the safetensors reference reader refuses both)."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        keys = [key for key, _ in pairs]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        raise ValueError(f"repeated key(s) {repeated}")
-    for key, value in pairs:
-        for text in (key, value) if isinstance(value, str) else (key,):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = repr(text) if len(text) <= 60 else repr(text[:60]) + "..."
-                raise ValueError(f"{shown} holds a lone surrogate escape") from None
-    return result
-
-
-def _no_constant(value: str) -> Any:
-    """JSON constant hook: ``NaN`` and ``Infinity`` are not JSON."""
-    raise ValueError(f"{value} is not allowed in JSON")
 
 
 def _read_tensor(
@@ -622,7 +595,7 @@ def _split_tensors(
 def _parse_json(name: str, text: str, what: str) -> Any:
     """Parse a JSON metadata field, as ``CheckpointError`` on failure."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return _checks.strict_json(text)
     except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{name}: {what} is not valid JSON: {error}") from None
 

@@ -614,16 +614,42 @@ def _naming(path: Path) -> Iterator[None]:
 
 
 def _check_sizes_are_stored(config: RunConfig, params: dict[str, np.ndarray]) -> None:
-    """Every layer size the configuration names is a dimension of some stored weight.
+    """Every layer size the configuration names is a dimension of some stored weight, and
+    the file stores at least as many numbers as the network has parameters.
 
     Why: the network is built from the configuration before the weights are
-    compared with it, and an edited size (hidden = [10**8]) would allocate first.
+    compared with it, and an edited size (hidden = [10**8]) would allocate first;
+    a weight of no elements, shape (0, 10**8), has any size for a dimension.
     """
     stored = {size for array in params.values() for size in array.shape}
     sizes = [*config.channels, config.hidden[0]] if config.model == "cnn" else config.hidden
     missing = [size for size in sizes if size not in stored]
     if missing:
         raise ValueError(f"the configuration's sizes {missing} match no stored weight")
+    needed, held = parameter_count(config), sum(array.size for array in params.values())
+    if needed > held:
+        raise ValueError(
+            f"the configuration's network has {needed} parameters, but the file holds "
+            f"{held} numbers"
+        )
+
+
+def parameter_count(config: RunConfig, n_in: int = 784, n_out: int = 10) -> int:
+    """The number of learnable parameters of :func:`build_network`'s network, worked out
+    from the configuration alone (nothing allocated).
+
+    >>> parameter_count(RunConfig(hidden=[50]))  # 784 * 50 + 50 + 50 * 10 + 10
+    39760
+    """
+    if config.model != "cnn":
+        sizes = [n_in, *config.hidden, n_out]
+        return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    count, previous, side = 0, 1, 28
+    for channels in config.channels:  # Conv2d 3x3 with its bias, MaxPool2d(2), BatchNorm
+        count += previous * channels * 9 + channels + 2 * channels
+        previous, side = channels, side // 2
+    hidden = config.hidden[0]
+    return count + previous * side * side * hidden + hidden + hidden * n_out + n_out
 
 
 def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:

@@ -122,8 +122,8 @@ class History:
     def from_json(cls, text: str) -> History:
         """The history that ``to_json`` wrote (``null`` reads back as NaN)."""
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as error:
+            data = _checks.strict_json(text)
+        except (ValueError, RecursionError) as error:
             # RecursionError: nesting deeper than the parser's stack (a hostile file).
             raise ValueError(f"history is not JSON: {error}") from None
         return cls.from_dict(data)
