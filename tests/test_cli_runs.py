@@ -381,6 +381,36 @@ def test_an_interrupted_overwrite_leaves_the_replaced_run_whole(
 
 
 @needs_data
+@pytest.mark.parametrize("how", ["--overwrite", "--resume"])
+def test_a_first_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(
+    how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk at the new run's first checkpoint: the replaced run's model and curve were
+    # deleted before the write that failed. Now they go only once it is written whole.
+    import errno
+
+    import scratchnn.checkpoint
+    import scratchnn.runs
+
+    out = trained_run(tmp_path)
+    before = {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES}
+
+    def disk_full(path: Any, header: bytes, arrays: Any) -> None:
+        with scratchnn.checkpoint.atomic_path(path) as temporary:
+            temporary.write_bytes(header[:10])  # the disk fills up part-way
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scratchnn.checkpoint, "_atomic_write", disk_full)
+    argv = ["--resume", "--epochs", "3"] if how == "--resume" else [*SMALL, "--epochs", "3", how]
+    capsys.readouterr()
+    assert main(["train", *argv, "--out", str(out)]) == 2
+    assert {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(scratchnn.runs.RUN_FILES)
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "checkpoint.safetensors" in err
+
+
+@needs_data
 def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -182,3 +183,37 @@ def test_a_new_file_gets_the_mode_a_plain_open_gives(tmp_path: Path, umask: int)
         os.umask(old)
     plain = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
     assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == plain
+
+
+def test_a_failure_setting_the_permissions_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some file systems (vfat, CIFS) refuse fchmod: the temporary file, already made, was left
+    # behind at every failed save.
+    import scratchnn.files
+
+    def refused(*args: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(scratchnn.files, "_chmod", refused)
+    target = tmp_path / "w.txt"
+    target.write_text("old")
+    with pytest.raises(PermissionError):
+        write_text_atomically(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.txt"]
+    assert target.read_text() == "old"
+
+
+def test_a_writer_error_without_a_file_name_names_the_file_being_written(tmp_path: Path) -> None:
+    # A full disk raises ENOSPC from the writer, with no file name: "No space left on device"
+    # alone said nothing of which file failed.
+    target = tmp_path / "run" / "checkpoint.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        with atomic_path(target) as temporary:
+            temporary.write_bytes(b"new, partly")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint.safetensors"]

@@ -71,18 +71,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd = os.open(temporary, flags, 0o666)
     except OSError as error:  # no such directory, no permission: say so of the user's path
         raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
-    try:
-        mode = _final_mode(target, fd)
-        # The writer opens the file again by name: it must stay writable to its owner
-        # while it is written (a umask of 0o222 would make it read-only from the start).
-        _chmod(fd, mode | 0o600, temporary)
-    finally:
-        os.close(fd)
-    try:
-        yield temporary
-        _fsync(temporary)  # the bytes must be on disk before the name points at them
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
+    try:  # from here on, whatever fails, the temporary file goes
+        try:
+            mode = _final_mode(target, fd)
+            # The writer opens the file again by name: it must stay writable to its owner
+            # while it is written (a umask of 0o222 would make it read-only from the start).
+            _chmod(fd, mode | 0o600, temporary)
+        finally:
+            os.close(fd)
+        try:
+            yield temporary
+            _fsync(temporary)  # the bytes must be on disk before the name points at them
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        except OSError as error:
+            if error.errno is None or error.filename not in (None, os.fspath(temporary)):
+                raise
+            # A writer's "No space left on device" names no file (or this temporary one, when
+            # it was itself written through atomic_path): name the file being written.
+            raise type(error)(error.errno, error.strerror, os.fspath(path)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

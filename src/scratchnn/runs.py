@@ -36,7 +36,7 @@ from scratchnn.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from scratchnn.files import write_text_atomically
+from scratchnn.files import atomic_path, write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import History, evaluate, fit
@@ -429,23 +429,26 @@ def _train(
     test_data = (to_device(test_data[0], device), to_device(test_data[1], device))
 
     def save_epoch(epoch: int, run_history: History) -> None:
-        if not saved:
-            # This call's first checkpoint is about to replace the run's: the model and
-            # curve of what came before go first, so that no moment leaves an older model
-            # beside a newer checkpoint for evaluate to score as the latest. (Until now,
-            # a failure left the directory as it was.) The histories are rewritten below.
-            for name in (MODEL_FILE, RUN_FILES[-1]):
-                with contextlib.suppress(FileNotFoundError):
-                    (out / name).unlink()
-        save_checkpoint(
-            out / CHECKPOINT_FILE,
-            params=network.state(),
-            optimizer_state=optimizer.state_dict(),
-            rng=rng,
-            epoch=epoch,
-            config=config.to_dict(),
-            metadata={"history": run_history.to_json()},
-        )
+        target = out / CHECKPOINT_FILE
+        # This call's first checkpoint replaces the run's: it is written whole under a
+        # temporary name first, then the model and curve of what came before go, then it
+        # takes its name. So no moment leaves an older model beside a newer checkpoint for
+        # evaluate to score as the latest, and a write that fails (a full disk) leaves the
+        # directory as it was. The histories are rewritten below.
+        with atomic_path(target) if not saved else contextlib.nullcontext(target) as path:
+            save_checkpoint(
+                path,
+                params=network.state(),
+                optimizer_state=optimizer.state_dict(),
+                rng=rng,
+                epoch=epoch,
+                config=config.to_dict(),
+                metadata={"history": run_history.to_json()},
+            )
+            if not saved:
+                for name in (MODEL_FILE, RUN_FILES[-1]):
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / name).unlink()
         saved.append(epoch)
         write_text_atomically(out / "history.json", run_history.to_json() + "\n")
         write_text_atomically(out / "history.csv", run_history.to_csv())
@@ -667,7 +670,6 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
     params, config_dict = load_model(path)
     with _naming(Path(path)):
         config = RunConfig.from_dict(config_dict, complete=True)
-        _check_sizes_are_stored(config, params)
         first = params.get("W1")
         if config.model == "mlp" and first is not None and first.shape[0] != 784:
             # Evaluation would fail in the first layer, far from the cause.
@@ -675,6 +677,7 @@ def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
                 f"its first layer takes {first.shape[0]} inputs, but {config.dataset}'s "
                 "images have 784"
             )
+        _check_sizes_are_stored(config, params)
         network = build_network(config, np.random.default_rng(0))
     try:
         network.load_state(params)
