@@ -331,6 +331,7 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
     checkpoint = out / "checkpoint.safetensors"
     original = checkpoint.read_bytes()
     config = load_checkpoint(checkpoint).config
+    state = load_checkpoint(checkpoint).optimizer_state
     cases = [
         ({"metadata": {"history": "not json"}}, "history is not JSON"),
         ({"metadata": {"history": "[" * 100_000 + "]" * 100_000}}, "history is not JSON"),
@@ -338,6 +339,10 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
         ({"epoch": 5}, "its history has 2 epochs, its epoch count 5"),
         ({"config": {**config, "hidden": [100_000_000]}}, "sizes [100000000] match no stored"),
         ({"config": {**config, "dtype": "float64"}}, "float64"),
+        # A state lost (an export that dropped it): the run would go on from zero moments.
+        ({"optimizer_state": {}}, "the optimiser's state lacks m/W1, v/W1, m/b1, v/b1"),
+        ({"optimizer_state": {k: v for k, v in state.items() if k.endswith("/W1")}},
+         "the optimiser's state lacks m/b1, v/b1, m/W2, v/W2"),
     ]
     for change, message in cases:
         checkpoint.write_bytes(original)

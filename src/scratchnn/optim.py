@@ -209,9 +209,15 @@ class Optimizer:
         self._check_state_of(key, param, who)
         return key, param, grad
 
-    def check_state(self, params: Mapping[str, Any]) -> None:
+    def check_state(self, params: Mapping[str, Any], *, complete: bool = False) -> None:
         """``ValueError`` unless every state array belongs to a parameter of ``params`` of
-        its shape and dtype: what a loaded state must satisfy before the first update."""
+        its shape and dtype: what a loaded state must satisfy before the first update.
+
+        With ``complete=True`` every parameter must also have every slot: the state of an
+        optimiser that has stepped them all (a checkpoint's, after an epoch). A state
+        missing there would start from zero moments, and the run would go on otherwise
+        than the one saved, without a word.
+        """
         who = f"{type(self).__name__}.check_state"
         for slot in self.slots:
             for key in getattr(self, slot):
@@ -219,6 +225,12 @@ class Optimizer:
                     raise ValueError(f"{who}: state {slot}/{key} belongs to no parameter")
         for key, param in params.items():
             self._check_state_of(key, param, who)
+        if complete:
+            missing = [f"{slot}/{key}" for key in params for slot in self.slots
+                       if key not in getattr(self, slot)]  # fmt: skip
+            if missing:
+                shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                raise ValueError(f"{who}: the optimiser's state lacks {shown}")
 
     def _check_state_of(self, key: str, param: Any, who: str) -> None:
         for slot in self.slots:

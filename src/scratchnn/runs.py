@@ -576,7 +576,8 @@ def _start(
         with _naming(checkpoint_path):
             network.load_state(checkpoint.params)
             optimizer.load_state_dict(checkpoint.optimizer_state)
-            optimizer.check_state(network.params)  # now, not at the first step of an epoch
+            # Now, not at the first step of an epoch; every parameter has stepped by then.
+            optimizer.check_state(network.params, complete=True)
             rng = checkpoint.rng()
         for layer in network.layers:
             if hasattr(layer, "rng"):  # dropout draws from the run's generator, restored with it
