@@ -750,3 +750,21 @@ def test_a_repeated_setting_inside_the_saved_configuration_is_refused(tmp_path: 
     save_safetensors(path, tensors, metadata)
     with pytest.raises(CheckpointError, match=r"repeated key\(s\) \['activation'\]"):
         load_model(path)
+
+
+def test_a_header_longer_than_the_limit_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    # Valid JSON of the wrong structure, parsed, takes some 25 times its length: a 99 MB
+    # header took 2.4 GB before its structure was refused. Beyond the limit it is not read.
+    from scratchnn.checkpoint import MAX_HEADER_BYTES
+
+    items = MAX_HEADER_BYTES // 3 + 1
+    header = b'{"x":[' + b"{}," * items + b"{}]}"
+    path = write_raw(tmp_path / "long.safetensors", header)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="header length"):
+            load_safetensors(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # nothing of the header was read, let alone parsed

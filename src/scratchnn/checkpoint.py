@@ -92,8 +92,10 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 _RANK = {name: rank for rank, name in enumerate(_DTYPES)}
 _NAME_OF_DTYPE = {dtype: name for name, dtype in _DTYPES.items()}
 
-# The reference reader's limit; a longer header is an attack, not a checkpoint.
-MAX_HEADER_BYTES = 100_000_000
+# A header's longest: ours hold a few kilobytes (a long history some hundreds), a large
+# model's a megabyte or two. Parsed, JSON takes up to some 25 times its length in memory (a
+# hostile 99 MB header, under the reference reader's 100 MB, took 2.4 GB); 16 MiB bounds that.
+MAX_HEADER_BYTES = 16 * 2**20
 _MAX_NDIM = 64  # NumPy's limit on the number of dimensions
 _MAX_SIZE = int(np.iinfo(np.intp).max)
 _METADATA_KEY = "__metadata__"
@@ -210,7 +212,9 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, s
     shapes of non-negative integers, offsets that cover the data exactly once
     with no gap, overlap or trailing byte, and sizes that match the shapes. A
     defect raises ``CheckpointError`` naming the file and the defect, so a
-    truncated or hostile file never allocates more than its own size. The
+    truncated or hostile file never allocates tensors beyond its own size (and
+    its header, at most ``MAX_HEADER_BYTES``, at most some 25 times that as
+    parsed JSON). The
     arrays returned are writable copies in native byte order. Errors opening
     the file (``FileNotFoundError`` and other ``OSError``) propagate unchanged.
     """
