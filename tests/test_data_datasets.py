@@ -311,3 +311,29 @@ def test_a_big_endian_dtype_gives_native_arrays(tmp_path: Path) -> None:
     assert x.dtype == t.dtype == np.dtype(np.float32) and x.dtype.isnative
     np.testing.assert_array_equal(x, x32)
     np.testing.assert_array_equal(t, t32)
+
+
+def test_a_small_gzip_that_would_expand_beyond_the_data_set_is_refused_unread(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1.3 million zero images in a 1 MB gzip: read in full (1 GB, and 4 GB as floats) before
+    # the loader looked. Its header claims more than the data set's 70,000 images can be.
+    make_dataset(isolated / "data")
+    n = datasets.MAX_EXAMPLES + 1
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", n, 28, 28)
+    bomb = isolated / "data" / "train-images-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as stream:
+        stream.write(header)
+        stream.write(bytes(n * 28 * 28))
+    read: list[int] = []
+    original = gzip.GzipFile.read
+
+    def counted(self: gzip.GzipFile, size: int = -1) -> bytes:
+        data = original(self, size)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    with pytest.raises(ValueError, match=r"more than the 54880000 bytes this file may hold"):
+        load_fashion_mnist(isolated / "data")
+    assert sum(read) < 1024  # the header, not the 55 MB behind it

@@ -185,6 +185,10 @@ def _candidate_dirs(name: str, path: str | os.PathLike[str] | None) -> list[Path
     return unique
 
 
+# MNIST and Fashion-MNIST hold 70,000 examples each (60,000 to train on, 10,000 to test).
+MAX_EXAMPLES = 70_000
+
+
 def _load(
     name: str,
     path: str | os.PathLike[str] | None,
@@ -204,7 +208,10 @@ def _load(
     for prefix in ("train", "t10k"):
         images_path = files[f"{prefix}-images-idx3-ubyte"]
         labels_path = files[f"{prefix}-labels-idx1-ubyte"]
-        x, t = read_idx(images_path), read_idx(labels_path)
+        # At most the data set's 70,000 examples: a small hostile gzip file could claim and
+        # hold gigabytes (of zeros), refused before any is decompressed.
+        x = read_idx(images_path, max_bytes=MAX_EXAMPLES * 28 * 28)
+        t = read_idx(labels_path, max_bytes=MAX_EXAMPLES)
         _check_split(x, t, images_path, labels_path)
         splits.append(
             (_images(x, normalize, flatten, float_dtype), _labels(t, one_hot_label, float_dtype))

@@ -51,7 +51,7 @@ class _Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed, into a native-endian NumPy array.
 
     Gzip is detected by the magic bytes ``1f 8b``, not by the file name. The
@@ -59,7 +59,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     (1 to ``MAX_NDIM``) and that the dimensions' product matches the data
     exactly, so truncated files and trailing bytes are both errors. A gzip file
     is decompressed in bounded chunks and never beyond one byte more than its
-    header promises.
+    header promises. ``max_bytes`` bounds what that promise may be: a caller
+    that knows its data (a data set's loader) refuses a small gzip file that
+    would expand to gigabytes before a byte of it is decompressed.
 
     Raises ``ValueError`` naming the file and the problem (a pipe or device
     too: the checks need its size), and ``FileNotFoundError`` (an ``OSError``)
@@ -80,12 +82,16 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             raw.seek(0)
             try:
                 with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                    return _read_stream(stream, name, compressed_size=compressed_size)
+                    return _read_stream(
+                        stream, name, compressed_size=compressed_size, max_bytes=max_bytes
+                    )
             except (OSError, EOFError, zlib.error) as error:
                 # BadGzipFile is an OSError; a cut-off stream raises EOFError.
                 raise ValueError(f"{name}: corrupt gzip data: {error}") from error
         raw.seek(0)
-        return _read_stream(raw, name, file_size=os.fstat(raw.fileno()).st_size)
+        return _read_stream(
+            raw, name, file_size=os.fstat(raw.fileno()).st_size, max_bytes=max_bytes
+        )
 
 
 def _read_stream(
@@ -94,6 +100,7 @@ def _read_stream(
     *,
     file_size: int | None = None,
     compressed_size: int | None = None,
+    max_bytes: int | None = None,
 ) -> np.ndarray:
     """Parse and check the header, then read exactly the promised data."""
     magic = _read_exact(stream, 4, name, "the 4-byte magic number")
@@ -116,6 +123,8 @@ def _read_stream(
     expected = math.prod(shape) * dtype.itemsize
     claim = f"header claims shape {shape} of {dtype.name}, {expected} bytes of data"
 
+    if max_bytes is not None and expected > max_bytes:
+        raise ValueError(f"{name}: {claim}, more than the {max_bytes} bytes this file may hold")
     if file_size is not None and file_size - header_size != expected:
         actual = file_size - header_size
         problem = "truncated" if actual < expected else "trailing bytes after the data"
