@@ -117,3 +117,45 @@ def test_the_bar_fits_its_own_terminal_when_stdout_goes_elsewhere(
     os.close(leader)
     lines = [line.removesuffix("\x1b[K") for line in drawn.split("\r") if line]
     assert lines and all(0 < len(line) <= 39 for line in lines), lines
+
+
+def test_a_terminal_of_no_size_yet_takes_columns_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A container's pty before its first resize reports 0 columns: the bar drew one letter.
+    pty = pytest.importorskip("pty")
+    import os
+
+    monkeypatch.setenv("COLUMNS", "80")
+    leader, follower = pty.openpty()  # no size set: 0 x 0
+    with open(follower, "w", closefd=True) as terminal:
+        assert os.get_terminal_size(terminal.fileno()).columns == 0
+        ProgressBar(total=10, prefix="epoch 1/2", stream=terminal).update(10, loss=0.5)
+    drawn = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "epoch 1/2 [" in drawn and "10/10 loss 0.5" in drawn
+
+
+@pytest.mark.parametrize("columns", range(2, 41))
+def test_on_a_narrow_terminal_whole_fields_go_and_no_number_is_cut(
+    columns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "epoch 10/15" cut to "epoch 10/1", "30000/60000" to "30000/6": counts that read wrong.
+    monkeypatch.setenv("COLUMNS", str(columns))
+    stream = Terminal()
+    bar = ProgressBar(total=60000, prefix="epoch 10/15", stream=stream)
+    bar.update(30000, loss=0.4312)
+    line = stream.getvalue().split("\r")[-1].removesuffix("\033[K")
+    assert len(line) <= columns - 1
+    fields = line.split()
+    allowed = {"epoch", "10/15", "30000/60000", "loss", "0.4312", "50%"}
+    assert all(f in allowed or re.fullmatch(r"\[#*-*\]|\d+\.\ds<\d+\.\ds", f) for f in fields), line
+
+
+@pytest.mark.parametrize("total", [0, -5, 2.5, True])
+def test_a_bar_needs_a_whole_number_of_steps_and_never_goes_back(total: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="ProgressBar: total"):
+        ProgressBar(total=total)  # type: ignore[arg-type]
+    bar = ProgressBar(total=10, stream=Terminal())
+    with pytest.raises(ValueError, match="n must be at least 0, got -100"):
+        bar.update(-100)
