@@ -817,3 +817,32 @@ def test_the_builders_and_evaluate_name_arguments_of_the_wrong_kind() -> None:
     # gave an empty batch ("the prediction is empty").
     assert evaluate(net, x, t, batch_size=np.uint8(100)) == evaluate(net, x, t, batch_size=100)
     assert evaluate(net, list(x), list(t)) == evaluate(net, x, t)
+
+
+def test_the_learning_curve_of_a_loss_near_the_float_maximum_is_drawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A finite loss of 1.7e308 overflowed matplotlib's axis arithmetic ("arange: cannot
+    # compute length"), after the run had trained and saved.
+    figure = drawn_curve([{"train_loss": 0.7, "train_acc": 0.6, "test_loss": 0.8, "test_acc": 0.55},
+                          {"train_loss": 1.7e308, "train_acc": 0.1, "test_loss": 1.6e308,
+                           "test_acc": 0.1}], tmp_path, monkeypatch)  # fmt: skip
+    loss_axis, _ = figure.axes
+    assert loss_axis.get_title() == "cross-entropy loss (too large to draw from epoch 2: diverged)"
+    figure.canvas.draw()  # the axis arithmetic that overflowed
+
+
+def test_the_learning_curve_of_a_run_diverged_from_its_first_epoch_names_its_test_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from scratchnn import plots
+
+    nan = float("nan")
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "save_figure_atomically", lambda figure, path: drawn.append(figure))
+    history = History()
+    history.append(epoch=1, seconds=1.0, train_loss=nan, train_acc=nan, test_loss=nan, test_acc=nan)
+    plots.plot_learning_curve(history, tmp_path / "curve.png", test_set=True)
+    _, acc_axis = drawn[0].axes
+    assert acc_axis.get_title() == "final test accuracy: none (the scores hold NaN)"

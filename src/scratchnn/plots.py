@@ -43,26 +43,31 @@ def save_figure_atomically(figure: Any, path: str | os.PathLike[str]) -> None:
         _pyplot().close(figure)
 
 
-def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: str = "") -> None:
-    """Write a PNG with loss (left) and accuracy (right) per epoch, train against test."""
+# Beyond this a finite number is drawn as a diverged one (no point): matplotlib's axis
+# arithmetic overflows within a few powers of ten of the float64 maximum (1.8e308).
+_LARGEST_DRAWN = 1e300
+
+
+def _drawable(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= _LARGEST_DRAWN
+
+
+def plot_learning_curve(
+    history: Any, path: str | os.PathLike[str], *, title: str = "", test_set: bool | None = None
+) -> None:
+    """Write a PNG with loss (left) and accuracy (right) per epoch, train against test.
+
+    ``test_set`` says whether the run had one; by default, whether any test metric is a
+    number (``fit`` without a test set records NaN for them, as a run that diverged from
+    its first epoch does).
+    """
     plt = _pyplot()
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = history.epoch
     for axis, metric, label in ((loss_axis, "loss", "loss"), (acc_axis, "acc", "accuracy")):
-        axis.plot(
-            epochs,
-            getattr(history, f"train_{metric}"),
-            "o-",
-            color="tab:blue",
-            label=f"train {label}",
-        )
-        axis.plot(
-            epochs,
-            getattr(history, f"test_{metric}"),
-            "s--",
-            color="tab:orange",
-            label=f"test {label}",
-        )
+        for split, style, colour in (("train", "o-", "tab:blue"), ("test", "s--", "tab:orange")):
+            values = [v if _drawable(v) else math.nan for v in getattr(history, f"{split}_{metric}")]
+            axis.plot(epochs, values, style, color=colour, label=f"{split} {label}")
         axis.set_xlabel("epoch")
         if 0 < len(epochs) <= 20:  # whole epochs only: no "epoch 0.96" beside one point
             axis.set_xticks(list(epochs))
@@ -71,9 +76,11 @@ def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: st
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
         axis.legend()
-    # fit without a test set records NaN for every test metric; a run that diverged has
-    # finite ones first.
-    had_test = any(not math.isnan(v) for v in [*history.test_loss, *history.test_acc])
+    had_test = (
+        test_set
+        if test_set is not None
+        else any(not math.isnan(v) for v in [*history.test_loss, *history.test_acc])
+    )
     which = "test" if had_test else "training"
     accuracies = history.test_acc if had_test else history.train_acc
     if accuracies:
@@ -83,10 +90,19 @@ def plot_learning_curve(history: Any, path: str | os.PathLike[str], *, title: st
             if math.isnan(final)
             else f"final {which} accuracy {100 * final:.2f}%"
         )
-    # A loss that is not finite draws no point: say where the run diverged instead.
+    # A loss that is not finite (or too large to draw) draws no point: say where the run
+    # diverged instead.
     losses = zip(history.epoch, history.train_loss, history.test_loss)
-    broken = [e for e, a, b in losses if not math.isfinite(a) or (had_test and not math.isfinite(b))]
-    diverged = f" (not finite from epoch {broken[0]}: diverged)" if broken else ""
+    broken = [
+        (e, [a, b] if had_test else [a])
+        for e, a, b in losses
+        if not _drawable(a) or (had_test and not _drawable(b))
+    ]
+    diverged = ""
+    if broken:
+        epoch, values = broken[0]
+        what = "not finite" if not all(map(math.isfinite, values)) else "too large to draw"
+        diverged = f" ({what} from epoch {epoch}: diverged)"
     loss_axis.set_title(f"cross-entropy loss{diverged}")
     if title:
         figure.suptitle(title)

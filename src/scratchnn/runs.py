@@ -490,6 +490,7 @@ def _train(
             history,
             out / RUN_FILES[-1],
             title=f"{config.dataset} {sizes}, {config.activation}, {config.optimizer}",
+            test_set=True,  # (a run diverged from its first epoch has NaN test metrics too)
         )
         written.append(RUN_FILES[-1])
     except RuntimeError as error:  # matplotlib missing: the run itself still succeeded
