@@ -90,6 +90,11 @@ def test_the_format_follows_the_suffix_and_a_bad_one_is_refused(
         assert "cannot tell the image format" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.svg"]
     assert plt.get_fignums() == []  # refused figures are closed too
+    # An empty path named ".", the current directory, in its message.
+    with pytest.raises(ValueError, match="the path to write the figure to is empty"):
+        plot_activations("", x=np.linspace(-1, 1, 5))
+    assert main(["plot", "activations", "--out", ""]) == 2
+    assert "is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("x", [[], [1.0], [[0.0, 1.0]], [0.0, float("nan")]])

@@ -204,3 +204,45 @@ def test_python_dash_m_runs_the_demo() -> None:
     assert result.returncode == 0, result.stderr
     assert NOTEBOOK_X in result.stdout and NOTEBOOK_MASK in result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize(("x", "dtype"), [("30", "float64"), ("36", "float64"), ("15", "float32")])
+def test_demo_says_which_is_right_where_y_is_near_1(
+    x: str, dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # For 20 < x < 37 (float64) the fused y (1 - y) keeps few digits of 1 - y; the chain's
+    # gradient is right (mpmath below). The line said only "the chain differs", and
+    # showed y = 1 beside a y (1 - y) that is not 0.
+    mpmath = pytest.importorskip("mpmath")
+    out = run(["demo", "--x", x, "--dtype", dtype], capsys)
+    exact = float(mpmath.exp(-mpmath.mpf(x)) / (1 + mpmath.exp(-mpmath.mpf(x))) ** 2)
+    chain = table_rows(out)[-1][4]
+    fused = float(re.search(r"fused Sigmoid = (\S+)", out).group(1))  # type: ignore[union-attr]
+    assert abs(chain - exact) < abs(fused - exact)  # the oracle's verdict, as the line says
+    assert "y is near 1, and 1 - y in the fused (1 - y) y keeps few digits" in out
+    assert "here the chain's exp(-x) is right" in out
+    if dtype == "float64":  # (y = 0.99999964 in float32 keeps its digits in 8 places)
+        assert re.search(r"\(y = 1 - \d\.\d+e-\d+\)", out)
+
+
+def test_demo_refuses_an_input_that_rounds_to_zero_in_float64(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # float("1e-400") is 0: the demo ran at x = 0 while its float32 form refused 1e-50.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--x", "1e-400"])
+    assert exit_info.value.code == 2
+    assert "'1e-400' rounds to 0 in float64" in capsys.readouterr().err
+
+
+def test_demo_writes_utf8_whatever_the_console() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    code = "import sys; from scratchnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "demo"], capture_output=True, env=env,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "×" in result.stdout.decode("utf-8")

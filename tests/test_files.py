@@ -217,3 +217,14 @@ def test_a_writer_error_without_a_file_name_names_the_file_being_written(tmp_pat
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint.safetensors"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_a_pipe_in_the_files_place_is_refused_not_replaced(tmp_path: Path) -> None:
+    # The rename would put a regular file where a named pipe was (`--out fifo.png`).
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"fifo\.png: not a regular file"):
+        write_text_atomically(fifo, "drawn")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.png"]

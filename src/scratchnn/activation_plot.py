@@ -95,6 +95,5 @@ def plot_activations(
     figure.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     figure.suptitle("Activations of scratchnn.layers and their derivatives from backward")
     figure.tight_layout(rect=(0.0, 0.05, 1.0, 1.0))
-    target = Path(path)
-    save_figure_atomically(figure, target)
-    return target
+    save_figure_atomically(figure, path)  # (Path("") would be ".": it checks the path as given)
+    return Path(path)

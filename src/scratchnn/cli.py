@@ -47,6 +47,10 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    mantissa = text.strip().lower().split("e")[0]
+    if value == 0 and any(digit in mantissa for digit in "123456789"):
+        # 1e-400 is 0 to float(): the command would run on 0, not on what was asked.
+        raise argparse.ArgumentTypeError(f"{text!r} rounds to 0 in float64")
     return value
 
 
@@ -55,7 +59,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         text = run_demo(x=args.x, dout=args.dout, dtype=args.dtype)
     except ValueError as error:  # a value finite in float64 that float32 cannot hold
         return _fail("demo", str(error))
-    print(text)
+    _write_utf8((text + "\n").encode("utf-8"))  # (its table holds "×")
     return 0
 
 

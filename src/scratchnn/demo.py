@@ -56,6 +56,13 @@ def _fmt(value: Any) -> str:
     return f"{float(value):.8g}"
 
 
+def _fmt_y(y: float) -> str:
+    """``y`` as the check line shows it: near 1, as ``1 - d`` (0.99999999999990647 printed
+    as "1" beside a y (1 - y) that is not 0 would read as a contradiction)."""
+    shown = _fmt(y)
+    return f"1 - {1.0 - y:.3g}" if shown == "1" and y != 1.0 else shown
+
+
 def seed_cells() -> str:
     """The notebook's cells on ``x``, with ``Relu`` and ``Sigmoid`` forward and backward."""
     relu, sigmoid = Relu(), Sigmoid()
@@ -151,7 +158,8 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
     y = fused.forward(x_array)
     fused_grad = float(fused.backward(np.asarray(dout, dtype=dtype)))
     line = (
-        f"check: dout * y * (1 - y) from the fused Sigmoid = {_fmt(fused_grad)} (y = {_fmt(y)})\n"
+        f"check: dout * y * (1 - y) from the fused Sigmoid = {_fmt(fused_grad)} "
+        f"(y = {_fmt_y(float(y))})\n"
     )
     if np.isnan(chain_grad) and not np.isnan(fused_grad):
         return line + (
@@ -169,6 +177,13 @@ def _check_line(x: float, dout: float, dtype: str, chain_grad: float, step1_grad
         hint = "; y**2 underflowed to 0 in step 1"
     elif fused_grad == 0.0 and float(y) == 1.0:
         hint = "; y rounds to 1, so the fused (1 - y) y is 0: here the chain's exp(-x) is right"
+    elif float(y) > 0.5:
+        # 1 - y cancels: of y's digits, those that 1 - y keeps are few once y is near 1,
+        # while the chain carries exp(-x) itself.
+        hint = (
+            ";\n       y is near 1, and 1 - y in the fused (1 - y) y keeps few digits:\n"
+            "       here the chain's exp(-x) is right"
+        )
     return line + f"       the chain differs (relative difference {diff:.1e}{hint})"
 
 

@@ -108,6 +108,10 @@ def _file_target(path: str | os.PathLike[str]) -> Path:
     # "x/", "x/." and "x/.." name folders (abspath would turn "x/." into the file x).
     if text.endswith(separators) or os.path.basename(text) in (".", "..") or os.path.isdir(text):
         raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", text)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(text).st_mode):
+            # A pipe, a socket or a device: the rename would put a file in its place.
+            raise ValueError(f"{text}: not a regular file (a pipe or a device); write to a file")
     return Path(os.path.abspath(text))
 
 

@@ -28,6 +28,8 @@ def save_figure_atomically(figure: Any, path: str | os.PathLike[str]) -> None:
     a missing or unknown suffix raises ``ValueError`` before anything is written.
     """
     try:
+        if not os.fspath(path):  # (Path("") would be the current directory, ".")
+            raise ValueError("the path to write the figure to is empty")
         suffix = Path(path).suffix.lower().removeprefix(".")
         formats = figure.canvas.get_supported_filetypes()
         if suffix not in formats:
