@@ -691,6 +691,41 @@ def test_adam_unfolded_on_the_device_as_on_the_host(dtype: Any, lr: float, gpu: 
     np.testing.assert_array_equal(to_host(device["w"]), expected)
 
 
+class SignSGD(snn.optim.SGD):
+    """A user's optimiser: its own step, the sign of the gradient."""
+
+    def _step(self, key: str, param: Any, grad: Any, work: Any) -> None:
+        np.sign(grad, out=work)
+        np.multiply(work, self.lr, out=work)
+        np.subtract(param, work, out=param)
+
+
+class MyMomentum(snn.optim.Momentum):
+    """A user's subclass that changes nothing of the step."""
+
+
+@pytest.mark.parametrize("make", [lambda: SignSGD(lr=0.1), lambda: MyMomentum(lr=0.1),
+                                  lambda: SignSGD(lr=0.1, weight_decay=0.01)],
+                         ids=["own step", "inherited step", "own step, decay"])  # fmt: skip
+def test_a_users_optimiser_steps_on_the_device_as_on_the_host(make: Any, gpu: Any) -> None:
+    # The GPU took the parent's fused kernel: SignSGD stepped as plain SGD, without a word,
+    # and a subclass of Momentum named a kernel that did not exist.
+    rng = np.random.default_rng(12)
+    params = {"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+    on_host = {k: v.copy() for k, v in params.items()}
+    on_device = {k: gpu.asarray(v) for k, v in params.items()}
+    host_opt, device_opt = make(), make()
+    for step in grads:
+        host_opt.update(on_host, step)
+        device_opt.update(on_device, {k: gpu.asarray(v) for k, v in step.items()})
+    for key in params:
+        np.testing.assert_allclose(to_host(on_device[key]), on_host[key], rtol=1e-12, atol=1e-14)
+    if isinstance(host_opt, SignSGD) and not host_opt.weight_decay:  # the oracle: its formula
+        expected = params["W"] - 0.1 * sum(np.sign(step["W"]) for step in grads)
+        np.testing.assert_allclose(on_host["W"], expected, rtol=1e-12)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

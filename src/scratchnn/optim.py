@@ -40,6 +40,7 @@ parameters in the same way).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any, ClassVar
 
@@ -143,8 +144,10 @@ class Optimizer:
         raise NotImplementedError
 
     def _fusable(self, key: str, param: Any) -> bool:
-        """Whether the GPU's fused kernel takes this step (float16 steps as on the CPU)."""
-        return bool(param.dtype != np.float16)
+        """Whether the GPU's fused kernel takes this step: not for float16 (it steps as on
+        the CPU), nor where a subclass wrote its own ``_step`` (the kernel computes the
+        class's that it was written beside, not the subclass's)."""
+        return param.dtype != np.float16 and _fused_step_is_the_step(type(self))
 
     def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
         """The step as an op of :mod:`scratchnn.kernels`: its name, state arrays and scalars."""
@@ -316,6 +319,21 @@ class Optimizer:
         return loaded
 
 
+def _fused_step_is_the_step(cls: type) -> bool:
+    """Whether the class that defines ``cls``'s ``_step`` defines its ``_fused_step`` too:
+    the kernel then computes that step (an empty subclass of ``Momentum`` keeps it; a
+    subclass with its own ``_step`` steps as written, through the array functions)."""
+    answer = _fused_is_step.get(cls)
+    if answer is None:  # (asked for every parameter at every step: once per class)
+        owner = next(klass for klass in cls.__mro__ if "_step" in vars(klass))
+        answer = _fused_is_step[cls] = "_fused_step" in vars(owner)
+    return answer
+
+
+# (weak: a notebook that defines its optimiser class again and again keeps none of them)
+_fused_is_step: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
 def _compiled_step(
     name: str,
     param: np.ndarray,
@@ -403,8 +421,7 @@ class Momentum(Optimizer):
         np.subtract(param, work, out=param)
 
     def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
-        v = self._state("v", key, param)
-        return type(self).__name__.lower(), [v], {"lr": self.lr, "momentum": self.momentum}
+        return "momentum", [self._state("v", key, param)], {"lr": self.lr, "momentum": self.momentum}
 
 
 class Nesterov(Momentum):
@@ -441,6 +458,9 @@ class Nesterov(Momentum):
         np.add(work, grad, out=work)
         np.multiply(work, self.lr, out=work)
         np.subtract(param, work, out=param)
+
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+        return "nesterov", [self._state("v", key, param)], {"lr": self.lr, "momentum": self.momentum}
 
 
 class AdaGrad(Optimizer):
