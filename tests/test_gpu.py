@@ -1543,3 +1543,13 @@ def test_the_benchmarks_refuse_zero_rounds_by_name(script: str, argument: str) -
     )
     assert result.returncode == 2
     assert argument in result.stderr and "at least 1" in result.stderr
+
+
+def test_accuracy_of_a_network_on_the_device_names_host_labels(gpu: Any) -> None:
+    # As loss and gradient do: scratchnn's mixing error, not the array library's own.
+    net = snn.mlp([4, 3], rng=np.random.default_rng(0), dtype=np.float64).to("cuda")
+    x = gpu.asarray(np.ones((2, 4)))
+    for labels in (np.array([0, 1]), [0, 1]):
+        with pytest.raises(TypeError, match=r"cannot mix NumPy \(cpu\) and CuPy \(cuda\)"):
+            net.accuracy(x, labels)
+    assert net.accuracy(x, gpu.asarray(np.array([0, 1]))) in (0.0, 0.5, 1.0)

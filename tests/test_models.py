@@ -1247,3 +1247,26 @@ def test_the_network_code_keeps_no_users_layer_class_alive() -> None:
     del Mine, net
     gc.collect()
     assert mine() is None
+
+
+def test_a_layer_class_in_place_of_a_layer_is_named() -> None:
+    # Relu for Relu(): the network built, and its first forward failed naming no layer.
+    with pytest.raises(TypeError, match=r"layer 1 is the class Relu, not a layer: make one, Relu\(\.\.\.\)"):
+        snn.Sequential([snn.Affine(np.ones((2, 2)), np.zeros(2)), snn.Relu])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [({"n_classes": 0}, ValueError, "cnn: n_classes"), ({"n_classes": 2.5}, TypeError, "cnn: n_classes"),
+     ({"n_classes": True}, TypeError, "cnn: n_classes"), ({"rng": 0}, TypeError, "cnn: rng")],
+)  # fmt: skip
+def test_cnn_names_a_wrong_argument_before_drawing_a_weight(
+    arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    # n_classes was first read by the last layer's initialiser ("he_normal: fan_out"), after
+    # the other weights had moved the caller's generator on.
+    rng = np.random.default_rng(3)
+    before = rng.bit_generator.state
+    with pytest.raises(error, match=message):
+        cnn(**{"rng": rng, **arguments})
+    assert rng.bit_generator.state == before

@@ -96,6 +96,11 @@ class Sequential:
     def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
         layers = list(layers)  # once: a generator checked first would be empty after
         for i, layer in enumerate(layers):
+            if isinstance(layer, type):  # Relu for Relu(): it would fail at the first forward
+                raise TypeError(
+                    f"Sequential: layer {i} is the class {layer.__name__}, not a layer: "
+                    f"make one, {layer.__name__}(...)"
+                )
             if not (
                 callable(getattr(layer, "forward", None))
                 and callable(getattr(layer, "backward", None))
@@ -371,6 +376,7 @@ def count_right(
     """
     # As the losses take targets: a masked array refused (not unmasked), complex refused.
     t = as_array(t, who=who, what="targets")
+    get_array_module(scores, t)  # host labels beside device scores: the mixing TypeError, named
     if isinstance(last_layer, SigmoidWithLoss):
         if t.shape != scores.shape and (*t.shape, 1) != scores.shape:
             raise ValueError(f"{who}: targets have shape {t.shape}, scores {scores.shape}")
@@ -549,6 +555,8 @@ def cnn(
         raise TypeError(f"cnn: channels must be a sequence of ints, got {channels!r}")
     channels = [_checks.count("cnn", "channels", n) for n in channels]
     hidden = _checks.count("cnn", "hidden", hidden)
+    n_classes = _checks.count("cnn", "n_classes", n_classes)
+    _checks.given_generator("cnn", rng)  # all checked before any weight is drawn from it
     if min(h, w) >> len(channels) < 1:
         # Each block's pooling halves the image: checked before any weight is drawn.
         raise ValueError(
