@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,14 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scratchnn.data import default_cache_dir, download_dataset, load_mnist
+from scratchnn.data import default_cache_dir, download, download_dataset, load_mnist
 from scratchnn.data.download import IDX_FILES, SHA256
 
 BIG = "train-images-idx3-ubyte.gz"
 
 
 class FileServer(ThreadingHTTPServer):
-    """Serves ``files`` by name; ``cut_after[name] = n`` hangs up n bytes into the next reply."""
+    """Serves ``files`` by name; ``cut_after[name] = n`` hangs up n bytes into the next reply.
+
+    Misbehaviours, by file name: ``extra_length`` adds to the Content-Length sent,
+    ``chunked`` sends the body chunked with a Content-Length twice too large,
+    ``no_length`` sends no Content-Length, ``trickle`` sends a byte per that many
+    seconds, ``status`` replies with that code and reason phrase, ``redirect_loop``
+    redirects to itself.
+    """
 
     daemon_threads = True
 
@@ -30,6 +42,12 @@ class FileServer(ThreadingHTTPServer):
         self.cut_after: dict[str, int] = {}
         self.supports_range = True
         self.requests: list[tuple[str, str | None]] = []
+        self.extra_length: dict[str, int] = {}
+        self.chunked: set[str] = set()
+        self.no_length: set[str] = set()
+        self.trickle: dict[str, float] = {}
+        self.status: dict[str, tuple[int, str]] = {}
+        self.redirect_loop: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -44,6 +62,17 @@ class RangeHandler(BaseHTTPRequestHandler):
         requested = self.headers.get("Range")
         self.server.requests.append((name, requested))
         body = self.server.files.get(name)
+        if name in self.server.status:
+            self.send_response(*self.server.status[name])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if name in self.server.redirect_loop:
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if body is None:
             self.send_error(404)
             return
@@ -61,10 +90,28 @@ class RangeHandler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         payload = body[start:]
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
         cut = self.server.cut_after.pop(name, None)
-        self.wfile.write(payload if cut is None else payload[:cut])
+        sent = payload if cut is None else payload[:cut]
+        if name in self.server.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Content-Length", str(2 * len(payload)))  # to be ignored
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(sent), sent))
+            return
+        if name not in self.server.no_length:
+            length = len(payload) + self.server.extra_length.get(name, 0)
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if name in self.server.trickle:
+            for byte in sent:
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(self.server.trickle[name])
+            return
+        self.wfile.write(sent)
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean
@@ -305,6 +352,126 @@ def test_bad_arguments_fail_before_any_request(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"name": ["mnist"]}, TypeError, "name must be a str, got list"),
+        ({"name": None}, TypeError, "name must be a str"),
+        ({"timeout": 0}, ValueError, r"timeout must be a number of seconds in \(0, 1e\+06\], got 0"),
+        ({"timeout": -1}, ValueError, "timeout must be"),
+        ({"timeout": math.nan}, ValueError, "timeout must be .* got nan"),
+        ({"timeout": math.inf}, ValueError, "timeout must be .* got inf"),
+        ({"timeout": 1e12}, ValueError, "timeout must be"),  # socket.settimeout overflows
+        ({"timeout": "5"}, TypeError, "timeout must be a number of seconds, got str"),
+        ({"timeout": True}, TypeError, "timeout must be a number of seconds, got bool"),
+        ({"progress": "x"}, TypeError, "progress must be callable or None, got str"),
+        ({"base_url": b"http://127.0.0.1/"}, TypeError, "base_url must be a str, got bytes"),
+        ({"base_url": "http:///data/"}, ValueError, "base_url 'http:///data/' names no host"),
+        ({"base_url": "http://[::1/"}, ValueError, r"base_url 'http://\[::1/' is not a valid URL: Invalid IPv6"),
+        ({"base_url": "http://127.0.0.1:99999/"}, ValueError, "not a valid URL: Port out of range"),
+        ({"base_url": "http://127.0.0.1/dätä/"}, ValueError, "base_url 'http://127.0.0.1/dätä/' holds characters"),
+        ({"base_url": "http://127.0.0.1/a b/"}, ValueError, "holds characters a URL cannot"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_network_work(
+    server: FileServer,
+    files: dict[str, bytes],
+    tmp_path: Path,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    options: dict = {"name": "mnist", "base_url": server.url, "hashes": hashes_of(files), "timeout": 10.0}
+    options.update(kwargs)
+    name = options.pop("name")
+    with pytest.raises(error, match=match):
+        download_dataset(name, tmp_path / "cache", **options)
+    assert server.requests == []
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("lie", ["Content-Length too long", "chunked with a Content-Length"])
+def test_a_file_whose_hash_matches_is_kept_whatever_content_length_said(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path, lie: str
+) -> None:
+    # Counting on Content-Length first reported the whole, right file as cut off, and
+    # every rerun (416, then the whole file again) failed the same way.
+    if lie == "chunked with a Content-Length":
+        server.chunked.add(BIG)  # whose Content-Length must be ignored (RFC 9112)
+    else:
+        server.extra_length[BIG] = 10
+    fetch(server, files, tmp_path)
+    assert_complete(tmp_path, files)
+    assert [r for r in server.requests if r[0] == BIG] == [(BIG, None)]
+
+
+def test_a_cut_off_body_without_content_length_is_kept_to_resume_when_its_size_is_pinned(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(SHA256, "mnist", hashes_of(files))
+    monkeypatch.setitem(download.SIZES, "mnist", {name: len(data) for name, data in files.items()})
+    server.no_length.add(BIG)
+    server.cut_after[BIG] = 100_000
+    with pytest.raises(ConnectionError, match=f"cut off after 100000 of {len(files[BIG])} bytes"):
+        download_dataset("mnist", tmp_path, base_url=server.url, timeout=10.0)
+    assert (tmp_path / f"{BIG}.part").stat().st_size == 100_000
+
+    server.requests.clear()
+    download_dataset("mnist", tmp_path, base_url=server.url, timeout=10.0)
+    assert server.requests[0] == (BIG, "bytes=100000-")
+    assert_complete(tmp_path, files)
+
+
+def test_a_cut_off_body_of_unknown_size_is_deleted_saying_how_much_arrived(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    # With hashes= the sizes are unknown: nothing tells a short file from a wrong one.
+    server.no_length.add(BIG)
+    server.cut_after[BIG] = 100_000
+    with pytest.raises(ValueError, match=r"has SHA-256 \w+ \(100000 bytes\), expected .* deleted"):
+        fetch(server, files, tmp_path)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_server_trickling_bytes_is_given_up_on_keeping_the_part_file(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    # A byte every 20 ms never trips the 0.5 s read timeout, and would take an hour.
+    server.trickle[BIG] = 0.02
+    start = time.monotonic()
+
+    def give_up(name: str, done: int, total: int | None) -> None:
+        if time.monotonic() - start > 10:
+            raise AssertionError("still downloading after 10 s: nothing stops a trickle")
+
+    with pytest.raises(ConnectionError) as raised:
+        fetch(server, files, tmp_path, timeout=0.5, progress=give_up)
+    message = str(raised.value)
+    assert f"{server.url}{BIG} was cut off after" in message
+    assert "(under 1024 bytes in 0.5 s); run again to resume" in message
+    assert 0 < (tmp_path / f"{BIG}.part").stat().st_size < 1024
+
+
+@pytest.mark.parametrize("misbehaviour", ["escape codes in the reason", "redirect loop"])
+def test_server_text_in_errors_is_reduced_to_one_printable_line(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path, misbehaviour: str
+) -> None:
+    if misbehaviour == "redirect loop":
+        server.redirect_loop.add(BIG)  # urllib's message on it holds two newlines
+        expected = (
+            "HTTP 302 The HTTP server returned a redirect error that would lead to an infinite "
+            "loop. The last 30x error message was: Found"
+        )
+    else:
+        server.status[BIG] = (500, "Internal\x1b[31m Error")
+        expected = "HTTP 500 Internal\\x1b[31m Error"
+    with pytest.raises(ConnectionError) as raised:
+        fetch(server, files, tmp_path)
+    message = str(raised.value)
+    assert message.isprintable(), message  # no newline, no escape character
+    assert message == f"cannot download {server.url}{BIG}: {expected}"
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SCRATCHNN_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -327,10 +494,12 @@ def test_download_without_cache_dir_uses_the_default(
 
 
 def test_pinned_hashes() -> None:
-    assert set(SHA256) == {"fashion-mnist", "mnist"}
+    assert set(SHA256) == set(download.SIZES) == {"fashion-mnist", "mnist"}
     for pins in SHA256.values():
         assert set(pins) == set(IDX_FILES)
         assert all(len(h) == 64 and int(h, 16) >= 0 for h in pins.values())
+    for sizes in download.SIZES.values():
+        assert set(sizes) == set(IDX_FILES)
     debian = Path("/usr/share/datasets/fashion-mnist")
     if not debian.is_dir():
         pytest.skip(f"{debian} absent: cannot compare the Fashion-MNIST pins with Debian's files")
@@ -338,6 +507,7 @@ def test_pinned_hashes() -> None:
         hashes_of({name: (debian / name).read_bytes() for name in IDX_FILES})
         == SHA256["fashion-mnist"]
     )
+    assert {name: (debian / name).stat().st_size for name in IDX_FILES} == download.SIZES["fashion-mnist"]
 
 
 def test_cli_download_with_the_pinned_hashes(
@@ -363,3 +533,60 @@ def test_cli_download_with_the_pinned_hashes(
     err = capsys.readouterr().err
     assert BIG in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad" / BIG).exists()
+
+
+def test_cli_download_refuses_an_empty_dir(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where Path("") would have put the files
+    assert main(["data", "download", "mnist", "--dir", "", "--base-url", server.url]) == 2
+    err = capsys.readouterr().err
+    assert err == "scratchnn data download: error: --dir is empty: name the folder to download into\n"
+    assert server.requests == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["http://[::1/", "http://127.0.0.1/dätä/"])
+def test_cli_download_names_a_malformed_base_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    from scratchnn.cli import main
+
+    assert main(["data", "download", "mnist", "--dir", str(tmp_path), "--base-url", url]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"scratchnn data download: error: base_url {url!r} ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_cli_download_is_one_line_exit_130_and_keeps_the_part_file(
+    server: FileServer, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    server.trickle[BIG] = 0.01  # 100 bytes/s: slow, but not slow enough for the stall guard
+    target = tmp_path / "cache"
+    part = target / f"{BIG}.part"
+    # SIGINT's default handler, restored: a shell's background job starts with it ignored.
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from scratchnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["data", "download", "mnist", "--dir", str(target), "--base-url", server.url]
+    with subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:
+        deadline = time.monotonic() + 60
+        while not part.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # some bytes in
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.strip().startswith("interrupted; ")
+    assert f"run scratchnn data download mnist --dir {target} --base-url {server.url} again to resume" in err
+    assert part.stat().st_size > 0

@@ -365,6 +365,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction[_Parser]) -> Non
 def _run_data_download(args: argparse.Namespace) -> int:
     from scratchnn.data import download_dataset
 
+    if args.dir == "":  # Path("") is the working directory, which nobody means
+        return _fail("data download", "--dir is empty: name the folder to download into")
     reported: set[str] = set()
 
     def report(file_name: str, done: int, total: int | None) -> None:
@@ -376,6 +378,18 @@ def _run_data_download(args: argparse.Namespace) -> int:
         path = download_dataset(args.name, args.dir, base_url=args.base_url, progress=report)
     except (ValueError, OSError) as error:
         return _fail("data download", str(error))
+    except KeyboardInterrupt:
+        # The file being fetched stays as its .part file, which the next run resumes.
+        again = ["data", "download", args.name]
+        for option, value in (("--dir", args.dir), ("--base-url", args.base_url)):
+            if value is not None:
+                again += [option, value]
+        print(
+            "\ninterrupted; the files so far are kept, a partial one as .part: "
+            f"run scratchnn {shlex.join(again)} again to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(f"{args.name} is in {path}")
     return 0
 
