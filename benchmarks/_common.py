@@ -9,7 +9,6 @@ the same round.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import glob
 import math
@@ -22,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from scratchnn.cli import positive_int  # noqa: F401  (the scripts' argparse type)
 
 
 def _cpu_model() -> str:
@@ -119,17 +120,6 @@ def _scratchnn_report() -> str:
         f"scratchnn {scratchnn.__version__} (commit {commit}), compiled kernels {kernels}, "
         f"{_fused.THREADS} kernel threads, {_threads.THREADS} NumPy-block threads"
     )
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (rounds, threads, a batch size)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def limit_threads(n: int) -> None:

@@ -87,7 +87,8 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     demo.set_defaults(run=_run_demo)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (the benchmarks' scripts use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -282,16 +283,16 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         help="multiply the learning rate by this after every epoch (default preset: 0.85)",
     )
     train.add_argument("--weight-decay", type=_finite_float, help="L2 weight decay (default 0)")
-    train.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    train.add_argument("--epochs", type=positive_int, help="number of epochs")
     train.add_argument(
-        "--iterations", type=_positive_int, help="stop after this many optimiser steps"
+        "--iterations", type=positive_int, help="stop after this many optimiser steps"
     )
-    train.add_argument("--batch-size", type=_positive_int, help="mini-batch size")
+    train.add_argument("--batch-size", type=positive_int, help="mini-batch size")
     train.add_argument(
         "--dtype", choices=["float32", "float64"], help="float32 (default) or float64"
     )
     train.add_argument("--seed", type=_seed, help="seed of the initial weights and the shuffling")
-    train.add_argument("--limit", type=_positive_int, help="train on the first N examples only")
+    train.add_argument("--limit", type=positive_int, help="train on the first N examples only")
     train.add_argument(
         "--dataset", choices=["fashion-mnist", "mnist"], help="default fashion-mnist"
     )
@@ -517,7 +518,7 @@ def _add_graph_parser(subparsers: argparse._SubParsersAction[_Parser]) -> None:
         help="sigmoid: the four nodes ×-1, exp, +1, / (default) or one sigmoid node",
     )  # fmt: skip
     graph.add_argument("--sizes", type=_layer_sizes, help="network: layer sizes (default 3,4,2)")
-    graph.add_argument("--batch", type=_positive_int, help="network: examples in x (default 1)")
+    graph.add_argument("--batch", type=positive_int, help="network: examples in x (default 1)")
     graph.add_argument(
         "--seed", type=_seed, help="network: random seed of weights and x (default 0)"
     )
