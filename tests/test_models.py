@@ -1270,3 +1270,15 @@ def test_cnn_names_a_wrong_argument_before_drawing_a_weight(
     with pytest.raises(error, match=message):
         cnn(**{"rng": rng, **arguments})
     assert rng.bit_generator.state == before
+
+
+def test_load_state_names_what_is_not_a_dict_or_not_an_array() -> None:
+    net = snn.Sequential([snn.Affine(np.ones((3, 2)), np.zeros(2))])
+    state = net.state()
+    with pytest.raises(TypeError, match="load_state takes a dict of arrays by name, got list"):
+        net.load_state(list(state.items()))  # type: ignore[arg-type]
+    for value in (None, "zeros"):
+        with pytest.raises(TypeError, match=f"b1 is a {type(value).__name__}, not an array"):
+            net.load_state({**state, "b1": value})  # type: ignore[dict-item]
+    net.load_state({"W1": [[1.0, 2.0]] * 3, "b1": [0.5, 0.5]})  # lists of numbers still do
+    np.testing.assert_array_equal(net.params["b1"], [0.5, 0.5])

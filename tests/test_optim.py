@@ -721,3 +721,14 @@ def test_a_parameter_whose_dtype_changes_gets_fresh_scratch() -> None:
     optimizer.update(params, {"w": np.full(3, 0.5, np.float32)})
     AdaGrad(lr=0.1).update(expected, {"w": np.full(3, 0.5, np.float32)})
     np.testing.assert_array_equal(params["w"], expected["w"])
+
+
+def test_a_gradient_that_is_none_or_bools_and_a_state_that_is_no_dict_are_named() -> None:
+    params = {"W": np.ones(3)}
+    with pytest.raises(TypeError, match="gradient 'W' is None, not an array"):
+        SGD(lr=1.0).update(params, {"W": None})
+    with pytest.raises(TypeError, match="gradient 'W' is an array of bools"):
+        SGD(lr=1.0).update(params, {"W": np.array([True, False, True])})  # a mask, by mistake
+    np.testing.assert_array_equal(params["W"], np.ones(3))  # refused before any step
+    with pytest.raises(TypeError, match="load_state_dict takes a dict of arrays by name, got list"):
+        Momentum().load_state_dict([("v/W", np.zeros(3))])  # type: ignore[arg-type]

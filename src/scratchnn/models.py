@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -195,6 +195,10 @@ class Sequential:
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Copy ``arrays`` into the network's own arrays, in place, checking names, shapes and dtypes."""
+        if not isinstance(arrays, Mapping):  # (a list of pairs: "unhashable type" below)
+            raise TypeError(
+                f"Sequential.load_state takes a dict of arrays by name, got {type(arrays).__name__}"
+            )
         own = self.state()
         missing, unexpected = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
         if missing or unexpected:
@@ -210,6 +214,11 @@ class Sequential:
             )
         checked = []  # every array is checked before any is copied: a bad call changes nothing
         for key, target in own.items():
+            if arrays[key] is None or isinstance(arrays[key], (str, bytes)):
+                # (they read as "has shape ()": the value is no array at all)
+                raise TypeError(
+                    f"Sequential.load_state: {key} is a {type(arrays[key]).__name__}, not an array"
+                )
             # A checkpoint's host arrays go to the network's device (and back).
             source = to_device(as_result(arrays[key]), device_of(target))
             if source.shape != target.shape:

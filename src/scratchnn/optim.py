@@ -199,7 +199,11 @@ class Optimizer:
                     f"{who}: gradient {key!r} is on {device_of(grad)}, its parameter on "
                     f"{device_of(param)}"
                 )
+            if grad is None:  # (it read as "unsupported dtype object")
+                raise TypeError(f"{who}: gradient {key!r} is None, not an array")
             grad = as_array(grad, who=who, what=f"gradient {key!r}")
+            if grad.dtype == np.bool_:  # a mask passed for a gradient: steps of 0 and 1
+                raise TypeError(f"{who}: gradient {key!r} is an array of bools, not of numbers")
         if isinstance(param, np.ndarray) and not param.flags.writeable:
             raise ValueError(f"{who}: parameter {key!r} is read-only; it is updated in place")
         if grad.shape != param.shape:
@@ -297,6 +301,8 @@ class Optimizer:
 
     def _parse_state(self, state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
         who = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, Mapping):  # (a list of pairs has no .items())
+            raise TypeError(f"{who} takes a dict of arrays by name, got {type(state).__name__}")
         loaded: dict[str, dict[str, np.ndarray]] = {}
         for name, value in state.items():
             slot, sep, key = name.partition("/")
