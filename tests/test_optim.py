@@ -732,3 +732,19 @@ def test_a_gradient_that_is_none_or_bools_and_a_state_that_is_no_dict_are_named(
     np.testing.assert_array_equal(params["W"], np.ones(3))  # refused before any step
     with pytest.raises(TypeError, match="load_state_dict takes a dict of arrays by name, got list"):
         Momentum().load_state_dict([("v/W", np.zeros(3))])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("make", "entry"), [(lambda: Adam(), "v/W"), (lambda: AdaGrad(), "h/W"),
+                                             (lambda: RMSprop(), "h/W")])  # fmt: skip
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_a_loaded_sum_of_squares_below_zero_is_refused(make: Any, entry: str, bad: float) -> None:
+    # The next step takes its square root: every parameter turned NaN, Adam's without a word.
+    optimizer = make()
+    state = {name: np.zeros(3) for name in (f"{slot}/W" for slot in optimizer.slots)}
+    if isinstance(optimizer, Adam):
+        state["step/W"] = np.array(1)
+    state[entry] = np.array([0.5, bad, 0.5])
+    with pytest.raises(ValueError, match=f"'{entry}' holds a negative value or NaN"):
+        optimizer.load_state_dict(state)
+    state[entry] = np.array([0.5, 0.0, 0.5])  # a momentum may be negative; a square not
+    optimizer.load_state_dict(state)

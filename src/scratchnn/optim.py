@@ -80,6 +80,8 @@ class Optimizer:
     """
 
     slots: ClassVar[tuple[str, ...]] = ()
+    # The slots that sum squares of gradients (never negative): checked when state is loaded.
+    squares: ClassVar[tuple[str, ...]] = ()
     hyperparameter_names: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 
     def __init__(self, lr: float, weight_decay: float) -> None:
@@ -312,6 +314,12 @@ class Optimizer:
             array = as_array(value, who=who, what=f"entry {name!r}")
             if array.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{who}: entry {name!r} must be a float array, not {array.dtype}")
+            if slot in self.squares and not bool((array >= 0).all()):  # (NaN fails it too)
+                # A sum of squares below 0 has no square root: the next step would make
+                # every parameter NaN, silently.
+                raise ValueError(
+                    f"{who}: entry {name!r} holds a negative value or NaN, but it sums squares"
+                )
             loaded.setdefault(slot, {})[key] = array.copy()
         keys = set().union(*(arrays.keys() for arrays in loaded.values()))
         for key in sorted(keys):
@@ -483,6 +491,7 @@ class AdaGrad(Optimizer):
     """
 
     slots = ("h",)
+    squares = ("h",)
     hyperparameter_names = ("lr", "eps", "weight_decay")
 
     def __init__(self, lr: float = 0.01, eps: float = 1e-7, *, weight_decay: float = 0.0) -> None:
@@ -515,6 +524,7 @@ class RMSprop(Optimizer):
     """
 
     slots = ("h",)
+    squares = ("h",)
     hyperparameter_names = ("lr", "decay_rate", "eps", "weight_decay")
 
     def __init__(
@@ -581,6 +591,7 @@ class Adam(Optimizer):
     """
 
     slots = ("m", "v")
+    squares = ("v",)
     hyperparameter_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
     def __init__(
