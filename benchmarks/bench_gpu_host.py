@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_gpu_host.py
     .venv/bin/python benchmarks/bench_gpu_host.py --rounds 9
 
-A small network's step on a GPU is bound by the host, not the card: the card
-finishes each kernel before Python has queued the next. What scratchnn adds
+A small network's step on a GPU is likely bound by the host, not the card:
+the card finishes each kernel before Python has queued the next (gpu.py's
+"host side" row says so on a card). What scratchnn adds
 there is its Python around each launch (checks, look-ups, the choice of
 kernel). This script measures that part on any machine. It stands a null
 device in for CuPy: its arrays carry a shape and a dtype and no data, each of
