@@ -1553,3 +1553,17 @@ def test_accuracy_of_a_network_on_the_device_names_host_labels(gpu: Any) -> None
         with pytest.raises(TypeError, match=r"cannot mix NumPy \(cpu\) and CuPy \(cuda\)"):
             net.accuracy(x, labels)
     assert net.accuracy(x, gpu.asarray(np.array([0, 1]))) in (0.0, 0.5, 1.0)
+
+
+def test_a_mask_of_another_shape_or_dtype_takes_the_array_calls_not_the_kernel(gpu: Any) -> None:
+    # The kernel reads every array as dout's size: a (1,) mask beside a (1000,) dout was read
+    # out of bounds (306 elements kept, AddressSanitizer's heap overflow), and a float mask
+    # as bytes. The array calls broadcast, or refuse, as NumPy does.
+    from scratchnn import kernels
+
+    dout = np.random.default_rng(3).standard_normal(1000)
+    for mask in (np.array([True]), np.array([False]), (dout > 0).astype(np.float64)):
+        (dx,) = kernels.run("relu_backward", gpu.asarray(dout), gpu.asarray(mask))
+        np.testing.assert_array_equal(to_host(dx), np.where(mask, 0.0, dout))
+    with pytest.raises(ValueError):
+        kernels.run("relu_backward", gpu.asarray(dout), gpu.asarray(np.ones(10, bool)))

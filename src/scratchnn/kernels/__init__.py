@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from scratchnn.backend import get_array_module
 from scratchnn.kernels import cuda  # (plain text and NumPy: it imports no CuPy)
 from scratchnn.kernels.ops import OPS, Op, evaluate
@@ -77,7 +79,9 @@ def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] 
     ready = list(arrays)
     # A plain loop over roles worked out once: this runs for every kernel a step launches.
     for i, (array, (is_mask, in_place)) in enumerate(zip(arrays, op.input_roles)):
-        if not is_mask and (array.dtype != dtype or array.shape != shape):
+        # A kernel reads every array as the first one's size: a mask of another shape (or
+        # not of bools) would be read out of bounds, where the array calls broadcast or refuse.
+        if array.shape != shape or array.dtype != (np.bool_ if is_mask else dtype):
             return None
         if not array.flags.c_contiguous:
             if in_place:
