@@ -666,6 +666,7 @@ def test_the_shopping_and_chain_drawings_name_a_wrong_argument() -> None:
         sigmoid_drawing(None)
     with pytest.raises(ValueError, match="sigmoid_drawing: x has 401 digits, beyond float64"):
         sigmoid_drawing(10**400)
+    assert "x = 1e+20" in sigmoid_drawing(10**20).title  # an int beyond int64, as a float
     with pytest.raises(TypeError, match="relu_drawing: dout must be a real number"):
         relu_drawing(1.0, "one")
 

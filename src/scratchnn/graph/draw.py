@@ -89,8 +89,14 @@ def _describe(value: Any, digits: int, max_values: int) -> str:
 
 def _numbers(who: str, name: str, value: Any) -> np.ndarray:
     """``value`` as an array of real numbers, or an error naming the argument ``name``."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**1023:
-        raise ValueError(f"{who}: {name} has {len(str(abs(value)))} digits, beyond float64")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        # Beyond int64 NumPy keeps a Python int as an object: as a float, if it is one.
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{who}: {name} has {len(str(abs(value)))} digits, beyond float64"
+            ) from None
     try:
         array = np.asarray(value)
     except ValueError as error:  # a ragged list
