@@ -21,7 +21,12 @@ benchmark=$?
 # suite's filterwarnings=error is for this project's own code, tested on the CPU. Every
 # test runs (no -x: one failure must not hide the rest), the whole log is kept in $out
 # as it is written (a run cut short keeps what it had), and the end is shown.
-python3 -c "import pytest" || echo "no pytest here: the GPU tests cannot run (carry it as a wheel)"
+# The lent machine has no pytest: a copy of the pure-Python packages may travel in
+# .gpu-data/pylib (copied from the venv's site-packages), used only where pytest is missing.
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu-data/pylib ]; then
+    export PYTHONPATH=$PYTHONPATH:$PWD/.gpu-data/pylib
+fi
+python3 -c "import pytest" || echo "no pytest here: the GPU tests cannot run (carry it in .gpu-data/pylib)"
 python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "cuda and not fake" \
     -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning 2>&1 \
     | tee "$out/gpu-tests.log" | tail -60

@@ -756,7 +756,9 @@ def test_optimizer_steps_many_parameters_in_few_launches(name: str, gpu: Any) ->
     # (a contiguous view one element in), odd and vector-sized lengths.
     rng = np.random.default_rng(22)
     shapes = [(5, 7), (7,), (0,), (), (33,), (4, 4), (1,), (3, 5, 2), (16,), (9,), (2, 2)]
-    host = {f"p{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in enumerate(shapes)}
+    host = {
+        f"p{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in enumerate(shapes)
+    }
     device = {k: gpu.asarray(v) for k, v in host.items()}
     wide = gpu.asarray(np.concatenate([[0.0], host["p4"]]).astype(np.float32))
     device["p4"] = wide[1:]
@@ -1057,7 +1059,8 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
     result = subprocess.run(
         # A cubin for the H100/H200 (sm_90): ptxas checks registers and shared memory too.
         ["nvcc", "-cubin", "-arch=sm_90", "-o", os.devnull, str(path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -1567,3 +1570,46 @@ def test_a_mask_of_another_shape_or_dtype_takes_the_array_calls_not_the_kernel(g
         np.testing.assert_array_equal(to_host(dx), np.where(mask, 0.0, dout))
     with pytest.raises(ValueError):
         kernels.run("relu_backward", gpu.asarray(dout), gpu.asarray(np.ones(10, bool)))
+
+
+def _kernels_benchmark_module() -> Any:
+    import importlib.util
+
+    _benchmark_module()  # gpu_kernels imports gpu's clock: the same module, by that name
+    sys.modules.setdefault("gpu", sys.modules["benchmark_gpu"])
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("benchmark_gpu_kernels", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_the_kernel_benchmark_runs_through_on_the_fake_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dry run before a lent GPU runs it: every variant compiles, agrees with the
+    # library's launch, and PyTorch's backward operators take the arguments given.
+    torch = pytest.importorskip("torch")
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    benchmark = _kernels_benchmark_module()
+    rows = benchmark.time_kernels(fake, torch, 1, _HostClock(), n=4 * 256 * 4 + 8)
+    names = [f"{k[0]} {d}" for k in benchmark.KERNELS for d in ("fwd", "bwd")]
+    assert [r.what for r in rows] == ["device copy (read+write)", *names, "sgd step", "adam step"]
+    assert all(set(r.ms) == {v.name for v in benchmark.VARIANTS} for r in rows[1:])
+    assert all(t > 0 for r in rows[1:] for t in r.ms.values())
+
+
+def test_the_kernel_benchmark_finds_a_variant_that_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    if fake_cuda.available() is not None:
+        pytest.skip(str(fake_cuda.available()))
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    benchmark = _kernels_benchmark_module()
+    x = fake.asarray(np.random.default_rng(1).standard_normal(64, dtype=np.float32))
+    runners = {"u2": benchmark.Runner(fake, "sigmoid_forward", benchmark.Variant("u2", 2, 256))}
+    assert benchmark._check(fake, "sigmoid_forward", runners, [x], {}) == 0.0
+    wrong = benchmark.Runner(fake, "tanh_forward", benchmark.Variant("u2", 2, 256))
+    with pytest.raises(AssertionError, match="sigmoid_forward u2: y differs"):
+        benchmark._check(fake, "sigmoid_forward", {"u2": wrong}, [x], {})

@@ -44,6 +44,9 @@ _BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _COMPARE = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 
 BLOCK = 256
+# The 16-byte vectors each thread loads before it computes (see _loops): measured on an
+# H200 (docs/benchmarks.md, benchmarks/gpu_kernels.py).
+VECTORS_PER_THREAD = 1
 
 
 def supported_dtype(dtype: Any) -> bool:
@@ -106,9 +109,10 @@ def _element_code(op: Op, translator: _Translator, declared: set[str]) -> list[s
     return lines
 
 
-def _loops(op: Op, c_type: str, tag: str) -> str:
+def _loops(op: Op, c_type: str, tag: str, per_thread: int) -> str:
     """The grid-stride loops of ``op`` over one tensor: its arrays ``<name>_<tag>``, its
-    element count ``n<tag>`` and its vector flag ``vec<tag>``."""
+    element count ``n<tag>`` and its vector flag ``vec<tag>``; ``per_thread`` vectors a
+    thread on the vector path."""
     vector, lanes = _VECTOR[c_type]
 
     def pointer(name: str) -> str:
@@ -131,33 +135,51 @@ def _loops(op: Op, c_type: str, tag: str) -> str:
     )
     scalar += [f"{pointer(name)}[i] = {store(name, name)};" for name in op.outputs]
 
-    # The vector path: load each array as one 16-byte vector (4 bytes for a float mask),
-    # run the element code once per lane, store the vectors.
+    # The vector path: each thread takes ``per_thread`` 16-byte vectors (4-byte ones for a
+    # float mask), one block's width apart so that a warp's loads stay contiguous. All of a
+    # thread's loads are issued before any arithmetic: the more bytes each thread has in
+    # flight, the fewer threads keep the memory busy while others compute.
     def vec_type(name: str) -> str:
         return _MASK_VECTOR[lanes] if name in op.masks else vector
 
-    vec_lines = [
-        f"const {vec_type(name)} {name}_v = "
-        f"reinterpret_cast<const {vec_type(name)}*>({pointer(name)})[k];"
+    # A vector past the end reads the thread's first one again (a valid address) and is
+    # not stored: no uninitialised registers, no branch around the loads.
+    vec_lines = ["const long long k0 = k;"]
+    vec_lines += [
+        f"const long long k{j} = k + {j}LL * blockDim.x < n_vec ? k + {j}LL * blockDim.x : k;"
+        for j in range(1, per_thread)
+    ]
+    vec_lines += [
+        f"const {vec_type(name)} {name}_v{j} = "
+        f"reinterpret_cast<const {vec_type(name)}*>({pointer(name)})[k{j}];"
+        for j in range(per_thread)
         for name in op.inputs
     ]
-    vec_lines += [f"{vec_type(name)} {name}_o;" for name in op.outputs]
-    for lane in _LANES[:lanes]:
-        load = {
-            name: f"{name}_v.{lane}" + (" != 0" if name in op.masks else "") for name in op.inputs
-        }
-        lane_lines = body(load) + [f"{name}_o.{lane} = {store(name, name)};" for name in op.outputs]
-        vec_lines.append("{ " + " ".join(lane_lines) + " }")
-    vec_lines += [
-        f"reinterpret_cast<{vec_type(name)}*>({pointer(name)})[k] = {name}_o;"
-        for name in op.outputs
-    ]
+    for j in range(per_thread):
+        vec_lines += [f"{vec_type(name)} {name}_o{j};" for name in op.outputs]
+        for lane in _LANES[:lanes]:
+            load = {
+                name: f"{name}_v{j}.{lane}" + (" != 0" if name in op.masks else "")
+                for name in op.inputs
+            }
+            lane_lines = body(load) + [
+                f"{name}_o{j}.{lane} = {store(name, name)};" for name in op.outputs
+            ]
+            vec_lines.append("{ " + " ".join(lane_lines) + " }")
+    for j in range(per_thread):
+        stores = [
+            f"reinterpret_cast<{vec_type(name)}*>({pointer(name)})[k{j}] = {name}_o{j};"
+            for name in op.outputs
+        ]
+        vec_lines += stores if j == 0 else [f"if (k{j} != k) {{ " + " ".join(stores) + " }"]
     indent = "\n            "
     return f"""    {{
         long long start = 0;
         if (vec{tag}) {{
             const long long n_vec = n{tag} / {lanes};
-            for (long long k = first; k < n_vec; k += stride) {{
+            const long long block_first = (long long)blockIdx.x * blockDim.x * {per_thread};
+            const long long vec_stride = stride * {per_thread};
+            for (long long k = block_first + threadIdx.x; k < n_vec; k += vec_stride) {{
             {indent.join(vec_lines)}
             }}
             start = n_vec * {lanes};
@@ -197,33 +219,37 @@ _GRID = """    const long long stride = (long long)blockDim.x * gridDim.x;
 """
 
 
-def source(op: Op, dtype: Any) -> str:
+def source(op: Op, dtype: Any, per_thread: int | None = None) -> str:
     """The CUDA C source of ``op`` for ``dtype`` (float32 or float64): one kernel named ``op.name``.
 
     Arguments, in order: every input array, every output array that is not an
     input, the scalars (as ``T``), the element count ``n`` and ``vec`` (1 when
-    all arrays are 16-byte aligned, for the vector path).
+    all arrays are 16-byte aligned, for the vector path). Each thread takes
+    ``per_thread`` vectors (``VECTORS_PER_THREAD`` unless given): launch it with a grid
+    of :func:`blocks` for that many.
     """
     c_type = _C_TYPES[np.dtype(dtype)]
+    per_thread = VECTORS_PER_THREAD if per_thread is None else per_thread
     return f"""{_header(c_type)}
 extern "C" __global__ void {op.name}({_parameters(op, [""])})
 {{
-{_GRID}{_loops(op, c_type, "")}
+{_GRID}{_loops(op, c_type, "", per_thread)}
 }}
 """
 
 
-def source_many(op: Op, dtype: Any, count: int) -> str:
+def source_many(op: Op, dtype: Any, count: int, per_thread: int | None = None) -> str:
     """One kernel, ``<op.name>_x<count>``, that runs ``op`` over ``count`` tensors of
     ``dtype`` in one launch (an optimiser's step over every parameter).
 
     Arguments: tensor 0's arrays (as for :func:`source`), tensor 1's, ..., the
     scalars (shared), then each tensor's ``n`` and ``vec``. Every thread walks
-    each tensor in turn, grid-stride.
+    each tensor in turn, grid-stride, ``per_thread`` vectors at a time (as :func:`source`).
     """
     c_type = _C_TYPES[np.dtype(dtype)]
+    per_thread = VECTORS_PER_THREAD if per_thread is None else per_thread
     tags = [str(j) for j in range(count)]
-    loops = "\n".join(_loops(op, c_type, tag) for tag in tags)
+    loops = "\n".join(_loops(op, c_type, tag, per_thread) for tag in tags)
     return f"""{_header(c_type)}
 extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
 {{
@@ -239,7 +265,7 @@ MAX_BLOCKS = 2**31 - 1
 
 
 def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
-    key = (op.name, dtype)
+    key = (op.name, dtype, VECTORS_PER_THREAD)
     kernel = _kernels.get(key)
     if kernel is None:
         # RawKernel compiles on first launch (NVRTC) and CuPy caches the binary on disk.
@@ -247,15 +273,16 @@ def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
     return kernel
 
 
-def _grid(items: int) -> int:
-    """One block for every ``BLOCK`` items (vectors, or elements on the scalar path), as
-    PyTorch launches its element-wise kernels. A grid of a few blocks per SM, with each
+def blocks(items: int, per_thread: int = 1) -> int:
+    """The grid for ``items`` (vectors, or elements on the scalar path) at ``per_thread``
+    a thread: one block for every ``BLOCK * per_thread`` items, as PyTorch launches its
+    element-wise kernels. A grid of a few blocks per SM, with each
     thread striding over many items, ran its last blocks as a second, mostly empty wave
     wherever a kernel's registers let fewer blocks stay on an SM than it was sized for
     (ptxas for sm_90: ReLU's float32 forward takes 40 registers a thread, so 6 blocks of
     256 fit an SM, not 8; Adam's step takes 44, so 5). Many small blocks leave a tail of
     under one wave in dozens."""
-    return max(1, min(-(-items // BLOCK), MAX_BLOCKS))
+    return max(1, min(-(-items // (BLOCK * per_thread)), MAX_BLOCKS))
 
 
 def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> list[Any]:
@@ -275,8 +302,8 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
         vec = _vector_path(args, n, lanes)
         kernel_args = [*args, *[dtype.type(scalars[name]) for name in op.scalars]]
         kernel_args += (np.int64(n), _VECTOR_FLAG[vec])
-        items = n // lanes if vec else n
-        _kernel(cupy, op, dtype)((_grid(items),), (BLOCK,), tuple(kernel_args))
+        grid = blocks(n // lanes, VECTORS_PER_THREAD) if vec else blocks(n)
+        _kernel(cupy, op, dtype)((grid,), (BLOCK,), tuple(kernel_args))
     return [args[i] for i in op.output_positions]
 
 
@@ -314,17 +341,17 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
         chunk = work[first : first + MANY]
         args: list[Any] = [a for arrays in chunk for a in arrays]
         args += step_scalars
-        items = 1
+        grid = 1
         for arrays in chunk:
             n = arrays[0].size
             vec = _vector_path(arrays, n, lanes)
             args += (np.int64(n), _VECTOR_FLAG[vec])
-            items = max(items, n // lanes if vec else n)
-        _many_kernel(cupy, op, dtype, len(chunk))((_grid(items),), (BLOCK,), tuple(args))
+            grid = max(grid, blocks(n // lanes, VECTORS_PER_THREAD) if vec else blocks(n))
+        _many_kernel(cupy, op, dtype, len(chunk))((grid,), (BLOCK,), tuple(args))
 
 
 def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
-    key = (op.name, dtype, count)
+    key = (op.name, dtype, count, VECTORS_PER_THREAD)
     kernel = _kernels.get(key)
     if kernel is None:
         name = f"{op.name}_x{count}"
