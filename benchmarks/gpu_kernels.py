@@ -9,7 +9,7 @@ own forward and backward operators (``torch.ops.aten.*_backward``, what its
 autograd calls), each run in several launch shapes:
 
 * ``u1``, ``u2``, ``u4``: 16-byte vectors a thread, all loaded before any
-  arithmetic (``scratchnn.kernels.cuda.VECTORS_PER_THREAD``), blocks of 256;
+  arithmetic (``scratchnn.kernels.cuda.vectors_per_thread``), blocks of 256;
 * ``b128``: blocks of 128 threads (PyTorch's element-wise size);
 * ``fast``: ``u1`` compiled with ``--use_fast_math``. Not exact, so never
   used; it only shows whether arithmetic rather than memory limits a kernel.

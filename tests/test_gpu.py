@@ -1275,9 +1275,13 @@ def test_gpu_benchmark_builds_the_same_network_in_pytorch() -> None:
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
-def test_kernels_launch_a_block_for_every_256_items(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernels_launch_a_block_for_every_256_threads_of_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # As PyTorch launches its element-wise kernels: a grid sized to the card left its last
-    # blocks a second, mostly empty wave wherever fewer blocks than planned fit an SM.
+    # blocks a second, mostly empty wave wherever fewer blocks than planned fit an SM. A
+    # thread takes vectors_per_thread vectors: four for a forward (one array read), one for
+    # a backward.
     from scratchnn.kernels import cuda
 
     fake = fake_cupy.install(monkeypatch, kernels=True)
@@ -1290,13 +1294,18 @@ def test_kernels_launch_a_block_for_every_256_items(monkeypatch: pytest.MonkeyPa
         return call(kernel, grid, block, args, **options)
 
     monkeypatch.setattr(fake.RawKernel, "__call__", recorded)
-    x = fake.asarray(np.random.default_rng(3).standard_normal(4 * 256 * 10 + 3, dtype=np.float32))
-    snn.Sigmoid().forward(x)  # 2560 vectors of four and a scalar tail of 3
+    rng = np.random.default_rng(3)
+    x = fake.asarray(rng.standard_normal(4 * 256 * 10 + 3, dtype=np.float32))
+    dout = fake.asarray(rng.standard_normal(x.size, dtype=np.float32))
+    layer = snn.Sigmoid()
+    layer.forward(x)  # 2560 vectors of four, four a thread, and a scalar tail of 3
+    layer.backward(dout)  # 2560 vectors, one a thread
     snn.Sigmoid().forward(x[1:])  # one element in: unaligned, 10242 elements one at a time
-    monkeypatch.setattr(cuda, "MAX_BLOCKS", 7)
-    y = snn.Sigmoid().forward(x)  # the grid-stride loops cover what 7 blocks do not
+    monkeypatch.setattr(cuda, "MAX_BLOCKS", 2)
+    y = snn.Sigmoid().forward(x)  # the grid-stride loops cover what 2 blocks do not
     np.testing.assert_allclose(y.get(), snn.Sigmoid().forward(x.get()), rtol=1e-6)
-    assert grids == [("sigmoid_forward", 10), ("sigmoid_forward", 41), ("sigmoid_forward", 7)]
+    assert grids == [("sigmoid_forward", 3), ("sigmoid_backward", 10), ("sigmoid_forward", 41),
+                     ("sigmoid_forward", 2)]  # fmt: skip
 
 
 # The CUDA sources run on the CPU (tests/fake_cuda.py). With launches set by hand, this checks

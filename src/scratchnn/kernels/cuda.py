@@ -44,9 +44,15 @@ _BINARY = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _COMPARE = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
 
 BLOCK = 256
-# The 16-byte vectors each thread loads before it computes (see _loops): measured on an
-# H200 (docs/benchmarks.md, benchmarks/gpu_kernels.py).
-VECTORS_PER_THREAD = 1
+
+
+def vectors_per_thread(op: Op) -> int:
+    """The 16-byte vectors each thread of ``op``'s kernel loads before it computes (see
+    ``_loops``). Measured on an H200 (benchmarks/gpu_kernels.py, docs/benchmarks.md): an
+    activation's forward, one array read, gained up to 10 % of its time from four (more
+    bytes in flight a thread while the arithmetic runs); kernels that read two or more
+    arrays already have them, and lost a little."""
+    return 4 if len(op.inputs) == 1 else 1
 
 
 def supported_dtype(dtype: Any) -> bool:
@@ -225,11 +231,11 @@ def source(op: Op, dtype: Any, per_thread: int | None = None) -> str:
     Arguments, in order: every input array, every output array that is not an
     input, the scalars (as ``T``), the element count ``n`` and ``vec`` (1 when
     all arrays are 16-byte aligned, for the vector path). Each thread takes
-    ``per_thread`` vectors (``VECTORS_PER_THREAD`` unless given): launch it with a grid
+    ``per_thread`` vectors (:func:`vectors_per_thread` unless given): launch it with a grid
     of :func:`blocks` for that many.
     """
     c_type = _C_TYPES[np.dtype(dtype)]
-    per_thread = VECTORS_PER_THREAD if per_thread is None else per_thread
+    per_thread = vectors_per_thread(op) if per_thread is None else per_thread
     return f"""{_header(c_type)}
 extern "C" __global__ void {op.name}({_parameters(op, [""])})
 {{
@@ -247,7 +253,7 @@ def source_many(op: Op, dtype: Any, count: int, per_thread: int | None = None) -
     each tensor in turn, grid-stride, ``per_thread`` vectors at a time (as :func:`source`).
     """
     c_type = _C_TYPES[np.dtype(dtype)]
-    per_thread = VECTORS_PER_THREAD if per_thread is None else per_thread
+    per_thread = vectors_per_thread(op) if per_thread is None else per_thread
     tags = [str(j) for j in range(count)]
     loops = "\n".join(_loops(op, c_type, tag, per_thread) for tag in tags)
     return f"""{_header(c_type)}
@@ -265,7 +271,7 @@ MAX_BLOCKS = 2**31 - 1
 
 
 def _kernel(cupy: Any, op: Op, dtype: np.dtype[Any]) -> Any:
-    key = (op.name, dtype, VECTORS_PER_THREAD)
+    key = (op.name, dtype)
     kernel = _kernels.get(key)
     if kernel is None:
         # RawKernel compiles on first launch (NVRTC) and CuPy caches the binary on disk.
@@ -302,7 +308,7 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
         vec = _vector_path(args, n, lanes)
         kernel_args = [*args, *[dtype.type(scalars[name]) for name in op.scalars]]
         kernel_args += (np.int64(n), _VECTOR_FLAG[vec])
-        grid = blocks(n // lanes, VECTORS_PER_THREAD) if vec else blocks(n)
+        grid = blocks(n // lanes, vectors_per_thread(op)) if vec else blocks(n)
         _kernel(cupy, op, dtype)((grid,), (BLOCK,), tuple(kernel_args))
     return [args[i] for i in op.output_positions]
 
@@ -334,7 +340,7 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
     one launch per ``MANY`` tensors where :func:`launch` would make one each."""
     assert not op.fresh_outputs, f"{op.name} has outputs of its own"
     dtype = np.dtype(tensors[0][0].dtype)
-    lanes = _LANES_OF[dtype]
+    lanes, per_thread = _LANES_OF[dtype], vectors_per_thread(op)
     step_scalars = [dtype.type(scalars[name]) for name in op.scalars]
     work = [arrays for arrays in tensors if arrays[0].size]
     for first in range(0, len(work), MANY):
@@ -346,12 +352,12 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
             n = arrays[0].size
             vec = _vector_path(arrays, n, lanes)
             args += (np.int64(n), _VECTOR_FLAG[vec])
-            grid = max(grid, blocks(n // lanes, VECTORS_PER_THREAD) if vec else blocks(n))
+            grid = max(grid, blocks(n // lanes, per_thread) if vec else blocks(n))
         _many_kernel(cupy, op, dtype, len(chunk))((grid,), (BLOCK,), tuple(args))
 
 
 def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
-    key = (op.name, dtype, count, VECTORS_PER_THREAD)
+    key = (op.name, dtype, count)
     kernel = _kernels.get(key)
     if kernel is None:
         name = f"{op.name}_x{count}"

@@ -132,13 +132,16 @@ def evaluate(op: Op, xp: ModuleType, arrays: list[Any], scalars: Mapping[str, fl
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
-# sigmoid(v) without overflow: with e = exp(-|v|) in (0, 1], 1/(1+e) or e/(1+e).
-# s (1 - s) is e / (1 + e)**2 for either sign of v: the backward passes use that form,
-# since 1 - s cancels to 0 once s rounds to 1 (float32 from v of about 17), where the
-# derivative is still e.
+# sigmoid(v) without overflow: with e = exp(-|v|) in (0, 1] and r = 1/(1+e), r or e*r.
+# s (1 - s) is e r**2 for either sign of v: the backward passes use that form, since
+# 1 - s cancels to 0 once s rounds to 1 (float32 from v of about 17), where the
+# derivative is still e. One reciprocal, no division: on an H200 a kernel with a few
+# correctly rounded divisions an element is bound by its arithmetic, not by memory
+# (benchmarks/gpu_kernels.py), and e*r is within an ulp of e/(1+e).
 _SIGMOID_OF_V = """
 e = exp(-abs(v))
-s = where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+r = 1.0 / (1.0 + e)
+s = where(v >= 0, r, e * r)
 """
 
 OPS: dict[str, Op] = {}
@@ -190,14 +193,17 @@ v = {2.0 * _SQRT_2_OVER_PI!r} * (c + {_GELU_CUBIC!r} * c * c * c)
 _add(Op("gelu_tanh_forward", ("x",), ("y",), _GELU_TANH_S + "y = x * s"))
 _add(Op("gelu_tanh_backward", ("dout", "x"), ("dx",), _GELU_TANH_S + f"""
 du = {_SQRT_2_OVER_PI!r} * (1.0 + {3.0 * _GELU_CUBIC!r} * c * c)
-dx = dout * (s + x * (2.0 * e / ((1.0 + e) * (1.0 + e)) * du))
+dx = dout * (s + x * (2.0 * e * (r * r) * du))
 """))  # fmt: skip
+# 1/beta is the same for every element: the compiler takes it out of the loop, where a
+# division by beta would be one an element.
 _add(Op("softplus_forward", ("x",), ("y",),
-        "y = max(x, 0.0) + log1p(exp(-beta * abs(x))) / beta", ("beta",)))  # fmt: skip
+        "inv_beta = 1.0 / beta\ny = max(x, 0.0) + log1p(exp(-beta * abs(x))) * inv_beta",
+        ("beta",)))  # fmt: skip
 _add(Op("softplus_backward", ("dout", "y"), ("dx",), "dx = dout * -expm1(-beta * y)", ("beta",)))
 _add(Op("silu_forward", ("x",), ("y",), "v = x" + _SIGMOID_OF_V + "y = x * s"))
 _add(Op("silu_backward", ("dout", "x"), ("dx",),
-        "v = x" + _SIGMOID_OF_V + "dx = dout * (s + x * (e / ((1.0 + e) * (1.0 + e))))"))  # fmt: skip
+        "v = x" + _SIGMOID_OF_V + "dx = dout * (s + x * (e * (r * r)))"))  # fmt: skip
 
 # -- optimiser steps, in place; weight decay is the first line when it is used -----------------
 # The scalars are folded in Python as the NumPy path folds them (see optim.py).
