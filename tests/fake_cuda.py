@@ -48,6 +48,7 @@ float expf(float); double exp(double); float expm1f(float); double expm1(double)
 float logf(float); double log(double); float log1pf(float); double log1p(double);
 float tanhf(float); double tanh(double); float sqrtf(float); double sqrt(double);
 float fabsf(float); double fabs(double); float erfcf(float); double erfc(double);
+float fmaf(float, float, float);
 }
 #define __global__
 #define __device__

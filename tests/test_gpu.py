@@ -1622,3 +1622,51 @@ def test_the_kernel_benchmark_finds_a_variant_that_differs(monkeypatch: pytest.M
     wrong = benchmark.Runner(fake, "tanh_forward", benchmark.Variant("u2", 2, 256))
     with pytest.raises(AssertionError, match="sigmoid_forward u2: y differs"):
         benchmark._check(fake, "sigmoid_forward", {"u2": wrong}, [x], {})
+
+
+def test_float32_exact_gelu_on_the_device_is_within_a_few_ulps_of_mpmath(gpu: Any) -> None:
+    # The float32 kernels compute Phi by our own erfcx fit and phi from the same exact
+    # x*x (kernels/cuda.py, ncdf_float and npdf_float): libdevice's erfcf of the rounded
+    # -x/sqrt(2) put y up to 187 ulps off in the left tail, and exp(-x*x/2) put dx 60 ulps
+    # off. The reference is mpmath at 30 digits.
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 30
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.uniform(-13.5, 13.5, 2000), rng.uniform(-4, 4, 1000),
+                        np.linspace(-13.3, -8, 300)]).astype(np.float32)  # fmt: skip
+    exact = [mpmath.mpf(float(v)) for v in x]
+    y_ref = np.array([float(v * mpmath.ncdf(v)) for v in exact])
+    dx_ref = np.array([float(mpmath.ncdf(v) + v * mpmath.npdf(v)) for v in exact])
+    # dx's own size: the sum cancels to 0 at x = -0.7518, where no formula keeps ulps of it.
+    dx_size = np.array([float(mpmath.ncdf(v) + abs(v * mpmath.npdf(v))) for v in exact])
+    layer = snn.Gelu()
+    y = to_host(layer.forward(gpu.asarray(x)))
+    dx = to_host(layer.backward(gpu.ones(x.shape, dtype=np.float32)))
+    normal = np.abs(y_ref) >= np.finfo(np.float32).tiny  # a GPU flushes subnormals to 0
+    y_ulps = np.abs(y - y_ref) / np.spacing(np.abs(y_ref).astype(np.float32))
+    assert y_ulps[normal].max() <= 16, x[normal][np.argmax(y_ulps[normal])]
+    dx_ulps = np.abs(dx - dx_ref) / np.spacing(dx_size.astype(np.float32))
+    assert dx_ulps[dx_size >= np.finfo(np.float32).tiny].max() <= 16
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 20.0, -20.0], dtype=np.float32)
+    y_special = to_host(snn.Gelu().forward(gpu.asarray(special)))
+    np.testing.assert_array_equal(y_special, [0.0, -0.0, np.inf, np.nan, np.nan, 20.0, -0.0])
+
+
+def test_the_float32_ncdf_coefficients_are_the_fit_of_scripts_fit_ncdf() -> None:
+    # The kernel's polynomial is the script's output (to a float32 rounding: another
+    # BLAS may move the fit's last digits), and the fit is as close as it says.
+    import importlib.util
+
+    from scratchnn.kernels import cuda
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_ncdf.py"
+    spec = importlib.util.spec_from_file_location("fit_ncdf", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    coefficients, error = script.fit()
+    assert error < 5e-9
+    horner = cuda._NCDF["float"].split("float q = ")[1].split("const float square")[0]
+    in_kernel = re.findall(r"([-0-9.e+]+)f\)?;", horner)
+    assert len(in_kernel) == script.DEGREE + 1
+    np.testing.assert_allclose([float(c) for c in reversed(in_kernel)], coefficients, rtol=1e-6)

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 # The functions an op may call, and what each means, element by element.
-FUNCTIONS = ("exp", "expm1", "log1p", "tanh", "sqrt", "abs", "erfc", "min", "max", "where")
+# ncdf is Phi, the standard normal CDF, 0.5 erfc(-x / sqrt 2); npdf its density.
+FUNCTIONS = ("exp", "expm1", "log1p", "tanh", "sqrt", "abs", "erfc", "ncdf", "npdf", "min", "max",
+             "where")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,30 @@ def _functions(xp: ModuleType) -> dict[str, Callable[..., Any]]:
         "sqrt": xp.sqrt,
         "abs": xp.abs,
         "erfc": F.erfc,
+        "ncdf": _ncdf,
+        "npdf": lambda z: _npdf(xp, z),
         # NaN-propagating, as the CUDA translation's min and max are.
         "min": xp.minimum,
         "max": xp.maximum,
         "where": xp.where,
     }
+
+
+def _ncdf(z: Any) -> Any:
+    """Phi(z) = 0.5 erfc(-z / sqrt 2), computed in float64 for narrower floats: rounding
+    -z / sqrt 2 to float32 put up to 175 ulps into the left tail (its error grows as z**2)."""
+    from scratchnn import functional as F
+
+    if z.dtype.itemsize < 8:
+        return (0.5 * F.erfc(-z.astype(np.float64) * _SQRT_HALF)).astype(z.dtype)
+    return 0.5 * F.erfc(-z * _SQRT_HALF)
+
+
+def _npdf(xp: ModuleType, z: Any) -> Any:
+    """phi(z) = exp(-z**2 / 2) / sqrt(2 pi), in float64 for narrower floats (as ``_ncdf``);
+    |z| clipped at 40, where it has long underflowed, so that z*z stays finite."""
+    c = xp.minimum(xp.abs(z.astype(np.float64) if z.dtype.itemsize < 8 else z), 40.0)
+    return (xp.exp(-0.5 * c * c) * _INV_SQRT_2PI).astype(z.dtype, copy=False)
 
 
 def evaluate(op: Op, xp: ModuleType, arrays: list[Any], scalars: Mapping[str, float]) -> list[Any]:
@@ -130,6 +151,8 @@ def evaluate(op: Op, xp: ModuleType, arrays: list[Any], scalars: Mapping[str, fl
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_SQRT_HALF = 1 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
 
 # sigmoid(v) without overflow: with e = exp(-|v|) in (0, 1] and r = 1/(1+e), r or e*r.
@@ -174,14 +197,10 @@ _add(Op("elu_forward", ("x",), ("y",), "y = where(x > 0, x, alpha * expm1(min(x,
 # vectorised loop, on longer tensors, gives NaN).
 _add(Op("elu_backward", ("dout", "x"), ("dx",),
         "dx = where(x <= 0, dout * (alpha * exp(min(x, 0.0))), dout)", ("alpha",)))  # fmt: skip
-# Exact Gelu: Phi by erfc (no cancellation in the left tail); the pdf's |x| clipped at 40,
-# where exp(-x**2/2) has long underflowed, so x*x stays finite.
-_add(Op("gelu_forward", ("x",), ("y",), f"y = x * (0.5 * erfc(-x * {1 / math.sqrt(2.0)!r}))"))
-_add(Op("gelu_backward", ("dout", "x"), ("dx",), f"""
-c = min(abs(x), 40.0)
-pdf = exp(-0.5 * c * c) * {1 / math.sqrt(2.0 * math.pi)!r}
-dx = dout * (0.5 * erfc(-x * {1 / math.sqrt(2.0)!r}) + x * pdf)
-"""))  # fmt: skip
+# Exact Gelu: Phi without cancellation in the left tail, and phi (ncdf and npdf: see
+# kernels.cuda for the float32 kernels' own).
+_add(Op("gelu_forward", ("x",), ("y",), "y = x * ncdf(x)"))
+_add(Op("gelu_backward", ("dout", "x"), ("dx",), "dx = dout * (ncdf(x) + x * npdf(x))"))
 # Tanh-form Gelu as x * sigmoid(2u); x clipped at +-100 only keeps x**3 finite.
 _GELU_TANH_S = (
     f"""
