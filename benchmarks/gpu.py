@@ -431,13 +431,16 @@ def time_mlp_step(
         return step
 
     shape = "-".join(map(str, sizes))
+    # In alternating rounds, as the activations: two lent machines put the same code's "as
+    # fit" row at 0.74 and 1.24, the host's share of each side moving apart.
+    unread = paired_ms(clock, ours_unread, theirs(False), repeats)
+    read = paired_ms(clock, ours_read, theirs(True), repeats)
     return [
-        Row(f"MLP step {shape} b{batch} SGD, as fit", clock.cupy_ms(ours_unread, repeats),
-            clock.torch_ms(theirs(False), repeats), "neither reads its loss", target=1.0),
+        Row(f"MLP step {shape} b{batch} SGD, as fit", *unread, "neither reads its loss",
+            target=1.0),
         # Not like for like, so no target: gradient() waits for its loss mid-step (before
         # backward is queued, for the labels' check), PyTorch's loss.item() at the end.
-        Row(f"MLP step {shape} b{batch} SGD, read", clock.cupy_ms(ours_read, repeats),
-            clock.torch_ms(theirs(True), repeats),
+        Row(f"MLP step {shape} b{batch} SGD, read", *read,
             "gradient() reads the loss mid-step; PyTorch loss.item() after its step"),
         # Where the "as fit" row goes, if it misses: a host side longer than the card's work
         # is what the events measure (benchmarks/bench_gpu_host.py splits ours further).

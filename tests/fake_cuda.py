@@ -50,6 +50,7 @@ float tanhf(float); double tanh(double); float sqrtf(float); double sqrt(double)
 float fabsf(float); double fabs(double); float erfcf(float); double erfc(double);
 float fmaf(float, float, float);
 }
+inline float __fdividef(float a, float b) { return a / b; }  // CUDA's approximate division
 #define __global__
 #define __device__
 #define __forceinline__ inline

@@ -52,9 +52,13 @@ def vectors_per_thread(op: Op) -> int:
     """The 16-byte vectors each thread of ``op``'s kernel loads before it computes (see
     ``_loops``). Measured on an H200 (benchmarks/gpu_kernels.py, docs/benchmarks.md): an
     activation's forward, one array read, gained up to 10 % of its time from four (more
-    bytes in flight a thread while the arithmetic runs); kernels that read two or more
-    arrays already have them, and lost a little."""
-    return 4 if len(op.inputs) == 1 else 1
+    bytes in flight a thread while the arithmetic runs); kernels that read two arrays
+    mostly gained nothing from two, and Softplus's backward lost 6 %, but the two Gelu
+    backwards, the most arithmetic an element, gained 3 to 7 %."""
+    return _VECTORS_PER_THREAD.get(op.name, 4 if len(op.inputs) == 1 else 1)
+
+
+_VECTORS_PER_THREAD = {"gelu_backward": 2, "gelu_tanh_backward": 2}
 
 
 def supported_dtype(dtype: Any) -> bool:
@@ -214,7 +218,9 @@ __device__ __forceinline__ T nan_max(T a, T b) {{ return (a != a || a > b) ? a :
 # where t Q(t) is erfcx(c / sqrt 2) = exp(c*c/2) erfc(c / sqrt 2), smooth on [0, inf); Q is
 # a degree-10 polynomial fitted to it to 3.4e-9 relative error (scripts/fit_ncdf.py, against
 # mpmath). c*c is split exactly (fmaf), so the exponential takes no rounding of its
-# argument; beyond c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0
+# argument. t is the hardware's approximate reciprocal (its error reaches Phi once, a few
+# ulps at most, where a correctly rounded one took the kernel 5 % more time); beyond
+# c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0
 # (a NaN x goes there too and is returned as it came). phi shares that exponential, word
 # for word, so that a kernel calling both (Gelu's backward) computes it once.
 _NCDF = {
@@ -230,7 +236,7 @@ __device__ __forceinline__ double npdf_double(double x) {
     "float": """__device__ __forceinline__ float ncdf_float(float x) {
     const float a = fabsf(x);
     const float c = a < 14.0f ? a : 20.0f;
-    const float t = 1.0f / (1.0f + 0.353553391f * c);
+    const float t = __fdividef(1.0f, 1.0f + 0.353553391f * c);  // within 2 ulps, one instruction
     float q = 3.537634388e-02f;
     q = fmaf(q, t, -1.887114346e-01f);
     q = fmaf(q, t, 3.753712177e-01f);
