@@ -1654,8 +1654,12 @@ def test_float32_exact_gelu_on_the_device_is_within_a_few_ulps_of_mpmath(gpu: An
     dx_ulps = np.abs(dx - dx_ref) / np.spacing(dx_size.astype(np.float32))
     assert dx_ulps[normal].max() <= 16, x[normal][np.argmax(dx_ulps[normal])]
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 20.0, -20.0], dtype=np.float32)
-    y_special = to_host(snn.Gelu().forward(gpu.asarray(special)))
+    layer = snn.Gelu()
+    y_special = to_host(layer.forward(gpu.asarray(special)))
     np.testing.assert_array_equal(y_special, [0.0, -0.0, np.inf, np.nan, np.nan, 20.0, -0.0])
+    # Phi and phi give a NaN x a number: x's products with them carry the NaN (and inf * 0).
+    dx_special = to_host(layer.backward(gpu.ones(special.shape, dtype=np.float32)))
+    np.testing.assert_array_equal(dx_special, [0.5, 0.5, np.nan, np.nan, np.nan, 1.0, 0.0])
 
 
 def test_the_float32_ncdf_coefficients_are_the_fit_of_scripts_fit_ncdf() -> None:
@@ -1671,7 +1675,7 @@ def test_the_float32_ncdf_coefficients_are_the_fit_of_scripts_fit_ncdf() -> None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     coefficients, error = script.fit()
-    assert error < 5e-9
+    assert error < 1e-8
     horner = cuda._NCDF["float"].split("float q = ")[1].split("const float square")[0]
     in_kernel = re.findall(r"([-0-9.e+]+)f\)?;", horner)
     assert len(in_kernel) == script.DEGREE + 1

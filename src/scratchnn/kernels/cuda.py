@@ -214,15 +214,17 @@ __device__ __forceinline__ T nan_max(T a, T b) {{ return (a != a || a > b) ? a :
 # float, our own: libdevice's erfcf took an exact Gelu's kernels on an H200 to 1.3 times
 # PyTorch's time (its arithmetic, not memory, bound them), and its argument -x/sqrt(2),
 # rounded to float, put up to 187 ulps into Gelu's left tail. Here, for c = |x|,
-#     Phi(-c) = exp(-c*c/2) * t * Q(t) / 2,  t = 1 / (1 + c / (2 sqrt 2)),
+#     Phi(-c) = exp(-c*c/2) * t * Q(t) / 2,  t = 1 / (1 + 0.4 c / sqrt 2),
 # where t Q(t) is erfcx(c / sqrt 2) = exp(c*c/2) erfc(c / sqrt 2), smooth on [0, inf); Q is
-# a degree-10 polynomial fitted to it to 3.4e-9 relative error (scripts/fit_ncdf.py, against
+# a degree-9 polynomial fitted to it to 7.8e-9 relative error (scripts/fit_ncdf.py, against
 # mpmath). c*c is split exactly (fmaf), so the exponential takes no rounding of its
 # argument. t is the hardware's approximate reciprocal (its error reaches Phi once, a few
 # ulps at most, where a correctly rounded one took the kernel 5 % more time); beyond
-# c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0
-# (a NaN x goes there too and is returned as it came). phi shares that exponential, word
-# for word, so that a kernel calling both (Gelu's backward) computes it once.
+# c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0. A NaN x goes
+# there too and gets a number, not NaN: Gelu, their one user, multiplies each by x, which
+# carries the NaN (a check here cost two instructions an element). phi shares that
+# exponential, word for word, so that a kernel calling both (Gelu's backward) computes it
+# once.
 _NCDF = {
     "double": """__device__ __forceinline__ double ncdf_double(double x) {
     return 0.5 * erfc(-x * 0.7071067811865476);
@@ -236,30 +238,28 @@ __device__ __forceinline__ double npdf_double(double x) {
     "float": """__device__ __forceinline__ float ncdf_float(float x) {
     const float a = fabsf(x);
     const float c = a < 14.0f ? a : 20.0f;
-    const float t = __fdividef(1.0f, 1.0f + 0.353553391f * c);  // within 2 ulps, one instruction
-    float q = 3.537634388e-02f;
-    q = fmaf(q, t, -1.887114346e-01f);
-    q = fmaf(q, t, 3.753712177e-01f);
-    q = fmaf(q, t, -2.805164456e-01f);
-    q = fmaf(q, t, -3.062639013e-02f);
-    q = fmaf(q, t, 4.089485854e-02f);
-    q = fmaf(q, t, 5.254857242e-02f);
-    q = fmaf(q, t, 1.862472594e-01f);
-    q = fmaf(q, t, 2.450640798e-01f);
-    q = fmaf(q, t, 2.822639346e-01f);
-    q = fmaf(q, t, 2.820880115e-01f);
+    const float t = __fdividef(1.0f, 1.0f + 0.282842712f * c);  // within 2 ulps, one instruction
+    float q = -2.959542908e-02f;
+    q = fmaf(q, t, 1.980188638e-01f);
+    q = fmaf(q, t, -4.988240898e-01f);
+    q = fmaf(q, t, 5.474512577e-01f);
+    q = fmaf(q, t, -2.843790650e-01f);
+    q = fmaf(q, t, 2.720724642e-01f);
+    q = fmaf(q, t, 1.296776086e-01f);
+    q = fmaf(q, t, 2.149194926e-01f);
+    q = fmaf(q, t, 2.249519825e-01f);
+    q = fmaf(q, t, 2.257069051e-01f);
     const float square = c * c;
     const float square_low = fmaf(c, c, -square);
     const float tail = 0.5f * (expf(-0.5f * square) * (1.0f - 0.5f * square_low)) * (t * q);
-    return x != x ? x : (x > 0.0f ? 1.0f - tail : tail);
+    return x > 0.0f ? 1.0f - tail : tail;
 }
 __device__ __forceinline__ float npdf_float(float x) {
     const float a = fabsf(x);
     const float c = a < 14.0f ? a : 20.0f;
     const float square = c * c;
     const float square_low = fmaf(c, c, -square);
-    const float density = (expf(-0.5f * square) * (1.0f - 0.5f * square_low)) * 0.398942280f;
-    return x != x ? x : density;
+    return (expf(-0.5f * square) * (1.0f - 0.5f * square_low)) * 0.398942280f;
 }
 """,
 }
