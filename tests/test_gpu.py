@@ -1581,13 +1581,14 @@ def test_a_mask_of_another_shape_or_dtype_takes_the_array_calls_not_the_kernel(g
         kernels.run("relu_backward", gpu.asarray(dout), gpu.asarray(np.ones(10, bool)))
 
 
-def _kernels_benchmark_module() -> Any:
+def _gpu_benchmark_script(name: str) -> Any:
+    """benchmarks/<name>.py, one of the GPU scripts that import gpu.py's clock."""
     import importlib.util
 
-    _benchmark_module()  # gpu_kernels imports gpu's clock: the same module, by that name
+    _benchmark_module()  # they import gpu.py as "gpu": the same module, by that name
     sys.modules.setdefault("gpu", sys.modules["benchmark_gpu"])
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
-    spec = importlib.util.spec_from_file_location("benchmark_gpu_kernels", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -1603,7 +1604,7 @@ def test_the_kernel_benchmark_runs_through_on_the_fake_device(
     # library's launch, and PyTorch's backward operators take the arguments given.
     torch = pytest.importorskip("torch")
     fake = fake_cupy.install(monkeypatch, kernels=True)
-    benchmark = _kernels_benchmark_module()
+    benchmark = _gpu_benchmark_script("gpu_kernels")
     rows = benchmark.time_kernels(fake, torch, 1, _HostClock(), n=4 * 256 * 4 + 8)
     names = [f"{k[0]} {d}" for k in benchmark.KERNELS for d in ("fwd", "bwd")]
     assert [r.what for r in rows] == ["device copy (read+write)", *names, "sgd step", "adam step"]
@@ -1615,7 +1616,7 @@ def test_the_kernel_benchmark_finds_a_variant_that_differs(monkeypatch: pytest.M
     if fake_cuda.available() is not None:
         pytest.skip(str(fake_cuda.available()))
     fake = fake_cupy.install(monkeypatch, kernels=True)
-    benchmark = _kernels_benchmark_module()
+    benchmark = _gpu_benchmark_script("gpu_kernels")
     x = fake.asarray(np.random.default_rng(1).standard_normal(64, dtype=np.float32))
     runners = {"u2": benchmark.Runner(fake, "sigmoid_forward", benchmark.Variant("u2", 2, 256))}
     assert benchmark._check(fake, "sigmoid_forward", runners, [x], {}) == 0.0
@@ -1680,3 +1681,18 @@ def test_the_float32_ncdf_coefficients_are_the_fit_of_scripts_fit_ncdf() -> None
     in_kernel = re.findall(r"([-0-9.e+]+)f\)?;", horner)
     assert len(in_kernel) == script.DEGREE + 1
     np.testing.assert_allclose([float(c) for c in reversed(in_kernel)], coefficients, rtol=1e-6)
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dry run before a lent GPU runs it: every call and its PyTorch counterpart run,
+    # at the step's shapes, and the table adds the step's calls up.
+    torch = pytest.importorskip("torch")
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    benchmark = _gpu_benchmark_script("gpu_calls")
+    rows = benchmark.time_calls(fake, torch, 2, 1, _HostClock())
+    assert len(rows) == 10 and all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
+    assert sum(r.per_step for r in rows) == 30  # the step's device calls (bench_gpu_host)
+    assert "the 30 calls of a step, added up" in benchmark.table(rows)

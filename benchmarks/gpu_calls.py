@@ -1,0 +1,178 @@
+"""The host's cost of each device call of a GPU training step, CuPy against PyTorch.
+
+    python3 benchmarks/gpu_calls.py [--calls 200] [--rounds 5]
+
+``benchmarks/gpu.py``'s MLP step (784-1024-1024-10, batch 512, SGD) is bound
+by the host: the card finishes each kernel before Python has queued the next,
+so the step takes what its calls cost the host. Between lent machines it
+measured 0.74 to 1.24 of PyTorch's time. This script says where that time
+goes, in one short run on a card. For each kind of call the step makes, at
+the step's shapes, it times the host's cost of one call (``time.perf_counter``
+around ``--calls`` calls, the card synchronised before and after, outside the
+timing; the median of ``--rounds`` rounds, CuPy's and PyTorch's alternating):
+
+* CuPy's own calls: a product, the bias addition ``h += b``, the bias
+  gradient ``g.sum(axis=0)``, ``cupy.empty``;
+* scratchnn's: a fused kernel through ``kernels.run``, and the layers'
+  ``forward`` and ``backward`` (Affine, Relu), which wrap those calls;
+* the whole step, scratchnn's as ``fit`` runs it against PyTorch's loop.
+
+Each against PyTorch's equivalent (``@``, ``add_``, ``sum(0)``,
+``torch.empty``, ``torch.relu``, ``F.linear``, and so on). The last column
+multiplies each call's cost by how often a step makes it (scratchnn's 30 device
+calls: 8 products, 3 additions, 3 sums, 9 allocations, 7 kernels), so the table
+shows which calls a faster step must make fewer or cheaper. It runs from a
+checkout: ``PYTHONPATH=src python3 benchmarks/gpu_calls.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu import CudaClock, _torch_mlp, gpu_unavailable_reason
+
+import scratchnn as snn
+from scratchnn import kernels
+from scratchnn.backend import to_host
+from scratchnn.cli import positive_int
+from scratchnn.models import mlp
+from scratchnn.optim import make_optimizer
+
+SIZES = (784, 1024, 1024, 10)
+BATCH = 512
+
+
+@dataclass
+class Row:
+    what: str
+    per_step: int  # how many such calls scratchnn's step makes (0: not a call of its own)
+    ours_us: float
+    theirs_us: float
+
+
+def host_us(fn: Callable[[], Any], calls: int, wait: Callable[[], None]) -> float:
+    """The host's time to make one call of ``fn``, in µs: ``calls`` calls timed together,
+    the card waited for before (so none is queued behind earlier work) and after (so the
+    next measurement starts quiet), neither wait timed."""
+    fn()
+    wait()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - started
+    wait()
+    return 1e6 * elapsed / calls
+
+
+def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> list[Row]:
+    rng = np.random.default_rng(0)
+    net = mlp(list(SIZES), rng=rng).to("cuda")
+    model = _torch_mlp(torch, net, clock.torch_device)
+    x_host = rng.standard_normal((BATCH, SIZES[0])).astype(np.float32)
+    t_host = rng.integers(0, SIZES[-1], BATCH)
+    x, t = cupy.asarray(x_host), cupy.asarray(t_host)
+    device = clock.torch_device
+    tx, tt = torch.as_tensor(x_host, device=device), torch.as_tensor(t_host, device=device)
+    hidden = SIZES[1]
+    W, b = net.layers[0].W, net.layers[0].b
+    h_host = rng.standard_normal((BATCH, hidden)).astype(np.float32)
+    h = cupy.asarray(h_host)
+    tW = torch.as_tensor(to_host(W), device=device)
+    tb = torch.as_tensor(to_host(b), device=device)
+    th = torch.as_tensor(h_host, device=device)
+    affine, relu = net.layers[0], net.layers[1]
+    dout = cupy.ones((BATCH, hidden), dtype=np.float32)
+    affine.forward(x)
+    relu.forward(h)
+    optimizer = make_optimizer("sgd", lr=0.01)
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    functional = torch.nn.functional
+    linear_weight = tW.T.contiguous()
+
+    def ours_step() -> None:
+        optimizer.update(net.params, net._gradient(x, t, wait=False))
+
+    def theirs_step() -> None:
+        torch_opt.zero_grad(set_to_none=True)
+        functional.cross_entropy(model(tx), tt).backward()
+        torch_opt.step()
+
+    h_sum = h.copy()
+    th_sum = th.clone()
+    pairs: list[tuple[str, int, Callable[[], Any], Callable[[], Any]]] = [
+        ("product x @ W, 512x784 @ 784x1024", 8, lambda: x @ W, lambda: tx @ tW),
+        ("bias addition h += b, 512x1024", 3, lambda: h_sum.__iadd__(b), lambda: th_sum.add_(tb)),
+        ("bias gradient g.sum(axis=0), 512x1024", 3, lambda: h.sum(axis=0), lambda: th.sum(0)),
+        ("allocation, 512x1024 float32", 9,
+         lambda: cupy.empty((BATCH, hidden), np.float32),
+         lambda: torch.empty((BATCH, hidden), device=device)),
+        ("kernels.run('relu_forward') / torch.relu", 7,
+         lambda: kernels.run("relu_forward", h), lambda: torch.relu(th)),
+        ("Affine.forward / F.linear", 0, lambda: affine.forward(x),
+         lambda: functional.linear(tx, linear_weight, tb)),
+        ("Affine.backward / the two products and sum", 0, lambda: affine.backward(dout),
+         lambda: (th.T @ tx, th.sum(0), th @ linear_weight)),
+        ("Relu.forward / torch.relu", 0, lambda: relu.forward(h), lambda: torch.relu(th)),
+        ("Relu.backward / threshold_backward", 0, lambda: relu.backward(dout),
+         lambda: torch.ops.aten.threshold_backward(th, th, 0.0)),
+        ("the whole step, as fit / PyTorch's loop", 0, ours_step, theirs_step),
+    ]  # fmt: skip
+    rows = []
+    for what, per_step, ours, theirs in pairs:
+        ours_us, theirs_us = [], []
+        for _ in range(rounds):
+            ours_us.append(host_us(ours, calls, clock.wait_cupy))
+            theirs_us.append(host_us(theirs, calls, clock.wait_torch))
+        rows.append(Row(what, per_step, statistics.median(ours_us), statistics.median(theirs_us)))
+        print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(row: Row) -> str:
+    total = f"{row.per_step * row.ours_us:9.1f}" if row.per_step else " " * 9
+    return (f"{row.what:<46} {row.ours_us:9.1f} {row.theirs_us:9.1f} "
+            f"{row.ours_us / row.theirs_us:6.2f} {row.per_step or '':>5} {total}")  # fmt: skip
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'call (host µs each)':<46} {'ours':>9} {'PyTorch':>9} {'ratio':>6} {'/step':>5} "
+            f"{'µs/step':>9}")  # fmt: skip
+    lines = [head, *(_line(row) for row in rows)]
+    counted = sum(row.per_step * row.ours_us for row in rows)
+    lines.append(f"{'the 30 calls of a step, added up':<46} {counted:9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=positive_int, default=200)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    args = parser.parse_args(argv)
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        print(f"no GPU timings: {reason}")
+        return 0
+    import cupy
+    import torch
+
+    rows = time_calls(cupy, torch, args.calls, args.rounds, CudaClock(cupy, torch))
+    print(f"\ncard: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; "
+          f"CuPy {cupy.__version__}, PyTorch {torch.__version__}, scratchnn {snn.__version__}")  # fmt: skip
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
