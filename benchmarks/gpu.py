@@ -334,15 +334,22 @@ def paired_ms(clock: Any, ours: Callable[[], Any], theirs: Callable[[], Any], re
     return statistics.median(ours_ms), statistics.median(theirs_ms)
 
 
-def time_activations(cupy: Any, torch: Any, repeats: int, clock: Any, n: int = N_BIG) -> list[Row]:
+def activation_inputs(cupy: Any, torch: Any, clock: Any, n: int) -> tuple[Any, Any, Any, Any]:
+    """x (of scale 3, so that every branch of each formula runs) and dout, float32, on
+    both devices: CuPy's x and dout, then PyTorch's."""
     host = np.random.default_rng(0)
     x_host = (3 * host.standard_normal(n, dtype=np.float32)).astype(np.float32)
     dout_host = host.standard_normal(n, dtype=np.float32)
-    x, dout = cupy.asarray(x_host), cupy.asarray(dout_host)
+    return (cupy.asarray(x_host), cupy.asarray(dout_host),
+            torch.as_tensor(x_host, device=clock.torch_device),
+            torch.as_tensor(dout_host, device=clock.torch_device))  # fmt: skip
+
+
+def time_activations(cupy: Any, torch: Any, repeats: int, clock: Any, n: int = N_BIG) -> list[Row]:
+    x, dout, tx, tg = activation_inputs(cupy, torch, clock, n)
     y = cupy.empty_like(x)
     copy_ms = clock.cupy_ms(lambda: cupy.copyto(y, x), repeats)
-    tx = torch.as_tensor(x_host, device=clock.torch_device)
-    ty, tg = torch.empty_like(tx), torch.as_tensor(dout_host, device=clock.torch_device)
+    ty = torch.empty_like(tx)
     copy_torch = clock.torch_ms(lambda: ty.copy_(tx), repeats)
     size = f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
     rows = [Row(f"device copy {size} f32 (read+write)", copy_ms, copy_torch,
@@ -391,6 +398,20 @@ def _torch_mlp(torch: Any, net: Any, device: str) -> Any:
     return torch.nn.Sequential(*modules).to(device)
 
 
+def mlp_pair(cupy: Any, torch: Any, clock: Any, sizes: tuple[int, ...],
+             batch: int) -> tuple[Any, Any, Any, Any, Any, Any]:  # fmt: skip
+    """An MLP of ``sizes`` on the GPU and its PyTorch copy with the same weights, and one
+    batch of inputs and labels: (net, model, x, t, PyTorch's x, PyTorch's t)."""
+    rng = np.random.default_rng(0)
+    net = mlp(list(sizes), rng=rng).to("cuda")
+    model = _torch_mlp(torch, net, clock.torch_device)
+    x_host = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    t_host = rng.integers(0, sizes[-1], batch)
+    return (net, model, cupy.asarray(x_host), cupy.asarray(t_host),
+            torch.as_tensor(x_host, device=clock.torch_device),
+            torch.as_tensor(t_host, device=clock.torch_device))  # fmt: skip
+
+
 def time_mlp_step(
     cupy: Any, torch: Any, repeats: int, clock: Any,
     sizes: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 512,
@@ -398,14 +419,7 @@ def time_mlp_step(
     """One SGD step, twice: as ``fit`` runs it (the loss left on the card, PyTorch's not
     read either) and through ``gradient`` (which reads the loss, against PyTorch reading
     ``loss.item()`` after its step)."""
-    rng = np.random.default_rng(0)
-    net = mlp(list(sizes), rng=rng).to("cuda")
-    model = _torch_mlp(torch, net, clock.torch_device)
-    x_host = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-    t_host = rng.integers(0, sizes[-1], batch)
-    x, t = cupy.asarray(x_host), cupy.asarray(t_host)
-    tx = torch.as_tensor(x_host, device=clock.torch_device)
-    tt = torch.as_tensor(t_host, device=clock.torch_device)
+    net, model, x, t, tx, tt = mlp_pair(cupy, torch, clock, sizes, batch)
     optimizer = make_optimizer("sgd", lr=0.01)
     torch_opt = torch.optim.SGD(model.parameters(), lr=0.01)
     first_loss = float(net.loss(x, t))

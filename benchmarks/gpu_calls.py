@@ -41,13 +41,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu import CudaClock, _torch_mlp, gpu_unavailable_reason
+from gpu import CudaClock, gpu_unavailable_reason, mlp_pair
 
 import scratchnn as snn
 from scratchnn import kernels
 from scratchnn.backend import to_host
 from scratchnn.cli import positive_int
-from scratchnn.models import mlp
 from scratchnn.optim import make_optimizer
 
 SIZES = (784, 1024, 1024, 10)
@@ -77,15 +76,9 @@ def host_us(fn: Callable[[], Any], calls: int, wait: Callable[[], None]) -> floa
 
 
 def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> list[Row]:
-    rng = np.random.default_rng(0)
-    net = mlp(list(SIZES), rng=rng).to("cuda")
-    model = _torch_mlp(torch, net, clock.torch_device)
-    x_host = rng.standard_normal((BATCH, SIZES[0])).astype(np.float32)
-    t_host = rng.integers(0, SIZES[-1], BATCH)
-    x, t = cupy.asarray(x_host), cupy.asarray(t_host)
-    device = clock.torch_device
-    tx, tt = torch.as_tensor(x_host, device=device), torch.as_tensor(t_host, device=device)
-    hidden = SIZES[1]
+    net, model, x, t, tx, tt = mlp_pair(cupy, torch, clock, SIZES, BATCH)
+    device, hidden = clock.torch_device, SIZES[1]
+    rng = np.random.default_rng(1)
     W, b = net.layers[0].W, net.layers[0].b
     h_host = rng.standard_normal((BATCH, hidden)).astype(np.float32)
     h = cupy.asarray(h_host)

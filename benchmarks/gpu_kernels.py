@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu import CudaClock, gpu_unavailable_reason
+from gpu import CudaClock, activation_inputs, gpu_unavailable_reason
 
 from scratchnn.cli import positive_int
 from scratchnn.kernels import OPS, cuda
@@ -169,15 +169,9 @@ def _time_variants(clock: Any, runners: dict[str, Runner], arrays: list[Any],
 
 
 def time_kernels(cupy: Any, torch: Any, repeats: int, clock: Any, n: int) -> list[Row]:
-    host = np.random.default_rng(0)
-    # As benchmarks/gpu.py draws them: x of scale 3, so every branch of each formula runs.
-    x_host = (3 * host.standard_normal(n, dtype=np.float32)).astype(np.float32)
-    dout_host = host.standard_normal(n, dtype=np.float32)
-    x, dout = cupy.asarray(x_host), cupy.asarray(dout_host)
+    x, dout, tx, tg = activation_inputs(cupy, torch, clock, n)  # as benchmarks/gpu.py's
     copy_target = cupy.empty_like(x)
     copy_ms = clock.cupy_ms(lambda: cupy.copyto(copy_target, x), repeats)
-    tx = torch.as_tensor(x_host, device=clock.torch_device)
-    tg = torch.as_tensor(dout_host, device=clock.torch_device)
     rows = [Row("device copy (read+write)", "", copy_ms, {}, {})]
     for label, prefix, scalars, torch_forward, torch_backward in KERNELS:
         forward, backward = f"{prefix}_forward", f"{prefix}_backward"
