@@ -48,7 +48,7 @@ float expf(float); double exp(double); float expm1f(float); double expm1(double)
 float logf(float); double log(double); float log1pf(float); double log1p(double);
 float tanhf(float); double tanh(double); float sqrtf(float); double sqrt(double);
 float fabsf(float); double fabs(double); float erfcf(float); double erfc(double);
-float fmaf(float, float, float);
+float fmaf(float, float, float); double fma(double, double, double);
 }
 inline float __fdividef(float a, float b) { return a / b; }  // CUDA's approximate division
 #define __global__

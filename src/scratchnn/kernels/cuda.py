@@ -210,7 +210,8 @@ __device__ __forceinline__ T nan_max(T a, T b) {{ return (a != a || a > b) ? a :
 {_NCDF[c_type]}"""
 
 
-# Phi(x), the standard normal CDF, and phi(x), its density. In double, by erfc and exp. In
+# Phi(x), the standard normal CDF, and phi(x), its density. In double, by erfc and exp, with
+# their arguments carried to twice the precision by fma (as functional.ncdf, npdf). In
 # float, our own: libdevice's erfcf took an exact Gelu's kernels on an H200 to 1.3 times
 # PyTorch's time (its arithmetic, not memory, bound them), and its argument -x/sqrt(2),
 # rounded to float, put up to 187 ulps into Gelu's left tail. Here, for c = |x|,
@@ -218,26 +219,30 @@ __device__ __forceinline__ T nan_max(T a, T b) {{ return (a != a || a > b) ? a :
 # where t Q(t) is erfcx(c / sqrt 2) = exp(c*c/2) erfc(c / sqrt 2), smooth on [0, inf); Q is
 # a degree-9 polynomial fitted to it to 7.8e-9 relative error (scripts/fit_ncdf.py, against
 # mpmath). c*c is split exactly (fmaf), so the exponential takes no rounding of its
-# argument. t is the hardware's approximate reciprocal (its error reaches Phi once, a few
-# ulps at most, where a correctly rounded one took the kernel 5 % more time); beyond
-# c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0. A NaN x goes
-# there too and gets a number, not NaN: Gelu, their one user, multiplies each by x, which
-# carries the NaN (a check here cost two instructions an element). phi shares that
-# exponential, word for word, so that a kernel calling both (Gelu's backward) computes it
-# once.
+# argument. t is the hardware's approximate reciprocal (1 ulp; it reaches Phi up to about 3
+# ulps near x = 0, where a correctly rounded one took the kernel 5 % more time); beyond
+# c = 14 Phi(-c) underflows float32 and c is set to 20, where exp gives 0; written so that
+# a NaN is kept (NaN >= 14 is false), at no cost. phi shares that exponential, word for
+# word, so that a kernel calling both (Gelu's backward) computes it once.
 _NCDF = {
     "double": """__device__ __forceinline__ double ncdf_double(double x) {
-    return 0.5 * erfc(-x * 0.7071067811865476);
+    const double c = x < -40.0 ? -40.0 : (x > 40.0 ? 40.0 : x);
+    const double high = c * -0.7071067811865476;
+    const double low = fma(c, -0.7071067811865476, -high) - c * -4.833646656726457e-17;
+    const double h = x * -0.7071067811865476;
+    return 0.5 * (erfc(h) - 1.1283791670955126 * exp(-high * high) * low);
 }
 __device__ __forceinline__ double npdf_double(double x) {
     const double a = fabs(x);
-    const double c = a < 40.0 ? a : 40.0;
-    return x != x ? x : exp(-0.5 * c * c) * 0.3989422804014327;
+    const double c = !(a >= 40.0) ? a : 40.0;
+    const double square = c * c;
+    const double square_low = fma(c, c, -square);
+    return exp(-0.5 * square) * (1.0 - 0.5 * square_low) * 0.3989422804014327;
 }
 """,
     "float": """__device__ __forceinline__ float ncdf_float(float x) {
     const float a = fabsf(x);
-    const float c = a < 14.0f ? a : 20.0f;
+    const float c = !(a >= 14.0f) ? a : 20.0f;
     const float t = __fdividef(1.0f, 1.0f + 0.282842712f * c);  // within 2 ulps, one instruction
     float q = -2.959542908e-02f;
     q = fmaf(q, t, 1.980188638e-01f);
@@ -256,7 +261,7 @@ __device__ __forceinline__ double npdf_double(double x) {
 }
 __device__ __forceinline__ float npdf_float(float x) {
     const float a = fabsf(x);
-    const float c = a < 14.0f ? a : 20.0f;
+    const float c = !(a >= 14.0f) ? a : 20.0f;
     const float square = c * c;
     const float square_low = fmaf(c, c, -square);
     return (expf(-0.5f * square) * (1.0f - 0.5f * square_low)) * 0.398942280f;

@@ -100,30 +100,13 @@ def _functions(xp: ModuleType) -> dict[str, Callable[..., Any]]:
         "sqrt": xp.sqrt,
         "abs": xp.abs,
         "erfc": F.erfc,
-        "ncdf": _ncdf,
-        "npdf": lambda z: _npdf(xp, z),
+        "ncdf": F.ncdf,
+        "npdf": F.npdf,
         # NaN-propagating, as the CUDA translation's min and max are.
         "min": xp.minimum,
         "max": xp.maximum,
         "where": xp.where,
     }
-
-
-def _ncdf(z: Any) -> Any:
-    """Phi(z) = 0.5 erfc(-z / sqrt 2), computed in float64 for narrower floats: rounding
-    -z / sqrt 2 to float32 put up to 175 ulps into the left tail (its error grows as z**2)."""
-    from scratchnn import functional as F
-
-    if z.dtype.itemsize < 8:
-        return (0.5 * F.erfc(-z.astype(np.float64) * _SQRT_HALF)).astype(z.dtype)
-    return 0.5 * F.erfc(-z * _SQRT_HALF)
-
-
-def _npdf(xp: ModuleType, z: Any) -> Any:
-    """phi(z) = exp(-z**2 / 2) / sqrt(2 pi), in float64 for narrower floats (as ``_ncdf``);
-    |z| clipped at 40, where it has long underflowed, so that z*z stays finite."""
-    c = xp.minimum(xp.abs(z.astype(np.float64) if z.dtype.itemsize < 8 else z), 40.0)
-    return (xp.exp(-0.5 * c * c) * _INV_SQRT_2PI).astype(z.dtype, copy=False)
 
 
 def evaluate(op: Op, xp: ModuleType, arrays: list[Any], scalars: Mapping[str, float]) -> list[Any]:
@@ -151,8 +134,6 @@ def evaluate(op: Op, xp: ModuleType, arrays: list[Any], scalars: Mapping[str, fl
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_SQRT_HALF = 1 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
 
 # sigmoid(v) without overflow: with e = exp(-|v|) in (0, 1] and r = 1/(1+e), r or e*r.
