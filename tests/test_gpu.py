@@ -1100,16 +1100,21 @@ def test_initializers_give_the_same_weights_on_every_device(name: Any, gpu: Any)
 # -- benchmarks/gpu.py: its no-GPU exit and its correctness checks, on the fake device ------------
 
 
-def _benchmark_module() -> Any:
+def _load_script(relative_path: str, name: str) -> Any:
+    """A script of the checkout (benchmarks/, scripts/) as the module ``name``."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("benchmark_gpu", path)
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _benchmark_module() -> Any:
+    return _load_script("benchmarks/gpu.py", "benchmark_gpu")
 
 
 def test_gpu_benchmark_without_a_gpu_says_so_and_exits_0() -> None:
@@ -1583,17 +1588,9 @@ def test_a_mask_of_another_shape_or_dtype_takes_the_array_calls_not_the_kernel(g
 
 def _gpu_benchmark_script(name: str) -> Any:
     """benchmarks/<name>.py, one of the GPU scripts that import gpu.py's clock."""
-    import importlib.util
-
     _benchmark_module()  # they import gpu.py as "gpu": the same module, by that name
     sys.modules.setdefault("gpu", sys.modules["benchmark_gpu"])
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load_script(f"benchmarks/{name}.py", f"benchmark_{name}")
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
@@ -1670,15 +1667,9 @@ def test_exact_gelu_on_the_device_is_within_a_few_ulps_of_mpmath(dtype: Any, gpu
 def test_the_float32_ncdf_coefficients_are_the_fit_of_scripts_fit_ncdf() -> None:
     # The kernel's polynomial is the script's output (to a float32 rounding: another
     # BLAS may move the fit's last digits), and the fit is as close as it says.
-    import importlib.util
-
     from scratchnn.kernels import cuda
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_ncdf.py"
-    spec = importlib.util.spec_from_file_location("fit_ncdf", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("scripts/fit_ncdf.py", "fit_ncdf")
     coefficients, error = script.fit()
     assert error < 1e-8
     horner = cuda._NCDF["float"].split("float q = ")[1].split("const float square")[0]
