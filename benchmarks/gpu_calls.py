@@ -21,8 +21,15 @@ Each against PyTorch's equivalent (``@``, ``add_``, ``sum(0)``,
 ``torch.empty``, ``torch.relu``, ``F.linear``, and so on). The last column
 multiplies each call's cost by how often a step makes it (scratchnn's 30 device
 calls: 8 products, 3 additions, 3 sums, 9 allocations, 7 kernels), so the table
-shows which calls a faster step must make fewer or cheaper. It runs from a
-checkout: ``PYTHONPATH=src python3 benchmarks/gpu_calls.py``.
+shows which calls a faster step must make fewer or cheaper.
+
+Then the candidates that could replace the costly ones, each checked against
+the call it would replace before it is timed (``ALTERNATIVES``): the bias
+addition and the bias gradient as bare launches of small kernels of our own
+(``BIAS_KERNELS``), the bias gradient as a product with a row of ones, a
+product into a buffer made once (``cupy.matmul(..., out=)``), and a bare launch
+of ReLU's kernel with its arguments made once (what ``kernels.run`` adds to a
+launch). It runs from a checkout: ``PYTHONPATH=src python3 benchmarks/gpu_calls.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,38 @@ from scratchnn.optim import make_optimizer
 SIZES = (784, 1024, 1024, 10)
 BATCH = 512
 
+# Candidates for the step's bias calls, launched bare (no kernels.run around them).
+# bias_add: h[r, c] += b[c] over a (rows, cols) C-contiguous h, a grid-stride loop.
+# column_sum: out[c] = sum over r of g[r, c]; a block of 256 threads takes 32 columns,
+# its 8 warps 8 interleaved sets of rows, summed in a fixed order (the same on every run).
+BIAS_KERNELS = r"""
+extern "C" __global__ void bias_add(float* __restrict__ h, const float* __restrict__ b,
+                                    const long long n, const int cols)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        h[i] += b[i % cols];
+}
+
+extern "C" __global__ void column_sum(const float* __restrict__ g, float* __restrict__ out,
+                                      const int rows, const int cols)
+{
+    __shared__ float part[8][32];
+    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+    const int col = blockIdx.x * 32 + lane;
+    float s = 0.0f;
+    if (col < cols)
+        for (int r = group; r < rows; r += 8) s += g[(long long)r * cols + col];
+    part[group][lane] = s;
+    __syncthreads();
+    if (group == 0 && col < cols) {
+        float total = 0.0f;
+        for (int k = 0; k < 8; ++k) total += part[k][lane];
+        out[col] = total;
+    }
+}
+"""
+
 
 @dataclass
 class Row:
@@ -59,6 +98,16 @@ class Row:
     per_step: int  # how many such calls scratchnn's step makes (0: not a call of its own)
     ours_us: float
     theirs_us: float
+
+
+# The candidates' rows, after the step's own (see alternatives()).
+ALTERNATIVES = (
+    "  instead: bias addition, bare bias_add kernel",
+    "  instead: bias gradient, ones @ g",
+    "  instead: bias gradient, bare column_sum kernel",
+    "  instead: product into a buffer, matmul(out=)",
+    "  instead: ReLU forward, bare launch, arguments made once",
+)
 
 
 def host_us(fn: Callable[[], Any], calls: int, wait: Callable[[], None]) -> float:
@@ -122,6 +171,7 @@ def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> li
          lambda: torch.ops.aten.threshold_backward(th, th, 0.0)),
         ("the whole step, as fit / PyTorch's loop", 0, ours_step, theirs_step),
     ]  # fmt: skip
+    pairs += alternatives(cupy, torch, (x, W, b, h, h_sum), h_host, (tx, tW, tb, th, th_sum))
     rows = []
     for what, per_step, ours, theirs in pairs:
         ours_us, theirs_us = [], []
@@ -131,6 +181,65 @@ def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> li
         rows.append(Row(what, per_step, statistics.median(ours_us), statistics.median(theirs_us)))
         print(_line(rows[-1]), flush=True)
     return rows
+
+
+def alternatives(
+    cupy: Any, torch: Any, ours: tuple[Any, ...], h_host: np.ndarray, theirs: tuple[Any, ...]
+) -> list[tuple[str, int, Callable[[], Any], Callable[[], Any]]]:
+    """The candidates of ``ALTERNATIVES``, each checked against the call it would
+    replace (AssertionError if it computes something else) and timed against the same
+    PyTorch call. ``ours`` is the step's x, W, b, h and the h that the additions grow;
+    ``theirs`` PyTorch's x, W, b, h and h to add to."""
+    x, W, b, h, h_sum = ours
+    tx, tW, tb, th, th_sum = theirs
+    from scratchnn.kernels import cuda
+    from scratchnn.kernels.ops import OPS
+
+    rows, cols = h.shape
+    module = cupy.RawModule(code=BIAS_KERNELS)
+    bias_add, column_sum = module.get_function("bias_add"), module.get_function("column_sum")
+    n, cols32, rows32 = np.int64(h.size), np.int32(cols), np.int32(rows)
+    add_grid = (cuda.blocks(h.size),)
+    sum_grid = (-(-cols // 32),)
+    # A bias of random values for the check (the layer's starts as zeros, which would hide
+    # an addition at the wrong place).
+    b_host = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
+
+    def add_bare(target: Any, bias: Any = b) -> None:
+        bias_add(add_grid, (cuda.BLOCK,), (target, bias, n, cols32))
+
+    def sum_bare() -> Any:
+        out = cupy.empty(cols, np.float32)
+        column_sum(sum_grid, (256,), (h, out, rows32, cols32))
+        return out
+
+    ones = cupy.ones(rows, np.float32)
+    product_out = cupy.empty((x.shape[0], W.shape[1]), np.float32)
+    relu = cuda._kernel(cupy, OPS["relu_forward"], np.dtype(np.float32))
+    relu_y, relu_mask = cupy.empty_like(h), cupy.empty(h.shape, np.bool_)
+    relu_args = (h, relu_y, relu_mask, np.int64(h.size), np.int32(1))  # 1: the vector path
+    lanes = 16 // h.itemsize
+    relu_grid = (cuda.blocks(h.size // lanes, cuda.vectors_per_thread(OPS["relu_forward"])),)
+
+    # Each checked first: a faster call that computes something else would be no candidate.
+    added = cupy.asarray(h_host)
+    add_bare(added, cupy.asarray(b_host))
+    np.testing.assert_array_equal(to_host(added), h_host + b_host, "bias_add")
+    column_total = h_host.astype(np.float64).sum(axis=0)
+    for name, got in (("ones @ g", ones @ h), ("column_sum", sum_bare())):
+        np.testing.assert_allclose(to_host(got), column_total, rtol=1e-4, atol=1e-3, err_msg=name)
+    np.testing.assert_array_equal(to_host(cupy.matmul(x, W, out=product_out)), to_host(x @ W))
+    relu(relu_grid, (cuda.BLOCK,), relu_args)
+    np.testing.assert_array_equal(to_host(relu_y), np.maximum(h_host, 0), "bare relu")
+
+    return [
+        (ALTERNATIVES[0], 0, lambda: add_bare(h_sum), lambda: th_sum.add_(tb)),
+        (ALTERNATIVES[1], 0, lambda: ones @ h, lambda: th.sum(0)),
+        (ALTERNATIVES[2], 0, sum_bare, lambda: th.sum(0)),
+        (ALTERNATIVES[3], 0, lambda: cupy.matmul(x, W, out=product_out), lambda: tx @ tW),
+        (ALTERNATIVES[4], 0, lambda: relu(relu_grid, (cuda.BLOCK,), relu_args),
+         lambda: torch.relu(th)),
+    ]  # fmt: skip
 
 
 def _line(row: Row) -> str:

@@ -1683,11 +1683,18 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A dry run before a lent GPU runs it: every call and its PyTorch counterpart run,
-    # at the step's shapes, and the table adds the step's calls up.
+    # at the step's shapes, the candidates compute what the calls they would replace do
+    # (time_calls checks each first), and the table adds the step's calls up.
     torch = pytest.importorskip("torch")
     fake = fake_cupy.install(monkeypatch, kernels=True)
     benchmark = _gpu_benchmark_script("gpu_calls")
+    # Narrower layers than on a card: the fake device runs a block's threads as OS threads
+    # (column_sum synchronises them), and 32 blocks of 256 took a minute here.
+    monkeypatch.setattr(benchmark, "SIZES", (784, 100, 64, 10))
+    monkeypatch.setattr(benchmark, "BATCH", 40)
     rows = benchmark.time_calls(fake, torch, 2, 1, _HostClock())
-    assert len(rows) == 10 and all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
+    assert len(rows) == 10 + len(benchmark.ALTERNATIVES)
+    assert [r.what for r in rows[10:]] == list(benchmark.ALTERNATIVES)
+    assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
     assert sum(r.per_step for r in rows) == 30  # the step's device calls (bench_gpu_host)
     assert "the 30 calls of a step, added up" in benchmark.table(rows)
