@@ -1,6 +1,7 @@
 #!/bin/bash
 # The one GPU check: correctness and timings (benchmarks/gpu.py), then the GPU tests, then
-# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py).
+# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py) and a probe
+# (benchmarks/gpu_graph.py: does a CUDA graph of the training step replay right, and how fast).
 # Run from the repository root on a machine with an NVIDIA GPU, CuPy and PyTorch with CUDA,
 # with Fashion-MNIST's four .gz files in .gpu-data/fashion-mnist (a copy of
 # /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or /tmp).
@@ -32,9 +33,11 @@ python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "cuda and not 
     -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning 2>&1 \
     | tee "$out/gpu-tests.log" | tail -60
 tests=$?
-# Then what a miss needs explained (about a minute together): each kernel alone in several
-# launch shapes, and the host's cost of each call of the MLP step. Shown, not judged.
+# Then what a miss needs explained (about a minute and a half together): each kernel alone
+# in several launch shapes, the host's cost of each call of the MLP step and of the
+# candidates to replace them, and the step replayed from a CUDA graph. Shown, not judged.
 python3 benchmarks/gpu_kernels.py --repeats 15 2>&1 | tee "$out/gpu-kernels.log" | tail -24
-python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -14
+python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -19
+python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))
