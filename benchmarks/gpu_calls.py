@@ -27,7 +27,8 @@ Then the candidates that could replace the costly ones, each checked against
 the call it would replace before it is timed (``ALTERNATIVES``): the bias
 addition and the bias gradient as bare launches of small kernels of our own
 (``BIAS_KERNELS``), the bias gradient as a product with a row of ones, a
-product into a buffer made once (``cupy.matmul(..., out=)``), and a bare launch
+product into a buffer made once (``cupy.matmul(..., out=)``, CuPy's Python
+wrapper, and ``x.dot(W, out=)``, its compiled method), and a bare launch
 of ReLU's kernel with its arguments made once (what ``kernels.run`` adds to a
 launch). It runs from a checkout: ``PYTHONPATH=src python3 benchmarks/gpu_calls.py``.
 """
@@ -106,6 +107,7 @@ ALTERNATIVES = (
     "  instead: bias gradient, ones @ g",
     "  instead: bias gradient, bare column_sum kernel",
     "  instead: product into a buffer, matmul(out=)",
+    "  instead: product into a buffer, x.dot(W, out=)",
     "  instead: ReLU forward, bare launch, arguments made once",
 )
 
@@ -229,6 +231,7 @@ def alternatives(
     for name, got in (("ones @ g", ones @ h), ("column_sum", sum_bare())):
         np.testing.assert_allclose(to_host(got), column_total, rtol=1e-4, atol=1e-3, err_msg=name)
     np.testing.assert_array_equal(to_host(cupy.matmul(x, W, out=product_out)), to_host(x @ W))
+    np.testing.assert_array_equal(to_host(x.dot(W, out=product_out)), to_host(x @ W))
     relu(relu_grid, (cuda.BLOCK,), relu_args)
     np.testing.assert_array_equal(to_host(relu_y), np.maximum(h_host, 0), "bare relu")
 
@@ -237,7 +240,8 @@ def alternatives(
         (ALTERNATIVES[1], 0, lambda: ones @ h, lambda: th.sum(0)),
         (ALTERNATIVES[2], 0, sum_bare, lambda: th.sum(0)),
         (ALTERNATIVES[3], 0, lambda: cupy.matmul(x, W, out=product_out), lambda: tx @ tW),
-        (ALTERNATIVES[4], 0, lambda: relu(relu_grid, (cuda.BLOCK,), relu_args),
+        (ALTERNATIVES[4], 0, lambda: x.dot(W, out=product_out), lambda: tx @ tW),
+        (ALTERNATIVES[5], 0, lambda: relu(relu_grid, (cuda.BLOCK,), relu_args),
          lambda: torch.relu(th)),
     ]  # fmt: skip
 

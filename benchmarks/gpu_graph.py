@@ -6,14 +6,24 @@
 by the host: its 30 device calls each cost the host microseconds of CuPy's
 Python and scratchnn's, and the card waits between them. A CUDA graph records
 a step's launches once; replaying it is one call. This script is the probe
-before ``fit`` does that. It
+before ``fit`` does that.
+
+First it asks whether the installed CuPy lets cuBLAS into a capture at all
+(:func:`cublas_refusal`: one product captured on a stream of its own). CuPy up
+to 14 does not: its ``setStream`` of cuBLAS raises ``NotImplementedError``
+("calling cuBLAS API during stream capture is currently unsupported",
+``cupy_backends/cuda/libs/cublas.pyx``; CuPy's own test suite asserts it), and
+the step's 8 products are cuBLAS's. Where CuPy refuses, the script says so
+and stops: a graph of the step would then need products of our own. Where it
+allows, it
 
 1. captures the step as ``fit`` runs it (:func:`capture_step`): one eager step
    on a stream of its own, its memory from a pool of its own, then the same
    step recorded into a graph. The pool is the graph's alone, so no array made
-   outside the graph is ever handed a block that its replays write; the eager
-   step first leaves in the pool the blocks a step takes, and compiles what it
-   launches;
+   outside the graph is ever handed a block that its replays write. (The
+   capture still allocates: the layers hold the eager step's arrays until the
+   captured step replaces them. CuPy captures in CUDA's relaxed mode, which
+   lets the pool call cudaMalloc meanwhile.);
 2. checks it (:func:`check_replays`): from the same weights and batches, the
    losses and parameters after a few steps, each batch copied into the arrays
    the capture read and the graph replayed, against eager steps;
@@ -75,6 +85,23 @@ class Captured:
 
 
 Capture = Callable[[Any, Any, Any, Any, Any], Captured]
+
+
+def cublas_refusal(cupy: Any) -> str | None:
+    """Why this CuPy will not capture a product (cuBLAS) into a graph, or None if it will."""
+    a = cupy.ones((64, 64), np.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()
+    with stream:
+        stream.begin_capture()
+        try:
+            a @ a
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        finally:
+            with contextlib.suppress(Exception):
+                stream.end_capture()
+    return None
 
 
 def capture_step(cupy: Any, net: Any, optimizer: Any, x: Any, t: Any) -> Captured:
@@ -219,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"CuPy {cupy.__version__}, PyTorch {torch.__version__}, scratchnn {snn.__version__}")
+    refusal = cublas_refusal(cupy)
+    if refusal is not None:
+        print(f"this CuPy does not capture cuBLAS into a graph ({refusal}); the step's 8 "
+              "products are cuBLAS's, so no graph of the step here")  # fmt: skip
+        return 0
     try:
         agreement = check_replays(cupy, args.steps)
     except Exception:
