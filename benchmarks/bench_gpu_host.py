@@ -213,11 +213,12 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
     n_scalar = np.int64
 
     def hand() -> None:
-        # Forward: a product and a bias per layer, ReLU's kernel (output and mask) between.
+        # Forward: a product and a bias kernel per layer, ReLU's kernel (output and mask)
+        # between.
         activations, masks, h = [x], [], x
         for i, (W, b) in enumerate(zip(Ws, bs)):
             h = h @ W
-            h += b
+            kernel((1,), (256,), (h, b, n_scalar(h.size), np.int32(h.shape[1])))
             if i < len(Ws) - 1:
                 y, mask = cupy.empty(h.shape, h.dtype), cupy.empty(h.shape, np.bool_)
                 kernel((1,), (256,), (h, y, mask, n_scalar(h.size)))
@@ -230,10 +231,13 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
         kernel((1,), (256,), (cupy.ascontiguousarray(h), tc, y, result, n_scalar(batch)))
         g = cupy.empty_like(y)
         kernel((1,), (256,), (y, tc, g, np.float32(1 / batch), n_scalar(y.size)))
-        # Backward: dW, db and (but for the first layer) dx; ReLU's backward kernel.
+        # Backward: dW, db (the column sums' kernel) and (but for the first layer) dx;
+        # ReLU's backward kernel.
         grads = []
         for i in reversed(range(len(Ws))):
-            grads += [activations[i].T @ g, g.sum(axis=0)]
+            db = cupy.empty((g.shape[1],), g.dtype)
+            kernel((1,), (256,), (g, db, np.int32(g.shape[0]), np.int32(g.shape[1])))
+            grads += [activations[i].T @ g, db]
             if i:
                 d = g @ Ws[i].T
                 g = cupy.empty_like(d)

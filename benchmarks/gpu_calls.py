@@ -11,8 +11,9 @@ the step's shapes, it times the host's cost of one call (``time.perf_counter``
 around ``--calls`` calls, the card synchronised before and after, outside the
 timing; the median of ``--rounds`` rounds, CuPy's and PyTorch's alternating):
 
-* CuPy's own calls: a product, the bias addition ``h += b``, the bias
-  gradient ``g.sum(axis=0)``, ``cupy.empty``;
+* CuPy's own calls: a product, ``cupy.empty``; and, beside scratchnn's bias
+  kernels (``kernels.bias``: the bias addition and the bias gradient, a launch
+  each), the CuPy calls they replaced (``h += b``, ``g.sum(axis=0)``);
 * scratchnn's: a fused kernel through ``kernels.run``, and the layers'
   ``forward`` and ``backward`` (Affine, Relu), which wrap those calls;
 * the whole step, scratchnn's as ``fit`` runs it against PyTorch's loop.
@@ -25,8 +26,8 @@ shows which calls a faster step must make fewer or cheaper.
 
 Then the candidates that could replace the costly ones, each checked against
 the call it would replace before it is timed (``ALTERNATIVES``): the bias
-addition and the bias gradient as bare launches of small kernels of our own
-(``BIAS_KERNELS``), the bias gradient as a product with a row of ones, a
+kernels launched bare (what ``kernels.bias``'s checks add to a launch), the
+bias gradient as a product with a row of ones, a
 product into a buffer made once (``cupy.matmul(..., out=)``, CuPy's Python
 wrapper, and ``x.dot(W, out=)``, its compiled method), and a bare launch
 of ReLU's kernel with its arguments made once (what ``kernels.run`` adds to a
@@ -55,42 +56,11 @@ import scratchnn as snn
 from scratchnn import kernels
 from scratchnn.backend import to_host
 from scratchnn.cli import positive_int
+from scratchnn.kernels import bias
 from scratchnn.optim import make_optimizer
 
 SIZES = (784, 1024, 1024, 10)
 BATCH = 512
-
-# Candidates for the step's bias calls, launched bare (no kernels.run around them).
-# bias_add: h[r, c] += b[c] over a (rows, cols) C-contiguous h, a grid-stride loop.
-# column_sum: out[c] = sum over r of g[r, c]; a block of 256 threads takes 32 columns,
-# its 8 warps 8 interleaved sets of rows, summed in a fixed order (the same on every run).
-BIAS_KERNELS = r"""
-extern "C" __global__ void bias_add(float* __restrict__ h, const float* __restrict__ b,
-                                    const long long n, const int cols)
-{
-    const long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        h[i] += b[i % cols];
-}
-
-extern "C" __global__ void column_sum(const float* __restrict__ g, float* __restrict__ out,
-                                      const int rows, const int cols)
-{
-    __shared__ float part[8][32];
-    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
-    const int col = blockIdx.x * 32 + lane;
-    float s = 0.0f;
-    if (col < cols)
-        for (int r = group; r < rows; r += 8) s += g[(long long)r * cols + col];
-    part[group][lane] = s;
-    __syncthreads();
-    if (group == 0 && col < cols) {
-        float total = 0.0f;
-        for (int k = 0; k < 8; ++k) total += part[k][lane];
-        out[col] = total;
-    }
-}
-"""
 
 
 @dataclass
@@ -103,9 +73,9 @@ class Row:
 
 # The candidates' rows, after the step's own (see alternatives()).
 ALTERNATIVES = (
-    "  instead: bias addition, bare bias_add kernel",
+    "  instead: bias addition, add_bias launched bare",
     "  instead: bias gradient, ones @ g",
-    "  instead: bias gradient, bare column_sum kernel",
+    "  instead: bias gradient, column_sum launched bare",
     "  instead: product into a buffer, matmul(out=)",
     "  instead: product into a buffer, x.dot(W, out=)",
     "  instead: ReLU forward, bare launch, arguments made once",
@@ -157,8 +127,12 @@ def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> li
     th_sum = th.clone()
     pairs: list[tuple[str, int, Callable[[], Any], Callable[[], Any]]] = [
         ("product x @ W, 512x784 @ 784x1024", 8, lambda: x @ W, lambda: tx @ tW),
-        ("bias addition h += b, 512x1024", 3, lambda: h_sum.__iadd__(b), lambda: th_sum.add_(tb)),
-        ("bias gradient g.sum(axis=0), 512x1024", 3, lambda: h.sum(axis=0), lambda: th.sum(0)),
+        ("bias addition, bias.add_bias, 512x1024", 3, lambda: bias.add_bias(h_sum, b),
+         lambda: th_sum.add_(tb)),
+        ("bias gradient, bias.column_sum, 512x1024", 3, lambda: bias.column_sum(h),
+         lambda: th.sum(0)),
+        ("  CuPy's own: h += b", 0, lambda: h_sum.__iadd__(b), lambda: th_sum.add_(tb)),
+        ("  CuPy's own: g.sum(axis=0)", 0, lambda: h.sum(axis=0), lambda: th.sum(0)),
         ("allocation, 512x1024 float32", 9,
          lambda: cupy.empty((BATCH, hidden), np.float32),
          lambda: torch.empty((BATCH, hidden), device=device)),
@@ -198,8 +172,9 @@ def alternatives(
     from scratchnn.kernels.ops import OPS
 
     rows, cols = h.shape
-    module = cupy.RawModule(code=BIAS_KERNELS)
-    bias_add, column_sum = module.get_function("bias_add"), module.get_function("column_sum")
+    # scratchnn's own bias kernels, launched bare: what kernels.bias adds to a launch.
+    bias_add = bias._kernel(cupy, np.float32, "add_bias")
+    column_sum = bias._kernel(cupy, np.float32, "column_sum")
     n, cols32, rows32 = np.int64(h.size), np.int32(cols), np.int32(rows)
     add_grid = (cuda.blocks(h.size),)
     sum_grid = (-(-cols // 32),)
@@ -207,8 +182,8 @@ def alternatives(
     # an addition at the wrong place).
     b_host = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
 
-    def add_bare(target: Any, bias: Any = b) -> None:
-        bias_add(add_grid, (cuda.BLOCK,), (target, bias, n, cols32))
+    def add_bare(target: Any, vector: Any = b) -> None:
+        bias_add(add_grid, (cuda.BLOCK,), (target, vector, n, cols32))
 
     def sum_bare() -> Any:
         out = cupy.empty(cols, np.float32)

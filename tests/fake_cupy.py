@@ -258,8 +258,9 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     # The library caches compiled kernels per process: fresh caches for this test, so that
     # no fake kernel reaches a later test on real CuPy, nor a real one this test
     # (monkeypatch puts the real caches back afterwards).
-    from scratchnn.kernels import cross_entropy, cuda
+    from scratchnn.kernels import bias, cross_entropy, cuda
 
+    monkeypatch.setattr(bias, "_kernels", {})
     monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
     if kernels:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import re
 import shutil
@@ -1547,7 +1548,7 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
     assert len(rows) == 2, result.stdout
     for row in rows:
-        assert "numpy" not in row and "7 kernel, 8 matmul" in row, row
+        assert "numpy" not in row and "13 kernel, 8 matmul" in row, row
 
 
 @pytest.mark.parametrize(
@@ -1695,8 +1696,8 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     monkeypatch.setattr(benchmark, "SIZES", (784, 100, 64, 10))
     monkeypatch.setattr(benchmark, "BATCH", 40)
     rows = benchmark.time_calls(fake, torch, 2, 1, _HostClock())
-    assert len(rows) == 10 + len(benchmark.ALTERNATIVES)
-    assert [r.what for r in rows[10:]] == list(benchmark.ALTERNATIVES)
+    assert len(rows) == 12 + len(benchmark.ALTERNATIVES)
+    assert [r.what for r in rows[12:]] == list(benchmark.ALTERNATIVES)
     assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
     assert sum(r.per_step for r in rows) == 30  # the step's device calls (bench_gpu_host)
     assert "the 30 calls of a step, added up" in benchmark.table(rows)
@@ -1747,3 +1748,62 @@ def test_the_graph_probe_runs_through_and_tells_a_wrong_replay(
     rows = benchmark.time_replays(fake, torch, 2, _HostClock(), _eager_capture)
     assert len(rows) == 4 and all(r.ours_ms > 0 and r.torch_ms > 0 for r in rows)
     assert "step replayed from a CUDA graph" in benchmark.table(rows)
+
+
+# -- Affine's bias kernels (scratchnn.kernels.bias) -----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (40, 100), (513, 33), (4096, 3), (4097, 3),
+                                   (0, 4), (6, 0)])  # fmt: skip
+def test_the_bias_kernels_add_and_sum_as_exactly_as_numpy(
+    shape: Any, dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # add_bias adds as NumPy does, bit for bit; column_sum sums in double, so a float32 sum
+    # is the exact sum rounded once (within 1 ulp here), a float64 one within a few ulps
+    # of the sum of its |terms|. Beyond MAX_ROWS (4097 rows), for empty matrices, and where
+    # CuPy compiles no kernels, CuPy's own calls: any order of summation's bound.
+    from scratchnn.kernels import bias
+
+    launched: list[str] = []
+    kernel = bias._kernel
+    monkeypatch.setattr(bias, "_kernel", lambda *a: launched.append(a[2]) or kernel(*a))
+    rng = np.random.default_rng(7)
+    g_host = rng.standard_normal(shape).astype(dtype)
+    b_host = rng.standard_normal(shape[1]).astype(dtype)
+    out = gpu.asarray(g_host)
+    bias.add_bias(out, gpu.asarray(b_host))
+    np.testing.assert_array_equal(to_host(out), g_host + b_host)
+    sums = to_host(bias.column_sum(gpu.asarray(g_host)))
+    assert sums.dtype == dtype and sums.shape == (shape[1],)
+    exact = np.array([math.fsum(column) for column in g_host.T.tolist()])
+    kernels = hasattr(gpu, "RawModule")
+    expected = (["add_bias"] if kernels and g_host.size else []) + (
+        ["column_sum"] if kernels and 0 < shape[0] <= bias.MAX_ROWS and shape[1] else [])
+    assert launched == expected
+    eps, scale = np.finfo(dtype).eps, np.abs(g_host).sum(axis=0)
+    if "column_sum" not in launched:
+        assert (np.abs(sums - exact) <= shape[0] * eps * scale).all()
+    elif dtype == np.float32:
+        ulps = np.abs(sums - exact) / np.spacing(np.abs(exact).astype(np.float32))
+        assert ulps.max(initial=0) <= 1
+    else:
+        assert (np.abs(sums - exact) <= 4 * eps * scale).all()
+
+
+def test_the_bias_kernels_leave_other_layouts_to_cupy(gpu: Any) -> None:
+    # A view with strides, a bias of another dtype: CuPy's own calls, right all the same.
+    from scratchnn.kernels import bias
+
+    rng = np.random.default_rng(8)
+    g_host = rng.standard_normal((30, 16)).astype(np.float32)
+    strided = gpu.asarray(g_host)[:, ::2]
+    np.testing.assert_allclose(to_host(bias.column_sum(strided)), g_host[:, ::2].sum(axis=0),
+                               rtol=1e-5)  # fmt: skip
+    out = gpu.asarray(g_host)
+    b64 = rng.standard_normal(16)
+    bias.add_bias(out, gpu.asarray(b64))
+    np.testing.assert_array_equal(to_host(out), (g_host + b64).astype(np.float32))
+    bias.add_bias(strided, gpu.asarray(b_host := np.ones(8, np.float32)))
+    np.testing.assert_array_equal(to_host(strided), g_host[:, ::2] + b_host)
+    assert not bias._kernels

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from scratchnn.backend import FLOAT_DTYPES, as_array, may_share_memory
+from scratchnn.kernels import bias
 from scratchnn.layers.base import WeightBiasLayer
 
 
@@ -80,7 +81,10 @@ class Affine(WeightBiasLayer):
         xw = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
         # Operators, not np.matmul and np.add: on CuPy arrays they skip NumPy's dispatch.
         out = xw @ W
-        out += self.b  # in place: the product is a new array
+        if type(out) is np.ndarray:
+            out += self.b  # in place: the product is a new array
+        else:  # CuPy: a launch of a kernel of our own costs the host less than its ufunc
+            bias.add_bias(out, self.b)
         return out[0] if single else out
 
     def _backward(self, dout: np.ndarray) -> np.ndarray:
@@ -99,6 +103,7 @@ class Affine(WeightBiasLayer):
             g = g.astype(W.dtype)
         x = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
         self.dW = x.T @ g
-        # NumPy: g.sum(axis=0) without np.sum's Python wrapper; CuPy's own sum otherwise.
-        self.db = np.add.reduce(g, axis=0) if type(g) is np.ndarray else g.sum(axis=0)
+        # NumPy: g.sum(axis=0) without np.sum's Python wrapper. CuPy: a kernel of our own,
+        # whose launch costs the host less than CuPy's reduction.
+        self.db = np.add.reduce(g, axis=0) if type(g) is np.ndarray else bias.column_sum(g)
         return g
