@@ -175,15 +175,15 @@ def alternatives(
     # scratchnn's own bias kernels, launched bare: what kernels.bias adds to a launch.
     bias_add = bias._kernel(cupy, np.float32, "add_bias")
     column_sum = bias._kernel(cupy, np.float32, "column_sum")
-    n, cols32, rows32 = np.int64(h.size), np.int32(cols), np.int32(rows)
-    add_grid = (cuda.blocks(h.size),)
+    rows64, cols32, rows32 = np.int64(rows), np.int32(cols), np.int32(rows)
+    add_grid = (min(rows, bias._ADD_BLOCKS),)  # as bias.add_bias launches it
     sum_grid = (-(-cols // 32),)
     # A bias of random values for the check (the layer's starts as zeros, which would hide
     # an addition at the wrong place).
     b_host = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
 
     def add_bare(target: Any, vector: Any = b) -> None:
-        bias_add(add_grid, (cuda.BLOCK,), (target, vector, n, cols32))
+        bias_add(add_grid, (cuda.BLOCK,), (target, vector, rows64, cols32))
 
     def sum_bare() -> Any:
         out = cupy.empty(cols, np.float32)

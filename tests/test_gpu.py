@@ -311,22 +311,26 @@ def test_backward_refuses_dout_on_the_other_device(case: Case, gpu: Any) -> None
 
 
 @pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+@pytest.mark.parametrize("barrier", ["", "__syncthreads();"])
 def test_the_cpu_stand_in_for_cuda_starts_shared_memory_as_garbage(
-    monkeypatch: pytest.MonkeyPatch,
+    barrier: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A kernel that reads its shared memory before writing it reads garbage on a GPU; the
-    # stand-in must not hand it the values an earlier block or launch left there.
+    # stand-in must not hand it the values an earlier block or launch left there, whether
+    # it runs a block's threads one after another or (a kernel that synchronises) the same
+    # OS threads block after block.
     fake = fake_cupy.install(monkeypatch, kernels=True)
-    code = """typedef float T;
-extern "C" __global__ void peek(T* out) {
+    code = f"""typedef float T;
+extern "C" __global__ void peek(T* out) {{
     __shared__ T seen[4];
     out[blockIdx.x * 4 + threadIdx.x] = seen[threadIdx.x];
+    {barrier}
     seen[threadIdx.x] = (T)1;
-}"""
+}}"""
     kernel = fake.RawKernel(code, "peek")
-    out = fake.zeros(8, np.float32)
-    kernel((2,), (4,), (out,))
-    assert np.isnan(out.get()).all()  # second block included: not the 1 the first left
+    out = fake.zeros(12, np.float32)
+    kernel((3,), (4,), (out,))
+    assert np.isnan(out.get()).all()  # later blocks included: not the 1 the first left
 
 
 # SoftmaxWithLoss on class indices runs two CUDA kernels of its own (kernels/cross_entropy.py).
@@ -1044,7 +1048,7 @@ def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
-    from scratchnn.kernels import cross_entropy
+    from scratchnn.kernels import bias, cross_entropy
 
     # Each source in its own namespace, so one nvcc run checks them all; the kernel names
     # are extern "C", so the cross-entropy ones, the same for each label type, get a suffix.
@@ -1057,6 +1061,8 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
         sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
             "softmax_xent", f"softmax_xent_{name}"
         )
+    for name in ("add_bias", "column_sum"):
+        sources[name] = bias.source(dtype, name)
     path = tmp_path / "kernels.cu"
     path.write_text("\n".join(f"namespace k_{name} {{\n{code}}}" for name, code in sources.items()))
     result = subprocess.run(
