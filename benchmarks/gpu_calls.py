@@ -21,7 +21,7 @@ timing; the median of ``--rounds`` rounds, CuPy's and PyTorch's alternating):
 Each against PyTorch's equivalent (``@``, ``add_``, ``sum(0)``,
 ``torch.empty``, ``torch.relu``, ``F.linear``, and so on). The last column
 multiplies each call's cost by how often a step makes it (scratchnn's 30 device
-calls: 8 products, 3 additions, 3 sums, 9 allocations, 7 kernels), so the table
+calls: 8 products, 3 bias additions and 3 bias sums, 9 allocations, 7 kernels), so the table
 shows which calls a faster step must make fewer or cheaper.
 
 Then the candidates that could replace the costly ones, each checked against

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scratchnn.kernels.cuda import BLOCK
-
-_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+from scratchnn.kernels.cuda import _C_TYPES, BLOCK, supported_dtype
 
 # column_sum gives each block 32 columns and its 8 warps 8 interleaved sets of rows: one
 # thread walks rows / 8 of them. Beyond this, CuPy's reduction, which spreads rows wider.
@@ -91,7 +89,7 @@ def _kernel(cupy: Any, dtype: Any, name: str) -> Any:
 def _cupy_with_kernels(array: Any) -> Any:
     """CuPy, where ``array`` is a float32/float64 C-contiguous CuPy matrix that the
     kernels can take; None otherwise."""
-    if type(array) is np.ndarray or np.dtype(array.dtype) not in _C_TYPES:
+    if type(array) is np.ndarray or not supported_dtype(array.dtype):
         return None
     cupy = sys.modules.get("cupy")
     if cupy is None or type(array) is not getattr(cupy, "ndarray", None):
