@@ -218,7 +218,7 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
         activations, masks, h = [x], [], x
         for i, (W, b) in enumerate(zip(Ws, bs)):
             h = h @ W
-            kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), np.int32(h.shape[1])))
+            kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
             if i < len(Ws) - 1:
                 y, mask = cupy.empty(h.shape, h.dtype), cupy.empty(h.shape, np.bool_)
                 kernel((1,), (256,), (h, y, mask, n_scalar(h.size)))

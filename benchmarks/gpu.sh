@@ -37,7 +37,7 @@ tests=$?
 # in several launch shapes, the host's cost of each call of the MLP step and of the
 # candidates to replace them, and the step replayed from a CUDA graph. Shown, not judged.
 python3 benchmarks/gpu_kernels.py --repeats 15 2>&1 | tee "$out/gpu-kernels.log" | tail -24
-python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -19
+python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -25
 python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))

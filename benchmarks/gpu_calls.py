@@ -20,8 +20,9 @@ timing; the median of ``--rounds`` rounds, CuPy's and PyTorch's alternating):
 
 Each against PyTorch's equivalent (``@``, ``add_``, ``sum(0)``,
 ``torch.empty``, ``torch.relu``, ``F.linear``, and so on). The last column
-multiplies each call's cost by how often a step makes it (scratchnn's 30 device
-calls: 8 products, 3 bias additions and 3 bias sums, 9 allocations, 7 kernels), so the table
+multiplies each call's cost by how often a step makes it (scratchnn's 30 calls:
+8 products, 3 bias additions and 3 bias sums, 9 allocations, 7 kernels; each bias
+sum makes its allocation inside its call, so bench_gpu_host.py counts 33), so the table
 shows which calls a faster step must make fewer or cheaper.
 
 Then the candidates that could replace the costly ones, each checked against
@@ -175,7 +176,8 @@ def alternatives(
     # scratchnn's own bias kernels, launched bare: what kernels.bias adds to a launch.
     bias_add = bias._kernel(cupy, np.float32, "add_bias")
     column_sum = bias._kernel(cupy, np.float32, "column_sum")
-    rows64, cols32, rows32 = np.int64(rows), np.int32(cols), np.int32(rows)
+    rows64, cols64 = np.int64(rows), np.int64(cols)
+    rows32, cols32 = np.int32(rows), np.int32(cols)
     add_grid = (min(rows, bias._ADD_BLOCKS),)  # as bias.add_bias launches it
     sum_grid = (-(-cols // 32),)
     # A bias of random values for the check (the layer's starts as zeros, which would hide
@@ -183,7 +185,7 @@ def alternatives(
     b_host = np.random.default_rng(2).standard_normal(cols).astype(np.float32)
 
     def add_bare(target: Any, vector: Any = b) -> None:
-        bias_add(add_grid, (cuda.BLOCK,), (target, vector, rows64, cols32))
+        bias_add(add_grid, (cuda.BLOCK,), (target, vector, rows64, cols64))
 
     def sum_bare() -> Any:
         out = cupy.empty(cols, np.float32)

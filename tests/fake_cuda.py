@@ -21,7 +21,9 @@ float), so a read before the write shows.
 
 What it cannot find: timing, memory coalescing, races between blocks (they
 run one after another), out-of-bounds accesses, and the differences between
-CUDA's and glibc's maths. (nvcc's test in test_gpu.py compiles each source to
+CUDA's and glibc's maths; nor a missing ``__syncthreads`` whose readers are a
+block's lowest threads (without one, a kernel's threads run one after another
+in descending order, so they read what the others wrote). (nvcc's test in test_gpu.py compiles each source to
 a cubin, which checks registers and shared memory.)
 """
 
@@ -91,7 +93,7 @@ _SYNC_SHIM = """
 #include <stdlib.h>
 static pthread_barrier_t fake_barrier;
 static inline void __syncthreads() { pthread_barrier_wait(&fake_barrier); }
-struct fake_task { void* const* a; unsigned int b, t; };
+struct fake_task { void* const* a; unsigned int t; };
 """
 
 # The C types a kernel's parameters use, and the NumPy dtypes they take.
@@ -134,6 +136,32 @@ def _kernel_names(code: str) -> list[str]:
     return re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(', code)
 
 
+_KERNEL_START = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
+
+
+def _synchronises(code: str, name: str) -> bool:
+    """Whether kernel ``name`` may call ``__syncthreads``: its own body does, or code
+    outside every kernel's body does (a device function it may call). Decided per kernel,
+    so that a source's other kernels still run their threads one after another, which is
+    fast."""
+    bodies: dict[str, tuple[int, int]] = {}
+    for match in _KERNEL_START.finditer(code):
+        opening = code.index("{", match.end())
+        depth, at = 0, opening
+        for at in range(opening, len(code)):  # the brace that closes the body
+            depth += {"{": 1, "}": -1}.get(code[at], 0)
+            if depth == 0:
+                break
+        bodies[match.group(1)] = (match.start(), at + 1)
+    outside, last = [], 0
+    for first, stop in sorted(bodies.values()):
+        outside.append(code[last:first])
+        last = stop
+    outside.append(code[last:])
+    first, stop = bodies[name]
+    return "__syncthreads" in code[first:stop] or "__syncthreads" in "".join(outside)
+
+
 def _launcher(code: str, name: str) -> str:
     """C++ that runs kernel ``name`` over a grid: ``fake_run_<name>(args, grid, block)``.
 
@@ -144,7 +172,7 @@ def _launcher(code: str, name: str) -> str:
         for i, (c_type, pointer, _) in enumerate(_signature(code, name))
     )
     call = f"{name}({arguments});"
-    if "__syncthreads" in code:
+    if _synchronises(code, name):
         # A block's threads run at once, as OS threads, so the barrier can hold them. The
         # same threads take one block after another (starting threads for each block made
         # a launch of 32 blocks of 256 take a tenth of a second): a barrier before each
@@ -168,7 +196,7 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
     fake_launch(grid, block);
     pthread_barrier_init(&fake_barrier, 0, block);
     for (unsigned int t = 0; t < block; ++t) {{
-        tasks[t].a = a; tasks[t].b = 0; tasks[t].t = t;
+        tasks[t].a = a; tasks[t].t = t;
         if (pthread_create(&ids[t], 0, fake_body_{name}, &tasks[t]) != 0) {{
             // The barrier would wait forever for the missing thread.
             fprintf(stderr, "fake CUDA: cannot start thread %u of a block\\n", t);

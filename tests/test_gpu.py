@@ -1061,8 +1061,7 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
         sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
             "softmax_xent", f"softmax_xent_{name}"
         )
-    for name in ("add_bias", "column_sum"):
-        sources[name] = bias.source(dtype, name)
+    sources["bias"] = bias.source(dtype)
     path = tmp_path / "kernels.cu"
     path.write_text("\n".join(f"namespace k_{name} {{\n{code}}}" for name, code in sources.items()))
     result = subprocess.run(
@@ -1797,10 +1796,15 @@ def test_the_bias_kernels_add_and_sum_as_exactly_as_numpy(
         assert (np.abs(sums - exact) <= 4 * eps * scale).all()
 
 
-def test_the_bias_kernels_leave_other_layouts_to_cupy(gpu: Any) -> None:
+def test_the_bias_kernels_leave_other_layouts_to_cupy(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A view with strides, a bias of another dtype: CuPy's own calls, right all the same.
     from scratchnn.kernels import bias
 
+    launched: list[str] = []
+    kernel = bias._kernel
+    monkeypatch.setattr(bias, "_kernel", lambda *a: launched.append(a[2]) or kernel(*a))
     rng = np.random.default_rng(8)
     g_host = rng.standard_normal((30, 16)).astype(np.float32)
     strided = gpu.asarray(g_host)[:, ::2]
@@ -1812,4 +1816,18 @@ def test_the_bias_kernels_leave_other_layouts_to_cupy(gpu: Any) -> None:
     np.testing.assert_array_equal(to_host(out), (g_host + b64).astype(np.float32))
     bias.add_bias(strided, gpu.asarray(b_host := np.ones(8, np.float32)))
     np.testing.assert_array_equal(to_host(strided), g_host[:, ::2] + b_host)
-    assert not bias._kernels
+    assert launched == []
+
+
+def test_the_cpu_stand_in_decides_per_kernel_which_ones_synchronise() -> None:
+    # A synchronising kernel runs its block's threads as OS threads, the others one after
+    # another (fast): decided from each kernel's own body, and from what lies outside every
+    # kernel (a device function one of them may call), whatever the order of definitions.
+    plain = 'extern "C" __global__ void plain(float* out) { if (1) { out[threadIdx.x] = 1; } }\n'
+    waits = 'extern "C" __global__ void waits(float* out) { { out[0] = 0; } __syncthreads(); }\n'
+    helper = "__device__ void all_wait() { __syncthreads(); }\n"
+    for code in (plain + waits, waits + plain):
+        assert not fake_cuda._synchronises(code, "plain")
+        assert fake_cuda._synchronises(code, "waits")
+    for code in (helper + plain + waits, plain + helper + waits, plain + waits + helper):
+        assert fake_cuda._synchronises(code, "plain")

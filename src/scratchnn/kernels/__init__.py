@@ -70,7 +70,7 @@ def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] 
     """``arrays`` as the fused CUDA kernel takes them, or None where it cannot run: not
     CuPy (or no compiler), a dtype without a kernel, shapes or dtypes that differ, an
     array updated in place that is not C-contiguous."""
-    if xp.__name__ != "cupy" or not hasattr(xp, "RawKernel"):
+    if not cuda.compiles(xp):
         return None
     first = arrays[0]
     dtype, shape = first.dtype, first.shape

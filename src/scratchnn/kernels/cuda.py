@@ -61,6 +61,12 @@ def vectors_per_thread(op: Op) -> int:
 _VECTORS_PER_THREAD = {"gelu_backward": 2, "gelu_tanh_backward": 2}
 
 
+def compiles(xp: Any) -> bool:
+    """Whether the array module ``xp`` is CuPy with its compiler (``RawKernel`` and
+    ``RawModule``): where this package's kernels run. (A stand-in for CuPy may lack it.)"""
+    return xp.__name__ == "cupy" and hasattr(xp, "RawKernel") and hasattr(xp, "RawModule")
+
+
 def supported_dtype(dtype: Any) -> bool:
     """Whether a fused kernel exists for arrays of ``dtype`` (float32 and float64)."""
     return np.dtype(dtype) in _C_TYPES

@@ -23,7 +23,7 @@ from scratchnn.backend import (
     is_array,
     to_compute,
 )
-from scratchnn.kernels import cross_entropy  # (plain text and NumPy: it imports no CuPy)
+from scratchnn.kernels import cross_entropy, cuda  # (plain text and NumPy: they import no CuPy)
 
 
 class DeviceLoss:
@@ -184,7 +184,7 @@ def _cuda_kernels(x: Any, t: Any) -> Any:
     if type(x) is np.ndarray:
         return None
     xp = get_array_module(x, t)  # a NumPy t beside a CuPy x: the mixing TypeError
-    if xp.__name__ != "cupy" or not hasattr(xp, "RawModule"):
+    if not cuda.compiles(xp):
         return None
     return cross_entropy if cross_entropy.supported(to_compute(x), t) else None
 
