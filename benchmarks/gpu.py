@@ -36,12 +36,13 @@ It runs from a checkout: ``PYTHONPATH=src python3 benchmarks/gpu.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import scratchnn as snn
 from scratchnn.backend import device_of, to_device, to_host
-from scratchnn.kernels import OPS
+from scratchnn.kernels import OPS, bias
 from scratchnn.models import cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import DEVICE_EVAL_BATCH
@@ -449,9 +450,20 @@ def time_mlp_step(
     # fit" row at 0.74 and 1.24, the host's share of each side moving apart.
     unread = paired_ms(clock, ours_unread, theirs(False), repeats)
     read = paired_ms(clock, ours_read, theirs(True), repeats)
+    # The same step with Affine's bias through CuPy's own calls (as before session 15), in
+    # rounds alternating with the row above: whether kernels.bias pays on this card's host.
+    with_kernels, with_cupy = [], []
+    for _ in range(3):
+        with_kernels.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        with cupy_bias_calls():
+            with_cupy.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
     return [
         Row(f"MLP step {shape} b{batch} SGD, as fit", *unread, "neither reads its loss",
             target=1.0),
+        # Ours against ours: the "PyTorch" column holds the step with kernels.bias.
+        Row(f"MLP step {shape} b{batch} SGD, bias by CuPy's calls", statistics.median(with_cupy),
+            statistics.median(with_kernels),
+            "ours with out += b, g.sum(axis=0) / ours with kernels.bias (not PyTorch)"),
         # Not like for like, so no target: gradient() waits for its loss mid-step (before
         # backward is queued, for the labels' check), PyTorch's loss.item() at the end.
         Row(f"MLP step {shape} b{batch} SGD, read", *read,
@@ -463,6 +475,24 @@ def time_mlp_step(
             host_median_ms(theirs(False), clock.wait_torch, repeats),
             "the host's time to queue a step on a quiet card, as fit"),
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def cupy_bias_calls() -> Iterator[None]:
+    """Affine's bias through CuPy's own calls (``out += b``, ``g.sum(axis=0)``), as before
+    ``kernels.bias``, for as long as the block runs."""
+    def add_bias(out: Any, b: Any) -> None:
+        out += b
+
+    def column_sum(g: Any) -> Any:
+        return g.sum(axis=0)
+
+    saved = bias.add_bias, bias.column_sum
+    bias.add_bias, bias.column_sum = add_bias, column_sum
+    try:
+        yield
+    finally:
+        bias.add_bias, bias.column_sum = saved
 
 
 def time_epochs(

@@ -1243,9 +1243,21 @@ def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
     assert all(r.ours > 0 and r.torch and r.verdict for r in rows[1:])
     rows = benchmark.time_mlp_step(fake, torch, 2, clock, sizes=(20, 16, 16, 10), batch=32)
     assert [r.what for r in rows] == ["MLP step 20-16-16-10 b32 SGD, as fit",
+                                      "MLP step 20-16-16-10 b32 SGD, bias by CuPy's calls",
                                       "MLP step 20-16-16-10 b32 SGD, read",
                                       "MLP step 20-16-16-10 b32 SGD, host side"]  # fmt: skip
-    assert all(r.ours > 0 and r.torch for r in rows) and not rows[2].verdict
+    assert all(r.ours > 0 and r.torch for r in rows)
+    assert [bool(r.verdict) for r in rows] == [True, False, False, False]
+    from scratchnn.kernels import bias
+
+    assert bias.add_bias.__module__ == "scratchnn.kernels.bias"  # put back after its row
+    out, b = fake.ones((4, 3), dtype=np.float32), fake.arange(3, dtype=np.float32)
+    fake_cuda.launches.clear()
+    with benchmark.cupy_bias_calls():  # the A/B row's other side: no kernel of ours
+        bias.add_bias(out, b)
+        sums = bias.column_sum(out)
+    assert fake_cuda.launches == []
+    np.testing.assert_array_equal(to_host(sums), [4.0, 8.0, 12.0])
     rows = benchmark.time_epochs(fake, torch, None, 1, clock, limit=300)
     assert [r.what for r in rows] == ["Fashion-MNIST epoch 784-256-128-10 Adam b128",
                                       "scratchnn train --device cuda, epoch"]  # fmt: skip
