@@ -416,6 +416,67 @@ def test_a_first_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(
 
 
 @needs_data
+@pytest.mark.parametrize("how", ["--overwrite", "--resume"])
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_first_checkpoint_stopped_before_its_rename_leaves_the_run_as_it_was(
+    how: str, failure: BaseException, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Written whole, but the fsync before the rename fails (a full disk reports it there)
+    # or is interrupted: the replaced run keeps its model and curve, every file as it was.
+    import scratchnn.files
+    import scratchnn.runs
+
+    out = trained_run(tmp_path)
+    before = {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES}
+    real_fsync = scratchnn.files._fsync
+
+    def failing(path: Any) -> None:
+        if Path(path).name.startswith(".checkpoint."):
+            raise failure
+        real_fsync(path)
+
+    monkeypatch.setattr(scratchnn.files, "_fsync", failing)
+    argv = ["--resume", "--epochs", "3"] if how == "--resume" else [*SMALL, "--epochs", "3", how]
+    capsys.readouterr()
+    expected = 130 if isinstance(failure, KeyboardInterrupt) else 2
+    assert main(["train", *argv, "--out", str(out)]) == expected
+    assert {name: (out / name).read_bytes() for name in scratchnn.runs.RUN_FILES} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(scratchnn.runs.RUN_FILES)
+
+
+@needs_data
+def test_an_interrupt_just_after_the_first_checkpoints_rename_counts_it_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C in the directory's fsync, once the new run's first checkpoint has its name: that
+    # epoch is saved (the hint continues it), and the replaced run's model and curve are gone,
+    # so evaluate scores the new checkpoint, not the old model.
+    import scratchnn.files
+    import scratchnn.runs
+
+    out = trained_run(tmp_path)
+    real_fsync_directory = scratchnn.files._fsync_directory
+    interrupts = []
+
+    def interrupted(directory: Any) -> None:
+        real_fsync_directory(directory)
+        checkpoint = load_checkpoint(out / "checkpoint.safetensors")
+        if checkpoint.config["seed"] == 7 and not interrupts:
+            interrupts.append(checkpoint.epoch)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scratchnn.files, "_fsync_directory", interrupted)
+    capsys.readouterr()
+    argv = ["train", *SMALL, "--epochs", "3", "--seed", "7", "--overwrite", "--out", str(out)]
+    assert main(argv) == 130
+    assert interrupts == [1]
+    assert not (out / "model.safetensors").exists() and not (out / "learning_curve.png").exists()
+    err = capsys.readouterr().err
+    assert "continue with: scratchnn train --resume" in err and "as it was" not in err
+
+
+@needs_data
 def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

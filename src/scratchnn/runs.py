@@ -36,7 +36,7 @@ from scratchnn.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from scratchnn.files import atomic_path, write_text_atomically
+from scratchnn.files import write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import History, evaluate, fit
@@ -430,14 +430,10 @@ def _train(
 
     def save_epoch(epoch: int, run_history: History) -> None:
         target = out / CHECKPOINT_FILE
-        # This call's first checkpoint replaces the run's: it is written whole under a
-        # temporary name first, then the model and curve of what came before go, then it
-        # takes its name. So no moment leaves an older model beside a newer checkpoint for
-        # evaluate to score as the latest, and a write that fails (a full disk) leaves the
-        # directory as it was. The histories are rewritten below.
-        with atomic_path(target) if not saved else contextlib.nullcontext(target) as path:
-            save_checkpoint(
-                path,
+        before = _file_identity(target)
+        try:
+            save_checkpoint(  # whole under a temporary name, then renamed: atomic
+                target,
                 params=network.state(),
                 optimizer_state=optimizer.state_dict(),
                 rng=rng,
@@ -445,11 +441,18 @@ def _train(
                 config=config.to_dict(),
                 metadata={"history": run_history.to_json()},
             )
-            if not saved:
-                for name in (MODEL_FILE, RUN_FILES[-1]):
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / name).unlink()
-        saved.append(epoch)
+        finally:
+            # Saved once the new checkpoint has its name, even if what follows the rename
+            # (the directory's fsync) fails or is interrupted; not before. This call's first
+            # checkpoint replaced the run's: only now do the model and curve of what came
+            # before go, so a save that fails (a full disk, Ctrl-C) leaves the run it would
+            # have replaced whole.
+            if _file_identity(target) != before:
+                if not saved:
+                    for name in (MODEL_FILE, RUN_FILES[-1]):
+                        with contextlib.suppress(OSError):
+                            (out / name).unlink()
+                saved.append(epoch)
         write_text_atomically(out / "history.json", run_history.to_json() + "\n")
         write_text_atomically(out / "history.csv", run_history.to_csv())
         i = -1
@@ -655,6 +658,16 @@ def parameter_count(config: RunConfig, n_in: int = 784, n_out: int = 10) -> int:
         previous, side = channels, side // 2
     hidden = config.hidden[0]
     return count + previous * side * side * hidden + hidden + hidden * n_out + n_out
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The file ``path`` names now (device and inode), or None where there is none: a
+    rename onto the name changes it."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
