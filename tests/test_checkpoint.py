@@ -768,3 +768,21 @@ def test_a_header_longer_than_the_limit_is_refused_before_it_is_parsed(tmp_path:
     finally:
         tracemalloc.stop()
     assert peak < 2**20  # nothing of the header was read, let alone parsed
+
+
+def test_a_header_the_reader_would_refuse_is_not_written(tmp_path: Path) -> None:
+    # Metadata past the reader's limit (a history of some 120,000 epochs): refused before
+    # anything is written, so the readable file already there stays as it was.
+    from scratchnn.checkpoint import MAX_HEADER_BYTES
+
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, {"W": np.ones(3)}, {"note": "kept"})
+    original = path.read_bytes()
+    with pytest.raises(ValueError, match=f"more than the {MAX_HEADER_BYTES} a reader accepts"):
+        save_safetensors(path, {"W": np.zeros(3)}, {"history": "x" * MAX_HEADER_BYTES})
+    assert path.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    # Just under the limit: written, and read back.
+    room = MAX_HEADER_BYTES - 200
+    save_safetensors(path, {"W": np.zeros(3)}, {"history": "x" * room})
+    assert len(load_safetensors(path)[1]["history"]) == room
