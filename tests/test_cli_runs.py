@@ -497,6 +497,36 @@ def test_an_interrupted_resume_leaves_no_older_model_for_evaluate(
 
 
 @needs_data
+def test_a_resume_on_other_data_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same files but for one training label among the examples the run uses: its
+    # batches would differ from the run's, so the resume stops, naming both data sets.
+    import gzip
+    import shutil
+
+    from scratchnn.data.idx import read_idx
+
+    source = find_dataset_files("fashion-mnist")
+    other = tmp_path / "other-data"
+    other.mkdir()
+    for path in source.values():
+        shutil.copy(path, other / path.name)
+    labels = read_idx(source["train-labels-idx1-ubyte"]).copy()
+    labels[100] = (labels[100] + 1) % 10
+    with gzip.open(other / source["train-labels-idx1-ubyte"].name, "wb") as file:
+        file.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
+    out = trained_run(tmp_path)
+    capsys.readouterr()
+    argv = ["train", "--resume", "--epochs", "2", "--out", str(out)]
+    assert main([*argv, "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "the run trained on other data (300 training and 10000 test examples, crc32" in err
+    assert "resume with the data it started with" in err
+    assert main([*argv, "--data", str(source["train-labels-idx1-ubyte"].parent)]) == 0
+
+
+@needs_data
 def test_the_interrupt_hint_is_a_command_that_continues_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,7 +411,7 @@ def _train(
     saved: list[int],
 ) -> History:  # fmt: skip
     """train_run's work, in its locked directory; appends each epoch it saves to ``saved``."""
-    config, network, optimizer, rng, history, train_data, test_data = _start(
+    config, network, optimizer, rng, history, train_data, test_data, fingerprint = _start(
         config, out, resume, epochs, data_path
     )
     if resume:
@@ -439,7 +440,7 @@ def _train(
                 rng=rng,
                 epoch=epoch,
                 config=config.to_dict(),
-                metadata={"history": run_history.to_json()},
+                metadata={"history": run_history.to_json(), DATA_KEY: fingerprint},
             )
         finally:
             # Saved once the new checkpoint has its name, even if what follows the rename
@@ -551,9 +552,9 @@ class _RunLock:
 
 def _start(
     config: RunConfig | None, out: Path, resume: bool, epochs: int | None, data_path: str | None
-) -> tuple[RunConfig, Sequential, Any, np.random.Generator, History | None, Any, Any]:
-    """A run's configuration, network, optimiser, generator, history so far and data:
-    everything that can fail before the first step."""
+) -> tuple[RunConfig, Sequential, Any, np.random.Generator, History | None, Any, Any, str]:
+    """A run's configuration, network, optimiser, generator, history so far, data and the
+    data's fingerprint: everything that can fail before the first step."""
     history: History | None = None
     checkpoint_path = out / CHECKPOINT_FILE
     if resume:
@@ -572,6 +573,16 @@ def _start(
         config.epochs = epochs
     config.check()
     train_data, test_data = load_data(config, data_path)
+    now = data_fingerprint(train_data, test_data)
+    if resume:
+        stored = checkpoint.metadata.get(DATA_KEY)
+        # (A checkpoint written before the fingerprint was kept has none to compare.)
+        if stored is not None and stored != now:
+            raise CheckpointError(
+                f"{checkpoint_path}: the run trained on other data ({stored}) than "
+                f"{data_path or 'the data found'} gives now ({now}): its batches would "
+                "differ from the run's; resume with the data it started with"
+            )
     rng = np.random.default_rng(config.seed)
     with _naming(checkpoint_path) if resume else contextlib.nullcontext():
         network = build_network(config, rng, n_in=train_data[0].shape[1])
@@ -603,7 +614,7 @@ def _start(
                     f"the run in {out} has taken all {config.iterations} of its iterations "
                     "(--iterations): more epochs would train nothing"
                 )
-    return config, network, optimizer, rng, history, train_data, test_data
+    return config, network, optimizer, rng, history, train_data, test_data, now
 
 
 @contextlib.contextmanager
@@ -658,6 +669,19 @@ def parameter_count(config: RunConfig, n_in: int = 784, n_out: int = 10) -> int:
         previous, side = channels, side // 2
     hidden = config.hidden[0]
     return count + previous * side * side * hidden + hidden + hidden * n_out + n_out
+
+
+# The checkpoint's metadata key for the data a run trains on (data_fingerprint).
+DATA_KEY = "data"
+
+
+def data_fingerprint(train_data: tuple[Any, Any], test_data: tuple[Any, Any]) -> str:
+    """What identifies a run's data, for a resume to check: the numbers of training and
+    test examples and a CRC-32 of all their bytes, images and labels, in order."""
+    crc = 0
+    for array in (*train_data, *test_data):
+        crc = zlib.crc32(np.ascontiguousarray(array).data, crc)
+    return f"{len(train_data[0])} training and {len(test_data[0])} test examples, crc32 {crc:08x}"
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
