@@ -677,10 +677,12 @@ DATA_KEY = "data"
 
 def data_fingerprint(train_data: tuple[Any, Any], test_data: tuple[Any, Any]) -> str:
     """What identifies a run's data, for a resume to check: the numbers of training and
-    test examples and a CRC-32 of all their bytes, images and labels, in order."""
+    test examples and a CRC-32 of their images (as float32, whatever dtype the run computes
+    in: a changed dtype is the configuration's to refuse) and labels, in order."""
     crc = 0
-    for array in (*train_data, *test_data):
-        crc = zlib.crc32(np.ascontiguousarray(array).data, crc)
+    for images, labels in (train_data, test_data):
+        crc = zlib.crc32(np.ascontiguousarray(images, dtype=np.float32).data, crc)
+        crc = zlib.crc32(np.ascontiguousarray(labels).data, crc)
     return f"{len(train_data[0])} training and {len(test_data[0])} test examples, crc32 {crc:08x}"
 
 
