@@ -332,7 +332,14 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
     original = checkpoint.read_bytes()
     config = load_checkpoint(checkpoint).config
     state = load_checkpoint(checkpoint).optimizer_state
+    params = load_checkpoint(checkpoint).params
     cases = [
+        # Weights in another dtype than the run computes in: cast on loading, they would
+        # have gone on without a word (int32 weights scored, float64 ones rounded).
+        ({"params": {**params, "W1": params["W1"].astype(np.float64)}},
+         "the run computes in float32, but the file stores W1 (float64)"),
+        ({"params": {**params, "b2": (1000 * params["b2"]).astype(np.int32)}},
+         "the run computes in float32, but the file stores b2 (int32)"),
         ({"metadata": {"history": "not json"}}, "history is not JSON"),
         ({"metadata": {"history": "[" * 100_000 + "]" * 100_000}}, "history is not JSON"),
         ({"metadata": {"history": '{"epoch": 3}'}}, "history must have the keys"),

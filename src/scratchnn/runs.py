@@ -633,8 +633,9 @@ def _naming(path: Path) -> Iterator[None]:
 
 
 def _check_sizes_are_stored(config: RunConfig, params: dict[str, np.ndarray]) -> None:
-    """Every layer size the configuration names is a dimension of some stored weight, and
-    the file stores at least as many numbers as the network has parameters.
+    """Every layer size the configuration names is a dimension of some stored weight, the
+    file stores at least as many numbers as the network has parameters, and every weight
+    in the configuration's dtype.
 
     Why: the network is built from the configuration before the weights are
     compared with it, and an edited size (hidden = [10**8]) would allocate first;
@@ -651,6 +652,13 @@ def _check_sizes_are_stored(config: RunConfig, params: dict[str, np.ndarray]) ->
             f"the configuration's network has {needed} parameters, but the file holds "
             f"{held} numbers"
         )
+    # The network computes in the configuration's dtype; a weight stored in another would
+    # be cast on loading without a word (int32 weights scored, float64 ones rounded), and
+    # a resumed run would not go on as the one saved.
+    other = sorted(name for name, array in params.items() if array.dtype != config.dtype)
+    if other:
+        shown = ", ".join(f"{name} ({params[name].dtype})" for name in other[:3])
+        raise ValueError(f"the run computes in {config.dtype}, but the file stores {shown}")
 
 
 def parameter_count(config: RunConfig, n_in: int = 784, n_out: int = 10) -> int:
