@@ -346,6 +346,10 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
         ({"epoch": 5}, "its history has 2 epochs, its epoch count 5"),
         ({"config": {**config, "hidden": [100_000_000]}}, "sizes [100000000] match no stored"),
         ({"config": {**config, "dtype": "float64"}}, "float64"),
+        # A file that names its model was written with every later setting: one missing is
+        # not an earlier version's (whose defaults would stand in), but a loss.
+        ({"config": {k: v for k, v in config.items() if k != "dropout"}},
+         "run settings missing: ['dropout']"),
         # A state lost (an export that dropped it): the run would go on from zero moments.
         ({"optimizer_state": {}}, "the optimiser's state lacks m/W1, v/W1, m/b1, v/b1"),
         ({"optimizer_state": {k: v for k, v in state.items() if k.endswith("/W1")}},

@@ -178,8 +178,11 @@ class RunConfig:
             raise ValueError(f"unknown run settings {unknown}")
         # Files of earlier versions lack the settings added since; those take the values
         # the earlier versions used, which are the defaults. Any other missing setting is
-        # an error (a tanh network without "activation" would be rebuilt as a ReLU one).
-        missing = sorted(known - set(data) - LATER_SETTINGS) if complete else []
+        # an error (a tanh network without "activation" would be rebuilt as a ReLU one). A
+        # file that names its model is of a version that wrote them all (lr_decay came
+        # first, then model, channels and dropout together): it must hold them all.
+        exempt = LATER_SETTINGS if "model" not in data else frozenset()
+        missing = sorted(known - set(data) - exempt) if complete else []
         if missing:
             raise ValueError(f"run settings missing: {missing}")
         config = cls(**data)
