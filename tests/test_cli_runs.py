@@ -682,6 +682,46 @@ def test_a_second_run_into_a_busy_folder_is_refused(
 
 
 @needs_data
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl file locks on Windows")
+def test_a_folder_that_cannot_be_locked_is_trained_into_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some network mounts have no flock: the run goes on (it cannot tell), but says that
+    # nothing keeps a second run out of the folder.
+    import errno
+
+    import scratchnn.runs
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    assert scratchnn.runs.fcntl is not None
+    monkeypatch.setattr(scratchnn.runs.fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    assert f"note: {out} cannot be locked here (No locks available)" in capsys.readouterr().out
+    assert (out / "model.safetensors").exists()
+
+
+@needs_data
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX path of bytes that are not UTF-8")
+def test_a_path_the_terminal_cannot_show_does_not_fail_a_finished_run(tmp_path: Path) -> None:
+    # Under a strict UTF-8 stdout, a folder named with a byte that is not UTF-8 failed the
+    # run at its last line (exit 2, "can't encode"), after all its files were written, and
+    # its resume before the first epoch. Now such bytes print as escapes.
+    out = os.fsencode(tmp_path) + b"/odd\xff run"
+    environment = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for argv in (["--epochs", "1", *SMALL], ["--epochs", "2", "--resume"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "scratchnn", "train", *argv, "--out", out],
+            capture_output=True, env=environment, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert b"odd\\udcff run" in result.stdout
+    assert os.path.exists(out + b"/model.safetensors")
+
+
+@needs_data
 def test_an_interrupt_before_any_epoch_of_an_overwrite_points_at_nothing_to_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -582,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``scratchnn`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # A path that is not valid in the terminal's encoding (bytes a UTF-8 locale cannot
+    # show) is printed with escapes, as stderr does: a strict stdout would have turned a
+    # finished run into an error at its last line.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     try:
         status: int = args.run(args)
         sys.stdout.flush()

@@ -389,8 +389,12 @@ def train_run(
     created = [folder for folder in [out, *out.absolute().parents] if not folder.exists()]
     check_writable_directory(out)
     saved: list[int] = []  # the epochs this call has checkpointed
-    lock = _RunLock(out)
+    lock: _RunLock | None = None
     try:
+        lock = _RunLock(out)  # (in the try: a lock that fails leaves no folder of ours)
+        if lock.unlocked:
+            print(f"note: {out} cannot be locked here ({lock.unlocked}); make sure no other "
+                  "run writes to it meanwhile", file=stream)  # fmt: skip
         if resume and not (out / CHECKPOINT_FILE).exists():
             raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT_FILE} does not exist")
         held = [name for name in RUN_FILES if (out / name).exists()]
@@ -401,7 +405,8 @@ def train_run(
     except KeyboardInterrupt as interrupt:
         raise RunInterrupted(len(saved)) from interrupt
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         if not saved:  # nothing of this call was kept: no folder of its either
             for folder in created:
                 with contextlib.suppress(OSError):
@@ -521,6 +526,7 @@ class _RunLock:
 
     def __init__(self, out: Path) -> None:
         self.path, self.fd = out / self.FILE, -1
+        self.unlocked = ""  # why the directory could not be locked, where it could not
         if fcntl is None:  # no such locks here (Windows): one run at a time is the user's care
             return
         while True:
@@ -533,8 +539,8 @@ class _RunLock:
                     f"another scratchnn run is writing to {out} now; wait for it to end, "
                     "or choose another --out"
                 ) from None
-            except OSError:  # a file system without such locks (some network mounts)
-                self.fd = fd
+            except OSError as error:  # a file system without such locks (some network mounts)
+                self.fd, self.unlocked = fd, error.strerror or str(error)
                 return
             # A run that ended between our open and our lock removed the file we hold:
             # lock the one at the path, as a new run would.
