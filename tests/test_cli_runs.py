@@ -363,10 +363,22 @@ def test_a_checkpoint_whose_contents_do_not_agree_is_refused_naming_it(
         err = capsys.readouterr().err
         assert f"{checkpoint}: " in err and message in err, (change, err)
         assert len(err.strip().splitlines()) == 1
+    # A checkpoint written before the data's fingerprint was kept resumes as before.
+    checkpoint.write_bytes(original)
+    metadata = dict(load_checkpoint(checkpoint).metadata)
+    del metadata["data"]
+    rewrite_checkpoint(checkpoint, metadata=metadata)
+    assert main(["train", "--resume", "--epochs", "3", "--out", str(out)]) == 0
+    # evaluate refuses weights of another dtype as resume does.
+    checkpoint.write_bytes(original)
+    rewrite_checkpoint(checkpoint, params={**params, "W1": params["W1"].astype(np.float64)})
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    assert "the run computes in float32, but the file stores W1 (float64)" in capsys.readouterr().err
     # evaluate builds the network from the configuration too: no allocation of 10**8 units.
     checkpoint.write_bytes(original)
     rewrite_checkpoint(checkpoint, config={**config, "hidden": [100_000_000]})
-    (out / "model.safetensors").unlink()
     capsys.readouterr()
     assert main(["evaluate", str(out)]) == 2
     assert "match no stored weight" in capsys.readouterr().err
@@ -485,6 +497,35 @@ def test_an_interrupt_just_after_the_first_checkpoints_rename_counts_it_saved(
     assert not (out / "model.safetensors").exists() and not (out / "learning_curve.png").exists()
     err = capsys.readouterr().err
     assert "continue with: scratchnn train --resume" in err and "as it was" not in err
+    # The histories follow the checkpoint (the old run's had 1 epoch too: compare the loss).
+    history = json.loads((out / "history.json").read_text())
+    saved = json.loads(load_checkpoint(out / "checkpoint.safetensors").metadata["history"])
+    assert history == saved
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "history.csv",
+                                                     "history.json"]  # fmt: skip
+
+
+@needs_data
+def test_while_the_first_checkpoint_is_written_the_replaced_model_is_out_of_sight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No moment shows the replaced run's model beside the new run's checkpoint (evaluate
+    # would score the old model as the latest): it steps aside while the checkpoint is
+    # written, and goes once it has its name; nothing hidden is left behind.
+    import scratchnn.runs
+
+    out = trained_run(tmp_path)
+    real_save = scratchnn.runs.save_checkpoint
+    seen = []
+
+    def watched(path: Any, **contents: Any) -> None:
+        seen.append(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+        real_save(path, **contents)
+
+    monkeypatch.setattr(scratchnn.runs, "save_checkpoint", watched)
+    assert main(["train", *SMALL, "--epochs", "2", "--overwrite", "--out", str(out)]) == 0
+    assert "model.safetensors" not in seen[0] and "learning_curve.png" not in seen[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted(scratchnn.runs.RUN_FILES)
 
 
 @needs_data
@@ -704,7 +745,8 @@ def test_a_folder_that_cannot_be_locked_is_trained_into_with_a_note(
 
 
 @needs_data
-@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX path of bytes that are not UTF-8")
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"),
+                    reason="a file system that takes names of bytes that are not UTF-8")
 def test_a_path_the_terminal_cannot_show_does_not_fail_a_finished_run(tmp_path: Path) -> None:
     # Under a strict UTF-8 stdout, a folder named with a byte that is not UTF-8 failed the
     # run at its last line (exit 2, "can't encode"), after all its files were written, and

@@ -585,9 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     # A path that is not valid in the terminal's encoding (bytes a UTF-8 locale cannot
     # show) is printed with escapes, as stderr does: a strict stdout would have turned a
     # finished run into an error at its last line.
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(errors="backslashreplace")
+    stdout = sys.stdout
+    errors = getattr(stdout, "errors", None)
+    if errors is not None and hasattr(stdout, "reconfigure"):
+        stdout.reconfigure(errors="backslashreplace")
     try:
         status: int = args.run(args)
         sys.stdout.flush()
@@ -598,4 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+    finally:
+        if errors is not None and hasattr(stdout, "reconfigure"):  # called in a notebook: as it was
+            stdout.reconfigure(errors=errors)
     return status

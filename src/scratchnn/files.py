@@ -61,9 +61,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = _file_target(path)
     _remove_stale_temporaries(target)
-    temporary = target.with_name(
-        f".{_temporary_stem(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
-    )
+    temporary = temporary_name(target)
     # O_EXCL: never write into a file that someone else is writing. Mode 0o666
     # less the umask, as a plain open(path, "w") gives: a data file, never executable.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -138,6 +136,15 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
 
 # The longest file name most file systems take (NAME_MAX), in bytes.
 _NAME_MAX = 255
+
+
+def temporary_name(target: Path) -> Path:
+    """A new hidden name beside ``target`` for a file on its way to or from it: one that
+    the next write to ``target`` deletes (``_remove_stale_temporaries``) once the process
+    that chose it has ended."""
+    return target.with_name(
+        f".{_temporary_stem(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}"
+    )
 
 
 def _temporary_stem(target: Path) -> str:

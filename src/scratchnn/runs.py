@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -37,7 +38,7 @@ from scratchnn.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from scratchnn.files import write_text_atomically
+from scratchnn.files import temporary_name, write_text_atomically
 from scratchnn.models import ACTIVATIONS, Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import History, evaluate, fit
@@ -440,6 +441,11 @@ def _train(
     def save_epoch(epoch: int, run_history: History) -> None:
         target = out / CHECKPOINT_FILE
         before = _file_identity(target)
+        # This call's first checkpoint replaces the run's: the model and curve of what came
+        # before step aside (hidden names) while it is written, so that no moment shows an
+        # older model beside a newer checkpoint for evaluate to score, and come back if it
+        # is not written (a full disk, Ctrl-C): the run it would have replaced stays whole.
+        aside = [] if saved else _set_aside(out / name for name in (MODEL_FILE, RUN_FILES[-1]))
         try:
             save_checkpoint(  # whole under a temporary name, then renamed: atomic
                 target,
@@ -452,18 +458,19 @@ def _train(
             )
         finally:
             # Saved once the new checkpoint has its name, even if what follows the rename
-            # (the directory's fsync) fails or is interrupted; not before. This call's first
-            # checkpoint replaced the run's: only now do the model and curve of what came
-            # before go, so a save that fails (a full disk, Ctrl-C) leaves the run it would
-            # have replaced whole.
-            if _file_identity(target) != before:
-                if not saved:
-                    for name in (MODEL_FILE, RUN_FILES[-1]):
-                        with contextlib.suppress(OSError):
-                            (out / name).unlink()
+            # (the directory's fsync) fails or is interrupted; not before.
+            written = _file_identity(target) != before
+            if written:
                 saved.append(epoch)
-        write_text_atomically(out / "history.json", run_history.to_json() + "\n")
-        write_text_atomically(out / "history.csv", run_history.to_csv())
+            for original, hidden in aside:
+                with contextlib.suppress(OSError):
+                    if written:
+                        hidden.unlink()
+                    else:
+                        os.replace(hidden, original)
+            if written:  # the histories follow the checkpoint, whatever stopped the save
+                write_text_atomically(out / "history.json", run_history.to_json() + "\n")
+                write_text_atomically(out / "history.csv", run_history.to_csv())
         i = -1
         print(
             f"epoch {epoch:>3}/{config.epochs}  train loss {run_history.train_loss[i]:.4f} "
@@ -488,6 +495,10 @@ def _train(
         progress_stream=progress_stream,
         train_eval_seed=config.seed,
     )
+    # Again: a resumed run with no epoch left to train saves none, and a run stopped after
+    # its checkpoint's rename but before its histories' may have left older ones.
+    write_text_atomically(out / "history.json", history.to_json() + "\n")
+    write_text_atomically(out / "history.csv", history.to_csv())
     save_model(out / MODEL_FILE, network.state(), config.to_dict())
     written = list(RUN_FILES[:-1])
     try:
@@ -586,11 +597,11 @@ def _start(
     if resume:
         stored = checkpoint.metadata.get(DATA_KEY)
         # (A checkpoint written before the fingerprint was kept has none to compare.)
-        if stored is not None and stored != now:
+        if stored is not None and _parsed(stored) != _parsed(now):
             raise CheckpointError(
-                f"{checkpoint_path}: the run trained on other data ({stored}) than "
-                f"{data_path or 'the data found'} gives now ({now}): its batches would "
-                "differ from the run's; resume with the data it started with"
+                f"{checkpoint_path}: the run trained on other data ({_describe_data(stored)}) "
+                f"than {data_path or 'the data found'} gives now ({_describe_data(now)}): "
+                "its batches would differ from the run's; resume with the data it started with"
             )
     rng = np.random.default_rng(config.seed)
     with _naming(checkpoint_path) if resume else contextlib.nullcontext():
@@ -693,24 +704,59 @@ DATA_KEY = "data"
 
 
 def data_fingerprint(train_data: tuple[Any, Any], test_data: tuple[Any, Any]) -> str:
-    """What identifies a run's data, for a resume to check: the numbers of training and
-    test examples and a CRC-32 of their images (as float32, whatever dtype the run computes
-    in: a changed dtype is the configuration's to refuse) and labels, in order."""
+    """What identifies a run's data, for a resume to check, as JSON: the numbers of
+    training and test examples and a CRC-32 of their images (as little-endian float32,
+    whatever dtype the run computes in and whatever the machine's byte order: a changed
+    dtype is the configuration's to refuse) and labels (little-endian int64), in order."""
     crc = 0
     for images, labels in (train_data, test_data):
-        crc = zlib.crc32(np.ascontiguousarray(images, dtype=np.float32).data, crc)
-        crc = zlib.crc32(np.ascontiguousarray(labels).data, crc)
-    return f"{len(train_data[0])} training and {len(test_data[0])} test examples, crc32 {crc:08x}"
+        crc = zlib.crc32(np.ascontiguousarray(images, dtype="<f4").data, crc)
+        crc = zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").data, crc)
+    return json.dumps({"train": len(train_data[0]), "test": len(test_data[0]),
+                       "crc32": f"{crc:08x}"})  # fmt: skip
 
 
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """The file ``path`` names now (device and inode), or None where there is none: a
-    rename onto the name changes it."""
+def _parsed(fingerprint: str) -> Any:
+    """A fingerprint as the data it names (so that its spacing does not matter)."""
+    try:
+        return json.loads(fingerprint)
+    except ValueError:
+        return fingerprint
+
+
+def _describe_data(fingerprint: str) -> str:
+    """A fingerprint in words; one that cannot be read, as it is."""
+    try:
+        data = json.loads(fingerprint)
+        return f"{data['train']} training and {data['test']} test examples, crc32 {data['crc32']}"
+    except (ValueError, TypeError, KeyError):
+        return repr(fingerprint)
+
+
+def _file_identity(path: Path) -> tuple[int, ...] | None:
+    """What tells the file ``path`` names now from another (device, inode, size and
+    modification time: some file systems report no inodes), or None where there is none.
+    A rename onto the name changes it."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
         return None
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _set_aside(paths: Iterator[Path]) -> list[tuple[Path, Path]]:
+    """Rename each existing file of ``paths`` to a hidden temporary name beside it; return
+    the (original, hidden) pairs. A hidden file left by a killed process is deleted by the
+    next write to its original name (``files.temporary_name``)."""
+    moved = []
+    for path in paths:
+        hidden = temporary_name(path)
+        try:
+            os.replace(path, hidden)
+        except FileNotFoundError:
+            continue
+        moved.append((path, hidden))
+    return moved
 
 
 def load_network(path: str | os.PathLike[str]) -> tuple[Sequential, RunConfig]:
