@@ -764,6 +764,26 @@ def test_a_path_the_terminal_cannot_show_does_not_fail_a_finished_run(tmp_path: 
 
 
 @needs_data
+def test_a_lock_that_cannot_be_made_leaves_no_folder_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock file cannot be opened (permissions changed meanwhile, say): the run stops
+    # with one line, and the folders it made for itself go again.
+    import errno
+
+    import scratchnn.runs
+
+    def refused(self: Any, out: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(out / "x.lock"))
+
+    monkeypatch.setattr(scratchnn.runs._RunLock, "__init__", refused)
+    out = tmp_path / "new" / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(out)]) == 2
+    assert "Permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@needs_data
 def test_an_interrupt_before_any_epoch_of_an_overwrite_points_at_nothing_to_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

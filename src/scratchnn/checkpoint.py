@@ -126,6 +126,14 @@ def save_safetensors(
     written then. See the module docstring for how the write is made atomic.
     """
     header, arrays = _prepare(tensors, metadata)
+    if len(header) - 8 > MAX_HEADER_BYTES:
+        # The reader refuses such a header: written, it would replace a readable file with
+        # one that cannot be loaded (a checkpoint's history grows some 140 bytes an epoch).
+        raise ValueError(
+            f"{os.fspath(path)}: its header (names, shapes, metadata) would take "
+            f"{len(header) - 8} bytes, more than the {MAX_HEADER_BYTES} a reader accepts; "
+            "store less metadata or fewer arrays"
+        )
     _atomic_write(path, header, arrays)
 
 
@@ -181,13 +189,6 @@ def _prepare(
         arrays.append(stored)
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # pad, as the reference writer does, so data starts aligned
-    if len(text) > MAX_HEADER_BYTES:
-        # The reader refuses such a header: written, it would replace a readable file with
-        # one that cannot be loaded (a checkpoint's history grows some 140 bytes an epoch).
-        raise ValueError(
-            f"the file's header (names, shapes, metadata) would take {len(text)} bytes, more "
-            f"than the {MAX_HEADER_BYTES} a reader accepts; store less metadata or fewer arrays"
-        )
     return len(text).to_bytes(8, "little") + text, arrays
 
 
