@@ -726,10 +726,10 @@ def _parsed(fingerprint: str) -> Any:
 
 def _describe_data(fingerprint: str) -> str:
     """A fingerprint in words; one that cannot be read, as it is."""
+    data = _parsed(fingerprint)
     try:
-        data = json.loads(fingerprint)
         return f"{data['train']} training and {data['test']} test examples, crc32 {data['crc32']}"
-    except (ValueError, TypeError, KeyError):
+    except (TypeError, KeyError):
         return repr(fingerprint)
 
 
