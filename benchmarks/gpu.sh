@@ -1,7 +1,8 @@
 #!/bin/bash
 # The one GPU check: correctness and timings (benchmarks/gpu.py), then the GPU tests, then
-# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py) and a probe
-# (benchmarks/gpu_graph.py: does a CUDA graph of the training step replay right, and how fast).
+# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py), a probe
+# (benchmarks/gpu_graph.py: does a CUDA graph of the training step replay right, and how fast)
+# and scratchnn's own host time a step on the lent host (benchmarks/bench_gpu_host.py).
 # Run from the repository root on a machine with an NVIDIA GPU, CuPy and PyTorch with CUDA,
 # with Fashion-MNIST's four .gz files in .gpu-data/fashion-mnist (a copy of
 # /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or /tmp).
@@ -39,5 +40,8 @@ tests=$?
 python3 benchmarks/gpu_kernels.py --repeats 15 2>&1 | tee "$out/gpu-kernels.log" | tail -24
 python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -25
 python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
+# scratchnn's own Python a step on this host (a null device in CuPy's place, ~10 s): the
+# part of the step's host time that is the library's, not CuPy's.
+python3 benchmarks/bench_gpu_host.py --rounds 5 2>&1 | tee "$out/gpu-host.log" | tail -8
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))
