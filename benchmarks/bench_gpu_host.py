@@ -213,35 +213,40 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
     n_scalar = np.int64
 
     def hand() -> None:
-        # Forward: a product and a bias kernel per layer, ReLU's kernel (output and mask)
-        # between.
+        # Forward: a product per layer, then the bias kernel; between layers the bias and
+        # ReLU's kernel in one (its output in place, and the mask), as Sequential pairs them.
         activations, masks, h = [x], [], x
         for i, (W, b) in enumerate(zip(Ws, bs)):
             h = h @ W
-            kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
             if i < len(Ws) - 1:
-                y, mask = cupy.empty(h.shape, h.dtype), cupy.empty(h.shape, np.bool_)
-                kernel((1,), (256,), (h, y, mask, n_scalar(h.size)))
-                activations.append(y)
+                mask = cupy.empty(h.shape, np.bool_)
+                kernel((1,), (256,), (h, b, mask, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
+                activations.append(h)
                 masks.append(mask)
-                h = y
+            else:
+                kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
         # The loss's kernel (softmax, summed loss, bad-label count) and its backward.
         tc = cupy.ascontiguousarray(t)
         y, result = cupy.empty_like(h), cupy.empty(2, np.float64)
         kernel((1,), (256,), (cupy.ascontiguousarray(h), tc, y, result, n_scalar(batch)))
         g = cupy.empty_like(y)
         kernel((1,), (256,), (y, tc, g, np.float32(1 / batch), n_scalar(y.size)))
-        # Backward: dW, db (the column sums' kernel) and (but for the first layer) dx;
-        # ReLU's backward kernel.
+        # Backward: db (the column sums' kernel; below the last layer the same kernel
+        # passes the gradient through ReLU's mask first), dW and, but for the first
+        # layer, dx.
         grads = []
         for i in reversed(range(len(Ws))):
             db = cupy.empty((g.shape[1],), g.dtype)
-            kernel((1,), (256,), (g, db, np.int32(g.shape[0]), np.int32(g.shape[1])))
+            if i == len(Ws) - 1:
+                kernel((1,), (256,), (g, db, np.int32(g.shape[0]), np.int32(g.shape[1])))
+            else:
+                through = cupy.empty_like(g)
+                kernel((1,), (256,), (g, masks[i], through, db, np.int32(g.shape[0]),
+                                      np.int32(g.shape[1])))  # fmt: skip
+                g = through
             grads += [activations[i].T @ g, db]
             if i:
-                d = g @ Ws[i].T
-                g = cupy.empty_like(d)
-                kernel((1,), (256,), (d, masks[i - 1], g, n_scalar(d.size)))
+                g = g @ Ws[i].T
         # The optimiser: one launch for every parameter, as PyTorch's multi-tensor step.
         kernel((1,), (256,), (*Ws, *bs, *grads, np.float32(1e-3)))
 

@@ -16,7 +16,10 @@
    runs it (the loss left on the card, PyTorch's not read), through
    ``gradient`` (which reads it, PyTorch ``loss.item()``), and the host's
    time to queue a step as fit runs it (no events: where that is longer than
-   the card's work, the host is what the first row measured); and
+   the card's work, the host is what the first row measured); beside them,
+   two rows of ours against ours: the step with each Affine and its Relu run
+   apart against the step as fit runs it (paired), and, apart, Affine's bias
+   through CuPy's own calls against ``kernels.bias``; and
    Fashion-MNIST epochs of ``scratchnn train``'s default network
    (784-256-128-10, ReLU, Adam 1e-3 decayed by 0.85 an epoch, batch 128)
    against PyTorch with the same initial weights, rates and batches, with
@@ -55,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import scratchnn as snn
 from scratchnn.backend import device_of, to_device, to_host
 from scratchnn.kernels import OPS, bias
-from scratchnn.models import cnn, mlp
+from scratchnn.models import Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import DEVICE_EVAL_BATCH
 
@@ -451,20 +454,28 @@ def time_mlp_step(
     # fit" row at 0.74 and 1.24, the host's share of each side moving apart.
     unread = paired_ms(clock, ours_unread, theirs(False), repeats)
     read = paired_ms(clock, ours_read, theirs(True), repeats)
-    # The same step with Affine's bias through CuPy's own calls (as before session 15), in
-    # rounds alternating with the row above: whether kernels.bias pays on this card's host.
-    with_kernels, with_cupy = [], []
+    # The same step with each Affine and its Relu run apart (as before session 16), and so
+    # again with Affine's bias through CuPy's own calls (as before session 15), in rounds
+    # alternating with the step as fit runs it: whether the pairs, and kernels.bias, pay on
+    # this card's host.
+    paired, apart, with_cupy = [], [], []
     for _ in range(3):
-        with_kernels.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
-        with cupy_bias_calls():
-            with_cupy.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        paired.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        with layers_apart():
+            apart.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+            with cupy_bias_calls():
+                with_cupy.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
     return [
         Row(f"MLP step {shape} b{batch} SGD, as fit", *unread, "neither reads its loss",
             target=1.0),
-        # Ours against ours: the "PyTorch" column holds the step with kernels.bias.
+        # Ours against ours: the "PyTorch" column holds the step as fit runs it.
+        Row(f"MLP step {shape} b{batch} SGD, layers apart", statistics.median(apart),
+            statistics.median(paired),
+            "ours, Affine and Relu apart / ours, paired (not PyTorch)"),
+        # Ours against ours: the "PyTorch" column holds the step apart, with kernels.bias.
         Row(f"MLP step {shape} b{batch} SGD, bias by CuPy's calls", statistics.median(with_cupy),
-            statistics.median(with_kernels),
-            "ours with out += b, g.sum(axis=0) / ours with kernels.bias (not PyTorch)"),
+            statistics.median(apart),
+            "apart, with out += b, g.sum(axis=0) / apart, with kernels.bias (not PyTorch)"),
         # Not like for like, so no target: gradient() waits for its loss mid-step (before
         # backward is queued, for the labels' check), PyTorch's loss.item() at the end.
         Row(f"MLP step {shape} b{batch} SGD, read", *read,
@@ -476,6 +487,18 @@ def time_mlp_step(
             host_median_ms(theirs(False), clock.wait_torch, repeats),
             "the host's time to queue a step on a quiet card, as fit"),
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def layers_apart() -> Iterator[None]:
+    """Each Affine and the Relu after it run one by one, as before ``Sequential`` paired
+    them on the GPU, for as long as the block runs."""
+    saved = Sequential.fuse_affine_relu
+    Sequential.fuse_affine_relu = False
+    try:
+        yield
+    finally:
+        Sequential.fuse_affine_relu = saved
 
 
 @contextlib.contextmanager

@@ -139,27 +139,62 @@ def _kernel_names(code: str) -> list[str]:
 _KERNEL_START = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 
 
-def _synchronises(code: str, name: str) -> bool:
-    """Whether kernel ``name`` may call ``__syncthreads``: its own body does, or code
-    outside every kernel's body does (a device function it may call). Decided per kernel,
-    so that a source's other kernels still run their threads one after another, which is
-    fast."""
+def _bodies(code: str, starts: re.Pattern[str]) -> dict[str, tuple[int, int]]:
+    """Where each function that ``starts`` finds begins and where its body's closing brace
+    ends, by name (a match's group 1; its body is the first brace after the match). Only
+    the outermost: a match inside a body found is a statement of it."""
     bodies: dict[str, tuple[int, int]] = {}
-    for match in _KERNEL_START.finditer(code):
-        opening = code.index("{", match.end())
+    end = 0
+    for match in starts.finditer(code):
+        opening = code.find("{", match.end())
+        if opening < 0 or match.start() < end:  # (an if or a for inside a body found)
+            continue
         depth, at = 0, opening
         for at in range(opening, len(code)):  # the brace that closes the body
             depth += {"{": 1, "}": -1}.get(code[at], 0)
             if depth == 0:
                 break
-        bodies[match.group(1)] = (match.start(), at + 1)
+        bodies[match.group(1)] = (match.start(), end := at + 1)
+    return bodies
+
+
+# A device function's definition outside the kernels: a name, its parameters, its body.
+_FUNCTION_START = re.compile(r"(\w+)\s*\([^;{}]*\)\s*(?=\{)")
+
+
+def _synchronises(code: str, name: str) -> bool:
+    """Whether kernel ``name`` may call ``__syncthreads``: its own body does, or it names a
+    device function that does (directly or through another), or ``__syncthreads`` stands
+    outside every function (a macro, say: then every kernel is taken to). Decided per
+    kernel, so that a source's other kernels still run their threads one after another,
+    which is fast."""
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", " ", code, flags=re.DOTALL)  # (a comment names no call)
+    kernels = _bodies(code, _KERNEL_START)
     outside, last = [], 0
-    for first, stop in sorted(bodies.values()):
+    for first, stop in sorted(kernels.values()):
         outside.append(code[last:first])
         last = stop
     outside.append(code[last:])
-    first, stop = bodies[name]
-    return "__syncthreads" in code[first:stop] or "__syncthreads" in "".join(outside)
+    helpers_code = "\n".join(outside)
+    helpers = {
+        helper: helpers_code[first:stop]
+        for helper, (first, stop) in _bodies(helpers_code, _FUNCTION_START).items()
+    }
+    loose = helpers_code
+    for body in helpers.values():
+        loose = loose.replace(body, "")
+    if "__syncthreads" in loose:
+        return True
+    waiting = {helper for helper, body in helpers.items() if "__syncthreads" in body}
+    while True:  # the helpers that call a helper that waits, until there are no more
+        more = {helper for helper, body in helpers.items() if helper not in waiting
+                and any(re.search(rf"\b{w}\b", body.split("{", 1)[1]) for w in waiting)}
+        if not more:
+            break
+        waiting |= more
+    first, stop = kernels[name]
+    body = code[first:stop]
+    return "__syncthreads" in body or any(re.search(rf"\b{w}\b", body) for w in waiting)
 
 
 def _launcher(code: str, name: str) -> str:

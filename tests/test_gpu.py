@@ -1243,14 +1243,25 @@ def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
     assert all(r.ours > 0 and r.torch and r.verdict for r in rows[1:])
     rows = benchmark.time_mlp_step(fake, torch, 2, clock, sizes=(20, 16, 16, 10), batch=32)
     assert [r.what for r in rows] == ["MLP step 20-16-16-10 b32 SGD, as fit",
+                                      "MLP step 20-16-16-10 b32 SGD, layers apart",
                                       "MLP step 20-16-16-10 b32 SGD, bias by CuPy's calls",
                                       "MLP step 20-16-16-10 b32 SGD, read",
                                       "MLP step 20-16-16-10 b32 SGD, host side"]  # fmt: skip
     assert all(r.ours > 0 and r.torch for r in rows)
-    assert [bool(r.verdict) for r in rows] == [True, False, False, False]
+    assert [bool(r.verdict) for r in rows] == [True, False, False, False, False]
     from scratchnn.kernels import bias
 
     assert bias.add_bias.__module__ == "scratchnn.kernels.bias"  # put back after its row
+    assert snn.Sequential.fuse_affine_relu is True  # and the pairs
+    net = snn.mlp([6, 5, 3], rng=np.random.default_rng(0)).to("cuda")
+    x, t = fake.ones((4, 6), dtype=np.float32), fake.zeros(4, dtype=np.int64)
+    fake_cuda.launches.clear()
+    with benchmark.layers_apart():  # the other A/B row's other side: no pairs
+        net.gradient(x, t)
+    assert "add_bias_relu" not in fake_cuda.launches and "relu_forward" in fake_cuda.launches
+    fake_cuda.launches.clear()
+    net.gradient(x, t)
+    assert "add_bias_relu" in fake_cuda.launches and "relu_forward" not in fake_cuda.launches
     out, b = fake.ones((4, 3), dtype=np.float32), fake.arange(3, dtype=np.float32)
     fake_cuda.launches.clear()
     with benchmark.cupy_bias_calls():  # the A/B row's other side: no kernel of ours
@@ -1565,7 +1576,7 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
     assert len(rows) == 2, result.stdout
     for row in rows:
-        assert "numpy" not in row and "13 kernel, 8 matmul" in row, row
+        assert "numpy" not in row and "10 empty, 9 kernel, 8 matmul" in row, row
 
 
 @pytest.mark.parametrize(
@@ -1713,11 +1724,11 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     monkeypatch.setattr(benchmark, "SIZES", (784, 100, 64, 10))
     monkeypatch.setattr(benchmark, "BATCH", 40)
     rows = benchmark.time_calls(fake, torch, 2, 1, _HostClock())
-    assert len(rows) == 12 + len(benchmark.ALTERNATIVES)
-    assert [r.what for r in rows[12:]] == list(benchmark.ALTERNATIVES)
+    assert len(rows) == 14 + len(benchmark.ALTERNATIVES)
+    assert [r.what for r in rows[14:]] == list(benchmark.ALTERNATIVES)
     assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
-    assert sum(r.per_step for r in rows) == 30  # the step's device calls (bench_gpu_host)
-    assert "the 30 calls of a step, added up" in benchmark.table(rows)
+    assert sum(r.per_step for r in rows) == 20  # 27 device calls, 7 inside (bench_gpu_host)
+    assert "the 20 calls of a step, added up" in benchmark.table(rows)
 
 
 def _eager_capture(cupy: Any, net: Any, optimizer: Any, x: Any, t: Any, *,
@@ -1831,15 +1842,168 @@ def test_the_bias_kernels_leave_other_layouts_to_cupy(
     assert launched == []
 
 
+# -- an Affine and the Relu after it, run as one pair (Sequential on the GPU) ---------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (40, 100), (513, 33), (4096, 3), (4097, 3),
+                                   (0, 4), (6, 0)])  # fmt: skip
+def test_the_pair_kernels_compute_the_separate_calls_bit_for_bit(
+    shape: Any, dtype: Any, gpu: Any
+) -> None:
+    # add_bias_relu is h + b, then ReLU (off where <= 0, so -0 and NaN's comparison count as
+    # NumPy's: NaN passes), in place; relu_column_sum is ReLU's backward where(mask, 0,
+    # dout) and its column sums, summed as column_sum sums. None where they do not apply
+    # (no kernels, empty, beyond MAX_ROWS): the caller then makes the separate calls.
+    from scratchnn.kernels import bias
+
+    rng = np.random.default_rng(9)
+    rows, cols = shape
+    h_host = rng.standard_normal(shape).astype(dtype)
+    b_host = rng.standard_normal(cols).astype(dtype)
+    if h_host.size > 2:  # a sum of exactly 0, a -0, a NaN
+        h_host[0, 0], h_host.flat[1], h_host.flat[2] = -b_host[0], -0.0, np.nan
+        b_host[1 % cols] = 0.0 if cols > 1 else b_host[0]
+    out = gpu.asarray(h_host)
+    mask = bias.add_bias_relu(out, gpu.asarray(b_host))
+    kernels = hasattr(gpu, "RawModule")
+    if not kernels or h_host.size == 0:
+        assert mask is None
+        np.testing.assert_array_equal(to_host(out), h_host)  # left for the separate calls
+    else:
+        summed = h_host + b_host
+        expected = np.where(summed <= 0, 0.0, summed).astype(dtype)
+        np.testing.assert_array_equal(to_host(mask), summed <= 0)
+        np.testing.assert_array_equal(to_host(out), expected)
+        assert (np.signbit(to_host(out)) == np.signbit(expected)).all()  # 0 where off, not -0
+
+    dout_host = rng.standard_normal(shape).astype(dtype)
+    off_host = rng.random(shape) < 0.5
+    fused = bias.relu_column_sum(gpu.asarray(dout_host), gpu.asarray(off_host))
+    if not kernels or not 0 < rows <= bias.MAX_ROWS or not cols:
+        assert fused is None
+        return
+    assert fused is not None
+    g, db = fused
+    through = np.where(off_host, 0.0, dout_host).astype(dtype)
+    np.testing.assert_array_equal(to_host(g), through)
+    assert (np.signbit(to_host(g)) == np.signbit(through)).all()
+    np.testing.assert_array_equal(to_host(db), to_host(bias.column_sum(gpu.asarray(through))))
+    assert to_host(db).dtype == dtype
+
+
+# A float32 network's gradients against the same network's in float64 on the host.
+_GRADIENT_TOLERANCE: dict[Any, dict[str, float]] = {
+    np.float64: {"rtol": 1e-9, "atol": 1e-12}, np.float32: {"rtol": 1e-3, "atol": 2e-5}}  # fmt: skip
+
+
+def _pair_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of kernels.bias's kernels as they are launched, from now on."""
+    from scratchnn.kernels import bias
+
+    launched: list[str] = []
+    kernel = bias._kernel
+    monkeypatch.setattr(bias, "_kernel", lambda *a: launched.append(a[2]) or kernel(*a))
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch", [8, 4097])
+def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
+    dtype: Any, batch: int, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sequential.gradient on the GPU pairs each Affine with the Relu after it: two launches
+    # fewer each way, and every gradient, and what every layer holds for its own backward,
+    # as the layers run one by one compute it, bit for bit. (4097 rows: beyond MAX_ROWS the
+    # backward's pair kernel does not apply, and the pair makes the separate calls.)
+    from scratchnn.kernels import bias
+    from scratchnn.models import Sequential
+
+    rng = np.random.default_rng(10)
+    x_host = rng.standard_normal((batch, 30)).astype(dtype)
+    t_host = rng.integers(0, 5, batch)
+    runs = []
+    launches = _pair_launches(monkeypatch)
+    for paired in (True, False):
+        monkeypatch.setattr(Sequential, "fuse_affine_relu", paired)
+        net = snn.mlp([30, 16, 12, 5], rng=np.random.default_rng(11), dtype=dtype).to("cuda")
+        for layer in net.layers[::2]:  # biases that are not zero, so a lost one shows
+            layer.b[...] = gpu.asarray(np.random.default_rng(12).standard_normal(layer.b.size))
+        start = len(launches)
+        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+        launched = launches[start:]
+        held = [to_host(getattr(layer, name)) for layer in net.layers
+                for name in ("x", "dW", "db", "mask") if getattr(layer, name, None) is not None]  # fmt: skip
+        runs.append(({k: to_host(v) for k, v in grads.items()}, held, launched, net))
+    (grads, held, launched, net), (grads_apart, held_apart, launched_apart, _) = runs
+    assert sorted(grads) == sorted(grads_apart)
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
+    assert len(held) == len(held_apart) == 3 + 3 + 3 + 2  # x, dW, db of each Affine; 2 masks
+    for mine, theirs in zip(held, held_apart):
+        np.testing.assert_array_equal(mine, theirs)
+    reference = snn.mlp([30, 16, 12, 5], rng=np.random.default_rng(11), dtype=np.float64)
+    for layer, moved in zip(reference.layers[::2], net.layers[::2]):
+        layer.b[...] = to_host(moved.b)
+    expected = reference.gradient(x_host.astype(np.float64), t_host)
+    for key in grads:  # and right: against NumPy in float64
+        np.testing.assert_allclose(grads[key], expected[key], **_GRADIENT_TOLERANCE[dtype])
+    if not hasattr(gpu, "RawModule"):
+        assert launched == launched_apart == []
+        return
+    assert launched_apart == ["add_bias"] * 3 + (["column_sum"] * 3 if batch <= bias.MAX_ROWS else [])
+    backward = ["column_sum", "relu_column_sum", "relu_column_sum"] * (batch <= bias.MAX_ROWS)
+    assert launched == ["add_bias_relu", "add_bias_relu", "add_bias", *backward]
+    # The layers still work one by one after a paired step, from what each holds.
+    relu = net.layers[3]
+    dout = gpu.asarray(rng.standard_normal((batch, 12)).astype(dtype))
+    np.testing.assert_array_equal(to_host(relu.backward(dout)),
+                                  np.where(to_host(relu.mask), 0.0, to_host(dout)))  # fmt: skip
+
+
+def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A packed Relu keeps bits, not the mask the pair's backward reads; a subclass of Affine
+    # may compute otherwise: both run one by one, and right.
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels pairs nothing")
+
+    class MyAffine(snn.Affine):
+        pass
+
+    rng = np.random.default_rng(13)
+    W1, W2 = rng.standard_normal((6, 4)), rng.standard_normal((4, 3))
+    b1, b2 = rng.standard_normal(4), rng.standard_normal(3)
+    x_host, t_host = rng.standard_normal((5, 6)), rng.integers(0, 3, 5)
+    expected = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), snn.Affine(W2, b2)]).gradient(
+        x_host, t_host
+    )
+    launches = _pair_launches(monkeypatch)
+    for first, relu in ((snn.Affine, snn.Relu(packed=True)), (MyAffine, snn.Relu())):
+        net = snn.Sequential([first(W1, b1), relu, snn.Affine(W2, b2)]).to("cuda")
+        start = len(launches)
+        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+        assert launches[start:] == ["add_bias"] * 2 + ["column_sum"] * 2
+        for key in expected:
+            np.testing.assert_allclose(to_host(grads[key]), expected[key], rtol=1e-12, atol=1e-14)
+
+
 def test_the_cpu_stand_in_decides_per_kernel_which_ones_synchronise() -> None:
     # A synchronising kernel runs its block's threads as OS threads, the others one after
-    # another (fast): decided from each kernel's own body, and from what lies outside every
-    # kernel (a device function one of them may call), whatever the order of definitions.
+    # another (fast): decided from each kernel's own body and the device functions it calls
+    # (through others too), whatever the order of definitions; a __syncthreads outside
+    # every function (a macro) counts for every kernel, one in a comment for none.
     plain = 'extern "C" __global__ void plain(float* out) { if (1) { out[threadIdx.x] = 1; } }\n'
     waits = 'extern "C" __global__ void waits(float* out) { { out[0] = 0; } __syncthreads(); }\n'
-    helper = "__device__ void all_wait() { __syncthreads(); }\n"
+    helper = "// all_wait(x) waits\n__device__ void all_wait() { if (1) { __syncthreads(); } }\n"
+    via = "template <int N> __device__ void via(float* a) { for (;;) { all_wait(); } }\n"
+    calls = 'extern "C" __global__ void calls(float* out) { via<1>(out); }\n'
     for code in (plain + waits, waits + plain):
         assert not fake_cuda._synchronises(code, "plain")
         assert fake_cuda._synchronises(code, "waits")
-    for code in (helper + plain + waits, plain + helper + waits, plain + waits + helper):
-        assert fake_cuda._synchronises(code, "plain")
+    for code in (helper + via + plain + calls, plain + helper + via + calls):
+        assert not fake_cuda._synchronises(code, "plain")
+        assert fake_cuda._synchronises(code, "calls")
+    assert not fake_cuda._synchronises(plain + "/* __syncthreads(); */", "plain")
+    assert fake_cuda._synchronises("#define WAIT __syncthreads()\n" + plain, "plain")

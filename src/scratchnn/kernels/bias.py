@@ -30,7 +30,7 @@ _ADD_BLOCKS = 1024
 
 
 def source(dtype: Any) -> str:
-    """The CUDA C source of both kernels for arrays of ``dtype``.
+    """The CUDA C source of the kernels for arrays of ``dtype``.
 
     ``add_bias(h, b, rows, cols)`` adds ``b`` to each row of ``h``: a block a
     row at a time, its threads along the row (any grid). ``column_sum(g, out,
@@ -38,27 +38,59 @@ def source(dtype: Any) -> str:
     fixed order (the same on every run; the double sum's own error is far below
     a float32 ulp); launch it with blocks of 256 threads, one block for every
     32 columns.
+
+    For an Affine followed by a Relu (``Sequential`` on the GPU), each with the
+    ReLU folded in, in the same launch shapes: ``add_bias_relu(h, b, mask, rows,
+    cols)`` adds the bias and applies the ReLU in place, writing its mask
+    (``True`` where ``h + b <= 0``, as ``relu_forward``); ``relu_column_sum(dout,
+    mask, g, out, rows, cols)`` writes ReLU's backward ``g = where(mask, 0,
+    dout)`` and sums its columns. The same arithmetic as the separate kernels,
+    bit for bit.
     """
     return f"""typedef {_C_TYPES[np.dtype(dtype)]} T;
 
-extern "C" __global__ void add_bias(T* __restrict__ h, const T* __restrict__ b,
-                                    const long long rows, const long long cols)
+// Adds b to each row of h; with RELU, then max(., 0) in place and its mask (NaN passes).
+template <bool RELU>
+__device__ __forceinline__ void add_rows(T* __restrict__ h, const T* __restrict__ b,
+                                         unsigned char* __restrict__ mask,
+                                         long long rows, long long cols)
 {{
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {{
         T* row = h + r * cols;
-        for (long long c = threadIdx.x; c < cols; c += blockDim.x) row[c] += b[c];
+        for (long long c = threadIdx.x; c < cols; c += blockDim.x) {{
+            const T v = row[c] + b[c];
+            if (RELU) {{
+                const bool off = v <= (T)0;
+                mask[r * cols + c] = off;
+                row[c] = off ? (T)0 : v;
+            }} else {{
+                row[c] = v;
+            }}
+        }}
     }}
 }}
 
-extern "C" __global__ void column_sum(const T* __restrict__ g, T* __restrict__ out,
-                                      const int rows, const int cols)
+// Each column's sum of g into out; with MASKED, of where(mask, 0, g), written to g_out.
+template <bool MASKED>
+__device__ __forceinline__ void sum_columns(const T* __restrict__ g,
+                                            const unsigned char* __restrict__ mask,
+                                            T* __restrict__ g_out, T* __restrict__ out,
+                                            int rows, int cols)
 {{
     __shared__ double part[{_ROW_SETS}][{_COLUMNS_PER_BLOCK}];
     const int lane = threadIdx.x % {_COLUMNS_PER_BLOCK}, set = threadIdx.x / {_COLUMNS_PER_BLOCK};
     const int col = blockIdx.x * {_COLUMNS_PER_BLOCK} + lane;
     double s = 0.0;
     if (col < cols)
-        for (int r = set; r < rows; r += {_ROW_SETS}) s += (double)g[(long long)r * cols + col];
+        for (int r = set; r < rows; r += {_ROW_SETS}) {{
+            const long long i = (long long)r * cols + col;
+            T v = g[i];
+            if (MASKED) {{
+                v = mask[i] ? (T)0 : v;
+                g_out[i] = v;
+            }}
+            s += (double)v;
+        }}
     part[set][lane] = s;
     __syncthreads();  // every set's partial sum written before set 0 adds them up
     if (set == 0 && col < cols) {{
@@ -67,19 +99,47 @@ extern "C" __global__ void column_sum(const T* __restrict__ g, T* __restrict__ o
         out[col] = (T)total;
     }}
 }}
+
+extern "C" __global__ void add_bias(T* __restrict__ h, const T* __restrict__ b,
+                                    const long long rows, const long long cols)
+{{
+    add_rows<false>(h, b, nullptr, rows, cols);
+}}
+
+extern "C" __global__ void add_bias_relu(T* __restrict__ h, const T* __restrict__ b,
+                                         unsigned char* __restrict__ mask,
+                                         const long long rows, const long long cols)
+{{
+    add_rows<true>(h, b, mask, rows, cols);
+}}
+
+extern "C" __global__ void column_sum(const T* __restrict__ g, T* __restrict__ out,
+                                      const int rows, const int cols)
+{{
+    sum_columns<false>(g, nullptr, nullptr, out, rows, cols);
+}}
+
+extern "C" __global__ void relu_column_sum(const T* __restrict__ dout,
+                                           const unsigned char* __restrict__ mask,
+                                           T* __restrict__ g, T* __restrict__ out,
+                                           const int rows, const int cols)
+{{
+    sum_columns<true>(dout, mask, g, out, rows, cols);
+}}
 """
 
 
 _kernels: dict[tuple[str, str], Any] = {}
+_NAMES = ("add_bias", "add_bias_relu", "column_sum", "relu_column_sum")
 
 
 def _kernel(cupy: Any, dtype: Any, name: str) -> Any:
-    """Kernel ``name`` of :func:`source` for ``dtype``; compiled once (both kernels), kept."""
+    """Kernel ``name`` of :func:`source` for ``dtype``; compiled once (all four), kept."""
     key = (np.dtype(dtype).str, name)
     kernel = _kernels.get(key)
     if kernel is None:
         module = cupy.RawModule(code=source(dtype))
-        for each in ("add_bias", "column_sum"):
+        for each in _NAMES:
             _kernels[(key[0], each)] = module.get_function(each)
         kernel = _kernels[key]
     return kernel
@@ -128,3 +188,51 @@ def column_sum(g: Any) -> Any:
     threads = _COLUMNS_PER_BLOCK * _ROW_SETS
     _kernel(cupy, g.dtype, "column_sum")((grid,), (threads,), (g, out, np.int32(rows), np.int32(cols)))
     return out
+
+
+# -- an Affine followed by a Relu: the bias and the ReLU in one launch each way -------------
+
+
+def add_bias_relu(out: Any, b: Any) -> Any:
+    """``out = relu(out + b)`` in place, with ReLU's mask (``True`` where ``out + b <= 0``):
+    one launch; returns the mask, or None where the kernel does not apply (the caller then
+    makes the two separate calls, :func:`add_bias` and ReLU's own kernel)."""
+    cupy = _cupy_with_kernels(out)
+    if (
+        cupy is None
+        or type(b) is not type(out)
+        or b.shape != out.shape[1:]
+        or b.dtype != out.dtype
+        or not b.flags.c_contiguous
+        or out.size == 0
+    ):
+        return None
+    rows, cols = out.shape
+    mask = cupy.empty(out.shape, dtype=np.bool_)
+    kernel = _kernel(cupy, out.dtype, "add_bias_relu")
+    kernel((min(rows, _ADD_BLOCKS),), (BLOCK,), (out, b, mask, np.int64(rows), np.int64(cols)))
+    return mask
+
+
+def relu_column_sum(dout: Any, mask: Any) -> tuple[Any, Any] | None:
+    """ReLU's backward ``g = where(mask, 0, dout)`` and its column sums ``g.sum(axis=0)``:
+    one launch; returns both, or None where the kernel does not apply."""
+    cupy = _cupy_with_kernels(dout)
+    rows, cols = dout.shape if dout.ndim == 2 else (0, 0)
+    if (
+        cupy is None
+        or not 0 < rows <= MAX_ROWS
+        or not 0 < cols < 2**31
+        or type(mask) is not type(dout)
+        or mask.shape != dout.shape
+        or mask.dtype != np.bool_
+        or not mask.flags.c_contiguous
+    ):
+        return None
+    g = cupy.empty(dout.shape, dtype=dout.dtype)
+    out = cupy.empty(cols, dtype=dout.dtype)
+    grid = -(-cols // _COLUMNS_PER_BLOCK)
+    threads = _COLUMNS_PER_BLOCK * _ROW_SETS
+    kernel = _kernel(cupy, dout.dtype, "relu_column_sum")
+    kernel((grid,), (threads,), (dout, mask, g, out, np.int32(rows), np.int32(cols)))
+    return g, out

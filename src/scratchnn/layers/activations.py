@@ -18,6 +18,7 @@ from scratchnn import _buffers, _checks, _fused, kernels
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
 from scratchnn.backend import as_result, get_array_module, to_compute
+from scratchnn.kernels import bias as bias_kernels
 from scratchnn.layers.base import Layer
 
 
@@ -70,8 +71,17 @@ class Relu(Layer):
 
     # -- CuPy: one fused kernel each way (scratchnn.kernels), the mask kept as on the CPU --
 
-    def _forward_gpu(self, x: Any) -> Any:
-        y, mask = kernels.run("relu_forward", x)
+    def _forward_gpu(self, x: Any, *, bias: Any = None) -> Any:
+        """``_forward`` on CuPy arrays. ``bias`` (``Sequential``, for an Affine followed
+        by this Relu): ``x`` is the Affine's product without its bias, ``b``; one kernel
+        adds it and applies the ReLU in place (``kernels.bias.add_bias_relu``)."""
+        mask = None if bias is None else bias_kernels.add_bias_relu(x, bias)
+        if mask is not None:
+            y = x
+        else:
+            if bias is not None:  # (no kernel for these arrays: the two calls it stands for)
+                bias_kernels.add_bias(x, bias)
+            y, mask = kernels.run("relu_forward", x)
         self._mask = get_array_module(mask).packbits(mask) if self.packed else mask
         self._mask_shape = x.shape
         return y

@@ -69,12 +69,14 @@ class Layer:
         """Compute the output from the input(s) and keep what ``backward`` needs."""
         return self._checked_forward(inputs, borrowed=False)
 
-    def _checked_forward(self, inputs: tuple[Any, ...], *, borrowed: bool) -> Any:
+    def _checked_forward(self, inputs: tuple[Any, ...], *, borrowed: bool, **fused: Any) -> Any:
         """``forward``; ``borrowed=True`` promises that the inputs stay unchanged until
         ``backward``, so the layer may keep them without a copy.
 
         ``Sequential.gradient`` borrows: it runs forward and backward in one call,
-        and the arrays between its layers never reach its caller.
+        and the arrays between its layers never reach its caller. It also passes
+        ``fused`` options to ``_forward_gpu`` where it runs two layers' kernels as one
+        (an Affine and the Relu after it), and only for one float CuPy array.
         """
         self._out_shape = None  # a failure below must not leave a stale graph behind
         if len(inputs) != self.n_inputs:
@@ -92,9 +94,10 @@ class Layer:
             # The GPU's: one float CuPy array, nothing to convert, and no device to check
             # (a layer moved to "cuda" takes it; one left on "cpu" takes any array).
             self._caller_owned = (not borrowed,)
-            out = self._forward_gpu(x)
+            out = self._forward_gpu(x, **fused)
             self._in_dtypes = (x.dtype,)
         else:
+            assert not fused, f"{type(self).__name__}: fused options for a CuPy array only"
             if not on_host:
                 self._check_input_device(inputs)
             out = self._general_forward(inputs, borrowed)
@@ -131,6 +134,11 @@ class Layer:
         With ``input_grad=False``, compute only the gradients of the layer's own
         parameters (``dW``, ``db``) and return None.
         """
+        return self._checked_backward(dout, input_grad=input_grad)
+
+    def _checked_backward(self, dout: Any, *, input_grad: bool, **fused: Any) -> Any:
+        """``backward``; ``Sequential.gradient`` passes ``fused`` options to the GPU path
+        (``_backward_gpu``, ``_backward_params``) where it runs two layers' kernels as one."""
         if self._out_shape is None or self._out_dtype is None:
             raise RuntimeError(
                 f"{type(self).__name__}.backward() called before forward(): "
@@ -152,12 +160,13 @@ class Layer:
                 f"output of forward has shape {self._out_shape}"
             )
         if not input_grad:
-            self._backward_params(dout)
+            self._backward_params(dout, **fused)
             return None
         if isinstance(dout, np.ndarray):  # (a NumPy subclass, np.memmap say, included)
+            assert not fused, f"{type(self).__name__}: fused options for a CuPy array only"
             grads = self._backward(dout)
         else:
-            grads = self._backward_gpu(dout)
+            grads = self._backward_gpu(dout, **fused)
         if self.n_inputs == 1:
             return self._finish_grad(grads, self._in_dtypes[0], dout)
         return tuple(self._finish_grad(g, dtype, dout) for g, dtype in zip(grads, self._in_dtypes))
@@ -209,8 +218,10 @@ class Layer:
     _forward: Callable[..., np.ndarray]
     _backward: Callable[[np.ndarray], Any]
 
-    def _forward_gpu(self, *xs: Any) -> Any:
-        """``_forward`` for CuPy arrays; by default the same code, written against the array module."""
+    def _forward_gpu(self, *xs: Any, **fused: Any) -> Any:
+        """``_forward`` for CuPy arrays; by default the same code, written against the
+        array module. (``fused``: ``_checked_forward``'s options, which a layer that takes
+        them names as keywords; the others are never given any.)"""
         return self._forward(*xs)
 
     def _backward_gpu(self, dout: Any) -> Any:

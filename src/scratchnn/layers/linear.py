@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from scratchnn import kernels
 from scratchnn.backend import FLOAT_DTYPES, as_array, may_share_memory
 from scratchnn.kernels import bias
 from scratchnn.layers.base import WeightBiasLayer
@@ -62,7 +63,13 @@ class Affine(WeightBiasLayer):
         n_in, n_out = self.W.shape
         return f"Affine({n_in}, {n_out}, dtype={self.W.dtype})"
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
+    def _forward_gpu(self, x: Any, *, defer_bias: bool = False) -> Any:
+        """``_forward`` on CuPy arrays. ``defer_bias=True`` (``Sequential``, for an Affine
+        followed by a Relu, with a (batch, in) matrix) leaves the bias out of the product,
+        for the Relu to add in its own kernel (``Relu._forward_gpu(h, bias=b)``)."""
+        return self._forward(x, add_bias=not defer_bias)
+
+    def _forward(self, x: np.ndarray, add_bias: bool = True) -> np.ndarray:
         W = self.W
         n_in = W.shape[0]
         single = x.ndim == 1
@@ -81,29 +88,48 @@ class Affine(WeightBiasLayer):
         xw = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
         # Operators, not np.matmul and np.add: on CuPy arrays they skip NumPy's dispatch.
         out = xw @ W
+        if not add_bias:
+            assert out.ndim == 2, "Affine: a deferred bias is for a (batch, in) matrix"
+            return out
         if type(out) is np.ndarray:
             out += self.b  # in place: the product is a new array
         else:  # CuPy: a kernel of our own, one launch, for less host time than CuPy's ufunc
             bias.add_bias(out, self.b)  # (docs/benchmarks.md, "Affine's bias on the GPU")
         return out[0] if single else out
 
-    def _backward(self, dout: np.ndarray) -> np.ndarray:
-        g = self._param_grads(dout)
+    def _backward(self, dout: np.ndarray, relu_mask: Any = None) -> np.ndarray:
+        g = self._param_grads(dout, relu_mask)
         return (g @ self.W.T).reshape(self._x_shape)
 
-    def _backward_params(self, dout: np.ndarray) -> None:
-        self._param_grads(dout)
+    def _backward_gpu(self, dout: Any, *, relu_mask: Any = None) -> Any:
+        """``_backward`` on CuPy arrays. ``relu_mask`` (``Sequential``, for an Affine
+        followed by a Relu): ``dout`` is the Relu's, which this backward passes through
+        the Relu first (``where(relu_mask, 0, dout)``), in the kernel that sums ``db``."""
+        return self._backward(dout, relu_mask)
 
-    def _param_grads(self, dout: np.ndarray) -> np.ndarray:
-        """Set ``dW`` and ``db``; return ``dout`` as a (batch, out) matrix in W's dtype."""
+    def _backward_params(self, dout: np.ndarray, *, relu_mask: Any = None) -> None:
+        self._param_grads(dout, relu_mask)
+
+    def _param_grads(self, dout: np.ndarray, relu_mask: Any = None) -> np.ndarray:
+        """Set ``dW`` and ``db``; return ``dout`` as a (batch, out) matrix in W's dtype
+        (through the ReLU of ``relu_mask`` first, where given)."""
         assert self.x is not None
         W = self.W
         g = dout if dout.ndim == 2 else dout.reshape(-1, W.shape[1])
         if g.dtype != W.dtype:
             g = g.astype(W.dtype)
         x = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
+        db = None
+        if relu_mask is not None:
+            fused = bias.relu_column_sum(g, relu_mask)
+            if fused is None:  # (no kernel for these arrays: the Relu's own, then the sum)
+                g = kernels.run("relu_backward", g, relu_mask)[0]
+            else:
+                g, db = fused
         self.dW = x.T @ g
-        # NumPy: g.sum(axis=0) without np.sum's Python wrapper. CuPy: a kernel of our own,
-        # one launch, for less host time than CuPy's reduction (to be measured on a card).
-        self.db = np.add.reduce(g, axis=0) if type(g) is np.ndarray else bias.column_sum(g)
+        if db is None:
+            # NumPy: g.sum(axis=0) without np.sum's Python wrapper. CuPy: a kernel of our
+            # own, one launch, for less host time than CuPy's reduction.
+            db = np.add.reduce(g, axis=0) if type(g) is np.ndarray else bias.column_sum(g)
+        self.db = db
         return g
