@@ -5,7 +5,9 @@ for CUDA's keywords, vector types and built-in indices; a launch runs the
 kernel once per block and thread (a loop in C++ that the compiled source
 carries), a block's threads as OS threads with a real barrier behind
 ``__syncthreads`` when the kernel synchronises (the same threads for each
-block of a launch, in turn), one after the other when not.
+block of a launch, in turn), one after the other when not (decided from the
+device functions each kernel calls; a ``__syncthreads`` reached in a kernel
+taken for one that does not wait stops the process, saying so).
 So the library's whole GPU path (the Python that builds arguments, sizes the
 grid and checks alignment, and the kernels it launches) runs here without a GPU.
 
@@ -92,7 +94,15 @@ _SYNC_SHIM = """
 #include <stdio.h>
 #include <stdlib.h>
 static pthread_barrier_t fake_barrier;
-static inline void __syncthreads() { pthread_barrier_wait(&fake_barrier); }
+static bool fake_threads_run = false;  // set while a launch runs a block's threads at once
+static inline void __syncthreads() {
+    if (!fake_threads_run) {  // a barrier with no other threads would fault or wait forever
+        fprintf(stderr, "fake CUDA: __syncthreads in a kernel run one thread at a time: "
+                        "tests/fake_cuda.py's _synchronises did not see that it waits\\n");
+        abort();
+    }
+    pthread_barrier_wait(&fake_barrier);
+}
 struct fake_task { void* const* a; unsigned int t; };
 """
 
@@ -230,6 +240,7 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
     static pthread_t ids[1024];
     fake_launch(grid, block);
     pthread_barrier_init(&fake_barrier, 0, block);
+    fake_threads_run = true;
     for (unsigned int t = 0; t < block; ++t) {{
         tasks[t].a = a; tasks[t].t = t;
         if (pthread_create(&ids[t], 0, fake_body_{name}, &tasks[t]) != 0) {{
@@ -239,6 +250,7 @@ extern "C" void fake_run_{name}(void* const* a, unsigned int grid, unsigned int 
         }}
     }}
     for (unsigned int t = 0; t < block; ++t) pthread_join(ids[t], 0);
+    fake_threads_run = false;
     pthread_barrier_destroy(&fake_barrier);
 }}
 """

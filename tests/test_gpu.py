@@ -1989,6 +1989,84 @@ def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
             np.testing.assert_allclose(to_host(grads[key]), expected[key], rtol=1e-12, atol=1e-14)
 
 
+def test_a_pair_steps_aside_for_hooks_subclasses_and_a_dout_its_relu_would_refuse(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A subclass of Affine with the book's own _forward(x) and _backward(dout) runs on the
+    # GPU as before; a backward replaced on a Relu (a hook) is called; and a dout of the
+    # wrong shape from the layer after the Relu is named by the Relu's backward, as apart.
+    class BookAffine(snn.Affine):
+        def _forward(self, x: Any) -> Any:
+            self.x = x
+            return x @ self.W + self.b
+
+        def _backward(self, dout: Any) -> Any:
+            self.dW, self.db = self.x.T @ dout, dout.sum(axis=0)
+            return dout @ self.W.T
+
+    rng = np.random.default_rng(14)
+    W1, W2 = rng.standard_normal((6, 4)), rng.standard_normal((4, 3))
+    b1, b2 = rng.standard_normal(4), rng.standard_normal(3)
+    x_host, t_host = rng.standard_normal((5, 6)), rng.integers(0, 3, 5)
+    expected = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), snn.Affine(W2, b2)]).gradient(
+        x_host, t_host
+    )
+    net = snn.Sequential([BookAffine(W1, b1), snn.Relu(), BookAffine(W2, b2)]).to("cuda")
+    grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+    for key in expected:
+        np.testing.assert_allclose(to_host(grads[key]), expected[key], rtol=1e-12, atol=1e-14)
+
+    hooked = snn.Sequential([snn.Affine(W1, b1), relu := snn.Relu(), snn.Affine(W2, b2)])
+    hooked.to("cuda")
+    seen: list[tuple[int, ...]] = []
+    own_backward = relu.backward
+    relu.backward = lambda dout, **kw: seen.append(dout.shape) or own_backward(dout, **kw)  # type: ignore[method-assign]
+    grads = hooked.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+    assert seen == [(5, 4)]
+    for key in expected:
+        np.testing.assert_allclose(to_host(grads[key]), expected[key], rtol=1e-12, atol=1e-14)
+
+    class Wrong:  # a user's layer whose backward returns the wrong shape
+        def forward(self, x: Any) -> Any:
+            return x
+
+        def backward(self, dout: Any) -> Any:
+            return dout[:, :3]
+
+    wrong = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), Wrong(), snn.Affine(W2, b2)])
+    with pytest.raises(ValueError, match=r"Relu\.backward: dout has shape \(5, 3\)"):
+        wrong.to("cuda").gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_the_cpu_stand_in_stops_a_kernel_it_took_for_one_that_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    # Where _synchronises misses a wait (here a macro that calls a helper which waits), the
+    # kernel's threads run one at a time, where a barrier would fault or wait forever: the
+    # launch stops the process with a message that says so.
+    code = (
+        "__device__ void all_wait() { __syncthreads(); }\n"
+        "#define WAIT() all_wait()\n"
+        'extern "C" __global__ void hidden(float* out) { out[threadIdx.x] = 1; WAIT(); }\n'
+    )
+    assert not fake_cuda._synchronises(code, "hidden")  # the blind spot this guards
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import fake_cuda, fake_cupy\n"
+        "cupy = fake_cupy.make_module()\n"
+        "fake_cuda.install(cupy)\n"
+        f"kernel = cupy.RawKernel({code!r}, 'hidden')\n"
+        "kernel((1,), (4,), (cupy.zeros(4, dtype=np.float32),))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "__syncthreads in a kernel run one thread at a time" in result.stderr, result.stderr
+
+
 def test_the_cpu_stand_in_decides_per_kernel_which_ones_synchronise() -> None:
     # A synchronising kernel runs its block's threads as OS threads, the others one after
     # another (fast): decided from each kernel's own body and the device functions it calls

@@ -91,7 +91,9 @@ class Sequential:
     as one pair: the Relu's kernel adds the Affine's bias, and the Affine's backward
     passes its gradient through the Relu in the kernel that sums ``db``. Two launches
     fewer each way, and the same arithmetic, bit for bit; each layer holds what its own
-    forward would have left (``fuse_affine_relu = False`` runs them one by one).
+    forward would have left (``fuse_affine_relu = False`` runs them one by one, as do
+    layers whose ``forward`` or ``backward`` was replaced, and a ``dout`` the Relu would
+    refuse, which its own backward then names).
 
     >>> from scratchnn import Affine, Relu
     >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
@@ -324,10 +326,11 @@ class Sequential:
         i = len(layers_) - 1
         while i >= 0:
             layer = layers_[i]
-            if i - 1 in paired:  # the pair's Affine passes dout through its Relu
+            if i - 1 in paired and layer._takes_as_paired(dout):
+                # The pair's Affine passes dout through its Relu (the first layer's input
+                # is data: nothing needs its gradient).
                 relu_mask = layer._mask
                 layer, i = layers_[i - 1], i - 1
-                # (the first layer's input is data: nothing needs its gradient)
                 dout = layer._checked_backward(dout, input_grad=i > 0, relu_mask=relu_mask)
             elif i == 0 and is_ours(layer):
                 # The input is data: nothing needs its gradient, so the first layer skips dx.
@@ -348,6 +351,8 @@ class Sequential:
             and i + 1 < len(layers_)
             and type(layers_[i + 1]) is layers.Relu
             and type(x) is cupy_array_type()
+            and _runs_as_written(layers_[i])
+            and _runs_as_written(layers_[i + 1])
             and self.fuse_affine_relu
             and not layers_[i + 1].packed
             and x.ndim == 2
@@ -407,6 +412,18 @@ class Sequential:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
         lines.append(f"  loss: {self.last_layer!r}")
         return "Sequential(\n" + "\n".join(lines) + "\n)"
+
+
+def _runs_as_written(layer: Any) -> bool:
+    """Whether ``layer``'s forward and backward are the library's, not replaced on the
+    layer or its class (a hook that clips or logs): a pair calls neither."""
+    kind, own = type(layer), vars(layer)
+    return (
+        kind.forward is layers.Layer.forward
+        and kind.backward is layers.Layer.backward
+        and "forward" not in own
+        and "backward" not in own
+    )
 
 
 def has_answers(last_layer: Any, scores: Any) -> bool:

@@ -121,7 +121,7 @@ class Optimizer:
                 raise TypeError(
                     f"{who}: {name} must be a dict of arrays by name, got {type(value).__name__}"
                 )
-        checked = [self._check(key, params, grad) for key, grad in grads.items()]
+        checked = [self._check(key, params, grad, who) for key, grad in grads.items()]
         on_gpu: dict[tuple[str, np.dtype[Any], tuple[tuple[str, float], ...]], list[list[Any]]] = {}
         for key, param, grad in checked:
             if not isinstance(param, np.ndarray) and self._fusable(key, param):
@@ -172,9 +172,8 @@ class Optimizer:
         return self
 
     def _check(
-        self, key: str, params: Mapping[str, Any], grad: Any
+        self, key: str, params: Mapping[str, Any], grad: Any, who: str
     ) -> tuple[str, np.ndarray, np.ndarray]:
-        who = f"{type(self).__name__}.update"
         if key not in params:
             raise ValueError(
                 f"{who}: gradient {key!r} has no parameter of that name; "

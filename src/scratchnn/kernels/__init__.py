@@ -31,7 +31,7 @@ def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
     op = OPS[name]
     _check_count(op, arrays)
     xp = get_array_module(*arrays)
-    ready = _ready_for_cuda(op, xp, arrays)
+    ready = _ready_for_cuda(op, xp, arrays) if _kernels_take(xp, arrays[0].dtype) else None
     if ready is not None:
         return cuda.launch(xp, op, ready, scalars)
     return evaluate(op, xp, list(arrays), scalars)
@@ -47,11 +47,13 @@ def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> N
     for arrays in tensors:
         _check_count(op, arrays)
     xp = get_array_module(*tensors[0])
-    ready = [_ready_for_cuda(op, xp, arrays) for arrays in tensors]
-    dtype = tensors[0][0].dtype
-    if all(r is not None and r[0].dtype == dtype for r in ready):
-        cuda.launch_many(xp, op, [r for r in ready if r is not None], scalars)
-        return
+    if _kernels_take(xp, tensors[0][0].dtype):
+        # Each tensor's arrays of the first one's dtype: one launch takes one dtype.
+        dtype = tensors[0][0].dtype
+        ready = [_ready_for_cuda(op, xp, arrays, dtype) for arrays in tensors]
+        if None not in ready:
+            cuda.launch_many(xp, op, ready, scalars)  # type: ignore[arg-type]
+            return
     for arrays in tensors:
         run(name, *arrays, **scalars)
 
@@ -66,16 +68,22 @@ def _check_count(op: Op, arrays: Sequence[Any]) -> None:
         )
 
 
-def _ready_for_cuda(op: Op, xp: ModuleType, arrays: Sequence[Any]) -> list[Any] | None:
-    """``arrays`` as the fused CUDA kernel takes them, or None where it cannot run: not
-    CuPy (or no compiler), a dtype without a kernel, shapes or dtypes that differ, an
-    array updated in place that is not C-contiguous."""
-    if not cuda.compiles(xp):
-        return None
-    first = arrays[0]
-    dtype, shape = first.dtype, first.shape
-    if not cuda.supported_dtype(dtype):
-        return None
+def _kernels_take(xp: ModuleType, dtype: Any) -> bool:
+    """Whether the fused CUDA kernels run for arrays of ``xp`` and ``dtype``: CuPy with its
+    compiler, float32 or float64."""
+    return cuda.compiles(xp) and cuda.supported_dtype(dtype)
+
+
+def _ready_for_cuda(
+    op: Op, xp: ModuleType, arrays: Sequence[Any], dtype: Any = None
+) -> list[Any] | None:
+    """``arrays`` as the fused CUDA kernel takes them (where :func:`_kernels_take` their
+    module and dtype), or None where it cannot run: shapes that differ, dtypes other than
+    the first array's (or ``dtype``, one for all of :func:`run_many`'s tensors), an array
+    updated in place that is not C-contiguous."""
+    shape = arrays[0].shape
+    if dtype is None:
+        dtype = arrays[0].dtype
     ready = list(arrays)
     # A plain loop over roles worked out once: this runs for every kernel a step launches.
     for i, (array, (is_mask, in_place)) in enumerate(zip(arrays, op.input_roles)):

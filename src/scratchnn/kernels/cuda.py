@@ -20,6 +20,7 @@ Nothing here imports CuPy at module import; the source strings are plain text
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Any
 
 import numpy as np
@@ -378,11 +379,21 @@ def launch(cupy: Any, op: Op, arrays: list[Any], scalars: dict[str, float]) -> l
     if n:
         lanes = _LANES_OF[dtype]
         vec = _vector_path(args, n, lanes)
-        kernel_args = [*args, *[dtype.type(scalars[name]) for name in op.scalars]]
-        kernel_args += (np.int64(n), _VECTOR_FLAG[vec])
-        grid = blocks(n // lanes, vectors_per_thread(op)) if vec else blocks(n)
+        size, flag, grid = _sized(n, lanes, vectors_per_thread(op), vec, MAX_BLOCKS)
+        kernel_args = [*args, *[dtype.type(scalars[name]) for name in op.scalars], size, flag]
         _kernel(cupy, op, dtype)((grid,), (BLOCK,), tuple(kernel_args))
     return [args[i] for i in op.output_positions]
+
+
+@functools.lru_cache(maxsize=1024)
+def _sized(
+    n: int, lanes: int, per_thread: int, vec: bool, limit: int
+) -> tuple[np.int64, np.int32, int]:
+    """A launch's size arguments (``n``, the vector flag) and its grid, for ``n`` elements
+    (``limit``: ``MAX_BLOCKS`` as it stands): the same for every step of a network, so
+    made once for each size (a NumPy scalar and the grid cost more than the look-up)."""
+    grid = blocks(n // lanes, per_thread) if vec else blocks(n)
+    return np.int64(n), _VECTOR_FLAG[vec], grid
 
 
 # Elements per 16-byte vector, by dtype.
@@ -423,8 +434,10 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
         for arrays in chunk:
             n = arrays[0].size
             vec = _vector_path(arrays, n, lanes)
-            args += (np.int64(n), _VECTOR_FLAG[vec])
-            grid = max(grid, blocks(n // lanes, per_thread) if vec else blocks(n))
+            size, flag, blocks_needed = _sized(n, lanes, per_thread, vec, MAX_BLOCKS)
+            args += (size, flag)
+            if blocks_needed > grid:
+                grid = blocks_needed
         _many_kernel(cupy, op, dtype, len(chunk))((grid,), (BLOCK,), tuple(args))
 
 

@@ -17,7 +17,7 @@ from numpy.lib.array_utils import normalize_axis_index
 from scratchnn import _buffers, _checks, _fused, kernels
 from scratchnn import functional as F
 from scratchnn._threads import elementwise, flat, run_blocked
-from scratchnn.backend import as_result, get_array_module, to_compute
+from scratchnn.backend import as_result, cupy_array_type, get_array_module, to_compute
 from scratchnn.kernels import bias as bias_kernels
 from scratchnn.layers.base import Layer
 
@@ -88,6 +88,16 @@ class Relu(Layer):
 
     def _backward_gpu(self, dout: Any) -> Any:
         return kernels.run("relu_backward", dout, self.mask)[0]
+
+    def _takes_as_paired(self, dout: Any) -> bool:
+        """Whether the Affine before this Relu may take ``dout`` for both (``Sequential``'s
+        pair): a CuPy array of this forward's output's shape and dtype, which this
+        backward would take as it is. Otherwise this backward runs, and names what is wrong."""
+        return (
+            type(dout) is cupy_array_type()
+            and dout.shape == self._out_shape
+            and dout.dtype == self._out_dtype
+        )
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # Keeps only the mask: the sign pattern is all that backward needs.

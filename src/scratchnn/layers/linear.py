@@ -67,7 +67,8 @@ class Affine(WeightBiasLayer):
         """``_forward`` on CuPy arrays. ``defer_bias=True`` (``Sequential``, for an Affine
         followed by a Relu, with a (batch, in) matrix) leaves the bias out of the product,
         for the Relu to add in its own kernel (``Relu._forward_gpu(h, bias=b)``)."""
-        return self._forward(x, add_bias=not defer_bias)
+        # (the keyword only when deferring: a subclass's own _forward(x) keeps working)
+        return self._forward(x, add_bias=False) if defer_bias else self._forward(x)
 
     def _forward(self, x: np.ndarray, add_bias: bool = True) -> np.ndarray:
         W = self.W
@@ -105,10 +106,13 @@ class Affine(WeightBiasLayer):
         """``_backward`` on CuPy arrays. ``relu_mask`` (``Sequential``, for an Affine
         followed by a Relu): ``dout`` is the Relu's, which this backward passes through
         the Relu first (``where(relu_mask, 0, dout)``), in the kernel that sums ``db``."""
-        return self._backward(dout, relu_mask)
+        return self._backward(dout) if relu_mask is None else self._backward(dout, relu_mask)
 
     def _backward_params(self, dout: np.ndarray, *, relu_mask: Any = None) -> None:
-        self._param_grads(dout, relu_mask)
+        if relu_mask is None:
+            self._param_grads(dout)
+        else:
+            self._param_grads(dout, relu_mask)
 
     def _param_grads(self, dout: np.ndarray, relu_mask: Any = None) -> np.ndarray:
         """Set ``dW`` and ``db``; return ``dout`` as a (batch, out) matrix in W's dtype
