@@ -1731,6 +1731,49 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     assert "the 20 calls of a step, added up" in benchmark.table(rows)
 
 
+def test_the_direct_product_candidate_passes_cublas_the_transposed_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gpu_calls.py's direct sgemm, against a stand-in for cuBLAS's column-major sgemm that
+    # reads and writes the arrays at the addresses passed: the operands' order, the
+    # sizes and the leading dimensions (a mistake there is a wrong product or a fault on
+    # the card, where only the few lent minutes would find it).
+    import ctypes
+    import types
+
+    fake = fake_cupy.install(monkeypatch)
+    benchmark = _gpu_benchmark_script("gpu_calls")
+
+    def column_major(address: int, rows: int, cols: int, lead: int) -> np.ndarray:
+        memory = (ctypes.c_float * (lead * cols)).from_address(address)
+        return np.ctypeslib.as_array(memory).reshape(cols, lead).T[:rows]
+
+    def sgemm(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
+              A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> None:  # fmt: skip
+        assert handle == 7 and transa == transb == 0
+        scale = (ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value)
+        assert scale == (1.0, 0.0)
+        c = column_major(C, m, n, ldc)
+        c[...] = column_major(A, m, k, lda) @ column_major(B, k, n, ldb)
+
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = types.SimpleNamespace(sgemm=sgemm)  # type: ignore[attr-defined]
+    for name in ("cupy_backends", "cupy_backends.cuda"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", libs.cublas)
+    monkeypatch.setattr(fake.cuda, "device", types.SimpleNamespace(get_cublas_handle=lambda: 7),
+                        raising=False)  # fmt: skip
+    rng = np.random.default_rng(15)
+    x_host = rng.standard_normal((5, 7)).astype(np.float32)
+    W_host = rng.standard_normal((7, 3)).astype(np.float32)
+    what, per_step, ours, _ = benchmark.direct_product(
+        fake, fake.asarray(x_host), fake.asarray(W_host), lambda: None
+    )
+    assert what == benchmark.DIRECT_PRODUCT and per_step == 0
+    np.testing.assert_allclose(to_host(ours()), x_host @ W_host, rtol=1e-6)
+
+
 def _eager_capture(cupy: Any, net: Any, optimizer: Any, x: Any, t: Any, *,
                    update: bool = True) -> Any:  # fmt: skip
     """benchmarks/gpu_graph.py's capture where no graph can be made: a "replay" is the
