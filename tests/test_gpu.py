@@ -2004,6 +2004,33 @@ def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
                                   np.where(to_host(relu.mask), 0.0, to_host(dout)))  # fmt: skip
 
 
+@pytest.mark.parametrize(("net_dtype", "x_dtype"), [(np.float16, np.float16),
+                                                   (np.float32, np.float64),
+                                                   (np.float64, np.float32)])  # fmt: skip
+def test_a_pair_of_other_dtypes_computes_what_the_layers_apart_do(
+    net_dtype: Any, x_dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float16 (no kernel: the pair makes the separate calls) and an input of another float
+    # dtype than the weights (the Affine casts it): the same gradients as apart, bit for bit.
+    from scratchnn.models import Sequential
+
+    rng = np.random.default_rng(16)
+    x_host, t_host = rng.standard_normal((9, 12)).astype(x_dtype), rng.integers(0, 4, 9)
+    b_host = rng.standard_normal(8)
+    results = []
+    for paired in (True, False):
+        monkeypatch.setattr(Sequential, "fuse_affine_relu", paired)
+        net = snn.mlp([12, 8, 4], rng=np.random.default_rng(17), dtype=net_dtype).to("cuda")
+        net.layers[0].b[...] = gpu.asarray(b_host)
+        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+        results.append(({k: to_host(v) for k, v in grads.items()}, to_host(net.layers[1].mask)))
+    (grads, mask), (grads_apart, mask_apart) = results
+    np.testing.assert_array_equal(mask, mask_apart)
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
+        assert grads[key].dtype == net_dtype
+
+
 def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
