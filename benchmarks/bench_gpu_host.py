@@ -225,12 +225,11 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
                 masks.append(mask)
             else:
                 kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
-        # The loss's kernel (softmax, summed loss, bad-label count) and its backward.
+        # The loss's kernel: softmax, summed loss, bad-label count, and the gradient.
         tc = cupy.ascontiguousarray(t)
-        y, result = cupy.empty_like(h), cupy.empty(2, np.float64)
-        kernel((1,), (256,), (cupy.ascontiguousarray(h), tc, y, result, n_scalar(batch)))
-        g = cupy.empty_like(y)
-        kernel((1,), (256,), (y, tc, g, np.float32(1 / batch), n_scalar(y.size)))
+        y, result, g = cupy.empty_like(h), cupy.empty(2, np.float64), cupy.empty_like(h)
+        kernel((1,), (256,), (cupy.ascontiguousarray(h), tc, y, result, n_scalar(batch),
+                              g, np.float32(1 / batch)))  # fmt: skip
         # Backward: db (the column sums' kernel; below the last layer the same kernel
         # passes the gradient through ReLU's mask first), dW and, but for the first
         # layer, dx.

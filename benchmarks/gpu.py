@@ -493,12 +493,12 @@ def time_mlp_step(
 def layers_apart() -> Iterator[None]:
     """Each Affine and the Relu after it run one by one, as before ``Sequential`` paired
     them on the GPU, for as long as the block runs."""
-    saved = Sequential.fuse_affine_relu
-    Sequential.fuse_affine_relu = False
+    saved = Sequential.fuse_on_gpu
+    Sequential.fuse_on_gpu = False
     try:
         yield
     finally:
-        Sequential.fuse_affine_relu = saved
+        Sequential.fuse_on_gpu = saved
 
 
 @contextlib.contextmanager

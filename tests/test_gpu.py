@@ -409,8 +409,8 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
     fake_cuda.launches.clear()
     optimizer.update(net.params, net.gradient(x, t))
     assert fake_cupy.transfers == ["get"]  # the loss and the labels' check, together
-    assert fake_cuda.launches.count("softmax_xent") == 1
-    assert fake_cuda.launches.count("softmax_xent_backward") == 1
+    # One launch for the loss, its gradient written beside it (none for backward).
+    assert [n for n in fake_cuda.launches if "xent" in n] == ["softmax_xent_grad"]
     assert [n for n in fake_cuda.launches if n.startswith("sgd")] == ["sgd_x6"]  # one step
 
 
@@ -1152,7 +1152,9 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed and len(checks) > 100
     launched = set(fake_cuda.launches)
-    assert not kernels or {"relu_forward", "softmax_xent"} <= launched
+    # (the networks' gradients take the fused kernels: checked on the card too)
+    fused = {"add_bias_relu", "relu_column_sum", "softmax_xent_grad"}
+    assert not kernels or {"relu_forward", *fused} <= launched
     assert not kernels or any(name.startswith("adam_x") for name in launched)
 
 
@@ -1252,7 +1254,7 @@ def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
     from scratchnn.kernels import bias
 
     assert bias.add_bias.__module__ == "scratchnn.kernels.bias"  # put back after its row
-    assert snn.Sequential.fuse_affine_relu is True  # and the pairs
+    assert snn.Sequential.fuse_on_gpu is True  # and the pairs
     net = snn.mlp([6, 5, 3], rng=np.random.default_rng(0)).to("cuda")
     x, t = fake.ones((4, 6), dtype=np.float32), fake.zeros(4, dtype=np.int64)
     fake_cuda.launches.clear()
@@ -1576,7 +1578,7 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
     assert len(rows) == 2, result.stdout
     for row in rows:
-        assert "numpy" not in row and "10 empty, 9 kernel, 8 matmul" in row, row
+        assert "numpy" not in row and "10 empty, 8 kernel, 8 matmul" in row, row
 
 
 @pytest.mark.parametrize(
@@ -1727,8 +1729,8 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     assert len(rows) == 14 + len(benchmark.ALTERNATIVES)
     assert [r.what for r in rows[14:]] == list(benchmark.ALTERNATIVES)
     assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
-    assert sum(r.per_step for r in rows) == 20  # 27 device calls, 7 inside (bench_gpu_host)
-    assert "the 20 calls of a step, added up" in benchmark.table(rows)
+    assert sum(r.per_step for r in rows) == 19  # 26 device calls, 7 inside (bench_gpu_host)
+    assert "the 19 calls of a step, added up" in benchmark.table(rows)
 
 
 def test_the_direct_product_candidate_passes_cublas_the_transposed_problem(
@@ -1940,6 +1942,40 @@ _GRADIENT_TOLERANCE: dict[Any, dict[str, float]] = {
     np.float64: {"rtol": 1e-9, "atol": 1e-12}, np.float32: {"rtol": 1e-3, "atol": 2e-5}}  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_loss_forward_writes_backwards_gradient_bit_for_bit(dtype: Any, gpu: Any) -> None:
+    # with_grad (Sequential.gradient on the GPU): the forward's launch writes what
+    # backward(1.0) would launch a kernel for, bit for bit; backward(1.0) takes it once,
+    # another dout (or a second call) computes afresh, and the next forward starts over.
+    # Labels out of range get no one-hot entry there either.
+    rng = np.random.default_rng(18)
+    x_host = rng.standard_normal((33, 7)).astype(dtype)
+    t_host = rng.integers(0, 7, 33)
+    x, t = gpu.asarray(x_host), gpu.asarray(t_host)
+    apart = snn.SoftmaxWithLoss()
+    loss_apart = float(apart._checked_forward(x, t, borrowed=True))
+    expected = to_host(apart.backward(1.0))
+    fused = snn.SoftmaxWithLoss()
+    loss = float(fused._checked_forward(x, t, borrowed=True, with_grad=True))
+    assert loss == loss_apart
+    first = fused.backward(1.0)
+    np.testing.assert_array_equal(to_host(first), expected)
+    assert fused._grad_of_one is None  # taken: a second backward computes its own
+    second = fused.backward(1.0)
+    assert second is not first
+    np.testing.assert_array_equal(to_host(second), expected)
+    np.testing.assert_array_equal(to_host(fused.backward(2.0)), to_host(apart.backward(2.0)))
+    fused._checked_forward(x, t, borrowed=True, with_grad=True)
+    fused._checked_forward(x, t, borrowed=True)  # a forward without: nothing left over
+    assert fused._grad_of_one is None
+    if not hasattr(gpu, "RawModule"):  # (without kernels the forward checks labels at once)
+        return
+    bad = gpu.asarray(np.where(np.arange(33) == 4, 9, t_host))  # row 4: label out of range
+    fused._checked_forward(x, bad, borrowed=True, wait=False, with_grad=True)
+    apart._checked_forward(x, bad, borrowed=True, wait=False)
+    np.testing.assert_array_equal(to_host(fused.backward(1.0)), to_host(apart.backward(1.0)))
+
+
 def _pair_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of kernels.bias's kernels as they are launched, from now on."""
     from scratchnn.kernels import bias
@@ -1968,7 +2004,7 @@ def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
     runs = []
     launches = _pair_launches(monkeypatch)
     for paired in (True, False):
-        monkeypatch.setattr(Sequential, "fuse_affine_relu", paired)
+        monkeypatch.setattr(Sequential, "fuse_on_gpu", paired)
         net = snn.mlp([30, 16, 12, 5], rng=np.random.default_rng(11), dtype=dtype).to("cuda")
         for layer in net.layers[::2]:  # biases that are not zero, so a lost one shows
             layer.b[...] = gpu.asarray(np.random.default_rng(12).standard_normal(layer.b.size))
@@ -2019,7 +2055,7 @@ def test_a_pair_of_other_dtypes_computes_what_the_layers_apart_do(
     b_host = rng.standard_normal(8)
     results = []
     for paired in (True, False):
-        monkeypatch.setattr(Sequential, "fuse_affine_relu", paired)
+        monkeypatch.setattr(Sequential, "fuse_on_gpu", paired)
         net = snn.mlp([12, 8, 4], rng=np.random.default_rng(17), dtype=net_dtype).to("cuda")
         net.layers[0].b[...] = gpu.asarray(b_host)
         grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))

@@ -91,9 +91,11 @@ class Sequential:
     as one pair: the Relu's kernel adds the Affine's bias, and the Affine's backward
     passes its gradient through the Relu in the kernel that sums ``db``. Two launches
     fewer each way, and the same arithmetic, bit for bit; each layer holds what its own
-    forward would have left (``fuse_affine_relu = False`` runs them one by one, as do
-    layers whose ``forward`` or ``backward`` was replaced, and a ``dout`` the Relu would
-    refuse, which its own backward then names).
+    forward would have left (layers whose ``forward`` or ``backward`` was replaced run
+    one by one, as does a ``dout`` the Relu would refuse, which its own backward then
+    names). A ``SoftmaxWithLoss``'s forward kernel writes the gradient its backward
+    would then launch a kernel for, bit for bit the same. ``fuse_on_gpu = False`` turns
+    both off.
 
     >>> from scratchnn import Affine, Relu
     >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
@@ -103,10 +105,10 @@ class Sequential:
     [[1. 0.]]
     """
 
-    # Whether gradient() runs an Affine and the Relu after it as one pair on the GPU: a
-    # training step there is bound by the host, which pays for every launch (two fewer
-    # each way a pair; docs/benchmarks.md, "On a GPU").
-    fuse_affine_relu: ClassVar[bool] = True
+    # Whether gradient() fuses on the GPU (each Affine with the Relu after it; the loss's
+    # forward with its backward): a training step there is bound by the host, which pays
+    # for every launch (docs/benchmarks.md, "On a GPU").
+    fuse_on_gpu: ClassVar[bool] = True
 
     def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
         layers = list(layers)  # once: a generator checked first would be empty after
@@ -319,10 +321,18 @@ class Sequential:
             else:
                 x = forward_in_mode(layer, x, self.training)
             i += 1
-        self._last_loss = self.last_layer._checked_forward(
-            as_result(x), t, borrowed=True, wait=wait
+        loss = self.last_layer
+        # (the loss's forward kernel writes backward(1.0)'s gradient too, where it can)
+        with_grad = (
+            type(loss) is SoftmaxWithLoss
+            and type(x) is cupy_array_type()
+            and self.fuse_on_gpu
+            and _runs_as_written(loss, Loss)
         )
-        dout = self.last_layer.backward(1.0)
+        self._last_loss = loss._checked_forward(
+            as_result(x), t, borrowed=True, wait=wait, with_grad=with_grad
+        )
+        dout = loss.backward(1.0)
         i = len(layers_) - 1
         while i >= 0:
             layer = layers_[i]
@@ -353,7 +363,7 @@ class Sequential:
             and type(x) is cupy_array_type()
             and _runs_as_written(layers_[i])
             and _runs_as_written(layers_[i + 1])
-            and self.fuse_affine_relu
+            and self.fuse_on_gpu
             and not layers_[i + 1].packed
             and x.ndim == 2
             and x.dtype in FLOAT_DTYPES
@@ -414,13 +424,13 @@ class Sequential:
         return "Sequential(\n" + "\n".join(lines) + "\n)"
 
 
-def _runs_as_written(layer: Any) -> bool:
-    """Whether ``layer``'s forward and backward are the library's, not replaced on the
-    layer or its class (a hook that clips or logs): a pair calls neither."""
+def _runs_as_written(layer: Any, base: Any = layers.Layer) -> bool:
+    """Whether ``layer``'s forward and backward are ``base``'s, not replaced on the layer
+    or its class (a hook that clips or logs): what is fused calls neither."""
     kind, own = type(layer), vars(layer)
     return (
-        kind.forward is layers.Layer.forward
-        and kind.backward is layers.Layer.backward
+        kind.forward is base.forward
+        and kind.backward is base.backward
         and "forward" not in own
         and "backward" not in own
     )

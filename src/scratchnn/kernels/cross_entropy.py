@@ -6,7 +6,8 @@ forward is about a dozen launches and two waits (the labels' range check, then
 the loss); its backward four launches. Here the forward is one launch and one
 wait: a single block walks the rows, writes the softmax and sums both the loss
 and the count of labels out of range, which come back to the host together.
-The backward is one launch: ``dx = (y - onehot(t)) * scale``. The two numbers
+The backward is one launch: ``dx = (y - onehot(t)) * scale``; a training step
+(``Sequential.gradient``) has the forward's launch write it too. The two numbers
 stay on the card until they are read, so a training loop whose labels were
 checked beforehand (``fit``) need not wait for each step's loss.
 
@@ -61,7 +62,9 @@ def source(dtype: Any, label_dtype: Any) -> str:
     ``softmax_xent(x, t, y, result, rows, classes)`` writes the softmax into
     ``y`` and ``result[0]`` = the summed loss over rows with a valid label,
     ``result[1]`` = the number of labels outside ``[0, classes)`` (both double).
-    Launch it as one block of ``BLOCK`` threads.
+    Launch it as one block of ``BLOCK`` threads. ``softmax_xent_grad(x, t, y,
+    result, rows, classes, dx, scale)`` does the same and writes the backward's
+    ``dx`` too, as ``softmax_xent_backward`` would from this ``y``, bit for bit.
     ``softmax_xent_backward(y, t, dx, scale, n, classes)`` writes ``dx``; any grid.
     """
     c_type, exp = _FLOAT_TYPES[np.dtype(dtype)]
@@ -70,9 +73,12 @@ def source(dtype: Any, label_dtype: Any) -> str:
 typedef {label_type} L;
 #define BLOCK {BLOCK}
 
-// The rows of one thread: its share of the loss and of the labels out of range.
+// The rows of one thread: its share of the loss and of the labels out of range; with
+// GRAD, also the backward's dx = (y - onehot(t)) * scale, as softmax_xent_backward writes it.
+template <bool GRAD>
 __device__ __forceinline__ void xent_rows(
     const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
+    T* __restrict__ dx, const T scale,
     const long long rows, const int classes, const int thread, const int threads,
     double* loss_part, long long* bad_part)
 {{
@@ -96,6 +102,13 @@ __device__ __forceinline__ void xent_rows(
         }}
         for (int k = 0; k < classes; ++k) yr[k] = (T)((double)yr[k] / total);
         const L label = t[r];
+        if (GRAD) {{
+            T* dr = dx + r * classes;
+            for (int k = 0; k < classes; ++k) {{
+                const T hit = (long long)label == k ? (T)1 : (T)0;
+                dr[k] = (yr[k] - hit) * scale;
+            }}
+        }}
         // As unsigned, a negative label is huge: one comparison checks both ends.
         if ((unsigned long long)label >= (unsigned long long)classes) {{
             ++bad;
@@ -127,7 +140,21 @@ extern "C" __global__ void softmax_xent(
 {{
     __shared__ double loss_part[BLOCK];
     __shared__ long long bad_part[BLOCK];
-    xent_rows(x, t, y, rows, classes, threadIdx.x, blockDim.x, loss_part, bad_part);
+    xent_rows<false>(x, t, y, nullptr, (T)0, rows, classes, threadIdx.x, blockDim.x,
+                     loss_part, bad_part);
+    __syncthreads();
+    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+}}
+
+extern "C" __global__ void softmax_xent_grad(
+    const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
+    double* __restrict__ result, const long long rows, const int classes,
+    T* __restrict__ dx, const T scale)
+{{
+    __shared__ double loss_part[BLOCK];
+    __shared__ long long bad_part[BLOCK];
+    xent_rows<true>(x, t, y, dx, scale, rows, classes, threadIdx.x, blockDim.x,
+                    loss_part, bad_part);
     __syncthreads();
     if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
 }}
@@ -155,15 +182,17 @@ def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
     kernel = _kernels.get(key)
     if kernel is None:
         module = cupy.RawModule(code=source(dtype, label_dtype))
-        for each in ("softmax_xent", "softmax_xent_backward"):
+        for each in ("softmax_xent", "softmax_xent_grad", "softmax_xent_backward"):
             _kernels[(key[0], key[1], each)] = module.get_function(each)
         kernel = _kernels[key]
     return kernel
 
 
-def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, Any]:
+def forward(cupy: Any, x: Any, t: Any, grad_scale: float | None = None) -> tuple[Any, Any, Any]:
     """Softmax ``y`` of ``x`` over its last axis, and ``result``, on the card: the summed
-    loss and the count of labels out of range (two float64 numbers).
+    loss and the count of labels out of range (two float64 numbers); with
+    ``grad_scale``, also what :func:`backward` would return for that scale (a training
+    step's, computed in the same pass), else None.
 
     One launch; nothing waits for the card until ``result`` is read.
     """
@@ -172,9 +201,14 @@ def forward(cupy: Any, x: Any, t: Any) -> tuple[Any, Any]:
     classes = x.shape[-1]
     y = cupy.empty_like(x)
     result = cupy.empty(2, dtype=np.float64)
-    kernel = _kernel(cupy, x.dtype, t.dtype, "softmax_xent")
-    kernel((1,), (BLOCK,), (x, t, y, result, np.int64(x.size // classes), np.int32(classes)))
-    return y, result
+    args = (x, t, y, result, np.int64(x.size // classes), np.int32(classes))
+    if grad_scale is None:
+        _kernel(cupy, x.dtype, t.dtype, "softmax_xent")((1,), (BLOCK,), args)
+        return y, result, None
+    dx = cupy.empty_like(x)
+    kernel = _kernel(cupy, x.dtype, t.dtype, "softmax_xent_grad")
+    kernel((1,), (BLOCK,), (*args, dx, x.dtype.type(grad_scale)))
+    return y, result, dx
 
 
 def backward(cupy: Any, y: Any, t: Any, scale: float) -> Any:

@@ -103,12 +103,14 @@ class Loss:
         return float(self._checked_forward(x, t, borrowed=False))
 
     def _checked_forward(
-        self, x: Any, t: Any, *, borrowed: bool, wait: bool = True
+        self, x: Any, t: Any, *, borrowed: bool, wait: bool = True, with_grad: bool = False
     ) -> float | DeviceLoss:
         """``forward``; ``borrowed=True`` promises that ``t`` stays unchanged until
         ``backward`` (``Sequential.gradient`` runs both in one call), so it is kept as is.
         ``wait=False`` may return a :class:`DeviceLoss` unread: for a caller that checked
-        the labels' range itself, since this forward then does not (``fit``)."""
+        the labels' range itself, since this forward then does not (``fit``).
+        ``with_grad=True`` (``Sequential.gradient`` on the GPU, for a loss whose
+        ``_forward`` takes it) asks for ``backward(1.0)``'s gradient in the same pass."""
         name = type(self).__name__
         self._x_shape = None
         x = as_array(x, who=name, what="prediction")
@@ -121,7 +123,9 @@ class Loss:
         t = self._check_target(x, t)
         if not borrowed and is_array(given) and np.may_share_memory(t, given):
             t = t.copy()
-        loss = self._forward(to_compute(x), t)
+        computed = to_compute(x)
+        forward: Any = self._forward  # (with_grad: only for a loss whose _forward takes it)
+        loss = forward(computed, t, with_grad=True) if with_grad else forward(computed, t)
         if wait or type(loss) is not DeviceLoss:
             loss = float(loss)  # labels out of range raise here, before backward may run
         self._x_shape, self._x_dtype = x.shape, x.dtype
@@ -219,19 +223,29 @@ class SoftmaxWithLoss(Loss):
         super().__init__()
         self.y: np.ndarray | None = None
         self.t: np.ndarray | None = None
+        # backward(1.0)'s gradient, where the forward's kernel wrote it (with_grad): kept
+        # until that backward takes it, or the next forward.
+        self._grad_of_one: Any = None
 
     def _checks_labels(self, x: np.ndarray, t: np.ndarray) -> bool:
         return _cuda_kernels(x, t) is not None
 
-    def _forward(self, x: np.ndarray, t: np.ndarray) -> float | DeviceLoss:
+    def _forward(
+        self, x: np.ndarray, t: np.ndarray, with_grad: bool = False
+    ) -> float | DeviceLoss:
+        self._grad_of_one = None
         kernels = _cuda_kernels(x, t)
         if kernels is not None:
             # On the GPU: one launch; the loss and the labels' check come back together,
-            # when the loss is read.
-            y, result = kernels.forward(sys.modules["cupy"], x, t)
-            self.y, self.t = y, t
+            # when the loss is read. With with_grad, the launch writes backward(1.0)'s
+            # gradient too (its scale as _backward makes it), where backward would launch.
             classes = x.shape[-1]
-            return DeviceLoss(result, x.size // classes, t, classes, type(self).__name__)
+            rows = x.size // classes
+            y, result, self._grad_of_one = kernels.forward(
+                sys.modules["cupy"], x, t, 1.0 / rows if with_grad else None
+            )
+            self.y, self.t = y, t
+            return DeviceLoss(result, rows, t, classes, type(self).__name__)
         # The arrays are small (batch x classes): the time goes into NumPy calls, not
         # passes, so each step below is the cheapest call found for short rows.
         n_classes = x.shape[-1]
@@ -264,6 +278,9 @@ class SoftmaxWithLoss(Loss):
 
     def _backward(self, dout: float) -> np.ndarray:
         assert self.y is not None and self.t is not None
+        if dout == 1.0 and self._grad_of_one is not None:  # written by the forward's launch
+            dx, self._grad_of_one = self._grad_of_one, None
+            return dx
         y, t = self.y, self.t
         n = y.size // y.shape[-1]
         if t.shape == y.shape:
