@@ -213,23 +213,22 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
     n_scalar = np.int64
 
     def hand() -> None:
-        # Forward: a product per layer, then the bias kernel; between layers the bias and
-        # ReLU's kernel in one (its output in place, and the mask), as Sequential pairs them.
+        # Forward: a product per layer; between layers the bias and ReLU's kernel in one
+        # (its output in place, and the mask), as Sequential pairs them.
         activations, masks, h = [x], [], x
-        for i, (W, b) in enumerate(zip(Ws, bs)):
+        for i, W in enumerate(Ws[:-1]):
             h = h @ W
-            if i < len(Ws) - 1:
-                mask = cupy.empty(h.shape, np.bool_)
-                kernel((1,), (256,), (h, b, mask, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
-                activations.append(h)
-                masks.append(mask)
-            else:
-                kernel((1,), (256,), (h, b, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
-        # The loss's kernel: softmax, summed loss, bad-label count, and the gradient.
+            mask = cupy.empty(h.shape, np.bool_)
+            kernel((1,), (256,), (h, bs[i], mask, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
+            activations.append(h)
+            masks.append(mask)
+        h = h @ Ws[-1]
+        # The loss's kernel: the last bias added to the scores, softmax, summed loss,
+        # bad-label count, and the gradient.
         tc = cupy.ascontiguousarray(t)
         y, result, g = cupy.empty_like(h), cupy.empty(2, np.float64), cupy.empty_like(h)
         kernel((1,), (256,), (cupy.ascontiguousarray(h), tc, y, result, n_scalar(batch),
-                              g, np.float32(1 / batch)))  # fmt: skip
+                              g, np.float32(1 / batch), bs[-1]))  # fmt: skip
         # Backward: db (the column sums' kernel; below the last layer the same kernel
         # passes the gradient through ReLU's mask first), dW and, but for the first
         # layer, dx.

@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 benchmarks/gpu_graph.py [--steps 5] [--repeats 60]
 
 ``benchmarks/gpu.py``'s MLP step (784-1024-1024-10, batch 512, SGD) is bound
-by the host: its 26 device calls each cost the host microseconds of CuPy's
+by the host: its 25 device calls each cost the host microseconds of CuPy's
 Python and scratchnn's, and the card waits between them. A CUDA graph records
 a step's launches once; replaying it is one call. This script is the probe
 before ``fit`` does that.

@@ -409,8 +409,9 @@ def test_a_training_step_on_the_device_waits_for_the_card_once(
     fake_cuda.launches.clear()
     optimizer.update(net.params, net.gradient(x, t))
     assert fake_cupy.transfers == ["get"]  # the loss and the labels' check, together
-    # One launch for the loss, its gradient written beside it (none for backward).
-    assert [n for n in fake_cuda.launches if "xent" in n] == ["softmax_xent_grad"]
+    # One launch for the loss, the last Affine's bias added in it and its gradient
+    # written beside it (none for backward).
+    assert [n for n in fake_cuda.launches if "xent" in n] == ["softmax_xent_bias_grad"]
     assert [n for n in fake_cuda.launches if n.startswith("sgd")] == ["sgd_x6"]  # one step
 
 
@@ -1153,7 +1154,7 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     assert not failed and len(checks) > 100
     launched = set(fake_cuda.launches)
     # (the networks' gradients take the fused kernels: checked on the card too)
-    fused = {"add_bias_relu", "relu_column_sum", "softmax_xent_grad"}
+    fused = {"add_bias_relu", "relu_column_sum", "softmax_xent_bias_grad"}
     assert not kernels or {"relu_forward", *fused} <= launched
     assert not kernels or any(name.startswith("adam_x") for name in launched)
 
@@ -1578,7 +1579,7 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
     assert len(rows) == 2, result.stdout
     for row in rows:
-        assert "numpy" not in row and "10 empty, 8 kernel, 8 matmul" in row, row
+        assert "numpy" not in row and "10 empty, 7 kernel, 8 matmul" in row, row
 
 
 @pytest.mark.parametrize(
@@ -1729,8 +1730,8 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     assert len(rows) == 14 + len(benchmark.ALTERNATIVES)
     assert [r.what for r in rows[14:]] == list(benchmark.ALTERNATIVES)
     assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
-    assert sum(r.per_step for r in rows) == 19  # 26 device calls, 7 inside (bench_gpu_host)
-    assert "the 19 calls of a step, added up" in benchmark.table(rows)
+    assert sum(r.per_step for r in rows) == 18  # 25 device calls, 7 inside (bench_gpu_host)
+    assert "the 18 calls of a step, added up" in benchmark.table(rows)
 
 
 def test_the_direct_product_candidate_passes_cublas_the_transposed_problem(
@@ -1976,6 +1977,39 @@ def test_the_loss_forward_writes_backwards_gradient_bit_for_bit(dtype: Any, gpu:
     np.testing.assert_array_equal(to_host(fused.backward(1.0)), to_host(apart.backward(1.0)))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_the_loss_adds_the_last_affines_bias_as_the_affine_would(dtype: Any, gpu: Any) -> None:
+    # bias (Sequential.gradient on the GPU, the last Affine's): the loss's kernel takes the
+    # scores as x + b, bit for bit the scores the Affine would have made (its softmax, its
+    # loss, its gradient), a NaN in a row included; float16 (no kernel) adds them first.
+    rng = np.random.default_rng(19)
+    x_host = rng.standard_normal((20, 6)).astype(dtype)
+    x_host[3, 2] = np.nan
+    b_host = rng.standard_normal(6).astype(dtype)
+    t = gpu.asarray(rng.integers(0, 6, 20))
+    scores = gpu.asarray(x_host)
+    snn.Affine(np.eye(6, dtype=dtype), gpu.asarray(b_host))  # (the check of a bias's dtype)
+    from scratchnn.kernels import bias as bias_kernels
+
+    bias_kernels.add_bias(scores, gpu.asarray(b_host))  # as the Affine adds it
+    apart = snn.SoftmaxWithLoss()
+    loss_apart = float(apart._checked_forward(scores, t, borrowed=True, wait=False))
+    fused = snn.SoftmaxWithLoss()
+    loss = float(fused._checked_forward(gpu.asarray(x_host), t, borrowed=True, wait=False,
+                                        with_grad=True, bias=gpu.asarray(b_host)))  # fmt: skip
+    assert np.isnan(loss) and np.isnan(loss_apart)  # the NaN row's loss, in both
+    np.testing.assert_array_equal(to_host(fused.y), to_host(apart.y))
+    np.testing.assert_array_equal(to_host(fused.backward(1.0)), to_host(apart.backward(1.0)))
+    x_host[3, 2] = 0.5  # and a loss to compare
+    scores = gpu.asarray(x_host)
+    bias_kernels.add_bias(scores, gpu.asarray(b_host))
+    loss_apart = float(apart._checked_forward(scores, t, borrowed=True))
+    loss = float(fused._checked_forward(gpu.asarray(x_host), t, borrowed=True, with_grad=True,
+                                        bias=gpu.asarray(b_host)))  # fmt: skip
+    assert loss == loss_apart
+    np.testing.assert_array_equal(to_host(fused.backward(1.0)), to_host(apart.backward(1.0)))
+
+
 def _pair_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of kernels.bias's kernels as they are launched, from now on."""
     from scratchnn.kernels import bias
@@ -2014,11 +2048,13 @@ def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
         held = [to_host(getattr(layer, name)) for layer in net.layers
                 for name in ("x", "dW", "db", "mask") if getattr(layer, name, None) is not None]  # fmt: skip
         runs.append(({k: to_host(v) for k, v in grads.items()}, held, launched, net))
+        runs[-1][1].append(np.array(net.last_loss))
     (grads, held, launched, net), (grads_apart, held_apart, launched_apart, _) = runs
     assert sorted(grads) == sorted(grads_apart)
     for key in grads:
         np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
-    assert len(held) == len(held_apart) == 3 + 3 + 3 + 2  # x, dW, db of each Affine; 2 masks
+    # x, dW, db of each Affine; 2 masks; the loss
+    assert len(held) == len(held_apart) == 3 + 3 + 3 + 2 + 1
     for mine, theirs in zip(held, held_apart):
         np.testing.assert_array_equal(mine, theirs)
     reference = snn.mlp([30, 16, 12, 5], rng=np.random.default_rng(11), dtype=np.float64)
@@ -2032,7 +2068,8 @@ def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
         return
     assert launched_apart == ["add_bias"] * 3 + (["column_sum"] * 3 if batch <= bias.MAX_ROWS else [])
     backward = ["column_sum", "relu_column_sum", "relu_column_sum"] * (batch <= bias.MAX_ROWS)
-    assert launched == ["add_bias_relu", "add_bias_relu", "add_bias", *backward]
+    # (the last Affine's bias: added by the loss's kernel, as the step runs on)
+    assert launched == ["add_bias_relu", "add_bias_relu", *backward]
     # The layers still work one by one after a paired step, from what each holds.
     relu = net.layers[3]
     dout = gpu.asarray(rng.standard_normal((batch, 12)).astype(dtype))
@@ -2052,12 +2089,13 @@ def test_a_pair_of_other_dtypes_computes_what_the_layers_apart_do(
 
     rng = np.random.default_rng(16)
     x_host, t_host = rng.standard_normal((9, 12)).astype(x_dtype), rng.integers(0, 4, 9)
-    b_host = rng.standard_normal(8)
+    biases = [rng.standard_normal(8), rng.standard_normal(4)]
     results = []
     for paired in (True, False):
         monkeypatch.setattr(Sequential, "fuse_on_gpu", paired)
         net = snn.mlp([12, 8, 4], rng=np.random.default_rng(17), dtype=net_dtype).to("cuda")
-        net.layers[0].b[...] = gpu.asarray(b_host)
+        for layer, b_host in zip(net.layers[::2], biases):
+            layer.b[...] = gpu.asarray(b_host)
         grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
         results.append(({k: to_host(v) for k, v in grads.items()}, to_host(net.layers[1].mask)))
     (grads, mask), (grads_apart, mask_apart) = results
@@ -2090,7 +2128,7 @@ def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
         net = snn.Sequential([first(W1, b1), relu, snn.Affine(W2, b2)]).to("cuda")
         start = len(launches)
         grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
-        assert launches[start:] == ["add_bias"] * 2 + ["column_sum"] * 2
+        assert launches[start:] == ["add_bias"] + ["column_sum"] * 2  # (the last: the loss's)
         for key in expected:
             np.testing.assert_allclose(to_host(grads[key]), expected[key], rtol=1e-12, atol=1e-14)
 

@@ -93,9 +93,9 @@ class Sequential:
     fewer each way, and the same arithmetic, bit for bit; each layer holds what its own
     forward would have left (layers whose ``forward`` or ``backward`` was replaced run
     one by one, as does a ``dout`` the Relu would refuse, which its own backward then
-    names). A ``SoftmaxWithLoss``'s forward kernel writes the gradient its backward
-    would then launch a kernel for, bit for bit the same. ``fuse_on_gpu = False`` turns
-    both off.
+    names). A ``SoftmaxWithLoss``'s forward kernel adds the last Affine's bias to the
+    scores, and writes the gradient its backward would then launch a kernel for, bit
+    for bit the same. ``fuse_on_gpu = False`` turns all of it off.
 
     >>> from scratchnn import Affine, Relu
     >>> net = Sequential([Affine(np.eye(2), np.zeros(2)), Relu()])
@@ -106,8 +106,8 @@ class Sequential:
     """
 
     # Whether gradient() fuses on the GPU (each Affine with the Relu after it; the loss's
-    # forward with its backward): a training step there is bound by the host, which pays
-    # for every launch (docs/benchmarks.md, "On a GPU").
+    # forward with the last Affine's bias and with its own backward): a training step
+    # there is bound by the host, which pays for every launch (docs/benchmarks.md).
     fuse_on_gpu: ClassVar[bool] = True
 
     def __init__(self, layers: Sequence[Any], loss: Loss | None = None) -> None:
@@ -307,30 +307,34 @@ class Sequential:
         :class:`~scratchnn.layers.losses.DeviceLoss` in ``_last_loss``), so the step
         does not wait for the card: for ``fit``, which checked every label first."""
         layers_, paired = self.layers, set()  # paired: the Affines run with their Relu
-        i = 0
-        while i < len(layers_):
+        loss, loss_bias = self.last_layer, None  # (the last Affine's bias, for the loss)
+        fuses_loss = (
+            type(loss) is SoftmaxWithLoss and self.fuse_on_gpu and _runs_as_written(loss, Loss)
+        )
+        i, last = 0, len(layers_) - 1
+        while i <= last:
             layer = layers_[i]
-            if self._pairs_with_next(i, x):
+            if i < last and self._pairs_with_next(i, x):
                 h = layer._checked_forward((x,), borrowed=True, defer_bias=True)
                 x = layers_[i + 1]._checked_forward((h,), borrowed=True, bias=layer.b)
                 paired.add(i)
                 i += 2
                 continue
-            if is_ours(layer):
+            if i == last and fuses_loss and self._fuses_affine(i, x):
+                # The loss's kernel adds the bias to the scores, as the Affine would.
+                x = layer._checked_forward((x,), borrowed=True, defer_bias=True)
+                loss_bias = layer.b
+            elif is_ours(layer):
                 x = layer._checked_forward((x,), borrowed=True)
             else:
                 x = forward_in_mode(layer, x, self.training)
             i += 1
-        loss = self.last_layer
-        # (the loss's forward kernel writes backward(1.0)'s gradient too, where it can)
-        with_grad = (
-            type(loss) is SoftmaxWithLoss
-            and type(x) is cupy_array_type()
-            and self.fuse_on_gpu
-            and _runs_as_written(loss, Loss)
-        )
+        # The loss's forward kernel writes backward(1.0)'s gradient too, where it can.
+        fused = {"with_grad": True} if fuses_loss and type(x) is cupy_array_type() else {}
+        if loss_bias is not None:
+            fused["bias"] = loss_bias
         self._last_loss = loss._checked_forward(
-            as_result(x), t, borrowed=True, wait=wait, with_grad=with_grad
+            as_result(x), t, borrowed=True, wait=wait, **fused
         )
         dout = loss.backward(1.0)
         i = len(layers_) - 1
@@ -353,21 +357,28 @@ class Sequential:
 
     def _pairs_with_next(self, i: int, x: Any) -> bool:
         """Whether layer ``i``, an ``Affine``, and the ``Relu`` after it run as one pair on
-        ``x`` (see the class's docstring): a float CuPy matrix of the Affine's width, and
-        the two layers scratchnn's own classes (a subclass may compute otherwise)."""
-        layers_ = self.layers
+        ``x`` (see the class's docstring; the Relu not packed, its own class's, as written)."""
+        after = self.layers[i + 1]
         return (
-            type(layers_[i]) is layers.Affine
-            and i + 1 < len(layers_)
-            and type(layers_[i + 1]) is layers.Relu
+            type(after) is layers.Relu
+            and not after.packed
+            and _runs_as_written(after)
+            and self._fuses_affine(i, x)
+        )
+
+    def _fuses_affine(self, i: int, x: Any) -> bool:
+        """Whether layer ``i`` is an ``Affine`` whose bias the kernel after it may add, on
+        ``x``: a float CuPy matrix of its width, fusing on, the layer scratchnn's own class
+        as written (a subclass, or a hook on its forward, may compute otherwise)."""
+        layer = self.layers[i]
+        return (
+            type(layer) is layers.Affine
             and type(x) is cupy_array_type()
-            and _runs_as_written(layers_[i])
-            and _runs_as_written(layers_[i + 1])
             and self.fuse_on_gpu
-            and not layers_[i + 1].packed
+            and _runs_as_written(layer)
             and x.ndim == 2
             and x.dtype in FLOAT_DTYPES
-            and x.shape[1] == layers_[i].W.shape[0]
+            and x.shape[1] == layer.W.shape[0]
         )
 
     @property

@@ -64,7 +64,9 @@ def source(dtype: Any, label_dtype: Any) -> str:
     ``result[1]`` = the number of labels outside ``[0, classes)`` (both double).
     Launch it as one block of ``BLOCK`` threads. ``softmax_xent_grad(x, t, y,
     result, rows, classes, dx, scale)`` does the same and writes the backward's
-    ``dx`` too, as ``softmax_xent_backward`` would from this ``y``, bit for bit.
+    ``dx`` too, as ``softmax_xent_backward`` would from this ``y``, bit for bit;
+    ``softmax_xent_bias_grad(..., dx, scale, b)`` takes the scores as ``x + b``
+    (the bias of the Affine before, added as it would add it).
     ``softmax_xent_backward(y, t, dx, scale, n, classes)`` writes ``dx``; any grid.
     """
     c_type, exp = _FLOAT_TYPES[np.dtype(dtype)]
@@ -74,11 +76,12 @@ typedef {label_type} L;
 #define BLOCK {BLOCK}
 
 // The rows of one thread: its share of the loss and of the labels out of range; with
-// GRAD, also the backward's dx = (y - onehot(t)) * scale, as softmax_xent_backward writes it.
-template <bool GRAD>
+// GRAD, also the backward's dx = (y - onehot(t)) * scale, as softmax_xent_backward writes it;
+// with BIAS, the scores are x + b (b added to each row, as the Affine before would add it).
+template <bool GRAD, bool BIAS>
 __device__ __forceinline__ void xent_rows(
     const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
-    T* __restrict__ dx, const T scale,
+    T* __restrict__ dx, const T scale, const T* __restrict__ b,
     const long long rows, const int classes, const int thread, const int threads,
     double* loss_part, long long* bad_part)
 {{
@@ -87,16 +90,16 @@ __device__ __forceinline__ void xent_rows(
     for (long long r = thread; r < rows; r += threads) {{
         const T* xr = x + r * classes;
         T* yr = y + r * classes;
-        T top = xr[0];  // the row's maximum; a NaN anywhere makes it NaN
+        T top = BIAS ? xr[0] + b[0] : xr[0];  // the row's maximum; a NaN anywhere makes it NaN
         for (int k = 1; k < classes; ++k) {{
-            const T v = xr[k];
+            const T v = BIAS ? xr[k] + b[k] : xr[k];
             if (top == top && (v != v || v > top)) top = v;
         }}
         // Summed in double: one thread adds the row in order, and a float sum of a wide
         // row would lose digits that NumPy's pairwise sum keeps.
         double total = 0.0;
         for (int k = 0; k < classes; ++k) {{
-            const T e = {exp}(xr[k] - top);
+            const T e = {exp}((BIAS ? xr[k] + b[k] : xr[k]) - top);
             yr[k] = e;
             total += (double)e;
         }}
@@ -114,7 +117,7 @@ __device__ __forceinline__ void xent_rows(
             ++bad;
             continue;
         }}
-        loss += log(total) - (double)(xr[label] - top);
+        loss += log(total) - (double)((BIAS ? xr[label] + b[label] : xr[label]) - top);
     }}
     loss_part[thread] = loss;
     bad_part[thread] = bad;
@@ -140,8 +143,8 @@ extern "C" __global__ void softmax_xent(
 {{
     __shared__ double loss_part[BLOCK];
     __shared__ long long bad_part[BLOCK];
-    xent_rows<false>(x, t, y, nullptr, (T)0, rows, classes, threadIdx.x, blockDim.x,
-                     loss_part, bad_part);
+    xent_rows<false, false>(x, t, y, nullptr, (T)0, nullptr, rows, classes, threadIdx.x,
+                            blockDim.x, loss_part, bad_part);
     __syncthreads();
     if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
 }}
@@ -153,8 +156,21 @@ extern "C" __global__ void softmax_xent_grad(
 {{
     __shared__ double loss_part[BLOCK];
     __shared__ long long bad_part[BLOCK];
-    xent_rows<true>(x, t, y, dx, scale, rows, classes, threadIdx.x, blockDim.x,
-                    loss_part, bad_part);
+    xent_rows<true, false>(x, t, y, dx, scale, nullptr, rows, classes, threadIdx.x,
+                           blockDim.x, loss_part, bad_part);
+    __syncthreads();
+    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+}}
+
+extern "C" __global__ void softmax_xent_bias_grad(
+    const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
+    double* __restrict__ result, const long long rows, const int classes,
+    T* __restrict__ dx, const T scale, const T* __restrict__ b)
+{{
+    __shared__ double loss_part[BLOCK];
+    __shared__ long long bad_part[BLOCK];
+    xent_rows<true, true>(x, t, y, dx, scale, b, rows, classes, threadIdx.x, blockDim.x,
+                          loss_part, bad_part);
     __syncthreads();
     if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
 }}
@@ -174,6 +190,7 @@ extern "C" __global__ void softmax_xent_backward(
 
 
 _kernels: dict[tuple[str, str, str], Any] = {}
+_NAMES = ("softmax_xent", "softmax_xent_grad", "softmax_xent_bias_grad", "softmax_xent_backward")
 
 
 def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
@@ -182,17 +199,20 @@ def _kernel(cupy: Any, dtype: Any, label_dtype: Any, name: str) -> Any:
     kernel = _kernels.get(key)
     if kernel is None:
         module = cupy.RawModule(code=source(dtype, label_dtype))
-        for each in ("softmax_xent", "softmax_xent_grad", "softmax_xent_backward"):
+        for each in _NAMES:
             _kernels[(key[0], key[1], each)] = module.get_function(each)
         kernel = _kernels[key]
     return kernel
 
 
-def forward(cupy: Any, x: Any, t: Any, grad_scale: float | None = None) -> tuple[Any, Any, Any]:
+def forward(
+    cupy: Any, x: Any, t: Any, grad_scale: float | None = None, bias: Any = None
+) -> tuple[Any, Any, Any]:
     """Softmax ``y`` of ``x`` over its last axis, and ``result``, on the card: the summed
     loss and the count of labels out of range (two float64 numbers); with
     ``grad_scale``, also what :func:`backward` would return for that scale (a training
-    step's, computed in the same pass), else None.
+    step's, computed in the same pass), else None. With ``bias`` (and ``grad_scale``),
+    the scores are ``x + bias``, each row (:func:`takes_bias` says where it may be given).
 
     One launch; nothing waits for the card until ``result`` is read.
     """
@@ -201,14 +221,29 @@ def forward(cupy: Any, x: Any, t: Any, grad_scale: float | None = None) -> tuple
     classes = x.shape[-1]
     y = cupy.empty_like(x)
     result = cupy.empty(2, dtype=np.float64)
-    args = (x, t, y, result, np.int64(x.size // classes), np.int32(classes))
+    args: tuple[Any, ...] = (x, t, y, result, np.int64(x.size // classes), np.int32(classes))
     if grad_scale is None:
+        assert bias is None, "cross_entropy.forward: a bias goes with grad_scale"
         _kernel(cupy, x.dtype, t.dtype, "softmax_xent")((1,), (BLOCK,), args)
         return y, result, None
     dx = cupy.empty_like(x)
-    kernel = _kernel(cupy, x.dtype, t.dtype, "softmax_xent_grad")
-    kernel((1,), (BLOCK,), (*args, dx, x.dtype.type(grad_scale)))
+    args += (dx, x.dtype.type(grad_scale))
+    if bias is None:
+        _kernel(cupy, x.dtype, t.dtype, "softmax_xent_grad")((1,), (BLOCK,), args)
+    else:
+        _kernel(cupy, x.dtype, t.dtype, "softmax_xent_bias_grad")((1,), (BLOCK,), (*args, bias))
     return y, result, dx
+
+
+def takes_bias(x: Any, bias: Any) -> bool:
+    """Whether :func:`forward` may add ``bias`` to the scores ``x`` (N, K): a C-contiguous
+    vector of K of ``x``'s kind and dtype."""
+    return (
+        type(bias) is type(x)
+        and bias.shape == x.shape[-1:]
+        and bias.dtype == x.dtype
+        and bias.flags.c_contiguous
+    )
 
 
 def backward(cupy: Any, y: Any, t: Any, scale: float) -> Any:

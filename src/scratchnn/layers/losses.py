@@ -103,14 +103,22 @@ class Loss:
         return float(self._checked_forward(x, t, borrowed=False))
 
     def _checked_forward(
-        self, x: Any, t: Any, *, borrowed: bool, wait: bool = True, with_grad: bool = False
+        self,
+        x: Any,
+        t: Any,
+        *,
+        borrowed: bool,
+        wait: bool = True,
+        with_grad: bool = False,
+        bias: Any = None,
     ) -> float | DeviceLoss:
         """``forward``; ``borrowed=True`` promises that ``t`` stays unchanged until
         ``backward`` (``Sequential.gradient`` runs both in one call), so it is kept as is.
         ``wait=False`` may return a :class:`DeviceLoss` unread: for a caller that checked
         the labels' range itself, since this forward then does not (``fit``).
         ``with_grad=True`` (``Sequential.gradient`` on the GPU, for a loss whose
-        ``_forward`` takes it) asks for ``backward(1.0)``'s gradient in the same pass."""
+        ``_forward`` takes it) asks for ``backward(1.0)``'s gradient in the same pass;
+        ``bias`` (with it) is the last Affine's, left out of ``x`` for the loss to add."""
         name = type(self).__name__
         self._x_shape = None
         x = as_array(x, who=name, what="prediction")
@@ -124,8 +132,15 @@ class Loss:
         if not borrowed and is_array(given) and np.may_share_memory(t, given):
             t = t.copy()
         computed = to_compute(x)
+        if bias is not None and computed.dtype != x.dtype:
+            # (computed in a wider dtype: the scores first, rounded as the Affine makes them)
+            computed, bias = to_compute(x + bias), None
         forward: Any = self._forward  # (with_grad: only for a loss whose _forward takes it)
-        loss = forward(computed, t, with_grad=True) if with_grad else forward(computed, t)
+        if with_grad:
+            loss = forward(computed, t, with_grad=True, bias=bias)
+        else:
+            assert bias is None, f"{name}: a bias goes with with_grad"
+            loss = forward(computed, t)
         if wait or type(loss) is not DeviceLoss:
             loss = float(loss)  # labels out of range raise here, before backward may run
         self._x_shape, self._x_dtype = x.shape, x.dtype
@@ -231,18 +246,22 @@ class SoftmaxWithLoss(Loss):
         return _cuda_kernels(x, t) is not None
 
     def _forward(
-        self, x: np.ndarray, t: np.ndarray, with_grad: bool = False
+        self, x: np.ndarray, t: np.ndarray, with_grad: bool = False, bias: Any = None
     ) -> float | DeviceLoss:
         self._grad_of_one = None
         kernels = _cuda_kernels(x, t)
+        if bias is not None and (kernels is None or not kernels.takes_bias(x, bias)):
+            x = x + bias  # (the scores as the Affine would have made them)
+            bias = None
         if kernels is not None:
             # On the GPU: one launch; the loss and the labels' check come back together,
             # when the loss is read. With with_grad, the launch writes backward(1.0)'s
-            # gradient too (its scale as _backward makes it), where backward would launch.
+            # gradient too (its scale as _backward makes it), where backward would launch,
+            # and adds the last Affine's bias to the scores where it is given.
             classes = x.shape[-1]
             rows = x.size // classes
             y, result, self._grad_of_one = kernels.forward(
-                sys.modules["cupy"], x, t, 1.0 / rows if with_grad else None
+                sys.modules["cupy"], x, t, 1.0 / rows if with_grad else None, bias
             )
             self.y, self.t = y, t
             return DeviceLoss(result, rows, t, classes, type(self).__name__)
