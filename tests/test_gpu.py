@@ -2105,6 +2105,34 @@ def test_a_pair_of_other_dtypes_computes_what_the_layers_apart_do(
         assert grads[key].dtype == net_dtype
 
 
+@pytest.mark.parametrize(("net_dtype", "bias_dtype"), [(np.float32, np.float64),
+                                                      (np.float16, np.float32)])  # fmt: skip
+def test_a_last_bias_of_another_dtype_is_added_as_the_affine_adds_it(
+    net_dtype: Any, bias_dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bias set later in another dtype than the weights (Affine's constructor refuses one):
+    # the Affine adds it in place, in its product's dtype; the loss that takes the last
+    # Affine's bias must too (found by a review: it added out of place, in the wider dtype).
+    from scratchnn.models import Sequential
+
+    rng = np.random.default_rng(20)
+    x_host, t_host = rng.standard_normal((9, 12)).astype(net_dtype), rng.integers(0, 4, 9)
+    b_host = rng.standard_normal(4).astype(bias_dtype)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(Sequential, "fuse_on_gpu", fused)
+        net = snn.mlp([12, 8, 4], rng=np.random.default_rng(21), dtype=net_dtype).to("cuda")
+        net.layers[2].b = gpu.asarray(b_host)
+        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+        results.append(({k: to_host(v) for k, v in grads.items()}, net.last_loss,
+                        to_host(net.last_layer.y)))  # fmt: skip
+    (grads, loss, y), (grads_apart, loss_apart, y_apart) = results
+    assert loss == loss_apart and y.dtype == y_apart.dtype
+    np.testing.assert_array_equal(y, y_apart)
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
+
+
 def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -223,7 +223,8 @@ def forward(
     result = cupy.empty(2, dtype=np.float64)
     args: tuple[Any, ...] = (x, t, y, result, np.int64(x.size // classes), np.int32(classes))
     if grad_scale is None:
-        assert bias is None, "cross_entropy.forward: a bias goes with grad_scale"
+        if bias is not None:
+            raise TypeError("cross_entropy.forward: a bias for the scores goes with grad_scale")
         _kernel(cupy, x.dtype, t.dtype, "softmax_xent")((1,), (BLOCK,), args)
         return y, result, None
     dx = cupy.empty_like(x)

@@ -23,6 +23,7 @@ from scratchnn.backend import (
     is_array,
     to_compute,
 )
+from scratchnn.kernels import bias as bias_kernels
 from scratchnn.kernels import cross_entropy, cuda  # (plain text and NumPy: they import no CuPy)
 
 
@@ -134,12 +135,13 @@ class Loss:
         computed = to_compute(x)
         if bias is not None and computed.dtype != x.dtype:
             # (computed in a wider dtype: the scores first, rounded as the Affine makes them)
-            computed, bias = to_compute(x + bias), None
+            computed, bias = to_compute(_scores(x, bias)), None
         forward: Any = self._forward  # (with_grad: only for a loss whose _forward takes it)
         if with_grad:
             loss = forward(computed, t, with_grad=True, bias=bias)
         else:
-            assert bias is None, f"{name}: a bias goes with with_grad"
+            if bias is not None:  # (Sequential passes both or neither)
+                raise TypeError(f"{name}: a bias for the scores goes with with_grad")
             loss = forward(computed, t)
         if wait or type(loss) is not DeviceLoss:
             loss = float(loss)  # labels out of range raise here, before backward may run
@@ -198,6 +200,15 @@ class Loss:
         return t.astype(x.dtype, copy=False)
 
 
+def _scores(x: Any, bias: Any) -> Any:
+    """The scores an Affine that deferred its ``bias`` would have made from its product
+    ``x``: a copy, the bias added in place as the Affine adds it (so in ``x``'s dtype,
+    whatever the bias's)."""
+    scores = x.copy()
+    bias_kernels.add_bias(scores, bias)
+    return scores
+
+
 def _cuda_kernels(x: Any, t: Any) -> Any:
     """The CUDA kernels of softmax with cross-entropy when they take ``x`` and ``t``, else None."""
     if type(x) is np.ndarray:
@@ -251,7 +262,7 @@ class SoftmaxWithLoss(Loss):
         self._grad_of_one = None
         kernels = _cuda_kernels(x, t)
         if bias is not None and (kernels is None or not kernels.takes_bias(x, bias)):
-            x = x + bias  # (the scores as the Affine would have made them)
+            x = _scores(x, bias)
             bias = None
         if kernels is not None:
             # On the GPU: one launch; the loss and the labels' check come back together,
