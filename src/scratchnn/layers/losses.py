@@ -18,6 +18,7 @@ from scratchnn.backend import (
     FLOAT_DTYPES,
     as_array,
     as_result,
+    cupy_array_type,
     float_dtype_of,
     get_array_module,
     is_array,
@@ -211,9 +212,13 @@ def _scores(x: Any, bias: Any) -> Any:
 
 def _cuda_kernels(x: Any, t: Any) -> Any:
     """The CUDA kernels of softmax with cross-entropy when they take ``x`` and ``t``, else None."""
-    if type(x) is np.ndarray:
+    kind = type(x)
+    if kind is np.ndarray:
         return None
-    xp = get_array_module(x, t)  # a NumPy t beside a CuPy x: the mixing TypeError
+    if kind is cupy_array_type() and type(t) is kind:  # (asked three times a step: the
+        xp = sys.modules["cupy"]  # common case, both CuPy's, in two look-ups)
+    else:
+        xp = get_array_module(x, t)  # a NumPy t beside a CuPy x: the mixing TypeError
     if not cuda.compiles(xp):
         return None
     return cross_entropy if cross_entropy.supported(to_compute(x), t) else None
