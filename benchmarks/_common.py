@@ -25,7 +25,8 @@ import numpy as np
 from scratchnn.cli import positive_int  # noqa: F401  (the scripts' argparse type)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor, as /proc/cpuinfo names it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -82,7 +83,7 @@ def machine_report() -> str:
     except Exception:  # the layout of show_config is not a stable API
         pass
     lines = [
-        f"machine: {_cpu_model()} ({_cpu_flags()}), {os.cpu_count()} cores, "
+        f"machine: {cpu_model()} ({_cpu_flags()}), {os.cpu_count()} cores, "
         f"{platform.system()} {platform.release()}",
         f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}",
         f"python {platform.python_version()}, numpy {np.__version__}, BLAS {blas} "

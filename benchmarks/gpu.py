@@ -54,6 +54,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_model
 
 import scratchnn as snn
 from scratchnn.backend import device_of, to_device, to_host
@@ -710,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"card: {props['name'].decode()}, {props['multiProcessorCount']} SMs, "
           f"{props['totalGlobalMem'] / 2**30:.0f} GiB; CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
           f"driver {cupy.cuda.runtime.driverGetVersion()}")  # fmt: skip
-    print(f"host: {host_cpu()}, {os.cpu_count()} CPUs, load average "
+    # (the MLP step's time is the host's, and lent machines have differed in it by half)
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
     print(f"versions: scratchnn {snn.__version__}, CuPy {cupy.__version__}, "
           f"PyTorch {torch.__version__}, NumPy {np.__version__}, Python {sys.version.split()[0]}")  # fmt: skip
@@ -720,19 +724,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CORRECTNESS FAILED ({len(failed)} checks, above): these timings are of code "
               "that does not yet compute what it should")  # fmt: skip
     return 1 if broken or failed else 0
-
-
-def host_cpu() -> str:
-    """The host's processor, as /proc/cpuinfo names it: the MLP step's time is the host's,
-    and lent machines have differed in it by half."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "an unknown processor"
 
 
 def timings(sections: list[tuple[str, Callable[[], list[Row]]]]) -> tuple[list[Row], bool]:

@@ -158,8 +158,10 @@ def _cupy_with_kernels(array: Any) -> Any:
     return cupy
 
 
-def add_bias(out: Any, b: Any) -> None:
-    """``out += b`` in place, ``out`` of shape (rows, cols), ``b`` of shape (cols,)."""
+def _adds_bias(out: Any, b: Any) -> Any:
+    """CuPy, where a kernel may add ``b`` to each row of ``out`` (see
+    :func:`_cupy_with_kernels`; ``b`` a C-contiguous vector of ``out``'s row, kind and
+    dtype; ``out`` not empty); None otherwise."""
     cupy = _cupy_with_kernels(out)
     if (
         cupy is None
@@ -169,6 +171,14 @@ def add_bias(out: Any, b: Any) -> None:
         or not b.flags.c_contiguous
         or out.size == 0
     ):
+        return None
+    return cupy
+
+
+def add_bias(out: Any, b: Any) -> None:
+    """``out += b`` in place, ``out`` of shape (rows, cols), ``b`` of shape (cols,)."""
+    cupy = _adds_bias(out, b)
+    if cupy is None:
         out += b
         return
     rows, cols = out.shape
@@ -197,15 +207,8 @@ def add_bias_relu(out: Any, b: Any) -> Any:
     """``out = relu(out + b)`` in place, with ReLU's mask (``True`` where ``out + b <= 0``):
     one launch; returns the mask, or None where the kernel does not apply (the caller then
     makes the two separate calls, :func:`add_bias` and ReLU's own kernel)."""
-    cupy = _cupy_with_kernels(out)
-    if (
-        cupy is None
-        or type(b) is not type(out)
-        or b.shape != out.shape[1:]
-        or b.dtype != out.dtype
-        or not b.flags.c_contiguous
-        or out.size == 0
-    ):
+    cupy = _adds_bias(out, b)
+    if cupy is None:
         return None
     rows, cols = out.shape
     mask = cupy.empty(out.shape, dtype=np.bool_)

@@ -137,16 +137,26 @@ __device__ __forceinline__ void xent_total(
     result[1] = (double)bad;
 }}
 
+// One block: the rows among its threads, then their shares summed by thread 0.
+template <bool GRAD, bool BIAS>
+__device__ __forceinline__ void xent_block(
+    const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
+    double* __restrict__ result, const long long rows, const int classes,
+    T* __restrict__ dx, const T scale, const T* __restrict__ b)
+{{
+    __shared__ double loss_part[BLOCK];
+    __shared__ long long bad_part[BLOCK];
+    xent_rows<GRAD, BIAS>(x, t, y, dx, scale, b, rows, classes, threadIdx.x, blockDim.x,
+                          loss_part, bad_part);
+    __syncthreads();
+    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+}}
+
 extern "C" __global__ void softmax_xent(
     const T* __restrict__ x, const L* __restrict__ t, T* __restrict__ y,
     double* __restrict__ result, const long long rows, const int classes)
 {{
-    __shared__ double loss_part[BLOCK];
-    __shared__ long long bad_part[BLOCK];
-    xent_rows<false, false>(x, t, y, nullptr, (T)0, nullptr, rows, classes, threadIdx.x,
-                            blockDim.x, loss_part, bad_part);
-    __syncthreads();
-    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+    xent_block<false, false>(x, t, y, result, rows, classes, nullptr, (T)0, nullptr);
 }}
 
 extern "C" __global__ void softmax_xent_grad(
@@ -154,12 +164,7 @@ extern "C" __global__ void softmax_xent_grad(
     double* __restrict__ result, const long long rows, const int classes,
     T* __restrict__ dx, const T scale)
 {{
-    __shared__ double loss_part[BLOCK];
-    __shared__ long long bad_part[BLOCK];
-    xent_rows<true, false>(x, t, y, dx, scale, nullptr, rows, classes, threadIdx.x,
-                           blockDim.x, loss_part, bad_part);
-    __syncthreads();
-    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+    xent_block<true, false>(x, t, y, result, rows, classes, dx, scale, nullptr);
 }}
 
 extern "C" __global__ void softmax_xent_bias_grad(
@@ -167,12 +172,7 @@ extern "C" __global__ void softmax_xent_bias_grad(
     double* __restrict__ result, const long long rows, const int classes,
     T* __restrict__ dx, const T scale, const T* __restrict__ b)
 {{
-    __shared__ double loss_part[BLOCK];
-    __shared__ long long bad_part[BLOCK];
-    xent_rows<true, true>(x, t, y, dx, scale, b, rows, classes, threadIdx.x, blockDim.x,
-                          loss_part, bad_part);
-    __syncthreads();
-    if (threadIdx.x == 0) xent_total(loss_part, bad_part, blockDim.x, result);
+    xent_block<true, true>(x, t, y, result, rows, classes, dx, scale, b);
 }}
 
 extern "C" __global__ void softmax_xent_backward(
