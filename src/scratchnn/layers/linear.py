@@ -64,9 +64,9 @@ class Affine(WeightBiasLayer):
         return f"Affine({n_in}, {n_out}, dtype={self.W.dtype})"
 
     def _forward_gpu(self, x: Any, *, defer_bias: bool = False) -> Any:
-        """``_forward`` on CuPy arrays. ``defer_bias=True`` (``Sequential``, for an Affine
-        followed by a Relu, with a (batch, in) matrix) leaves the bias out of the product,
-        for the Relu to add in its own kernel (``Relu._forward_gpu(h, bias=b)``)."""
+        """``_forward`` on CuPy arrays. ``defer_bias=True`` (``Sequential``, with a (batch,
+        in) matrix) leaves the bias out of the product, for the kernel after it to add: a
+        Relu's (``Relu._forward_gpu(h, bias=b)``) or the loss's (``bias=b``)."""
         # (the keyword only when deferring: a subclass's own _forward(x) keeps working)
         return self._forward(x, add_bias=False) if defer_bias else self._forward(x)
 
