@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -2077,60 +2078,55 @@ def test_a_network_runs_each_affine_and_its_relu_as_one_pair_bit_for_bit(
                                   np.where(to_host(relu.mask), 0.0, to_host(dout)))  # fmt: skip
 
 
-@pytest.mark.parametrize(("net_dtype", "x_dtype"), [(np.float16, np.float16),
-                                                   (np.float32, np.float64),
-                                                   (np.float64, np.float32)])  # fmt: skip
-def test_a_pair_of_other_dtypes_computes_what_the_layers_apart_do(
-    net_dtype: Any, x_dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # float16 (no kernel: the pair makes the separate calls) and an input of another float
-    # dtype than the weights (the Affine casts it): the same gradients as apart, bit for bit.
+def _fused_and_apart(
+    monkeypatch: pytest.MonkeyPatch, make_net: Callable[[], Any], x: Any, t: Any
+) -> list[tuple[dict[str, np.ndarray], float, np.ndarray, np.ndarray]]:
+    """One gradient step of a fresh ``make_net()`` with the GPU's fusions on, then one with
+    them off: each its gradients, its loss, its first Relu's mask and its loss's y."""
     from scratchnn.models import Sequential
 
-    rng = np.random.default_rng(16)
-    x_host, t_host = rng.standard_normal((9, 12)).astype(x_dtype), rng.integers(0, 4, 9)
-    biases = [rng.standard_normal(8), rng.standard_normal(4)]
-    results = []
-    for paired in (True, False):
-        monkeypatch.setattr(Sequential, "fuse_on_gpu", paired)
-        net = snn.mlp([12, 8, 4], rng=np.random.default_rng(17), dtype=net_dtype).to("cuda")
-        for layer, b_host in zip(net.layers[::2], biases):
-            layer.b[...] = gpu.asarray(b_host)
-        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
-        results.append(({k: to_host(v) for k, v in grads.items()}, to_host(net.layers[1].mask)))
-    (grads, mask), (grads_apart, mask_apart) = results
-    np.testing.assert_array_equal(mask, mask_apart)
-    for key in grads:
-        np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
-        assert grads[key].dtype == net_dtype
-
-
-@pytest.mark.parametrize(("net_dtype", "bias_dtype"), [(np.float32, np.float64),
-                                                      (np.float16, np.float32)])  # fmt: skip
-def test_a_last_bias_of_another_dtype_is_added_as_the_affine_adds_it(
-    net_dtype: Any, bias_dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A bias set later in another dtype than the weights (Affine's constructor refuses one):
-    # the Affine adds it in place, in its product's dtype; the loss that takes the last
-    # Affine's bias must too (found by a review: it added out of place, in the wider dtype).
-    from scratchnn.models import Sequential
-
-    rng = np.random.default_rng(20)
-    x_host, t_host = rng.standard_normal((9, 12)).astype(net_dtype), rng.integers(0, 4, 9)
-    b_host = rng.standard_normal(4).astype(bias_dtype)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(Sequential, "fuse_on_gpu", fused)
-        net = snn.mlp([12, 8, 4], rng=np.random.default_rng(21), dtype=net_dtype).to("cuda")
-        net.layers[2].b = gpu.asarray(b_host)
-        grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
+        net = make_net()
+        grads = net.gradient(x, t)
         results.append(({k: to_host(v) for k, v in grads.items()}, net.last_loss,
-                        to_host(net.last_layer.y)))  # fmt: skip
-    (grads, loss, y), (grads_apart, loss_apart, y_apart) = results
+                        to_host(net.layers[1].mask), to_host(net.last_layer.y)))  # fmt: skip
+    return results
+
+
+@pytest.mark.parametrize(("net_dtype", "x_dtype", "last_bias_dtype"), [
+    (np.float16, np.float16, np.float16), (np.float32, np.float64, np.float32),
+    (np.float64, np.float32, np.float64), (np.float32, np.float32, np.float64),
+    (np.float16, np.float16, np.float32)])  # fmt: skip
+def test_fusions_of_other_dtypes_compute_what_the_layers_apart_do(
+    net_dtype: Any, x_dtype: Any, last_bias_dtype: Any, gpu: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # float16 (no kernel: the separate calls), an input of another float dtype than the
+    # weights (the Affine casts it), and a last bias set later in another dtype (the
+    # constructor refuses one, an assignment does not; the Affine adds it in place, in its
+    # product's dtype, and the loss that takes it must too: a review found it added out of
+    # place, in the wider dtype): the same gradients, loss, mask and softmax as apart.
+    rng = np.random.default_rng(16)
+    x_host, t_host = rng.standard_normal((9, 12)).astype(x_dtype), rng.integers(0, 4, 9)
+    b1, b2 = rng.standard_normal(8), rng.standard_normal(4).astype(last_bias_dtype)
+
+    def make_net() -> Any:
+        net = snn.mlp([12, 8, 4], rng=np.random.default_rng(17), dtype=net_dtype).to("cuda")
+        net.layers[0].b[...] = gpu.asarray(b1)
+        net.layers[2].b = gpu.asarray(b2)
+        return net
+
+    (grads, loss, mask, y), (grads_apart, loss_apart, mask_apart, y_apart) = _fused_and_apart(
+        monkeypatch, make_net, gpu.asarray(x_host), gpu.asarray(t_host)
+    )
     assert loss == loss_apart and y.dtype == y_apart.dtype
+    np.testing.assert_array_equal(mask, mask_apart)
     np.testing.assert_array_equal(y, y_apart)
     for key in grads:
         np.testing.assert_array_equal(grads[key], grads_apart[key], err_msg=key)
+        assert grads[key].dtype == net_dtype
 
 
 def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
