@@ -2129,6 +2129,17 @@ def test_fusions_of_other_dtypes_compute_what_the_layers_apart_do(
         assert grads[key].dtype == net_dtype
 
 
+def _small_relu_case(seed: int) -> tuple[Any, ...]:
+    """A 6-4-3 network's weights and biases, a batch and its labels, and the gradients the
+    layers give on the host (the reference): W1, b1, W2, b2, x, t, gradients."""
+    rng = np.random.default_rng(seed)
+    W1, W2 = rng.standard_normal((6, 4)), rng.standard_normal((4, 3))
+    b1, b2 = rng.standard_normal(4), rng.standard_normal(3)
+    x_host, t_host = rng.standard_normal((5, 6)), rng.integers(0, 3, 5)
+    net = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), snn.Affine(W2, b2)])
+    return W1, b1, W2, b2, x_host, t_host, net.gradient(x_host, t_host)
+
+
 def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2140,13 +2151,7 @@ def test_a_network_pairs_only_its_own_affine_and_an_unpacked_relu(
     class MyAffine(snn.Affine):
         pass
 
-    rng = np.random.default_rng(13)
-    W1, W2 = rng.standard_normal((6, 4)), rng.standard_normal((4, 3))
-    b1, b2 = rng.standard_normal(4), rng.standard_normal(3)
-    x_host, t_host = rng.standard_normal((5, 6)), rng.integers(0, 3, 5)
-    expected = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), snn.Affine(W2, b2)]).gradient(
-        x_host, t_host
-    )
+    W1, b1, W2, b2, x_host, t_host, expected = _small_relu_case(13)
     launches = _pair_launches(monkeypatch)
     for first, relu in ((snn.Affine, snn.Relu(packed=True)), (MyAffine, snn.Relu())):
         net = snn.Sequential([first(W1, b1), relu, snn.Affine(W2, b2)]).to("cuda")
@@ -2172,13 +2177,7 @@ def test_a_pair_steps_aside_for_hooks_subclasses_and_a_dout_its_relu_would_refus
             self.dW, self.db = self.x.T @ dout, dout.sum(axis=0)
             return dout @ self.W.T
 
-    rng = np.random.default_rng(14)
-    W1, W2 = rng.standard_normal((6, 4)), rng.standard_normal((4, 3))
-    b1, b2 = rng.standard_normal(4), rng.standard_normal(3)
-    x_host, t_host = rng.standard_normal((5, 6)), rng.integers(0, 3, 5)
-    expected = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), snn.Affine(W2, b2)]).gradient(
-        x_host, t_host
-    )
+    W1, b1, W2, b2, x_host, t_host, expected = _small_relu_case(14)
     net = snn.Sequential([BookAffine(W1, b1), snn.Relu(), BookAffine(W2, b2)]).to("cuda")
     grads = net.gradient(gpu.asarray(x_host), gpu.asarray(t_host))
     for key in expected:
