@@ -43,5 +43,13 @@ python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
 # scratchnn's own Python a step on this host (a null device in CuPy's place, ~10 s): the
 # part of the step's host time that is the library's, not CuPy's.
 python3 benchmarks/bench_gpu_host.py --rounds 5 2>&1 | tee "$out/gpu-host.log" | tail -8
+# Last, what a reader needs first, so that it is in the tail the lent machine sends back
+# (the whole logs are in $out): gpu.py's final table, the products' rows of the host's
+# calls (CuPy's matmul against the direct sgemm), our own Python a step, the graph probe.
+echo "== summary =="
+sed -n '/^card: /,$p' "$out/gpu-benchmark.log"
+grep -E "^product x @ W|instead: product|calls of a step" "$out/gpu-calls.log"
+grep -E "SGD|Adam" "$out/gpu-host.log" | tail -2
+head -2 "$out/gpu-graph.log"
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))
