@@ -17,9 +17,11 @@
    ``gradient`` (which reads it, PyTorch ``loss.item()``), and the host's
    time to queue a step as fit runs it (no events: where that is longer than
    the card's work, the host is what the first row measured); beside them,
-   two rows of ours against ours: the step with each Affine and its Relu run
-   apart against the step as fit runs it (paired), and, apart, Affine's bias
-   through CuPy's own calls against ``kernels.bias``; and
+   three rows of ours against ours: the step with Affine's products by CuPy's
+   ``a @ b`` against the step as fit runs it (cuBLAS called directly), the
+   step with each Affine and its Relu run apart against the step as fit runs
+   it (paired), and, apart, Affine's bias through CuPy's own calls against
+   ``kernels.bias``; and
    Fashion-MNIST epochs of ``scratchnn train``'s default network
    (784-256-128-10, ReLU, Adam 1e-3 decayed by 0.85 an epoch, batch 128)
    against PyTorch with the same initial weights, rates and batches, with
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import operator
 import os
 import statistics
 import sys
@@ -60,7 +63,7 @@ from _common import cpu_model
 
 import scratchnn as snn
 from scratchnn.backend import device_of, to_device, to_host
-from scratchnn.kernels import OPS, bias
+from scratchnn.kernels import OPS, bias, products
 from scratchnn.models import Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
 from scratchnn.train import DEVICE_EVAL_BATCH
@@ -461,9 +464,11 @@ def time_mlp_step(
     # again with Affine's bias through CuPy's own calls (as before session 15), in rounds
     # alternating with the step as fit runs it: whether the pairs, and kernels.bias, pay on
     # this card's host.
-    paired, apart, with_cupy = [], [], []
+    paired, cupy_products, apart, with_cupy = [], [], [], []
     for _ in range(3):
         paired.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        with cupy_matmul():
+            cupy_products.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
         with layers_apart():
             apart.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
             with cupy_bias_calls():
@@ -472,6 +477,9 @@ def time_mlp_step(
         Row(f"MLP step {shape} b{batch} SGD, as fit", *unread, "neither reads its loss",
             target=1.0),
         # Ours against ours: the "PyTorch" column holds the step as fit runs it.
+        Row(f"MLP step {shape} b{batch} SGD, CuPy's products", statistics.median(cupy_products),
+            statistics.median(paired),
+            "ours, x @ W by cupy.matmul / ours, by cuBLAS directly (not PyTorch)"),
         Row(f"MLP step {shape} b{batch} SGD, layers apart", statistics.median(apart),
             statistics.median(paired),
             "ours, Affine and Relu apart / ours, paired (not PyTorch)"),
@@ -490,6 +498,18 @@ def time_mlp_step(
             host_median_ms(theirs(False), clock.wait_torch, repeats),
             "the host's time to queue a step on a quiet card, as fit"),
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def cupy_matmul() -> Iterator[None]:
+    """Affine's products by CuPy's own ``a @ b``, as before ``kernels.products``, for as
+    long as the block runs."""
+    saved = products.matmul
+    products.matmul = operator.matmul
+    try:
+        yield
+    finally:
+        products.matmul = saved
 
 
 @contextlib.contextmanager
@@ -718,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
     print(f"versions: scratchnn {snn.__version__}, CuPy {cupy.__version__}, "
           f"PyTorch {torch.__version__}, NumPy {np.__version__}, Python {sys.version.split()[0]}")  # fmt: skip
+    if products.disabled:  # (CuPy's own products took over: the binding refused a call)
+        print(f"direct products off: {products.disabled}")
     print(f"times: ms, median of {args.repeats} CUDA-event runs (epochs: wall clock)")
     print(table(rows))
     if failed:

@@ -11,7 +11,8 @@ the step's shapes, it times the host's cost of one call (``time.perf_counter``
 around ``--calls`` calls, the card synchronised before and after, outside the
 timing; the median of ``--rounds`` rounds, CuPy's and PyTorch's alternating):
 
-* CuPy's own calls: a product, ``cupy.empty``; and, beside scratchnn's bias
+* CuPy's own calls: a product (beside scratchnn's, ``kernels.products``, which
+  calls cuBLAS's gemm directly), ``cupy.empty``; and, beside scratchnn's bias
   kernels (``kernels.bias``: the bias addition and the bias gradient, a launch
   each), the CuPy calls they replaced (``h += b``, ``g.sum(axis=0)``);
 * scratchnn's: a fused kernel through ``kernels.run``, and the layers'
@@ -33,9 +34,7 @@ the call it would replace before it is timed (``ALTERNATIVES``): the bias
 kernels launched bare (what ``kernels.bias``'s checks add to a launch), the
 bias gradient as a product with a row of ones, a
 product into a buffer made once (``cupy.matmul(..., out=)``, CuPy's Python
-wrapper, and ``x.dot(W, out=)``, its compiled method), a product by CuPy's
-binding of cuBLAS's ``sgemm`` called directly (``DIRECT_PRODUCT``: a row only
-where that binding runs, the lent machine's CuPy), and a bare launch
+wrapper, and ``x.dot(W, out=)``, its compiled method), and a bare launch
 of ReLU's kernel with its arguments made once (what ``kernels.run`` adds to a
 launch). It runs from a checkout: ``PYTHONPATH=src python3 benchmarks/gpu_calls.py``.
 """
@@ -62,7 +61,7 @@ import scratchnn as snn
 from scratchnn import kernels
 from scratchnn.backend import to_host
 from scratchnn.cli import positive_int
-from scratchnn.kernels import bias
+from scratchnn.kernels import bias, products
 from scratchnn.optim import make_optimizer
 
 SIZES = (784, 1024, 1024, 10)
@@ -133,7 +132,9 @@ def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> li
     th_sum = th.clone()
     relu_mask = h < 0
     pairs: list[tuple[str, int, Callable[[], Any], Callable[[], Any]]] = [
-        ("product x @ W, 512x784 @ 784x1024", 8, lambda: x @ W, lambda: tx @ tW),
+        ("product, products.matmul, 512x784 @ 784x1024", 8, lambda: products.matmul(x, W),
+         lambda: tx @ tW),
+        ("  CuPy's own: x @ W", 0, lambda: x @ W, lambda: tx @ tW),
         ("bias and ReLU, bias.add_bias_relu, 512x1024", 2,
          lambda: bias.add_bias_relu(h_relu, b), lambda: torch.relu(th_sum.add_(tb))),
         ("bias addition, bias.add_bias, 512x1024", 0, lambda: bias.add_bias(h_sum, b),
@@ -160,10 +161,6 @@ def time_calls(cupy: Any, torch: Any, calls: int, rounds: int, clock: Any) -> li
         ("the whole step, as fit / PyTorch's loop", 0, ours_step, theirs_step),
     ]  # fmt: skip
     pairs += alternatives(cupy, torch, (x, W, b, h, h_sum), h_host, (tx, tW, tb, th, th_sum))
-    try:  # CuPy's own binding of cuBLAS, below cupy.matmul: a candidate only where it runs
-        pairs.append(direct_product(cupy, x, W, lambda: tx @ tW))
-    except Exception as error:  # (the stand-in of the tests has no cuBLAS)
-        print(f"{DIRECT_PRODUCT}: not timed, {type(error).__name__}: {error}", flush=True)
     rows = []
     for what, per_step, ours, theirs in pairs:
         ours_us, theirs_us = [], []
@@ -236,44 +233,6 @@ def alternatives(
         (ALTERNATIVES[5], 0, lambda: relu(relu_grid, (cuda.BLOCK,), relu_args),
          lambda: torch.relu(th)),
     ]  # fmt: skip
-
-
-DIRECT_PRODUCT = "  instead: product, cuBLAS's sgemm called directly"
-
-
-class _Sgemm:
-    """``a @ b`` for C-contiguous float32 matrices, by CuPy's binding of cuBLAS's
-    ``sgemm`` (``cupy_backends.cuda.libs.cublas``) on CuPy's own handle, with the
-    scalars 1 and 0 made once: what ``cupy.matmul`` does for these arrays, without its
-    Python around the call (its checks, the compute type's look-up, the copies it may
-    make). Row-major ``C = A B`` is column-major ``C^T = B^T A^T``, so the call passes
-    ``b`` first."""
-
-    def __init__(self, cupy: Any) -> None:
-        from cupy_backends.cuda.libs import cublas
-
-        self.cupy, self.sgemm = cupy, cublas.sgemm
-        self.handle = cupy.cuda.device.get_cublas_handle()
-        self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)  # kept alive
-        self.alpha, self.beta = self.one.ctypes.data, self.zero.ctypes.data
-
-    def __call__(self, a: Any, b: Any) -> Any:
-        (m, k), n = a.shape, b.shape[1]
-        out = self.cupy.empty((m, n), np.float32)
-        self.sgemm(self.handle, 0, 0, n, m, k, self.alpha, b.data.ptr, n, a.data.ptr, k,
-                   self.beta, out.data.ptr, n)  # fmt: skip
-        return out
-
-
-def direct_product(
-    cupy: Any, x: Any, W: Any, theirs: Callable[[], Any]
-) -> tuple[str, int, Callable[[], Any], Callable[[], Any]]:
-    """The candidate ``DIRECT_PRODUCT``, checked against ``x @ W`` (within float32's
-    rounding: cuBLAS may pick another algorithm for the other call) before it is timed."""
-    product = _Sgemm(cupy)
-    np.testing.assert_allclose(to_host(product(x, W)), to_host(x @ W), rtol=1e-4, atol=1e-4,
-                               err_msg="direct sgemm")  # fmt: skip
-    return DIRECT_PRODUCT, 0, lambda: product(x, W), theirs
 
 
 def _line(row: Row) -> str:

@@ -258,8 +258,10 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     # The library caches compiled kernels per process: fresh caches for this test, so that
     # no fake kernel reaches a later test on real CuPy, nor a real one this test
     # (monkeypatch puts the real caches back afterwards).
-    from scratchnn.kernels import bias, cross_entropy, cuda
+    from scratchnn.kernels import bias, cross_entropy, cuda, products
 
+    monkeypatch.setattr(products, "_gemms", {})
+    monkeypatch.setattr(products, "disabled", {})
     monkeypatch.setattr(bias, "_kernels", {})
     monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
@@ -267,9 +269,56 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
         import fake_cuda
 
         fake_cuda.install(module)
+        install_cublas(monkeypatch, module)
     cupyx, scipy, special = make_cupyx()
     monkeypatch.setitem(sys.modules, "cupy", module)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setitem(sys.modules, "cupyx.scipy", scipy)
     monkeypatch.setitem(sys.modules, "cupyx.scipy.special", special)
     return module
+
+
+def _column_major(address: int, dtype: np.dtype[Any], rows: int, cols: int, lead: int) -> np.ndarray:
+    """The column-major matrix of ``rows`` x ``cols`` (leading dimension ``lead``) that
+    lies at ``address``, as cuBLAS reads it: a view, so a write is cuBLAS's."""
+    memory = (np.ctypeslib.as_ctypes_type(dtype) * (lead * cols)).from_address(address)
+    return np.ctypeslib.as_array(memory).reshape(cols, lead).T[:rows]
+
+
+def _gemm(dtype: Any) -> Any:
+    """cuBLAS's ``sgemm``/``dgemm`` as CuPy binds them (the handle, the operations 0 = N
+    and 1 = T, sizes, the scalars and the matrices by address), computed by NumPy on
+    the arrays at those addresses: column-major ``C = op(A) op(B)``, scaled as asked."""
+    dtype = np.dtype(dtype)
+    scalar = np.ctypeslib.as_ctypes_type(dtype)
+
+    def gemm(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
+             A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> None:  # fmt: skip
+        if handle != 1 or transa not in (0, 1) or transb not in (0, 1):
+            raise ValueError(f"fake cuBLAS: handle {handle}, operations {transa}, {transb}")
+        for lead, rows in ((lda, k if transa else m), (ldb, n if transb else k), (ldc, m)):
+            if lead < max(1, rows):  # as cuBLAS's CUBLAS_STATUS_INVALID_VALUE
+                raise ValueError(f"fake cuBLAS: leading dimension {lead} < {rows}")
+        a = _column_major(A, dtype, *((k, m) if transa else (m, k)), lda)
+        b = _column_major(B, dtype, *((n, k) if transb else (k, n)), ldb)
+        c = _column_major(C, dtype, m, n, ldc)
+        product = (a.T if transa else a) @ (b.T if transb else b)
+        one, zero = scalar.from_address(alpha).value, scalar.from_address(beta).value
+        c[...] = one * product + (zero * c if zero else 0)
+
+    return gemm
+
+
+def install_cublas(monkeypatch: Any, module: types.ModuleType) -> None:
+    """Give the fake ``cupy`` CuPy's binding of cuBLAS (``sgemm``, ``dgemm``) and a handle,
+    computed on the CPU (what ``scratchnn.kernels.products`` calls)."""
+    cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    cublas.sgemm = _gemm(np.float32)  # type: ignore[attr-defined]
+    cublas.dgemm = _gemm(np.float64)  # type: ignore[attr-defined]
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = cublas  # type: ignore[attr-defined]
+    for name in ("cupy_backends", "cupy_backends.cuda"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", cublas)
+    module.cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1)  # type: ignore[attr-defined]

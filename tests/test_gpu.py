@@ -1247,16 +1247,20 @@ def test_the_gpu_benchmarks_timings_run_through_on_the_fake_device(
     assert all(r.ours > 0 and r.torch and r.verdict for r in rows[1:])
     rows = benchmark.time_mlp_step(fake, torch, 2, clock, sizes=(20, 16, 16, 10), batch=32)
     assert [r.what for r in rows] == ["MLP step 20-16-16-10 b32 SGD, as fit",
+                                      "MLP step 20-16-16-10 b32 SGD, CuPy's products",
                                       "MLP step 20-16-16-10 b32 SGD, layers apart",
                                       "MLP step 20-16-16-10 b32 SGD, bias by CuPy's calls",
                                       "MLP step 20-16-16-10 b32 SGD, read",
                                       "MLP step 20-16-16-10 b32 SGD, host side"]  # fmt: skip
     assert all(r.ours > 0 and r.torch for r in rows)
-    assert [bool(r.verdict) for r in rows] == [True, False, False, False, False]
+    assert [bool(r.verdict) for r in rows] == [True, False, False, False, False, False]
     from scratchnn.kernels import bias
 
     assert bias.add_bias.__module__ == "scratchnn.kernels.bias"  # put back after its row
     assert snn.Sequential.fuse_on_gpu is True  # and the pairs
+    from scratchnn.kernels import products
+
+    assert products.matmul.__module__ == "scratchnn.kernels.products"  # and the products
     net = snn.mlp([6, 5, 3], rng=np.random.default_rng(0)).to("cuda")
     x, t = fake.ones((4, 6), dtype=np.float32), fake.zeros(4, dtype=np.int64)
     fake_cuda.launches.clear()
@@ -1728,54 +1732,11 @@ def test_the_host_calls_benchmark_runs_through_on_the_fake_device(
     monkeypatch.setattr(benchmark, "SIZES", (784, 100, 64, 10))
     monkeypatch.setattr(benchmark, "BATCH", 40)
     rows = benchmark.time_calls(fake, torch, 2, 1, _HostClock())
-    assert len(rows) == 14 + len(benchmark.ALTERNATIVES)
-    assert [r.what for r in rows[14:]] == list(benchmark.ALTERNATIVES)
+    assert len(rows) == 15 + len(benchmark.ALTERNATIVES)
+    assert [r.what for r in rows[15:]] == list(benchmark.ALTERNATIVES)
     assert all(r.ours_us > 0 and r.theirs_us > 0 for r in rows)
     assert sum(r.per_step for r in rows) == 18  # 25 device calls, 7 inside (bench_gpu_host)
     assert "the 18 calls of a step, added up" in benchmark.table(rows)
-
-
-def test_the_direct_product_candidate_passes_cublas_the_transposed_problem(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # gpu_calls.py's direct sgemm, against a stand-in for cuBLAS's column-major sgemm that
-    # reads and writes the arrays at the addresses passed: the operands' order, the
-    # sizes and the leading dimensions (a mistake there is a wrong product or a fault on
-    # the card, where only the few lent minutes would find it).
-    import ctypes
-    import types
-
-    fake = fake_cupy.install(monkeypatch)
-    benchmark = _gpu_benchmark_script("gpu_calls")
-
-    def column_major(address: int, rows: int, cols: int, lead: int) -> np.ndarray:
-        memory = (ctypes.c_float * (lead * cols)).from_address(address)
-        return np.ctypeslib.as_array(memory).reshape(cols, lead).T[:rows]
-
-    def sgemm(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
-              A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> None:  # fmt: skip
-        assert handle == 7 and transa == transb == 0
-        scale = (ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value)
-        assert scale == (1.0, 0.0)
-        c = column_major(C, m, n, ldc)
-        c[...] = column_major(A, m, k, lda) @ column_major(B, k, n, ldb)
-
-    libs = types.ModuleType("cupy_backends.cuda.libs")
-    libs.cublas = types.SimpleNamespace(sgemm=sgemm)  # type: ignore[attr-defined]
-    for name in ("cupy_backends", "cupy_backends.cuda"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", libs.cublas)
-    monkeypatch.setattr(fake.cuda, "device", types.SimpleNamespace(get_cublas_handle=lambda: 7),
-                        raising=False)  # fmt: skip
-    rng = np.random.default_rng(15)
-    x_host = rng.standard_normal((5, 7)).astype(np.float32)
-    W_host = rng.standard_normal((7, 3)).astype(np.float32)
-    what, per_step, ours, _ = benchmark.direct_product(
-        fake, fake.asarray(x_host), fake.asarray(W_host), lambda: None
-    )
-    assert what == benchmark.DIRECT_PRODUCT and per_step == 0
-    np.testing.assert_allclose(to_host(ours()), x_host @ W_host, rtol=1e-6)
 
 
 def _eager_capture(cupy: Any, net: Any, optimizer: Any, x: Any, t: Any, *,
@@ -1887,6 +1848,76 @@ def test_the_bias_kernels_leave_other_layouts_to_cupy(
     bias.add_bias(strided, gpu.asarray(b_host := np.ones(8, np.float32)))
     np.testing.assert_array_equal(to_host(strided), g_host[:, ::2] + b_host)
     assert launched == []
+
+
+# -- matrix products by cuBLAS directly (scratchnn.kernels.products) ------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shapes", [((5, 7), (7, 3)), ((1, 4), (4, 1)), ((6, 1), (1, 5)),
+                                    ((33, 64), (64, 17))])  # fmt: skip
+def test_products_are_cupys_for_every_layout_a_step_uses(
+    shapes: Any, dtype: Any, gpu: Any
+) -> None:
+    # x @ W, x.T @ g and g @ W.T: C-contiguous matrices and transposed views, on either
+    # side, against NumPy's product in float64 (on the CPU, cuBLAS is a stand-in that
+    # reads and writes the arrays at the addresses passed, column-major, as cuBLAS does).
+    from scratchnn.kernels import products
+
+    rng = np.random.default_rng(22)
+    (n, k), (_, m) = shapes
+    a_host, b_host = rng.standard_normal((n, k)), rng.standard_normal((k, m))
+    a, b = gpu.asarray(a_host.astype(dtype)), gpu.asarray(b_host.astype(dtype))
+    a_t = gpu.asarray(np.ascontiguousarray(a_host.T).astype(dtype)).T  # a transposed view
+    b_t = gpu.asarray(np.ascontiguousarray(b_host.T).astype(dtype)).T
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for x, y in ((a, b), (a_t, b), (a, b_t), (a_t, b_t)):
+        got = products.matmul(x, y)
+        assert got.dtype == dtype and got.shape == (n, m)
+        np.testing.assert_allclose(to_host(got), a_host @ b_host, rtol=rtol, atol=rtol)
+    assert products.disabled == {}
+    kernels = hasattr(gpu, "RawModule")  # (the fake CuPy with kernels has the stand-in)
+    assert (products._gemm(a) is not None) == (kernels or not hasattr(gpu, "__fake__"))
+
+
+def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float16, a strided view, mixed dtypes, an empty matrix, NumPy arrays: a @ b; a
+    # binding that refuses its call (unlike CuPy 14's) is said in `disabled` and CuPy's
+    # products take over, right.
+    from scratchnn.kernels import products
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels has no stand-in for cuBLAS")
+    rng = np.random.default_rng(23)
+    a_host, b_host = rng.standard_normal((6, 8)), rng.standard_normal((8, 4))
+    calls: list[int] = []
+    gemm = products._gemm(gpu.asarray(a_host))
+    original = gemm.gemm
+    monkeypatch.setattr(gemm, "gemm", lambda *args: calls.append(1) or original(*args))
+    cases = [
+        (gpu.asarray(a_host.astype(np.float16)), gpu.asarray(b_host.astype(np.float16))),
+        (gpu.asarray(np.repeat(a_host, 2, axis=1))[:, ::2], gpu.asarray(b_host)),
+        (gpu.asarray(a_host), gpu.asarray(b_host.astype(np.float32))),
+        (gpu.asarray(a_host[:0]), gpu.asarray(b_host)),
+    ]
+    for x, y in cases:
+        np.testing.assert_allclose(to_host(products.matmul(x, y)),
+                                   to_host(x).astype(np.float64) @ to_host(y), rtol=1e-2)  # fmt: skip
+    assert products.matmul(a_host, b_host) is not None and calls == []
+    np.testing.assert_allclose(to_host(products.matmul(gpu.asarray(a_host), gpu.asarray(b_host))),
+                               a_host @ b_host, rtol=1e-12)  # fmt: skip
+    assert calls == [1]
+
+    def refuses(*args: Any) -> None:
+        raise TypeError("an argument of another type")
+
+    monkeypatch.setattr(gemm, "gemm", refuses)
+    np.testing.assert_allclose(to_host(products.matmul(gpu.asarray(a_host), gpu.asarray(b_host))),
+                               a_host @ b_host, rtol=1e-12)  # fmt: skip
+    assert "TypeError" in products.disabled["float64"]
+    assert products._gemm(gpu.asarray(a_host)) is None  # from then on, CuPy's products
 
 
 # -- an Affine and the Relu after it, run as one pair (Sequential on the GPU) ---------------

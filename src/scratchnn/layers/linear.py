@@ -9,7 +9,7 @@ import numpy as np
 
 from scratchnn import kernels
 from scratchnn.backend import FLOAT_DTYPES, as_array, may_share_memory
-from scratchnn.kernels import bias
+from scratchnn.kernels import bias, products
 from scratchnn.layers.base import WeightBiasLayer
 
 
@@ -87,8 +87,8 @@ class Affine(WeightBiasLayer):
         self._x_shape = x.shape
         self.x = self._keep_input(flat) if flat is x or may_share_memory(flat, x) else flat
         xw = self.x if self.x.dtype == W.dtype else self.x.astype(W.dtype)
-        # Operators, not np.matmul and np.add: on CuPy arrays they skip NumPy's dispatch.
-        out = xw @ W
+        # Not np.matmul and np.add: on CuPy arrays they would go through NumPy's dispatch.
+        out = products.matmul(xw, W)  # (NumPy's @; on the GPU cuBLAS's gemm, called directly)
         if not add_bias:
             assert out.ndim == 2, "Affine: a deferred bias is for a (batch, in) matrix"
             return out
@@ -100,7 +100,7 @@ class Affine(WeightBiasLayer):
 
     def _backward(self, dout: np.ndarray, relu_mask: Any = None) -> np.ndarray:
         g = self._param_grads(dout, relu_mask)
-        return (g @ self.W.T).reshape(self._x_shape)
+        return products.matmul(g, self.W.T).reshape(self._x_shape)
 
     def _backward_gpu(self, dout: Any, *, relu_mask: Any = None) -> Any:
         """``_backward`` on CuPy arrays. ``relu_mask`` (``Sequential``, for an Affine
@@ -130,7 +130,7 @@ class Affine(WeightBiasLayer):
                 g = kernels.run("relu_backward", g, relu_mask)[0]
             else:
                 g, db = fused
-        self.dW = x.T @ g
+        self.dW = products.matmul(x.T, g)
         if db is None:
             # NumPy: g.sum(axis=0) without np.sum's Python wrapper. CuPy: a kernel of our
             # own, one launch, for less host time than CuPy's reduction.
