@@ -159,6 +159,18 @@ class RawModule:
         return RawKernel()
 
 
+def _null_gemm(*args: Any) -> None:
+    _count("gemm")
+
+
+def null_cublas() -> types.ModuleType:
+    """CuPy's binding of cuBLAS (``cupy_backends.cuda.libs.cublas``) on the null device:
+    its gemm costs a Python call, as the other calls do."""
+    cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    cublas.sgemm = cublas.dgemm = _null_gemm  # type: ignore[attr-defined]
+    return cublas
+
+
 def null_cupy() -> types.ModuleType:
     """A ``cupy`` module of null arrays: what the library and the hand-written step call."""
     cupy = types.ModuleType("cupy")
@@ -166,7 +178,8 @@ def null_cupy() -> types.ModuleType:
     cupy.RawKernel = RawKernel  # type: ignore[attr-defined]
     cupy.RawModule = RawModule  # type: ignore[attr-defined]
     cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1)
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
     )
 
     def empty(shape: Any, dtype: Any = np.float64) -> ndarray:
@@ -211,18 +224,29 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
     bs = [cupy.empty((b,), np.float32) for b in sizes[1:]]
     kernel = RawKernel()
     n_scalar = np.int64
+    gemm = sys.modules["cupy_backends.cuda.libs.cublas"].sgemm
+    scalars = np.array([1, 0], np.float32)
+    one, zero = scalars.ctypes.data, scalars.ctypes.data + 4
+
+    def product(a: Any, b: Any) -> Any:
+        # As kernels.products makes it: a new array, then cuBLAS's gemm on its addresses.
+        (n, k), m = a.shape, b.shape[1]
+        out = cupy.empty((n, m), np.float32)
+        gemm(cupy.cuda.device.get_cublas_handle(), 0, 0, m, n, k, one, b.data.ptr, m,
+             a.data.ptr, k, zero, out.data.ptr, m)  # fmt: skip
+        return out
 
     def hand() -> None:
         # Forward: a product per layer; between layers the bias and ReLU's kernel in one
         # (its output in place, and the mask), as Sequential pairs them.
         activations, masks, h = [x], [], x
         for i, W in enumerate(Ws[:-1]):
-            h = h @ W
+            h = product(h, W)
             mask = cupy.empty(h.shape, np.bool_)
             kernel((1,), (256,), (h, bs[i], mask, n_scalar(h.shape[0]), n_scalar(h.shape[1])))
             activations.append(h)
             masks.append(mask)
-        h = h @ Ws[-1]
+        h = product(h, Ws[-1])
         # The loss's kernel: the last bias added to the scores, softmax, summed loss,
         # bad-label count, and the gradient.
         tc = cupy.ascontiguousarray(t)
@@ -242,9 +266,9 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
                 kernel((1,), (256,), (g, masks[i], through, db, np.int32(g.shape[0]),
                                       np.int32(g.shape[1])))  # fmt: skip
                 g = through
-            grads += [activations[i].T @ g, db]
+            grads += [product(activations[i].T, g), db]
             if i:
-                g = g @ Ws[i].T
+                g = product(g, Ws[i].T)
         # The optimiser: one launch for every parameter, as PyTorch's multi-tensor step.
         kernel((1,), (256,), (*Ws, *bs, *grads, np.float32(1e-3)))
 
@@ -264,6 +288,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=7)
     args = parser.parse_args()
     sys.modules["cupy"] = cupy = null_cupy()
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["cupy_backends.cuda.libs.cublas"] = null_cublas()
     print(machine_report())
     print("null device: CuPy's calls cost a Python call each; kernels do nothing\n")
     rows = []

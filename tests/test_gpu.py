@@ -1584,7 +1584,7 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 784-")]
     assert len(rows) == 2, result.stdout
     for row in rows:
-        assert "numpy" not in row and "10 empty, 7 kernel, 8 matmul" in row, row
+        assert "numpy" not in row and "18 empty, 8 gemm, 7 kernel" in row, row
 
 
 @pytest.mark.parametrize(
@@ -1877,7 +1877,8 @@ def test_products_are_cupys_for_every_layout_a_step_uses(
         np.testing.assert_allclose(to_host(got), a_host @ b_host, rtol=rtol, atol=rtol)
     assert products.disabled == {}
     kernels = hasattr(gpu, "RawModule")  # (the fake CuPy with kernels has the stand-in)
-    assert (products._gemm(a) is not None) == (kernels or not hasattr(gpu, "__fake__"))
+    made = products._gemms[(type(a), a.dtype)]
+    assert (made is not None) == (kernels or not hasattr(gpu, "__fake__"))
 
 
 def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(
@@ -1893,7 +1894,9 @@ def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(
     rng = np.random.default_rng(23)
     a_host, b_host = rng.standard_normal((6, 8)), rng.standard_normal((8, 4))
     calls: list[int] = []
-    gemm = products._gemm(gpu.asarray(a_host))
+    a, b = gpu.asarray(a_host), gpu.asarray(b_host)
+    products.matmul(a, b)  # (made at its first use)
+    gemm = products._gemms[(type(a), a.dtype)]
     original = gemm.gemm
     monkeypatch.setattr(gemm, "gemm", lambda *args: calls.append(1) or original(*args))
     cases = [
@@ -1917,7 +1920,7 @@ def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(
     np.testing.assert_allclose(to_host(products.matmul(gpu.asarray(a_host), gpu.asarray(b_host))),
                                a_host @ b_host, rtol=1e-12)  # fmt: skip
     assert "TypeError" in products.disabled["float64"]
-    assert products._gemm(gpu.asarray(a_host)) is None  # from then on, CuPy's products
+    assert products._gemms[(type(a), a.dtype)] is None  # from then on, CuPy's products
 
 
 # -- an Affine and the Relu after it, run as one pair (Sequential on the GPU) ---------------

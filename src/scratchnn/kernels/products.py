@@ -28,7 +28,8 @@ import numpy as np
 
 # Why the direct products are not used for a dtype, by its name (empty while they are).
 disabled: dict[str, str] = {}
-_gemms: dict[tuple[int, str], Any] = {}  # (id of the cupy module, dtype): a _Gemm or None
+# By (CuPy's array type, dtype): a _Gemm, or None where CuPy's own products take the arrays.
+_gemms: dict[tuple[type, np.dtype[Any]], Any] = {}
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT_LIMIT = 2**31  # cuBLAS takes its sizes and leading dimensions as int
 
@@ -49,12 +50,11 @@ class _Gemm:
         self.one = self.scalars.ctypes.data
         self.zero = self.one + dtype.itemsize
 
-    def __call__(self, a: Any, b: Any) -> Any:
-        (n, k), m = a.shape, b.shape[1]
+    def __call__(self, a: Any, b: Any, n: int, k: int, m: int,
+                 a_t: int, lda: int, b_t: int, ldb: int) -> Any:  # fmt: skip
+        """``a`` (n, k) times ``b`` (k, m); ``a_t``, ``b_t``: 1 for a transposed view, and
+        the leading dimension of each as it lies."""
         out = self.cupy.empty((n, m), self.dtype)
-        # (transposed?, leading dimension) of each operand as it lies in memory
-        b_t, ldb = (0, m) if b.flags.c_contiguous else (1, k)
-        a_t, lda = (0, k) if a.flags.c_contiguous else (1, n)
         self.gemm(self.device.get_cublas_handle(), b_t, a_t, m, n, k, self.one,
                   b.data.ptr, ldb, a.data.ptr, lda, self.zero, out.data.ptr, m)  # fmt: skip
         return out
@@ -63,45 +63,47 @@ class _Gemm:
 def matmul(a: Any, b: Any) -> Any:
     """``a @ b``; for CuPy matrices, by cuBLAS directly where it applies (see the module)."""
     kind = type(a)
-    if kind is np.ndarray or type(b) is not kind or a.ndim != 2 or b.ndim != 2:
+    if kind is np.ndarray or type(b) is not kind:
         return a @ b
-    gemm = _gemm(a)
-    if (
-        gemm is None
-        or b.dtype != a.dtype
-        or not (a.flags.c_contiguous or a.flags.f_contiguous)
-        or not (b.flags.c_contiguous or b.flags.f_contiguous)
-        or not 0 < max(a.shape) < _INT_LIMIT
-        or not 0 < min(a.shape) * min(b.shape)
-        or not b.shape[1] < _INT_LIMIT
-        or a.shape[1] != b.shape[0]
-    ):
+    key = (kind, a.dtype)
+    gemm = _gemms[key] if key in _gemms else _made(key, a)
+    if gemm is None or a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype:
+        return a @ b
+    (n, k), (k_b, m) = a.shape, b.shape
+    if k != k_b or not 0 < min(n, k, m) or max(n, k, m) >= _INT_LIMIT:
+        return a @ b  # (CuPy's: its error for shapes that do not match; zeros for empty)
+    a_flags, b_flags = a.flags, b.flags  # (made anew at each look, on CuPy's arrays)
+    if a_flags.c_contiguous:
+        a_t, lda = 0, k
+    elif a_flags.f_contiguous:
+        a_t, lda = 1, n
+    else:
+        return a @ b
+    if b_flags.c_contiguous:
+        b_t, ldb = 0, m
+    elif b_flags.f_contiguous:
+        b_t, ldb = 1, k
+    else:
         return a @ b
     try:
-        return gemm(a, b)
+        return gemm(a, b, n, k, m, a_t, lda, b_t, ldb)
     except (TypeError, AttributeError) as error:  # a binding unlike CuPy 14's: CuPy's products
         disabled[a.dtype.name] = f"{type(error).__name__}: {error}"
-        _gemms[(id(sys.modules["cupy"]), a.dtype.str)] = None
+        _gemms[key] = None
         return a @ b
 
 
-def _gemm(a: Any) -> Any:
-    """The direct product for ``a``'s module and dtype, made at its first use; None where
-    there is none."""
+def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
+    """The direct product for ``a``'s array type and dtype, made at its first use (and
+    kept); None where there is none."""
     cupy = sys.modules.get("cupy")
-    if cupy is None or type(a) is not getattr(cupy, "ndarray", None):
-        return None
-    key = (id(cupy), a.dtype.str)
-    if key in _gemms:
-        return _gemms[key]
     gemm = None
-    if np.dtype(a.dtype) in _DTYPES:
+    if cupy is not None and key[0] is getattr(cupy, "ndarray", None) and key[1] in _DTYPES:
         try:
-            gemm = _Gemm(cupy, np.dtype(a.dtype))
+            gemm = _Gemm(cupy, np.dtype(key[1]))
         except ImportError:  # (no binding of cuBLAS: a stand-in for CuPy)
             gemm = None
         except AttributeError as error:  # (no handle where CuPy 14 keeps it)
-            disabled[np.dtype(a.dtype).name] = f"{type(error).__name__}: {error}"
-            gemm = None
+            disabled[np.dtype(key[1]).name] = f"{type(error).__name__}: {error}"
     _gemms[key] = gemm
     return gemm
