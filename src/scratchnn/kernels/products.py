@@ -11,8 +11,8 @@ and makes eight products (docs/benchmarks.md, "On a GPU").
 
 Anything else is ``a @ b``, as is every product where the binding is missing
 (the tests' stand-in for CuPy without its stand-in for cuBLAS) or refuses the
-call (a CuPy whose binding differs: :data:`disabled` then says why, and CuPy's
-own products take over). That the products are right is checked where CuPy
+call (a CuPy whose binding differs); :data:`disabled` then says why, and CuPy's
+own products take over. That the products are right is checked where CuPy
 runs: on the CPU against a stand-in for cuBLAS that reads and writes the
 arrays at the addresses passed, column-major, as cuBLAS does
 (``tests/fake_cupy.py``), and on a card by ``tests/test_gpu.py`` and
@@ -101,9 +101,8 @@ def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
     if cupy is not None and key[0] is getattr(cupy, "ndarray", None) and key[1] in _DTYPES:
         try:
             gemm = _Gemm(cupy, np.dtype(key[1]))
-        except ImportError:  # (no binding of cuBLAS: a stand-in for CuPy)
-            gemm = None
-        except AttributeError as error:  # (no handle where CuPy 14 keeps it)
+        except (ImportError, AttributeError) as error:  # (no binding, or no handle, where
+            # CuPy 14 keeps them: a stand-in for CuPy, or another CuPy)
             disabled[np.dtype(key[1]).name] = f"{type(error).__name__}: {error}"
     _gemms[key] = gemm
     return gemm
