@@ -501,45 +501,37 @@ def time_mlp_step(
 
 
 @contextlib.contextmanager
-def cupy_matmul() -> Iterator[None]:
-    """Affine's products by CuPy's own ``a @ b``, as before ``kernels.products``, for as
-    long as the block runs."""
-    saved = products.matmul
-    products.matmul = operator.matmul
+def swapped(owner: Any, **values: Any) -> Iterator[None]:
+    """``owner``'s attributes set to ``values`` for as long as the block runs, then put back."""
+    saved = {name: getattr(owner, name) for name in values}
+    for name, value in values.items():
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        products.matmul = saved
+        for name, value in saved.items():
+            setattr(owner, name, value)
 
 
-@contextlib.contextmanager
-def layers_apart() -> Iterator[None]:
-    """Each Affine and the Relu after it run one by one, as before ``Sequential`` paired
-    them on the GPU, for as long as the block runs."""
-    saved = Sequential.fuse_on_gpu
-    Sequential.fuse_on_gpu = False
-    try:
-        yield
-    finally:
-        Sequential.fuse_on_gpu = saved
+def cupy_matmul() -> contextlib.AbstractContextManager[None]:
+    """Affine's products by CuPy's own ``a @ b``, as before ``kernels.products``."""
+    return swapped(products, matmul=operator.matmul)
 
 
-@contextlib.contextmanager
-def cupy_bias_calls() -> Iterator[None]:
+def layers_apart() -> contextlib.AbstractContextManager[None]:
+    """Each Affine and the Relu after it run one by one, and the loss's kernel without the
+    last bias or its gradient, as before ``Sequential`` fused them on the GPU."""
+    return swapped(Sequential, fuse_on_gpu=False)
+
+
+def _add_in_place(out: Any, b: Any) -> None:
+    out += b
+
+
+def cupy_bias_calls() -> contextlib.AbstractContextManager[None]:
     """Affine's bias through CuPy's own calls (``out += b``, ``g.sum(axis=0)``), as before
-    ``kernels.bias``, for as long as the block runs."""
-    def add_bias(out: Any, b: Any) -> None:
-        out += b
-
-    def column_sum(g: Any) -> Any:
-        return g.sum(axis=0)
-
-    saved = bias.add_bias, bias.column_sum
-    bias.add_bias, bias.column_sum = add_bias, column_sum
-    try:
-        yield
-    finally:
-        bias.add_bias, bias.column_sum = saved
+    ``kernels.bias``."""
+    return swapped(bias, add_bias=_add_in_place, column_sum=lambda g: g.sum(axis=0))
 
 
 def time_epochs(

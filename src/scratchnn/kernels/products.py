@@ -72,25 +72,26 @@ def matmul(a: Any, b: Any) -> Any:
     (n, k), (k_b, m) = a.shape, b.shape
     if k != k_b or not 0 < min(n, k, m) or max(n, k, m) >= _INT_LIMIT:
         return a @ b  # (CuPy's: its error for shapes that do not match; zeros for empty)
-    a_flags, b_flags = a.flags, b.flags  # (made anew at each look, on CuPy's arrays)
-    if a_flags.c_contiguous:
-        a_t, lda = 0, k
-    elif a_flags.f_contiguous:
-        a_t, lda = 1, n
-    else:
-        return a @ b
-    if b_flags.c_contiguous:
-        b_t, ldb = 0, m
-    elif b_flags.f_contiguous:
-        b_t, ldb = 1, k
-    else:
+    a_lies, b_lies = _lies(a, k, n), _lies(b, m, k)
+    if a_lies is None or b_lies is None:
         return a @ b
     try:
-        return gemm(a, b, n, k, m, a_t, lda, b_t, ldb)
+        return gemm(a, b, n, k, m, *a_lies, *b_lies)
     except (TypeError, AttributeError) as error:  # a binding unlike CuPy 14's: CuPy's products
         disabled[a.dtype.name] = f"{type(error).__name__}: {error}"
         _gemms[key] = None
         return a @ b
+
+
+def _lies(matrix: Any, row_length: int, column_length: int) -> tuple[int, int] | None:
+    """How ``matrix`` lies for cuBLAS: (0, its row length) C-contiguous, (1, its column
+    length) a transposed view (F-contiguous); None otherwise."""
+    flags = matrix.flags  # (made anew at each look, on CuPy's arrays)
+    if flags.c_contiguous:
+        return 0, row_length
+    if flags.f_contiguous:
+        return 1, column_length
+    return None
 
 
 def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
