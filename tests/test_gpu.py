@@ -1870,8 +1870,12 @@ def test_products_are_cupys_for_every_layout_a_step_uses(
     a, b = gpu.asarray(a_host.astype(dtype)), gpu.asarray(b_host.astype(dtype))
     a_t = gpu.asarray(np.ascontiguousarray(a_host.T).astype(dtype)).T  # a transposed view
     b_t = gpu.asarray(np.ascontiguousarray(b_host.T).astype(dtype)).T
+    # Views at an offset: a batch's rows of a larger matrix, and a transposed view of one.
+    a_rows = gpu.asarray(np.vstack([np.ones((1, k)), a_host, np.ones((2, k))]).astype(dtype))
+    a_rows = a_rows[1 : n + 1]
+    b_cols = gpu.asarray(np.vstack([np.ones((3, k)), b_host.T]).astype(dtype))[3:].T
     rtol = 1e-12 if dtype == np.float64 else 1e-5
-    for x, y in ((a, b), (a_t, b), (a, b_t), (a_t, b_t)):
+    for x, y in ((a, b), (a_t, b), (a, b_t), (a_t, b_t), (a_rows, b_cols), (a_rows, b)):
         got = products.matmul(x, y)
         assert got.dtype == dtype and got.shape == (n, m)
         np.testing.assert_allclose(to_host(got), a_host @ b_host, rtol=rtol, atol=rtol)
@@ -1882,6 +1886,25 @@ def test_products_are_cupys_for_every_layout_a_step_uses(
         assert products.disabled == {}
     else:  # the stand-in without one: said, and CuPy's products
         assert "cupy_backends" in products.disabled[np.dtype(dtype).name]
+
+
+def test_products_leave_float32_to_cupy_where_cupy_computes_in_tf32(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUPY_TF32 set: CuPy's float32 products round their inputs to TF32, which sgemm would
+    # not; CuPy's products then, said in `disabled`. float64 is not affected.
+    from scratchnn.kernels import products
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels has no stand-in for cuBLAS")
+    monkeypatch.setenv("CUPY_TF32", "1")
+    a32, b32 = gpu.ones((3, 4), dtype=np.float32), gpu.ones((4, 2), dtype=np.float32)
+    np.testing.assert_array_equal(to_host(products.matmul(a32, b32)), np.full((3, 2), 4.0))
+    assert products._gemms[(type(a32), a32.dtype)] is None
+    assert "CUPY_TF32" in products.disabled["float32"]
+    a64 = gpu.ones((3, 4), dtype=np.float64)
+    products.matmul(a64, gpu.ones((4, 2), dtype=np.float64))
+    assert products._gemms[(type(a64), a64.dtype)] is not None
 
 
 def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(

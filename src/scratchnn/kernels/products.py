@@ -16,11 +16,15 @@ own products take over. That the products are right is checked where CuPy
 runs: on the CPU against a stand-in for cuBLAS that reads and writes the
 arrays at the addresses passed, column-major, as cuBLAS does
 (``tests/fake_cupy.py``), and on a card by ``tests/test_gpu.py`` and
-``benchmarks/gpu.py`` against NumPy in float64.
+``benchmarks/gpu.py`` against NumPy in float64. The product is made on the
+current device, with its handle, as CuPy's own are (scratchnn's arrays live on
+one). With ``CUPY_TF32`` set, float32 products are CuPy's, in the precision it
+then chooses.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -100,6 +104,11 @@ def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
     cupy = sys.modules.get("cupy")
     gemm = None
     if cupy is not None and key[0] is getattr(cupy, "ndarray", None) and key[1] in _DTYPES:
+        if key[1] == np.float32 and os.environ.get("CUPY_TF32", "0") not in ("", "0"):
+            # CuPy's float32 products then round their inputs to TF32; sgemm would not.
+            disabled["float32"] = "CUPY_TF32 is set: CuPy's products, in its precision"
+            _gemms[key] = None
+            return None
         try:
             gemm = _Gemm(cupy, np.dtype(key[1]))
         except (ImportError, AttributeError) as error:  # (no binding, or no handle, where
