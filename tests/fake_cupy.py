@@ -262,6 +262,7 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
 
     monkeypatch.setattr(products, "_gemms", {})
     monkeypatch.setattr(products, "disabled", {})
+    monkeypatch.setattr(products, "_own", [])
     monkeypatch.setattr(bias, "_kernels", {})
     monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
@@ -285,16 +286,17 @@ def _column_major(address: int, dtype: np.dtype[Any], rows: int, cols: int, lead
     return np.ctypeslib.as_array(memory).reshape(cols, lead).T[:rows]
 
 
-def _gemm(dtype: Any) -> Any:
+def _gemm(dtype: Any, own_handle: int = 1) -> Any:
     """cuBLAS's ``sgemm``/``dgemm`` as CuPy binds them (the handle, the operations 0 = N
     and 1 = T, sizes, the scalars and the matrices by address), computed by NumPy on
-    the arrays at those addresses: column-major ``C = op(A) op(B)``, scaled as asked."""
+    the arrays at those addresses: column-major ``C = op(A) op(B)``, scaled as asked.
+    Any other handle than ``own_handle`` is refused."""
     dtype = np.dtype(dtype)
     scalar = np.ctypeslib.as_ctypes_type(dtype)
 
     def gemm(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
              A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> None:  # fmt: skip
-        if handle != 1 or transa not in (0, 1) or transb not in (0, 1):
+        if handle != own_handle or transa not in (0, 1) or transb not in (0, 1):
             raise ValueError(f"fake cuBLAS: handle {handle}, operations {transa}, {transb}")
         for lead, rows in ((lda, k if transa else m), (ldb, n if transb else k), (ldc, m)):
             if lead < max(1, rows):  # as cuBLAS's CUBLAS_STATUS_INVALID_VALUE
@@ -322,3 +324,66 @@ def install_cublas(monkeypatch: Any, module: types.ModuleType) -> None:
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", libs)
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", cublas)
     module.cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1)  # type: ignore[attr-defined]
+    from scratchnn.kernels import products
+
+    library = CublasLibrary()
+    monkeypatch.setattr(products, "_load_cublas", lambda: library)
+    module.cublas_library = library  # type: ignore[attr-defined]  (for the tests to look at)
+
+
+class CublasLibrary:
+    """cuBLAS's C library as ``ctypes`` would give it (``scratchnn.kernels.products``'
+    products for a capture): functions returning a status (0 = success), a handle
+    created through a pointer, a stream and a workspace set on it; its products are
+    :func:`_gemm`'s. It records each product with the stream and workspace it ran with,
+    and refuses (status 7, CUBLAS_STATUS_INVALID_VALUE) a product before both are set."""
+
+    HANDLE = 0x5EED
+
+    def __init__(self) -> None:
+        self.handles = 0
+        self.stream: int | None = None
+        self.workspace: tuple[int, int] | None = None
+        self.math_mode = 0
+        self.products: list[tuple[str, int | None, tuple[int, int] | None]] = []
+
+        def create(pointer: Any) -> int:
+            self.handles += 1
+            pointer.contents.value = self.HANDLE
+            return 0
+
+        def set_stream(handle: int, stream: int) -> int:
+            # (cuBLAS's own: setting a stream puts back the default workspace)
+            self.stream, self.workspace = stream, None
+            return 0 if handle == self.HANDLE else 1
+
+        def set_workspace(handle: int, address: int, size: int) -> int:
+            self.workspace = (address, size)
+            return 0 if handle == self.HANDLE and size > 0 else 7
+
+        def set_math_mode(handle: int, mode: int) -> int:
+            self.math_mode = mode
+            return 0 if handle == self.HANDLE else 1
+
+        def product(name: str, dtype: Any) -> Any:
+            compute = _gemm(dtype, own_handle=self.HANDLE)
+
+            def gemm(*args: Any) -> int:
+                if self.stream is None or self.workspace is None:
+                    return 7
+                try:
+                    compute(*args)
+                except ValueError:
+                    return 7
+                self.products.append((name, self.stream, self.workspace))
+                return 0
+
+            return gemm
+
+        # Plain functions, as a CDLL's are objects to which argtypes can be given.
+        self.cublasCreate_v2 = create
+        self.cublasSetStream_v2 = set_stream
+        self.cublasSetWorkspace_v2 = set_workspace
+        self.cublasSetMathMode = set_math_mode
+        self.cublasSgemm_v2 = product("sgemm", np.float32)
+        self.cublasDgemm_v2 = product("dgemm", np.float64)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -1947,6 +1948,103 @@ def test_products_leave_other_arrays_to_cupy_and_a_refusing_binding_off(
                                a_host @ b_host, rtol=1e-12)  # fmt: skip
     assert "TypeError" in products.disabled["float64"]
     assert products._gemms[(type(a), a.dtype)] is None  # from then on, CuPy's products
+
+
+def test_products_in_a_capture_are_cublas_librarys_on_the_capturing_stream(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Within products.capturing(stream), every layout a step uses is made by cuBLAS's C
+    # library on scratchnn's own handle, bound to that stream with its own workspace, and
+    # is right. On a card the products are captured into a CUDA graph and replayed on new
+    # inputs; on the CPU, the stand-in library records the stream and workspace of each.
+    # Outside, the products are CuPy's binding's again; the handle is made once.
+    from scratchnn.kernels import products
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels has no stand-in for cuBLAS")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    rng = np.random.default_rng(24)
+    real = not hasattr(gpu, "cublas_library")
+    for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
+        a = gpu.asarray(a_host.astype(dtype))
+        b_t = gpu.asarray(np.ascontiguousarray(b_host.T).astype(dtype)).T  # a transposed view
+        g = gpu.asarray(rng.standard_normal((9, 5)).astype(dtype))
+        stream = gpu.cuda.Stream(non_blocking=True) if real else types.SimpleNamespace(ptr=77)
+        if real:
+            gpu.cuda.Device().synchronize()  # the inputs are made before the stream reads them
+        with products.capturing(stream):
+            if real:
+                stream.begin_capture()
+            outs = [products.matmul(a, b_t), products.matmul(a.T, g), products.matmul(g, b_t.T)]
+            graph = stream.end_capture() if real else None
+        if real:  # new inputs in the same arrays, the graph replayed
+            a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
+            gpu.copyto(a, gpu.asarray(a_host.astype(dtype)))
+            gpu.copyto(b_t, gpu.asarray(b_host.astype(dtype)))
+            graph.launch(stream)
+            stream.synchronize()
+        else:
+            library = gpu.cublas_library
+            name = "sgemm" if dtype == np.float32 else "dgemm"
+            workspace = (products._own[0].workspace.data.ptr, products.WORKSPACE_BYTES)
+            assert library.products == [(name, 77, workspace)] * 3 and library.math_mode == 0
+            library.products.clear()
+        g_host = to_host(g).astype(np.float64)
+        for got, want in zip(outs, (a_host @ b_host, a_host.T @ g_host, g_host @ b_host.T)):
+            assert got.dtype == dtype
+            np.testing.assert_allclose(to_host(got), want, rtol=rtol, atol=rtol)
+        outside = products.matmul(a, b_t)  # CuPy's binding again
+        np.testing.assert_allclose(to_host(outside), a_host @ b_host, rtol=rtol, atol=rtol)
+        assert real or library.products == []
+    assert len(products._own) == 1 and (real or gpu.cublas_library.handles == 1)
+
+
+def test_a_capture_takes_cupys_precision_and_says_what_cublas_refused(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUPY_TF32 set: the own handle computes as CuPy's float32 products then do (TF32 math
+    # mode), and back to the default once it is unset. A status other than success from
+    # cuBLAS's library is a RuntimeError that names the function.
+    from scratchnn.kernels import products
+
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in for cuBLAS's library (on a card: the replay test above)")
+    library, stream = gpu.cublas_library, types.SimpleNamespace(ptr=5)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    with products.capturing(stream):
+        pass
+    assert library.math_mode == 3
+    monkeypatch.setenv("CUPY_TF32", "0")
+    with products.capturing(stream):
+        pass
+    assert library.math_mode == 0
+    monkeypatch.setattr(products, "WORKSPACE_BYTES", 0)  # refused by the stand-in
+    with pytest.raises(RuntimeError, match="cublasSetWorkspace_v2 returned status 7"):
+        with products.capturing(stream):
+            pass
+    a = gpu.ones((2, 2), dtype=np.float32)
+    assert products._gemms.get((type(a), a.dtype)) is None  # nothing of the capture left
+
+
+def test_the_loaded_libraries_are_read_from_the_process_maps() -> None:
+    # Where cuBLAS's library is found for a capture: the paths in /proc/self/maps whose
+    # file name starts so, once each, in order; libcublasLt is another library.
+    from scratchnn.kernels import products
+
+    maps = "\n".join([
+        "7f00-7f10 r-xp 00000000 08:01 42   /opt/cuda/lib/libcublas.so.12.4.5.8",
+        "7f10-7f20 r--p 00001000 08:01 42   /opt/cuda/lib/libcublas.so.12.4.5.8",
+        "7f20-7f30 r-xp 00000000 08:01 43   /opt/cuda/lib/libcublasLt.so.12",
+        "7f30-7f40 rw-p 00000000 00:00 0 ",
+        "7f40-7f50 r-xp 00000000 08:01 44   /usr/lib/my dir/libcublas.so.13",
+        "7f50-7f60 rw-p 00000000 00:00 0    [heap]",
+    ])  # fmt: skip
+    assert products.loaded("libcublas.so", maps) == [
+        "/opt/cuda/lib/libcublas.so.12.4.5.8", "/usr/lib/my dir/libcublas.so.13"]
+    if Path("/proc/self/maps").exists():  # this process's own: its C library is there
+        real = products.loaded("libc.so", Path("/proc/self/maps").read_text())
+        assert real and all(Path(path).exists() for path in real)
 
 
 # -- an Affine and the Relu after it, run as one pair (Sequential on the GPU) ---------------

@@ -20,12 +20,19 @@ arrays at the addresses passed, column-major, as cuBLAS does
 current device, with its handle, as CuPy's own are (scratchnn's arrays live on
 one). With ``CUPY_TF32`` set, float32 products are CuPy's, in the precision it
 then chooses.
+
+Within :func:`capturing`, the products are made by cuBLAS's C library itself
+(by ``ctypes``), on a handle of scratchnn's own bound to a stream that records
+a CUDA graph: CuPy's binding refuses every call while a stream captures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,12 +51,10 @@ class _Gemm:
     transpose in column-major order, as is wanted (``N``); a transposed view (F-contiguous)
     is read as it lies and transposed by cuBLAS (``T``)."""
 
-    def __init__(self, cupy: Any, dtype: np.dtype[Any]) -> None:
-        from cupy_backends.cuda.libs import cublas  # type: ignore[import-not-found]
-
-        self.cupy, self.dtype = cupy, dtype
-        self.gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
-        self.device = cupy.cuda.device
+    def __init__(self, cupy: Any, dtype: np.dtype[Any], gemm: Any, handle: Any) -> None:
+        """``gemm``: cuBLAS's ``sgemm`` or ``dgemm`` for ``dtype``, called with the value
+        of ``handle()`` and the rest of cuBLAS's arguments."""
+        self.cupy, self.dtype, self.gemm, self.handle = cupy, dtype, gemm, handle
         self.scalars = np.array([1, 0], dtype)  # alpha and beta, read by cuBLAS from the host
         self.one = self.scalars.ctypes.data
         self.zero = self.one + dtype.itemsize
@@ -59,7 +64,7 @@ class _Gemm:
         """``a`` (n, k) times ``b`` (k, m); ``a_t``, ``b_t``: 1 for a transposed view, and
         the leading dimension of each as it lies."""
         out = self.cupy.empty((n, m), self.dtype)
-        self.gemm(self.device.get_cublas_handle(), b_t, a_t, m, n, k, self.one,
+        self.gemm(self.handle(), b_t, a_t, m, n, k, self.one,
                   b.data.ptr, ldb, a.data.ptr, lda, self.zero, out.data.ptr, m)  # fmt: skip
         return out
 
@@ -110,9 +115,121 @@ def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
             _gemms[key] = None
             return None
         try:
-            gemm = _Gemm(cupy, np.dtype(key[1]))
+            from cupy_backends.cuda.libs import cublas  # type: ignore[import-not-found]
+
+            dtype = np.dtype(key[1])
+            function = cublas.sgemm if dtype == np.float32 else cublas.dgemm
+            gemm = _Gemm(cupy, dtype, function, cupy.cuda.device.get_cublas_handle)
         except (ImportError, AttributeError) as error:  # (no binding, or no handle, where
             # CuPy 14 keeps them: a stand-in for CuPy, or another CuPy)
             disabled[np.dtype(key[1]).name] = f"{type(error).__name__}: {error}"
     _gemms[key] = gemm
     return gemm
+
+
+# -- products a CUDA graph can record --------------------------------------------------------
+
+# A workspace of the handle's own, which a graph's products then use at each replay (cuBLAS
+# advises one of 32 MiB on Hopper for a handle used in a capture; 4 MiB on older cards).
+WORKSPACE_BYTES = 32 * 2**20
+_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cuBLAS's cublasMath_t
+_own: list[_OwnHandle] = []  # made at the first capture, kept: every graph reads it
+# The C functions a capture calls, and their arguments' types.
+_SIGNATURES: dict[str, list[Any]] = {
+    "cublasCreate_v2": [ctypes.POINTER(ctypes.c_void_p)],
+    "cublasSetStream_v2": [ctypes.c_void_p, ctypes.c_void_p],
+    "cublasSetWorkspace_v2": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t],
+    "cublasSetMathMode": [ctypes.c_void_p, ctypes.c_int],
+    **{name: [ctypes.c_void_p] + [ctypes.c_int] * 5
+       + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] * 2
+       + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+       for name in ("cublasSgemm_v2", "cublasDgemm_v2")},
+}  # fmt: skip
+
+
+class _OwnHandle:
+    """A cuBLAS handle of scratchnn's own, with a workspace of its own, made and called
+    through cuBLAS's C library (``library``: a ``ctypes.CDLL``, or a stand-in)."""
+
+    def __init__(self, cupy: Any, library: Any) -> None:
+        self.cupy, self.library = cupy, library
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, ctypes.c_int
+        handle = ctypes.c_void_p()
+        self._call("cublasCreate_v2", ctypes.pointer(handle))
+        self.handle = handle.value
+        self.workspace = cupy.empty(WORKSPACE_BYTES, np.uint8)
+
+    def _call(self, name: str, *args: Any) -> None:
+        status = getattr(self.library, name)(*args)
+        if status != 0:
+            raise RuntimeError(f"cuBLAS's {name} returned status {status} (0 is success)")
+
+    def bind(self, stream: Any) -> None:
+        """Queue this handle's work on ``stream``, with its own workspace (cuBLAS's
+        ``cublasSetStream`` puts back the default one), in the precision CuPy's float32
+        products take."""
+        self._call("cublasSetStream_v2", self.handle, stream.ptr)
+        self._call("cublasSetWorkspace_v2", self.handle, self.workspace.data.ptr, WORKSPACE_BYTES)
+        tf32 = os.environ.get("CUPY_TF32", "0") not in ("", "0")
+        self._call("cublasSetMathMode", self.handle, _TF32_TENSOR_OP_MATH if tf32 else _DEFAULT_MATH)
+
+    def gemm(self, dtype: np.dtype[Any]) -> _Gemm:
+        name = "cublasSgemm_v2" if dtype == np.float32 else "cublasDgemm_v2"
+
+        def gemm(*args: Any) -> None:
+            self._call(name, *args)
+
+        return _Gemm(self.cupy, dtype, gemm, lambda: self.handle)
+
+
+def _load_cublas() -> Any:
+    """cuBLAS's C library, the one CuPy's binding loaded into this process, by ctypes."""
+    from cupy_backends.cuda.libs import cublas  # noqa: F401
+
+    with open("/proc/self/maps") as maps:
+        paths = loaded("libcublas.so", maps.read())
+    for path in paths:
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(path)
+    raise RuntimeError(f"cuBLAS's library is not among those loaded in this process "
+                       f"(tried {paths or 'none found'})")  # fmt: skip
+
+
+def loaded(prefix: str, maps: str) -> list[str]:
+    """The paths of the libraries whose file name starts with ``prefix`` in ``maps`` (the
+    text of ``/proc/self/maps``), each once, in the order they appear."""
+    paths: list[str] = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        path = fields[5].strip() if len(fields) == 6 else ""
+        if os.path.basename(path).startswith(prefix) and path not in paths:
+            paths.append(path)
+    return paths
+
+
+@contextlib.contextmanager
+def capturing(stream: Any) -> Iterator[None]:
+    """Within, float32 and float64 products of CuPy matrices are queued on ``stream`` by
+    cuBLAS's C library, on scratchnn's own handle: a CUDA graph captured on ``stream``
+    records them (CuPy's binding of cuBLAS raises ``NotImplementedError`` for any call
+    while a stream captures). The handle's workspace serves every graph made so, one
+    replayed at a time. Outside, the products are as before.
+
+    Raises:
+        RuntimeError: where cuBLAS's library cannot be found or refuses the handle.
+    """
+    cupy = sys.modules["cupy"]
+    if not _own:
+        _own.append(_OwnHandle(cupy, _load_cublas()))
+    own = _own[0]
+    own.bind(stream)
+    before = dict(_gemms)
+    for dtype in _DTYPES:
+        _gemms[(cupy.ndarray, dtype)] = own.gemm(dtype)
+    try:
+        yield
+    finally:
+        _gemms.clear()
+        _gemms.update(before)
