@@ -45,11 +45,13 @@ python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
 python3 benchmarks/bench_gpu_host.py --rounds 5 2>&1 | tee "$out/gpu-host.log" | tail -8
 # Last, what a reader needs first, so that it is in the tail the lent machine sends back
 # (the whole logs are in $out): gpu.py's final table, the products' rows of the host's
-# calls (CuPy's matmul against the direct sgemm), our own Python a step, the graph probe.
+# calls (CuPy's matmul against the direct sgemm), our own Python a step, the graph probe
+# (its verdict on the replays and its table).
 echo "== summary =="
 sed -n '/^card: /,$p' "$out/gpu-benchmark.log"
 grep -E "^product x @ W|instead: product|calls of a step" "$out/gpu-calls.log"
 grep -E "SGD|Adam" "$out/gpu-host.log" | tail -2
-head -2 "$out/gpu-graph.log"
+head -3 "$out/gpu-graph.log"
+grep -A5 "^784-1024-1024-10 b512 SGD" "$out/gpu-graph.log"
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))

@@ -8,19 +8,21 @@ Python and scratchnn's, and the card waits between them. A CUDA graph records
 a step's launches once; replaying it is one call. This script is the probe
 before ``fit`` does that.
 
-First it asks whether the installed CuPy lets cuBLAS into a capture at all
-(:func:`cublas_refusal`: one product captured on a stream of its own). CuPy up
-to 14 does not: its ``setStream`` of cuBLAS raises ``NotImplementedError``
-("calling cuBLAS API during stream capture is currently unsupported",
-``cupy_backends/cuda/libs/cublas.pyx``; CuPy's own test suite asserts it), and
-the step's 8 products are cuBLAS's. Where CuPy refuses, the script says so
-and stops: a graph of the step would then need products of our own. Where it
-allows, it
+First it says whether the installed CuPy lets its own cuBLAS calls into a
+capture (:func:`cublas_refusal`: one product captured on a stream of its own).
+CuPy up to 14 does not: its ``setStream`` of cuBLAS raises
+``NotImplementedError`` ("calling cuBLAS API during stream capture is currently
+unsupported", ``cupy_backends/cuda/libs/cublas.pyx``; CuPy's own test suite
+asserts it). The step's 8 products are therefore captured through
+``scratchnn.kernels.products.capturing``: cuBLAS's C library called by
+``ctypes``, on a handle and a workspace of scratchnn's own bound to the
+capturing stream. Then it
 
 1. captures the step as ``fit`` runs it (:func:`capture_step`): one eager step
    on a stream of its own, its memory from a pool of its own, then the same
-   step recorded into a graph. The pool is the graph's alone, so no array made
-   outside the graph is ever handed a block that its replays write. (The
+   step recorded into a graph, its products by ``products.capturing``. The
+   pool is the graph's alone, so no array made outside the graph is ever
+   handed a block that its replays write. (The
    capture still allocates: the layers hold the eager step's arrays until the
    captured step replaces them. CuPy captures in CUDA's relaxed mode, which
    lets the pool call cudaMalloc meanwhile.);
@@ -63,6 +65,7 @@ import scratchnn as snn
 from scratchnn import mlp
 from scratchnn.backend import to_host
 from scratchnn.cli import positive_int
+from scratchnn.kernels import products
 from scratchnn.optim import SGD
 
 SIZES = (784, 1024, 1024, 10)
@@ -116,7 +119,9 @@ def capture_step(cupy: Any, net: Any, optimizer: Any, x: Any, t: Any) -> Capture
     def step() -> None:
         optimizer.update(net.params, net._gradient(x_in, t_in, wait=False))
 
-    with cupy.cuda.using_allocator(pool.malloc), stream:
+    # (capturing first: the handle's workspace, made at the first capture, is not the
+    # graph's pool's, and outlives it)
+    with products.capturing(stream), cupy.cuda.using_allocator(pool.malloc), stream:
         step()
         stream.synchronize()
         first_loss = float(net._last_loss)
@@ -248,10 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"CuPy {cupy.__version__}, PyTorch {torch.__version__}, scratchnn {snn.__version__}")
     refusal = cublas_refusal(cupy)
-    if refusal is not None:
-        print(f"this CuPy does not capture cuBLAS into a graph ({refusal}); the step's 8 "
-              "products are cuBLAS's, so no graph of the step here")  # fmt: skip
-        return 0
+    print(f"CuPy's own cuBLAS calls in a capture: {'refused, ' + refusal if refusal else 'taken'}"
+          "; the step's products go to cuBLAS's library (products.capturing)")  # fmt: skip
     try:
         agreement = check_replays(cupy, args.steps)
     except Exception:
