@@ -43,6 +43,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import fake_cupy
 import numpy as np
 
 # CUDA's keywords, vector types and built-in indices for g++. The maths functions are
@@ -364,8 +365,16 @@ class RawKernel:
             *[v.value if isinstance(v, ctypes.c_void_p) else ctypes.addressof(v) for v in values]
         )
         launches.append(self.name)
-        with _lock:  # one launch at a time: the launch state is global in the library
-            run(addresses, ctypes.c_uint(blocks), ctypes.c_uint(threads))
+
+        def launch() -> None:
+            with _lock:  # one launch at a time: the launch state is global in the library
+                run(addresses, ctypes.c_uint(blocks), ctypes.c_uint(threads))
+
+        # While a stream captures, the launch is recorded for the graph's replays, as CUDA
+        # records it: its arrays by address, its scalars as they are now (``values`` lives
+        # as long as the closure).
+        if not fake_cupy.record(launch, values):
+            launch()
 
 
 class RawModule:

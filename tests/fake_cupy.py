@@ -43,6 +43,33 @@ _UFUNC_METHODS = {
 # on a GPU each one waits for the card, so tests count them.
 transfers: list[str] = []
 
+# While a fake stream captures a CUDA graph (``install_streams``): the device work
+# recorded for its replays (kernel launches, cuBLAS's products by its library), else None.
+recording: list[Any] | None = None
+
+
+def record(work: Any, *keep: Any) -> bool:
+    """Record ``work`` (a function of no arguments) for the graph being captured, and
+    keep ``keep`` alive with it; False, recording nothing, where no stream captures."""
+    if recording is None:
+        return False
+    recording.append((work, keep))
+    return True
+
+
+def _not_while_capturing(what: str) -> None:
+    """The fake runs its array operations at once; a graph would run them at each
+    replay. So an operation a capture cannot record here is refused while one runs."""
+    if recording is not None:
+        raise RuntimeError(f"fake cupy: {what} while a stream captures a graph (it would run "
+                           "once now, not at each replay)")  # fmt: skip
+
+
+# What a capture may call: allocations (a graph's arrays are made while it is captured)
+# and what makes views; none of them computes on the device.
+_CAPTURE_SAFE = {"empty", "empty_like", "reshape", "view", "transpose", "ravel", "dtype"}
+_VIEW_INDICES = (int, slice, type(None), type(Ellipsis))
+
 
 class _Flags:
     """CuPy's ``ndarray.flags``: three read-only attributes and no ``writeable``, so that
@@ -84,6 +111,7 @@ class ndarray(NDArrayOperatorsMixin):
     # -- dispatch, as CuPy's ---------------------------------------------------------
 
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        _not_while_capturing(f"the ufunc {ufunc.__name__}")
         if getattr(np, ufunc.__name__, None) is not ufunc:
             raise TypeError(f"fake cupy: cannot run the ufunc {ufunc.__name__!r} on the GPU")
         if method in _UFUNC_METHODS and ufunc.__name__ not in _UFUNC_METHODS[method]:
@@ -94,6 +122,8 @@ class ndarray(NDArrayOperatorsMixin):
         return _wrap(result)
 
     def __array_function__(self, func: Any, types_: Any, args: Any, kwargs: Any) -> Any:
+        if func.__name__ not in _CAPTURE_SAFE:
+            _not_while_capturing(f"numpy.{func.__name__}")
         bad = _UNSUPPORTED_KEYWORDS.get(func.__name__, set()) & set(kwargs)
         if bad:
             raise TypeError(f"fake cupy: {func.__name__} takes no {sorted(bad)} on CuPy")
@@ -110,19 +140,26 @@ class ndarray(NDArrayOperatorsMixin):
             transfers.append(name)
         attribute = getattr(self._a, name)
         if callable(attribute):
+            if name not in _CAPTURE_SAFE:
+                _not_while_capturing(f"ndarray.{name}")
             return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
         return _wrap(attribute)
 
     def __getitem__(self, index: Any) -> Any:
+        parts = index if type(index) is tuple else (index,)
+        if not all(type(i) in _VIEW_INDICES for i in parts):  # an array's gather: the device's
+            _not_while_capturing("indexing by an array")
         return _wrap(self._a[_unwrap(index)])
 
     def __setitem__(self, index: Any, value: Any) -> None:
+        _not_while_capturing("an assignment into an array")
         self._a[_unwrap(index)] = _unwrap(value)
 
     def __len__(self) -> int:
         return len(self._a)
 
     def __float__(self) -> float:
+        _not_while_capturing("a read to the host")
         transfers.append("__float__")
         return float(self._a)
 
@@ -135,6 +172,7 @@ class ndarray(NDArrayOperatorsMixin):
         return self._a.__index__()
 
     def __bool__(self) -> bool:
+        _not_while_capturing("a read to the host")
         transfers.append("__bool__")
         return bool(self._a)
 
@@ -150,6 +188,7 @@ class ndarray(NDArrayOperatorsMixin):
         return format(self._a, spec)
 
     def get(self) -> np.ndarray:
+        _not_while_capturing("a read to the host")
         transfers.append("get")
         return self._a.copy()
 
@@ -227,7 +266,13 @@ def make_module() -> types.ModuleType:
         if isinstance(attribute, np.ufunc):
             return attribute  # dispatches back through __array_ufunc__
         if callable(attribute) and not isinstance(attribute, type):
-            return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+
+            def call(*a: Any, **k: Any) -> Any:
+                if name not in _CAPTURE_SAFE:
+                    _not_while_capturing(f"cupy.{name}")
+                return _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+
+            return call
         return attribute
 
     module.__getattr__ = missing  # type: ignore[attr-defined]
@@ -263,6 +308,7 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
     monkeypatch.setattr(products, "_gemms", {})
     monkeypatch.setattr(products, "disabled", {})
     monkeypatch.setattr(products, "_own", [])
+    monkeypatch.setattr(sys.modules[__name__], "recording", None)
     monkeypatch.setattr(bias, "_kernels", {})
     monkeypatch.setattr(cross_entropy, "_kernels", {})
     monkeypatch.setattr(cuda, "_kernels", {})
@@ -271,6 +317,7 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
 
         fake_cuda.install(module)
         install_cublas(monkeypatch, module)
+        install_streams(module)
     cupyx, scipy, special = make_cupyx()
     monkeypatch.setitem(sys.modules, "cupy", module)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
@@ -290,24 +337,37 @@ def _gemm(dtype: Any, own_handle: int = 1) -> Any:
     """cuBLAS's ``sgemm``/``dgemm`` as CuPy binds them (the handle, the operations 0 = N
     and 1 = T, sizes, the scalars and the matrices by address), computed by NumPy on
     the arrays at those addresses: column-major ``C = op(A) op(B)``, scaled as asked.
-    Any other handle than ``own_handle`` is refused."""
+    Any other handle than ``own_handle`` is refused. ``gemm.prepare(*args)`` checks the
+    call and reads the scalars now, and returns the product to compute later."""
     dtype = np.dtype(dtype)
     scalar = np.ctypeslib.as_ctypes_type(dtype)
 
-    def gemm(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
-             A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> None:  # fmt: skip
+    def prepare(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
+                A: int, lda: int, B: int, ldb: int, beta: int, C: int, ldc: int) -> Any:  # fmt: skip
         if handle != own_handle or transa not in (0, 1) or transb not in (0, 1):
             raise ValueError(f"fake cuBLAS: handle {handle}, operations {transa}, {transb}")
         for lead, rows in ((lda, k if transa else m), (ldb, n if transb else k), (ldc, m)):
             if lead < max(1, rows):  # as cuBLAS's CUBLAS_STATUS_INVALID_VALUE
                 raise ValueError(f"fake cuBLAS: leading dimension {lead} < {rows}")
-        a = _column_major(A, dtype, *((k, m) if transa else (m, k)), lda)
-        b = _column_major(B, dtype, *((n, k) if transb else (k, n)), ldb)
-        c = _column_major(C, dtype, m, n, ldc)
-        product = (a.T if transa else a) @ (b.T if transb else b)
         one, zero = scalar.from_address(alpha).value, scalar.from_address(beta).value
-        c[...] = one * product + (zero * c if zero else 0)
 
+        def compute() -> None:
+            a = _column_major(A, dtype, *((k, m) if transa else (m, k)), lda)
+            b = _column_major(B, dtype, *((n, k) if transb else (k, n)), ldb)
+            c = _column_major(C, dtype, m, n, ldc)
+            product = (a.T if transa else a) @ (b.T if transb else b)
+            c[...] = one * product + (zero * c if zero else 0)
+
+        return compute
+
+    def gemm(*args: Any) -> None:
+        if own_handle == 1 and recording is not None:  # CuPy's binding, as CuPy 14's refuses
+            raise NotImplementedError(
+                "calling cuBLAS API during stream capture is currently unsupported"
+            )
+        prepare(*args)()
+
+    gemm.prepare = prepare  # type: ignore[attr-defined]
     return gemm
 
 
@@ -371,10 +431,14 @@ class CublasLibrary:
             def gemm(*args: Any) -> int:
                 if self.stream is None or self.workspace is None:
                     return 7
+                # cuBLAS checks its arguments at the call; a capture records the product,
+                # its scalars read now, from the host (cuBLAS's host pointer mode)
                 try:
-                    compute(*args)
+                    work = compute.prepare(*args)
                 except ValueError:
                     return 7
+                if not record(work):
+                    work()
                 self.products.append((name, self.stream, self.workspace))
                 return 0
 
@@ -387,3 +451,86 @@ class CublasLibrary:
         self.cublasSetMathMode = set_math_mode
         self.cublasSgemm_v2 = product("sgemm", np.float32)
         self.cublasDgemm_v2 = product("dgemm", np.float64)
+
+
+class Graph:
+    """A captured CUDA graph: the recorded work, run again at each ``launch``."""
+
+    def __init__(self, work: list[Any]) -> None:
+        self.work = work
+        self.launches = 0
+
+    def launch(self, stream: Any = None) -> None:
+        _not_while_capturing("a graph's launch")
+        self.launches += 1
+        for work, _ in self.work:
+            work()
+
+
+class Stream:
+    """CuPy's ``cuda.Stream`` as far as a capture needs it: ``ptr``, ``with stream:``,
+    ``begin_capture`` and ``end_capture`` (which records the kernels and products
+    launched meanwhile, refusing what the fake would run at once) and ``synchronize``."""
+
+    made = 0
+
+    def __init__(self, non_blocking: bool = False, null: bool = False) -> None:
+        Stream.made += 1
+        self.ptr = 0 if null else 0x5000 + Stream.made
+
+    def __enter__(self) -> Stream:
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _streams.pop()
+
+    def synchronize(self) -> None:
+        _not_while_capturing("a wait for a stream")
+
+    def begin_capture(self) -> None:
+        global recording
+        if self.ptr == 0:  # as CUDA: the legacy default stream cannot capture
+            raise RuntimeError("fake cupy: cannot capture on the null stream")
+        _not_while_capturing("a second capture")
+        recording = []
+
+    def end_capture(self) -> Graph:
+        global recording
+        if recording is None:
+            raise RuntimeError("fake cupy: end_capture without begin_capture")
+        graph, recording = Graph(recording), None
+        return graph
+
+    @property
+    def is_capturing(self) -> bool:
+        return recording is not None
+
+
+_streams: list[Stream] = [Stream(null=True)]
+
+
+class MemoryPool:
+    """A memory pool of its own: here every allocation is NumPy's, so ``malloc`` is only
+    counted (what a capture allocated from the pool)."""
+
+    def __init__(self) -> None:
+        self.allocations = 0
+
+    def malloc(self, size: int) -> None:
+        self.allocations += 1
+
+    def free_all_blocks(self) -> None:
+        pass
+
+
+def install_streams(module: types.ModuleType) -> None:
+    """Give the fake ``cupy`` streams that capture CUDA graphs (:class:`Stream`)."""
+    import contextlib
+
+    cuda = module.cuda  # type: ignore[attr-defined]
+    cuda.Stream = Stream
+    cuda.MemoryPool = MemoryPool
+    cuda.get_current_stream = lambda: _streams[-1]
+    cuda.Device = lambda device=None: types.SimpleNamespace(synchronize=lambda: None)
+    cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()

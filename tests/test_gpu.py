@@ -1954,50 +1954,48 @@ def test_products_in_a_capture_are_cublas_librarys_on_the_capturing_stream(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Within products.capturing(stream), every layout a step uses is made by cuBLAS's C
-    # library on scratchnn's own handle, bound to that stream with its own workspace, and
-    # is right. On a card the products are captured into a CUDA graph and replayed on new
-    # inputs; on the CPU, the stand-in library records the stream and workspace of each.
-    # Outside, the products are CuPy's binding's again; the handle is made once.
+    # library on scratchnn's own handle, bound to that stream with its own workspace: the
+    # products are captured into a CUDA graph, which replayed on new inputs in the same
+    # arrays gives their products. (On the CPU the stand-in records the launches and the
+    # products by address and replays them; CuPy's binding refuses a capture, as CuPy 14's
+    # does.) Outside, the products are CuPy's binding's again; the handle is made once.
     from scratchnn.kernels import products
 
     if not hasattr(gpu, "RawModule"):
         pytest.skip("the fake CuPy without kernels has no stand-in for cuBLAS")
     monkeypatch.delenv("CUPY_TF32", raising=False)
     rng = np.random.default_rng(24)
-    real = not hasattr(gpu, "cublas_library")
+    library = getattr(gpu, "cublas_library", None)  # the stand-in's, on the CPU
     for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
-        a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
-        a = gpu.asarray(a_host.astype(dtype))
-        b_t = gpu.asarray(np.ascontiguousarray(b_host.T).astype(dtype)).T  # a transposed view
+        a = gpu.asarray(rng.standard_normal((9, 6)).astype(dtype))
+        b_t = gpu.asarray(rng.standard_normal((5, 6)).astype(dtype)).T  # a transposed view
         g = gpu.asarray(rng.standard_normal((9, 5)).astype(dtype))
-        stream = gpu.cuda.Stream(non_blocking=True) if real else types.SimpleNamespace(ptr=77)
-        if real:
-            gpu.cuda.Device().synchronize()  # the inputs are made before the stream reads them
-        with products.capturing(stream):
-            if real:
-                stream.begin_capture()
+        stream = gpu.cuda.Stream(non_blocking=True)
+        gpu.cuda.Device().synchronize()  # the inputs are made before the stream reads them
+        with products.capturing(stream), stream:
+            stream.begin_capture()
             outs = [products.matmul(a, b_t), products.matmul(a.T, g), products.matmul(g, b_t.T)]
-            graph = stream.end_capture() if real else None
-        if real:  # new inputs in the same arrays, the graph replayed
-            a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
-            gpu.copyto(a, gpu.asarray(a_host.astype(dtype)))
-            gpu.copyto(b_t, gpu.asarray(b_host.astype(dtype)))
-            graph.launch(stream)
-            stream.synchronize()
-        else:
-            library = gpu.cublas_library
+            graph = stream.end_capture()
+        if library is not None:
             name = "sgemm" if dtype == np.float32 else "dgemm"
             workspace = (products._own[0].workspace.data.ptr, products.WORKSPACE_BYTES)
-            assert library.products == [(name, 77, workspace)] * 3 and library.math_mode == 0
+            assert library.products == [(name, stream.ptr, workspace)] * 3
+            assert library.math_mode == 0
             library.products.clear()
+        # New inputs in the same arrays, the graph replayed.
+        a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
+        gpu.copyto(a, gpu.asarray(a_host.astype(dtype)))
+        gpu.copyto(b_t, gpu.asarray(b_host.astype(dtype)))
+        graph.launch(stream)
+        stream.synchronize()
         g_host = to_host(g).astype(np.float64)
         for got, want in zip(outs, (a_host @ b_host, a_host.T @ g_host, g_host @ b_host.T)):
             assert got.dtype == dtype
             np.testing.assert_allclose(to_host(got), want, rtol=rtol, atol=rtol)
         outside = products.matmul(a, b_t)  # CuPy's binding again
         np.testing.assert_allclose(to_host(outside), a_host @ b_host, rtol=rtol, atol=rtol)
-        assert real or library.products == []
-    assert len(products._own) == 1 and (real or gpu.cublas_library.handles == 1)
+        assert library is None or library.products == []
+    assert len(products._own) == 1 and (library is None or library.handles == 1)
 
 
 def test_a_capture_takes_cupys_precision_and_says_what_cublas_refused(
