@@ -140,10 +140,24 @@ class ndarray(NDArrayOperatorsMixin):
             transfers.append(name)
         attribute = getattr(self._a, name)
         if callable(attribute):
+            if name == "astype":  # to its own dtype without a copy: the array itself
+                return self._astype
+            if name == "copy" and recording is not None:  # a device copy, recorded
+                return self._recorded_copy
             if name not in _CAPTURE_SAFE:
                 _not_while_capturing(f"ndarray.{name}")
             return lambda *a, **k: _wrap(attribute(*_unwrap(a), **_unwrap(k)))
         return _wrap(attribute)
+
+    def _recorded_copy(self, order: str = "C") -> Any:
+        source, copied = self._a, np.empty_like(self._a, order=order)
+        record(lambda: np.copyto(copied, source), source, copied)
+        return _wrap(copied)
+
+    def _astype(self, dtype: Any, copy: bool = True, **kwargs: Any) -> Any:
+        if copy or np.dtype(dtype) != self._a.dtype or kwargs:
+            _not_while_capturing("ndarray.astype")
+        return _wrap(self._a.astype(dtype, copy=copy, **kwargs))
 
     def __getitem__(self, index: Any) -> Any:
         parts = index if type(index) is tuple else (index,)
@@ -263,6 +277,8 @@ def make_module() -> types.ModuleType:
 
     def missing(name: str) -> Any:
         attribute = getattr(np, name)
+        if name == "may_share_memory":  # CuPy's answers on the host, from the arrays' bounds
+            return lambda a, b: bool(np.may_share_memory(_unwrap(a), _unwrap(b)))
         if isinstance(attribute, np.ufunc):
             return attribute  # dispatches back through __array_ufunc__
         if callable(attribute) and not isinstance(attribute, type):
@@ -270,7 +286,11 @@ def make_module() -> types.ModuleType:
             def call(*a: Any, **k: Any) -> Any:
                 if name not in _CAPTURE_SAFE:
                     _not_while_capturing(f"cupy.{name}")
-                return _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+                result = _wrap(attribute(*_unwrap(a), **_unwrap(k)))
+                # An array made during a capture is the graph's, as its memory pool's block
+                # is on a card: alive while the graph is, whatever Python drops.
+                record(lambda: None, result)
+                return result
 
             return call
         return attribute

@@ -2408,3 +2408,179 @@ def test_the_cpu_stand_in_decides_per_kernel_which_ones_synchronise() -> None:
         assert fake_cuda._synchronises(code, "calls")
     assert not fake_cuda._synchronises(plain + "/* __syncthreads(); */", "plain")
     assert fake_cuda._synchronises("#define WAIT __syncthreads()\n" + plain, "plain")
+
+
+# -- a training step replayed from a CUDA graph (scratchnn.steps) --------------------------
+
+
+def _replays_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each step replayed from a graph."""
+    from scratchnn import steps
+
+    counted: list[int] = []
+    replay = steps._Replay.__call__
+
+    def counting(self: Any, x: Any, t: Any) -> Any:
+        counted.append(1)
+        return replay(self, x, t)
+
+    monkeypatch.setattr(steps._Replay, "__call__", counting)
+    return counted
+
+
+def _assert_same(got: Any, want: Any, exact: bool, dtype: Any) -> None:
+    if exact:  # the same kernels on the same numbers (the CPU stand-in)
+        np.testing.assert_array_equal(got, want)
+    else:  # a card: cuBLAS may take another algorithm on the capture's own handle
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize(("activation", "optimizer", "dtype"), [
+    ("relu", "sgd", np.float32), ("relu", "sgd", np.float64), ("sigmoid", "momentum", np.float32),
+    ("tanh", "nesterov", np.float64), ("leaky-relu", "sgd", np.float32),
+    ("elu", "momentum", np.float32), ("gelu", "sgd", np.float64), ("gelu-tanh", "sgd", np.float32),
+    ("softplus", "nesterov", np.float32), ("silu", "sgd", np.float32),
+    ("identity", "sgd", np.float64),
+])  # fmt: skip
+def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
+    activation: str, optimizer: str, dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 100 examples in batches of 16: each epoch steps its first batch eagerly and captures
+    # the step, replays the next five, and steps the last (4 examples) eagerly; the rate
+    # halves in the second epoch, which captures anew. The parameters and the history are
+    # those of the same fit with the replays off: bit for bit on the CPU stand-in (which
+    # replays the recorded launches and products by address), within rounding on a card.
+    from scratchnn.steps import TrainingStep
+    from scratchnn.train import fit
+
+    x, t = _blobs(100, 7)
+    replays = _replays_counted(monkeypatch)
+    runs = []
+    for use_graphs in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
+        net = snn.mlp([20, 12, 9, 10], activation=activation, rng=np.random.default_rng(0),
+                      dtype=dtype).to("cuda")  # fmt: skip
+        data = (gpu.asarray(x.astype(dtype)), gpu.asarray(t))
+        history = fit(net, make_optimizer(optimizer, lr=0.05), data, epochs=2, batch_size=16,
+                      rng=np.random.default_rng(5), lr_decay=0.5, train_eval_size=100)  # fmt: skip
+        runs.append((net, history))
+    (eager, eager_history), (graphed, graphed_history) = runs
+    capturing = hasattr(gpu, "RawModule")  # the fake CuPy without kernels captures nothing
+    assert len(replays) == (10 if capturing else 0)
+    exact = hasattr(gpu, "__fake__")
+    for key, value in eager.params.items():
+        _assert_same(to_host(graphed.params[key]), to_host(value), exact, dtype)
+    for key in ("train_loss", "test_loss", "train_acc"):
+        _assert_same(np.array(getattr(graphed_history, key)),
+                     np.array(getattr(eager_history, key)), exact, dtype)  # fmt: skip
+
+
+def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every replay writes the same arrays; the loss each step returns is its own, read after
+    # all of them (as fit reads them together), and network.last_loss is the last step's.
+    from scratchnn.optim import SGD
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+    rng = np.random.default_rng(8)
+    batches = [(gpu.asarray(rng.standard_normal((16, 20)).astype(np.float32)),
+                gpu.asarray(rng.integers(0, 10, 16))) for _ in range(5)]  # fmt: skip
+    replays = _replays_counted(monkeypatch)
+    results = []
+    for use_graphs in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
+        net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0), dtype=np.float32).to("cuda")
+        step = TrainingStep(net, SGD(lr=0.1))
+        losses = [step(x, t) for x, t in batches]
+        results.append(([float(loss) for loss in losses], net.last_loss, step.refusal))
+    (eager, _, off), (graphed, graphed_last, refusal) = results
+    assert off == "TrainingStep.use_graphs is False" and refusal is None and len(replays) == 4
+    assert len(set(graphed)) == 5 and graphed_last == graphed[-1]
+    exact = hasattr(gpu, "__fake__")
+    _assert_same(np.array(graphed), np.array(eager), exact, np.float32)
+
+
+def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a graph would not repeat, or what may change between steps, steps eagerly, and
+    # the same as without the graphs: Adam's bias corrections, Dropout's masks, BatchNorm,
+    # a hook on a layer or on the optimiser's update, float16, NumPy arrays.
+    from scratchnn.optim import SGD, Adam
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+    rng = np.random.default_rng(9)
+    x_host, t_host = rng.standard_normal((16, 6)), rng.integers(0, 3, 16)
+
+    def net(*middle: Any, dtype: Any = np.float64) -> Any:
+        W1, W2 = rng.standard_normal((6, 5)), rng.standard_normal((5, 3))
+        return snn.Sequential([snn.Affine(W1.astype(dtype), np.zeros(5, dtype)), *middle,
+                               snn.Affine(W2.astype(dtype), np.zeros(3, dtype))])  # fmt: skip
+
+    hooked = net(snn.Relu())
+    hooked.layers[1].forward = functools.partial(type(hooked.layers[1]).forward, hooked.layers[1])
+    logged = SGD(lr=0.1)
+    logged.update = functools.partial(SGD.update, logged)  # type: ignore[method-assign]
+    cases = [
+        (net(snn.Relu()), Adam(), "cuda", np.float64, "Adam"),
+        (net(snn.Dropout(0.5, rng=np.random.default_rng(0)), snn.Relu()), SGD(lr=0.1), "cuda",
+         np.float64, "layer 1 (Dropout)"),
+        (net(snn.BatchNorm(5), snn.Relu()), SGD(lr=0.1), "cuda", np.float64, "layer 1 (BatchNorm"),
+        (hooked, SGD(lr=0.1), "cuda", np.float64, "layer 1 (Relu)"),
+        (net(snn.Relu()), logged, "cuda", np.float64, "optimiser"),
+        (net(snn.Relu(), dtype=np.float16), SGD(lr=0.1), "cuda", np.float16, "float32 or float64"),
+        (net(snn.Relu()), SGD(lr=0.1), "cpu", np.float64, "not on a GPU"),
+    ]
+    replays = _replays_counted(monkeypatch)
+    for network, optimizer, device, dtype, why in cases:
+        network.to(device)
+        x, t = to_device(x_host.astype(dtype), device), to_device(t_host, device)
+        step = TrainingStep(network, optimizer)
+        for _ in range(3):
+            step(x, t)
+        assert step.refusal is not None and why in step.refusal, (why, step.refusal)
+    assert replays == []
+
+
+def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cuBLAS's library not found, say: one RuntimeWarning naming why, and the steps run as
+    # without the graphs (the batch of the failed capture had its eager step).
+    from scratchnn.kernels import products
+    from scratchnn.optim import SGD
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+
+    def refuses(stream: Any) -> Any:
+        raise RuntimeError("cuBLAS's library is not among those loaded")
+
+    rng = np.random.default_rng(10)
+    batches = [(gpu.asarray(rng.standard_normal((8, 20)).astype(np.float32)),
+                gpu.asarray(rng.integers(0, 10, 8))) for _ in range(3)]  # fmt: skip
+    results = []
+    for fails in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", fails)
+        if fails:
+            monkeypatch.setattr(products, "capturing", refuses)
+        net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0)).to("cuda")
+        step = TrainingStep(net, SGD(lr=0.1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [float(step(x, t)) for x, t in batches]
+        results.append((losses, net))
+        if fails:
+            assert [str(w.message) for w in caught] == [
+                "TrainingStep: the capture failed: RuntimeError: cuBLAS's library is not among "
+                "those loaded; the steps run eagerly"]  # fmt: skip
+            assert caught[0].category is RuntimeWarning
+    (eager, eager_net), (failed, failed_net) = results
+    assert failed == eager
+    for key, value in eager_net.params.items():
+        np.testing.assert_array_equal(to_host(failed_net.params[key]), to_host(value))

@@ -29,6 +29,7 @@ from scratchnn.data.batches import iterate_minibatches
 from scratchnn.layers.losses import DeviceLoss, Loss, read_losses
 from scratchnn.models import Sequential, count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
+from scratchnn.steps import TrainingStep
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 # How many training examples fit evaluates after each epoch, unless told otherwise.
@@ -431,15 +432,17 @@ def _epochs(
         bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
         running = RunningLoss()
         batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
+        # Made anew each epoch, after the rate is set: on a GPU its steps may replay a
+        # CUDA graph, which holds the rate as it was captured (scratchnn.steps).
+        train_step = TrainingStep(network, optimizer) if unread else None
         try:
             for step, (xb, tb) in enumerate(batches, start=1):
-                if unread:
-                    grads = network._gradient(xb, tb, wait=False)
-                    running.add(network._last_loss, len(xb))
+                if train_step is not None:
+                    running.add(train_step(xb, tb), len(xb))
                 else:
                     grads = network.gradient(xb, tb)
                     running.add(network.last_loss, len(xb))
-                optimizer.update(network.params, grads)
+                    optimizer.update(network.params, grads)
                 bar.update(loss=running.mean)  # read only when the bar draws
                 if step == steps:
                     break

@@ -1,0 +1,181 @@
+"""The training step as ``fit`` takes it: eager, or on a GPU replayed from a CUDA graph.
+
+A step is the network's gradient on a batch and the optimiser's update. On
+the CPU, and wherever a graph cannot hold the step, it runs as written
+(:meth:`Sequential.gradient <scratchnn.models.Sequential.gradient>`, then
+``optimizer.update``). On a GPU a small network's step is bound by the host:
+the 784-1024-1024-10 network's step makes 25 device calls, each a few
+microseconds of Python on the host, where the card's work takes a few
+hundred (docs/benchmarks.md, "On a GPU"). So where the step launches the
+same work at every batch, :class:`TrainingStep` records it once into a CUDA
+graph and replays it: the batch is copied into the arrays the graph reads,
+the graph is launched (one call), and the step's loss is copied out, left on
+the GPU unread as fit leaves it.
+
+The first batch of each ``TrainingStep`` (fit makes one per epoch, after its
+learning rate is set) steps eagerly; the step is then captured on a stream of
+its own, its arrays from a memory pool of its own, so that no array made
+outside the graph is ever handed the memory its replays write. The products
+are cuBLAS's, called through its library on a handle of scratchnn's own
+(:func:`scratchnn.kernels.products.capturing`). A later batch of another
+shape (the last, shorter one) steps eagerly.
+
+The step is replayed only where everything it does is the same at every
+batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
+
+- the batch is a float32 or float64 CuPy matrix, the labels class indices,
+  every parameter of the batch's dtype, and CuPy can capture graphs;
+- the network is a :class:`~scratchnn.models.Sequential` of layers whose work
+  depends on the shapes alone (:data:`REPLAYABLE_LAYERS`, each its own
+  class's, with no hook on its forward or backward), ending in
+  :class:`~scratchnn.layers.losses.SoftmaxWithLoss`; not Dropout (a new mask
+  at each step) nor BatchNorm;
+- the optimiser is SGD, Momentum or Nesterov, whose steps read their
+  hyperparameters as they were at the capture (a new learning rate needs a
+  new ``TrainingStep``); not Adam, whose bias corrections change every step.
+
+``TrainingStep.use_graphs = False`` turns the replays off. A capture that
+fails (an exception of CuPy's or CUDA's) is said once as a ``RuntimeWarning``
+and the steps go on eagerly: the batch it was captured for had its eager step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Any, ClassVar
+
+from scratchnn import layers, optim
+from scratchnn.backend import FLOAT_DTYPES, cupy_array_type
+from scratchnn.kernels import _kernels_take, products
+from scratchnn.layers.losses import DeviceLoss, Loss, SoftmaxWithLoss
+from scratchnn.models import Sequential, _runs_as_written
+
+# The layers whose step on the GPU launches the same kernels whatever the batch holds.
+REPLAYABLE_LAYERS = frozenset({
+    layers.Affine, layers.Relu, layers.Sigmoid, layers.Tanh, layers.LeakyRelu, layers.Elu,
+    layers.Gelu, layers.Softplus, layers.Silu, layers.Identity,
+})  # fmt: skip
+# The optimisers whose GPU step is one kernel of fixed scalars, its state updated in place.
+REPLAYABLE_OPTIMIZERS = frozenset({optim.SGD, optim.Momentum, optim.Nesterov})
+
+
+class TrainingStep:
+    """``step(x, t)``: one training step of ``network`` by ``optimizer`` on the batch
+    ``x``, ``t``; returns its loss, on the GPU left unread (a
+    :class:`~scratchnn.layers.losses.DeviceLoss`), as ``network._gradient(x, t,
+    wait=False)`` leaves it. The labels must have been checked (as fit checks every
+    label before its first step): a replay checks nothing.
+
+    >>> import numpy as np
+    >>> from scratchnn import mlp
+    >>> from scratchnn.optim import SGD
+    >>> net = mlp([4, 3, 2], rng=np.random.default_rng(0))
+    >>> step = TrainingStep(net, SGD(lr=0.1))
+    >>> loss = step(np.ones((5, 4)), np.array([0, 1, 0, 1, 1]))
+    >>> round(float(loss), 4) == round(net.last_loss, 4), step.refusal
+    (True, 'the batch is not on a GPU')
+    """
+
+    # Whether steps on a GPU are replayed from a CUDA graph where they can be.
+    use_graphs: ClassVar[bool] = True
+
+    def __init__(self, network: Any, optimizer: Any) -> None:
+        self.network, self.optimizer = network, optimizer
+        # Why the steps run eagerly (None while none has run, or where they replay).
+        self.refusal: str | None = None
+        self._replay: _Replay | None = None
+        self._decided = False
+
+    def __call__(self, x: Any, t: Any) -> float | DeviceLoss:
+        replay = self._replay
+        if replay is not None and x.shape == replay.x.shape and t.shape == replay.t.shape:
+            return replay(x, t)
+        network = self.network
+        grads = network._gradient(x, t, wait=False)
+        self.optimizer.update(network.params, grads)
+        loss: float | DeviceLoss = network._last_loss
+        if not self._decided:
+            self._decided = True
+            self.refusal = self._refusal(x, t)
+            if self.refusal is None:
+                self._replay = self._capture(x, t)
+        return loss
+
+    def _refusal(self, x: Any, t: Any) -> str | None:
+        """Why the step on ``x``, ``t`` cannot be replayed from a graph; None if it can."""
+        network, optimizer = self.network, self.optimizer
+        if not self.use_graphs:
+            return "TrainingStep.use_graphs is False"
+        if type(x) is not cupy_array_type():
+            return "the batch is not on a GPU"
+        cupy = sys.modules["cupy"]
+        if not hasattr(getattr(cupy.cuda, "Stream", None), "begin_capture"):
+            return "this CuPy captures no graphs"
+        if x.ndim != 2 or x.dtype not in FLOAT_DTYPES or not _kernels_take(cupy, x.dtype):
+            return f"the batch is not a float32 or float64 matrix ({x.dtype}, {x.ndim}-d)"
+        if t.ndim != 1 or t.dtype.kind not in "iu":
+            return "the labels are not class indices"
+        if not (type(network) is Sequential and network.training):
+            return "the network is not a Sequential in training mode"
+        for i, layer in enumerate(network.layers):
+            if type(layer) not in REPLAYABLE_LAYERS or not _runs_as_written(layer):
+                return f"layer {i} ({type(layer).__name__}) is not one whose work is replayed"
+        loss = network.last_layer
+        if type(loss) is not SoftmaxWithLoss or not _runs_as_written(loss, Loss):
+            return f"the loss ({type(loss).__name__}) is not SoftmaxWithLoss as written"
+        if type(optimizer) not in REPLAYABLE_OPTIMIZERS or "update" in vars(optimizer):
+            return f"the optimiser ({optimizer!r}) is not one whose step is replayed as written"
+        if any(type(p) is not type(x) or p.dtype != x.dtype for p in network.params.values()):
+            return "a parameter is not on the GPU in the batch's dtype"
+        return None
+
+    def _capture(self, x: Any, t: Any) -> _Replay | None:
+        """The step captured into a CUDA graph for batches shaped as ``x``, ``t`` (the step
+        itself is not run: a capture records); None, with a warning, where it fails."""
+        cupy = sys.modules["cupy"]
+        network, optimizer = self.network, self.optimizer
+        x_in, t_in = cupy.empty_like(x), cupy.empty_like(t)
+        pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+        try:
+            # (capturing first: the handle's workspace, made at its first capture, is not
+            # the graph's pool's)
+            with products.capturing(stream), cupy.cuda.using_allocator(pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    optimizer.update(network.params, network._gradient(x_in, t_in, wait=False))
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the step's error is the one to see
+                        stream.end_capture()
+                    raise
+                graph = stream.end_capture()
+        except Exception as error:
+            self.refusal = f"the capture failed: {type(error).__name__}: {error}"
+            warnings.warn(
+                f"TrainingStep: {self.refusal}; the steps run eagerly", RuntimeWarning, stacklevel=3
+            )
+            return None
+        return _Replay(network, graph, x_in, t_in, network._last_loss, pool)
+
+
+class _Replay:
+    """A captured step: copies a batch into ``x``, ``t``, launches ``graph`` and returns a
+    copy of its loss (each replay writes the same arrays)."""
+
+    def __init__(self, network: Any, graph: Any, x: Any, t: Any, loss: DeviceLoss,
+                 pool: Any) -> None:  # fmt: skip
+        self.network, self.graph, self.x, self.t, self.loss = network, graph, x, t, loss
+        # The pool whose blocks the graph's arrays are: alive while the graph is.
+        self.pool = pool
+        self.copyto = sys.modules["cupy"].copyto
+
+    def __call__(self, x: Any, t: Any) -> DeviceLoss:
+        copyto = self.copyto
+        copyto(self.x, x)
+        copyto(self.t, t)
+        self.graph.launch()  # on the current stream, after the copies
+        captured = self.loss
+        loss = DeviceLoss(captured.result.copy(), captured.rows, t, captured.classes, captured.who)
+        self.network._last_loss = loss
+        return loss
