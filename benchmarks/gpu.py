@@ -5,23 +5,25 @@
 1. Correctness first: every layer, loss and optimiser on the GPU against the
    same code on NumPy in float64, on fresh random inputs (never zeros), in
    float64 and float32, with shapes that take the kernels' vector path and
-   their scalar tail. A failed check is printed before anything is timed; the
-   timings still run (a lent machine's minutes are few), the report says
-   they are of code that failed, and the exit status is 1.
+   their scalar tail; and six training steps as fit takes them (on a card,
+   replayed from a CUDA graph: ``scratchnn.steps``), whose check names say
+   whether they were replayed. A failed check is printed before anything is
+   timed; the timings still run (a lent machine's minutes are few), the
+   report says they are of code that failed, and the exit status is 1.
 2. Timings, each the median of ``--repeats`` CUDA-event measurements after a
    warm-up (an activation's in three rounds, alternating with PyTorch's):
    every activation's forward+backward at 2**26 float32 against PyTorch
    autograd; a device copy of the same size (the bandwidth floor);
    the MLP step 784-1024-1024-10, batch 512, SGD, against PyTorch, as fit
-   runs it (the loss left on the card, PyTorch's not read), through
+   takes it (``TrainingStep``: replayed from a CUDA graph, the loss left on
+   the card, PyTorch's not read), the eager step against it, through
    ``gradient`` (which reads it, PyTorch ``loss.item()``), and the host's
-   time to queue a step as fit runs it (no events: where that is longer than
+   time to queue a step as fit takes it (no events: where that is longer than
    the card's work, the host is what the first row measured); beside them,
-   three rows of ours against ours: the step with Affine's products by CuPy's
-   ``a @ b`` against the step as fit runs it (cuBLAS called directly), the
-   step with each Affine and its Relu run apart against the step as fit runs
-   it (paired), and, apart, Affine's bias through CuPy's own calls against
-   ``kernels.bias``; and
+   three rows of ours against ours, eager: the step with Affine's products by
+   CuPy's ``a @ b`` against the step with cuBLAS called directly, the step with
+   each Affine and its Relu run apart against the step paired, and, apart,
+   Affine's bias through CuPy's own calls against ``kernels.bias``; and
    Fashion-MNIST epochs of ``scratchnn train``'s default network
    (784-256-128-10, ReLU, Adam 1e-3 decayed by 0.85 an epoch, batch 128)
    against PyTorch with the same initial weights, rates and batches, with
@@ -66,6 +68,7 @@ from scratchnn.backend import device_of, to_device, to_host
 from scratchnn.kernels import OPS, bias, products
 from scratchnn.models import Sequential, cnn, mlp
 from scratchnn.optim import make_optimizer
+from scratchnn.steps import TrainingStep
 from scratchnn.train import DEVICE_EVAL_BATCH
 
 N_BIG = 2**26
@@ -244,6 +247,32 @@ def check_networks(device: str = "cuda", seed: int | None = None) -> list[Check]
     return checks
 
 
+def check_replays(device: str = "cuda", seed: int | None = None) -> list[Check]:
+    """Six steps as fit takes them (``TrainingStep``: on a card, replayed from a CUDA graph
+    after the first), SGD and Momentum, float64 and float32, against the same steps in
+    NumPy float64: the parameters and each step's loss. The check's name says whether the
+    steps were replayed, or why not."""
+    checks = []
+    rng = np.random.default_rng(seed)
+    batches = [(rng.standard_normal((32, 20)), rng.integers(0, 10, 32)) for _ in range(6)]
+    for optimizer in ("sgd", "momentum"):
+        for dtype, tolerance in ((np.float64, 1e-10), (np.float32, 1e-4)):
+            results = []
+            for on, kind in (("cpu", np.float64), (device, dtype)):
+                net = mlp([20, 32, 32, 10], rng=np.random.default_rng(1), dtype=kind).to(on)
+                step = TrainingStep(net, make_optimizer(optimizer, lr=0.1))
+                losses = [step(to_device(x.astype(kind), on), to_device(t, on))
+                          for x, t in batches]  # fmt: skip
+                results.append((net, [float(loss) for loss in losses], step))
+            (want, want_losses, _), (got, got_losses, step) = results
+            error = max(_error(got.params[k], to_host(want.params[k])) for k in want.params)
+            error = max(error, _error(np.array(got_losses), np.array(want_losses)))
+            how = "replayed" if step.refusal is None else f"eager: {step.refusal}"
+            name = f"MLP 6 {optimizer} steps as fit takes them, {np.dtype(dtype).name} ({how})"
+            checks.append(Check(name, error, tolerance))
+    return checks
+
+
 def check_all(
     device: str = "cuda", shapes: Any = LAYER_SHAPES, seed: int | None = None
 ) -> list[Check]:
@@ -251,6 +280,7 @@ def check_all(
         check_layers(device, shapes, seed)
         + check_optimizers(device, seed)
         + check_networks(device, seed)
+        + check_replays(device, seed)
     )
 
 
@@ -438,7 +468,12 @@ def time_mlp_step(
     if abs(first_loss - torch_loss) > 1e-4 * abs(torch_loss):
         raise SystemExit(f"MLP: scratchnn loss {first_loss} differs from PyTorch's {torch_loss}")
 
+    as_fit = TrainingStep(net, optimizer)  # on a card, replayed from a CUDA graph
+
     def ours_unread() -> None:
+        as_fit(x, t)
+
+    def ours_eager() -> None:
         optimizer.update(net.params, net._gradient(x, t, wait=False))
 
     def ours_read() -> None:
@@ -459,30 +494,41 @@ def time_mlp_step(
     # In alternating rounds, as the activations: two lent machines put the same code's "as
     # fit" row at 0.74 and 1.24, the host's share of each side moving apart.
     unread = paired_ms(clock, ours_unread, theirs(False), repeats)
+    print(f"the MLP step as fit takes it: {as_fit.refusal or 'replayed from a CUDA graph'}")
     read = paired_ms(clock, ours_read, theirs(True), repeats)
     # The same step with each Affine and its Relu run apart (as before session 16), and so
     # again with Affine's bias through CuPy's own calls (as before session 15), in rounds
     # alternating with the step as fit runs it: whether the pairs, and kernels.bias, pay on
     # this card's host.
+    # The eager step (each of its calls made anew) in rounds alternating with the step as
+    # fit takes it: whether the graph's replays pay on this card's host.
+    replayed, eager = [], []
+    for _ in range(3):
+        replayed.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        eager.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
     paired, cupy_products, apart, with_cupy = [], [], [], []
     for _ in range(3):
-        paired.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+        paired.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
         with cupy_matmul():
-            cupy_products.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+            cupy_products.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
         with layers_apart():
-            apart.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+            apart.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
             with cupy_bias_calls():
-                with_cupy.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
+                with_cupy.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
     return [
         Row(f"MLP step {shape} b{batch} SGD, as fit", *unread, "neither reads its loss",
             target=1.0),
-        # Ours against ours: the "PyTorch" column holds the step as fit runs it.
+        # Ours against ours: the "PyTorch" column holds the step as fit takes it.
+        Row(f"MLP step {shape} b{batch} SGD, eager", statistics.median(eager),
+            statistics.median(replayed),
+            "ours, each call made anew / ours, as fit (a graph's replay) (not PyTorch)"),
+        # Ours against ours, eager: the "PyTorch" column holds the eager step.
         Row(f"MLP step {shape} b{batch} SGD, CuPy's products", statistics.median(cupy_products),
             statistics.median(paired),
-            "ours, x @ W by cupy.matmul / ours, by cuBLAS directly (not PyTorch)"),
+            "eager, x @ W by cupy.matmul / eager, by cuBLAS directly (not PyTorch)"),
         Row(f"MLP step {shape} b{batch} SGD, layers apart", statistics.median(apart),
             statistics.median(paired),
-            "ours, Affine and Relu apart / ours, paired (not PyTorch)"),
+            "eager, Affine and Relu apart / eager, paired (not PyTorch)"),
         # Ours against ours: the "PyTorch" column holds the step apart, with kernels.bias.
         Row(f"MLP step {shape} b{batch} SGD, bias by CuPy's calls", statistics.median(with_cupy),
             statistics.median(apart),
@@ -695,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
     for check in failed:
         print(f"  FAIL {check.name}: error {check.error:.3e} > {check.tolerance:.0e}")
+    for check in checks:  # whether fit's steps were replayed from a CUDA graph, or why not
+        if "steps as fit takes them" in check.name and check.ok:
+            print(f"  {check.name}: error {check.error:.1e}")
     # The timings still run after a failed check (the lent minutes are few), marked as such
     # in the report, and the exit status is 1.
     try:

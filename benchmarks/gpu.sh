@@ -1,8 +1,7 @@
 #!/bin/bash
 # The one GPU check: correctness and timings (benchmarks/gpu.py), then the GPU tests, then
-# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py), a probe
-# (benchmarks/gpu_graph.py: does a CUDA graph of the training step replay right, and how fast)
-# and scratchnn's own host time a step on the lent host (benchmarks/bench_gpu_host.py).
+# two diagnostic tables (benchmarks/gpu_kernels.py, benchmarks/gpu_calls.py) and scratchnn's
+# own host time an eager step on the lent host (benchmarks/bench_gpu_host.py).
 # Run from the repository root on a machine with an NVIDIA GPU, CuPy and PyTorch with CUDA,
 # with Fashion-MNIST's four .gz files in .gpu-data/fashion-mnist (a copy of
 # /usr/share/datasets/fashion-mnist, carried along). Logs go to $OUT (or /tmp).
@@ -35,23 +34,22 @@ python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "cuda and not 
     | tee "$out/gpu-tests.log" | tail -60
 tests=$?
 # Then what a miss needs explained (about a minute and a half together): each kernel alone
-# in several launch shapes, the host's cost of each call of the MLP step and of the
-# candidates to replace them, and the step replayed from a CUDA graph. Shown, not judged.
+# in several launch shapes, and the host's cost of each call of the eager MLP step and of
+# the candidates to replace them. Shown, not judged.
 python3 benchmarks/gpu_kernels.py --repeats 15 2>&1 | tee "$out/gpu-kernels.log" | tail -24
 python3 benchmarks/gpu_calls.py 2>&1 | tee "$out/gpu-calls.log" | tail -25
-python3 benchmarks/gpu_graph.py 2>&1 | tee "$out/gpu-graph.log" | tail -30
-# scratchnn's own Python a step on this host (a null device in CuPy's place, ~10 s): the
-# part of the step's host time that is the library's, not CuPy's.
+# scratchnn's own Python an eager step on this host (a null device in CuPy's place, ~10 s):
+# the part of the step's host time that is the library's, not CuPy's.
 python3 benchmarks/bench_gpu_host.py --rounds 5 2>&1 | tee "$out/gpu-host.log" | tail -8
 # Last, what a reader needs first, so that it is in the tail the lent machine sends back
-# (the whole logs are in $out): gpu.py's final table, the products' rows of the host's
-# calls (CuPy's matmul against the direct sgemm), our own Python a step, the graph probe
-# (its verdict on the replays and its table).
+# (the whole logs are in $out): whether fit's step was replayed from a CUDA graph (or why
+# not), gpu.py's correctness line and final table, the products' rows of the host's calls
+# (CuPy's matmul against the direct sgemm), our own Python an eager step.
 echo "== summary =="
+grep -E "^correctness:|  FAIL|steps as fit takes them|the MLP step as fit takes it" \
+    "$out/gpu-benchmark.log" | head -12
 sed -n '/^card: /,$p' "$out/gpu-benchmark.log"
 grep -E "^product x @ W|instead: product|calls of a step" "$out/gpu-calls.log"
 grep -E "SGD|Adam" "$out/gpu-host.log" | tail -2
-head -3 "$out/gpu-graph.log"
-grep -A5 "^784-1024-1024-10 b512 SGD" "$out/gpu-graph.log"
 echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
 exit $((benchmark || tests))
