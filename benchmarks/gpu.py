@@ -496,16 +496,16 @@ def time_mlp_step(
     unread = paired_ms(clock, ours_unread, theirs(False), repeats)
     print(f"the MLP step as fit takes it: {as_fit.refusal or 'replayed from a CUDA graph'}")
     read = paired_ms(clock, ours_read, theirs(True), repeats)
-    # The same step with each Affine and its Relu run apart (as before session 16), and so
-    # again with Affine's bias through CuPy's own calls (as before session 15), in rounds
-    # alternating with the step as fit runs it: whether the pairs, and kernels.bias, pay on
-    # this card's host.
     # The eager step (each of its calls made anew) in rounds alternating with the step as
     # fit takes it: whether the graph's replays pay on this card's host.
     replayed, eager = [], []
     for _ in range(3):
         replayed.append(clock.cupy_ms(ours_unread, max(1, repeats // 3)))
         eager.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
+    # The eager step with CuPy's products, and with each Affine and its Relu run apart (as
+    # before session 16), and so again with Affine's bias through CuPy's own calls (as
+    # before session 15), in rounds alternating with the eager step: whether the direct
+    # products, the pairs and kernels.bias pay on this card's host.
     paired, cupy_products, apart, with_cupy = [], [], [], []
     for _ in range(3):
         paired.append(clock.cupy_ms(ours_eager, max(1, repeats // 3)))
