@@ -1985,6 +1985,36 @@ def test_a_capture_takes_cupys_precision_and_says_what_cublas_refused(
     assert products._gemms.get((type(a), a.dtype)) is None  # nothing of the capture left
 
 
+def test_cublas_library_is_the_loaded_one_else_the_one_of_cupys_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A capture's products call the cuBLAS library CuPy loaded (its handle made first, for
+    # a CuPy that loads it at its first use), else the library of the major version CuPy's
+    # cuBLAS reports; none loading is a RuntimeError naming each tried.
+    from scratchnn.kernels import products
+
+    load = products._load_cublas  # (the stand-in installed below replaces it)
+    fake_cupy.install(monkeypatch, kernels=True)
+    cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+    monkeypatch.setattr(cublas, "getVersion", lambda handle: 120805, raising=False)
+    monkeypatch.setattr(products, "loaded", lambda prefix, maps: ["/gone/libcublas.so.12.8"])
+    tried: list[str] = []
+
+    def opens(name: str, works: str = "libcublas.so.12") -> Any:
+        tried.append(name)
+        if name != works:
+            raise OSError(f"{name}: cannot open shared object file")
+        return types.SimpleNamespace(name=name)
+
+    monkeypatch.setattr(products.ctypes, "CDLL", opens)
+    assert load().name == "libcublas.so.12"
+    assert tried == ["/gone/libcublas.so.12.8", "libcublas.so.12"]
+    monkeypatch.setattr(products.ctypes, "CDLL", functools.partial(opens, works="none"))
+    with pytest.raises(RuntimeError, match=r"not found \(tried /gone/libcublas.so.12.8, "
+                                           r"libcublas.so.12\)"):  # fmt: skip
+        load()
+
+
 def test_the_loaded_libraries_are_read_from_the_process_maps() -> None:
     # Where cuBLAS's library is found for a capture: the paths in /proc/self/maps whose
     # file name starts so, once each, in order; libcublasLt is another library.

@@ -186,15 +186,17 @@ class _OwnHandle:
 
 def _load_cublas() -> Any:
     """cuBLAS's C library, the one CuPy's binding loaded into this process, by ctypes."""
-    from cupy_backends.cuda.libs import cublas  # noqa: F401
+    from cupy_backends.cuda.libs import cublas
 
+    # CuPy's handle made first: a CuPy that loads cuBLAS at its first use has loaded it.
+    version = cublas.getVersion(sys.modules["cupy"].cuda.device.get_cublas_handle())
     with open("/proc/self/maps") as maps:
-        paths = loaded("libcublas.so", maps.read())
-    for path in paths:
+        names = loaded("libcublas.so", maps.read())
+    names.append(f"libcublas.so.{version // 10000}")  # (its version is major * 10000 + ...)
+    for name in names:
         with contextlib.suppress(OSError):
-            return ctypes.CDLL(path)
-    raise RuntimeError(f"cuBLAS's library is not among those loaded in this process "
-                       f"(tried {paths or 'none found'})")  # fmt: skip
+            return ctypes.CDLL(name)
+    raise RuntimeError(f"cuBLAS's library was not found (tried {', '.join(names)})")
 
 
 def loaded(prefix: str, maps: str) -> list[str]:
