@@ -2488,6 +2488,11 @@ def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.M
     (eager, _, off), (graphed, graphed_last, refusal) = results
     assert off == "TrainingStep.use_graphs is False" and refusal is None and len(replays) == 4
     assert len(set(graphed)) == 5 and graphed_last == graphed[-1]
+    # A batch the graph was not captured for (another dtype or length) steps eagerly.
+    x, t = batches[0]
+    for other in ((x.astype(np.float64), t), (x, t.astype(np.int32)), (x[:8], t[:8])):
+        step(*other)
+    assert len(replays) == 4
     exact = hasattr(gpu, "__fake__")
     _assert_same(np.array(graphed), np.array(eager), exact, np.float32)
 

@@ -90,7 +90,7 @@ class TrainingStep:
 
     def __call__(self, x: Any, t: Any) -> float | DeviceLoss:
         replay = self._replay
-        if replay is not None and x.shape == replay.x.shape and t.shape == replay.t.shape:
+        if replay is not None and replay.takes(x, t):
             return replay(x, t)
         network = self.network
         grads = network._gradient(x, t, wait=False)
@@ -169,6 +169,15 @@ class _Replay:
         # The pool whose blocks the graph's arrays are: alive while the graph is.
         self.pool = pool
         self.copyto = sys.modules["cupy"].copyto
+
+    def takes(self, x: Any, t: Any) -> bool:
+        """Whether ``x``, ``t`` are a batch the graph was captured for: the same array type,
+        shapes and dtypes (a copy into the graph's arrays would cast another dtype)."""
+        mine, labels = self.x, self.t
+        return (
+            type(x) is type(mine) and x.shape == mine.shape and x.dtype == mine.dtype
+            and type(t) is type(labels) and t.shape == labels.shape and t.dtype == labels.dtype
+        )  # fmt: skip
 
     def __call__(self, x: Any, t: Any) -> DeviceLoss:
         copyto = self.copyto
