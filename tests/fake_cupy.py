@@ -19,6 +19,7 @@ calls; with it, ``fake_cuda`` runs the CUDA kernels on the CPU.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import types
 from typing import Any
@@ -327,7 +328,7 @@ def install(monkeypatch: Any, kernels: bool = False) -> types.ModuleType:
 
     monkeypatch.setattr(products, "_gemms", {})
     monkeypatch.setattr(products, "disabled", {})
-    monkeypatch.setattr(products, "_own", [])
+    monkeypatch.setattr(products, "_own", {})
     monkeypatch.setattr(sys.modules[__name__], "recording", None)
     monkeypatch.setattr(bias, "_kernels", {})
     monkeypatch.setattr(cross_entropy, "_kernels", {})
@@ -464,13 +465,38 @@ class CublasLibrary:
 
             return gemm
 
-        # Plain functions, as a CDLL's are objects to which argtypes can be given.
-        self.cublasCreate_v2 = create
-        self.cublasSetStream_v2 = set_stream
-        self.cublasSetWorkspace_v2 = set_workspace
-        self.cublasSetMathMode = set_math_mode
-        self.cublasSgemm_v2 = product("sgemm", np.float32)
-        self.cublasDgemm_v2 = product("dgemm", np.float64)
+        self.cublasCreate_v2 = _CFunction(create)
+        self.cublasSetStream_v2 = _CFunction(set_stream)
+        self.cublasSetWorkspace_v2 = _CFunction(set_workspace)
+        self.cublasSetMathMode = _CFunction(set_math_mode)
+        self.cublasSgemm_v2 = _CFunction(product("sgemm", np.float32))
+        self.cublasDgemm_v2 = _CFunction(product("dgemm", np.float64))
+
+
+class _CFunction:
+    """A function of a ``ctypes.CDLL`` as ctypes calls it: with ``argtypes`` set, a call
+    must pass that many arguments (more or fewer is a TypeError, as ctypes's "this
+    function takes at least N arguments" is for too few), each converted by its type's
+    ``from_param`` (a wrong type is ``ctypes.ArgumentError``); the function gets the values
+    as C would."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.argtypes: list[Any] | None = None
+        self.restype: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.argtypes is None:
+            return self.function(*args)
+        if len(args) != len(self.argtypes):
+            raise TypeError(f"this function takes {len(self.argtypes)} arguments "
+                            f"({len(args)} given)")  # fmt: skip
+        for i, (kind, arg) in enumerate(zip(self.argtypes, args), start=1):
+            try:
+                kind.from_param(arg)
+            except TypeError as error:
+                raise ctypes.ArgumentError(f"argument {i}: {error}") from None
+        return self.function(*args)
 
 
 class Graph:
@@ -552,5 +578,5 @@ def install_streams(module: types.ModuleType) -> None:
     cuda.Stream = Stream
     cuda.MemoryPool = MemoryPool
     cuda.get_current_stream = lambda: _streams[-1]
-    cuda.Device = lambda device=None: types.SimpleNamespace(synchronize=lambda: None)
+    cuda.Device = lambda device=None: types.SimpleNamespace(id=0, synchronize=lambda: None)
     cuda.using_allocator = lambda allocator=None: contextlib.nullcontext()

@@ -133,16 +133,18 @@ def _made(key: tuple[type, np.dtype[Any]], a: Any) -> Any:
 # advises one of 32 MiB on Hopper for a handle used in a capture; 4 MiB on older cards).
 WORKSPACE_BYTES = 32 * 2**20
 _DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3  # cuBLAS's cublasMath_t
-_own: list[_OwnHandle] = []  # made at the first capture, kept: every graph reads it
-# The C functions a capture calls, and their arguments' types.
+# By device: made at the first capture there, kept (every graph made on it reads them).
+_own: dict[int, _OwnHandle] = {}
+_POINTER, _INT = ctypes.c_void_p, ctypes.c_int
+# The C functions a capture calls, and their arguments' types (cublas_api.h).
 _SIGNATURES: dict[str, list[Any]] = {
-    "cublasCreate_v2": [ctypes.POINTER(ctypes.c_void_p)],
-    "cublasSetStream_v2": [ctypes.c_void_p, ctypes.c_void_p],
-    "cublasSetWorkspace_v2": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t],
-    "cublasSetMathMode": [ctypes.c_void_p, ctypes.c_int],
-    **{name: [ctypes.c_void_p] + [ctypes.c_int] * 5
-       + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] * 2
-       + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    "cublasCreate_v2": [ctypes.POINTER(ctypes.c_void_p)],  # cublasHandle_t *
+    "cublasSetStream_v2": [_POINTER, _POINTER],  # handle, cudaStream_t
+    "cublasSetWorkspace_v2": [_POINTER, _POINTER, ctypes.c_size_t],
+    "cublasSetMathMode": [_POINTER, _INT],
+    # handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc
+    **{name: [_POINTER, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _INT,
+              _POINTER, _INT, _POINTER, _POINTER, _INT]
        for name in ("cublasSgemm_v2", "cublasDgemm_v2")},
 }  # fmt: skip
 
@@ -179,7 +181,12 @@ class _OwnHandle:
         name = "cublasSgemm_v2" if dtype == np.float32 else "cublasDgemm_v2"
 
         def gemm(*args: Any) -> None:
-            self._call(name, *args)
+            try:
+                self._call(name, *args)
+            except (TypeError, AttributeError, ctypes.ArgumentError) as error:
+                # (matmul takes a TypeError for a binding unlike CuPy's and falls back to
+                # CuPy's products, which refuse a capture: the cause is this one)
+                raise RuntimeError(f"cuBLAS's {name} by ctypes: {error}") from error
 
         return _Gemm(self.cupy, dtype, gemm, lambda: self.handle)
 
@@ -216,16 +223,18 @@ def capturing(stream: Any) -> Iterator[None]:
     """Within, float32 and float64 products of CuPy matrices are queued on ``stream`` by
     cuBLAS's C library, on scratchnn's own handle: a CUDA graph captured on ``stream``
     records them (CuPy's binding of cuBLAS raises ``NotImplementedError`` for any call
-    while a stream captures). The handle's workspace serves every graph made so, one
-    replayed at a time. Outside, the products are as before.
+    while a stream captures). There is one handle a device, for one thread: its
+    workspace serves every graph made so, one replayed at a time. Outside, the
+    products are as before.
 
     Raises:
-        RuntimeError: where cuBLAS's library cannot be found or refuses the handle.
+        RuntimeError: where cuBLAS's library cannot be found or refuses a call.
     """
     cupy = sys.modules["cupy"]
-    if not _own:
-        _own.append(_OwnHandle(cupy, _load_cublas()))
-    own = _own[0]
+    device = cupy.cuda.Device().id
+    own = _own.get(device)
+    if own is None:
+        own = _own[device] = _OwnHandle(cupy, _load_cublas())
     own.bind(stream)
     before = dict(_gemms)
     for dtype in _DTYPES:
