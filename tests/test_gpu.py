@@ -2444,8 +2444,13 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     from scratchnn.steps import TrainingStep
     from scratchnn.train import fit
 
+    from scratchnn import steps
+
     x, t = _blobs(100, 7)
     replays = _replays_counted(monkeypatch)
+    pools: list[Any] = []
+    pool_of = steps._pool_of
+    monkeypatch.setattr(steps, "_pool_of", lambda *a: pools.append(pool_of(*a)) or pools[-1])
     runs = []
     for use_graphs in (False, True):
         monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
@@ -2458,6 +2463,8 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     (eager, eager_history), (graphed, graphed_history) = runs
     capturing = hasattr(gpu, "RawModule")  # the fake CuPy without kernels captures nothing
     assert len(replays) == (10 if capturing else 0)
+    # One capture an epoch, both from the network's one pool (alive while it is).
+    assert len(pools) == (2 if capturing else 0) and all(p is steps._pools[graphed] for p in pools)
     exact = hasattr(gpu, "__fake__")
     for key, value in eager.params.items():
         _assert_same(to_host(graphed.params[key]), to_host(value), exact, dtype)
@@ -2478,16 +2485,28 @@ def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.M
     batches = [(gpu.asarray(rng.standard_normal((16, 20)).astype(np.float32)),
                 gpu.asarray(rng.integers(0, 10, 16))) for _ in range(5)]  # fmt: skip
     replays = _replays_counted(monkeypatch)
+    library = getattr(gpu, "cublas_library", None)  # the stand-in's, on the CPU
     results = []
     for use_graphs in (False, True):
         monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
         net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0), dtype=np.float32).to("cuda")
         step = TrainingStep(net, SGD(lr=0.1))
-        losses = [step(x, t) for x, t in batches]
-        results.append(([float(loss) for loss in losses], net.last_loss, step.refusal))
-    (eager, _, off), (graphed, graphed_last, refusal) = results
+        losses = [step(*batches[0])]
+        if use_graphs and library is not None:
+            # The first step is eager, on the capture's stream, its five products by
+            # cuBLAS's library on scratchnn's handle: as the graph will make them.
+            assert [(stream, name) for name, stream, _ in library.products] == [
+                (step._stream.ptr, "sgemm")] * 5  # fmt: skip
+        losses += [step(x, t) for x, t in batches[1:]]
+        grads = {key: to_host(value) for key, value in net.grads.items()}
+        results.append(([float(loss) for loss in losses], net.last_loss, step.refusal, grads))
+    (eager, _, off, eager_grads), (graphed, graphed_last, refusal, graphed_grads) = results
     assert off == "TrainingStep.use_graphs is False" and refusal is None and len(replays) == 4
     assert len(set(graphed)) == 5 and graphed_last == graphed[-1]
+    # What the network holds after the steps is the last replay's: its gradients, as the
+    # eager steps left theirs.
+    for key, value in eager_grads.items():
+        _assert_same(graphed_grads[key], value, hasattr(gpu, "__fake__"), np.float32)
     # A batch the graph was not captured for (another dtype or length) steps eagerly.
     x, t = batches[0]
     for other in ((x.astype(np.float64), t), (x, t.astype(np.int32)), (x[:8], t[:8])):
@@ -2529,6 +2548,8 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
         (net(snn.Relu()), logged, "cuda", np.float64, "optimiser"),
         (net(snn.Relu(), dtype=np.float16), SGD(lr=0.1), "cuda", np.float16, "float32 or float64"),
         (net(snn.Relu()), SGD(lr=0.1), "cpu", np.float64, "not on a GPU"),
+        (snn.Sequential([snn.Affine(rng.standard_normal((6, 1100)), np.zeros(1100))]),
+         SGD(lr=0.1), "cuda", np.float64, "the loss's kernel does not take these scores"),
     ]
     replays = _replays_counted(monkeypatch)
     for network, optimizer, device, dtype, why in cases:

@@ -13,18 +13,24 @@ the graph is launched (one call), and the step's loss is copied out, left on
 the GPU unread as fit leaves it.
 
 The first batch of each ``TrainingStep`` (fit makes one per epoch, after its
-learning rate is set) steps eagerly; the step is then captured on a stream of
-its own, its arrays from a memory pool of its own, so that no array made
-outside the graph is ever handed the memory its replays write. The products
-are cuBLAS's, called through its library on a handle of scratchnn's own
-(:func:`scratchnn.kernels.products.capturing`). A later batch of another
-shape (the last, shorter one) steps eagerly.
+learning rate is set) steps eagerly, on the stream the step will be captured
+on and with the products the capture makes: cuBLAS's library called on a
+handle of scratchnn's own (:func:`scratchnn.kernels.products.capturing`;
+CuPy's own cuBLAS calls refuse a capture), so that whatever they load or
+choose is loaded and chosen before the capture, and the graph computes as the
+eager step did. The next batch of the same shape is captured (a capture runs
+nothing) and replayed at once, so that what the network holds afterwards is
+always a step that ran. The graph's arrays come from a memory pool of the
+network's own, which no array made outside a graph is handed, alive while the
+network is (its layers keep a graph's arrays). A batch of another shape (the
+last, shorter one) steps eagerly.
 
 The step is replayed only where everything it does is the same at every
 batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
 
-- the batch is a float32 or float64 CuPy matrix, the labels class indices,
-  every parameter of the batch's dtype, and CuPy can capture graphs;
+- the batch is a float32 or float64 CuPy matrix, the labels class indices
+  that the loss's kernel takes (up to 1,024 classes), every parameter of the
+  batch's dtype, and CuPy can capture graphs;
 - the network is a :class:`~scratchnn.models.Sequential` of layers whose work
   depends on the shapes alone (:data:`REPLAYABLE_LAYERS`, each its own
   class's, with no hook on its forward or backward), ending in
@@ -34,9 +40,11 @@ batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
   hyperparameters as they were at the capture (a new learning rate needs a
   new ``TrainingStep``); not Adam, whose bias corrections change every step.
 
-``TrainingStep.use_graphs = False`` turns the replays off. A capture that
-fails (an exception of CuPy's or CUDA's) is said once as a ``RuntimeWarning``
-and the steps go on eagerly: the batch it was captured for had its eager step.
+One handle serves a device, from one thread: two graphs replayed at once on
+two streams would share its workspace. ``TrainingStep.use_graphs = False``
+turns the replays off. A capture that fails (an exception of CuPy's, CUDA's or
+cuBLAS's) is said once as a ``RuntimeWarning`` and the steps go on eagerly,
+the batch it was for included.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+import weakref
 from typing import Any, ClassVar
 
 from scratchnn import layers, optim
@@ -85,23 +94,58 @@ class TrainingStep:
         self.network, self.optimizer = network, optimizer
         # Why the steps run eagerly (None while none has run, or where they replay).
         self.refusal: str | None = None
+        self._stream: Any = None  # the capture's, once a first step warmed it up
+        self._warmed: tuple[Any, Any] | None = None  # the warm-up batch (for its shapes)
         self._replay: _Replay | None = None
         self._decided = False
 
     def __call__(self, x: Any, t: Any) -> float | DeviceLoss:
         replay = self._replay
-        if replay is not None and replay.takes(x, t):
-            return replay(x, t)
-        network = self.network
-        grads = network._gradient(x, t, wait=False)
-        self.optimizer.update(network.params, grads)
-        loss: float | DeviceLoss = network._last_loss
+        if replay is not None:
+            return replay(x, t) if replay.takes(x, t) else self._eager(x, t)
         if not self._decided:
             self._decided = True
             self.refusal = self._refusal(x, t)
             if self.refusal is None:
-                self._replay = self._capture(x, t)
+                return self._warm_up(x, t)
+        elif self._warmed is not None and _Replay.alike(self._warmed, x, t):
+            self._replay = self._capture(x, t)
+            if self._replay is not None:
+                return self._replay(x, t)
+        return self._eager(x, t)
+
+    def _eager(self, x: Any, t: Any) -> float | DeviceLoss:
+        network = self.network
+        self.optimizer.update(network.params, network._gradient(x, t, wait=False))
+        loss: float | DeviceLoss = network._last_loss
         return loss
+
+    def _warm_up(self, x: Any, t: Any) -> float | DeviceLoss:
+        """The first step, eager, on the stream the next will be captured on and with the
+        products the capture makes (cuBLAS's library on scratchnn's handle): what they load
+        and choose is then loaded and chosen before the capture, and the graph's numbers
+        are the eager step's. Where the loss's kernel did not take the scores (it alone
+        leaves its loss on the GPU), no capture follows."""
+        cupy = sys.modules["cupy"]
+        self._stream = stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.get_current_stream().synchronize()  # the batch and parameters are ready
+        try:
+            with products.capturing(stream), stream:
+                loss = self._eager(x, t)
+            stream.synchronize()  # its results are ready for the current stream
+        except Exception as error:  # (a step of its own fails on the current stream too)
+            self._failed(error)
+            return self._eager(x, t)
+        if type(loss) is not DeviceLoss:
+            self.refusal = "the loss's kernel does not take these scores"
+        else:
+            self._warmed = (x, t)
+        return loss
+
+    def _failed(self, error: Exception) -> None:
+        self.refusal = f"the capture failed: {type(error).__name__}: {error}"
+        warnings.warn(f"TrainingStep: {self.refusal}; the steps run eagerly", RuntimeWarning,
+                      stacklevel=4)  # fmt: skip
 
     def _refusal(self, x: Any, t: Any) -> str | None:
         """Why the step on ``x``, ``t`` cannot be replayed from a graph; None if it can."""
@@ -132,15 +176,13 @@ class TrainingStep:
         return None
 
     def _capture(self, x: Any, t: Any) -> _Replay | None:
-        """The step captured into a CUDA graph for batches shaped as ``x``, ``t`` (the step
-        itself is not run: a capture records); None, with a warning, where it fails."""
-        cupy = sys.modules["cupy"]
+        """The step captured into a CUDA graph for batches shaped as ``x``, ``t`` (nothing
+        runs: a capture records); None, with a warning, where it fails."""
+        cupy, stream = sys.modules["cupy"], self._stream
         network, optimizer = self.network, self.optimizer
         x_in, t_in = cupy.empty_like(x), cupy.empty_like(t)
-        pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+        pool = _pool_of(network, cupy)
         try:
-            # (capturing first: the handle's workspace, made at its first capture, is not
-            # the graph's pool's)
             with products.capturing(stream), cupy.cuda.using_allocator(pool.malloc), stream:
                 stream.begin_capture()
                 try:
@@ -151,29 +193,43 @@ class TrainingStep:
                     raise
                 graph = stream.end_capture()
         except Exception as error:
-            self.refusal = f"the capture failed: {type(error).__name__}: {error}"
-            warnings.warn(
-                f"TrainingStep: {self.refusal}; the steps run eagerly", RuntimeWarning, stacklevel=3
-            )
+            self._failed(error)
             return None
-        return _Replay(network, graph, x_in, t_in, network._last_loss, pool)
+        return _Replay(network, graph, x_in, t_in, network._last_loss)
+
+
+# Each network's memory pool for its graphs' arrays, alive while the network is: the layers
+# keep arrays a graph made after the graph is gone (a CuPy before 14 frees a pool's blocks
+# with the pool), and no array made outside a graph is handed a block one writes. A later
+# capture takes the blocks an earlier graph left: each graph writes what it reads before
+# reading it, so graphs of one network replayed in turn do not disturb each other's steps.
+_pools: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _pool_of(network: Any, cupy: Any) -> Any:
+    pool = _pools.get(network)
+    if pool is None:
+        pool = _pools[network] = cupy.cuda.MemoryPool()
+    return pool
 
 
 class _Replay:
     """A captured step: copies a batch into ``x``, ``t``, launches ``graph`` and returns a
     copy of its loss (each replay writes the same arrays)."""
 
-    def __init__(self, network: Any, graph: Any, x: Any, t: Any, loss: DeviceLoss,
-                 pool: Any) -> None:  # fmt: skip
+    def __init__(self, network: Any, graph: Any, x: Any, t: Any, loss: DeviceLoss) -> None:
         self.network, self.graph, self.x, self.t, self.loss = network, graph, x, t, loss
-        # The pool whose blocks the graph's arrays are: alive while the graph is.
-        self.pool = pool
         self.copyto = sys.modules["cupy"].copyto
 
     def takes(self, x: Any, t: Any) -> bool:
-        """Whether ``x``, ``t`` are a batch the graph was captured for: the same array type,
-        shapes and dtypes (a copy into the graph's arrays would cast another dtype)."""
-        mine, labels = self.x, self.t
+        """Whether ``x``, ``t`` are a batch the graph was captured for."""
+        return self.alike((self.x, self.t), x, t)
+
+    @staticmethod
+    def alike(batch: tuple[Any, Any], x: Any, t: Any) -> bool:
+        """Whether ``x``, ``t`` have the array types, shapes and dtypes of ``batch`` (a copy
+        into a graph's arrays would cast another dtype)."""
+        mine, labels = batch
         return (
             type(x) is type(mine) and x.shape == mine.shape and x.dtype == mine.dtype
             and type(t) is type(labels) and t.shape == labels.shape and t.dtype == labels.dtype
