@@ -2441,10 +2441,9 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     # halves in the second epoch, which captures anew. The parameters and the history are
     # those of the same fit with the replays off: bit for bit on the CPU stand-in (which
     # replays the recorded launches and products by address), within rounding on a card.
+    from scratchnn import steps
     from scratchnn.steps import TrainingStep
     from scratchnn.train import fit
-
-    from scratchnn import steps
 
     x, t = _blobs(100, 7)
     replays = _replays_counted(monkeypatch)
