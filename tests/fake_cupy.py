@@ -474,11 +474,11 @@ class CublasLibrary:
 
 
 class _CFunction:
-    """A function of a ``ctypes.CDLL`` as ctypes calls it: with ``argtypes`` set, a call
-    must pass that many arguments (more or fewer is a TypeError, as ctypes's "this
-    function takes at least N arguments" is for too few), each converted by its type's
-    ``from_param`` (a wrong type is ``ctypes.ArgumentError``); the function gets the values
-    as C would."""
+    """A function of a ``ctypes.CDLL`` as ctypes calls it: with ``argtypes`` set, each
+    argument goes through its type's ``from_param`` (a wrong type is
+    ``ctypes.ArgumentError``), and too few is a TypeError, as ctypes's "this function
+    takes at least N arguments". Too many is one here too, where ctypes would pass the
+    extra ones to a C function that reads none of them: stricter, never looser."""
 
     def __init__(self, function: Any) -> None:
         self.function = function

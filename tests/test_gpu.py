@@ -1946,8 +1946,8 @@ def test_products_in_a_capture_are_cublas_librarys_on_the_capturing_stream(
         a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
         gpu.copyto(a, gpu.asarray(a_host.astype(dtype)))
         gpu.copyto(b_t, gpu.asarray(b_host.astype(dtype)))
-        graph.launch(stream)
-        stream.synchronize()
+        graph.launch()  # on the current stream, after the copies, as a step's replay is
+        gpu.cuda.Device().synchronize()
         g_host = to_host(g).astype(np.float64)
         for got, want in zip(outs, (a_host @ b_host, a_host.T @ g_host, g_host @ b_host.T)):
             assert got.dtype == dtype
@@ -2447,9 +2447,10 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
 
     x, t = _blobs(100, 7)
     replays = _replays_counted(monkeypatch)
-    pools: list[Any] = []
-    pool_of = steps._pool_of
-    monkeypatch.setattr(steps, "_pool_of", lambda *a: pools.append(pool_of(*a)) or pools[-1])
+    memories: list[Any] = []
+    memory_of = steps._memory_of
+    monkeypatch.setattr(steps, "_memory_of",
+                        lambda *a: memories.append(memory_of(*a)) or memories[-1])  # fmt: skip
     runs = []
     for use_graphs in (False, True):
         monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
@@ -2462,8 +2463,11 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     (eager, eager_history), (graphed, graphed_history) = runs
     capturing = hasattr(gpu, "RawModule")  # the fake CuPy without kernels captures nothing
     assert len(replays) == (10 if capturing else 0)
-    # One capture an epoch, both from the network's one pool (alive while it is).
-    assert len(pools) == (2 if capturing else 0) and all(p is steps._pools[graphed] for p in pools)
+    # One capture an epoch, both with the network's one pool and stream (alive while it is,
+    # or one of its layers).
+    assert len(memories) == (2 if capturing else 0)
+    assert all(m is steps._memories[graphed] for m in memories)
+    assert all(steps._memory_held[layer] is memories[0] for layer in graphed.layers[:capturing])
     exact = hasattr(gpu, "__fake__")
     for key, value in eager.params.items():
         _assert_same(to_host(graphed.params[key]), to_host(value), exact, dtype)
@@ -2495,7 +2499,7 @@ def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.M
             # The first step is eager, on the capture's stream, its five products by
             # cuBLAS's library on scratchnn's handle: as the graph will make them.
             assert [(stream, name) for name, stream, _ in library.products] == [
-                (step._stream.ptr, "sgemm")] * 5  # fmt: skip
+                (step._memory.stream.ptr, "sgemm")] * 5  # fmt: skip
         losses += [step(x, t) for x, t in batches[1:]]
         grads = {key: to_host(value) for key, value in net.grads.items()}
         results.append(([float(loss) for loss in losses], net.last_loss, step.refusal, grads))
@@ -2599,3 +2603,84 @@ def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
     assert failed == eager
     for key, value in eager_net.params.items():
         np.testing.assert_array_equal(to_host(failed_net.params[key]), to_host(value))
+
+
+def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first step waits for the current stream before its own stream reads the batch,
+    # and its stream is waited for before the step returns. A capture that fails is tried
+    # once, said once, and every batch still steps once, as without the graphs.
+    from scratchnn.optim import SGD
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
+                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
+    sgemm = gpu.cublas_library.cublasSgemm_v2.function
+    monkeypatch.setattr(gpu.cublas_library.cublasSgemm_v2, "function",
+                        lambda *a: events.append(("gemm", gpu.cublas_library.stream)) or sgemm(*a))  # fmt: skip
+    attempts: list[int] = []
+
+    def refused(self: Any) -> None:
+        attempts.append(1)
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+
+    monkeypatch.setattr(fake_cupy.Stream, "begin_capture", refused)
+    rng = np.random.default_rng(11)
+    batches = [(gpu.asarray(rng.standard_normal((8, 20)).astype(np.float32)),
+                gpu.asarray(rng.integers(0, 10, 8))) for _ in range(5)]  # fmt: skip
+    results = []
+    for use_graphs in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
+        net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0)).to("cuda")
+        step = TrainingStep(net, SGD(lr=0.1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [step(*batches[0])]
+            first = list(events)
+            losses += [step(x, t) for x, t in batches[1:]]
+        results.append(([float(loss) for loss in losses], net))
+    stream = next(ptr for kind, ptr in first if kind == "gemm")
+    assert stream != 0 and first == [("wait", 0)] + [("gemm", stream)] * 5 + [("wait", stream)]
+    assert len(attempts) == 1 and len(caught) == 1 and "cudaErrorStreamCaptureUnsupported" in (
+        str(caught[0].message))  # fmt: skip
+    (eager, eager_net), (failed, failed_net) = results
+    assert failed == eager
+    for key, value in eager_net.params.items():
+        np.testing.assert_array_equal(to_host(failed_net.params[key]), to_host(value))
+
+
+def test_a_capture_stopped_by_ctrl_c_leaves_the_network_as_the_last_step_did(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A KeyboardInterrupt while the step is captured: the network holds the warm-up step's
+    # arrays and loss again (not a captured step that never ran), and the interrupt goes on.
+    from scratchnn.optim import SGD
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in's streams (a test on a card cannot stop a capture midway)")
+    rng = np.random.default_rng(12)
+    x, t = gpu.asarray(rng.standard_normal((8, 20)).astype(np.float32)), gpu.asarray(
+        rng.integers(0, 10, 8))  # fmt: skip
+    net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0)).to("cuda")
+    step = TrainingStep(net, SGD(lr=0.1))
+    loss = step(x, t)
+    before = [(layer, dict(vars(layer))) for layer in (*net.layers, net.last_layer)]
+    update = SGD.update
+
+    def interrupted(self: Any, params: Any, grads: Any) -> None:
+        if fake_cupy.recording is not None:
+            raise KeyboardInterrupt
+        update(self, params, grads)
+
+    monkeypatch.setattr(SGD, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        step(x, t)
+    assert net._last_loss is loss and fake_cupy.recording is None
+    for layer, state in before:
+        assert vars(layer).keys() == state.keys()
+        assert all(vars(layer)[k] is v for k, v in state.items()), type(layer).__name__

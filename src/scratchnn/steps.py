@@ -53,6 +53,7 @@ import contextlib
 import sys
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from scratchnn import layers, optim
@@ -94,7 +95,7 @@ class TrainingStep:
         self.network, self.optimizer = network, optimizer
         # Why the steps run eagerly (None while none has run, or where they replay).
         self.refusal: str | None = None
-        self._stream: Any = None  # the capture's, once a first step warmed it up
+        self._memory: _Memory | None = None  # the network's pool and stream, once warmed up
         self._warmed: tuple[Any, Any] | None = None  # the warm-up batch (for its shapes)
         self._replay: _Replay | None = None
         self._decided = False
@@ -127,15 +128,18 @@ class TrainingStep:
         are the eager step's. Where the loss's kernel did not take the scores (it alone
         leaves its loss on the GPU), no capture follows."""
         cupy = sys.modules["cupy"]
-        self._stream = stream = cupy.cuda.Stream(non_blocking=True)
+        self._memory = memory = _memory_of(self.network, cupy)
+        stream = memory.stream
         cupy.cuda.get_current_stream().synchronize()  # the batch and parameters are ready
         try:
             with products.capturing(stream), stream:
                 loss = self._eager(x, t)
-            stream.synchronize()  # its results are ready for the current stream
         except Exception as error:  # (a step of its own fails on the current stream too)
+            with contextlib.suppress(Exception):  # what it queued ends before the step
+                stream.synchronize()
             self._failed(error)
             return self._eager(x, t)
+        stream.synchronize()  # its results are ready for the current stream
         if type(loss) is not DeviceLoss:
             self.refusal = "the loss's kernel does not take these scores"
         else:
@@ -143,6 +147,8 @@ class TrainingStep:
         return loss
 
     def _failed(self, error: Exception) -> None:
+        """Steps from now on eager, the reason said once."""
+        self._warmed = None
         self.refusal = f"the capture failed: {type(error).__name__}: {error}"
         warnings.warn(f"TrainingStep: {self.refusal}; the steps run eagerly", RuntimeWarning,
                       stacklevel=4)  # fmt: skip
@@ -178,39 +184,68 @@ class TrainingStep:
     def _capture(self, x: Any, t: Any) -> _Replay | None:
         """The step captured into a CUDA graph for batches shaped as ``x``, ``t`` (nothing
         runs: a capture records); None, with a warning, where it fails."""
-        cupy, stream = sys.modules["cupy"], self._stream
-        network, optimizer = self.network, self.optimizer
+        cupy, memory = sys.modules["cupy"], self._memory
+        assert memory is not None  # (set by the warm-up, which a capture follows)
+        network, optimizer, stream = self.network, self.optimizer, memory.stream
         x_in, t_in = cupy.empty_like(x), cupy.empty_like(t)
-        pool = _pool_of(network, cupy)
+        # What the capture sets (the layers' arrays, the last loss) is what no step has
+        # computed until the graph is launched: put back if the capture stops.
+        held = [(holder, dict(vars(holder))) for holder in (network, *network.layers,
+                                                              network.last_layer)]  # fmt: skip
         try:
-            with products.capturing(stream), cupy.cuda.using_allocator(pool.malloc), stream:
-                stream.begin_capture()
-                try:
-                    optimizer.update(network.params, network._gradient(x_in, t_in, wait=False))
-                except BaseException:
-                    with contextlib.suppress(Exception):  # the step's error is the one to see
-                        stream.end_capture()
-                    raise
-                graph = stream.end_capture()
-        except Exception as error:
+            with products.capturing(stream), cupy.cuda.using_allocator(memory.pool.malloc):
+                with stream:
+                    stream.begin_capture()
+                    try:
+                        optimizer.update(network.params,
+                                         network._gradient(x_in, t_in, wait=False))  # fmt: skip
+                    except BaseException:
+                        with contextlib.suppress(Exception):  # the step's error is the one
+                            stream.end_capture()
+                        raise
+                    graph = stream.end_capture()
+        except BaseException as error:
+            for holder, state in held:
+                vars(holder).clear()
+                vars(holder).update(state)
+            if not isinstance(error, Exception):
+                raise  # (Ctrl-C: the step as it was before the capture)
             self._failed(error)
             return None
+        for holder, _ in held[1:]:  # a layer kept from a dropped network keeps the pool
+            _memory_held[holder] = memory
         return _Replay(network, graph, x_in, t_in, network._last_loss)
 
 
-# Each network's memory pool for its graphs' arrays, alive while the network is: the layers
-# keep arrays a graph made after the graph is gone (a CuPy before 14 frees a pool's blocks
-# with the pool), and no array made outside a graph is handed a block one writes. A later
-# capture takes the blocks an earlier graph left: each graph writes what it reads before
-# reading it, so graphs of one network replayed in turn do not disturb each other's steps.
-_pools: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+@dataclass
+class _Memory:
+    """A network's memory pool for its graphs' arrays, and the stream they are captured on.
+
+    One pool, alive while the network or one of its layers is: the layers keep arrays a
+    graph made after the graph is gone (a CuPy before 14 frees a pool's blocks with the
+    pool), and no array made outside a graph is handed a block that one writes. A later
+    capture takes the blocks an earlier graph left: each graph writes what it reads
+    before reading it, so graphs of one network replayed in turn do not disturb each
+    other's steps. One stream: CuPy's pool hands a freed block only to an allocation on
+    the stream it was freed from, so each epoch's capture on a new stream would strand the
+    last one's blocks.
+    """
+
+    pool: Any
+    stream: Any
 
 
-def _pool_of(network: Any, cupy: Any) -> Any:
-    pool = _pools.get(network)
-    if pool is None:
-        pool = _pools[network] = cupy.cuda.MemoryPool()
-    return pool
+_memories: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
+_memory_held: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
+
+
+def _memory_of(network: Any, cupy: Any) -> _Memory:
+    memory = _memories.get(network)
+    if memory is None:
+        memory = _memories[network] = _Memory(
+            cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+        )
+    return memory
 
 
 class _Replay:
