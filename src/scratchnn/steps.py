@@ -21,8 +21,9 @@ choose is loaded and chosen before the capture, and the graph computes as the
 eager step did. The next batch of the same shape is captured (a capture runs
 nothing) and replayed at once, so that what the network holds afterwards is
 always a step that ran. The graph's arrays come from a memory pool of the
-network's own, which no array made outside a graph is handed, alive while the
-network is (its layers keep a graph's arrays). A batch of another shape (the
+network's own, which no array made outside a graph is handed, and it is
+captured on a stream of the network's own, both alive while the network or
+one of its layers is (see :class:`_Memory`). A batch of another shape (the
 last, shorter one) steps eagerly.
 
 The step is replayed only where everything it does is the same at every
