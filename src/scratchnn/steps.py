@@ -118,7 +118,8 @@ class TrainingStep:
 
     def _eager(self, x: Any, t: Any) -> float | DeviceLoss:
         network = self.network
-        self.optimizer.update(network.params, network._gradient(x, t, wait=False))
+        grads = network._gradient(x, t, wait=False)  # (first: a layer may make its
+        self.optimizer.update(network.params, grads)  # parameters at its first forward)
         loss: float | DeviceLoss = network._last_loss
         return loss
 
@@ -198,8 +199,8 @@ class TrainingStep:
                 with stream:
                     stream.begin_capture()
                     try:
-                        optimizer.update(network.params,
-                                         network._gradient(x_in, t_in, wait=False))  # fmt: skip
+                        grads = network._gradient(x_in, t_in, wait=False)
+                        optimizer.update(network.params, grads)
                     except BaseException:
                         with contextlib.suppress(Exception):  # the step's error is the one
                             stream.end_capture()
