@@ -2471,9 +2471,13 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     exact = hasattr(gpu, "__fake__")
     for key, value in eager.params.items():
         _assert_same(to_host(graphed.params[key]), to_host(value), exact, dtype)
-    for key in ("train_loss", "test_loss", "train_acc"):
+    for key in ("train_loss", "test_loss"):
         _assert_same(np.array(getattr(graphed_history, key)),
                      np.array(getattr(eager_history, key)), exact, dtype)  # fmt: skip
+    # (on a card, rounding may tip one of the 100 examples' answers)
+    tipped = 0.0 if exact else 0.0101
+    np.testing.assert_allclose(graphed_history.train_acc, eager_history.train_acc, rtol=0,
+                               atol=tipped)  # fmt: skip
 
 
 def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
