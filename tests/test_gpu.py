@@ -2569,70 +2569,14 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     assert replays == []
 
 
-def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
-    gpu: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # cuBLAS's library not found, say: one RuntimeWarning naming why, and the steps run as
-    # without the graphs (the batch of the failed capture had its eager step).
-    from scratchnn.kernels import products
+def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch,
+                                  events: list[Any]) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """Five SGD steps of one network through ``TrainingStep``, with the graphs off and on:
+    the warnings of the second run, and ``events`` as they were after its first step. Both
+    runs' losses and parameters must be equal."""
     from scratchnn.optim import SGD
     from scratchnn.steps import TrainingStep
 
-    if not hasattr(gpu, "RawModule"):
-        pytest.skip("the fake CuPy without kernels captures no graphs")
-
-    def refuses(stream: Any) -> Any:
-        raise RuntimeError("cuBLAS's library is not among those loaded")
-
-    rng = np.random.default_rng(10)
-    batches = [(gpu.asarray(rng.standard_normal((8, 20)).astype(np.float32)),
-                gpu.asarray(rng.integers(0, 10, 8))) for _ in range(3)]  # fmt: skip
-    results = []
-    for fails in (False, True):
-        monkeypatch.setattr(TrainingStep, "use_graphs", fails)
-        if fails:
-            monkeypatch.setattr(products, "capturing", refuses)
-        net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0)).to("cuda")
-        step = TrainingStep(net, SGD(lr=0.1))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            losses = [float(step(x, t)) for x, t in batches]
-        results.append((losses, net))
-        if fails:
-            assert [str(w.message) for w in caught] == [
-                "TrainingStep: the capture failed: RuntimeError: cuBLAS's library is not among "
-                "those loaded; the steps run eagerly"]  # fmt: skip
-            assert caught[0].category is RuntimeWarning
-    (eager, eager_net), (failed, failed_net) = results
-    assert failed == eager
-    for key, value in eager_net.params.items():
-        np.testing.assert_array_equal(to_host(failed_net.params[key]), to_host(value))
-
-
-def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
-    gpu: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The first step waits for the current stream before its own stream reads the batch,
-    # and its stream is waited for before the step returns. A capture that fails is tried
-    # once, said once, and every batch still steps once, as without the graphs.
-    from scratchnn.optim import SGD
-    from scratchnn.steps import TrainingStep
-
-    if not hasattr(gpu, "cublas_library"):
-        pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
-    events: list[tuple[str, int]] = []
-    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
-                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
-    sgemm = gpu.cublas_library.cublasSgemm_v2.function
-    monkeypatch.setattr(gpu.cublas_library.cublasSgemm_v2, "function",
-                        lambda *a: events.append(("gemm", gpu.cublas_library.stream)) or sgemm(*a))  # fmt: skip
-    attempts: list[int] = []
-
-    def refused(self: Any) -> None:
-        attempts.append(1)
-        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
-
-    monkeypatch.setattr(fake_cupy.Stream, "begin_capture", refused)
     rng = np.random.default_rng(11)
     batches = [(gpu.asarray(rng.standard_normal((8, 20)).astype(np.float32)),
                 gpu.asarray(rng.integers(0, 10, 8))) for _ in range(5)]  # fmt: skip
@@ -2647,14 +2591,61 @@ def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
             first = list(events)
             losses += [step(x, t) for x, t in batches[1:]]
         results.append(([float(loss) for loss in losses], net))
+    (eager, eager_net), (graphed, graphed_net) = results
+    assert graphed == eager
+    for key, value in eager_net.params.items():
+        np.testing.assert_array_equal(to_host(graphed_net.params[key]), to_host(value))
+    return list(caught), first
+
+
+def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cuBLAS's library not found, say: one RuntimeWarning naming why, and the steps run as
+    # without the graphs (the batch of the failed warm-up had its eager step).
+    from scratchnn.kernels import products
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+
+    def refuses(stream: Any) -> Any:
+        raise RuntimeError("cuBLAS's library is not among those loaded")
+
+    monkeypatch.setattr(products, "capturing", refuses)
+    caught, _ = _five_steps_as_without_graphs(gpu, monkeypatch, [])
+    assert [str(w.message) for w in caught] == [
+        "TrainingStep: the capture failed: RuntimeError: cuBLAS's library is not among "
+        "those loaded; the steps run eagerly"]  # fmt: skip
+    assert caught[0].category is RuntimeWarning
+
+
+def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first step waits for the current stream before its own stream reads the batch,
+    # and its stream is waited for before the step returns. A capture that fails is tried
+    # once, said once, and every batch still steps once, as without the graphs.
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
+                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
+    library = gpu.cublas_library
+    sgemm = library.cublasSgemm_v2.function
+    monkeypatch.setattr(library.cublasSgemm_v2, "function",
+                        lambda *a: events.append(("gemm", library.stream)) or sgemm(*a))  # fmt: skip
+    attempts: list[int] = []
+
+    def refused(self: Any) -> None:
+        attempts.append(1)
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+
+    monkeypatch.setattr(fake_cupy.Stream, "begin_capture", refused)
+    caught, first = _five_steps_as_without_graphs(gpu, monkeypatch, events)
     stream = next(ptr for kind, ptr in first if kind == "gemm")
     assert stream != 0 and first == [("wait", 0)] + [("gemm", stream)] * 5 + [("wait", stream)]
-    assert len(attempts) == 1 and len(caught) == 1 and "cudaErrorStreamCaptureUnsupported" in (
-        str(caught[0].message))  # fmt: skip
-    (eager, eager_net), (failed, failed_net) = results
-    assert failed == eager
-    for key, value in eager_net.params.items():
-        np.testing.assert_array_equal(to_host(failed_net.params[key]), to_host(value))
+    assert len(attempts) == 1 and len(caught) == 1
+    assert "cudaErrorStreamCaptureUnsupported" in str(caught[0].message)
 
 
 def test_a_capture_stopped_by_ctrl_c_leaves_the_network_as_the_last_step_did(
