@@ -9,6 +9,7 @@ numbers, never zeros.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import math
@@ -1956,6 +1957,47 @@ def test_products_in_a_capture_are_cublas_librarys_on_the_capturing_stream(
         np.testing.assert_allclose(to_host(outside), a_host @ b_host, rtol=rtol, atol=rtol)
         assert library is None or library.products == []
     assert len(products._own) == 1 and (library is None or library.handles == 1)
+
+
+def test_a_captures_products_pass_through_ctypes_as_cublas_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Real ctypes against a C library with cuBLAS's prototypes (tests/cublas_stub.c): the
+    # handle made through a pointer, the stream, a workspace and the math mode set on it,
+    # and every layout a step uses, float32 and float64, through products.capturing: the
+    # products right against NumPy, made on the handle bound to the stream.
+    from scratchnn.kernels import products
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler (gcc) to build the stand-in cuBLAS library")
+    library_path = tmp_path / "libcublas_stub.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(library_path),
+                    str(Path(__file__).with_name("cublas_stub.c"))], check=True)  # fmt: skip
+    gpu = fake_cupy.install(monkeypatch, kernels=True)
+    library = ctypes.CDLL(str(library_path))
+    monkeypatch.setattr(products, "_load_cublas", lambda: library)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    stream = gpu.cuda.Stream(non_blocking=True)
+    rng = np.random.default_rng(25)
+    made = 0
+    for dtype, rtol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        a_host, b_host = rng.standard_normal((9, 6)), rng.standard_normal((6, 5))
+        g_host = rng.standard_normal((9, 5))
+        a, g = gpu.asarray(a_host.astype(dtype)), gpu.asarray(g_host.astype(dtype))
+        b_t = gpu.asarray(np.ascontiguousarray(b_host.T).astype(dtype)).T
+        with products.capturing(stream):
+            outs = [products.matmul(a, b_t), products.matmul(a.T, g), products.matmul(g, b_t.T)]
+        made += 3
+        wants = (a_host @ b_host, a_host.T @ g_host, g_host @ b_host.T)
+        for got, want in zip(outs, wants):
+            np.testing.assert_allclose(to_host(got), want, rtol=rtol, atol=rtol)
+    handle = ctypes.c_void_p(products._own[0].handle)
+    library.stub_stream.restype = ctypes.c_void_p
+    library.stub_workspace_bytes.restype = ctypes.c_size_t
+    assert library.stub_stream(handle) == stream.ptr
+    assert library.stub_workspace_bytes(handle) == products.WORKSPACE_BYTES
+    assert library.stub_math_mode(handle) == 3  # (CUPY_TF32: CuPy's float32 precision)
+    assert library.stub_products(handle) == made
 
 
 def test_a_capture_takes_cupys_precision_and_says_what_cublas_refused(
