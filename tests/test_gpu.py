@@ -2612,10 +2612,10 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
 
 
 def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch,
-                                  events: list[Any]) -> tuple[list[Any], list[Any]]:  # fmt: skip
+                                  events: list[Any]) -> tuple[list[Any], list[Any], Any]:  # fmt: skip
     """Five SGD steps of one network through ``TrainingStep``, with the graphs off and on:
-    the warnings of the second run, and ``events`` as they were after its first step. Both
-    runs' losses and parameters must be equal."""
+    the warnings of the second run, ``events`` as they were after its first step, and its
+    network. Both runs' losses and parameters must be equal."""
     from scratchnn.optim import SGD
     from scratchnn.steps import TrainingStep
 
@@ -2637,7 +2637,7 @@ def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch,
     assert graphed == eager
     for key, value in eager_net.params.items():
         np.testing.assert_array_equal(to_host(graphed_net.params[key]), to_host(value))
-    return list(caught), first
+    return list(caught), first, graphed_net
 
 
 def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
@@ -2654,7 +2654,7 @@ def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
         raise RuntimeError("cuBLAS's library is not among those loaded")
 
     monkeypatch.setattr(products, "capturing", refuses)
-    caught, _ = _five_steps_as_without_graphs(gpu, monkeypatch, [])
+    caught, _, _ = _five_steps_as_without_graphs(gpu, monkeypatch, [])
     assert [str(w.message) for w in caught] == [
         "TrainingStep: the capture failed: RuntimeError: cuBLAS's library is not among "
         "those loaded; the steps run eagerly"]  # fmt: skip
@@ -2683,11 +2683,57 @@ def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
         raise RuntimeError("cudaErrorStreamCaptureUnsupported")
 
     monkeypatch.setattr(fake_cupy.Stream, "begin_capture", refused)
-    caught, first = _five_steps_as_without_graphs(gpu, monkeypatch, events)
+    caught, first, net = _five_steps_as_without_graphs(gpu, monkeypatch, events)
     stream = next(ptr for kind, ptr in first if kind == "gemm")
     assert stream != 0 and first == [("wait", 0)] + [("gemm", stream)] * 5 + [("wait", stream)]
     assert len(attempts) == 1 and len(caught) == 1
     assert "cudaErrorStreamCaptureUnsupported" in str(caught[0].message)
+    # fit's next epoch, a new TrainingStep of the network: not tried again, nor said again.
+    from scratchnn.optim import SGD
+    from scratchnn.steps import TrainingStep
+
+    x = gpu.asarray(np.ones((8, 20), np.float32))
+    t = gpu.asarray(np.arange(8) % 10)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        step = TrainingStep(net, SGD(lr=0.1))
+        for _ in range(3):
+            step(x, t)
+    assert again == [] and len(attempts) == 1 and "cudaErrorStreamCaptureUnsupported" in (
+        step.refusal or "")  # fmt: skip
+
+
+def test_a_warm_up_that_fails_after_queueing_work_waits_for_it_and_steps_once(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first step's update refused on the capture's stream, after its products were
+    # queued there: that stream is waited for before the step is taken again eagerly, and
+    # the batch is stepped once, as without the graphs.
+    from scratchnn.optim import SGD
+
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
+                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
+    library = gpu.cublas_library
+    sgemm = library.cublasSgemm_v2.function
+    monkeypatch.setattr(library.cublasSgemm_v2, "function",
+                        lambda *a: events.append(("gemm", library.stream)) or sgemm(*a))  # fmt: skip
+    update = SGD.update
+
+    def refused_on_a_stream(self: Any, params: Any, grads: Any) -> None:
+        if gpu.cuda.get_current_stream().ptr != 0:
+            events.append(("refused", 0))
+            raise RuntimeError("a launch refused on the capture's stream")
+        update(self, params, grads)
+
+    monkeypatch.setattr(SGD, "update", refused_on_a_stream)
+    caught, first, _ = _five_steps_as_without_graphs(gpu, monkeypatch, events)
+    stream = next(ptr for kind, ptr in first if kind == "gemm")
+    assert first == ([("wait", 0)] + [("gemm", stream)] * 5 + [("refused", 0), ("wait", stream)])
+    assert len(caught) == 1 and "a launch refused on the capture's stream" in str(
+        caught[0].message)  # fmt: skip
 
 
 def test_a_capture_stopped_by_ctrl_c_leaves_the_network_as_the_last_step_did(

@@ -131,14 +131,19 @@ class TrainingStep:
         leaves its loss on the GPU), no capture follows."""
         cupy = sys.modules["cupy"]
         self._memory = memory = _memory_of(self.network, cupy)
+        if memory.failure is not None:  # (said once, when the network's capture failed)
+            self.refusal = memory.failure
+            return self._eager(x, t)
         stream = memory.stream
         cupy.cuda.get_current_stream().synchronize()  # the batch and parameters are ready
         try:
             with products.capturing(stream), stream:
                 loss = self._eager(x, t)
-        except Exception as error:  # (a step of its own fails on the current stream too)
+        except BaseException as error:  # (a step of its own fails on the current stream too)
             with contextlib.suppress(Exception):  # what it queued ends before the step
                 stream.synchronize()
+            if not isinstance(error, Exception):
+                raise  # (Ctrl-C)
             self._failed(error)
             return self._eager(x, t)
         stream.synchronize()  # its results are ready for the current stream
@@ -149,9 +154,12 @@ class TrainingStep:
         return loss
 
     def _failed(self, error: Exception) -> None:
-        """Steps from now on eager, the reason said once."""
+        """Steps from now on eager, for this network's later steps too (fit's later
+        epochs), the reason said once."""
         self._warmed = None
         self.refusal = f"the capture failed: {type(error).__name__}: {error}"
+        if self._memory is not None:
+            self._memory.failure = self.refusal
         warnings.warn(f"TrainingStep: {self.refusal}; the steps run eagerly", RuntimeWarning,
                       stacklevel=4)  # fmt: skip
 
@@ -208,8 +216,10 @@ class TrainingStep:
                     graph = stream.end_capture()
         except BaseException as error:
             for holder, state in held:
-                vars(holder).clear()
-                vars(holder).update(state)
+                attributes = vars(holder)
+                attributes.update(state)  # (then the capture's own: a layer never lacks W)
+                for name in attributes.keys() - state.keys():
+                    del attributes[name]
             if not isinstance(error, Exception):
                 raise  # (Ctrl-C: the step as it was before the capture)
             self._failed(error)
@@ -229,12 +239,14 @@ class _Memory:
     capture takes the blocks an earlier graph left: each graph writes what it reads
     before reading it, so graphs of one network replayed in turn do not disturb each
     other's steps. One stream: CuPy's pool hands a freed block only to an allocation on
-    the stream it was freed from, so each epoch's capture on a new stream would strand the
-    last one's blocks.
+    the stream it was allocated on, so each epoch's capture on a new stream would strand
+    the last one's blocks. The pool keeps one graph's working memory while the network
+    lives. ``failure``: why the network's capture failed, if it did (not tried again).
     """
 
     pool: Any
     stream: Any
+    failure: str | None = None
 
 
 _memories: weakref.WeakKeyDictionary[Any, _Memory] = weakref.WeakKeyDictionary()
