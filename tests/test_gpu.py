@@ -2661,6 +2661,19 @@ def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
     assert caught[0].category is RuntimeWarning
 
 
+def _waits_and_products_logged(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A list that logs, in order, each wait for a stream ("wait", its ptr) and each
+    float32 product of the stand-in cuBLAS library ("gemm", the stream it was bound to)."""
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
+                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
+    library = gpu.cublas_library
+    sgemm = library.cublasSgemm_v2.function
+    monkeypatch.setattr(library.cublasSgemm_v2, "function",
+                        lambda *a: events.append(("gemm", library.stream)) or sgemm(*a))  # fmt: skip
+    return events
+
+
 def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2669,13 +2682,7 @@ def test_the_warm_up_waits_for_its_stream_and_a_failed_capture_is_tried_once(
     # once, said once, and every batch still steps once, as without the graphs.
     if not hasattr(gpu, "cublas_library"):
         pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
-    events: list[tuple[str, int]] = []
-    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
-                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
-    library = gpu.cublas_library
-    sgemm = library.cublasSgemm_v2.function
-    monkeypatch.setattr(library.cublasSgemm_v2, "function",
-                        lambda *a: events.append(("gemm", library.stream)) or sgemm(*a))  # fmt: skip
+    events = _waits_and_products_logged(gpu, monkeypatch)
     attempts: list[int] = []
 
     def refused(self: Any) -> None:
@@ -2713,13 +2720,7 @@ def test_a_warm_up_that_fails_after_queueing_work_waits_for_it_and_steps_once(
 
     if not hasattr(gpu, "cublas_library"):
         pytest.skip("the stand-in's streams and cuBLAS library (a card orders its own work)")
-    events: list[tuple[str, int]] = []
-    monkeypatch.setattr(fake_cupy.Stream, "synchronize",
-                        lambda self: events.append(("wait", self.ptr)))  # fmt: skip
-    library = gpu.cublas_library
-    sgemm = library.cublasSgemm_v2.function
-    monkeypatch.setattr(library.cublasSgemm_v2, "function",
-                        lambda *a: events.append(("gemm", library.stream)) or sgemm(*a))  # fmt: skip
+    events = _waits_and_products_logged(gpu, monkeypatch)
     update = SGD.update
 
     def refused_on_a_stream(self: Any, params: Any, grads: Any) -> None:
