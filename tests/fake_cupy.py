@@ -504,11 +504,9 @@ class Graph:
 
     def __init__(self, work: list[Any]) -> None:
         self.work = work
-        self.launches = 0
 
     def launch(self, stream: Any = None) -> None:
         _not_while_capturing("a graph's launch")
-        self.launches += 1
         for work, _ in self.work:
             work()
 
@@ -548,26 +546,16 @@ class Stream:
         graph, recording = Graph(recording), None
         return graph
 
-    @property
-    def is_capturing(self) -> bool:
-        return recording is not None
-
 
 _streams: list[Stream] = [Stream(null=True)]
 
 
 class MemoryPool:
     """A memory pool of its own: here every allocation is NumPy's, so ``malloc`` is only
-    counted (what a capture allocated from the pool)."""
-
-    def __init__(self) -> None:
-        self.allocations = 0
+    what ``cupy.cuda.using_allocator`` is given (it is never called)."""
 
     def malloc(self, size: int) -> None:
-        self.allocations += 1
-
-    def free_all_blocks(self) -> None:
-        pass
+        raise AssertionError("fake cupy: using_allocator is a no-op here")
 
 
 def install_streams(module: types.ModuleType) -> None:
