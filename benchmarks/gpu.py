@@ -249,18 +249,18 @@ def check_networks(device: str = "cuda", seed: int | None = None) -> list[Check]
 
 def check_replays(device: str = "cuda", seed: int | None = None) -> list[Check]:
     """Six steps as fit takes them (``TrainingStep``: on a card, replayed from a CUDA graph
-    after the first), SGD and Momentum, float64 and float32, against the same steps in
-    NumPy float64: the parameters and each step's loss. The check's name says whether the
-    steps were replayed, or why not."""
+    after the first), SGD, Momentum and Adam, float64 and float32, against the same steps
+    in NumPy float64: the parameters and each step's loss. The check's name says whether
+    the steps were replayed, or why not."""
     checks = []
     rng = np.random.default_rng(seed)
     batches = [(rng.standard_normal((32, 20)), rng.integers(0, 10, 32)) for _ in range(6)]
-    for optimizer in ("sgd", "momentum"):
+    for optimizer, lr in (("sgd", 0.1), ("momentum", 0.1), ("adam", 0.001)):
         for dtype, tolerance in ((np.float64, 1e-10), (np.float32, 1e-4)):
             results = []
             for on, kind in (("cpu", np.float64), (device, dtype)):
                 net = mlp([20, 32, 32, 10], rng=np.random.default_rng(1), dtype=kind).to(on)
-                step = TrainingStep(net, make_optimizer(optimizer, lr=0.1))
+                step = TrainingStep(net, make_optimizer(optimizer, lr=lr))
                 losses = [step(to_device(x.astype(kind), on), to_device(t, on))
                           for x, t in batches]  # fmt: skip
                 results.append((net, [float(loss) for loss in losses], step))

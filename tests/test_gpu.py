@@ -34,7 +34,7 @@ from conformance import CASES, Case, away_from_kinks
 import scratchnn as snn
 from scratchnn.backend import device_of, get_array_module, move_arrays, to_device, to_host
 from scratchnn.kernels import OPS
-from scratchnn.kernels.cuda import source, source_many
+from scratchnn.kernels.cuda import next_row_source, source, source_many
 from scratchnn.models import cnn
 from scratchnn.optim import SGD, make_optimizer
 
@@ -1059,6 +1059,12 @@ def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
     for name, op in OPS.items():  # the optimisers' steps over eight tensors at once
         if set(op.outputs) <= set(op.inputs):
             sources[f"{name}_x8"] = source_many(op, dtype, 8)
+    # Adam's step as a graph replays it, its bias corrections read from memory, and the
+    # kernel that fills them in from a table.
+    folded = frozenset({"inv_scale", "eps_scaled"})
+    sources["adam_wd_x8_at"] = source_many(OPS["adam_wd"], dtype, 8, from_memory=folded
+                                           ).replace("adam_wd_x8(", "adam_wd_x8_at(")  # fmt: skip
+    sources["next_row"] = next_row_source(dtype)
     for label in (np.int64, np.int32, np.uint8, np.int8):
         name = np.dtype(label).name
         sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
@@ -1156,7 +1162,7 @@ def test_gpu_benchmark_correctness_checks_pass_on_the_fake_device(
     assert not failed and len(checks) > 100
     # fit's steps: replayed from a graph where the stand-in records one, else eager
     replays = [c.name for c in checks if "steps as fit takes them" in c.name]
-    assert len(replays) == 4
+    assert len(replays) == 6
     assert all(("(replayed)" if kernels else "(eager: this CuPy captures no graphs)") in name
                for name in replays)  # fmt: skip
     launched = set(fake_cuda.launches)
@@ -1415,6 +1421,50 @@ def test_kernels_refuse_a_wrong_count_of_arrays(gpu: Any) -> None:
     with pytest.raises(TypeError, match="sgd takes 2 arrays"):
         kernels.run_many("sgd", [[x, x], [x, x, x]], lr=0.1)
     assert np.array_equal(to_host(x), np.ones(8))  # refused before any step
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_step_reads_scalars_from_the_gpu_as_it_runs(dtype: Any, gpu: Any) -> None:
+    # Adam's step with its two folded bias corrections read from GPU memory (as a replayed
+    # graph takes them) is the step with them given by value; next_row fills them in from
+    # a table, row by row, and counts the rows. Another dtype is refused, and so is a
+    # DeviceScalar where the fused kernel cannot run (NumPy arrays).
+    from scratchnn import kernels
+    from scratchnn.kernels.cuda import DeviceScalar, next_row
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels runs no CUDA kernels")
+    rng = np.random.default_rng(13)
+    tensors = [[rng.standard_normal(n).astype(dtype) for _ in range(4)] for n in (37, 8, 1000)]
+    for arrays in tensors:
+        arrays[3] = np.abs(arrays[3])  # (v, a sum of squares)
+    given = {"beta1": 0.9, "one_minus_beta1": 0.1, "beta2": 0.999, "one_minus_beta2": 1e-3}
+    table = np.array([[31.25, 0.5], [0.0, 0.0], [17.5, 0.25]], dtype)
+    results = []
+    for by_value in (True, False):
+        on_gpu = [[gpu.asarray(a.copy()) for a in arrays] for arrays in tensors]
+        if by_value:
+            kernels.run_many("adam", on_gpu, **given, inv_scale=17.5, eps_scaled=0.25)
+        else:
+            rows, row = gpu.asarray(table), gpu.asarray(np.full(2, np.nan, dtype))
+            index = gpu.asarray(np.array([1], np.int64))
+            next_row(gpu, rows, row, index)
+            next_row(gpu, rows, row, index)  # rows 1 then 2
+            assert to_host(index).tolist() == [3] and to_host(row).tolist() == [17.5, 0.25]
+            at = {"inv_scale": DeviceScalar(row[0:1]), "eps_scaled": DeviceScalar(row[1:2])}
+            kernels.run_many("adam", on_gpu, **given, **at)
+        results.append([[to_host(a) for a in arrays] for arrays in on_gpu])
+    for got, want in zip(results[1], results[0]):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(results[0][0][0], tensors[0][0])  # a step was taken
+    other = np.float64 if dtype == np.float32 else np.float32
+    wrong = DeviceScalar(gpu.asarray(np.ones(1, other)))
+    arrays = [gpu.asarray(a) for a in tensors[0]]
+    with pytest.raises(TypeError, match=f"one element of the kernel's dtype {np.dtype(dtype)}"):
+        kernels.run_many("adam", [arrays], **given, inv_scale=wrong, eps_scaled=0.25)
+    with pytest.raises(TypeError, match="scalars read from the GPU take its fused CUDA kernel"):
+        kernels.run_many("adam", [tensors[0]], **given, inv_scale=wrong, eps_scaled=0.25)
 
 
 def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
@@ -2473,7 +2523,10 @@ def _assert_same(got: Any, want: Any, exact: bool, dtype: Any) -> None:
     ("tanh", "nesterov", np.float64), ("leaky-relu", "sgd", np.float32),
     ("elu", "momentum", np.float32), ("gelu", "sgd", np.float64), ("gelu-tanh", "sgd", np.float32),
     ("softplus", "nesterov", np.float32), ("silu", "sgd", np.float32),
-    ("identity", "sgd", np.float64),
+    ("identity", "sgd", np.float64), ("relu", "adagrad", np.float32),
+    ("sigmoid", "rmsprop", np.float64), ("relu", "adam", np.float32), ("tanh", "adam", np.float64),
+    ("silu", "adam weight_decay=0.01", np.float32), ("relu", "momentum weight_decay=0.01",
+                                                     np.float64),
 ])  # fmt: skip
 def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     activation: str, optimizer: str, dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
@@ -2483,10 +2536,15 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     # halves in the second epoch, which captures anew. The parameters and the history are
     # those of the same fit with the replays off: bit for bit on the CPU stand-in (which
     # replays the recorded launches and products by address), within rounding on a card.
+    # Adam's bias corrections come from a table of 3 steps here (1,024 as it stands), so
+    # that each epoch's replays write it twice.
     from scratchnn import steps
     from scratchnn.steps import TrainingStep
     from scratchnn.train import fit
 
+    name, *settings = optimizer.split()
+    kwargs = {key: float(value) for key, value in (s.split("=") for s in settings)}
+    monkeypatch.setattr(steps._StepScalars, "ROWS", 3)
     x, t = _blobs(100, 7)
     replays = _replays_counted(monkeypatch)
     memories: list[Any] = []
@@ -2499,10 +2557,11 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
         net = snn.mlp([20, 12, 9, 10], activation=activation, rng=np.random.default_rng(0),
                       dtype=dtype).to("cuda")  # fmt: skip
         data = (gpu.asarray(x.astype(dtype)), gpu.asarray(t))
-        history = fit(net, make_optimizer(optimizer, lr=0.05), data, epochs=2, batch_size=16,
-                      rng=np.random.default_rng(5), lr_decay=0.5, train_eval_size=100)  # fmt: skip
-        runs.append((net, history))
-    (eager, eager_history), (graphed, graphed_history) = runs
+        trainer = make_optimizer(name, lr=0.05, **kwargs)
+        history = fit(net, trainer, data, epochs=2, batch_size=16, rng=np.random.default_rng(5),
+                      lr_decay=0.5, train_eval_size=100)  # fmt: skip
+        runs.append((net, history, trainer.state_dict()))
+    (eager, eager_history, eager_state), (graphed, graphed_history, graphed_state) = runs
     capturing = hasattr(gpu, "RawModule")  # the fake CuPy without kernels captures nothing
     assert len(replays) == (10 if capturing else 0)
     # One capture an epoch, both with the network's one pool and stream (alive while it is,
@@ -2513,6 +2572,10 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     exact = hasattr(gpu, "__fake__")
     for key, value in eager.params.items():
         _assert_same(to_host(graphed.params[key]), to_host(value), exact, dtype)
+    # The optimiser's state too: its velocities or moments, and Adam's step counts (14).
+    assert eager_state.keys() == graphed_state.keys()
+    for key, value in eager_state.items():
+        _assert_same(to_host(graphed_state[key]), to_host(value), exact, dtype)
     for key in ("train_loss", "test_loss"):
         _assert_same(np.array(getattr(graphed_history, key)),
                      np.array(getattr(eager_history, key)), exact, dtype)  # fmt: skip
@@ -2569,8 +2632,9 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a graph would not repeat, or what may change between steps, steps eagerly, and
-    # the same as without the graphs: Adam's bias corrections, Dropout's masks, BatchNorm,
-    # a hook on a layer or on the optimiser's update, float16, NumPy arrays.
+    # the same as without the graphs: Dropout's masks, BatchNorm, a hook on a layer or on
+    # the optimiser's update, an optimiser of our own, Adam whose parameters count their
+    # steps apart or whose folded scalars may overflow, float16, NumPy arrays.
     from scratchnn.optim import SGD, Adam
     from scratchnn.steps import TrainingStep
 
@@ -2588,8 +2652,16 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     hooked.layers[1].forward = functools.partial(type(hooked.layers[1]).forward, hooked.layers[1])
     logged = SGD(lr=0.1)
     logged.update = functools.partial(SGD.update, logged)  # type: ignore[method-assign]
+    apart = Adam()
+    apart.steps["W1"] = 4  # (a layer trained before the others)
+
+    class Mine(SGD):
+        pass
+
     cases = [
-        (net(snn.Relu()), Adam(), "cuda", np.float64, "Adam"),
+        (net(snn.Relu()), apart, "cuda", np.float64, "not all taken the same number of steps"),
+        (net(snn.Relu()), Adam(lr=1e-31), "cuda", np.float64, "not above 1e-30"),
+        (net(snn.Relu()), Mine(lr=0.1), "cuda", np.float64, "optimiser (Mine"),
         (net(snn.Dropout(0.5, rng=np.random.default_rng(0)), snn.Relu()), SGD(lr=0.1), "cuda",
          np.float64, "layer 1 (Dropout)"),
         (net(snn.BatchNorm(5), snn.Relu()), SGD(lr=0.1), "cuda", np.float64, "layer 1 (BatchNorm"),
@@ -2611,12 +2683,11 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     assert replays == []
 
 
-def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch,
-                                  events: list[Any]) -> tuple[list[Any], list[Any], Any]:  # fmt: skip
-    """Five SGD steps of one network through ``TrainingStep``, with the graphs off and on:
-    the warnings of the second run, ``events`` as they were after its first step, and its
-    network. Both runs' losses and parameters must be equal."""
-    from scratchnn.optim import SGD
+def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch, events: list[Any],
+                                  optimizer: str = "sgd") -> tuple[list[Any], list[Any], Any]:  # fmt: skip
+    """Five steps of one network through ``TrainingStep`` (SGD, or ``optimizer``'s), with
+    the graphs off and on: the warnings of the second run, ``events`` as they were after
+    its first step, and its network. Both runs' losses and parameters must be equal."""
     from scratchnn.steps import TrainingStep
 
     rng = np.random.default_rng(11)
@@ -2626,7 +2697,7 @@ def _five_steps_as_without_graphs(gpu: Any, monkeypatch: pytest.MonkeyPatch,
     for use_graphs in (False, True):
         monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
         net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0)).to("cuda")
-        step = TrainingStep(net, SGD(lr=0.1))
+        step = TrainingStep(net, make_optimizer(optimizer, lr=0.1))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             losses = [step(*batches[0])]
@@ -2659,6 +2730,25 @@ def test_a_capture_that_fails_warns_and_the_steps_go_on_eagerly(
         "TrainingStep: the capture failed: RuntimeError: cuBLAS's library is not among "
         "those loaded; the steps run eagerly"]  # fmt: skip
     assert caught[0].category is RuntimeWarning
+
+
+def test_a_capture_that_fails_after_adams_update_leaves_its_step_counts(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The capture fails as it ends, after Adam's update counted a step that no step took:
+    # the counts are put back, so the eager steps that follow take the bias corrections
+    # they take without the graphs.
+    if not hasattr(gpu, "cublas_library"):
+        pytest.skip("the stand-in's streams (a card's capture fails where CUDA says)")
+    end_capture = fake_cupy.Stream.end_capture
+
+    def invalidated(self: Any) -> Any:
+        end_capture(self)
+        raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+
+    monkeypatch.setattr(fake_cupy.Stream, "end_capture", invalidated)
+    caught, _, _ = _five_steps_as_without_graphs(gpu, monkeypatch, [], "adam")
+    assert len(caught) == 1 and "cudaErrorStreamCaptureInvalidated" in str(caught[0].message)
 
 
 def _waits_and_products_logged(gpu: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:

@@ -675,7 +675,11 @@ class Adam(Optimizer):
         m, v = self._state("m", key, param), self._state("v", key, param)
         t = self.steps[key] = self.steps.get(key, 0) + 1
         names = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_scale", "eps_scaled")
-        return "adam", [m, v], dict(zip(names, self._folded_scalars(t)))
+        scalars = dict(zip(names, self._folded_scalars(t)))
+        # While scratchnn.steps captures a step into a CUDA graph, the two that change with
+        # t are read from the GPU as each replay runs (kernels.cuda.DeviceScalar).
+        scalars.update(getattr(self, "_scalars_on_device", None) or {})
+        return "adam", [m, v], scalars
 
     def _folded_scalars(self, t: int) -> tuple[float, ...]:
         """The step's six scalars: beta1, 1 - beta1, beta2, 1 - beta2, and the folded

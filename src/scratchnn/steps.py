@@ -37,9 +37,16 @@ batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
   class's, with no hook on its forward or backward), ending in
   :class:`~scratchnn.layers.losses.SoftmaxWithLoss`; not Dropout (a new mask
   at each step) nor BatchNorm;
-- the optimiser is SGD, Momentum or Nesterov, whose steps read their
-  hyperparameters as they were at the capture (a new learning rate needs a
-  new ``TrainingStep``); not Adam, whose bias corrections change every step.
+- the optimiser is one of :data:`REPLAYABLE_OPTIMIZERS` (SGD, Momentum,
+  Nesterov, AdaGrad, RMSprop, Adam, each its own class's, with no hook on its
+  update), whose steps read their hyperparameters as they were at the capture
+  (a new learning rate needs a new ``TrainingStep``). Adam's two scalars that
+  change at every step (its bias corrections, folded) are worked out on the
+  host as the eager step works them out, a table of the next 1,024 steps at a
+  time, which the graph reads row by row (:class:`_StepScalars`); its
+  parameters must all have taken the same number of steps, and its learning
+  rate be above 1e-30 (below, the folded scalars may overflow and the step is
+  taken unfolded).
 
 One handle serves a device, from one thread: two graphs replayed at once on
 two streams would share its workspace. ``TrainingStep.use_graphs = False``
@@ -54,12 +61,15 @@ import contextlib
 import sys
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from scratchnn import layers, optim
 from scratchnn.backend import FLOAT_DTYPES, cupy_array_type
-from scratchnn.kernels import _kernels_take, products
+from scratchnn.kernels import _kernels_take, cuda, products
 from scratchnn.layers.losses import DeviceLoss, Loss, SoftmaxWithLoss
 from scratchnn.models import Sequential, _runs_as_written
 
@@ -68,8 +78,11 @@ REPLAYABLE_LAYERS = frozenset({
     layers.Affine, layers.Relu, layers.Sigmoid, layers.Tanh, layers.LeakyRelu, layers.Elu,
     layers.Gelu, layers.Softplus, layers.Silu, layers.Identity,
 })  # fmt: skip
-# The optimisers whose GPU step is one kernel of fixed scalars, its state updated in place.
-REPLAYABLE_OPTIMIZERS = frozenset({optim.SGD, optim.Momentum, optim.Nesterov})
+# The optimisers whose GPU step is one kernel, its state updated in place; its scalars fixed
+# (Adam's bias corrections read from a table on the GPU: _StepScalars).
+REPLAYABLE_OPTIMIZERS = frozenset({
+    optim.SGD, optim.Momentum, optim.Nesterov, optim.AdaGrad, optim.RMSprop, optim.Adam,
+})  # fmt: skip
 
 
 class TrainingStep:
@@ -189,6 +202,8 @@ class TrainingStep:
             return f"the optimiser ({optimizer!r}) is not one whose step is replayed as written"
         if any(type(p) is not type(x) or p.dtype != x.dtype for p in network.params.values()):
             return "a parameter is not on the GPU in the batch's dtype"
+        if type(optimizer) is optim.Adam:
+            return _StepScalars.refusal(optimizer, network.params)
         return None
 
     def _capture(self, x: Any, t: Any) -> _Replay | None:
@@ -198,16 +213,26 @@ class TrainingStep:
         assert memory is not None  # (set by the warm-up, which a capture follows)
         network, optimizer, stream = self.network, self.optimizer, memory.stream
         x_in, t_in = cupy.empty_like(x), cupy.empty_like(t)
-        # What the capture sets (the layers' arrays, the last loss) is what no step has
-        # computed until the graph is launched: put back if the capture stops.
+        scalars = None
+        if type(optimizer) is optim.Adam:
+            refusal = _StepScalars.refusal(optimizer, network.params)
+            if refusal is not None:  # (a parameter the warm-up made)
+                self.refusal, self._warmed = refusal, None
+                return None
+            scalars = _StepScalars(cupy, optimizer, list(network.params), x.dtype)
+        # What the capture sets (the layers' arrays, the last loss, Adam's step counts) is
+        # what no step has computed until the graph is launched: put back if the capture
+        # stops (and Adam's step counts in any case: each replay counts its step).
         held = [(holder, dict(vars(holder))) for holder in (network, *network.layers,
                                                               network.last_layer)]  # fmt: skip
         try:
             with products.capturing(stream), cupy.cuda.using_allocator(memory.pool.malloc):
-                with stream:
+                with stream, _StepScalars.read_by(optimizer, scalars):
                     stream.begin_capture()
                     try:
                         grads = network._gradient(x_in, t_in, wait=False)
+                        if scalars is not None:
+                            scalars.capture_next_row()
                         optimizer.update(network.params, grads)
                     except BaseException:
                         with contextlib.suppress(Exception):  # the step's error is the one
@@ -226,7 +251,7 @@ class TrainingStep:
             return None
         for holder, _ in held[1:]:  # a layer kept from a dropped network keeps the pool
             _memory_held[holder] = memory
-        return _Replay(network, graph, x_in, t_in, network._last_loss)
+        return _Replay(network, graph, x_in, t_in, network._last_loss, scalars)
 
 
 @dataclass
@@ -264,10 +289,20 @@ def _memory_of(network: Any, cupy: Any) -> _Memory:
 
 class _Replay:
     """A captured step: copies a batch into ``x``, ``t``, launches ``graph`` and returns a
-    copy of its loss (each replay writes the same arrays)."""
+    copy of its loss (each replay writes the same arrays); ``scalars``: Adam's table of
+    bias corrections, which the graph reads row by row."""
 
-    def __init__(self, network: Any, graph: Any, x: Any, t: Any, loss: DeviceLoss) -> None:
+    def __init__(
+        self,
+        network: Any,
+        graph: Any,
+        x: Any,
+        t: Any,
+        loss: DeviceLoss,
+        scalars: _StepScalars | None = None,
+    ) -> None:
         self.network, self.graph, self.x, self.t, self.loss = network, graph, x, t, loss
+        self.scalars = scalars
         self.copyto = sys.modules["cupy"].copyto
 
     def takes(self, x: Any, t: Any) -> bool:
@@ -288,8 +323,84 @@ class _Replay:
         copyto = self.copyto
         copyto(self.x, x)
         copyto(self.t, t)
+        if self.scalars is not None:
+            self.scalars.count_step()
         self.graph.launch()  # on the current stream, after the copies
         captured = self.loss
         loss = DeviceLoss(captured.result.copy(), captured.rows, t, captured.classes, captured.who)
         self.network._last_loss = loss
         return loss
+
+
+class _StepScalars:
+    """Adam's two folded scalars that change at every step (``inv_scale`` and
+    ``eps_scaled``: its bias corrections, see ``Adam._folded_scalars``), for a graph that
+    replays its step.
+
+    The host works them out as the eager step does, for the next :attr:`ROWS` steps
+    at a time, into ``table`` on the GPU. The graph's first kernel of the update
+    (:func:`~scratchnn.kernels.cuda.next_row`) copies the table's row ``index`` into
+    ``row`` and counts it; Adam's kernels read their two scalars from ``row``
+    (:class:`~scratchnn.kernels.cuda.DeviceScalar`). So each replay takes its own
+    step's numbers, bit for bit the eager step's, with no copy from the host but one
+    every ``ROWS`` steps. The host counts the steps as the eager step counts them
+    (``Adam.steps``).
+    """
+
+    ROWS: ClassVar[int] = 1024
+
+    def __init__(self, cupy: Any, optimizer: optim.Adam, keys: list[str], dtype: Any) -> None:
+        self.cupy, self.optimizer, self.keys, self.dtype = cupy, optimizer, keys, dtype
+        self.step = optimizer.steps.get(keys[0], 0)  # the last step taken
+        self.table = cupy.empty((self.ROWS, 2), dtype=dtype)
+        self.row = cupy.empty(2, dtype=dtype)
+        self.index = cupy.empty(1, dtype=np.int64)
+        self.rows_left = 0  # rows of the table no replay has taken
+        # (the step's scalars as Adam's kernels take them: read from `row` as they run)
+        self.on_device = {"inv_scale": cuda.DeviceScalar(self.row[0:1]),
+                          "eps_scaled": cuda.DeviceScalar(self.row[1:2])}  # fmt: skip
+
+    @staticmethod
+    def refusal(optimizer: optim.Adam, params: dict[str, Any]) -> str | None:
+        """Why Adam's step on ``params`` cannot be replayed; None if it can."""
+        if not optimizer.lr > 1e-30:
+            return f"Adam's learning rate {optimizer.lr!r} is not above 1e-30 (steps unfolded)"
+        if len({optimizer.steps.get(key, 0) for key in params}) > 1:
+            return "Adam's parameters have not all taken the same number of steps"
+        return None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def read_by(optimizer: Any, scalars: _StepScalars | None) -> Iterator[None]:
+        """While a step is captured: Adam's kernels read ``scalars`` from the GPU, and its
+        step counts are put back afterwards (what the capture counted no step took)."""
+        if scalars is None:
+            yield
+            return
+        steps = dict(optimizer.steps)
+        optimizer._scalars_on_device = scalars.on_device
+        try:
+            yield
+        finally:
+            optimizer._scalars_on_device = None
+            optimizer.steps.clear()
+            optimizer.steps.update(steps)
+
+    def capture_next_row(self) -> None:
+        cuda.next_row(self.cupy, self.table, self.row, self.index)
+
+    def count_step(self) -> None:
+        """Before a replay: count its step on the host, and write the table's next rows
+        (queued on the current stream, after the replays that read the last ones) when
+        the last replay took its last row."""
+        if self.rows_left == 0:
+            adam = self.optimizer
+            rows = [adam._folded_scalars(self.step + 1 + r)[4:] for r in range(self.ROWS)]
+            self.cupy.copyto(self.table, self.cupy.asarray(np.array(rows, dtype=self.dtype)))
+            self.cupy.copyto(self.index, self.cupy.zeros(1, dtype=np.int64))
+            self.rows_left = self.ROWS
+        self.rows_left -= 1
+        self.step += 1
+        steps = self.optimizer.steps
+        for key in self.keys:
+            steps[key] = self.step

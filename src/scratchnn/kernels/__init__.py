@@ -37,10 +37,13 @@ def run(name: str, *arrays: Any, **scalars: float) -> list[Any]:
     return evaluate(op, xp, list(arrays), scalars)
 
 
-def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> None:
+def run_many(
+    name: str, tensors: Sequence[Sequence[Any]], **scalars: float | cuda.DeviceScalar
+) -> None:
     """Run the in-place operation ``name`` (an optimiser's step) over several tensors, each
     its arrays in the op's order: on the GPU one launch for up to eight of them, where
-    :func:`run` would launch once per tensor; elsewhere :func:`run` on each."""
+    :func:`run` would launch once per tensor; elsewhere :func:`run` on each. A scalar may
+    be a :class:`~scratchnn.kernels.cuda.DeviceScalar` on the GPU's path only."""
     op = OPS[name]
     if not tensors:
         return
@@ -54,8 +57,16 @@ def run_many(name: str, tensors: Sequence[Sequence[Any]], **scalars: float) -> N
         if None not in ready:
             cuda.launch_many(xp, op, ready, scalars)  # type: ignore[arg-type]
             return
+    by_value = {
+        key: value for key, value in scalars.items() if not isinstance(value, cuda.DeviceScalar)
+    }
+    if len(by_value) < len(scalars):
+        raise TypeError(
+            f"kernels: {name}'s scalars read from the GPU take its fused CUDA kernel, which "
+            "these arrays cannot run (another module, dtype or layout)"
+        )
     for arrays in tensors:
-        run(name, *arrays, **scalars)
+        run(name, *arrays, **by_value)
 
 
 def _check_count(op: Op, arrays: Sequence[Any]) -> None:

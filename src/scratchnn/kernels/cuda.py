@@ -277,7 +277,7 @@ __device__ __forceinline__ float npdf_float(float x) {
 }
 
 
-def _parameters(op: Op, tags: list[str]) -> str:
+def _parameters(op: Op, tags: list[str], from_memory: frozenset[str] = frozenset()) -> str:
     written = set(op.outputs)
 
     def element_type(name: str) -> str:
@@ -288,14 +288,21 @@ def _parameters(op: Op, tags: list[str]) -> str:
         for tag in tags
         for name in op.arrays
     ]
-    params += [f"const T {name}" for name in op.scalars]
+    params += [
+        f"const T* __restrict__ {name}_at" if name in from_memory else f"const T {name}"
+        for name in op.scalars
+    ]
     params += [f"const long long n{tag}, const int vec{tag}" for tag in tags]
     return ", ".join(params)
 
 
-_GRID = """    const long long stride = (long long)blockDim.x * gridDim.x;
+def _grid(op: Op, from_memory: frozenset[str] = frozenset()) -> str:
+    """A kernel's first lines: its grid-stride indices, and the scalars it reads from memory."""
+    reads = "".join(f"    const T {name} = *{name}_at;\n" for name in op.scalars
+                    if name in from_memory)  # fmt: skip
+    return """    const long long stride = (long long)blockDim.x * gridDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-"""
+""" + reads
 
 
 def source(op: Op, dtype: Any, per_thread: int | None = None) -> str:
@@ -312,27 +319,35 @@ def source(op: Op, dtype: Any, per_thread: int | None = None) -> str:
     return f"""{_header(c_type)}
 extern "C" __global__ void {op.name}({_parameters(op, [""])})
 {{
-{_GRID}{_loops(op, c_type, "", per_thread)}
+{_grid(op)}{_loops(op, c_type, "", per_thread)}
 }}
 """
 
 
-def source_many(op: Op, dtype: Any, count: int, per_thread: int | None = None) -> str:
+def source_many(
+    op: Op,
+    dtype: Any,
+    count: int,
+    per_thread: int | None = None,
+    from_memory: frozenset[str] = frozenset(),
+) -> str:
     """One kernel, ``<op.name>_x<count>``, that runs ``op`` over ``count`` tensors of
     ``dtype`` in one launch (an optimiser's step over every parameter).
 
     Arguments: tensor 0's arrays (as for :func:`source`), tensor 1's, ..., the
     scalars (shared), then each tensor's ``n`` and ``vec``. Every thread walks
     each tensor in turn, grid-stride, ``per_thread`` vectors at a time (as :func:`source`).
+    The scalars named in ``from_memory`` are taken as pointers to one ``T`` each, read
+    as the kernel runs (:class:`DeviceScalar`).
     """
     c_type = _C_TYPES[np.dtype(dtype)]
     per_thread = vectors_per_thread(op) if per_thread is None else per_thread
     tags = [str(j) for j in range(count)]
     loops = "\n".join(_loops(op, c_type, tag, per_thread) for tag in tags)
     return f"""{_header(c_type)}
-extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags)})
+extern "C" __global__ void {op.name}_x{count}({_parameters(op, tags, from_memory)})
 {{
-{_GRID}{loops}
+{_grid(op, from_memory)}{loops}
 }}
 """
 
@@ -417,14 +432,26 @@ def _vector_path(arrays: list[Any], n: int, lanes: int) -> bool:
 MANY = 8
 
 
-def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, float]) -> None:
+def launch_many(
+    cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, float | DeviceScalar]
+) -> None:
     """Run the in-place ``op`` (an optimiser's step) over several tensors, each a list of
     C-contiguous CuPy arrays of one shape in ``op.inputs`` order, all of one float dtype:
-    one launch per ``MANY`` tensors where :func:`launch` would make one each."""
+    one launch per ``MANY`` tensors where :func:`launch` would make one each. A scalar
+    may be a :class:`DeviceScalar`, read from the GPU as the kernel runs."""
     assert not op.fresh_outputs, f"{op.name} has outputs of its own"
     dtype = np.dtype(tensors[0][0].dtype)
     lanes, per_thread = _LANES_OF[dtype], vectors_per_thread(op)
-    step_scalars = [dtype.type(scalars[name]) for name in op.scalars]
+    step_scalars: list[Any] = []
+    read: set[str] = set()
+    for name in op.scalars:
+        value = scalars[name]
+        if isinstance(value, DeviceScalar):
+            read.add(name)
+            step_scalars.append(_read_from(value, dtype))
+        else:
+            step_scalars.append(dtype.type(value))
+    from_memory = frozenset(read)
     work = [arrays for arrays in tensors if arrays[0].size]
     for first in range(0, len(work), MANY):
         chunk = work[first : first + MANY]
@@ -438,13 +465,71 @@ def launch_many(cupy: Any, op: Op, tensors: list[list[Any]], scalars: dict[str, 
             args += (size, flag)
             if blocks_needed > grid:
                 grid = blocks_needed
-        _many_kernel(cupy, op, dtype, len(chunk))((grid,), (BLOCK,), tuple(args))
+        kernel = _many_kernel(cupy, op, dtype, len(chunk), from_memory)
+        kernel((grid,), (BLOCK,), tuple(args))
 
 
-def _many_kernel(cupy: Any, op: Op, dtype: np.dtype[Any], count: int) -> Any:
-    key = (op.name, dtype, count)
+def _many_kernel(
+    cupy: Any, op: Op, dtype: np.dtype[Any], count: int, from_memory: frozenset[str]
+) -> Any:
+    key = (op.name, dtype, count, from_memory)
     kernel = _kernels.get(key)
     if kernel is None:
         name = f"{op.name}_x{count}"
-        kernel = _kernels[key] = cupy.RawKernel(source_many(op, dtype, count), name)
+        code = source_many(op, dtype, count, from_memory=from_memory)
+        kernel = _kernels[key] = cupy.RawKernel(code, name)
     return kernel
+
+
+class DeviceScalar:
+    """A kernel's scalar argument read from GPU memory (``array``: one element of the
+    kernel's dtype) as the kernel runs, not taken by value at its launch: a CUDA graph
+    replays its launches with the arguments they were captured with, so a scalar that
+    changes at every step (Adam's bias corrections) reaches a replayed kernel this way.
+    Only :func:`launch_many` takes one."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def __repr__(self) -> str:
+        return f"DeviceScalar(at {self.array.data.ptr:#x})"
+
+
+def _read_from(scalar: DeviceScalar, dtype: np.dtype[Any]) -> Any:
+    array = scalar.array
+    if array.size != 1 or array.dtype != dtype:
+        raise TypeError(
+            f"kernels: a DeviceScalar must be one element of the kernel's dtype {dtype}, "
+            f"got {array.size} of {array.dtype}"
+        )
+    return array
+
+
+def next_row_source(dtype: Any) -> str:
+    """The CUDA C source of ``next_row``: a one-thread kernel that copies row ``*index`` of
+    ``table`` (``width`` columns, C order) into ``row`` and counts it (``*index += 1``)."""
+    c_type = _C_TYPES[np.dtype(dtype)]
+    return f"""extern "C" __global__ void next_row(
+    const {c_type}* __restrict__ table, {c_type}* __restrict__ row,
+    long long* __restrict__ index, const long long width)
+{{
+    const long long at = *index * width;
+    for (long long j = 0; j < width; ++j) row[j] = table[at + j];
+    *index += 1;
+}}
+"""
+
+
+def next_row(cupy: Any, table: Any, row: Any, index: Any) -> None:
+    """Launch ``next_row`` (see :func:`next_row_source`): ``row[:] = table[index]``, then
+    ``index += 1``, read and written as the kernel runs (in a CUDA graph, at each replay).
+    ``table`` is C-contiguous, ``row`` one of its rows' length, both of one float dtype;
+    ``index`` one int64. Nothing checks that the row is inside the table."""
+    dtype = np.dtype(table.dtype)
+    key = ("next_row", dtype)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = cupy.RawKernel(next_row_source(dtype), "next_row")
+    kernel((1,), (1,), (table, row, index, np.int64(table.shape[-1])))
