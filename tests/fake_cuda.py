@@ -329,6 +329,7 @@ class RawKernel:
     def __init__(self, code: str, name: str, options: tuple[str, ...] = (), **_: Any) -> None:
         self.code, self.name = code, name
         self.parameters = _signature(code, name)
+        self.loaded = False  # (CuPy loads a kernel's module at its first launch)
 
     def _arguments(self, args: tuple[Any, ...]) -> list[Any]:
         """Per parameter, a ctypes object: the array's address, or the scalar in its C type."""
@@ -365,6 +366,11 @@ class RawKernel:
             *[v.value if isinstance(v, ctypes.c_void_p) else ctypes.addressof(v) for v in values]
         )
         launches.append(self.name)
+        if fake_cupy.recording is not None and not self.loaded:
+            # A module loaded while a stream captures: a driver before CUDA 12.3 refuses it
+            # (lazy loading), so every kernel a graph records must have run before.
+            raise RuntimeError(f"fake CUDA: {self.name} first launched while a stream captures")
+        self.loaded = True
 
         def launch() -> None:
             with _lock:  # one launch at a time: the launch state is global in the library

@@ -2628,6 +2628,53 @@ def test_each_replayed_step_returns_its_own_loss(gpu: Any, monkeypatch: pytest.M
     _assert_same(np.array(graphed), np.array(eager), exact, np.float32)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_replays_take_the_steps_that_come_after_eager_steps_between_them(
+    optimizer: str, gpu: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Adam's bias corrections follow its step count. Eager steps of a shorter batch between
+    # the replays move the count on, and the next replay takes the step that comes (its
+    # table written anew from there); a table of 2 rows is also written again as it is
+    # used up. A rate set between steps (the graph holds the one it was captured with) is
+    # taken by eager steps. Losses, parameters and the optimiser's state (moments,
+    # velocities, step counts) are those without the graphs.
+    from scratchnn import steps
+    from scratchnn.steps import TrainingStep
+
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+    monkeypatch.setattr(steps._StepScalars, "ROWS", 2)
+    rng = np.random.default_rng(14)
+
+    def batch(n: int) -> tuple[Any, Any]:
+        return (gpu.asarray(rng.standard_normal((n, 20)).astype(np.float32)),
+                gpu.asarray(rng.integers(0, 10, n)))  # fmt: skip
+
+    full, short = [batch(16) for _ in range(7)], batch(8)
+    order = [*full[:3], short, full[3], short, short, *full[4:]]
+    replays = _replays_counted(monkeypatch)
+    results = []
+    for use_graphs in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
+        net = snn.mlp([20, 12, 10], rng=np.random.default_rng(0), dtype=np.float32).to("cuda")
+        trainer = make_optimizer(optimizer, lr=0.01)
+        step = TrainingStep(net, trainer)
+        losses = [float(step(x, t)) for x, t in order]
+        trainer.lr = 0.005
+        losses += [float(step(x, t)) for x, t in full[:2]]
+        state = {key: to_host(value) for key, value in trainer.state_dict().items()}
+        results.append((losses, {k: to_host(v) for k, v in net.params.items()}, state))
+    assert len(replays) == 6
+    assert optimizer != "adam" or results[1][2]["step/W1"] == len(order) + 2
+    exact = hasattr(gpu, "__fake__")
+    (eager_losses, *eager), (graphed_losses, *graphed) = results
+    _assert_same(np.array(graphed_losses), np.array(eager_losses), exact, np.float32)
+    for want, got in zip(eager, graphed):
+        assert want.keys() == got.keys()
+        for key in want:
+            _assert_same(got[key], want[key], exact, np.float32)
+
+
 def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2661,6 +2708,7 @@ def test_a_step_that_cannot_be_replayed_runs_eagerly_and_says_why(
     cases = [
         (net(snn.Relu()), apart, "cuda", np.float64, "not all taken the same number of steps"),
         (net(snn.Relu()), Adam(lr=1e-31), "cuda", np.float64, "not above 1e-30"),
+        (snn.Sequential([snn.Relu()]), Adam(), "cuda", np.float64, "no parameters"),
         (net(snn.Relu()), Mine(lr=0.1), "cuda", np.float64, "optimiser (Mine"),
         (net(snn.Dropout(0.5, rng=np.random.default_rng(0)), snn.Relu()), SGD(lr=0.1), "cuda",
          np.float64, "layer 1 (Dropout)"),

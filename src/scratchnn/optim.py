@@ -612,6 +612,8 @@ class Adam(Optimizer):
         self.steps: dict[str, int] = {}
         # (the inputs and the result of the last _folded_scalars, shared by a step's parameters)
         self._last_scalars: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        # (set by scratchnn.steps while a step reads its bias corrections from the GPU)
+        self._scalars_on_device: dict[str, Any] | None = None
 
     def _step(self, key: str, param: np.ndarray, grad: np.ndarray, work: np.ndarray) -> None:
         m = self._state("m", key, param)
@@ -668,7 +670,7 @@ class Adam(Optimizer):
         np.multiply(work, grad, out=work)
         np.add(v, work, out=v)
 
-    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, float]]:
+    def _fused_step(self, key: str, param: Any) -> tuple[str, list[Any], dict[str, Any]]:
         # The same folded scalars as _step. No periodic flush of tiny moments: GPUs run
         # subnormals at full speed (and CuPy compiles every kernel with -ftz=true, so in
         # float32 they are zero there anyway).

@@ -39,8 +39,9 @@ batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
   at each step) nor BatchNorm;
 - the optimiser is one of :data:`REPLAYABLE_OPTIMIZERS` (SGD, Momentum,
   Nesterov, AdaGrad, RMSprop, Adam, each its own class's, with no hook on its
-  update), whose steps read their hyperparameters as they were at the capture
-  (a new learning rate needs a new ``TrainingStep``). Adam's two scalars that
+  update), whose kernels hold their hyperparameters as they were at the capture
+  (a learning rate set between steps is taken by eager steps; fit sets its
+  rate before each epoch's new ``TrainingStep``). Adam's two scalars that
   change at every step (its bias corrections, folded) are worked out on the
   host as the eager step works them out, a table of the next 1,024 steps at a
   time, which the graph reads row by row (:class:`_StepScalars`); its
@@ -49,7 +50,8 @@ batch; otherwise it runs eagerly and :attr:`TrainingStep.refusal` says why:
   taken unfolded).
 
 One handle serves a device, from one thread: two graphs replayed at once on
-two streams would share its workspace. ``TrainingStep.use_graphs = False``
+two streams would share its workspace (and an Adam being captured reads its
+scalars from the GPU: one thread steps it). ``TrainingStep.use_graphs = False``
 turns the replays off. A capture that fails (an exception of CuPy's, CUDA's or
 cuBLAS's) is said once as a ``RuntimeWarning`` and the steps go on eagerly,
 the batch it was for included.
@@ -61,7 +63,6 @@ import contextlib
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,6 +113,7 @@ class TrainingStep:
         self._memory: _Memory | None = None  # the network's pool and stream, once warmed up
         self._warmed: tuple[Any, Any] | None = None  # the warm-up batch (for its shapes)
         self._replay: _Replay | None = None
+        self._scalars: _StepScalars | None = None  # Adam's bias corrections, for its graph
         self._decided = False
 
     def __call__(self, x: Any, t: Any) -> float | DeviceLoss:
@@ -129,10 +131,19 @@ class TrainingStep:
                 return self._replay(x, t)
         return self._eager(x, t)
 
-    def _eager(self, x: Any, t: Any) -> float | DeviceLoss:
+    def _eager(
+        self, x: Any, t: Any, scalars: _StepScalars | None = None
+    ) -> float | DeviceLoss:
+        """The step as written; with ``scalars`` (the warm-up of Adam's), its bias
+        corrections are read from the table on the GPU, as the replays will read them."""
         network = self.network
         grads = network._gradient(x, t, wait=False)  # (first: a layer may make its
-        self.optimizer.update(network.params, grads)  # parameters at its first forward)
+        if scalars is None:  # parameters at its first forward)
+            self.optimizer.update(network.params, grads)
+        else:
+            scalars.take_row()
+            scalars.update(grads)
+            scalars.count()
         loss: float | DeviceLoss = network._last_loss
         return loss
 
@@ -148,10 +159,12 @@ class TrainingStep:
             self.refusal = memory.failure
             return self._eager(x, t)
         stream = memory.stream
+        if type(self.optimizer) is optim.Adam:
+            self._scalars = _StepScalars(cupy, self.optimizer, self.network, x.dtype)
         cupy.cuda.get_current_stream().synchronize()  # the batch and parameters are ready
         try:
             with products.capturing(stream), stream:
-                loss = self._eager(x, t)
+                loss = self._eager(x, t, self._scalars)
         except BaseException as error:  # (a step of its own fails on the current stream too)
             with contextlib.suppress(Exception):  # what it queued ends before the step
                 stream.synchronize()
@@ -213,27 +226,21 @@ class TrainingStep:
         assert memory is not None  # (set by the warm-up, which a capture follows)
         network, optimizer, stream = self.network, self.optimizer, memory.stream
         x_in, t_in = cupy.empty_like(x), cupy.empty_like(t)
-        scalars = None
-        if type(optimizer) is optim.Adam:
-            refusal = _StepScalars.refusal(optimizer, network.params)
-            if refusal is not None:  # (a parameter the warm-up made)
-                self.refusal, self._warmed = refusal, None
-                return None
-            scalars = _StepScalars(cupy, optimizer, list(network.params), x.dtype)
-        # What the capture sets (the layers' arrays, the last loss, Adam's step counts) is
-        # what no step has computed until the graph is launched: put back if the capture
-        # stops (and Adam's step counts in any case: each replay counts its step).
+        scalars = self._scalars
+        # What the capture sets (the layers' arrays, the last loss) is what no step has
+        # computed until the graph is launched: put back if the capture stops.
         held = [(holder, dict(vars(holder))) for holder in (network, *network.layers,
                                                               network.last_layer)]  # fmt: skip
         try:
             with products.capturing(stream), cupy.cuda.using_allocator(memory.pool.malloc):
-                with stream, _StepScalars.read_by(optimizer, scalars):
+                with stream:
                     stream.begin_capture()
                     try:
                         grads = network._gradient(x_in, t_in, wait=False)
-                        if scalars is not None:
-                            scalars.capture_next_row()
-                        optimizer.update(network.params, grads)
+                        if scalars is None:
+                            optimizer.update(network.params, grads)
+                        else:  # (no row taken, no step counted: a capture runs nothing)
+                            scalars.update(grads)
                     except BaseException:
                         with contextlib.suppress(Exception):  # the step's error is the one
                             stream.end_capture()
@@ -251,7 +258,7 @@ class TrainingStep:
             return None
         for holder, _ in held[1:]:  # a layer kept from a dropped network keeps the pool
             _memory_held[holder] = memory
-        return _Replay(network, graph, x_in, t_in, network._last_loss, scalars)
+        return _Replay(network, optimizer, graph, x_in, t_in, network._last_loss, scalars)
 
 
 @dataclass
@@ -293,21 +300,22 @@ class _Replay:
     bias corrections, which the graph reads row by row."""
 
     def __init__(
-        self,
-        network: Any,
-        graph: Any,
-        x: Any,
-        t: Any,
-        loss: DeviceLoss,
-        scalars: _StepScalars | None = None,
-    ) -> None:
+        self, network: Any, optimizer: Any, graph: Any, x: Any, t: Any, loss: DeviceLoss,
+        scalars: _StepScalars | None,
+    ) -> None:  # fmt: skip
         self.network, self.graph, self.x, self.t, self.loss = network, graph, x, t, loss
         self.scalars = scalars
         self.copyto = sys.modules["cupy"].copyto
+        self.optimizer = optimizer
+        self.settings = optimizer.hyperparameters()  # as the graph's kernels hold them
 
     def takes(self, x: Any, t: Any) -> bool:
-        """Whether ``x``, ``t`` are a batch the graph was captured for."""
-        return self.alike((self.x, self.t), x, t)
+        """Whether ``x``, ``t`` are a batch the graph was captured for, and the optimiser's
+        hyperparameters those it was captured with (a rate set between steps is taken by
+        an eager step)."""
+        return self.alike((self.x, self.t), x, t) and (
+            self.optimizer.hyperparameters() == self.settings
+        )
 
     @staticmethod
     def alike(batch: tuple[Any, Any], x: Any, t: Any) -> bool:
@@ -323,9 +331,12 @@ class _Replay:
         copyto = self.copyto
         copyto(self.x, x)
         copyto(self.t, t)
-        if self.scalars is not None:
-            self.scalars.count_step()
+        scalars = self.scalars
+        if scalars is not None:
+            scalars.take_row()
         self.graph.launch()  # on the current stream, after the copies
+        if scalars is not None:
+            scalars.count()
         captured = self.loss
         loss = DeviceLoss(captured.result.copy(), captured.rows, t, captured.classes, captured.who)
         self.network._last_loss = loss
@@ -337,25 +348,29 @@ class _StepScalars:
     ``eps_scaled``: its bias corrections, see ``Adam._folded_scalars``), for a graph that
     replays its step.
 
-    The host works them out as the eager step does, for the next :attr:`ROWS` steps
-    at a time, into ``table`` on the GPU. The graph's first kernel of the update
-    (:func:`~scratchnn.kernels.cuda.next_row`) copies the table's row ``index`` into
-    ``row`` and counts it; Adam's kernels read their two scalars from ``row``
-    (:class:`~scratchnn.kernels.cuda.DeviceScalar`). So each replay takes its own
-    step's numbers, bit for bit the eager step's, with no copy from the host but one
-    every ``ROWS`` steps. The host counts the steps as the eager step counts them
-    (``Adam.steps``).
+    The host works them out as the eager step does, for :attr:`ROWS` steps at a
+    time, into ``table`` on the GPU. Adam's update in the graph begins with a
+    one-thread kernel (:func:`~scratchnn.kernels.cuda.next_row`) that copies the
+    table's row ``index`` into ``row`` and counts it, and Adam's kernels read their
+    two scalars from ``row`` (:class:`~scratchnn.kernels.cuda.DeviceScalar`). So each
+    replay takes its own step's numbers, bit for bit the eager step's, with no copy
+    from the host but one every ``ROWS`` steps. Before each replay the host checks
+    which step comes next (``Adam.steps``: an eager step between replays, the last
+    short batch's, moves it on) and writes the table anew if its next row is not
+    that step's; after it, counts the step as the eager step counts it. The warm-up
+    step reads its scalars the same way, so that every kernel the capture records
+    has run (and been loaded) before it.
     """
 
     ROWS: ClassVar[int] = 1024
 
-    def __init__(self, cupy: Any, optimizer: optim.Adam, keys: list[str], dtype: Any) -> None:
-        self.cupy, self.optimizer, self.keys, self.dtype = cupy, optimizer, keys, dtype
-        self.step = optimizer.steps.get(keys[0], 0)  # the last step taken
+    def __init__(self, cupy: Any, optimizer: optim.Adam, network: Any, dtype: Any) -> None:
+        self.cupy, self.optimizer, self.network, self.dtype = cupy, optimizer, network, dtype
         self.table = cupy.empty((self.ROWS, 2), dtype=dtype)
         self.row = cupy.empty(2, dtype=dtype)
-        self.index = cupy.empty(1, dtype=np.int64)
-        self.rows_left = 0  # rows of the table no replay has taken
+        self.index = cupy.zeros(1, dtype=np.int64)
+        self.rows_left = 0  # rows of the table that no step has read
+        self.next_step = 0  # the step whose scalars the table's next row holds
         # (the step's scalars as Adam's kernels take them: read from `row` as they run)
         self.on_device = {"inv_scale": cuda.DeviceScalar(self.row[0:1]),
                           "eps_scaled": cuda.DeviceScalar(self.row[1:2])}  # fmt: skip
@@ -363,44 +378,51 @@ class _StepScalars:
     @staticmethod
     def refusal(optimizer: optim.Adam, params: dict[str, Any]) -> str | None:
         """Why Adam's step on ``params`` cannot be replayed; None if it can."""
+        if not params:
+            return "the network has no parameters for Adam to count its steps by"
         if not optimizer.lr > 1e-30:
             return f"Adam's learning rate {optimizer.lr!r} is not above 1e-30 (steps unfolded)"
         if len({optimizer.steps.get(key, 0) for key in params}) > 1:
             return "Adam's parameters have not all taken the same number of steps"
         return None
 
-    @staticmethod
-    @contextlib.contextmanager
-    def read_by(optimizer: Any, scalars: _StepScalars | None) -> Iterator[None]:
-        """While a step is captured: Adam's kernels read ``scalars`` from the GPU, and its
-        step counts are put back afterwards (what the capture counted no step took)."""
-        if scalars is None:
-            yield
-            return
-        steps = dict(optimizer.steps)
-        optimizer._scalars_on_device = scalars.on_device
-        try:
-            yield
-        finally:
-            optimizer._scalars_on_device = None
-            optimizer.steps.clear()
-            optimizer.steps.update(steps)
-
-    def capture_next_row(self) -> None:
-        cuda.next_row(self.cupy, self.table, self.row, self.index)
-
-    def count_step(self) -> None:
-        """Before a replay: count its step on the host, and write the table's next rows
-        (queued on the current stream, after the replays that read the last ones) when
-        the last replay took its last row."""
-        if self.rows_left == 0:
-            adam = self.optimizer
-            rows = [adam._folded_scalars(self.step + 1 + r)[4:] for r in range(self.ROWS)]
-            self.cupy.copyto(self.table, self.cupy.asarray(np.array(rows, dtype=self.dtype)))
-            self.cupy.copyto(self.index, self.cupy.zeros(1, dtype=np.int64))
+    def take_row(self) -> None:
+        """Before a step that reads a row (the warm-up, a replay): the table written anew,
+        from the coming step on, where its next row is not that step's or none is left
+        (queued on the current stream, after the steps that read the last rows)."""
+        steps = self.optimizer.steps
+        counts = {steps.get(key, 0) for key in self.network.params}
+        if len(counts) != 1:
+            raise RuntimeError("Adam's parameters have not all taken the same number of steps")
+        coming = counts.pop() + 1
+        if self.rows_left == 0 or coming != self.next_step:
+            adam, cupy = self.optimizer, self.cupy
+            rows = [adam._folded_scalars(coming + r)[4:] for r in range(self.ROWS)]
+            # (kept until the next write: where CuPy maps host memory, the copy reads it later)
+            self.rows = np.array(rows, dtype=self.dtype)
+            cupy.copyto(self.table, cupy.asarray(self.rows))
+            self.index.fill(0)
             self.rows_left = self.ROWS
         self.rows_left -= 1
-        self.step += 1
-        steps = self.optimizer.steps
-        for key in self.keys:
-            steps[key] = self.step
+        self.next_step = coming + 1
+
+    def update(self, grads: dict[str, Any]) -> None:
+        """Adam's update with its scalars read from ``row``, after ``next_row`` has copied
+        the table's next row there. The step counts are put back afterwards: the host
+        counts a step (:meth:`count`) once it has been taken, and a capture takes none."""
+        adam = self.optimizer
+        counts = dict(adam.steps)
+        adam._scalars_on_device = self.on_device
+        try:
+            cuda.next_row(self.cupy, self.table, self.row, self.index)
+            adam.update(self.network.params, grads)
+        finally:
+            adam._scalars_on_device = None
+            adam.steps.clear()
+            adam.steps.update(counts)
+
+    def count(self) -> None:
+        """After a step that read a row: its step counted, as the eager step counts it."""
+        steps, step = self.optimizer.steps, self.next_step - 1
+        for key in self.network.params:
+            steps[key] = step
