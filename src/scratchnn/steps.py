@@ -370,6 +370,9 @@ class _StepScalars:
         self.row = cupy.empty(2, dtype=dtype)
         self.index = cupy.zeros(1, dtype=np.int64)
         self.rows_left = 0  # rows of the table that no step has read
+        # The parameters' names, read at the first step (after a layer made its own): a
+        # replayed network's do not change, and network.params is a new dict at each call.
+        self.keys: list[str] = []
         self.next_step = 0  # the step whose scalars the table's next row holds
         # (the step's scalars as Adam's kernels take them: read from `row` as they run)
         self.on_device = {"inv_scale": cuda.DeviceScalar(self.row[0:1]),
@@ -391,7 +394,9 @@ class _StepScalars:
         from the coming step on, where its next row is not that step's or none is left
         (queued on the current stream, after the steps that read the last rows)."""
         steps = self.optimizer.steps
-        counts = {steps.get(key, 0) for key in self.network.params}
+        if not self.keys:
+            self.keys = list(self.network.params)
+        counts = {steps.get(key, 0) for key in self.keys}
         if len(counts) != 1:
             raise RuntimeError("Adam's parameters have not all taken the same number of steps")
         coming = counts.pop() + 1
@@ -424,5 +429,5 @@ class _StepScalars:
     def count(self) -> None:
         """After a step that read a row: its step counted, as the eager step counts it."""
         steps, step = self.optimizer.steps, self.next_step - 1
-        for key in self.network.params:
+        for key in self.keys:
             steps[key] = step
