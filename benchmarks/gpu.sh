@@ -29,7 +29,7 @@ if ! python3 -c "import pytest" 2>/dev/null && [ -d .gpu-data/pylib ]; then
     export PYTHONPATH=$PYTHONPATH:$PWD/.gpu-data/pylib
 fi
 python3 -c "import pytest" || echo "no pytest here: the GPU tests cannot run (carry it in .gpu-data/pylib)"
-python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu.py -k "cuda and not fake" \
+python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu*.py -k "cuda and not fake" \
     -W default::DeprecationWarning -W default::FutureWarning -W default::UserWarning 2>&1 \
     | tee "$out/gpu-tests.log" | tail -60
 tests=$?
@@ -51,5 +51,5 @@ grep -E "^correctness:|  FAIL|steps as fit takes them|the MLP step as fit takes 
 sed -n '/^card: /,$p' "$out/gpu-benchmark.log"
 grep -E "^product x @ W|instead: product|calls of a step" "$out/gpu-calls.log"
 grep -E "SGD|Adam" "$out/gpu-host.log" | tail -2
-echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu.py exit $tests"
+echo "benchmarks/gpu.py exit $benchmark, tests/test_gpu*.py exit $tests"
 exit $((benchmark || tests))

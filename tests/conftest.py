@@ -1,11 +1,16 @@
 """Runs the conformance, loss, BatchNorm, kept-slope, thread and optimiser suites on both paths,
-and refuses to run without the compiled kernels where ``SCRATCHNN_REQUIRE_KERNELS=1``."""
+and refuses to run without the compiled kernels where ``SCRATCHNN_REQUIRE_KERNELS=1``; the
+``gpu`` fixture of the GPU tests (tests/test_gpu*.py): the device under test."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import fake_cuda
+import fake_cupy
 import pytest
+from gpu_support import real_cupy_reason
 
 from scratchnn import _fused
 
@@ -53,3 +58,26 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     if path is not None:
         monkeypatch.setattr(_fused, "ENABLED", path == "compiled")
     return path
+
+
+@pytest.fixture(params=["fake", "fake-kernels", "cuda"])
+def gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The array module of the device under test: the fake CuPy, with or without the
+    CUDA kernels run on the CPU (tests/fake_cuda.py), or the real one."""
+    if request.param == "fake":
+        return fake_cupy.install(monkeypatch)
+    if request.param == "fake-kernels":
+        reason = fake_cuda.available()
+        if reason is not None:
+            print(f"skipping the CPU run of the CUDA kernels: {reason}")
+            pytest.skip(reason)
+        return fake_cupy.install(monkeypatch, kernels=True)
+    reason = real_cupy_reason()
+    if reason is not None and os.environ.get("SCRATCHNN_REQUIRE_GPU"):
+        pytest.fail(f"SCRATCHNN_REQUIRE_GPU is set, but {reason}")
+    if reason is not None:
+        print(f"skipping the real-GPU run: {reason}")
+        pytest.skip(reason)
+    import cupy
+
+    return cupy

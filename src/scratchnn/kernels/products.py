@@ -15,7 +15,7 @@ call (a CuPy whose binding differs); :data:`disabled` then says why, and CuPy's
 own products take over. That the products are right is checked where CuPy
 runs: on the CPU against a stand-in for cuBLAS that reads and writes the
 arrays at the addresses passed, column-major, as cuBLAS does
-(``tests/fake_cupy.py``), and on a card by ``tests/test_gpu.py`` and
+(``tests/fake_cupy.py``), and on a card by ``tests/test_gpu_products.py`` and
 ``benchmarks/gpu.py`` against NumPy in float64. The product is made on the
 current device, with its handle, as CuPy's own are (scratchnn's arrays live on
 one). With ``CUPY_TF32`` set, float32 products are CuPy's, in the precision it
