@@ -41,13 +41,13 @@ def replays_counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from scratchnn import steps
 
     counted: list[int] = []
-    replay = steps._Replay.__call__
+    launch = steps._Replay._launch
 
-    def counting(self: Any, x: Any, t: Any) -> Any:
+    def counting(self: Any, t: Any) -> Any:
         counted.append(1)
-        return replay(self, x, t)
+        return launch(self, t)
 
-    monkeypatch.setattr(steps._Replay, "__call__", counting)
+    monkeypatch.setattr(steps._Replay, "_launch", counting)
     return counted
 
 

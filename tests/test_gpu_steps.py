@@ -42,7 +42,8 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     activation: str, optimizer: str, dtype: Any, gpu: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 100 examples in batches of 16: each epoch steps its first batch eagerly and captures
-    # the step, replays the next five, and steps the last (4 examples) eagerly; the rate
+    # the step, replays the next five (the last four gathering their rows from the data
+    # straight into the graph's arrays), and steps the last (4 examples) eagerly; the rate
     # halves in the second epoch, which captures anew. The parameters and the history are
     # those of the same fit with the replays off: bit for bit on the CPU stand-in (which
     # replays the recorded launches and products by address), within rounding on a card.
@@ -57,6 +58,10 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
     monkeypatch.setattr(steps._StepScalars, "ROWS", 3)
     x, t = blobs(100, 7)
     replays = replays_counted(monkeypatch)
+    gathered: list[int] = []  # the replays whose batch was gathered into the graph's arrays
+    gather = steps._Replay.gathered
+    monkeypatch.setattr(steps._Replay, "gathered",
+                        lambda *a: gathered.append(1) or gather(*a))  # fmt: skip
     memories: list[Any] = []
     memory_of = steps._memory_of
     monkeypatch.setattr(steps, "_memory_of",
@@ -73,7 +78,8 @@ def test_fit_replays_its_steps_from_a_cuda_graph_as_it_would_take_them(
         runs.append((net, history, trainer.state_dict()))
     (eager, eager_history, eager_state), (graphed, graphed_history, graphed_state) = runs
     capturing = hasattr(gpu, "RawModule")  # the fake CuPy without kernels captures nothing
-    assert len(replays) == (10 if capturing else 0)
+    # (each epoch's first replay follows its capture; the four after it gather their rows)
+    assert len(replays) == (10 if capturing else 0) and len(gathered) == (8 if capturing else 0)
     # One capture an epoch, both with the network's one pool and stream (alive while it is,
     # or one of its layers).
     assert len(memories) == (2 if capturing else 0)

@@ -131,6 +131,16 @@ class TrainingStep:
                 return self._replay(x, t)
         return self._eager(x, t)
 
+    def on_rows(self, x: Any, t: Any, rows: Any) -> float | DeviceLoss:
+        """The step on the batch ``x[rows]``, ``t[rows]`` (fit's: ``rows`` from
+        :func:`~scratchnn.data.minibatch_rows`). A replay gathers the rows straight into
+        the arrays its graph reads: two device calls where indexing the batch out and
+        copying it in make four, and no allocation."""
+        replay = self._replay
+        if replay is not None and replay.takes_rows(x, t, rows):
+            return replay.gathered(x, t, rows)
+        return self(x[rows], t[rows])
+
     def _eager(
         self, x: Any, t: Any, scalars: _StepScalars | None = None
     ) -> float | DeviceLoss:
@@ -305,7 +315,7 @@ class _Replay:
     ) -> None:  # fmt: skip
         self.network, self.graph, self.x, self.t, self.loss = network, graph, x, t, loss
         self.scalars = scalars
-        self.copyto = sys.modules["cupy"].copyto
+        self.copyto, self.take = sys.modules["cupy"].copyto, sys.modules["cupy"].take
         self.optimizer = optimizer
         self.settings = optimizer.hyperparameters()  # as the graph's kernels hold them
 
@@ -327,10 +337,35 @@ class _Replay:
             and type(t) is type(labels) and t.shape == labels.shape and t.dtype == labels.dtype
         )  # fmt: skip
 
+    def takes_rows(self, x: Any, t: Any, rows: Any) -> bool:
+        """Whether ``x[rows]``, ``t[rows]`` are a batch the graph was captured for (``rows``
+        an integer array of the batch's length), and the optimiser's hyperparameters
+        those it was captured with."""
+        mine, labels = self.x, self.t
+        return (
+            type(rows) is type(mine) and rows.ndim == 1 and rows.dtype.kind in "iu"
+            and len(rows) == len(mine)
+            and type(x) is type(mine) and x.dtype == mine.dtype and x.shape[1:] == mine.shape[1:]
+            and type(t) is type(labels) and t.dtype == labels.dtype
+            and t.shape[1:] == labels.shape[1:]
+            and self.optimizer.hyperparameters() == self.settings
+        )  # fmt: skip
+
+    def gathered(self, x: Any, t: Any, rows: Any) -> DeviceLoss:
+        """The step on ``x[rows]``, ``t[rows]``, gathered into the graph's arrays; the loss
+        keeps ``t`` for the message should a label be out of range (fit checked them)."""
+        take = self.take
+        take(x, rows, axis=0, out=self.x)
+        take(t, rows, axis=0, out=self.t)
+        return self._launch(t)
+
     def __call__(self, x: Any, t: Any) -> DeviceLoss:
         copyto = self.copyto
         copyto(self.x, x)
         copyto(self.t, t)
+        return self._launch(t)
+
+    def _launch(self, t: Any) -> DeviceLoss:
         scalars = self.scalars
         if scalars is not None:
             scalars.take_row()

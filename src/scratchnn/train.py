@@ -25,7 +25,7 @@ import numpy as np
 
 from scratchnn import _checks
 from scratchnn.backend import as_array, device_of, to_device
-from scratchnn.data.batches import iterate_minibatches
+from scratchnn.data.batches import minibatch_rows
 from scratchnn.layers.losses import DeviceLoss, Loss, read_losses
 from scratchnn.models import Sequential, count_right, evaluation_mode, has_answers
 from scratchnn.progress import ProgressBar
@@ -431,15 +431,17 @@ def _epochs(
             steps = min(steps, max_iterations - iterations_done)
         bar = ProgressBar(steps, prefix=f"epoch {epoch}/{epochs}", stream=progress_stream)
         running = RunningLoss()
-        batches = iterate_minibatches(x_train, t_train, batch_size, shuffle=True, rng=rng)
         # Made anew each epoch, after the rate is set: on a GPU its steps may replay a
-        # CUDA graph, which holds the rate as it was captured (scratchnn.steps).
+        # CUDA graph, which holds the rate as it was captured (scratchnn.steps), and
+        # gather each batch's rows straight into the arrays the graph reads.
         train_step = TrainingStep(network, optimizer) if unread else None
+        batch_rows = minibatch_rows(x_train, t_train, batch_size, shuffle=True, rng=rng)
         try:
-            for step, (xb, tb) in enumerate(batches, start=1):
+            for step, rows in enumerate(batch_rows, start=1):
                 if train_step is not None:
-                    running.add(train_step(xb, tb), len(xb))
+                    running.add(train_step.on_rows(x_train, t_train, rows), len(rows))
                 else:
+                    xb, tb = x_train[rows], t_train[rows]
                     grads = network.gradient(xb, tb)
                     running.add(network.last_loss, len(xb))
                     optimizer.update(network.params, grads)

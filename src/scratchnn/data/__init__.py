@@ -1,6 +1,6 @@
 """Datasets and batches: IDX files, Fashion-MNIST and MNIST, downloads, mini-batches."""
 
-from scratchnn.data.batches import iterate_minibatches
+from scratchnn.data.batches import iterate_minibatches, minibatch_rows
 from scratchnn.data.datasets import (
     FASHION_MNIST_CLASSES,
     find_dataset_files,
@@ -19,5 +19,6 @@ __all__ = [
     "iterate_minibatches",
     "load_fashion_mnist",
     "load_mnist",
+    "minibatch_rows",
     "read_idx",
 ]

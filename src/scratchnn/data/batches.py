@@ -42,8 +42,42 @@ def iterate_minibatches(
     >>> [tb.shape for _, tb in batches]
     [(2,), (2,)]
     """
-    shuffle = _checks.flag("iterate_minibatches", "shuffle", shuffle)
-    drop_last = _checks.flag("iterate_minibatches", "drop_last", drop_last)
+    x, t, rows = _checked(x, t, batch_size, shuffle, rng, drop_last, "iterate_minibatches")
+    return ((x[batch], t[batch]) for batch in rows)
+
+
+def minibatch_rows(
+    x: Any,
+    t: Any,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[Any]:
+    """The rows of ``x`` and ``t`` that each batch of :func:`iterate_minibatches` holds,
+    for the same arguments (the same ``rng`` state gives the same batches): an array of
+    indices on the data's device, or without ``shuffle`` a slice. For a caller that
+    gathers the rows itself: ``fit``'s steps on a GPU gather them straight into the
+    arrays a CUDA graph reads (:meth:`scratchnn.steps.TrainingStep.on_rows`). Checked
+    as :func:`iterate_minibatches` checks its arguments.
+
+    >>> x, t = np.arange(10).reshape(5, 2), np.arange(5)
+    >>> [t[rows].tolist() for rows in minibatch_rows(x, t, 2, rng=np.random.default_rng(0))]
+    [[2, 4], [3, 0], [1]]
+    >>> [tb.tolist() for _, tb in iterate_minibatches(x, t, 2, rng=np.random.default_rng(0))]
+    [[2, 4], [3, 0], [1]]
+    """
+    return _checked(x, t, batch_size, shuffle, rng, drop_last, "minibatch_rows")[2]
+
+
+def _checked(
+    x: Any, t: Any, batch_size: int, shuffle: bool, rng: Any, drop_last: bool, who: str
+) -> tuple[Any, Any, Iterator[Any]]:
+    """``x`` and ``t`` as arrays, and each batch's rows (checked at once, not at the first
+    batch)."""
+    shuffle = _checks.flag(who, "shuffle", shuffle)
+    drop_last = _checks.flag(who, "drop_last", drop_last)
     if isinstance(batch_size, bool):
         raise TypeError("batch_size must be an integer, got a bool")
     try:
@@ -52,7 +86,7 @@ def iterate_minibatches(
         raise TypeError(f"batch_size must be an integer, got {type(batch_size).__name__}") from None
     if size < 1:
         raise ValueError(f"batch_size must be at least 1, got {size}")
-    _checks.given_generator("iterate_minibatches", rng, or_none=True)
+    _checks.given_generator(who, rng, or_none=True)
     # Arrays of any module (NumPy, CuPy) pass as they are; lists become NumPy arrays.
     x = x if hasattr(x, "shape") else _as_numpy(x, "x")
     t = t if hasattr(t, "shape") else _as_numpy(t, "t")
@@ -66,7 +100,7 @@ def iterate_minibatches(
         # Drawn on the host (the same seed gives the same batches on every device), then
         # moved once to the data's device: CuPy indexes only with its own arrays.
         order = to_device(order, device_of(x))
-    return _batches(x, t, size, order, drop_last)
+    return x, t, _rows(x.shape[0], size, order, drop_last)
 
 
 def _as_numpy(value: Any, name: str) -> np.ndarray:
@@ -77,14 +111,8 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not a rectangular array: {error}") from None
 
 
-def _batches(
-    x: Any, t: Any, size: int, order: np.ndarray | None, drop_last: bool
-) -> Iterator[tuple[Any, Any]]:
-    n = x.shape[0]
+def _rows(n: int, size: int, order: Any, drop_last: bool) -> Iterator[Any]:
+    """Each batch's rows: slices in order (views), or runs of ``order``."""
     stop = n - n % size if drop_last else n
     for start in range(0, stop, size):
-        if order is None:
-            yield x[start : start + size], t[start : start + size]
-        else:
-            index = order[start : start + size]
-            yield x[index], t[index]
+        yield slice(start, start + size) if order is None else order[start : start + size]
