@@ -1,4 +1,5 @@
-"""iterate_minibatches: coverage, alignment, reproducibility from a Generator, argument errors."""
+"""iterate_minibatches and minibatch_rows: coverage, alignment, reproducibility from a Generator,
+argument errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from scratchnn.data import iterate_minibatches
+from scratchnn.data import iterate_minibatches, minibatch_rows
 
 
 def dataset(n: int = 23) -> tuple[np.ndarray, np.ndarray]:
@@ -101,10 +102,36 @@ def test_lists_are_accepted() -> None:
         ({"x": [[1.0, 2.0], [3.0]], "t": [0, 1]}, ValueError, "x is not a rectangular array"),
     ],
 )  # fmt: skip
+@pytest.mark.parametrize("function", [iterate_minibatches, minibatch_rows])
 def test_bad_arguments_raise_when_called(
-    kwargs: dict[str, Any], error: type[Exception], message: str
+    kwargs: dict[str, Any], error: type[Exception], message: str, function: Any
 ) -> None:
     x, t = dataset()
     arguments: dict[str, Any] = {"x": x, "t": t, "batch_size": 4, **kwargs}
     with pytest.raises(error, match=message):
-        iterate_minibatches(**arguments)  # no iteration: the check is eager
+        function(**arguments)  # no iteration: the check is eager
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_minibatch_rows_are_the_rows_of_the_batches_from_the_same_generator(
+    shuffle: bool, drop_last: bool
+) -> None:
+    # fit gathers a batch's rows itself on a GPU: they must be iterate_minibatches' batches,
+    # drawn from the same generator state, so that a seed gives the same training either way.
+    x, t = dataset()
+    batches = list(iterate_minibatches(x, t, 5, shuffle=shuffle, rng=np.random.default_rng(3),
+                                       drop_last=drop_last))  # fmt: skip
+    rows = list(minibatch_rows(x, t, 5, shuffle=shuffle, rng=np.random.default_rng(3),
+                               drop_last=drop_last))  # fmt: skip
+    assert len(rows) == len(batches) == (4 if drop_last else 5)
+    for (xb, tb), batch_rows in zip(batches, rows):
+        np.testing.assert_array_equal(x[batch_rows], xb)
+        np.testing.assert_array_equal(t[batch_rows], tb)
+    assert all(type(r) is (np.ndarray if shuffle else slice) for r in rows)
+    if shuffle:  # a permutation's runs: each sample at most once (all of them, but for
+        covered = np.concatenate(rows).tolist()  # the dropped last), not in order
+        assert len(set(covered)) == len(covered) == (20 if drop_last else 23)
+        assert set(covered) <= set(range(23)) and covered != sorted(covered)
+    with pytest.raises(TypeError, match="minibatch_rows: shuffle"):
+        minibatch_rows(x, t, 5, shuffle=1)  # type: ignore[arg-type]
