@@ -409,6 +409,9 @@ class _StepScalars:
         # replayed network's do not change, and network.params is a new dict at each call.
         self.keys: list[str] = []
         self.next_step = 0  # the step whose scalars the table's next row holds
+        # The table as last written, kept until the next write: where CuPy maps host
+        # memory (CUPY_ENABLE_UMP), the copy to the table reads it later.
+        self.written: np.ndarray | None = None
         # (the step's scalars as Adam's kernels take them: read from `row` as they run)
         self.on_device = {"inv_scale": cuda.DeviceScalar(self.row[0:1]),
                           "eps_scaled": cuda.DeviceScalar(self.row[1:2])}  # fmt: skip
@@ -438,9 +441,8 @@ class _StepScalars:
         if self.rows_left == 0 or coming != self.next_step:
             adam, cupy = self.optimizer, self.cupy
             rows = [adam._folded_scalars(coming + r)[4:] for r in range(self.ROWS)]
-            # (kept until the next write: where CuPy maps host memory, the copy reads it later)
-            self.rows = np.array(rows, dtype=self.dtype)
-            cupy.copyto(self.table, cupy.asarray(self.rows))
+            self.written = np.array(rows, dtype=self.dtype)
+            cupy.copyto(self.table, cupy.asarray(self.written))
             self.index.fill(0)
             self.rows_left = self.ROWS
         self.rows_left -= 1
