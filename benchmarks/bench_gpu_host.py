@@ -15,9 +15,17 @@ two steps make the same device calls:
 * scratchnn's, as ``fit`` runs it (``optimizer.update(net.params,
   net._gradient(x, t, wait=False))``);
 * a hand-written one: the same products, allocations and kernel launches
-  with no library around them, the least any CuPy code can do.
+  with no library around them, the least any CuPy code can do;
+* scratchnn's step as ``fit`` takes it where a CUDA graph replays it
+  (``scratchnn.steps``): the batch's rows gathered into the graph's arrays,
+  the graph launched, the loss copied out, and for Adam its step counted and
+  the table of its bias corrections checked. Its capture is not run here (the
+  null device records nothing): the replay is made from an eager step's
+  arrays and a graph whose launch does nothing, and timed alone.
 
-The difference is scratchnn's own host time per step. A real card adds
+The difference between the first two is scratchnn's own host time per eager
+step; the third is the host's whole time per replayed step, where CuPy's calls
+cost what they cost here. A real card adds
 CuPy's own per-call cost to both sides alike. The null device replaces
 ``cupy`` in ``sys.modules`` for this process only; no GPU and no CuPy are
 needed.
@@ -139,6 +147,15 @@ class ndarray:
         _count("copy")
         return ndarray(self.shape, self.dtype)
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> ndarray:  # (a view: one slice of the first axis)
+        return ndarray((len(range(*index.indices(self.shape[0]))), *self.shape[1:]), self.dtype)
+
+    def fill(self, value: Any) -> None:
+        _count("fill")
+
 
 ndarray.__module__ = "cupy"
 
@@ -195,7 +212,21 @@ def null_cupy() -> types.ModuleType:
         a if isinstance(a, ndarray) else ndarray(np.shape(a), dtype or np.asarray(a).dtype)
     )
     cupy.may_share_memory = lambda a, b: a is b  # type: ignore[attr-defined]
+
+    def take(a: ndarray, rows: ndarray, axis: int = 0, out: ndarray | None = None) -> ndarray:
+        _count("take")
+        return out if out is not None else ndarray((len(rows), *a.shape[1:]), a.dtype)
+
+    cupy.take = take  # type: ignore[attr-defined]
+    cupy.copyto = lambda dst, src: _count("copy")  # type: ignore[attr-defined]
     return cupy
+
+
+class NullGraph:
+    """A captured graph on the null device: its launch is one call, and does nothing."""
+
+    def launch(self, stream: Any = None) -> None:
+        _count("launch")
 
 
 # -- the two steps --------------------------------------------------------------------------
@@ -219,6 +250,21 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
 
     def ours() -> None:
         opt.update(net.params, net._gradient(x, t, wait=False))
+
+    # The replay as fit takes it (TrainingStep.on_rows): the graph's arrays and loss are an
+    # eager step's, as a capture leaves them; Adam's table as its warm-up leaves it.
+    from scratchnn.steps import _Replay, _StepScalars
+
+    ours()
+    scalars = _StepScalars(cupy, opt, net, np.float32) if optimizer == "adam" else None
+    replay = _Replay(net, opt, NullGraph(), cupy.empty_like(x), cupy.empty_like(t),
+                     net._last_loss, scalars)  # fmt: skip
+    x_all = cupy.empty((60000, sizes[0]), np.float32)
+    t_all, rows = cupy.empty((60000,), np.int64), cupy.empty((batch,), np.int64)
+
+    def replayed() -> None:
+        assert replay.takes_rows(x_all, t_all, rows)  # (as on_rows asks)
+        replay.gathered(x_all, t_all, rows)
 
     Ws = [cupy.empty((a, b), np.float32) for a, b in zip(sizes, sizes[1:])]
     bs = [cupy.empty((b,), np.float32) for b in sizes[1:]]
@@ -272,7 +318,7 @@ def steps(cupy: Any, sizes: list[int], batch: int, optimizer: str) -> dict[str, 
         # The optimiser: one launch for every parameter, as PyTorch's multi-tensor step.
         kernel((1,), (256,), (*Ws, *bs, *grads, np.float32(1e-3)))
 
-    return {"scratchnn": ours, "hand-written": hand}
+    return {"scratchnn": ours, "hand-written": hand, "scratchnn, replayed": replayed}
 
 
 def calls_per_step(step: Callable[[], None]) -> dict[str, int]:
@@ -299,19 +345,23 @@ def main() -> None:
         counted = {who: calls_per_step(step) for who, step in contenders.items()}
         timing = paired_rounds(contenders, rounds=args.rounds)
         ours, hand = timing.median("scratchnn"), timing.median("hand-written")
+        replayed = timing.median("scratchnn, replayed")
         device = {
             who: ", ".join(f"{n} {kind}" for kind, n in sorted(c.items()))
             for who, c in counted.items()
         }
         rows.append([name, format_seconds(ours), format_seconds(hand),
                      format_seconds(ours - hand), f"{timing.ratio('scratchnn', 'hand-written'):.2f}",
-                     device["scratchnn"]])  # fmt: skip
+                     device["scratchnn"], format_seconds(replayed),
+                     f"{timing.ratio('scratchnn, replayed', 'hand-written'):.2f}",
+                     device["scratchnn, replayed"]])  # fmt: skip
         if counted["scratchnn"] != counted["hand-written"]:
             print(f"{name}: the steps differ in device calls; hand-written: {device['hand-written']}")
     print_table(
-        ["step", "scratchnn", "hand-written", "scratchnn's own", "ratio", "device calls per step"],
+        ["step", "scratchnn", "hand-written", "scratchnn's own", "ratio", "device calls per step",
+         "replayed", "replayed / hand-written", "device calls per replay"],
         rows,
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

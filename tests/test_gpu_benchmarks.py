@@ -551,6 +551,8 @@ def test_the_host_benchmarks_steps_make_the_same_device_calls() -> None:
     assert len(rows) == 2, result.stdout
     for row in rows:
         assert "numpy" not in row and "18 empty, 8 gemm, 7 kernel" in row, row
+        # a replay: the rows gathered into the graph's arrays, the launch, the loss copied out
+        assert row.endswith("| 1 copy, 1 launch, 2 take |"), row
 
 
 @pytest.mark.parametrize(
