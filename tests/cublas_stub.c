@@ -1,5 +1,5 @@
 /* A stand-in for cuBLAS's C library with its real prototypes (cublas_api.h, CUDA 12), for
- * tests/test_gpu.py: loaded by ctypes, it checks what scratchnn.kernels.products passes
+ * tests/test_gpu_products.py: loaded by ctypes, it checks what scratchnn.kernels.products passes
  * through ctypes as the real library would receive it. Its "device" memory is the host's
  * (the tests' stand-in CuPy keeps its arrays there). The products are computed plainly,
  * column-major, as cuBLAS defines them. Statuses: 0 success, 1 not initialised,

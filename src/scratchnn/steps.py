@@ -135,7 +135,9 @@ class TrainingStep:
         """The step on the batch ``x[rows]``, ``t[rows]`` (fit's: ``rows`` from
         :func:`~scratchnn.data.minibatch_rows`). A replay gathers the rows straight into
         the arrays its graph reads: two device calls where indexing the batch out and
-        copying it in make four, and no allocation."""
+        copying it in make four, and no allocation. The labels must have been checked (as
+        fit checks them): should one be out of range, the loss's message would speak of
+        all of ``t``, not of the batch's."""
         replay = self._replay
         if replay is not None and replay.takes_rows(x, t, rows):
             return replay.gathered(x, t, rows)
