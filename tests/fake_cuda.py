@@ -25,7 +25,7 @@ What it cannot find: timing, memory coalescing, races between blocks (they
 run one after another), out-of-bounds accesses, and the differences between
 CUDA's and glibc's maths; nor a missing ``__syncthreads`` whose readers are a
 block's lowest threads (without one, a kernel's threads run one after another
-in descending order, so they read what the others wrote). (nvcc's test in test_gpu.py compiles each source to
+in descending order, so they read what the others wrote). (nvcc's test in test_gpu_kernels.py compiles each source to
 a cubin, which checks registers and shared memory.)
 """
 

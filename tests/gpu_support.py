@@ -1,11 +1,13 @@
 """What the GPU tests share: why real CuPy cannot run here, a small labelled data set,
-a counter of the training steps replayed from a CUDA graph, and a skip where
-Fashion-MNIST is not installed. (The ``gpu`` fixture,
+a counter of the training steps replayed from a CUDA graph, a skip where
+Fashion-MNIST is not installed, and a script of the checkout loaded as a module. (The ``gpu`` fixture,
 the device under test, is in conftest.py.)"""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,3 +61,16 @@ def require_fashion_mnist() -> None:
         find_dataset_files("fashion-mnist")
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def load_script(relative_path: str, name: str) -> Any:
+    """A script of the checkout (benchmarks/, scripts/) as the module ``name``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -6,16 +6,17 @@ and finds NumPy hard-coded where CuPy would fail), ``fake-kernels`` (the same
 with the CUDA kernels compiled for the CPU, tests/fake_cuda.py) and ``cuda``
 (real CuPy and the fused CUDA kernels), which skips with its reason where no
 GPU is present. Inputs are fresh random numbers, never zeros. The other GPU
-tests: test_gpu_benchmarks.py (the GPU benchmarks' checks and counts),
-test_gpu_products.py (Affine's bias kernels, cuBLAS products, the Affine and
-Relu pair), test_gpu_steps.py (fit's steps replayed from a CUDA graph).
+tests: test_gpu_kernels.py (the CUDA kernels themselves), test_gpu_products.py
+(Affine's bias kernels, cuBLAS products, the Affine and Relu pair),
+test_gpu_steps.py (fit's steps replayed from a CUDA graph),
+test_gpu_benchmarks.py (the GPU benchmarks' checks and counts).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,23 +27,26 @@ import fake_cupy
 import numpy as np
 import pytest
 from conformance import CASES, Case, away_from_kinks
-from gpu_support import blobs, require_fashion_mnist
+from gpu_support import blobs, real_cupy_reason, require_fashion_mnist
 
 import scratchnn as snn
 from scratchnn.backend import device_of, get_array_module, move_arrays, to_device, to_host
-from scratchnn.kernels import OPS
-from scratchnn.kernels.cuda import next_row_source, source, source_many
 from scratchnn.models import cnn
 from scratchnn.optim import SGD, make_optimizer
 
 # -- every element-wise layer on the device -------------------------------------------------
+
 
 _ON_DEVICE = {
     "Relu", "Relu(packed)", "Sigmoid", "Tanh", "LeakyRelu", "LeakyRelu(0.2)", "Elu", "Elu(0.5)",
     "Gelu", "Gelu(tanh)", "Softplus", "Softplus(2)", "Silu", "Softmax", "Softmax(axis=0)",
     "Identity", "MulConstLayer(-1)", "AddConstLayer(1)", "ExpLayer", "ReciprocalLayer",
 }  # fmt: skip
+
+
 DEVICE_CASES = [case for case in CASES if case.name in _ON_DEVICE]
+
+
 TOLERANCE = {np.float64: (1e-12, 1e-14), np.float32: (2e-6, 1e-6)}
 
 
@@ -267,32 +271,6 @@ def test_backward_refuses_dout_on_the_other_device(case: Case, gpu: Any) -> None
         layer.forward(to_device(x, forward_on))
         with pytest.raises(TypeError, match=f"dout is on {dout_on}, but the layer's arrays are on"):
             layer.backward(to_device(dout, dout_on))
-
-
-@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
-@pytest.mark.parametrize("barrier", ["", "__syncthreads();"])
-def test_the_cpu_stand_in_for_cuda_starts_shared_memory_as_garbage(
-    barrier: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A kernel that reads its shared memory before writing it reads garbage on a GPU; the
-    # stand-in must not hand it the values an earlier block or launch left there, whether
-    # it runs a block's threads one after another or (a kernel that synchronises) the same
-    # OS threads block after block.
-    fake = fake_cupy.install(monkeypatch, kernels=True)
-    code = f"""typedef float T;
-extern "C" __global__ void peek(T* out) {{
-    __shared__ T seen[4];
-    out[blockIdx.x * 4 + threadIdx.x] = seen[threadIdx.x];
-    {barrier}
-    seen[threadIdx.x] = (T)1;
-}}"""
-    kernel = fake.RawKernel(code, "peek")
-    out = fake.zeros(12, np.float32)
-    kernel((3,), (4,), (out,))
-    assert np.isnan(out.get()).all()  # later blocks included: not the 1 the first left
-
-
-# SoftmaxWithLoss on class indices runs two CUDA kernels of its own (kernels/cross_entropy.py).
 
 
 @pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8, np.int8])
@@ -592,6 +570,7 @@ def test_softmax_cross_entropy_beyond_one_block_uses_array_calls(
 
 # -- optimisers ---------------------------------------------------------------------------
 
+
 OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
 
 
@@ -861,6 +840,195 @@ def test_checkpoint_written_on_device_loads_on_cpu_and_back(gpu: Any, tmp_path: 
     resumed.update(back.params, back.gradient(gpu.asarray(x), gpu.asarray(t)))  # host state moves
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cnn_gradient_on_device_matches_cpu(dropout: float, gpu: Any) -> None:
+    rng = np.random.default_rng(8)
+    x, t = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
+    nets = []
+    for device in ("cpu", "cuda"):
+        net = cnn(
+            rng=np.random.default_rng(0), channels=(3, 4), hidden=8, dropout=dropout,
+            dtype=np.float64,
+        ).to(device)  # fmt: skip
+        grads = net.gradient(to_device(x, device), to_device(t, device))
+        nets.append(({k: to_host(v) for k, v in grads.items()}, net.last_loss))
+        net.eval()
+        nets.append(({"scores": to_host(net.predict(to_device(x, device)))}, 0.0))
+    for (expected, expected_loss), (actual, loss) in [(nets[0], nets[2]), (nets[1], nets[3])]:
+        assert loss == pytest.approx(expected_loss, rel=1e-12)
+        for key, value in expected.items():
+            np.testing.assert_allclose(actual[key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["he", "xavier", "glorot_normal", "glorot_uniform", 0.01])
+def test_initializers_give_the_same_weights_on_every_device(name: Any, gpu: Any) -> None:
+    from scratchnn.init import make_initializer, zeros
+
+    initializer = make_initializer(name)
+    on_host = initializer(30, 20, np.random.default_rng(4))
+    on_device = initializer(30, 20, np.random.default_rng(4), device="cuda")
+    assert device_of(on_device) == "cuda" and on_device.dtype == np.float32
+    np.testing.assert_array_equal(to_host(on_device), on_host)
+    assert device_of(zeros(5, device="cuda")) == "cuda"
+
+
+def test_cli_trains_on_the_device_and_resumes_on_the_cpu(
+    gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.checkpoint import load_model
+    from scratchnn.cli import main
+
+    require_fashion_mnist()
+    argv = ["train", "--hidden", "16", "--limit", "500", "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cuda", "--epochs", "1"]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "2"]) == 0
+    params, _ = load_model(tmp_path / "model.safetensors")
+    assert all(isinstance(v, np.ndarray) for v in params.values())
+    assert "epoch   2/2" in capsys.readouterr().out
+
+
+def test_cli_evaluates_on_the_device_as_on_the_cpu(
+    gpu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scratchnn.cli import main
+
+    require_fashion_mnist()
+    argv = ["train", "--hidden", "16", "--limit", "500", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    model = str(tmp_path / "model.safetensors")
+    assert main(["evaluate", model]) == 0
+    on_cpu = capsys.readouterr().out
+    assert main(["evaluate", model, "--device", "cuda"]) == 0
+    on_device = capsys.readouterr().out
+    assert "test accuracy" in on_cpu
+    # Same report; its counts the same but for an image or two whose two best scores
+    # are within float32's rounding (cuBLAS sums in another order than OpenBLAS).
+    number = r"\d+(?:\.\d+)?"
+    # Numbers out, and the spaces that align them (a count of 9 against 10 pads apart).
+    assert re.sub(rf"\s*{number}", " #", on_device) == re.sub(rf"\s*{number}", " #", on_cpu)
+    moved = [abs(float(a) - float(b)) for a, b in
+             zip(re.findall(number, on_device), re.findall(number, on_cpu))]  # fmt: skip
+    assert sum(moved) <= 8, f"more than two images differ:\n{on_cpu}\n{on_device}"
+
+
+@pytest.mark.parametrize("c_in", [1, 8], ids=["per image", "one product"])
+def test_conv_moved_to_the_device_between_forward_and_backward(c_in: int, gpu: Any) -> None:
+    """Conv2d decides how to multiply from where its kept col lives, not from the forward."""
+
+    rng = np.random.default_rng(9)
+    x, dout = rng.standard_normal((3, c_in, 5, 6)), rng.standard_normal((3, 2, 5, 6))
+    layer = snn.Conv2d(c_in, 2, 3, padding=1, rng=np.random.default_rng(0), dtype=np.float64)
+    layer.forward(x)
+    want = [layer.backward(dout), layer.dW, layer.db]
+    layer.forward(x)
+    move_arrays(layer, "cuda")
+    got = [layer.backward(to_device(dout, "cuda")), layer.dW, layer.db]
+    for g, w in zip(got, want):
+        assert device_of(g) == "cuda"
+        np.testing.assert_allclose(to_host(g), w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["cpu | cuda", "cuda | cpu"])
+def test_a_cnn_moved_between_forward_and_backward_takes_dout_on_its_new_device(
+    route: str, gpu: Any
+) -> None:
+    # Flatten, pooling and the like keep no arrays: only the layer's own record of its
+    # device said where backward's dout belongs, and Sequential.to did not update it.
+    before, after = route.split(" | ")
+    rng = np.random.default_rng(52)
+    x, t = rng.standard_normal((3, 1, 8, 8)), rng.integers(0, 10, 3)
+
+    def build() -> snn.Sequential:
+        return cnn(rng=np.random.default_rng(1), channels=[2], hidden=4, dtype=np.float64,
+                   in_shape=(1, 8, 8))  # fmt: skip
+
+    expected = build().gradient(x, t)
+    net = build()
+    net.to(before)
+    net.loss(to_device(x, before), to_device(t, before))
+    net.to(after)
+    dout = net.last_layer.backward()
+    assert device_of(dout) == after
+    for layer in reversed(net.layers):
+        dout = layer.backward(dout)
+    for key, value in net.grads.items():
+        np.testing.assert_allclose(to_host(value), expected[key], rtol=1e-10, atol=1e-14)
+
+
+def test_a_layer_moved_to_the_device_names_a_host_input_or_dout(gpu: Any) -> None:
+    layer = snn.Affine(np.ones((3, 2)), np.zeros(2))
+    layer.forward(np.ones((4, 3)))
+    layer.to("cuda")
+    with pytest.raises(TypeError, match=r"Affine\.backward: dout is on cpu"):
+        layer.backward(np.ones((4, 2)))
+    with pytest.raises(TypeError, match=r"Affine\.forward: an input is on cpu"):
+        layer.forward(np.ones((4, 3)))
+
+
+def test_to_moves_arrays_in_lists_and_tuples_and_a_layer_moves_the_layers_it_holds(
+    gpu: Any,
+) -> None:
+    class Residual(snn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = snn.Affine(np.eye(2), np.zeros(2))
+            self.scales = [np.ones(2), np.full(2, 2.0)]
+            self.pair = (np.zeros(2), "label")
+            self.outer = self  # a cycle: moving must not follow it
+
+        def to(self, device: str) -> Residual:
+            super().to(device)
+            self.inner.to(device)  # the layers it holds are its to move
+            return self
+
+        @property
+        def params(self) -> dict[str, Any]:
+            return self.inner.params
+
+        def _forward(self, x: Any) -> Any:
+            return x + self.inner.forward(x) * self.scales[1]
+
+        def _backward(self, dout: Any) -> Any:
+            return dout + self.inner.backward(dout * self.scales[1])
+
+    block = Residual()
+    scales = block.scales
+    net = snn.Sequential([block]).to("cuda")
+    assert device_of(block.inner.W) == "cuda"
+    assert block.scales is scales  # updated in place: whoever holds the list sees the move
+    assert [device_of(a) for a in block.scales] == ["cuda", "cuda"]
+    assert device_of(block.pair[0]) == "cuda" and block.pair[1] == "label"
+    out = net.predict(to_device(np.ones((1, 2)), "cuda"))
+    np.testing.assert_array_equal(to_host(out), [[3.0, 3.0]])
+
+
+@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+def test_evaluate_on_the_device_refuses_bad_labels_when_it_reads_its_losses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The losses stay on the card until the end; their labels are checked then.
+    from scratchnn.train import evaluate
+
+    fake = fake_cupy.install(monkeypatch, kernels=True)
+    rng = np.random.default_rng(12)
+    net = snn.mlp([12, 8, 4], rng=rng).to("cuda")
+    x, t = rng.standard_normal((2500, 12)).astype(np.float32), rng.integers(0, 4, 2500)
+    t[2200] = 4
+    with pytest.raises(ValueError, match=r"SoftmaxWithLoss: labels must lie in \[0, 4\)"):
+        evaluate(net, fake.asarray(x), fake.asarray(t))
+
+
+def test_accuracy_of_a_network_on_the_device_names_host_labels(gpu: Any) -> None:
+    # As loss and gradient do: scratchnn's mixing error, not the array library's own.
+    net = snn.mlp([4, 3], rng=np.random.default_rng(0), dtype=np.float64).to("cuda")
+    x = gpu.asarray(np.ones((2, 4)))
+    for labels in (np.array([0, 1]), [0, 1]):
+        with pytest.raises(TypeError, match=r"cannot mix NumPy \(cpu\) and CuPy \(cuda\)"):
+            net.accuracy(x, labels)
+    assert net.accuracy(x, gpu.asarray(np.array([0, 1]))) in (0.0, 0.5, 1.0)
+
+
 # -- CPU-only behaviour: imports, errors, the command line --------------------------------------
 
 
@@ -985,70 +1153,28 @@ def test_cli_device_cpu_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert (tmp_path / "model.safetensors").exists()
 
 
-# -- the CUDA sources: compiled without a GPU where nvcc is installed ------------------------------
+def test_cli_evaluate_on_cuda_without_cupy_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scratchnn.cli import main
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    code = main(["evaluate", str(tmp_path / "model.safetensors"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install scratchnn[gpu]" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_kernel_source_compiles(dtype: Any, tmp_path: Path) -> None:
-    from scratchnn.kernels import bias, cross_entropy
-
-    # Each source in its own namespace, so one nvcc run checks them all; the kernel names
-    # are extern "C", so the cross-entropy ones, the same for each label type, get a suffix.
-    sources = {name: source(op, dtype) for name, op in OPS.items()}
-    for name, op in OPS.items():  # the optimisers' steps over eight tensors at once
-        if set(op.outputs) <= set(op.inputs):
-            sources[f"{name}_x8"] = source_many(op, dtype, 8)
-    # Adam's step as a graph replays it, its bias corrections read from memory, and the
-    # kernel that fills them in from a table.
-    folded = frozenset({"inv_scale", "eps_scaled"})
-    sources["adam_wd_x8_at"] = source_many(OPS["adam_wd"], dtype, 8, from_memory=folded
-                                           ).replace("adam_wd_x8(", "adam_wd_x8_at(")  # fmt: skip
-    sources["next_row"] = next_row_source(dtype)
-    for label in (np.int64, np.int32, np.uint8, np.int8):
-        name = np.dtype(label).name
-        sources[f"xent_{name}"] = cross_entropy.source(dtype, label).replace(
-            "softmax_xent", f"softmax_xent_{name}"
-        )
-    sources["bias"] = bias.source(dtype)
-    path = tmp_path / "kernels.cu"
-    path.write_text("\n".join(f"namespace k_{name} {{\n{code}}}" for name, code in sources.items()))
+def test_the_gpu_fixture_fails_instead_of_skipping_when_a_gpu_is_required(
+    tmp_path: Path,
+) -> None:
+    if real_cupy_reason() is None:
+        pytest.skip("a GPU is present: the fixture has nothing to refuse")
+    env = {**os.environ, "SCRATCHNN_REQUIRE_GPU": "1"}
+    here = Path(__file__).resolve().with_name("test_gpu.py")
     result = subprocess.run(
-        # A cubin for the H100/H200 (sm_90): ptxas checks registers and shared memory too.
-        ["nvcc", "-cubin", "-arch=sm_90", "-o", os.devnull, str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_cnn_gradient_on_device_matches_cpu(dropout: float, gpu: Any) -> None:
-    rng = np.random.default_rng(8)
-    x, t = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
-    nets = []
-    for device in ("cpu", "cuda"):
-        net = cnn(
-            rng=np.random.default_rng(0), channels=(3, 4), hidden=8, dropout=dropout,
-            dtype=np.float64,
-        ).to(device)  # fmt: skip
-        grads = net.gradient(to_device(x, device), to_device(t, device))
-        nets.append(({k: to_host(v) for k, v in grads.items()}, net.last_loss))
-        net.eval()
-        nets.append(({"scores": to_host(net.predict(to_device(x, device)))}, 0.0))
-    for (expected, expected_loss), (actual, loss) in [(nets[0], nets[2]), (nets[1], nets[3])]:
-        assert loss == pytest.approx(expected_loss, rel=1e-12)
-        for key, value in expected.items():
-            np.testing.assert_allclose(actual[key], value, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", ["he", "xavier", "glorot_normal", "glorot_uniform", 0.01])
-def test_initializers_give_the_same_weights_on_every_device(name: Any, gpu: Any) -> None:
-    from scratchnn.init import make_initializer, zeros
-
-    initializer = make_initializer(name)
-    on_host = initializer(30, 20, np.random.default_rng(4))
-    on_device = initializer(30, 20, np.random.default_rng(4), device="cuda")
-    assert device_of(on_device) == "cuda" and on_device.dtype == np.float32
-    np.testing.assert_array_equal(to_host(on_device), on_host)
-    assert device_of(zeros(5, device="cuda")) == "cuda"
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={here.parents[1]}",
+         f"{here}::test_integer_relu_on_device"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert " 1 error" in result.stdout and "SCRATCHNN_REQUIRE_GPU is set" in result.stdout

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import fake_cuda
 import fake_cupy
 import numpy as np
 import pytest
@@ -666,52 +665,3 @@ def test_a_pair_steps_aside_for_hooks_subclasses_and_a_dout_its_relu_would_refus
     wrong = snn.Sequential([snn.Affine(W1, b1), snn.Relu(), Wrong(), snn.Affine(W2, b2)])
     with pytest.raises(ValueError, match=r"Relu\.backward: dout has shape \(5, 3\)"):
         wrong.to("cuda").gradient(gpu.asarray(x_host), gpu.asarray(t_host))
-
-
-@pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
-def test_the_cpu_stand_in_stops_a_kernel_it_took_for_one_that_does_not_wait(
-    tmp_path: Path,
-) -> None:
-    # Where _synchronises misses a wait (here a macro that calls a helper which waits), the
-    # kernel's threads run one at a time, where a barrier would fault or wait forever: the
-    # launch stops the process with a message that says so.
-    code = (
-        "__device__ void all_wait() { __syncthreads(); }\n"
-        "#define WAIT() all_wait()\n"
-        'extern "C" __global__ void hidden(float* out) { out[threadIdx.x] = 1; WAIT(); }\n'
-    )
-    assert not fake_cuda._synchronises(code, "hidden")  # the blind spot this guards
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, numpy as np\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import fake_cuda, fake_cupy\n"
-        "cupy = fake_cupy.make_module()\n"
-        "fake_cuda.install(cupy)\n"
-        f"kernel = cupy.RawKernel({code!r}, 'hidden')\n"
-        "kernel((1,), (4,), (cupy.zeros(4, dtype=np.float32),))\n"
-    )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode != 0
-    assert "__syncthreads in a kernel run one thread at a time" in result.stderr, result.stderr
-
-
-def test_the_cpu_stand_in_decides_per_kernel_which_ones_synchronise() -> None:
-    # A synchronising kernel runs its block's threads as OS threads, the others one after
-    # another (fast): decided from each kernel's own body and the device functions it calls
-    # (through others too), whatever the order of definitions; a __syncthreads outside
-    # every function (a macro) counts for every kernel, one in a comment for none.
-    plain = 'extern "C" __global__ void plain(float* out) { if (1) { out[threadIdx.x] = 1; } }\n'
-    waits = 'extern "C" __global__ void waits(float* out) { { out[0] = 0; } __syncthreads(); }\n'
-    helper = "// all_wait(x) waits\n__device__ void all_wait() { if (1) { __syncthreads(); } }\n"
-    via = "template <int N> __device__ void via(float* a) { for (;;) { all_wait(); } }\n"
-    calls = 'extern "C" __global__ void calls(float* out) { via<1>(out); }\n'
-    for code in (plain + waits, waits + plain):
-        assert not fake_cuda._synchronises(code, "plain")
-        assert fake_cuda._synchronises(code, "waits")
-    for code in (helper + via + plain + calls, plain + helper + via + calls):
-        assert not fake_cuda._synchronises(code, "plain")
-        assert fake_cuda._synchronises(code, "calls")
-    assert not fake_cuda._synchronises(plain + "/* __syncthreads(); */", "plain")
-    assert fake_cuda._synchronises("#define WAIT __syncthreads()\n" + plain, "plain")
