@@ -5,13 +5,14 @@ products by address and replays them (bit for bit), and on a GPU (within roundin
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from typing import Any
 
 import fake_cupy
 import numpy as np
 import pytest
-from gpu_support import blobs, replays_counted
+from gpu_support import blobs, replays_counted, require_fashion_mnist
 
 import scratchnn as snn
 from scratchnn.backend import to_device, to_host
@@ -418,3 +419,42 @@ def test_a_capture_stopped_by_ctrl_c_leaves_the_network_as_the_last_step_did(
     for layer, state in before:
         assert vars(layer).keys() == state.keys()
         assert all(vars(layer)[k] is v for k, v in state.items()), type(layer).__name__
+
+
+def test_the_train_command_on_the_device_replays_its_steps_as_it_would_take_them(
+    gpu: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    # The main job, `scratchnn train --device cuda` (784-256-128-10, Adam, batch 128), on
+    # 700 images for 2 epochs: each epoch's 6 batches are a warm-up, a capture and its
+    # replay, three replays of rows gathered into the graph's arrays, and the short last
+    # batch eagerly. Its history and weights are those of the same command with the
+    # replays off: bit for bit on the CPU stand-in, within rounding on a card.
+    from scratchnn.checkpoint import load_model
+    from scratchnn.cli import main
+    from scratchnn.steps import TrainingStep
+
+    require_fashion_mnist()
+    if not hasattr(gpu, "RawModule"):
+        pytest.skip("the fake CuPy without kernels captures no graphs")
+    replays = replays_counted(monkeypatch)
+    runs = []
+    for use_graphs in (False, True):
+        monkeypatch.setattr(TrainingStep, "use_graphs", use_graphs)
+        out = tmp_path / str(use_graphs)
+        argv = ["train", "--device", "cuda", "--limit", "700", "--epochs", "2", "--out", str(out)]
+        assert main(argv) == 0
+        history = json.loads((out / "history.json").read_text())
+        params, _ = load_model(out / "model.safetensors")
+        runs.append((history, params))
+    assert len(replays) == 8
+    (eager_history, eager_params), (history, params) = runs
+    exact = hasattr(gpu, "__fake__")
+    for key in ("train_loss", "test_loss"):
+        _assert_same(np.array(history[key]), np.array(eager_history[key]), exact, np.float32)
+    # (on a card, rounding may tip an answer or two: 0.14 points each of the 700)
+    for key in ("train_acc", "test_acc"):
+        np.testing.assert_allclose(history[key], eager_history[key], rtol=0,
+                                   atol=0 if exact else 0.005)  # fmt: skip
+    assert params.keys() == eager_params.keys()
+    for key, value in eager_params.items():
+        _assert_same(params[key], value, exact, np.float32)
