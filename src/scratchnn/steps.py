@@ -325,9 +325,11 @@ class _Replay:
         """Whether ``x``, ``t`` are a batch the graph was captured for, and the optimiser's
         hyperparameters those it was captured with (a rate set between steps is taken by
         an eager step)."""
-        return self.alike((self.x, self.t), x, t) and (
-            self.optimizer.hyperparameters() == self.settings
-        )
+        return self.alike((self.x, self.t), x, t) and self._as_captured()
+
+    def _as_captured(self) -> bool:
+        """Whether the optimiser's hyperparameters are those the graph's kernels hold."""
+        return self.optimizer.hyperparameters() == self.settings
 
     @staticmethod
     def alike(batch: tuple[Any, Any], x: Any, t: Any) -> bool:
@@ -349,8 +351,7 @@ class _Replay:
             and len(rows) == len(mine)
             and type(x) is type(mine) and x.dtype == mine.dtype and x.shape[1:] == mine.shape[1:]
             and type(t) is type(labels) and t.dtype == labels.dtype
-            and t.shape[1:] == labels.shape[1:]
-            and self.optimizer.hyperparameters() == self.settings
+            and t.shape[1:] == labels.shape[1:] and self._as_captured()
         )  # fmt: skip
 
     def gathered(self, x: Any, t: Any, rows: Any) -> DeviceLoss:
