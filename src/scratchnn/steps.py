@@ -8,7 +8,8 @@ the 784-1024-1024-10 network's step makes 25 device calls, each a few
 microseconds of Python on the host, where the card's work takes a few
 hundred (docs/benchmarks.md, "On a GPU"). So where the step launches the
 same work at every batch, :class:`TrainingStep` records it once into a CUDA
-graph and replays it: the batch is copied into the arrays the graph reads,
+graph and replays it: the batch is copied into the arrays the graph reads
+(fit's batches gathered there from the data, :meth:`TrainingStep.on_rows`),
 the graph is launched (one call), and the step's loss is copied out, left on
 the GPU unread as fit leaves it.
 
