@@ -382,6 +382,9 @@ class _Replay:
         return loss
 
 
+_STEPS_APART = "Adam's parameters have not all taken the same number of steps"
+
+
 class _StepScalars:
     """Adam's two folded scalars that change at every step (``inv_scale`` and
     ``eps_scaled``: its bias corrections, see ``Adam._folded_scalars``), for a graph that
@@ -428,7 +431,7 @@ class _StepScalars:
         if not optimizer.lr > 1e-30:
             return f"Adam's learning rate {optimizer.lr!r} is not above 1e-30 (steps unfolded)"
         if len({optimizer.steps.get(key, 0) for key in params}) > 1:
-            return "Adam's parameters have not all taken the same number of steps"
+            return _STEPS_APART
         return None
 
     def take_row(self) -> None:
@@ -440,7 +443,7 @@ class _StepScalars:
             self.keys = list(self.network.params)
         counts = {steps.get(key, 0) for key in self.keys}
         if len(counts) != 1:
-            raise RuntimeError("Adam's parameters have not all taken the same number of steps")
+            raise RuntimeError(_STEPS_APART)  # (refused before the warm-up: a guard)
         coming = counts.pop() + 1
         if self.rows_left == 0 or coming != self.next_step:
             adam, cupy = self.optimizer, self.cupy
